@@ -1,0 +1,96 @@
+"""Decode stage: file on disk -> :class:`DecodedImage`.
+
+Plugins are registered by name with the module that implements them, and
+imported lazily, so a missing optional package only disables its plugin::
+
+    register_decoder("dicom", "edge_runtime.decode.dicom:DicomDecoder")
+
+:func:`decode_file` reads the first bytes once, asks each available plugin
+in order whether it recognises the file, and hands it to the first that does.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from pathlib import Path
+
+from ..errors import CorruptImage, IncompleteInput, NotAnImage
+from .base import DecodedImage, DecodeLimits, Decoder
+
+__all__ = [
+    "DecodeLimits",
+    "DecodedImage",
+    "Decoder",
+    "available_decoders",
+    "decode_file",
+    "register_decoder",
+]
+
+log = logging.getLogger(__name__)
+
+_HEAD_BYTES = 512
+_REGISTRY: dict[str, str] = {
+    "dicom": "edge_runtime.decode.dicom:DicomDecoder",
+    "raster": "edge_runtime.decode.raster:RasterDecoder",
+}
+_LOADED: dict[str, Decoder] = {}
+_UNAVAILABLE: dict[str, str] = {}
+
+
+def register_decoder(name: str, target: str, *, first: bool = False) -> None:
+    """Register a decoder plugin ``module:Class``; ``first`` puts it ahead of the others."""
+    global _REGISTRY
+    if first:
+        _REGISTRY = {name: target, **{k: v for k, v in _REGISTRY.items() if k != name}}
+    else:
+        _REGISTRY[name] = target
+    _LOADED.pop(name, None)
+    _UNAVAILABLE.pop(name, None)
+
+
+def available_decoders() -> list[Decoder]:
+    """Instantiate registered plugins once; remember which ones cannot import and why."""
+    decoders = []
+    for name, target in _REGISTRY.items():
+        if name in _UNAVAILABLE:
+            continue
+        if name not in _LOADED:
+            module_name, _, class_name = target.partition(":")
+            try:
+                module = importlib.import_module(module_name)
+                _LOADED[name] = getattr(module, class_name)()
+            except ImportError as exc:
+                _UNAVAILABLE[name] = str(exc)
+                log.warning("decoder plugin %s unavailable: %s", name, exc)
+                continue
+        decoders.append(_LOADED[name])
+    return decoders
+
+
+def decode_file(path: str | Path, limits: DecodeLimits | None = None) -> DecodedImage:
+    """Decode one file into a grey [0, 1] image plus metadata.
+
+    Raises:
+        InputError: a subclass saying why this file cannot be used.
+    """
+    path = Path(path)
+    limits = limits or DecodeLimits()
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(_HEAD_BYTES)
+    except FileNotFoundError as exc:
+        raise IncompleteInput(f"{path.name} disappeared before it could be read.") from exc
+    except OSError as exc:
+        raise IncompleteInput(f"{path.name} cannot be read: {exc.strerror}.") from exc
+    if not head:
+        raise CorruptImage(f"{path.name} is empty (0 bytes).")
+    decoders = available_decoders()
+    for decoder in decoders:
+        if decoder.sniff(head, path):
+            return decoder.decode(path, limits)
+    names = ", ".join(d.name for d in decoders)
+    raise NotAnImage(
+        f"{path.name} is neither DICOM (no 'DICM' marker at byte 128) nor a PNG/JPEG image "
+        f"(decoders tried: {names})."
+    )

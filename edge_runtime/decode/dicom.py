@@ -1,0 +1,248 @@
+"""DICOM decoder plugin (pydicom 3 and its pixel plugins).
+
+Display pipeline, following DICOM PS3.3 C.11 (grey-scale transforms):
+
+1. Modality LUT: Rescale Slope/Intercept or the Modality LUT Sequence.
+2. VOI: the VOI LUT Sequence, else the first Window Center/Width with its
+   VOI LUT Function (LINEAR, LINEAR_EXACT, SIGMOID), else the image's own
+   min-max range.
+3. MONOCHROME1 is inverted so that 1 always means bright.
+
+Colour images (RGB, YBR_*) are converted to grey with ITU-R BT.601 weights.
+Multi-frame objects: the first frame is used.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import (
+    CorruptImage,
+    ImageTooLarge,
+    NotAnImage,
+    UnsupportedImage,
+    UnsupportedTransferSyntax,
+)
+from .base import DecodedImage, DecodeLimits
+
+__all__ = ["DicomDecoder"]
+
+log = logging.getLogger(__name__)
+
+_DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+# Groups a legacy (pre-Part 10, no preamble) file may start with.
+_LEGACY_FIRST_GROUPS = (0x0002, 0x0008)
+_GREY = ("MONOCHROME1", "MONOCHROME2")
+_COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420")
+
+
+def _looks_like_legacy(head: bytes) -> bool:
+    if len(head) < 8:
+        return False
+    group = int.from_bytes(head[0:2], "little")
+    element = int.from_bytes(head[2:4], "little")
+    return group in _LEGACY_FIRST_GROUPS and element < 0x0100
+
+
+class DicomDecoder:
+    """Decode DICOM Part 10 files and legacy headerless ACR-NEMA style files."""
+
+    name = "dicom"
+
+    def sniff(self, head: bytes, path: Path) -> bool:
+        return head[128:132] == b"DICM" or _looks_like_legacy(head)
+
+    # -- reading -----------------------------------------------------------------------
+    def _read(self, path: Path) -> Any:
+        import pydicom
+        from pydicom.errors import InvalidDicomError
+        from pydicom.uid import ImplicitVRLittleEndian
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                ds = pydicom.dcmread(path)
+            except InvalidDicomError:
+                # Legacy files without the 128-byte preamble and File Meta.
+                try:
+                    ds = pydicom.dcmread(path, force=True)
+                except Exception as exc:
+                    raise NotAnImage(
+                        f"{path.name} is not a DICOM file (no 'DICM' marker and no valid header)."
+                    ) from exc
+                if len(ds) == 0:
+                    raise NotAnImage(f"{path.name} is not a DICOM file (no data elements found).")
+                if "TransferSyntaxUID" not in ds.file_meta:
+                    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+            except (EOFError, OSError) as exc:
+                raise CorruptImage(f"{path.name} is truncated: the DICOM header ends early.") from exc
+            except Exception as exc:
+                raise CorruptImage(f"{path.name}: the DICOM header cannot be parsed ({exc}).") from exc
+        return ds
+
+    def decode(self, path: Path, limits: DecodeLimits) -> DecodedImage:
+        ds = self._read(path)
+        metadata = _metadata(ds)
+        sop_class = str(ds.get("SOPClassUID", "") or ds.file_meta.get("MediaStorageSOPClassUID", ""))
+        if sop_class == _DICOMDIR_SOP_CLASS or "DirectoryRecordSequence" in ds:
+            raise UnsupportedImage(
+                f"{path.name} is a DICOMDIR (a media index), not an image.",
+                action="Copy the image files the DICOMDIR refers to into the inbox, not the index.",
+            )
+        if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+            if "Rows" in ds:
+                raise CorruptImage(
+                    f"{path.name} (SOP Instance {metadata.get('sop_instance_uid', '?')}) "
+                    "declares an image but has no pixel data: the file is truncated."
+                )
+            raise UnsupportedImage(
+                f"{path.name} has no pixel data (SOP Class {sop_class or 'unknown'}: e.g. a "
+                "structured report or presentation state), so there is nothing to analyse."
+            )
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        if rows * cols * frames * samples > limits.max_pixels:
+            raise ImageTooLarge(
+                f"{path.name} declares {frames} frame(s) of {rows}x{cols}x{samples} "
+                f"({rows * cols * frames * samples:,} samples), over the limit of "
+                f"{limits.max_pixels:,}."
+            )
+        photometric = str(ds.get("PhotometricInterpretation", "")).strip()
+        if photometric not in _GREY + _COLOUR:
+            raise UnsupportedImage(
+                f"{path.name} uses photometric interpretation {photometric or '(missing)'!r}, "
+                "which this runtime cannot turn into a grey radiograph.",
+                action="Configure the modality to send MONOCHROME1/2 or RGB images.",
+            )
+        _check_decoder_available(ds, path)
+        arr = _first_frame(ds, path, frames)
+        grey = _to_display_grey(arr, ds, photometric)
+        return DecodedImage(pixels=grey, kind="dicom", decoder=self.name, metadata=metadata)
+
+
+def _check_decoder_available(ds: Any, path: Path) -> None:
+    from pydicom.pixels import get_decoder
+
+    tsyntax = ds.file_meta.TransferSyntaxUID
+    try:
+        decoder = get_decoder(tsyntax)
+    except NotImplementedError as exc:
+        raise UnsupportedTransferSyntax(
+            f"Cannot decode {path.name}: transfer syntax {tsyntax.name} ({tsyntax}) is not "
+            "supported by any installed decoder.",
+            action="Configure the sender to use an uncompressed or JPEG 2000/JPEG-LS/RLE syntax.",
+        ) from exc
+    if not decoder.is_available:
+        missing = "; ".join(decoder.missing_dependencies) or "a decoding plugin"
+        raise UnsupportedTransferSyntax(
+            f"Cannot decode {path.name}: transfer syntax {tsyntax.name} needs {missing}, "
+            "which this installation lacks.",
+            action="Install the named package in the runtime's environment and restart.",
+        )
+
+
+def _first_frame(ds: Any, path: Path, frames: int) -> np.ndarray:
+    from pydicom.pixels import pixel_array
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            arr = pixel_array(ds, index=0) if frames > 1 else ds.pixel_array
+    except Exception as exc:
+        tsyntax = ds.file_meta.TransferSyntaxUID
+        raise CorruptImage(
+            f"Cannot decode the pixel data of {path.name} ({tsyntax.name}): {exc}",
+        ) from exc
+    return np.asarray(arr)
+
+
+def _to_display_grey(arr: np.ndarray, ds: Any, photometric: str) -> np.ndarray:
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    if photometric in _COLOUR:
+        if arr.ndim != 3 or arr.shape[-1] != 3:
+            raise UnsupportedImage(f"Colour image with unexpected shape {arr.shape}.")
+        rgb = arr.astype(np.float32)
+        grey = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
+        max_value = float(2 ** int(ds.get("BitsStored", 8)) - 1)
+        return np.clip(grey / max_value, 0.0, 1.0).astype(np.float32)
+
+    if arr.ndim != 2:
+        raise UnsupportedImage(f"Expected a single grey frame, got pixel array shape {arr.shape}.")
+    values = apply_modality_lut(arr, ds).astype(np.float32, copy=False)
+    grey: np.ndarray
+    if "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0:
+        lut = ds.VOILUTSequence[0]
+        # The LUT is indexed by stored values after the modality transform; it
+        # wants integers (a float array makes pydicom guess).
+        lut_input = np.rint(values).astype(np.int64)
+        out = apply_voi_lut(lut_input, ds, prefer_lut=True)
+        bits = int(lut.LUTDescriptor[2]) if "LUTDescriptor" in lut else 16
+        grey = out.astype(np.float32) / float(2**bits - 1)
+    elif "WindowCenter" in ds and "WindowWidth" in ds:
+        center = _first_value(ds.WindowCenter)
+        width = max(_first_value(ds.WindowWidth), 1.0)
+        function = str(ds.get("VOILUTFunction", "LINEAR")).upper()
+        grey = _window(values, center, width, function)
+    else:
+        lo, hi = float(values.min()), float(values.max())
+        grey = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
+    grey = np.clip(grey, 0.0, 1.0).astype(np.float32, copy=False)
+    if photometric == "MONOCHROME1":
+        grey = 1.0 - grey
+    return np.ascontiguousarray(grey, dtype=np.float32)
+
+
+def _first_value(value: Any) -> float:
+    try:
+        return float(value[0])
+    except TypeError:
+        return float(value)
+
+
+def _window(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
+    """VOI windowing scaled to [0, 1] (PS3.3 C.11.2.1.2)."""
+    if function == "SIGMOID":
+        return (1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))).astype(np.float32)
+    if function == "LINEAR_EXACT":
+        return ((values - center) / width + 0.5).astype(np.float32)
+    if width <= 1.0:
+        return (values > center - 0.5).astype(np.float32)
+    return ((values - (center - 0.5)) / (width - 1.0) + 0.5).astype(np.float32)
+
+
+def _metadata(ds: Any) -> dict[str, Any]:
+    """Identifiers and acquisition facts. Deliberately no patient name/ID/birth date."""
+
+    def text(keyword: str) -> str | None:
+        value = ds.get(keyword)
+        return str(value).strip() or None if value is not None else None
+
+    meta: dict[str, Any] = {
+        "study_instance_uid": text("StudyInstanceUID"),
+        "series_instance_uid": text("SeriesInstanceUID"),
+        "sop_instance_uid": text("SOPInstanceUID"),
+        "sop_class_uid": text("SOPClassUID"),
+        "modality": text("Modality"),
+        "body_part_examined": text("BodyPartExamined"),
+        "view_position": text("ViewPosition"),
+        "photometric_interpretation": text("PhotometricInterpretation"),
+        "transfer_syntax_uid": str(ds.file_meta.get("TransferSyntaxUID", "")) or None,
+        "rows": int(ds.Rows) if "Rows" in ds else None,
+        "columns": int(ds.Columns) if "Columns" in ds else None,
+        "number_of_frames": int(ds.get("NumberOfFrames", 1) or 1),
+        "bits_stored": int(ds.BitsStored) if "BitsStored" in ds else None,
+    }
+    spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
+    if spacing is not None:
+        try:
+            meta["pixel_spacing_mm"] = [float(spacing[0]), float(spacing[1])]
+        except (TypeError, ValueError, IndexError):
+            log.debug("ignoring malformed pixel spacing %r", spacing)
+    return {k: v for k, v in meta.items() if v is not None}

@@ -1,0 +1,154 @@
+"""Exceptions raised by the edge runtime.
+
+Every message is written for the radiology IT admin who reads the log or the
+``.error.json`` next to a quarantined scan: it says what failed, on which
+object (a file name or a DICOM UID, never patient data), and what to do.
+
+The tree::
+
+    EdgeRuntimeError
+    ├── ConfigError            configuration file / environment is invalid
+    ├── InputError             one scan cannot be used (it is quarantined)
+    │   ├── IncompleteInput         file vanished or is still being written
+    │   ├── NotAnImage              neither DICOM nor a supported image format
+    │   ├── CorruptImage            truncated or undecodable pixel data
+    │   ├── UnsupportedTransferSyntax  no installed decoder handles it
+    │   ├── UnsupportedImage        decodes, but cannot be fed to the model
+    │   └── ImageTooLarge           dimensions exceed the configured cap
+    ├── ModelBundleError       model bundle missing, tampered or inconsistent
+    ├── BackendError           inference engine failed to load or run
+    ├── PublishError           MQTT broker unreachable or refused a message
+    └── JournalError           the on-disk journal cannot be read or written
+
+``InputError`` subclasses are the only ones the service turns into a
+quarantine record; everything else is an operational fault of the box itself.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendError",
+    "ConfigError",
+    "CorruptImage",
+    "EdgeRuntimeError",
+    "ImageTooLarge",
+    "IncompleteInput",
+    "InputError",
+    "JournalError",
+    "ModelBundleError",
+    "NotAnImage",
+    "PublishError",
+    "UnsupportedImage",
+    "UnsupportedTransferSyntax",
+]
+
+
+class EdgeRuntimeError(Exception):
+    """Base class of every error the runtime raises on purpose."""
+
+    #: Short machine-readable code, stable across releases (used in error files).
+    code = "edge_runtime_error"
+    #: What the admin should do about it; subclasses override.
+    action = "See the service log for details."
+
+    def __init__(self, message: str, *, action: str | None = None) -> None:
+        super().__init__(message)
+        if action is not None:
+            self.action = action
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else self.__class__.__name__
+
+    def to_dict(self) -> dict[str, str]:
+        """The JSON shape written to ``.error.json`` files and status topics."""
+        return {"code": self.code, "error": self.message, "action": self.action}
+
+
+class ConfigError(EdgeRuntimeError):
+    """The configuration file or an environment override is invalid."""
+
+    code = "config_invalid"
+    action = "Fix the named setting and start the service again."
+
+
+class InputError(EdgeRuntimeError):
+    """One input file cannot be processed; it goes to quarantine, the service goes on."""
+
+    code = "input_invalid"
+    action = "Check the file at the sending device; resend it if it was damaged in transit."
+
+
+class IncompleteInput(InputError):
+    """The file disappeared or changed while it was being read."""
+
+    code = "input_incomplete"
+    action = (
+        "The file was still being written or was removed. Senders should write to NAME.part "
+        "and rename when done; resend the scan."
+    )
+
+
+class NotAnImage(InputError):
+    """The file is neither DICOM nor a supported image format."""
+
+    code = "not_an_image"
+    action = "Only DICOM, PNG and JPEG files belong in the inbox; remove other files."
+
+
+class CorruptImage(InputError):
+    """The file claims to be an image but its content is damaged or truncated."""
+
+    code = "corrupt_image"
+    action = "The file is damaged or truncated. Resend it from the modality or PACS."
+
+
+class UnsupportedTransferSyntax(InputError):
+    """No installed DICOM pixel decoder handles this transfer syntax."""
+
+    code = "unsupported_transfer_syntax"
+
+
+class UnsupportedImage(InputError):
+    """The image decodes but cannot be used (no pixels, wrong kind of image, ...)."""
+
+    code = "unsupported_image"
+    action = "This kind of DICOM object is not an image the model can read; no action needed."
+
+
+class ImageTooLarge(InputError):
+    """The declared image dimensions exceed the configured pixel cap."""
+
+    code = "image_too_large"
+    action = (
+        "The image is larger than Decode.MaxPixels allows (a guard against decompression "
+        "bombs). Raise the limit only if this size is expected from your modality."
+    )
+
+
+class ModelBundleError(EdgeRuntimeError):
+    """The model bundle is missing, altered, or does not match its manifest."""
+
+    code = "model_bundle_invalid"
+    action = "Redeploy the model component (or point Model.BundlePath at a valid bundle)."
+
+
+class BackendError(EdgeRuntimeError):
+    """The inference engine could not load the model or run it."""
+
+    code = "backend_failed"
+    action = "Check that the inference engine named in Model.Backend is installed."
+
+
+class PublishError(EdgeRuntimeError):
+    """A result could not be handed to the MQTT broker."""
+
+    code = "publish_failed"
+    action = "Check that the MQTT broker is running and reachable with the configured settings."
+
+
+class JournalError(EdgeRuntimeError):
+    """The SQLite journal could not be opened, read or written."""
+
+    code = "journal_failed"
+    action = "Check free disk space and permissions of the journal folder."
