@@ -1,0 +1,42 @@
+"""Backend stage: model input batch -> raw model output.
+
+Engines register by name with the class that wraps them and are imported
+lazily, so a box without LiteRT still runs ONNX models.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from ..errors import BackendError
+from .base import Backend
+
+__all__ = ["Backend", "create_backend", "register_backend"]
+
+_REGISTRY: dict[str, str] = {
+    "onnxruntime": "edge_runtime.backends.onnx:OnnxRuntimeBackend",
+    "litert": "edge_runtime.backends.litert:LiteRtBackend",
+}
+
+
+def register_backend(name: str, target: str) -> None:
+    """Register ``module:Class`` under ``name``."""
+    _REGISTRY[name] = target
+
+
+def create_backend(name: str, *, threads: int = 1) -> Backend:
+    """Instantiate the backend registered as ``name``."""
+    try:
+        target = _REGISTRY[name]
+    except KeyError:
+        raise BackendError(
+            f"Unknown backend {name!r}; available: {', '.join(sorted(_REGISTRY))}.",
+            action="Set Model.Backend to one of the available backends.",
+        ) from None
+    module_name, _, class_name = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise BackendError(f"Backend {name!r} cannot be imported: {exc}") from exc
+    backend: Backend = getattr(module, class_name)(threads=threads)
+    return backend

@@ -1,0 +1,110 @@
+"""LiteRT (TensorFlow Lite) backend.
+
+Imports ``ai_edge_litert`` and falls back to ``tflite_runtime`` (older
+boxes). Integer-quantized inputs and outputs are (de)quantized here with the
+model's own scale and zero point, and an NCHW batch is transposed when the
+model wants NHWC, so bundles can share one preprocessing spec.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+
+from ..bundle import ModelBundle
+from ..errors import BackendError, ModelBundleError
+
+__all__ = ["LiteRtBackend", "load_interpreter_class"]
+
+
+def load_interpreter_class() -> Any:
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        try:
+            from tflite_runtime.interpreter import Interpreter  # type: ignore[no-redef]
+        except (ImportError, SystemError) as exc:
+            raise BackendError(
+                "Neither ai-edge-litert nor tflite-runtime is installed.",
+                action="pip install ai-edge-litert (or set Model.Backend to onnxruntime).",
+            ) from exc
+    return Interpreter
+
+
+class LiteRtBackend:
+    """Runs the bundle's ``litert`` artifact."""
+
+    name = "litert"
+
+    def __init__(self, threads: int = 1) -> None:
+        self.threads = threads
+        self._interpreter: Any = None
+        self._input: dict[str, Any] = {}
+        self._output: dict[str, Any] = {}
+        self._transpose = False
+        self._batch = 0
+        self._lock = threading.Lock()
+
+    def load(self, bundle: ModelBundle) -> None:
+        interpreter_cls = load_interpreter_class()
+        artifact = bundle.artifact(self.name)
+        try:
+            interpreter = interpreter_cls(model_path=str(artifact.path), num_threads=self.threads)
+            interpreter.allocate_tensors()
+        except Exception as exc:
+            raise ModelBundleError(f"LiteRT cannot load {artifact.path}: {exc}") from exc
+        inputs = interpreter.get_input_details()
+        if len(inputs) != 1:
+            raise ModelBundleError(
+                f"{artifact.path} has {len(inputs)} inputs; the runtime feeds exactly one."
+            )
+        shape = [int(d) for d in inputs[0]["shape"]]
+        spec = bundle.preprocessing
+        nhwc = [spec.height, spec.width, spec.channels]
+        nchw = [spec.channels, spec.height, spec.width]
+        if shape[1:] == list(spec.sample_shape):
+            self._transpose = False
+        elif spec.layout == "NCHW" and shape[1:] == nhwc:
+            self._transpose = True
+        else:
+            raise ModelBundleError(
+                f"{artifact.path} expects input shape {shape}, but the manifest's preprocessing "
+                f"produces {['batch', *(nchw if spec.layout == 'NCHW' else nhwc)]}."
+            )
+        self._interpreter = interpreter
+        self._input = inputs[0]
+        self._output = interpreter.get_output_details()[0]
+        self._batch = shape[0]
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        if self._interpreter is None:
+            raise BackendError("infer() called before load().")
+        if self._transpose:
+            batch = np.ascontiguousarray(batch.transpose(0, 2, 3, 1))
+        with self._lock:  # a LiteRT interpreter is not re-entrant
+            if batch.shape[0] != self._batch:
+                self._interpreter.resize_tensor_input(self._input["index"], list(batch.shape))
+                self._interpreter.allocate_tensors()
+                self._input = self._interpreter.get_input_details()[0]
+                self._output = self._interpreter.get_output_details()[0]
+                self._batch = batch.shape[0]
+            dtype = self._input["dtype"]
+            if np.issubdtype(dtype, np.integer):
+                scale, zero = self._input["quantization"]
+                info = np.iinfo(dtype)
+                batch = np.clip(np.rint(batch / scale + zero), info.min, info.max).astype(dtype)
+            try:
+                self._interpreter.set_tensor(self._input["index"], batch)
+                self._interpreter.invoke()
+                out = self._interpreter.get_tensor(self._output["index"]).copy()
+            except Exception as exc:
+                raise BackendError(f"LiteRT inference failed: {exc}") from exc
+        if np.issubdtype(out.dtype, np.integer):
+            scale, zero = self._output["quantization"]
+            out = (out.astype(np.float32) - zero) * scale
+        return out.reshape(out.shape[0], -1).astype(np.float32)
+
+    def close(self) -> None:
+        self._interpreter = None

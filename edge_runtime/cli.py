@@ -1,0 +1,207 @@
+"""``edge-runtime`` command line.
+
+Exit codes: 0 success, 1 a file could not be processed (``process``), 2 bad
+configuration or model bundle (the message says what to fix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__
+from .bundle import default_bundle_path, load_bundle
+from .config import ENV_PREFIX, load_config
+from .decode import DecodeLimits
+from .errors import ConfigError, EdgeRuntimeError, InputError
+from .logs import configure_logging
+
+__all__ = ["main"]
+
+_DESCRIPTION = """\
+HealthDiag edge runtime: watches an inbox folder for chest X-rays (DICOM, PNG,
+JPEG), runs the INT8 model of a verified model bundle on each one, and publishes
+one JSON result per scan over MQTT (QoS 1). NOT FOR DIAGNOSTIC USE.
+"""
+
+_EPILOG = f"""\
+configuration:
+  A YAML/JSON file with PascalCase keys (the same keys as the Greengrass
+  component's configuration), e.g.
+
+    Inbox: {{Path: inbox, QuarantinePath: quarantine, SettleSeconds: 1.0}}
+    Mqtt:  {{Host: localhost, Port: 1883, TopicPrefix: healthdiag/edge}}
+
+  Any key can be overridden from the environment:
+    {ENV_PREFIX}MQTT__PORT=8883  {ENV_PREFIX}INBOX__PATH=/data/inbox
+  Run 'edge-runtime config check' to see every key and its effective value.
+
+examples:
+  edge-runtime run --config edge.yaml
+  edge-runtime process scan.dcm IM-0001.jpeg
+  edge-runtime model info
+  mosquitto_sub -t 'healthdiag/edge/#' -v      # watch results and status
+"""
+
+
+def _add_config_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-c", "--config", type=Path, metavar="FILE",
+        help="YAML/JSON configuration file (default: built-in defaults + environment)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edge-runtime", description=_DESCRIPTION, epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = sub.add_parser(
+        "run", help="run the service: watch the inbox and publish results",
+        description="Watch Inbox.Path, process each complete file once, publish results to "
+        "<Mqtt.TopicPrefix>/results and a retained status to <Mqtt.TopicPrefix>/status. Bad "
+        "files are moved to Inbox.QuarantinePath with NAME.error.json. Stop with Ctrl-C or "
+        "SIGTERM; scans in progress are finished first.",
+    )
+    _add_config_arg(run)
+
+    process = sub.add_parser(
+        "process", help="analyse files once and print one result JSON per line",
+        description="Analyse the given files with the configured model and print one result "
+        "JSON per line on stdout (errors as JSON on stderr). Nothing is published, moved or "
+        "journaled. Exit status 1 if any file failed.",
+    )
+    _add_config_arg(process)
+    process.add_argument("files", nargs="+", type=Path, metavar="FILE")
+
+    config = sub.add_parser("config", help="configuration tools")
+    config_sub = config.add_subparsers(dest="config_command", metavar="SUBCOMMAND", required=True)
+    check = config_sub.add_parser(
+        "check", help="validate a configuration and print the effective values",
+        description="Validate FILE (plus environment overrides) and print the effective "
+        "configuration as YAML, or list exactly which settings are wrong (exit status 2).",
+    )
+    check.add_argument("file", type=Path, nargs="?", metavar="FILE")
+
+    model = sub.add_parser("model", help="model bundle tools")
+    model_sub = model.add_subparsers(dest="model_command", metavar="SUBCOMMAND", required=True)
+    info = model_sub.add_parser(
+        "info", help="verify a model bundle and describe it",
+        description="Verify the bundle's file hashes and print its manifest summary.",
+    )
+    info.add_argument("bundle", type=Path, nargs="?", metavar="BUNDLE_DIR",
+                      help="bundle folder (default: Model.BundlePath, else the bundled model)")
+    _add_config_arg(info)
+    info.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
+    return parser
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .service import EdgeService
+
+    config = load_config(args.config)
+    configure_logging(config.logging.level, config.logging.format)
+    service = EdgeService(config)
+    service.run_forever()
+    return 0
+
+
+def _cmd_process(args: argparse.Namespace) -> int:
+    from .pipeline import ScanAnalyzer
+
+    config = load_config(args.config)
+    configure_logging("WARNING", config.logging.format)
+    analyzer = ScanAnalyzer.from_bundle_path(
+        config.model.bundle_path or default_bundle_path(),
+        config.model.backend,
+        threads=config.model.threads,
+        limits=DecodeLimits(max_pixels=config.decode.max_pixels),
+        threshold=config.model.threshold,
+    )
+    failures = 0
+    for path in args.files:
+        try:
+            outcome = analyzer.analyze(path)
+        except InputError as exc:
+            failures += 1
+            print(json.dumps({"file": str(path), **exc.to_dict()}), file=sys.stderr)
+            continue
+        print(json.dumps(outcome.result), flush=True)
+    analyzer.close()
+    return 1 if failures else 0
+
+
+def _cmd_config_check(args: argparse.Namespace) -> int:
+    import yaml
+
+    config = load_config(args.file)
+    print(f"# effective configuration ({args.file or 'defaults'} + environment): valid")
+    print(yaml.safe_dump(config.to_pascal_dict(), sort_keys=False), end="")
+    return 0
+
+
+def _cmd_model_info(args: argparse.Namespace) -> int:
+    bundle_dir = args.bundle
+    if bundle_dir is None:
+        config = load_config(args.config)
+        bundle_dir = config.model.bundle_path or default_bundle_path()
+    bundle = load_bundle(bundle_dir)
+    if args.json:
+        print(json.dumps(bundle.manifest, indent=2))
+        return 0
+    m = bundle.manifest
+    spec = bundle.preprocessing
+    print(f"bundle:        {bundle.path}  (all {len(m['files'])} file hashes verified)")
+    print(f"model:         {bundle.name} {bundle.version}")
+    print(f"labels:        {', '.join(bundle.labels)} (positive: {bundle.positive_label})")
+    for art in m["artifacts"]:
+        size = (bundle.path / art["file"]).stat().st_size / 1e6
+        print(f"artifact:      {art['file']} [{art['backend']}, "
+              f"{art.get('quantization', 'none')}, {size:.1f} MB]")
+    print(f"input:         {bundle.input_name} {bundle.input_shape} {m['input'].get('dtype')}")
+    print(f"preprocessing: {spec.height}x{spec.width} {spec.resize}, {spec.channels} ch "
+          f"{spec.layout}, mean {list(spec.mean)} std {list(spec.std)} "
+          f"(sha256 {spec.sha256[:12]}…)")
+    op = m["operating_point"]
+    print(f"threshold:     {op['threshold']:.4f}  ({op.get('method', 'method not recorded')})")
+    use = m.get("intended_use", {})
+    if use:
+        print(f"intended use:  {json.dumps(use)}")
+    for split, metrics in m.get("metrics", {}).items():
+        shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                          for k, v in metrics.items() if not isinstance(v, dict | list))
+        print(f"metrics/{split}: {shown}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "run":
+            return _cmd_run(args)
+        if args.command == "process":
+            return _cmd_process(args)
+        if args.command == "config":
+            return _cmd_config_check(args)
+        if args.command == "model":
+            return _cmd_model_info(args)
+    except ConfigError as exc:
+        print(f"error: {exc.message}\n→ {exc.action}", file=sys.stderr)
+        return 2
+    except EdgeRuntimeError as exc:
+        logging.getLogger("edge_runtime").debug("fatal", exc_info=True)
+        print(f"error: {exc.message}\n→ {exc.action}", file=sys.stderr)
+        return 2
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

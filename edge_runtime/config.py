@@ -1,0 +1,262 @@
+"""The one typed configuration object, :class:`RuntimeConfig`.
+
+Keys are PascalCase in files, in the environment and (later) in the
+Greengrass recipe's ``DefaultConfiguration``; Python code sees snake_case
+attributes. The mapping is a single alias generator, so a recipe key and a
+config attribute can never drift apart. Unknown keys are rejected, values
+are validated at start-up, and the object is frozen: a configuration update
+builds a new object instead of mutating the running one.
+
+Sources, later ones win:
+
+1. built-in defaults,
+2. a YAML or JSON file (``edge-runtime run --config FILE``),
+3. environment variables ``EDGE_RUNTIME__<SECTION>__<KEY>=value``
+   (case-insensitive, double underscores separate levels, values parsed as
+   YAML scalars), e.g. ``EDGE_RUNTIME__MQTT__PORT=8883``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic.alias_generators import to_pascal
+
+from .errors import ConfigError
+
+__all__ = [
+    "ENV_PREFIX",
+    "DecodeConfig",
+    "InboxConfig",
+    "JournalConfig",
+    "LoggingConfig",
+    "ModelConfig",
+    "MqttConfig",
+    "RuntimeConfig",
+    "load_config",
+]
+
+ENV_PREFIX = "EDGE_RUNTIME__"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_pascal,
+        populate_by_name=True,
+        extra="forbid",
+        frozen=True,
+        validate_default=True,
+    )
+
+
+class InboxConfig(_Section):
+    """Where scans arrive and where they go afterwards."""
+
+    path: Path = Field(Path("inbox"), description="Folder watched for new scans.")
+    quarantine_path: Path = Field(
+        Path("quarantine"), description="Bad inputs are moved here with a NAME.error.json."
+    )
+    processed_path: Path | None = Field(
+        None,
+        description="If set, finished scans are moved here; if empty they are deleted once "
+        "their result is recorded in the journal.",
+    )
+    settle_seconds: float = Field(
+        1.0, ge=0.0, le=3600.0, description="A file must keep its size and mtime this long."
+    )
+    rescan_interval_seconds: float = Field(
+        5.0, gt=0.0, le=3600.0, description="Periodic full scan, in case a file event was missed."
+    )
+    use_inotify: bool = Field(True, description="Use filesystem events (watchdog) as well.")
+    ignore_suffixes: tuple[str, ...] = Field(
+        (".part", ".tmp", ".error.json", ".swp"),
+        description="Files being written by senders (storescp writes NAME.part, then renames).",
+    )
+
+    @field_validator("processed_path", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if value in ("", None) else value
+
+
+class DecodeConfig(_Section):
+    """Limits applied before decoding."""
+
+    max_pixels: int = Field(
+        50_000_000, gt=0, description="Refuse images with more pixels (decompression bombs)."
+    )
+
+
+class ModelConfig(_Section):
+    """Which model bundle to run, and on what."""
+
+    bundle_path: Path | None = Field(
+        None, description="Model bundle folder; empty means the bundled default model."
+    )
+    backend: Literal["onnxruntime", "litert"] = "onnxruntime"
+    threads: int = Field(1, ge=1, le=64, description="Intra-op threads per inference session.")
+    threshold: float | None = Field(
+        None, ge=0.0, le=1.0, description="Override the bundle's operating point (rarely wise)."
+    )
+
+    @field_validator("bundle_path", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if value in ("", None) else value
+
+
+class MqttConfig(_Section):
+    """Where results are published."""
+
+    host: str = "localhost"
+    port: int = Field(1883, ge=1, le=65535)
+    client_id: str = Field(
+        default_factory=lambda: f"edge-runtime-{socket.gethostname()}",
+        min_length=1,
+        max_length=128,
+    )
+    topic_prefix: str = Field("healthdiag/edge", min_length=1)
+    qos: Literal[0, 1, 2] = 1
+    keepalive_seconds: int = Field(30, ge=5, le=3600)
+    connect_timeout_seconds: float = Field(10.0, gt=0)
+    username: str | None = None
+    password: str | None = None
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _no_wildcards(cls, value: str) -> str:
+        if any(ch in value for ch in "#+") or value.startswith("/") or value.endswith("/"):
+            raise ValueError("must not contain '#' or '+' or start/end with '/'")
+        return value
+
+    @property
+    def results_topic(self) -> str:
+        return f"{self.topic_prefix}/results"
+
+    @property
+    def status_topic(self) -> str:
+        return f"{self.topic_prefix}/status"
+
+
+class JournalConfig(_Section):
+    """The SQLite journal that makes processing restartable."""
+
+    path: Path = Path("state/journal.sqlite3")
+    max_attempts: int = Field(3, ge=1, le=100, description="Give up on a scan after this many.")
+
+
+class LoggingConfig(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["json", "text"] = "json"
+
+
+class RuntimeConfig(_Section):
+    """Everything the edge runtime can be told. Built once at start-up."""
+
+    inbox: InboxConfig = Field(default_factory=InboxConfig)
+    decode: DecodeConfig = Field(default_factory=DecodeConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    mqtt: MqttConfig = Field(default_factory=MqttConfig)
+    journal: JournalConfig = Field(default_factory=JournalConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    workers: int = Field(0, ge=0, le=64, description="Scan workers; 0 = one per CPU core.")
+
+    @property
+    def effective_workers(self) -> int:
+        return self.workers or max(1, min(4, os.cpu_count() or 1))
+
+    def to_pascal_dict(self) -> dict[str, Any]:
+        """The configuration as the file / recipe would spell it."""
+        return self.model_dump(mode="json", by_alias=True)
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], *, source: str = "configuration") -> RuntimeConfig:
+        try:
+            return cls.model_validate(dict(data))
+        except ValidationError as exc:
+            raise ConfigError(_explain(exc, source)) from None
+
+
+def _explain(exc: ValidationError, source: str) -> str:
+    lines = [f"Invalid {source}:"]
+    for err in exc.errors():
+        where = ".".join(str(part) for part in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  - {where}: unknown setting (check spelling; keys are PascalCase)")
+        else:
+            got = err.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"  - {where}: {err['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"Cannot read configuration file {path}: {exc.strerror}.") from exc
+    try:
+        data = yaml.safe_load(text) if text.strip() else {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"Configuration file {path} is not valid YAML/JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"Configuration file {path} must contain a mapping of settings.")
+    return data
+
+
+def _set_path(target: dict[str, Any], keys: list[str], value: Any) -> None:
+    """Set ``value`` at a case-insensitive key path, creating sections as needed."""
+    node = target
+    for i, key in enumerate(keys):
+        # Keep an existing key's spelling when the env var differs only in case.
+        flat = key.replace("_", "").lower()
+        match = next((k for k in node if k.replace("_", "").lower() == flat), None)
+        name = match or to_pascal(key.lower())
+        if i == len(keys) - 1:
+            node[name] = value
+        else:
+            child = node.get(name)
+            if not isinstance(child, dict):
+                child = {}
+                node[name] = child
+            node = child
+
+
+def _env_overrides(environ: Mapping[str, str]) -> list[tuple[list[str], Any, str]]:
+    overrides = []
+    for name, raw in sorted(environ.items()):
+        if not name.upper().startswith(ENV_PREFIX):
+            continue
+        keys = [k for k in name[len(ENV_PREFIX) :].split("__") if k]
+        if not keys:
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        overrides.append((keys, value, name))
+    return overrides
+
+
+def load_config(
+    path: str | Path | None = None, environ: Mapping[str, str] | None = None
+) -> RuntimeConfig:
+    """Build the effective configuration from defaults, a file and the environment.
+
+    Raises:
+        ConfigError: listing every invalid or unknown setting, with its source.
+    """
+    data: dict[str, Any] = _read_file(Path(path)) if path is not None else {}
+    overrides = _env_overrides(os.environ if environ is None else environ)
+    for keys, value, _ in overrides:
+        _set_path(data, keys, value)
+    sources = [str(path)] if path is not None else []
+    sources += [name for _, _, name in overrides]
+    source = "configuration (" + ", ".join(sources) + ")" if sources else "configuration"
+    return RuntimeConfig.from_mapping(data, source=source)

@@ -1,0 +1,206 @@
+"""Ingest stage: the watched inbox folder.
+
+A file is handed on only once it is complete:
+
+* names ending in ``.part`` (dcm4che/storescp convention), ``.tmp`` etc. are
+  ignored until they are renamed;
+* otherwise its size and mtime must stay unchanged for ``SettleSeconds``.
+
+Files are discovered two ways, because either alone can miss one: inotify
+events via watchdog (fast), and a periodic full rescan (catches files that
+were there before start-up, and filesystems without inotify such as some
+network mounts). Ready files are handed on oldest first.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import InboxConfig
+
+__all__ = ["InboxWatcher", "ReadyFile"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(order=True)
+class ReadyFile:
+    """A complete inbox file, ordered oldest first."""
+
+    mtime: float
+    path: Path = field(compare=True)
+    size_bytes: int = field(compare=False, default=0)
+    ready_at: float = field(compare=False, default=0.0)
+
+
+@dataclass
+class _Candidate:
+    size: int
+    mtime_ns: int
+    stable_since: float
+
+
+class InboxWatcher:
+    """Watches ``config.path`` and calls ``on_ready(ReadyFile)`` for each complete file.
+
+    A path is handed on at most once until :meth:`release` is called for it
+    (the worker calls that after recording the file's outcome), so a file
+    being processed is not picked up again by the next rescan.
+    """
+
+    def __init__(self, config: InboxConfig, on_ready: Callable[[ReadyFile], None]) -> None:
+        self.config = config
+        self.root = config.path.resolve()
+        self.on_ready = on_ready
+        excluded = [config.quarantine_path]
+        if config.processed_path is not None:
+            excluded.append(config.processed_path)
+        self._excluded = [p.resolve() for p in excluded]
+        self._candidates: dict[Path, _Candidate] = {}
+        self._claimed: set[Path] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._poke = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._observer = None
+        self._last_rescan = 0.0
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def start(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        if self.config.use_inotify:
+            self._start_observer()
+        self._thread = threading.Thread(target=self._loop, name="inbox", daemon=True)
+        self._thread.start()
+        log.info("watching inbox %s (settle %.1fs, rescan every %.1fs, inotify %s)",
+                 self.root, self.config.settle_seconds, self.config.rescan_interval_seconds,
+                 "on" if self._observer is not None else "off")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._poke.set()
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout=5)
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def release(self, path: Path) -> None:
+        """The outcome of ``path`` is recorded; a new file of that name is new work."""
+        with self._lock:
+            self._claimed.discard(path)
+            self._candidates.pop(path, None)
+
+    # -- discovery ---------------------------------------------------------------------
+    def _start_observer(self) -> None:
+        try:
+            from watchdog.events import FileSystemEvent, FileSystemEventHandler
+            from watchdog.observers import Observer
+        except ImportError:
+            log.warning("watchdog is not installed; relying on periodic rescans only")
+            return
+        watcher = self
+
+        class _Handler(FileSystemEventHandler):
+            def on_any_event(self, event: FileSystemEvent) -> None:
+                if event.is_directory:
+                    return
+                target = getattr(event, "dest_path", "") or event.src_path
+                watcher._note(Path(os.fsdecode(target)))
+
+        observer = Observer()
+        try:
+            observer.schedule(_Handler(), str(self.root), recursive=True)
+            observer.start()
+        except OSError as exc:
+            log.warning("inotify unavailable for %s (%s); relying on periodic rescans",
+                        self.root, exc)
+            return
+        self._observer = observer
+
+    def _wanted(self, path: Path) -> bool:
+        name = path.name
+        if name.startswith(".") or any(name.endswith(s) for s in self.config.ignore_suffixes):
+            return False
+        return not any(path.is_relative_to(ex) for ex in self._excluded)
+
+    def _note(self, path: Path) -> None:
+        """A filesystem event mentioned ``path``: (re)start its settle timer."""
+        if not self._wanted(path):
+            return
+        with self._lock:
+            if path in self._claimed:
+                return
+            self._candidates.pop(path, None)
+            self._candidates[path] = _Candidate(-1, -1, time.monotonic())
+        self._poke.set()
+
+    def _rescan(self) -> None:
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            base = Path(dirpath)
+            dirnames[:] = [d for d in dirnames if self._wanted(base / d)]
+            for name in filenames:
+                path = base / name
+                if not self._wanted(path):
+                    continue
+                with self._lock:
+                    if path not in self._claimed and path not in self._candidates:
+                        self._candidates[path] = _Candidate(-1, -1, time.monotonic())
+
+    # -- settle check ------------------------------------------------------------------
+    def _check_candidates(self) -> list[ReadyFile]:
+        now = time.monotonic()
+        ready: list[ReadyFile] = []
+        with self._lock:
+            items = list(self._candidates.items())
+        for path, cand in items:
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                with self._lock:
+                    self._candidates.pop(path, None)
+                continue
+            except OSError as exc:
+                log.warning("cannot stat %s: %s", path.name, exc)
+                continue
+            if st.st_size != cand.size or st.st_mtime_ns != cand.mtime_ns:
+                cand.size, cand.mtime_ns, cand.stable_since = st.st_size, st.st_mtime_ns, now
+                continue
+            # mtime must also be settle_seconds in the past: catches writers whose
+            # pauses are longer than our polling interval.
+            age = time.time() - st.st_mtime
+            if now - cand.stable_since >= self.config.settle_seconds and (
+                age >= self.config.settle_seconds
+            ):
+                ready.append(ReadyFile(st.st_mtime, path, st.st_size, now))
+        with self._lock:
+            for item in ready:
+                self._candidates.pop(item.path, None)
+                self._claimed.add(item.path)
+        heapq.heapify(ready)
+        return [heapq.heappop(ready) for _ in range(len(ready))]
+
+    def _loop(self) -> None:
+        interval = max(0.05, min(0.25, self.config.settle_seconds / 4 or 0.05))
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now - self._last_rescan >= self.config.rescan_interval_seconds:
+                self._last_rescan = now
+                try:
+                    self._rescan()
+                except OSError as exc:
+                    log.error("cannot list inbox %s: %s", self.root, exc)
+            for item in self._check_candidates():
+                self.on_ready(item)
+            with self._lock:
+                idle = not self._candidates
+            idle_wait = min(1.0, self.config.rescan_interval_seconds)
+            self._poke.wait(timeout=idle_wait if idle else interval)
+            self._poke.clear()

@@ -1,0 +1,278 @@
+"""The SQLite journal that runs beside the pipeline.
+
+It is what makes the service restartable without losing or repeating work:
+
+* ``inputs``: one row per distinct input (keyed by content sha256) with its
+  state (``queued`` -> ``processing`` -> ``done`` | ``quarantined``),
+  attempts, result and error.
+* ``outbox``: every result message, committed *in the same transaction* that
+  marks its input done, and marked delivered only when the broker has
+  acknowledged it (PUBACK). Undelivered messages are re-sent after a
+  reconnect or a restart, in order.
+
+An inbox file is removed only after its outcome is committed here, so a
+crash at any point either leaves the file in the inbox (and it is picked up
+again) or leaves a committed outcome (and the leftover file is cleaned up).
+WAL mode keeps readers and the single writer from blocking each other; every
+write is one short transaction with ``synchronous=FULL`` so a committed
+outcome survives a power cut.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import JournalError
+from .results import utc_now
+
+__all__ = ["Admission", "InputRecord", "Journal", "OutboxMessage"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS inputs (
+    id            INTEGER PRIMARY KEY,
+    sha256        TEXT NOT NULL UNIQUE,
+    file_name     TEXT NOT NULL,
+    path          TEXT NOT NULL,
+    size_bytes    INTEGER NOT NULL,
+    state         TEXT NOT NULL CHECK (state IN ('queued','processing','done','quarantined')),
+    attempts      INTEGER NOT NULL DEFAULT 0,
+    message_id    TEXT,
+    result_json   TEXT,
+    error_json    TEXT,
+    received_utc  TEXT NOT NULL,
+    updated_utc   TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS inputs_state ON inputs(state);
+CREATE TABLE IF NOT EXISTS outbox (
+    seq           INTEGER PRIMARY KEY AUTOINCREMENT,
+    message_id    TEXT NOT NULL UNIQUE,
+    topic         TEXT NOT NULL,
+    payload       TEXT NOT NULL,
+    qos           INTEGER NOT NULL,
+    created_utc   TEXT NOT NULL,
+    delivered_utc TEXT
+);
+CREATE INDEX IF NOT EXISTS outbox_pending ON outbox(delivered_utc, seq);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+_SCHEMA_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class InputRecord:
+    id: int
+    sha256: str
+    file_name: str
+    path: str
+    state: str
+    attempts: int
+    message_id: str | None
+    error: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What :meth:`Journal.admit` decided for a file found in the inbox.
+
+    ``action`` is ``process`` (new or unfinished work), ``finish_done`` (its
+    result is already committed: only the inbox file is left to clean up) or
+    ``finish_quarantine`` (already judged bad: move it to quarantine).
+    ``duplicate`` is true when the earlier record came from a different file.
+    """
+
+    action: str
+    record: InputRecord
+    duplicate: bool
+
+
+@dataclass(frozen=True)
+class OutboxMessage:
+    seq: int
+    message_id: str
+    topic: str
+    payload: str
+    qos: int
+
+
+class Journal:
+    """Thread-safe access to the journal database (one connection, one lock)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(
+                self.path, check_same_thread=False, isolation_level=None, timeout=30
+            )
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.executescript(_SCHEMA)
+            self._db.execute(
+                "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
+                (_SCHEMA_VERSION,),
+            )
+        except (sqlite3.Error, OSError) as exc:
+            raise JournalError(f"Cannot open the journal {self.path}: {exc}") from exc
+        self._lock = threading.Lock()
+
+    # -- plumbing ----------------------------------------------------------------------
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise JournalError(f"Journal {self.path} write failed: {exc}") from exc
+
+    def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            try:
+                return self._db.execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                raise JournalError(f"Journal {self.path} read failed: {exc}") from exc
+
+    @staticmethod
+    def _record(row: tuple[Any, ...]) -> InputRecord:
+        return InputRecord(
+            id=row[0],
+            sha256=row[1],
+            file_name=row[2],
+            path=row[3],
+            state=row[4],
+            attempts=row[5],
+            message_id=row[6],
+            error=json.loads(row[7]) if row[7] else None,
+        )
+
+    _COLUMNS = "id, sha256, file_name, path, state, attempts, message_id, error_json"
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- inputs ------------------------------------------------------------------------
+    def admit(self, sha256: str, path: Path, size_bytes: int) -> Admission:
+        """Record a complete file found in the inbox and say what to do with it."""
+        now = utc_now()
+        with self._tx() as db:
+            row = db.execute(
+                f"SELECT {self._COLUMNS} FROM inputs WHERE sha256 = ?", (sha256,)
+            ).fetchone()
+            if row is None:
+                cur = db.execute(
+                    "INSERT INTO inputs(sha256, file_name, path, size_bytes, state, received_utc,"
+                    " updated_utc) VALUES (?, ?, ?, ?, 'queued', ?, ?)",
+                    (sha256, path.name, str(path), size_bytes, now, now),
+                )
+                record = InputRecord(cur.lastrowid or 0, sha256, path.name, str(path),
+                                     "queued", 0, None, None)
+                return Admission("process", record, duplicate=False)
+            record = self._record(row)
+            duplicate = record.path != str(path)
+            if record.state == "done":
+                return Admission("finish_done", record, duplicate)
+            if record.state == "quarantined":
+                return Admission("finish_quarantine", record, duplicate)
+            if duplicate:
+                # The same content is already queued under another name: that copy wins.
+                return Admission("finish_done", record, duplicate=True)
+            return Admission("process", record, duplicate=False)
+
+    def start_attempt(self, input_id: int) -> int:
+        """Mark an input as being processed; returns the attempt number (1-based)."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE inputs SET state='processing', attempts=attempts+1, updated_utc=? "
+                "WHERE id=?",
+                (utc_now(), input_id),
+            )
+            (attempts,) = db.execute("SELECT attempts FROM inputs WHERE id=?", (input_id,)).fetchone()
+        return int(attempts)
+
+    def record_result(
+        self, input_id: int, result: dict[str, Any], topic: str, qos: int
+    ) -> OutboxMessage | None:
+        """Commit a result and its outbox message in one transaction.
+
+        Returns the new outbox message, or None when a message with the same
+        id already exists (the same scan under another name, or a re-run).
+        """
+        payload = json.dumps(result, separators=(",", ":"), sort_keys=True)
+        now = utc_now()
+        with self._tx() as db:
+            db.execute(
+                "UPDATE inputs SET state='done', message_id=?, result_json=?, error_json=NULL, "
+                "updated_utc=? WHERE id=?",
+                (result["message_id"], payload, now, input_id),
+            )
+            cur = db.execute(
+                "INSERT OR IGNORE INTO outbox(message_id, topic, payload, qos, created_utc) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (result["message_id"], topic, payload, qos, now),
+            )
+            if cur.rowcount == 0:
+                return None
+            return OutboxMessage(cur.lastrowid or 0, result["message_id"], topic, payload, qos)
+
+    def record_quarantine(self, input_id: int, error: dict[str, Any]) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE inputs SET state='quarantined', error_json=?, updated_utc=? WHERE id=?",
+                (json.dumps(error, sort_keys=True), utc_now(), input_id),
+            )
+
+    def requeue_unfinished(self) -> int:
+        """After a restart: work that was 'processing' when we stopped is queued again."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE inputs SET state='queued', updated_utc=? WHERE state='processing'",
+                (utc_now(),),
+            )
+            return cur.rowcount
+
+    def get(self, sha256: str) -> InputRecord | None:
+        rows = self._query(f"SELECT {self._COLUMNS} FROM inputs WHERE sha256=?", (sha256,))
+        return self._record(rows[0]) if rows else None
+
+    def result_of(self, sha256: str) -> dict[str, Any] | None:
+        rows = self._query("SELECT result_json FROM inputs WHERE sha256=?", (sha256,))
+        return json.loads(rows[0][0]) if rows and rows[0][0] else None
+
+    def counts(self) -> dict[str, int]:
+        """Inputs by state plus outbox depth (for status and health)."""
+        counts = {state: 0 for state in ("queued", "processing", "done", "quarantined")}
+        for state, n in self._query("SELECT state, COUNT(*) FROM inputs GROUP BY state"):
+            counts[state] = n
+        (pending,) = self._query("SELECT COUNT(*) FROM outbox WHERE delivered_utc IS NULL")[0]
+        counts["outbox_pending"] = pending
+        return counts
+
+    # -- outbox ------------------------------------------------------------------------
+    def pending_messages(self, after_seq: int = 0, limit: int = 100) -> list[OutboxMessage]:
+        rows = self._query(
+            "SELECT seq, message_id, topic, payload, qos FROM outbox "
+            "WHERE delivered_utc IS NULL AND seq > ? ORDER BY seq LIMIT ?",
+            (after_seq, limit),
+        )
+        return [OutboxMessage(*row) for row in rows]
+
+    def mark_delivered(self, seq: int) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE outbox SET delivered_utc=? WHERE seq=? AND delivered_utc IS NULL",
+                (utc_now(), seq),
+            )

@@ -1,0 +1,77 @@
+"""Logging set-up for the service entry points.
+
+Library modules only create named loggers; this module, called from the CLI,
+decides the format. In JSON mode every line is one event object, so the
+Greengrass component log (which captures stdout/stderr) can be searched by
+``event``, ``file`` or ``sha256``::
+
+    {"ts": "...Z", "level": "INFO", "logger": "edge_runtime.service",
+     "event": "inferred", "file": "IM-0001.jpeg", "duration_ms": 41.2, ...}
+
+Events per scan: received, decoded, inferred, published, quarantined,
+duplicate. Pixel values and patient data are never logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+__all__ = ["configure_logging", "event"]
+
+_RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message"}
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        ts = datetime.fromtimestamp(record.created, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3]
+        data: dict[str, Any] = {
+            "ts": ts + "Z",
+            "level": record.levelname,
+            "logger": record.name,
+        }
+        if getattr(record, "event", None):
+            data["event"] = record.event
+        data["msg"] = record.getMessage()
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            data.update(fields)
+        if record.exc_info:
+            data["exception"] = self.formatException(record.exc_info)
+        return json.dumps(data, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict) and fields:
+            line += " " + " ".join(f"{k}={v}" for k, v in fields.items())
+        return line
+
+
+def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
+    """Configure the root logger once, for the CLI (never call from library code)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+    logging.getLogger("edge_runtime.mqtt").setLevel(max(logging.getLevelName(level), logging.INFO))
+    logging.getLogger("watchdog").setLevel(logging.WARNING)
+    logging.captureWarnings(True)
+
+
+def event(logger: logging.Logger, name: str, msg: str, *args: Any, level: int = logging.INFO,
+          **fields: Any) -> None:
+    """Log one pipeline event with structured fields (formatting is deferred)."""
+    if logger.isEnabledFor(level):
+        logger.log(level, msg, *args, extra={"event": name, "fields": fields})

@@ -1,0 +1,160 @@
+"""One scan through the stages: decode -> preprocess -> backend -> result.
+
+:class:`ScanAnalyzer` holds the loaded model and is shared by all workers
+(ONNX Runtime sessions are thread-safe; each thread gets its own
+preallocated input buffer). It knows nothing of inboxes, journals or MQTT,
+so ``edge-runtime process FILE`` and the service use the very same code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .backends import Backend, create_backend
+from .bundle import ModelBundle, load_bundle
+from .decode import DecodeLimits, decode_file
+from .errors import EdgeRuntimeError, UnsupportedImage
+from .logs import event
+from .preprocess import preprocess
+from .results import build_result, scores_to_probabilities
+
+__all__ = ["ScanAnalyzer", "ScanOutcome", "file_sha256"]
+
+log = logging.getLogger(__name__)
+
+
+def file_sha256(path: Path, chunk_size: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ScanOutcome:
+    result: dict[str, Any]
+    timings_ms: dict[str, float]
+
+
+class ScanAnalyzer:
+    """Runs the model of one bundle on one file at a time (thread-safe)."""
+
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        backend: Backend,
+        *,
+        limits: DecodeLimits | None = None,
+        threshold: float | None = None,
+    ) -> None:
+        self.bundle = bundle
+        self.backend = backend
+        self.limits = limits or DecodeLimits()
+        self.threshold = bundle.threshold if threshold is None else threshold
+        artifact = bundle.artifact(backend.name)
+        self.model_info = {
+            "name": bundle.name,
+            "version": bundle.version,
+            "sha256": artifact.sha256,
+            "backend": backend.name,
+            "quantization": artifact.quantization,
+            "preprocessing_sha256": bundle.preprocessing.sha256,
+        }
+        self._local = threading.local()
+
+    @classmethod
+    def from_bundle_path(
+        cls,
+        path: str | Path,
+        backend_name: str = "onnxruntime",
+        *,
+        threads: int = 1,
+        limits: DecodeLimits | None = None,
+        threshold: float | None = None,
+    ) -> ScanAnalyzer:
+        bundle = load_bundle(path)
+        backend = create_backend(backend_name, threads=threads)
+        backend.load(bundle)
+        return cls(bundle, backend, limits=limits, threshold=threshold)
+
+    def _buffer(self) -> np.ndarray:
+        buf = getattr(self._local, "buf", None)
+        if buf is None:
+            buf = np.empty((1, *self.bundle.preprocessing.sample_shape), dtype=np.float32)
+            self._local.buf = buf
+        return buf
+
+    def analyze(self, path: Path, sha256: str | None = None,
+                timings_ms: dict[str, float] | None = None) -> ScanOutcome:
+        """Decode, preprocess and infer one file.
+
+        Raises:
+            InputError: the file cannot be used (the caller quarantines it).
+            BackendError: the engine failed (an operational fault, not the file's).
+        """
+        timings = dict(timings_ms or {})
+        t0 = time.perf_counter()
+        if sha256 is None:
+            sha256 = file_sha256(path)
+            timings["hash"] = (time.perf_counter() - t0) * 1000
+        t_decode = time.perf_counter()
+        decoded = decode_file(path, self.limits)
+        timings["decode"] = (time.perf_counter() - t_decode) * 1000
+        meta = decoded.metadata
+        event(log, "decoded", "decoded %s in %.1f ms", path.name, timings["decode"],
+              file=path.name, sha256=sha256[:16], decoder=decoded.decoder,
+              rows=meta.get("rows"), columns=meta.get("columns"), modality=meta.get("modality"),
+              sop_instance_uid=meta.get("sop_instance_uid"),
+              duration_ms=round(timings["decode"], 2))
+
+        t_pre = time.perf_counter()
+        buf = self._buffer()
+        try:
+            preprocess(decoded.pixels, self.bundle.preprocessing, out=buf[0])
+        except EdgeRuntimeError:
+            raise
+        except Exception as exc:
+            log.error("preprocess failed for %s: shape=%s dtype=%s range=[%.3g, %.3g]",
+                      path.name, decoded.pixels.shape, decoded.pixels.dtype,
+                      float(np.min(decoded.pixels)), float(np.max(decoded.pixels)))
+            raise UnsupportedImage(f"{path.name} cannot be preprocessed: {exc}") from exc
+        timings["preprocess"] = (time.perf_counter() - t_pre) * 1000
+
+        t_inf = time.perf_counter()
+        raw = self.backend.infer(buf)
+        timings["infer"] = (time.perf_counter() - t_inf) * 1000
+        probs = scores_to_probabilities(raw[0], self.bundle.output_activation)
+        timings["total"] = timings.get("queue", 0.0) + (time.perf_counter() - t0) * 1000
+        result = build_result(
+            file_name=path.name,
+            sha256=sha256,
+            kind=decoded.kind,
+            decoder=decoded.decoder,
+            metadata=meta,
+            model=self.model_info,
+            labels=self.bundle.labels,
+            probabilities=probs,
+            positive_label=self.bundle.positive_label,
+            threshold=self.threshold,
+            timings_ms=timings,
+        )
+        finding = result["findings"][0]
+        event(log, "inferred", "inferred %s: %s p=%.3f", path.name, result["decision"]["label"],
+              finding["probability"], file=path.name, sha256=sha256[:16],
+              decision=result["decision"]["label"], probability=finding["probability"],
+              threshold=finding["threshold"], message_id=result["message_id"],
+              preprocess_ms=round(timings["preprocess"], 2),
+              duration_ms=round(timings["infer"], 2))
+        return ScanOutcome(result=result, timings_ms=timings)
+
+    def close(self) -> None:
+        self.backend.close()

@@ -1,0 +1,141 @@
+"""Result and status messages (schemas in ``edge_runtime/schemas/``).
+
+The result message is the product's public contract with hospital systems:
+versioned, validated by tests against ``result-v1.schema.json``, and
+idempotent: ``message_id`` is the same whenever the same scan is analysed by
+the same model version, so a subscriber can drop repeats that QoS 1 or a
+restart may cause.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+from datetime import UTC, datetime
+from importlib import resources
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+
+__all__ = [
+    "RESULT_SCHEMA_VERSION",
+    "build_result",
+    "build_status",
+    "input_identity",
+    "load_schema",
+    "message_id",
+    "scores_to_probabilities",
+    "utc_now",
+]
+
+RESULT_SCHEMA_VERSION = "1.0"
+_HOST = socket.gethostname()
+
+
+def utc_now() -> str:
+    """UTC timestamp, ISO 8601, millisecond precision, ``Z`` suffix."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def load_schema(name: str = "result-v1") -> dict[str, Any]:
+    text = (resources.files("edge_runtime") / "schemas" / f"{name}.schema.json").read_text()
+    schema: dict[str, Any] = json.loads(text)
+    return schema
+
+
+def input_identity(sha256: str, metadata: dict[str, Any]) -> str:
+    """DICOM instances are identified by SOP Instance UID, other files by content."""
+    sop = metadata.get("sop_instance_uid")
+    return f"sop:{sop}" if sop else f"sha256:{sha256}"
+
+
+def message_id(identity: str, model_name: str, model_version: str) -> str:
+    return hashlib.sha256(f"{identity}|{model_name}|{model_version}".encode()).hexdigest()
+
+
+def scores_to_probabilities(raw: np.ndarray, activation: str) -> np.ndarray:
+    """Apply the manifest's output activation to one sample's raw scores."""
+    scores = np.asarray(raw, dtype=np.float64).reshape(-1)
+    if activation == "softmax":
+        shifted = np.exp(scores - scores.max())
+        return shifted / shifted.sum()
+    if activation == "sigmoid":
+        return 1.0 / (1.0 + np.exp(-scores))
+    return np.clip(scores, 0.0, 1.0)
+
+
+def build_result(
+    *,
+    file_name: str,
+    sha256: str,
+    kind: str,
+    decoder: str,
+    metadata: dict[str, Any],
+    model: dict[str, str],
+    labels: list[str],
+    probabilities: np.ndarray,
+    positive_label: str,
+    threshold: float,
+    timings_ms: dict[str, float],
+) -> dict[str, Any]:
+    """Assemble one schema-valid result message."""
+    probs = {label: round(float(p), 6) for label, p in zip(labels, probabilities, strict=True)}
+    if len(labels) == 1:
+        p_positive = probs[labels[0]]
+    else:
+        p_positive = probs[positive_label]
+    positive = p_positive >= threshold
+    if len(labels) == 2:
+        negative = next(label for label in labels if label != positive_label)
+        decided = positive_label if positive else negative
+    else:
+        decided = positive_label if positive else f"not {positive_label}"
+    identity = input_identity(sha256, metadata)
+    return {
+        "schema_version": RESULT_SCHEMA_VERSION,
+        "message_type": "result",
+        "message_id": message_id(identity, model["name"], model["version"]),
+        "timestamp_utc": utc_now(),
+        "not_for_diagnostic_use": True,
+        "input": {"kind": kind, "file_name": file_name, "sha256": sha256, "decoder": decoder}
+        | metadata,
+        "model": dict(model),
+        "findings": [
+            {
+                "label": positive_label,
+                "probability": p_positive,
+                "threshold": float(threshold),
+                "positive": bool(positive),
+            }
+        ],
+        "probabilities": probs,
+        "decision": {"label": decided, "positive": bool(positive)},
+        "timings_ms": {k: round(float(v), 3) for k, v in timings_ms.items()},
+        "runtime": {"version": __version__, "host": _HOST},
+    }
+
+
+def build_status(
+    state: str,
+    client_id: str,
+    *,
+    reason: str | None = None,
+    model: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """A retained status message (also used for the last will)."""
+    message: dict[str, Any] = {
+        "schema_version": "1.0",
+        "message_type": "status",
+        "state": state,
+        "timestamp_utc": utc_now(),
+        "client_id": client_id,
+        "runtime_version": __version__,
+    }
+    if reason:
+        message["reason"] = reason
+    if model:
+        message["model"] = model
+    return message

@@ -1,0 +1,267 @@
+"""The long-running service: inbox -> workers -> journal -> MQTT.
+
+Per scan::
+
+    ingest (complete file)  -> received (sha256)  -> journal.admit
+      -> decode -> preprocess -> infer            (pipeline.ScanAnalyzer)
+      -> journal.record_result (result + outbox, one transaction)
+      -> inbox file removed / moved                (only now)
+      -> publisher sends, PUBACK marks delivered
+
+A bad scan ends in ``quarantine/`` with ``NAME.error.json`` and the service
+carries on. A fault of the box itself (backend crash, unexpected bug) leaves
+the file in the inbox for another attempt; after ``Journal.MaxAttempts``
+tries it is quarantined too, so one poisonous file cannot loop forever.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .bundle import default_bundle_path
+from .config import RuntimeConfig
+from .decode import DecodeLimits
+from .errors import EdgeRuntimeError, InputError
+from .ingest import InboxWatcher, ReadyFile
+from .journal import Journal
+from .logs import event
+from .pipeline import ScanAnalyzer, file_sha256
+from .publish import MqttPublisher
+from .results import utc_now
+
+__all__ = ["EdgeService"]
+
+log = logging.getLogger(__name__)
+
+_STOP = ReadyFile(float("inf"), Path("/"), 0, 0.0)
+
+
+class EdgeService:
+    """Wires the stages together. ``start()``, then ``stop()`` (or ``run_forever()``)."""
+
+    def __init__(self, config: RuntimeConfig) -> None:
+        self.config = config
+        bundle_path = config.model.bundle_path or default_bundle_path()
+        self.analyzer = ScanAnalyzer.from_bundle_path(
+            bundle_path,
+            config.model.backend,
+            threads=config.model.threads,
+            limits=DecodeLimits(max_pixels=config.decode.max_pixels),
+            threshold=config.model.threshold,
+        )
+        self.journal = Journal(config.journal.path)
+        self.publisher = MqttPublisher(
+            config.mqtt,
+            self.journal,
+            model_info={"name": self.analyzer.bundle.name,
+                        "version": self.analyzer.bundle.version},
+        )
+        self.quarantine_dir = config.inbox.quarantine_path
+        self.processed_dir = config.inbox.processed_path
+        self.watcher = InboxWatcher(config.inbox, self._enqueue)
+        self._queue: queue.PriorityQueue[ReadyFile] = queue.PriorityQueue()
+        self._workers: list[threading.Thread] = []
+        self._stopping = threading.Event()
+        self._stopped = threading.Event()
+        self.counters = {"received": 0, "processed": 0, "quarantined": 0, "duplicates": 0}
+        self._counter_lock = threading.Lock()
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def start(self) -> None:
+        self.quarantine_dir.mkdir(parents=True, exist_ok=True)
+        if self.processed_dir is not None:
+            self.processed_dir.mkdir(parents=True, exist_ok=True)
+        requeued = self.journal.requeue_unfinished()
+        counts = self.journal.counts()
+        bundle = self.analyzer.bundle
+        log.info(
+            "edge runtime %s starting: model %s %s (%s), %d workers, inbox %s; journal: %d done, "
+            "%d quarantined, %d interrupted scans requeued, %d results awaiting delivery",
+            __version__, bundle.name, bundle.version, self.analyzer.backend.name,
+            self.config.effective_workers, self.config.inbox.path.resolve(), counts["done"],
+            counts["quarantined"], requeued, counts["outbox_pending"],
+        )
+        self.publisher.start()
+        for i in range(self.config.effective_workers):
+            worker = threading.Thread(target=self._work, name=f"worker-{i}", daemon=True)
+            worker.start()
+            self._workers.append(worker)
+        self.watcher.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Finish scans in progress, leave queued ones in the inbox, say offline."""
+        if self._stopping.is_set():
+            self._stopped.wait(timeout_s)
+            return
+        self._stopping.set()
+        log.info("stopping: finishing scans in progress (up to %.0f s)", timeout_s)
+        self.watcher.stop()
+        deadline = time.monotonic() + timeout_s
+        # Queued-but-unstarted files stay in the inbox; the next start picks them up.
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        for _ in self._workers:
+            self._queue.put(_STOP)
+        for worker in self._workers:
+            worker.join(timeout=max(0.1, deadline - time.monotonic()))
+        self.publisher.stop(timeout_s=max(1.0, deadline - time.monotonic()))
+        self.analyzer.close()
+        self.journal.close()
+        log.info("stopped")
+        self._stopped.set()
+
+    def run_forever(self) -> None:
+        """Run until SIGTERM/SIGINT (what Greengrass and systemd send)."""
+        stop = threading.Event()
+
+        def _handle(signum: int, _frame: Any) -> None:
+            log.info("received %s", signal.Signals(signum).name)
+            stop.set()
+
+        signal.signal(signal.SIGTERM, _handle)
+        signal.signal(signal.SIGINT, _handle)
+        self.start()
+        if not self.publisher.wait_connected(self.config.mqtt.connect_timeout_seconds):
+            log.warning(
+                "MQTT broker %s:%s not reachable yet; scans are still processed and their "
+                "results kept in the journal until it is",
+                self.config.mqtt.host, self.config.mqtt.port,
+            )
+        while not stop.wait(1.0):
+            pass
+        self.stop()
+
+    # -- work --------------------------------------------------------------------------
+    def _enqueue(self, item: ReadyFile) -> None:
+        if not self._stopping.is_set():
+            self._queue.put(item)
+
+    def _count(self, key: str) -> None:
+        with self._counter_lock:
+            self.counters[key] += 1
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            try:
+                self._handle(item)
+            except Exception:
+                # Never let one scan kill a worker: log it, retry on a later rescan.
+                log.exception("unexpected error while handling %s; it will be retried",
+                              item.path.name)
+            finally:
+                self.watcher.release(item.path)
+
+    def _handle(self, item: ReadyFile) -> None:
+        path = item.path
+        queue_ms = (time.monotonic() - item.ready_at) * 1000
+        t0 = time.perf_counter()
+        try:
+            sha256 = file_sha256(path)
+            size = path.stat().st_size
+        except FileNotFoundError:
+            log.info("%s disappeared from the inbox before it was read", path.name)
+            return
+        hash_ms = (time.perf_counter() - t0) * 1000
+        self._count("received")
+        event(log, "received", "received %s (%d bytes)", path.name, size, file=path.name,
+              sha256=sha256[:16], size_bytes=size, queue_ms=round(queue_ms, 2))
+        admission = self.journal.admit(sha256, path, size)
+        record = admission.record
+        if admission.action == "finish_done":
+            self._count("duplicates")
+            what = "duplicate of" if admission.duplicate else "already processed as"
+            event(log, "duplicate", "%s is a %s %s; not processed again", path.name, what,
+                  record.file_name, file=path.name, sha256=sha256[:16],
+                  original=record.file_name, message_id=record.message_id)
+            self._dispose_done(path)
+            return
+        if admission.action == "finish_quarantine":
+            self._move_to_quarantine(path, record.error or {})
+            return
+        attempt = self.journal.start_attempt(record.id)
+        if attempt > self.config.journal.max_attempts:
+            error = self._error_doc(path, sha256, attempt - 1, {
+                "code": "processing_failed_repeatedly",
+                "error": f"{path.name} failed {attempt - 1} times without a usable result.",
+                "action": "See the service log for the failures; resend the scan once fixed.",
+            })
+            self.journal.record_quarantine(record.id, error)
+            self._move_to_quarantine(path, error)
+            return
+        try:
+            outcome = self.analyzer.analyze(path, sha256, {"queue": queue_ms, "hash": hash_ms})
+        except InputError as exc:
+            error = self._error_doc(path, sha256, attempt, exc.to_dict())
+            self.journal.record_quarantine(record.id, error)
+            self._move_to_quarantine(path, error)
+            return
+        except EdgeRuntimeError as exc:
+            log.error("attempt %d/%d on %s failed: %s (%s)", attempt,
+                      self.config.journal.max_attempts, path.name, exc.message, exc.action)
+            return
+        self.journal.record_result(record.id, outcome.result, self.config.mqtt.results_topic,
+                                   self.config.mqtt.qos)
+        self._count("processed")
+        self.publisher.notify()
+        self._dispose_done(path)
+
+    # -- outcomes on disk ---------------------------------------------------------------
+    @staticmethod
+    def _error_doc(path: Path, sha256: str, attempts: int, error: dict[str, str]) -> dict[str, Any]:
+        return {
+            "file": path.name,
+            "sha256": sha256,
+            **error,
+            "attempts": attempts,
+            "quarantined_utc": utc_now(),
+            "runtime_version": __version__,
+        }
+
+    def _unique_target(self, folder: Path, name: str) -> Path:
+        target = folder / name
+        n = 1
+        while target.exists() or (folder / f"{target.name}.error.json").exists():
+            target = folder / f"{Path(name).stem}.{n}{Path(name).suffix}"
+            n += 1
+        return target
+
+    def _move_to_quarantine(self, path: Path, error: dict[str, Any]) -> None:
+        target = self._unique_target(self.quarantine_dir, path.name)
+        error_file = target.with_name(target.name + ".error.json")
+        tmp = error_file.with_name(error_file.name + ".tmp")
+        tmp.write_text(json.dumps(error, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, error_file)
+        try:
+            shutil.move(str(path), target)
+        except FileNotFoundError:
+            pass
+        self._count("quarantined")
+        event(log, "quarantined", "quarantined %s: %s", path.name, error.get("error"),
+              level=logging.WARNING, file=path.name, sha256=str(error.get("sha256", ""))[:16],
+              code=error.get("code"), reason=error.get("error"), action=error.get("action"),
+              moved_to=str(target))
+
+    def _dispose_done(self, path: Path) -> None:
+        try:
+            if self.processed_dir is None:
+                path.unlink()
+            else:
+                shutil.move(str(path), self._unique_target(self.processed_dir, path.name))
+        except FileNotFoundError:
+            pass

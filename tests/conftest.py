@@ -1,0 +1,205 @@
+"""Shared fixtures: real data, a real Mosquitto broker, real (tiny or bundled) models."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data`` (real X-rays and DICOM), or skip: it is not shipped with the repo."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real test data not found at {SHARED_DATA} (it lives beside the repo)")
+    return SHARED_DATA
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing accepted connections on 127.0.0.1:{port}")
+
+
+class Broker:
+    """A real Mosquitto on a free loopback port with a config in a temp dir."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.host = "127.0.0.1"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        conf = self.workdir / "mosquitto.conf"
+        conf.write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+            f"log_dest file {self.workdir / 'mosquitto.log'}\nlog_type error\nlog_type warning\n"
+        )
+        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        self.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        wait_for_port(self.port)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+            self.proc = None
+
+
+@pytest.fixture(scope="session")
+def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    if not (shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists()):
+        pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
+    broker = Broker(tmp_path_factory.mktemp("mosquitto"))
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+class Subscriber:
+    """A real MQTT subscriber that records every message on a topic filter."""
+
+    def __init__(self, broker: Broker, topic: str) -> None:
+        self.messages: list[tuple[str, dict, bool]] = []
+        self._cond = threading.Condition()
+        self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+                                  client_id=f"test-sub-{time.monotonic_ns()}")
+        subscribed = threading.Event()
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
+        self.client.on_subscribe = lambda *a: subscribed.set()
+        self.client.on_message = self._on_message
+        self.client.connect(broker.host, broker.port)
+        self.client.loop_start()
+        if not subscribed.wait(10):
+            raise TimeoutError("test subscriber could not subscribe")
+
+    def _on_message(self, client, userdata, msg) -> None:
+        with self._cond:
+            self.messages.append((msg.topic, json.loads(msg.payload), bool(msg.retain)))
+            self._cond.notify_all()
+
+    def wait_for(self, predicate, timeout_s: float = 30.0) -> list[dict]:
+        """Wait until ``predicate(payloads)`` is true; returns the payloads seen."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while True:
+                payloads = [m[1] for m in self.messages]
+                if predicate(payloads):
+                    return payloads
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"condition not met; saw {len(payloads)} messages")
+                self._cond.wait(remaining)
+
+    def results(self) -> list[dict]:
+        with self._cond:
+            return [m[1] for m in self.messages if m[1].get("message_type") == "result"]
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture()
+def subscriber_factory(mosquitto: Broker) -> Iterator:
+    subs: list[Subscriber] = []
+
+    def make(topic: str = "#") -> Subscriber:
+        sub = Subscriber(mosquitto, topic)
+        subs.append(sub)
+        return sub
+
+    yield make
+    for sub in subs:
+        sub.close()
+
+
+def make_tiny_bundle(folder: Path, *, version: str = "0.0.1") -> Path:
+    """A real (tiny) ONNX classifier bundle: mean intensity -> 2-class softmax.
+
+    Bright images score PNEUMONIA. Small enough to build in milliseconds, so
+    tests that are about plumbing do not depend on the bundled model.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edge_runtime.bundle import write_manifest
+    from edge_runtime.preprocess import PreprocessSpec
+
+    spec = PreprocessSpec(height=64, width=64)
+    folder.mkdir(parents=True, exist_ok=True)
+    w = np.array([[-4.0, 4.0], [0, 0], [0, 0]], dtype=np.float32)
+    b = np.array([0.0, 0.0], dtype=np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
+            helper.make_node("Flatten", ["pooled"], ["flat"]),
+            helper.make_node("Gemm", ["flat", "w", "b"], ["logits"]),
+            helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+        ],
+        "tiny",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 64, 64])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 2])],
+        [helper.make_tensor("w", TensorProto.FLOAT, w.shape, w.flatten()),
+         helper.make_tensor("b", TensorProto.FLOAT, b.shape, b)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, folder / "model.onnx")
+    write_manifest(folder, {
+        "name": "tiny-test-model",
+        "version": version,
+        "labels": ["NORMAL", "PNEUMONIA"],
+        "positive_label": "PNEUMONIA",
+        "artifacts": [{"file": "model.onnx", "backend": "onnxruntime", "quantization": "none"}],
+        "input": {"name": "input", "shape": ["batch", 3, 64, 64], "dtype": "float32",
+                  "layout": "NCHW"},
+        "output": {"name": "probabilities", "activation": "none"},
+        "preprocessing": spec.to_dict(),
+        "operating_point": {"threshold": 0.5, "method": "fixed (test model)"},
+    })
+    return folder
+
+
+@pytest.fixture()
+def tiny_bundle(tmp_path: Path) -> Path:
+    return make_tiny_bundle(tmp_path / "tiny-bundle")
+
+
+@pytest.fixture(scope="session")
+def default_bundle() -> Path:
+    from edge_runtime.bundle import default_bundle_path
+
+    path = default_bundle_path()
+    if not (path / "manifest.json").is_file():
+        pytest.skip(f"bundled default model not present at {path}")
+    return path

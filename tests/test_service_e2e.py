@@ -1,0 +1,241 @@
+"""End to end with real parts: inbox folder -> service -> real Mosquitto -> real subscriber."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from edge_runtime.config import RuntimeConfig
+from edge_runtime.results import load_schema
+from edge_runtime.service import EdgeService
+
+RESULT_VALIDATOR = jsonschema.Draft202012Validator(load_schema("result-v1"))
+STATUS_VALIDATOR = jsonschema.Draft202012Validator(load_schema("status-v1"))
+SIIM = "dicom/siim_torchxrayvision/1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
+
+
+def make_config(tmp_path: Path, broker, bundle: Path, **inbox) -> RuntimeConfig:
+    return RuntimeConfig.from_mapping({
+        "Inbox": {"Path": str(tmp_path / "inbox"), "QuarantinePath": str(tmp_path / "quarantine"),
+                  "SettleSeconds": 0.3, "RescanIntervalSeconds": 0.5, **inbox},
+        "Model": {"BundlePath": str(bundle)},
+        "Mqtt": {"Host": broker.host, "Port": broker.port, "ClientId": f"edge-{tmp_path.name}",
+                 "TopicPrefix": f"test/{tmp_path.name}"},
+        "Journal": {"Path": str(tmp_path / "state" / "journal.sqlite3")},
+        "Workers": 2,
+    })
+
+
+def drop(src: Path, inbox: Path, name: str | None = None) -> Path:
+    """Copy the way a careful sender does: write NAME.part, then rename."""
+    inbox.mkdir(parents=True, exist_ok=True)
+    target = inbox / (name or src.name)
+    part = target.with_name(target.name + ".part")
+    shutil.copyfile(src, part)
+    part.rename(target)
+    return target
+
+
+def by_file(results: list[dict]) -> dict[str, dict]:
+    return {r["input"]["file_name"]: r for r in results}
+
+
+@pytest.fixture()
+def running(tmp_path, mosquitto, subscriber_factory):
+    """Start a service for a config; stops it at teardown."""
+    services: list[EdgeService] = []
+
+    def start(bundle: Path, **inbox) -> tuple[EdgeService, RuntimeConfig]:
+        config = make_config(tmp_path, mosquitto, bundle, **inbox)
+        service = EdgeService(config)
+        service.start()
+        assert service.publisher.wait_connected(10)
+        services.append(service)
+        return service, config
+
+    yield start
+    for service in services:
+        service.stop()
+
+
+def test_real_scans_get_one_valid_result_each(shared_data, default_bundle, running,
+                                              subscriber_factory, tmp_path):
+    files = {
+        "normal.jpeg": shared_data / "cxr/kermany_pneumonia_224/test/NORMAL/IM-0001-0001.jpeg",
+        "pneumonia.jpeg": shared_data / "cxr/kermany_pneumonia_224/test/PNEUMONIA/person1_virus_6.jpeg",
+        "siim.dcm": shared_data / SIIM,
+        "RG1_UNCR.dcm": shared_data / "dicom/pydicom_data/RG1_UNCR.dcm",
+        "nih.png": shared_data / "cxr/nih_chestxray14_1024_subset/images/00000075_000.png",
+    }
+    service, config = running(default_bundle)
+    sub = subscriber_factory(f"{config.mqtt.topic_prefix}/#")
+    for name, src in files.items():
+        drop(src, config.inbox.path, name)
+    sub.wait_for(lambda ps: len([p for p in ps if p["message_type"] == "result"]) >= len(files),
+                 timeout_s=60)
+    time.sleep(0.5)  # a duplicate would arrive now
+    results = sub.results()
+    assert sorted(r["input"]["file_name"] for r in results) == sorted(files)
+    for result in results:
+        RESULT_VALIDATOR.validate(result)
+        assert result["not_for_diagnostic_use"] is True
+        assert result["model"]["name"] == "pneumonia-cxr"
+    got = by_file(results)
+    # The bundled model's decisions on two unambiguous training-domain images.
+    assert got["normal.jpeg"]["decision"]["label"] == "NORMAL"
+    assert got["pneumonia.jpeg"]["decision"]["label"] == "PNEUMONIA"
+    assert got["siim.dcm"]["input"]["sop_instance_uid"].startswith("1.2.276.0.7230010")
+    assert got["RG1_UNCR.dcm"]["input"]["modality"] == "CR"
+    # Inbox emptied only after each outcome was recorded; nothing quarantined.
+    assert list(config.inbox.path.iterdir()) == []
+    assert list(config.inbox.quarantine_path.iterdir()) == []
+    status = [m for m in sub.messages if m[1]["message_type"] == "status"]
+    assert status and status[-1][1]["state"] == "online" and status[-1][2] in (True, False)
+    for _, payload, _ in status:
+        STATUS_VALIDATOR.validate(payload)
+
+
+def test_file_written_slowly_is_read_only_when_complete(shared_data, tiny_bundle, running,
+                                                        subscriber_factory, tmp_path):
+    service, config = running(tiny_bundle, SettleSeconds=1.0)
+    sub = subscriber_factory(config.mqtt.results_topic)
+    src = (shared_data / "dicom/pydicom_data/RG1_UNCR.dcm").read_bytes()
+    target = config.inbox.path / "slow.dcm"
+    config.inbox.path.mkdir(parents=True, exist_ok=True)
+    chunks = [src[i : i + len(src) // 8 + 1] for i in range(0, len(src), len(src) // 8 + 1)]
+    with open(target, "wb") as fh:
+        for chunk in chunks:  # 8 chunks, 0.4 s apart: pauses shorter than SettleSeconds
+            fh.write(chunk)
+            fh.flush()
+            time.sleep(0.4)
+    assert sub.results() == [], "a result arrived before the file was complete"
+    sub.wait_for(lambda ps: len(ps) >= 1, timeout_s=20)
+    time.sleep(0.5)
+    results = sub.results()
+    assert len(results) == 1
+    assert results[0]["input"]["sha256"] == __import__("hashlib").sha256(src).hexdigest()
+    assert list(config.inbox.quarantine_path.iterdir()) == []
+
+
+def test_bad_inputs_are_quarantined_and_good_ones_keep_flowing(shared_data, tiny_bundle, running,
+                                                               subscriber_factory, tmp_path):
+    service, config = running(tiny_bundle)
+    sub = subscriber_factory(config.mqtt.results_topic)
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    rg1 = (shared_data / "dicom/pydicom_data/RG1_UNCR.dcm").read_bytes()
+    (staging / "truncated.dcm").write_bytes(rg1[: len(rg1) // 3])
+    (staging / "notes.dcm").write_text("Patient called, please resend the study.\n")
+    (staging / "empty.dcm").write_bytes(b"")
+    bad = ["truncated.dcm", "notes.dcm", "empty.dcm"]
+    good = {"good1.jpeg": shared_data / "cxr/kermany_pneumonia_224/test/NORMAL/IM-0003-0001.jpeg",
+            "good2.dcm": shared_data / SIIM}
+    for name in bad:
+        drop(staging / name, config.inbox.path)
+    for name, src in good.items():
+        drop(src, config.inbox.path, name)
+    sub.wait_for(lambda ps: len(ps) >= 2, timeout_s=30)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and len(list(config.inbox.quarantine_path.glob("*.error.json"))) < 3:
+        time.sleep(0.1)
+    assert sorted(r["input"]["file_name"] for r in sub.results()) == sorted(good)
+    for name in bad:
+        error_file = config.inbox.quarantine_path / f"{name}.error.json"
+        assert (config.inbox.quarantine_path / name).is_file(), f"{name} not moved to quarantine"
+        error = json.loads(error_file.read_text())
+        assert error["file"] == name
+        assert error["error"] and error["action"], error
+    errors = {n: json.loads((config.inbox.quarantine_path / f"{n}.error.json").read_text())
+              for n in bad}
+    assert errors["truncated.dcm"]["code"] == "corrupt_image"
+    assert "truncated" in errors["truncated.dcm"]["error"]
+    assert errors["notes.dcm"]["code"] == "not_an_image"
+    assert errors["empty.dcm"]["code"] == "corrupt_image"
+    assert "empty" in errors["empty.dcm"]["error"]
+    assert service.journal.counts()["quarantined"] == 3
+    assert list(config.inbox.path.iterdir()) == []
+
+
+def test_restart_with_queued_files_gives_exactly_one_result_each(shared_data, tiny_bundle,
+                                                                  mosquitto, subscriber_factory,
+                                                                  tmp_path):
+    config = make_config(tmp_path, mosquitto, tiny_bundle)
+    sub = subscriber_factory(config.mqtt.results_topic)
+    sources = sorted((shared_data / "cxr/kermany_pneumonia_224/test/PNEUMONIA").glob("*.jpeg"))[:30]
+    # Files are already waiting when the service first starts (as after a power cut).
+    for src in sources:
+        drop(src, config.inbox.path)
+    service = EdgeService(config)
+    service.start()
+    sub.wait_for(lambda ps: len(ps) >= 3, timeout_s=30)
+    service.stop()  # with most files still queued in the inbox
+    first_run = len(sub.results())
+    assert first_run < len(sources), "test needs files left over at the stop"
+    assert any(config.inbox.path.iterdir())
+    service = EdgeService(config)
+    service.start()
+    try:
+        sub.wait_for(lambda ps: len({p["message_id"] for p in ps}) >= len(sources), timeout_s=60)
+        time.sleep(1.0)
+    finally:
+        service.stop()
+    names = [r["input"]["file_name"] for r in sub.results()]
+    assert sorted(set(names)) == sorted(s.name for s in sources)
+    assert len(names) == len(sources), f"repeats: {len(names) - len(set(names))}"
+    assert list(config.inbox.path.iterdir()) == []
+
+
+def test_same_content_twice_is_processed_once(shared_data, tiny_bundle, running,
+                                              subscriber_factory):
+    service, config = running(tiny_bundle)
+    sub = subscriber_factory(config.mqtt.results_topic)
+    src = shared_data / "cxr/kermany_pneumonia_224/test/NORMAL/IM-0005-0001.jpeg"
+    drop(src, config.inbox.path, "first.jpeg")
+    sub.wait_for(lambda ps: len(ps) >= 1, timeout_s=20)
+    drop(src, config.inbox.path, "again.jpeg")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(config.inbox.path.iterdir()):
+        time.sleep(0.1)
+    time.sleep(0.5)
+    assert [r["input"]["file_name"] for r in sub.results()] == ["first.jpeg"]
+    assert service.counters["duplicates"] == 1
+
+
+def test_results_survive_a_broker_that_is_down_at_start(shared_data, tiny_bundle, tmp_path,
+                                                        mosquitto, subscriber_factory):
+    """Scans are processed while the broker is unreachable and delivered once it is back."""
+    from conftest import Broker
+
+    broker = Broker(tmp_path)
+    config = make_config(tmp_path, broker, tiny_bundle)  # nothing listens on that port yet
+    service = EdgeService(config)
+    service.start()
+    try:
+        drop(shared_data / "cxr/kermany_pneumonia_224/test/NORMAL/IM-0006-0001.jpeg",
+             config.inbox.path, "offline.jpeg")
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and service.journal.counts()["done"] < 1:
+            time.sleep(0.1)
+        assert service.journal.counts()["outbox_pending"] == 1
+        broker.start()
+        from conftest import Subscriber
+
+        sub = Subscriber(broker, config.mqtt.results_topic)
+        try:
+            sub.wait_for(lambda ps: len(ps) >= 1, timeout_s=45)
+            assert sub.results()[0]["input"]["file_name"] == "offline.jpeg"
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and service.journal.counts()["outbox_pending"]:
+                time.sleep(0.1)
+            assert service.journal.counts()["outbox_pending"] == 0
+        finally:
+            sub.close()
+    finally:
+        service.stop()
+        broker.stop()
