@@ -170,7 +170,7 @@ class Journal:
         now = utc_now()
         with self._tx() as db:
             row = db.execute(
-                f"SELECT {self._COLUMNS} FROM inputs WHERE sha256 = ?", (sha256,)
+                f"SELECT {self._COLUMNS} FROM inputs WHERE sha256 = ?", (sha256,)  # noqa: S608 - constant
             ).fetchone()
             if row is None:
                 cur = db.execute(
@@ -245,7 +245,9 @@ class Journal:
             return cur.rowcount
 
     def get(self, sha256: str) -> InputRecord | None:
-        rows = self._query(f"SELECT {self._COLUMNS} FROM inputs WHERE sha256=?", (sha256,))
+        rows = self._query(
+            f"SELECT {self._COLUMNS} FROM inputs WHERE sha256=?", (sha256,)  # noqa: S608 - constant
+        )
         return self._record(rows[0]) if rows else None
 
     def result_of(self, sha256: str) -> dict[str, Any] | None:

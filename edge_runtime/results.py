@@ -83,10 +83,7 @@ def build_result(
 ) -> dict[str, Any]:
     """Assemble one schema-valid result message."""
     probs = {label: round(float(p), 6) for label, p in zip(labels, probabilities, strict=True)}
-    if len(labels) == 1:
-        p_positive = probs[labels[0]]
-    else:
-        p_positive = probs[positive_label]
+    p_positive = probs[labels[0]] if len(labels) == 1 else probs[positive_label]
     positive = p_positive >= threshold
     if len(labels) == 2:
         negative = next(label for label in labels if label != positive_label)

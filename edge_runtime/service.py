@@ -16,6 +16,7 @@ tries it is quarantined too, so one poisonous file cannot loop forever.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -247,10 +248,8 @@ class EdgeService:
         tmp = error_file.with_name(error_file.name + ".tmp")
         tmp.write_text(json.dumps(error, indent=2) + "\n", encoding="utf-8")
         os.replace(tmp, error_file)
-        try:
+        with contextlib.suppress(FileNotFoundError):
             shutil.move(str(path), target)
-        except FileNotFoundError:
-            pass
         self._count("quarantined")
         event(log, "quarantined", "quarantined %s: %s", path.name, error.get("error"),
               level=logging.WARNING, file=path.name, sha256=str(error.get("sha256", ""))[:16],

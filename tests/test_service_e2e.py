@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
 import time
 from pathlib import Path
 
@@ -73,7 +72,7 @@ def test_real_scans_get_one_valid_result_each(shared_data, default_bundle, runni
         "RG1_UNCR.dcm": shared_data / "dicom/pydicom_data/RG1_UNCR.dcm",
         "nih.png": shared_data / "cxr/nih_chestxray14_1024_subset/images/00000075_000.png",
     }
-    service, config = running(default_bundle)
+    _service, config = running(default_bundle)
     sub = subscriber_factory(f"{config.mqtt.topic_prefix}/#")
     for name, src in files.items():
         drop(src, config.inbox.path, name)
@@ -103,7 +102,7 @@ def test_real_scans_get_one_valid_result_each(shared_data, default_bundle, runni
 
 def test_file_written_slowly_is_read_only_when_complete(shared_data, tiny_bundle, running,
                                                         subscriber_factory, tmp_path):
-    service, config = running(tiny_bundle, SettleSeconds=1.0)
+    _service, config = running(tiny_bundle, SettleSeconds=1.0)
     sub = subscriber_factory(config.mqtt.results_topic)
     src = (shared_data / "dicom/pydicom_data/RG1_UNCR.dcm").read_bytes()
     target = config.inbox.path / "slow.dcm"

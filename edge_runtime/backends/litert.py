@@ -45,6 +45,7 @@ class LiteRtBackend:
         self._output: dict[str, Any] = {}
         self._transpose = False
         self._batch = 0
+        self._dynamic_batch = False
         self._lock = threading.Lock()
 
     def load(self, bundle: ModelBundle) -> None:
@@ -77,6 +78,8 @@ class LiteRtBackend:
         self._input = inputs[0]
         self._output = interpreter.get_output_details()[0]
         self._batch = shape[0]
+        signature = inputs[0].get("shape_signature", inputs[0]["shape"])
+        self._dynamic_batch = int(signature[0]) == -1
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         if self._interpreter is None:
@@ -84,23 +87,29 @@ class LiteRtBackend:
         if self._transpose:
             batch = np.ascontiguousarray(batch.transpose(0, 2, 3, 1))
         with self._lock:  # a LiteRT interpreter is not re-entrant
-            if batch.shape[0] != self._batch:
-                self._interpreter.resize_tensor_input(self._input["index"], list(batch.shape))
-                self._interpreter.allocate_tensors()
-                self._input = self._interpreter.get_input_details()[0]
-                self._output = self._interpreter.get_output_details()[0]
-                self._batch = batch.shape[0]
-            dtype = self._input["dtype"]
-            if np.issubdtype(dtype, np.integer):
-                scale, zero = self._input["quantization"]
-                info = np.iinfo(dtype)
-                batch = np.clip(np.rint(batch / scale + zero), info.min, info.max).astype(dtype)
-            try:
-                self._interpreter.set_tensor(self._input["index"], batch)
-                self._interpreter.invoke()
-                out = self._interpreter.get_tensor(self._output["index"]).copy()
-            except Exception as exc:
-                raise BackendError(f"LiteRT inference failed: {exc}") from exc
+            if self._dynamic_batch:
+                return self._run(batch)
+            # Fixed-batch models (most converted ones) run one sample at a time.
+            return np.concatenate([self._run(batch[i : i + 1]) for i in range(batch.shape[0])])
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        if batch.shape[0] != self._batch:
+            self._interpreter.resize_tensor_input(self._input["index"], list(batch.shape))
+            self._interpreter.allocate_tensors()
+            self._input = self._interpreter.get_input_details()[0]
+            self._output = self._interpreter.get_output_details()[0]
+            self._batch = batch.shape[0]
+        dtype = self._input["dtype"]
+        if np.issubdtype(dtype, np.integer):
+            scale, zero = self._input["quantization"]
+            info = np.iinfo(dtype)
+            batch = np.clip(np.rint(batch / scale + zero), info.min, info.max).astype(dtype)
+        try:
+            self._interpreter.set_tensor(self._input["index"], batch)
+            self._interpreter.invoke()
+            out = self._interpreter.get_tensor(self._output["index"]).copy()
+        except Exception as exc:
+            raise BackendError(f"LiteRT inference failed: {exc}") from exc
         if np.issubdtype(out.dtype, np.integer):
             scale, zero = self._output["quantization"]
             out = (out.astype(np.float32) - zero) * scale

@@ -76,7 +76,9 @@ class DicomDecoder:
                         f"{path.name} is not a DICOM file (no 'DICM' marker and no valid header)."
                     ) from exc
                 if len(ds) == 0:
-                    raise NotAnImage(f"{path.name} is not a DICOM file (no data elements found).")
+                    raise NotAnImage(
+                        f"{path.name} is not a DICOM file (no data elements found)."
+                    ) from None
                 if "TransferSyntaxUID" not in ds.file_meta:
                     ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
             except (EOFError, OSError) as exc:

@@ -1,0 +1,109 @@
+"""Model bundles are verified before anything runs on a patient's scan."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import make_tiny_bundle
+
+from edge_runtime.backends import create_backend
+from edge_runtime.bundle import load_bundle
+from edge_runtime.cli import main
+from edge_runtime.errors import BackendError, ModelBundleError
+
+
+def test_tiny_bundle_loads_and_verifies(tiny_bundle: Path):
+    bundle = load_bundle(tiny_bundle)
+    assert bundle.labels == ["NORMAL", "PNEUMONIA"]
+    assert bundle.threshold == 0.5
+    assert set(bundle.manifest["files"]) == {"model.onnx"}
+
+
+def test_altered_model_file_is_refused_naming_the_file(tiny_bundle: Path):
+    model = tiny_bundle / "model.onnx"
+    model.write_bytes(model.read_bytes() + b"\0")
+    with pytest.raises(ModelBundleError) as info:
+        load_bundle(tiny_bundle)
+    assert str(model) in str(info.value)
+    assert "does not match its manifest" in str(info.value)
+    assert "Redeploy" in info.value.action
+
+
+def test_missing_file_and_missing_manifest(tiny_bundle: Path, tmp_path: Path):
+    (tiny_bundle / "model.onnx").unlink()
+    with pytest.raises(ModelBundleError, match=r"model\.onnx is listed in the manifest but missing"):
+        load_bundle(tiny_bundle)
+    with pytest.raises(ModelBundleError, match="does not exist"):
+        load_bundle(tmp_path / "nowhere")
+
+
+def _rewrite_manifest(bundle: Path, **changes) -> None:
+    path = bundle / "manifest.json"
+    manifest = json.loads(path.read_text())
+    for dotted, value in changes.items():
+        node = manifest
+        *parents, leaf = dotted.split("__")
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    path.write_text(json.dumps(manifest))
+
+
+def test_manifest_input_that_disagrees_with_the_model_is_refused(tmp_path: Path):
+    bundle_dir = make_tiny_bundle(tmp_path / "b1")
+    # Manifest claims 128 px preprocessing; the ONNX graph declares 64 px.
+    _rewrite_manifest(bundle_dir, preprocessing__height=128, preprocessing__width=128,
+                      input__shape=["batch", 3, 128, 128])
+    bundle = load_bundle(bundle_dir)
+    backend = create_backend("onnxruntime")
+    with pytest.raises(ModelBundleError, match=r"expects input shape \['batch', 3, 64, 64\]"):
+        backend.load(bundle)
+    bundle_dir = make_tiny_bundle(tmp_path / "b2")
+    _rewrite_manifest(bundle_dir, input__name="pixels")
+    with pytest.raises(ModelBundleError, match="names its input 'input'"):
+        create_backend("onnxruntime").load(load_bundle(bundle_dir))
+
+
+def test_inconsistent_manifest_values(tmp_path: Path):
+    bundle_dir = make_tiny_bundle(tmp_path / "b")
+    _rewrite_manifest(bundle_dir, positive_label="EFFUSION")
+    with pytest.raises(ModelBundleError, match="positive_label 'EFFUSION'"):
+        load_bundle(bundle_dir)
+    bundle_dir = make_tiny_bundle(tmp_path / "c")
+    _rewrite_manifest(bundle_dir, input__shape=["batch", 3, 32, 32])
+    with pytest.raises(ModelBundleError, match="disagrees with the preprocessing spec"):
+        load_bundle(bundle_dir)
+
+
+def test_backend_without_artifact_and_unknown_backend(tiny_bundle: Path):
+    bundle = load_bundle(tiny_bundle)
+    with pytest.raises(ModelBundleError, match="no model file for backend 'litert'"):
+        bundle.artifact("litert")
+    with pytest.raises(BackendError, match="Unknown backend 'tensorrt'"):
+        create_backend("tensorrt")
+
+
+def test_cli_model_info(tiny_bundle: Path, capsys):
+    assert main(["model", "info", str(tiny_bundle)]) == 0
+    out = capsys.readouterr().out
+    assert "tiny-test-model 0.0.1" in out and "hashes verified" in out and "threshold" in out
+    (tiny_bundle / "model.onnx").write_bytes(b"garbage")
+    assert main(["model", "info", str(tiny_bundle)]) == 2
+    err = capsys.readouterr().err
+    assert "does not match its manifest" in err and "Redeploy" in err
+
+
+def test_bundled_default_model_is_consistent(default_bundle: Path):
+    bundle = load_bundle(default_bundle)
+    backend = create_backend("onnxruntime")
+    backend.load(bundle)  # verifies the graph's input against the manifest
+    manifest = bundle.manifest
+    assert manifest["artifacts"][0]["quantization"].startswith("int8")
+    assert (default_bundle / "MODEL_CARD.md").is_file()
+    assert "MODEL_CARD.md" in manifest["files"]
+    card = (default_bundle / "MODEL_CARD.md").read_text()
+    assert "Kermany" in card and "CC BY 4.0" in card and "diagnostic" in card.lower()
+    size_mb = (default_bundle / manifest["artifacts"][0]["file"]).stat().st_size / 1e6
+    assert size_mb < 6

@@ -1,0 +1,140 @@
+"""Decoders on real files from ../shared/data, and the errors an admin sees."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from edge_runtime.decode import DecodeLimits, decode_file
+from edge_runtime.decode.raster import image_dimensions
+from edge_runtime.errors import CorruptImage, ImageTooLarge, NotAnImage, UnsupportedImage
+
+SIIM = "dicom/siim_torchxrayvision/1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
+
+
+def test_chest_dicom_metadata_and_range(shared_data):
+    image = decode_file(shared_data / SIIM)
+    assert image.kind == "dicom" and image.decoder == "dicom"
+    assert image.pixels.shape == (1024, 1024) and image.pixels.dtype == np.float32
+    assert 0.0 <= image.pixels.min() < 0.1 and 0.9 < image.pixels.max() <= 1.0
+    meta = image.metadata
+    assert meta["modality"] == "CR" and meta["body_part_examined"] == "CHEST"
+    assert meta["view_position"] == "PA"
+    assert meta["sop_instance_uid"] == (
+        "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819"
+    )
+    assert "patient_name" not in meta and "patient_id" not in meta
+
+
+@pytest.mark.parametrize("name", ["siim_cxr_explicit_le", "siim_cxr_implicit_le",
+                                  "siim_cxr_deflated_le", "siim_cxr_rle"])
+def test_lossless_encodings_of_one_image_decode_identically(shared_data, name):
+    reference = decode_file(shared_data / SIIM).pixels  # JPEG baseline, decoded once
+    other = decode_file(shared_data / "dicom/derived" / f"{name}.dcm").pixels
+    assert np.array_equal(reference, other)
+
+
+def test_monochrome1_is_inverted_and_window_applied(shared_data):
+    """RG1 is MONOCHROME1: after inversion the lungs (air) are dark, bone/mediastinum bright."""
+    uncompressed = decode_file(shared_data / "dicom/pydicom_data/RG1_UNCR.dcm")
+    j2k = decode_file(shared_data / "dicom/pydicom_data/RG1_J2KR.dcm")
+    assert np.array_equal(uncompressed.pixels, j2k.pixels)
+    px = uncompressed.pixels
+    rows, cols = px.shape
+    lung = px[rows // 3 : rows // 2, cols // 5 : cols // 3].mean()
+    mediastinum = px[rows // 3 : rows // 2, cols // 2 - 50 : cols // 2 + 50].mean()
+    assert lung < mediastinum, (lung, mediastinum)
+
+
+def test_legacy_file_without_preamble_decodes(shared_data):
+    image = decode_file(shared_data / "dicom/fo_dicom_via_dcmfx/CR-MONO1-10-chest.dcm")
+    assert image.pixels.shape == (440, 440)
+    assert image.metadata["modality"] == "CR"
+
+
+def test_voi_lut_sequence_and_modality_lut_sequence(shared_data):
+    for name in ("vlut_04.dcm", "mlut_18.dcm"):
+        px = decode_file(shared_data / "dicom/pydicom_data" / name).pixels
+        assert px.dtype == np.float32 and px.min() >= 0.0 and px.max() <= 1.0
+        assert px.std() > 0.05, f"{name} decoded flat"
+
+
+def test_png_8_and_16_bit_grey_rgb_rgba_agree(shared_data, tmp_path: Path):
+    src = shared_data / "cxr/nih_chestxray14_1024_subset/images/00000075_000.png"
+    grey8 = cv2.imread(str(src), cv2.IMREAD_GRAYSCALE)
+    variants = {
+        "grey8.png": grey8,
+        "grey16.png": grey8.astype(np.uint16) * 257,
+        "rgb.png": cv2.cvtColor(grey8, cv2.COLOR_GRAY2BGR),
+        "rgba.png": cv2.cvtColor(grey8, cv2.COLOR_GRAY2BGRA),
+    }
+    reference = decode_file(src).pixels
+    for name, arr in variants.items():
+        cv2.imwrite(str(tmp_path / name), arr)
+        decoded = decode_file(tmp_path / name)
+        assert decoded.kind == "image"
+        np.testing.assert_allclose(decoded.pixels, reference, atol=1e-6, err_msg=name)
+
+
+def test_jpeg_header_dimensions(shared_data):
+    data = (shared_data / "cxr/kermany_pneumonia_224/test/NORMAL/IM-0001-0001.jpeg").read_bytes()
+    assert image_dimensions(data) == (224, 224)
+
+
+def test_errors_name_the_file_and_the_problem(shared_data, tmp_path: Path):
+    rg1 = (shared_data / "dicom/pydicom_data/RG1_UNCR.dcm").read_bytes()
+    (tmp_path / "cut.dcm").write_bytes(rg1[:5000])
+    (tmp_path / "half.dcm").write_bytes(rg1[: len(rg1) // 2])
+    (tmp_path / "notes.dcm").write_text("not an image at all\n" * 40)
+    (tmp_path / "zero.png").write_bytes(b"")
+    jpeg = (shared_data / "cxr/kermany_pneumonia_224/test/NORMAL/IM-0001-0001.jpeg").read_bytes()
+    (tmp_path / "cut.jpeg").write_bytes(jpeg[: len(jpeg) // 2])
+    cases = {
+        "cut.dcm": CorruptImage,
+        "half.dcm": CorruptImage,
+        "notes.dcm": NotAnImage,
+        "zero.png": CorruptImage,
+        "cut.jpeg": CorruptImage,
+    }
+    for name, expected in cases.items():
+        with pytest.raises(expected) as info:
+            decode_file(tmp_path / name)
+        assert name in str(info.value)
+        assert info.value.action
+
+
+def test_pixel_cap_is_checked_before_decoding(shared_data):
+    limits = DecodeLimits(max_pixels=1_000_000)
+    with pytest.raises(ImageTooLarge, match="over the limit"):
+        decode_file(shared_data / "dicom/pydicom_data/RG1_UNCR.dcm", limits)
+    with pytest.raises(ImageTooLarge):
+        decode_file(shared_data / "cxr/nih_chestxray14_1024_subset/images/00000075_000.png",
+                    limits)
+
+
+def test_png_bomb_header_is_refused_without_allocating(tmp_path: Path):
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 0, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    data = (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk
+            + struct.pack(">I", zlib.crc32(chunk)) + b"\x00\x00\x00\x00IEND\xaeB`\x82")
+    (tmp_path / "bomb.png").write_bytes(data)
+    with pytest.raises(ImageTooLarge, match="10,000,000,000"):
+        decode_file(tmp_path / "bomb.png")
+
+
+def test_dicom_without_pixels_is_unsupported(shared_data, tmp_path: Path):
+    import pydicom
+
+    ds = pydicom.dcmread(shared_data / "dicom/pydicom_testfiles/MR_small.dcm")
+    for keyword in ("PixelData", "Rows", "Columns"):
+        delattr(ds, keyword)
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR
+    ds.save_as(tmp_path / "report.dcm")
+    with pytest.raises(UnsupportedImage, match="no pixel data"):
+        decode_file(tmp_path / "report.dcm")
