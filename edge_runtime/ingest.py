@@ -3,8 +3,9 @@
 A file is handed on only once it is complete:
 
 * names ending in ``.part`` (dcm4che/storescp convention), ``.tmp`` etc. are
-  ignored until they are renamed;
-* otherwise its size and mtime must stay unchanged for ``SettleSeconds``.
+  ignored; when such a file is renamed to its final name it is complete by
+  that convention and is taken at once;
+* any other file must keep its size and mtime unchanged for ``SettleSeconds``.
 
 Files are discovered two ways, because either alone can miss one: inotify
 events via watchdog (fast), and a periodic full rescan (catches files that
@@ -45,6 +46,7 @@ class _Candidate:
     size: int
     mtime_ns: int
     stable_since: float
+    complete: bool = False
 
 
 class InboxWatcher:
@@ -112,8 +114,14 @@ class InboxWatcher:
             def on_any_event(self, event: FileSystemEvent) -> None:
                 if event.is_directory:
                     return
-                target = getattr(event, "dest_path", "") or event.src_path
-                watcher._note(Path(os.fsdecode(target)))
+                dest = os.fsdecode(getattr(event, "dest_path", "") or "")
+                if dest:
+                    # NAME.part renamed to NAME: the sender says the file is complete.
+                    src = os.fsdecode(event.src_path)
+                    renamed_part = any(src.endswith(s) for s in watcher.config.ignore_suffixes)
+                    watcher._note(Path(dest), complete=renamed_part)
+                else:
+                    watcher._note(Path(os.fsdecode(event.src_path)))
 
         observer = Observer()
         try:
@@ -131,15 +139,21 @@ class InboxWatcher:
             return False
         return not any(path.is_relative_to(ex) for ex in self._excluded)
 
-    def _note(self, path: Path) -> None:
-        """A filesystem event mentioned ``path``: (re)start its settle timer."""
+    def _note(self, path: Path, *, complete: bool = False) -> None:
+        """A filesystem event mentioned ``path``: (re)start its settle timer.
+
+        ``complete`` marks a file renamed from ``NAME.part``: by that convention
+        it is finished, so it need not wait out the settle time.
+        """
         if not self._wanted(path):
             return
         with self._lock:
             if path in self._claimed:
                 return
-            self._candidates.pop(path, None)
-            self._candidates[path] = _Candidate(-1, -1, time.monotonic())
+            previous = self._candidates.pop(path, None)
+            if previous is not None and previous.complete and not complete:
+                complete = True  # a close/modify event right after the rename
+            self._candidates[path] = _Candidate(-1, -1, time.monotonic(), complete)
         self._poke.set()
 
     def _rescan(self) -> None:
@@ -169,6 +183,9 @@ class InboxWatcher:
                 continue
             except OSError as exc:
                 log.warning("cannot stat %s: %s", path.name, exc)
+                continue
+            if cand.complete:
+                ready.append(ReadyFile(st.st_mtime, path, st.st_size, now))
                 continue
             if st.st_size != cand.size or st.st_mtime_ns != cand.mtime_ns:
                 cand.size, cand.mtime_ns, cand.stable_since = st.st_size, st.st_mtime_ns, now

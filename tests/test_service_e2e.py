@@ -122,6 +122,29 @@ def test_file_written_slowly_is_read_only_when_complete(shared_data, tiny_bundle
     assert list(config.inbox.quarantine_path.iterdir()) == []
 
 
+def test_part_file_written_slowly_then_renamed_is_read_once(shared_data, tiny_bundle, running,
+                                                            subscriber_factory):
+    _service, config = running(tiny_bundle, SettleSeconds=5.0)
+    sub = subscriber_factory(config.mqtt.results_topic)
+    src = (shared_data / "dicom/pydicom_data/RG1_UNCR.dcm").read_bytes()
+    config.inbox.path.mkdir(parents=True, exist_ok=True)
+    part = config.inbox.path / "study.dcm.part"
+    with open(part, "wb") as fh:  # slower than the rescan interval, far past it in total
+        for i in range(0, len(src), len(src) // 6 + 1):
+            fh.write(src[i : i + len(src) // 6 + 1])
+            fh.flush()
+            time.sleep(0.5)
+    assert sub.results() == []
+    t_rename = time.monotonic()
+    part.rename(config.inbox.path / "study.dcm")
+    sub.wait_for(lambda ps: len(ps) >= 1, timeout_s=20)
+    # Taken at once on rename, without waiting out the 5 s settle time.
+    assert time.monotonic() - t_rename < 4.0
+    time.sleep(0.5)
+    assert [r["input"]["file_name"] for r in sub.results()] == ["study.dcm"]
+    assert list(config.inbox.quarantine_path.iterdir()) == []
+
+
 def test_bad_inputs_are_quarantined_and_good_ones_keep_flowing(shared_data, tiny_bundle, running,
                                                                subscriber_factory, tmp_path):
     service, config = running(tiny_bundle)
