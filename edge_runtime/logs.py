@@ -65,7 +65,10 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
-    logging.getLogger("edge_runtime.mqtt").setLevel(max(logging.getLevelName(level), logging.INFO))
+    # paho's own chatter ("Client is not connected" on every retry) only in DEBUG;
+    # the publisher logs connection changes in words an admin can act on.
+    logging.getLogger("edge_runtime.mqtt").setLevel(
+        logging.DEBUG if level == "DEBUG" else logging.CRITICAL)
     logging.getLogger("watchdog").setLevel(logging.WARNING)
     logging.captureWarnings(True)
 

@@ -63,6 +63,8 @@ class MqttPublisher:
         self._client.will_set(config.status_topic, json.dumps(offline), qos=1, retain=True)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
+        self._client.on_connect_fail = self._on_connect_fail
+        self._failures = 0
         self._client.on_publish = self._on_publish
         self._acks: queue.SimpleQueue[int] = queue.SimpleQueue()
         # Only the drain thread touches these two:
@@ -86,8 +88,17 @@ class MqttPublisher:
         log.info("MQTT connected to %s:%s as %s", self.config.host, self.config.port,
                  self.config.client_id)
         self._connected.set()
+        self._failures = 0
         self.publish_status("online")
         self._wake.set()
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        self._failures += 1
+        if self._failures in (1, 10) or self._failures % 100 == 0:
+            log.warning(
+                "cannot reach the MQTT broker at %s:%s (attempt %d); results are kept in the "
+                "journal and sent once it is reachable. Check Mqtt.Host/Mqtt.Port and that the "
+                "broker is running.", self.config.host, self.config.port, self._failures)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
                        properties: Any) -> None:

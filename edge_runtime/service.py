@@ -135,7 +135,10 @@ class EdgeService:
         signal.signal(signal.SIGTERM, _handle)
         signal.signal(signal.SIGINT, _handle)
         self.start()
-        if not self.publisher.wait_connected(self.config.mqtt.connect_timeout_seconds):
+        deadline = time.monotonic() + self.config.mqtt.connect_timeout_seconds
+        while not stop.is_set() and not self.publisher.connected and time.monotonic() < deadline:
+            stop.wait(0.1)
+        if not stop.is_set() and not self.publisher.connected:
             log.warning(
                 "MQTT broker %s:%s not reachable yet; scans are still processed and their "
                 "results kept in the journal until it is",
