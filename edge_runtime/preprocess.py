@@ -169,6 +169,8 @@ def preprocess(image: np.ndarray, spec: PreprocessSpec, out: np.ndarray | None =
         raise UnsupportedImage("The image has no pixels.")
     grey = np.asarray(image, dtype=np.float32)
     grey = resize_grey(grey, spec)
+    # NaN/inf can come from float DICOM pixel data; they must not reach the model.
+    np.nan_to_num(grey, copy=False, nan=0.0, posinf=1.0, neginf=0.0)
     np.clip(grey, 0.0, 1.0, out=grey)
     if spec.quantize_8bit:
         np.multiply(grey, 255.0, out=grey)
