@@ -10,11 +10,20 @@ Display pipeline, following DICOM PS3.3 C.11 (grey-scale transforms):
 
 Colour images (RGB, YBR_*) are converted to grey with ITU-R BT.601 weights.
 Multi-frame objects: the first frame is used.
+
+When every pydicom pixel plugin fails on a JPEG, JPEG-LS or RLE file and
+Debian's dcmtk is installed, the file is decompressed with dcmtk's
+``dcmdjpeg``/``dcmdjpls``/``dcmdrle`` into a temporary uncompressed copy and
+read from there. This rescues 12-bit JPEG Extended files whose scan headers
+libjpeg rejects ("scan start must be zero") but dcmtk accepts with a warning.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
+import subprocess
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -122,10 +131,20 @@ class DicomDecoder:
                 "which this runtime cannot turn into a grey radiograph.",
                 action="Configure the modality to send MONOCHROME1/2 or RGB images.",
             )
-        _check_decoder_available(ds, path)
-        arr = _first_frame(ds, path, frames)
+        decoder_name = self.name
+        try:
+            _check_decoder_available(ds, path)
+            arr = _first_frame(ds, path, frames)
+        except (CorruptImage, UnsupportedTransferSyntax) as exc:
+            rescued = _dcmtk_fallback(ds, path, frames)
+            if rescued is None:
+                raise
+            arr, tool = rescued
+            decoder_name = f"{self.name}+{tool}"
+            log.info("%s: pydicom could not decode it (%s); decoded with dcmtk %s instead",
+                     path.name, exc.message.splitlines()[0], tool)
         grey = _to_display_grey(arr, ds, photometric)
-        return DecodedImage(pixels=grey, kind="dicom", decoder=self.name, metadata=metadata)
+        return DecodedImage(pixels=grey, kind="dicom", decoder=decoder_name, metadata=metadata)
 
 
 def _check_decoder_available(ds: Any, path: Path) -> None:
@@ -162,6 +181,47 @@ def _first_frame(ds: Any, path: Path, frames: int) -> np.ndarray:
             f"Cannot decode the pixel data of {path.name} ({tsyntax.name}): {exc}",
         ) from exc
     return np.asarray(arr)
+
+
+# Transfer syntax UID prefix -> dcmtk tool that decompresses it.
+_DCMTK_TOOLS = {
+    "1.2.840.10008.1.2.4.5": "dcmdjpeg",  # .50 baseline, .51 extended, .57 lossless
+    "1.2.840.10008.1.2.4.70": "dcmdjpeg",  # lossless SV1
+    "1.2.840.10008.1.2.4.8": "dcmdjpls",  # .80 JPEG-LS lossless, .81 near-lossless
+    "1.2.840.10008.1.2.5": "dcmdrle",
+}
+DCMTK_TIMEOUT_S = 60.0
+
+
+def _dcmtk_fallback(ds: Any, path: Path, frames: int) -> tuple[np.ndarray, str] | None:
+    """Decompress with dcmtk into a temporary file; None when no tool applies."""
+    import pydicom
+
+    tsyntax = str(ds.file_meta.TransferSyntaxUID)
+    tool = next((t for prefix, t in _DCMTK_TOOLS.items() if tsyntax.startswith(prefix)), None)
+    binary = shutil.which(tool) if tool else None
+    if tool is None or binary is None:
+        return None
+    with tempfile.TemporaryDirectory(prefix="edge-dcmtk-") as tmp:
+        out = Path(tmp) / "decompressed.dcm"
+        try:
+            proc = subprocess.run(
+                [binary, str(path), str(out)], capture_output=True, text=True,
+                timeout=DCMTK_TIMEOUT_S, check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise CorruptImage(
+                f"{path.name}: dcmtk {tool} did not finish within {DCMTK_TIMEOUT_S:.0f} s."
+            ) from exc
+        if proc.returncode != 0 or not out.is_file():
+            log.info("dcmtk %s could not decode %s either: %s", tool, path.name,
+                     (proc.stderr or proc.stdout).strip()[:300])
+            return None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            plain = pydicom.dcmread(out)
+            arr = _first_frame(plain, path, frames)
+    return arr, tool
 
 
 def _to_display_grey(arr: np.ndarray, ds: Any, photometric: str) -> np.ndarray:
