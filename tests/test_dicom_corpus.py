@@ -62,7 +62,7 @@ def test_every_corpus_file_decodes(shared_data, row):
     image = decode_file(shared_data / "dicom" / rel)
     assert image.pixels.shape == (int(row["rows"]), int(row["cols"]))
     assert image.pixels.dtype == np.float32
-    assert 0.0 <= float(image.pixels.min()) and float(image.pixels.max()) <= 1.0
+    assert float(image.pixels.min()) >= 0.0 and float(image.pixels.max()) <= 1.0
     assert float(image.pixels.std()) > 0.0, "decoded to a flat image"
     if row["modality"]:
         assert image.metadata.get("modality") == row["modality"]
