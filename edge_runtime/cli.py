@@ -123,6 +123,8 @@ def _cmd_process(args: argparse.Namespace) -> int:
         threads=config.model.threads,
         limits=DecodeLimits(max_pixels=config.decode.max_pixels),
         threshold=config.model.threshold,
+        enforce_intended_use=config.intake.enforce_intended_use,
+        require_tags=config.intake.require_tags,
     )
     failures = 0
     for path in args.files:

@@ -34,6 +34,7 @@ __all__ = [
     "ENV_PREFIX",
     "DecodeConfig",
     "InboxConfig",
+    "IntakeConfig",
     "JournalConfig",
     "LoggingConfig",
     "ModelConfig",
@@ -90,6 +91,18 @@ class DecodeConfig(_Section):
 
     max_pixels: int = Field(
         50_000_000, gt=0, description="Refuse images with more pixels (decompression bombs)."
+    )
+
+
+class IntakeConfig(_Section):
+    """Which scans the model is allowed to see (from the bundle's intended use)."""
+
+    enforce_intended_use: bool = Field(
+        True, description="Quarantine DICOM scans whose modality / body part / view the "
+        "model bundle does not declare as intended use.",
+    )
+    require_tags: bool = Field(
+        False, description="Also quarantine DICOM scans that lack those header fields."
     )
 
 
@@ -161,6 +174,7 @@ class RuntimeConfig(_Section):
 
     inbox: InboxConfig = Field(default_factory=InboxConfig)
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
+    intake: IntakeConfig = Field(default_factory=IntakeConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
     journal: JournalConfig = Field(default_factory=JournalConfig)

@@ -22,6 +22,7 @@ from .backends import Backend, create_backend
 from .bundle import ModelBundle, load_bundle
 from .decode import DecodeLimits, decode_file
 from .errors import EdgeRuntimeError, UnsupportedImage
+from .intake import IntakePolicy
 from .logs import event
 from .preprocess import preprocess
 from .results import build_result, scores_to_probabilities
@@ -55,8 +56,10 @@ class ScanAnalyzer:
         *,
         limits: DecodeLimits | None = None,
         threshold: float | None = None,
+        policy: IntakePolicy | None = None,
     ) -> None:
         self.bundle = bundle
+        self.policy = policy
         self.backend = backend
         self.limits = limits or DecodeLimits()
         self.threshold = bundle.threshold if threshold is None else threshold
@@ -80,11 +83,18 @@ class ScanAnalyzer:
         threads: int = 1,
         limits: DecodeLimits | None = None,
         threshold: float | None = None,
+        enforce_intended_use: bool = True,
+        require_tags: bool = False,
     ) -> ScanAnalyzer:
         bundle = load_bundle(path)
         backend = create_backend(backend_name, threads=threads)
         backend.load(bundle)
-        return cls(bundle, backend, limits=limits, threshold=threshold)
+        policy = None
+        if enforce_intended_use:
+            policy = IntakePolicy.from_intended_use(
+                bundle.intended_use, model_name=f"model {bundle.name} {bundle.version}",
+                require_tags=require_tags)
+        return cls(bundle, backend, limits=limits, threshold=threshold, policy=policy)
 
     def _buffer(self) -> np.ndarray:
         buf = getattr(self._local, "buf", None)
@@ -115,6 +125,8 @@ class ScanAnalyzer:
               rows=meta.get("rows"), columns=meta.get("columns"), modality=meta.get("modality"),
               sop_instance_uid=meta.get("sop_instance_uid"),
               duration_ms=round(timings["decode"], 2))
+        if self.policy is not None:
+            self.policy.check(path.name, decoded.kind, meta)
 
         t_pre = time.perf_counter()
         buf = self._buffer()

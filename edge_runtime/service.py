@@ -59,6 +59,8 @@ class EdgeService:
             threads=config.model.threads,
             limits=DecodeLimits(max_pixels=config.decode.max_pixels),
             threshold=config.model.threshold,
+            enforce_intended_use=config.intake.enforce_intended_use,
+            require_tags=config.intake.require_tags,
         )
         self.journal = Journal(config.journal.path)
         self.publisher = MqttPublisher(

@@ -186,6 +186,7 @@ def make_tiny_bundle(folder: Path, *, version: str = "0.0.1") -> Path:
         "output": {"name": "probabilities", "activation": "none"},
         "preprocessing": spec.to_dict(),
         "operating_point": {"threshold": 0.5, "method": "fixed (test model)"},
+        "intended_use": {"modalities": ["CR", "DX"], "body_parts": ["CHEST"]},
     })
     return folder
 

@@ -155,7 +155,8 @@ def test_bad_inputs_are_quarantined_and_good_ones_keep_flowing(shared_data, tiny
     (staging / "truncated.dcm").write_bytes(rg1[: len(rg1) // 3])
     (staging / "notes.dcm").write_text("Patient called, please resend the study.\n")
     (staging / "empty.dcm").write_bytes(b"")
-    bad = ["truncated.dcm", "notes.dcm", "empty.dcm"]
+    (staging / "hip.dcm").write_bytes((shared_data / "dicom/wg04/RG2_RLE").read_bytes())
+    bad = ["truncated.dcm", "notes.dcm", "empty.dcm", "hip.dcm"]
     good = {"good1.jpeg": shared_data / "cxr/kermany_pneumonia_224/test/NORMAL/IM-0003-0001.jpeg",
             "good2.dcm": shared_data / SIIM}
     for name in bad:
@@ -164,7 +165,8 @@ def test_bad_inputs_are_quarantined_and_good_ones_keep_flowing(shared_data, tiny
         drop(src, config.inbox.path, name)
     sub.wait_for(lambda ps: len(ps) >= 2, timeout_s=30)
     deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and len(list(config.inbox.quarantine_path.glob("*.error.json"))) < 3:
+    quarantine = config.inbox.quarantine_path
+    while time.monotonic() < deadline and len(list(quarantine.glob("*.error.json"))) < 4:
         time.sleep(0.1)
     assert sorted(r["input"]["file_name"] for r in sub.results()) == sorted(good)
     for name in bad:
@@ -180,7 +182,9 @@ def test_bad_inputs_are_quarantined_and_good_ones_keep_flowing(shared_data, tiny
     assert errors["notes.dcm"]["code"] == "not_an_image"
     assert errors["empty.dcm"]["code"] == "corrupt_image"
     assert "empty" in errors["empty.dcm"]["error"]
-    assert service.journal.counts()["quarantined"] == 3
+    assert errors["hip.dcm"]["code"] == "outside_intended_use"
+    assert "HIP" in errors["hip.dcm"]["error"]
+    assert service.journal.counts()["quarantined"] == 4
     assert list(config.inbox.path.iterdir()) == []
 
 
