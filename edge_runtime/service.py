@@ -221,8 +221,15 @@ class EdgeService:
             log.error("attempt %d/%d on %s failed: %s (%s)", attempt,
                       self.config.journal.max_attempts, path.name, exc.message, exc.action)
             return
-        self.journal.record_result(record.id, outcome.result, self.config.mqtt.results_topic,
-                                   self.config.mqtt.qos)
+        message = self.journal.record_result(record.id, outcome.result,
+                                             self.config.mqtt.results_topic, self.config.mqtt.qos)
+        if message is None:
+            # Same message id as an earlier result: the same SOP Instance UID sent again
+            # with different bytes (e.g. another transfer syntax). Published once only.
+            self._count("duplicates")
+            event(log, "duplicate", "%s repeats an earlier instance (%s); result not published "
+                  "again", path.name, outcome.result["input"].get("sop_instance_uid"),
+                  file=path.name, sha256=sha256[:16], message_id=outcome.result["message_id"])
         self._count("processed")
         self.publisher.notify()
         self._dispose_done(path)

@@ -265,3 +265,25 @@ def test_results_survive_a_broker_that_is_down_at_start(shared_data, tiny_bundle
     finally:
         service.stop()
         broker.stop()
+
+
+def test_same_sop_instance_in_two_transfer_syntaxes_is_published_once(shared_data, tiny_bundle,
+                                                                       running, subscriber_factory,
+                                                                       tmp_path):
+    """The SIIM image as sent (JPEG baseline), then re-sent uncompressed: same SOP Instance UID."""
+    import pydicom
+
+    service, config = running(tiny_bundle)
+    sub = subscriber_factory(config.mqtt.results_topic)
+    ds = pydicom.dcmread(shared_data / SIIM)
+    ds.decompress()
+    ds.save_as(tmp_path / "uncompressed.dcm")
+    drop(shared_data / SIIM, config.inbox.path, "as_jpeg.dcm")
+    sub.wait_for(lambda ps: len(ps) >= 1, timeout_s=20)
+    drop(tmp_path / "uncompressed.dcm", config.inbox.path, "as_le.dcm")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and service.counters["duplicates"] < 1:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    assert [r["input"]["file_name"] for r in sub.results()] == ["as_jpeg.dcm"]
+    assert service.counters["duplicates"] == 1
