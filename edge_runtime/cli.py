@@ -125,6 +125,9 @@ def _cmd_process(args: argparse.Namespace) -> int:
         threshold=config.model.threshold,
         enforce_intended_use=config.intake.enforce_intended_use,
         require_tags=config.intake.require_tags,
+        isolate=config.decode.isolate,
+        decode_timeout_s=config.decode.timeout_seconds,
+        decode_memory_mb=config.decode.memory_limit_mb,
     )
     failures = 0
     for path in args.files:

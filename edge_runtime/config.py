@@ -92,6 +92,15 @@ class DecodeConfig(_Section):
     max_pixels: int = Field(
         50_000_000, gt=0, description="Refuse images with more pixels (decompression bombs)."
     )
+    isolate: bool = Field(
+        True, description="Decode in a child process that can be stopped (see the next two)."
+    )
+    timeout_seconds: float = Field(
+        30.0, gt=0, le=3600, description="A decode taking longer is stopped; file quarantined."
+    )
+    memory_limit_mb: int = Field(
+        2048, ge=0, description="Address-space cap of the decoder process (0 = no cap)."
+    )
 
 
 class IntakeConfig(_Section):

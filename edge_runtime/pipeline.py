@@ -20,12 +20,13 @@ import numpy as np
 
 from .backends import Backend, create_backend
 from .bundle import ModelBundle, load_bundle
-from .decode import DecodeLimits, decode_file
+from .decode import DecodedImage, DecodeLimits, decode_file
 from .errors import EdgeRuntimeError, UnsupportedImage
 from .intake import IntakePolicy
 from .logs import event
 from .preprocess import preprocess
 from .results import build_result, scores_to_probabilities
+from .sandbox import DecodeSandbox
 
 __all__ = ["ScanAnalyzer", "ScanOutcome", "file_sha256"]
 
@@ -57,9 +58,16 @@ class ScanAnalyzer:
         limits: DecodeLimits | None = None,
         threshold: float | None = None,
         policy: IntakePolicy | None = None,
+        isolate: bool = False,
+        decode_timeout_s: float = 30.0,
+        decode_memory_mb: int = 2048,
     ) -> None:
         self.bundle = bundle
         self.policy = policy
+        self.isolate = isolate
+        self.decode_timeout_s = decode_timeout_s
+        self.decode_memory_mb = decode_memory_mb
+        self._sandboxes: list[DecodeSandbox] = []
         self.backend = backend
         self.limits = limits or DecodeLimits()
         self.threshold = bundle.threshold if threshold is None else threshold
@@ -85,6 +93,9 @@ class ScanAnalyzer:
         threshold: float | None = None,
         enforce_intended_use: bool = True,
         require_tags: bool = False,
+        isolate: bool = False,
+        decode_timeout_s: float = 30.0,
+        decode_memory_mb: int = 2048,
     ) -> ScanAnalyzer:
         bundle = load_bundle(path)
         backend = create_backend(backend_name, threads=threads)
@@ -94,7 +105,9 @@ class ScanAnalyzer:
             policy = IntakePolicy.from_intended_use(
                 bundle.intended_use, model_name=f"model {bundle.name} {bundle.version}",
                 require_tags=require_tags)
-        return cls(bundle, backend, limits=limits, threshold=threshold, policy=policy)
+        return cls(bundle, backend, limits=limits, threshold=threshold, policy=policy,
+                   isolate=isolate, decode_timeout_s=decode_timeout_s,
+                   decode_memory_mb=decode_memory_mb)
 
     def _buffer(self) -> np.ndarray:
         buf = getattr(self._local, "buf", None)
@@ -102,6 +115,16 @@ class ScanAnalyzer:
             buf = np.empty((1, *self.bundle.preprocessing.sample_shape), dtype=np.float32)
             self._local.buf = buf
         return buf
+
+    def _decode(self, path: Path) -> DecodedImage:
+        if not self.isolate:
+            return decode_file(path, self.limits)
+        sandbox = getattr(self._local, "sandbox", None)
+        if sandbox is None:
+            sandbox = DecodeSandbox(self.decode_timeout_s, self.decode_memory_mb)
+            self._local.sandbox = sandbox
+            self._sandboxes.append(sandbox)
+        return sandbox.decode(path, self.limits)
 
     def analyze(self, path: Path, sha256: str | None = None,
                 timings_ms: dict[str, float] | None = None) -> ScanOutcome:
@@ -117,7 +140,7 @@ class ScanAnalyzer:
             sha256 = file_sha256(path)
             timings["hash"] = (time.perf_counter() - t0) * 1000
         t_decode = time.perf_counter()
-        decoded = decode_file(path, self.limits)
+        decoded = self._decode(path)
         timings["decode"] = (time.perf_counter() - t_decode) * 1000
         meta = decoded.metadata
         event(log, "decoded", "decoded %s in %.1f ms", path.name, timings["decode"],
@@ -169,4 +192,7 @@ class ScanAnalyzer:
         return ScanOutcome(result=result, timings_ms=timings)
 
     def close(self) -> None:
+        for sandbox in self._sandboxes:
+            sandbox.close()
+        self._sandboxes.clear()
         self.backend.close()

@@ -61,6 +61,9 @@ class EdgeService:
             threshold=config.model.threshold,
             enforce_intended_use=config.intake.enforce_intended_use,
             require_tags=config.intake.require_tags,
+            isolate=config.decode.isolate,
+            decode_timeout_s=config.decode.timeout_seconds,
+            decode_memory_mb=config.decode.memory_limit_mb,
         )
         self.journal = Journal(config.journal.path)
         self.publisher = MqttPublisher(

@@ -19,8 +19,10 @@ STATUS_VALIDATOR = jsonschema.Draft202012Validator(load_schema("status-v1"))
 SIIM = "dicom/siim_torchxrayvision/1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
 
 
-def make_config(tmp_path: Path, broker, bundle: Path, **inbox) -> RuntimeConfig:
+def make_config(tmp_path: Path, broker, bundle: Path, decode: dict | None = None,
+                **inbox) -> RuntimeConfig:
     return RuntimeConfig.from_mapping({
+        "Decode": decode or {},
         "Inbox": {"Path": str(tmp_path / "inbox"), "QuarantinePath": str(tmp_path / "quarantine"),
                   "SettleSeconds": 0.3, "RescanIntervalSeconds": 0.5, **inbox},
         "Model": {"BundlePath": str(bundle)},
@@ -50,8 +52,9 @@ def running(tmp_path, mosquitto, subscriber_factory):
     """Start a service for a config; stops it at teardown."""
     services: list[EdgeService] = []
 
-    def start(bundle: Path, **inbox) -> tuple[EdgeService, RuntimeConfig]:
-        config = make_config(tmp_path, mosquitto, bundle, **inbox)
+    def start(bundle: Path, decode: dict | None = None, **inbox
+              ) -> tuple[EdgeService, RuntimeConfig]:
+        config = make_config(tmp_path, mosquitto, bundle, decode, **inbox)
         service = EdgeService(config)
         service.start()
         assert service.publisher.wait_connected(10)
@@ -287,3 +290,26 @@ def test_same_sop_instance_in_two_transfer_syntaxes_is_published_once(shared_dat
     time.sleep(0.5)
     assert [r["input"]["file_name"] for r in sub.results()] == ["as_jpeg.dcm"]
     assert service.counters["duplicates"] == 1
+
+
+def test_a_hanging_decoder_is_stopped_and_the_file_quarantined(shared_data, tiny_bundle, running,
+                                                                subscriber_factory, tmp_path):
+    from edge_runtime import decode as decode_stage
+
+    saved = decode_stage.registered_decoders()
+    decode_stage.register_decoder("hang", "plugins.misbehaving:HangingDecoder", first=True)
+    try:
+        _service, config = running(tiny_bundle, decode={"TimeoutSeconds": 1.0}, SettleSeconds=0.2)
+        sub = subscriber_factory(config.mqtt.results_topic)
+        (tmp_path / "stuck.bin").write_bytes(b"HANG\n" + bytes(64))
+        drop(tmp_path / "stuck.bin", config.inbox.path)
+        drop(shared_data / SIIM, config.inbox.path, "after.dcm")
+        sub.wait_for(lambda ps: len(ps) >= 1, timeout_s=30)
+        error_file = config.inbox.quarantine_path / "stuck.bin.error.json"
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and not error_file.exists():
+            time.sleep(0.1)
+        assert json.loads(error_file.read_text())["code"] == "decode_timeout"
+        assert [r["input"]["file_name"] for r in sub.results()] == ["after.dcm"]
+    finally:
+        decode_stage.use_registry(saved)

@@ -25,6 +25,8 @@ __all__ = [
     "available_decoders",
     "decode_file",
     "register_decoder",
+    "registered_decoders",
+    "use_registry",
 ]
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,19 @@ def register_decoder(name: str, target: str, *, first: bool = False) -> None:
         _REGISTRY[name] = target
     _LOADED.pop(name, None)
     _UNAVAILABLE.pop(name, None)
+
+
+def registered_decoders() -> dict[str, str]:
+    """The registry in order (``name -> module:Class``), e.g. to hand to a child process."""
+    return dict(_REGISTRY)
+
+
+def use_registry(registry: dict[str, str]) -> None:
+    """Replace the registry (a decoder child process mirrors its parent's)."""
+    global _REGISTRY
+    _REGISTRY = dict(registry)
+    _LOADED.clear()
+    _UNAVAILABLE.clear()
 
 
 def available_decoders() -> list[Decoder]:

@@ -1,0 +1,194 @@
+"""Decode in a child process, with a time limit and a memory cap.
+
+Decoders are large C libraries (libjpeg, OpenJPEG, CharLS, GDCM) fed with
+files from the network. A malformed file can make one spin forever, allocate
+without bound or crash the process. None of that may stop the service, so
+the service decodes in a :class:`DecodeSandbox`: a long-lived child process
+(one per worker) that
+
+* runs with ``RLIMIT_AS`` set to ``Decode.MemoryLimitMb``, so a runaway
+  allocation fails inside the child (``MemoryError``) instead of waking the
+  kernel's OOM killer on the box;
+* gets ``Decode.TimeoutSeconds`` per file; when it overruns, it is killed
+  and replaced, and the file is quarantined;
+* is replaced as well if it dies (segfault, abort), and the file is
+  quarantined with the exit signal.
+
+Children are forked from a ``forkserver`` that has preloaded the decoders,
+so a replacement is ready in milliseconds and never inherits the parent's
+threads (ONNX Runtime, paho). Decoder plugins registered in the parent are
+registered in the child too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing as mp
+import resource
+import signal
+import threading
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from . import decode as decode_stage
+from .decode import DecodedImage, DecodeLimits, decode_file
+from .errors import CorruptImage, InputError
+
+__all__ = ["DecodeCrashed", "DecodeSandbox", "DecodeTimeout"]
+
+log = logging.getLogger(__name__)
+
+_CTX = mp.get_context("forkserver")
+_CTX.set_forkserver_preload(["edge_runtime.decode", "edge_runtime.decode.dicom",
+                             "edge_runtime.decode.raster"])
+
+
+class DecodeTimeout(InputError):
+    """Decoding took longer than Decode.TimeoutSeconds; the decoder was stopped."""
+
+    code = "decode_timeout"
+    action = (
+        "The file made the decoder hang (it is probably malformed). Resend it; if a valid "
+        "scan needs longer, raise Decode.TimeoutSeconds."
+    )
+
+
+class DecodeCrashed(InputError):
+    """The decoder process died or ran out of its memory allowance on this file."""
+
+    code = "decode_crashed"
+    action = (
+        "The file crashed the decoder or needed more memory than Decode.MemoryLimitMb allows. "
+        "Resend it; if it is a valid (very large) scan, raise Decode.MemoryLimitMb."
+    )
+
+
+_ERRORS: dict[str, type[InputError]] = {}
+
+
+def _error_class(name: str) -> type[InputError]:
+    """Map an error class name from the child back to the class (InputError subclasses)."""
+    if not _ERRORS:
+        pending: list[type[InputError]] = [InputError]
+        while pending:
+            cls = pending.pop()
+            _ERRORS[cls.__name__] = cls
+            pending.extend(cls.__subclasses__())
+    return _ERRORS.get(name, InputError)
+
+
+def _child_main(conn: Connection, registry: dict[str, str], memory_bytes: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    if memory_bytes > 0:
+        resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+    decode_stage.use_registry(registry)
+    while True:
+        try:
+            request = conn.recv()
+        except (EOFError, KeyboardInterrupt):
+            return
+        if request is None:
+            return
+        path, max_pixels = request
+        try:
+            image = decode_file(Path(path), DecodeLimits(max_pixels=max_pixels))
+            reply: tuple[Any, ...] = ("ok", image)
+        except InputError as exc:
+            reply = ("input_error", type(exc).__name__, exc.message, exc.action)
+        except MemoryError:
+            reply = ("memory", "")
+        except Exception as exc:
+            reply = ("error", f"{type(exc).__name__}: {exc}")
+        try:
+            conn.send(reply)
+        except MemoryError:
+            conn.send(("memory", ""))
+
+
+class DecodeSandbox:
+    """One decoder child process; not thread-safe (use one per worker thread)."""
+
+    def __init__(self, timeout_s: float = 30.0, memory_limit_mb: int = 2048) -> None:
+        self.timeout_s = timeout_s
+        self.memory_bytes = memory_limit_mb * 1024 * 1024 if memory_limit_mb > 0 else 0
+        self._proc: Any = None
+        self._conn: Connection | None = None
+        self.restarts = 0
+        self._lock = threading.Lock()
+
+    def _start(self) -> None:
+        parent, child = _CTX.Pipe()
+        proc = _CTX.Process(
+            target=_child_main,
+            args=(child, decode_stage.registered_decoders(), self.memory_bytes),
+            name="edge-decoder", daemon=True,
+        )
+        proc.start()
+        child.close()
+        self._proc, self._conn = proc, parent
+
+    def _kill(self) -> None:
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.join(timeout=5)
+        if self._conn is not None:
+            self._conn.close()
+        self._proc, self._conn = None, None
+
+    def decode(self, path: Path, limits: DecodeLimits) -> DecodedImage:
+        """Decode ``path`` in the child; raises the same InputErrors as in-process decoding."""
+        with self._lock:
+            if self._proc is None or not self._proc.is_alive():
+                self._start()
+            assert self._conn is not None
+            try:
+                self._conn.send((str(path), limits.max_pixels))
+                ready = self._conn.poll(self.timeout_s)
+                reply = self._conn.recv() if ready else None
+            except (EOFError, BrokenPipeError, ConnectionResetError, OSError):
+                reply = ("died", None)
+            if reply is None:
+                self._kill()
+                self.restarts += 1
+                log.warning("decoder for %s exceeded %.0f s and was stopped; a new one "
+                            "takes over", path.name, self.timeout_s)
+                raise DecodeTimeout(
+                    f"Decoding {path.name} took longer than {self.timeout_s:.0f} s "
+                    "(Decode.TimeoutSeconds); the decoder was stopped."
+                )
+            kind = reply[0]
+            if kind == "ok":
+                image: DecodedImage = reply[1]
+                return image
+            if kind == "input_error":
+                raise _error_class(reply[1])(reply[2], action=reply[3])
+            if kind == "memory":
+                self._kill()
+                self.restarts += 1
+                raise DecodeCrashed(
+                    f"Decoding {path.name} needed more than "
+                    f"{self.memory_bytes // (1024 * 1024)} MB (Decode.MemoryLimitMb)."
+                )
+            if kind == "error":
+                raise CorruptImage(f"The decoder failed on {path.name}: {reply[1]}")
+            # The child died mid-file (segfault, abort, killed).
+            exitcode = None
+            if self._proc is not None:
+                self._proc.join(timeout=2)
+                exitcode = self._proc.exitcode
+            self._kill()
+            self.restarts += 1
+            how = (f"signal {signal.Signals(-exitcode).name}" if exitcode and exitcode < 0
+                   else f"exit code {exitcode}")
+            raise DecodeCrashed(f"The decoder process died ({how}) while reading {path.name}.")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                with contextlib.suppress(BrokenPipeError, OSError):
+                    self._conn.send(None)
+            if self._proc is not None:
+                self._proc.join(timeout=2)
+            self._kill()
