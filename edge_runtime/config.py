@@ -25,7 +25,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_pascal
 
 from .errors import ConfigError
@@ -40,6 +47,7 @@ __all__ = [
     "ModelConfig",
     "MqttConfig",
     "RuntimeConfig",
+    "TlsConfig",
     "load_config",
 ]
 
@@ -133,6 +141,26 @@ class ModelConfig(_Section):
         return None if value in ("", None) else value
 
 
+class TlsConfig(_Section):
+    """TLS to the broker: server verification, optionally a client certificate (mutual TLS)."""
+
+    enabled: bool = False
+    ca_file: Path | None = Field(None, description="CA bundle that signed the broker's certificate.")
+    cert_file: Path | None = Field(None, description="Client certificate (PEM) for mutual TLS.")
+    key_file: Path | None = Field(None, description="Private key (PEM) of the client certificate.")
+
+    @field_validator("ca_file", "cert_file", "key_file", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if value in ("", None) else value
+
+    @model_validator(mode="after")
+    def _pairs(self) -> TlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("CertFile and KeyFile must be set together (mutual TLS)")
+        return self
+
+
 class MqttConfig(_Section):
     """Where results are published."""
 
@@ -148,7 +176,22 @@ class MqttConfig(_Section):
     keepalive_seconds: int = Field(30, ge=5, le=3600)
     connect_timeout_seconds: float = Field(10.0, gt=0)
     username: str | None = None
-    password: str | None = None
+    password: str | None = Field(None, description="Prefer PasswordFile: keeps it out of configs.")
+    password_file: Path | None = Field(None, description="File whose first line is the password.")
+    tls: TlsConfig = Field(default_factory=TlsConfig)
+
+    @field_validator("username", "password", "password_file", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if value in ("", None) else value
+
+    @model_validator(mode="after")
+    def _one_password(self) -> MqttConfig:
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("set Password or PasswordFile, not both")
+        if (self.password is not None or self.password_file is not None) and not self.username:
+            raise ValueError("a password needs a Username")
+        return self
 
     @field_validator("topic_prefix")
     @classmethod

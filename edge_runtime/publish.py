@@ -17,19 +17,67 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import ssl
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 
 from .config import MqttConfig
+from .errors import ConfigError
 from .journal import Journal, OutboxMessage
 from .results import build_status
 
-__all__ = ["MqttPublisher"]
+__all__ = ["MqttPublisher", "build_tls_context"]
 
 log = logging.getLogger(__name__)
+
+
+def _read_password(config: MqttConfig) -> str | None:
+    if config.password_file is None:
+        return config.password
+    try:
+        return config.password_file.read_text(encoding="utf-8").splitlines()[0]
+    except (OSError, IndexError) as exc:
+        raise ConfigError(
+            f"Cannot read the MQTT password from {config.password_file}: "
+            f"{getattr(exc, 'strerror', None) or 'the file is empty'}.",
+            action="Fix Mqtt.PasswordFile (the file's first line is the password).",
+        ) from exc
+
+
+def build_tls_context(config: MqttConfig) -> ssl.SSLContext:
+    """A verifying TLS context; a missing or bad file stops start-up, naming the file."""
+    tls = config.tls
+
+    def fail(path: Path | None, what: str, exc: Exception) -> ConfigError:
+        reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc)
+        return ConfigError(
+            f"MQTT TLS {what} {path}: {reason}.",
+            action=f"Fix Mqtt.Tls ({what}) so it names a readable PEM file, then restart.",
+        )
+
+    for path, what in ((tls.ca_file, "CA file"), (tls.cert_file, "client certificate"),
+                       (tls.key_file, "client key")):
+        if path is not None and not path.is_file():
+            raise ConfigError(
+                f"MQTT TLS {what} {path} does not exist.",
+                action=f"Install the {what} there or fix Mqtt.Tls, then restart.",
+            )
+    try:
+        context = ssl.create_default_context(
+            ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca_file) if tls.ca_file else None)
+    except (ssl.SSLError, OSError) as exc:
+        raise fail(tls.ca_file, "CA file", exc) from exc
+    if tls.cert_file is not None and tls.key_file is not None:
+        try:
+            context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+        except (ssl.SSLError, OSError) as exc:
+            raise fail(tls.cert_file, "client certificate/key", exc) from exc
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
 
 
 class MqttPublisher:
@@ -57,7 +105,9 @@ class MqttPublisher:
         self._client.max_inflight_messages_set(max_in_flight)
         self._client.reconnect_delay_set(min_delay=1, max_delay=30)
         if config.username:
-            self._client.username_pw_set(config.username, config.password)
+            self._client.username_pw_set(config.username, _read_password(config))
+        if config.tls.enabled:
+            self._client.tls_set_context(build_tls_context(config))
         offline = build_status("offline", config.client_id, reason="connection lost",
                                model=self.model_info)
         self._client.will_set(config.status_topic, json.dumps(offline), qos=1, retain=True)
@@ -65,6 +115,7 @@ class MqttPublisher:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_connect_fail = self._on_connect_fail
         self._failures = 0
+        self.last_refusal: str | None = None
         self._client.on_publish = self._on_publish
         self._acks: queue.SimpleQueue[int] = queue.SimpleQueue()
         # Only the drain thread touches these two:
@@ -82,9 +133,18 @@ class MqttPublisher:
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
                     properties: Any) -> None:
         if reason.is_failure:
-            log.error("MQTT broker %s:%s refused the connection: %s",
-                      self.config.host, self.config.port, reason)
+            self.last_refusal = str(reason)
+            if reason.value in (4, 5, 134, 135):  # bad user name or password / not authorized
+                log.error(
+                    "MQTT broker %s:%s rejected our credentials (%s): authentication failed for "
+                    "user %r. Check Mqtt.Username and Mqtt.Password/PasswordFile against the "
+                    "broker's password file.", self.config.host, self.config.port, reason,
+                    self.config.username)
+            else:
+                log.error("MQTT broker %s:%s refused the connection: %s",
+                          self.config.host, self.config.port, reason)
             return
+        self.last_refusal = None
         log.info("MQTT connected to %s:%s as %s", self.config.host, self.config.port,
                  self.config.client_id)
         self._connected.set()
@@ -121,8 +181,26 @@ class MqttPublisher:
 
     def start(self) -> None:
         """Connect in the background; the service runs even while the broker is down."""
-        self._client.connect_async(self.config.host, self.config.port,
-                                   keepalive=self.config.keepalive_seconds)
+        host, port = self.config.host, self.config.port
+        try:
+            # One synchronous attempt first, so that a TLS or DNS problem is reported in
+            # words at start-up; afterwards paho's loop reconnects with back-off.
+            self._client.connect(host, port, keepalive=self.config.keepalive_seconds)
+        except ssl.SSLCertVerificationError as exc:
+            log.error(
+                "TLS verification of the MQTT broker %s:%s failed: %s. Check that Mqtt.Host "
+                "matches the broker certificate and Mqtt.Tls.CaFile is the CA that signed it.",
+                host, port, exc.verify_message or exc)
+            self._client.connect_async(host, port, keepalive=self.config.keepalive_seconds)
+        except ssl.SSLError as exc:
+            log.error("TLS handshake with the MQTT broker %s:%s failed: %s. If the broker "
+                      "requires a client certificate, set Mqtt.Tls.CertFile/KeyFile.",
+                      host, port, exc)
+            self._client.connect_async(host, port, keepalive=self.config.keepalive_seconds)
+        except OSError as exc:
+            self._on_connect_fail(self._client, None)
+            log.debug("first connect attempt: %s", exc)
+            self._client.connect_async(host, port, keepalive=self.config.keepalive_seconds)
         self._client.loop_start()
         self._thread = threading.Thread(target=self._drain_loop, name="outbox", daemon=True)
         self._thread.start()

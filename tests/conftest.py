@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -47,16 +48,24 @@ def wait_for_port(port: int, timeout_s: float = 10.0) -> None:
 class Broker:
     """A real Mosquitto on a free loopback port with a config in a temp dir."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, extra_config: str = "",
+                 allow_anonymous: bool = True) -> None:
         self.workdir = workdir
         self.port = free_port()
         self.host = "127.0.0.1"
+        self.extra_config = extra_config
+        self.allow_anonymous = allow_anonymous
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         conf = self.workdir / "mosquitto.conf"
+        anonymous = "true" if self.allow_anonymous else "false"
+        # As root, mosquitto drops to user `mosquitto`, which cannot read pytest's 0700
+        # temp dirs (keys, password files, log): stay root for tests.
+        user = "user root\n" if os.geteuid() == 0 else ""
         conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+            f"{user}listener {self.port} 127.0.0.1\n{self.extra_config}\n"
+            f"allow_anonymous {anonymous}\npersistence false\n"
             f"log_dest file {self.workdir / 'mosquitto.log'}\nlog_type error\nlog_type warning\n"
         )
         binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
