@@ -89,6 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("file", type=Path, nargs="?", metavar="FILE")
 
+    health = sub.add_parser(
+        "health", help="is the service alive? (for ops scripts and Greengrass)",
+        description="Read the health file the running service rewrites every heartbeat "
+        "(Health.File) and print it. Exit status 0 when the service is online and the file "
+        "is fresh (younger than three heartbeats), 1 otherwise, with the reason.",
+    )
+    _add_config_arg(health)
+
     model = sub.add_parser("model", help="model bundle tools")
     model_sub = model.add_subparsers(dest="model_command", metavar="SUBCOMMAND", required=True)
     info = model_sub.add_parser(
@@ -151,6 +159,34 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_health(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    config = load_config(args.config)
+    path = config.health.file
+    try:
+        snapshot = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        print(f"unhealthy: cannot read {path} ({exc}); is the service running with this "
+              "configuration?", file=sys.stderr)
+        return 1
+    print(json.dumps(snapshot, indent=2))
+    written = datetime.strptime(snapshot["timestamp_utc"], "%Y-%m-%dT%H:%M:%S.%fZ")
+    age_s = (datetime.now(UTC).replace(tzinfo=None) - written).total_seconds()
+    limit_s = 3 * float(snapshot.get("heartbeat_seconds", config.health.heartbeat_seconds))
+    if snapshot.get("state") == "offline":
+        print(f"unhealthy: the service is offline ({snapshot.get('reason')})", file=sys.stderr)
+        return 1
+    if age_s > limit_s:
+        print(f"unhealthy: no heartbeat for {age_s:.0f} s (limit {limit_s:.0f} s); the service "
+              "is hung or stopped", file=sys.stderr)
+        return 1
+    if snapshot.get("state") != "online":
+        print(f"degraded: {snapshot.get('reason')}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cmd_model_info(args: argparse.Namespace) -> int:
     bundle_dir = args.bundle
     if bundle_dir is None:
@@ -195,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_process(args)
         if args.command == "config":
             return _cmd_config_check(args)
+        if args.command == "health":
+            return _cmd_health(args)
         if args.command == "model":
             return _cmd_model_info(args)
     except ConfigError as exc:

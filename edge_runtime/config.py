@@ -40,6 +40,7 @@ from .errors import ConfigError
 __all__ = [
     "ENV_PREFIX",
     "DecodeConfig",
+    "HealthConfig",
     "InboxConfig",
     "IntakeConfig",
     "JournalConfig",
@@ -216,6 +217,14 @@ class JournalConfig(_Section):
     max_attempts: int = Field(3, ge=1, le=100, description="Give up on a scan after this many.")
 
 
+class HealthConfig(_Section):
+    """Heartbeat on the status topic and a local health file for ops and Greengrass."""
+
+    heartbeat_seconds: float = Field(30.0, ge=1.0, le=3600.0)
+    file: Path = Field(Path("state/health.json"),
+                       description="Rewritten every heartbeat; read by 'edge-runtime health'.")
+
+
 class LoggingConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["json", "text"] = "json"
@@ -230,6 +239,7 @@ class RuntimeConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
     journal: JournalConfig = Field(default_factory=JournalConfig)
+    health: HealthConfig = Field(default_factory=HealthConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     workers: int = Field(0, ge=0, le=64, description="Scan workers; 0 = one per CPU core.")
 

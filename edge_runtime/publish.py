@@ -212,8 +212,11 @@ class MqttPublisher:
         """Tell the drain loop that the outbox has something new."""
         self._wake.set()
 
-    def publish_status(self, state: str, reason: str | None = None) -> mqtt.MQTTMessageInfo:
-        status = build_status(state, self.config.client_id, reason=reason, model=self.model_info)
+    def publish_status(self, state: str, reason: str | None = None,
+                       counters: dict[str, int] | None = None,
+                       last_error: str | None = None) -> mqtt.MQTTMessageInfo:
+        status = build_status(state, self.config.client_id, reason=reason, model=self.model_info,
+                              counters=counters, last_error=last_error)
         return self._client.publish(self.config.status_topic, json.dumps(status), qos=1,
                                     retain=True)
 

@@ -121,6 +121,8 @@ def build_status(
     *,
     reason: str | None = None,
     model: dict[str, str] | None = None,
+    counters: dict[str, int] | None = None,
+    last_error: str | None = None,
 ) -> dict[str, Any]:
     """A retained status message (also used for the last will)."""
     message: dict[str, Any] = {
@@ -135,4 +137,8 @@ def build_status(
         message["reason"] = reason
     if model:
         message["model"] = model
+    if counters is not None:
+        message["counters"] = counters
+    if last_error:
+        message["last_error"] = last_error
     return message

@@ -81,6 +81,8 @@ class EdgeService:
         self._stopped = threading.Event()
         self.counters = {"received": 0, "processed": 0, "quarantined": 0, "duplicates": 0}
         self._counter_lock = threading.Lock()
+        self.last_error: str | None = None
+        self._heartbeat: threading.Thread | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
@@ -103,6 +105,58 @@ class EdgeService:
             worker.start()
             self._workers.append(worker)
         self.watcher.start()
+        self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat",
+                                           daemon=True)
+        self._heartbeat.start()
+
+    # -- health ------------------------------------------------------------------------
+    def health(self) -> dict[str, Any]:
+        """A snapshot for the heartbeat, the health file and ``edge-runtime health``."""
+        counts = self.journal.counts()
+        with self._counter_lock:
+            counters = dict(self.counters)
+        counters["queued"] = self._queue.qsize()
+        counters["outbox_pending"] = counts["outbox_pending"]
+        state, reason = "online", None
+        if not self.publisher.connected:
+            state, reason = "degraded", "MQTT broker not reachable; results kept in the journal"
+        return {
+            "state": state,
+            "reason": reason,
+            "timestamp_utc": utc_now(),
+            "mqtt_connected": self.publisher.connected,
+            "model": {"name": self.analyzer.bundle.name, "version": self.analyzer.bundle.version},
+            "counters": counters,
+            "last_error": self.last_error,
+            "runtime_version": __version__,
+            "heartbeat_seconds": self.config.health.heartbeat_seconds,
+        }
+
+    def _write_health(self, snapshot: dict[str, Any]) -> None:
+        path = self.config.health.file
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(snapshot, indent=2) + "\n", encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.warning("cannot write health file %s: %s", path, exc)
+
+    def _heartbeat_loop(self) -> None:
+        last_beat = float("-inf")
+        while not self._stopping.is_set():
+            if time.monotonic() - last_beat >= self.config.health.heartbeat_seconds:
+                last_beat = time.monotonic()
+                try:
+                    snapshot = self.health()
+                    self._write_health(snapshot)
+                    if self.publisher.connected:
+                        self.publisher.publish_status(snapshot["state"], snapshot["reason"],
+                                                      snapshot["counters"],
+                                                      snapshot["last_error"])
+                except Exception:
+                    log.exception("heartbeat failed")
+            self._stopping.wait(0.5)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Finish scans in progress, leave queued ones in the inbox, say offline."""
@@ -124,6 +178,11 @@ class EdgeService:
         for worker in self._workers:
             worker.join(timeout=max(0.1, deadline - time.monotonic()))
         self.publisher.stop(timeout_s=max(1.0, deadline - time.monotonic()))
+        if self._heartbeat is not None:
+            self._heartbeat.join(timeout=2)
+        snapshot = self.health()
+        snapshot.update(state="offline", reason="service stopped")
+        self._write_health(snapshot)
         self.analyzer.close()
         self.journal.close()
         log.info("stopped")
@@ -221,6 +280,7 @@ class EdgeService:
             self._move_to_quarantine(path, error)
             return
         except EdgeRuntimeError as exc:
+            self.last_error = f"{path.name}: {exc.message}"
             log.error("attempt %d/%d on %s failed: %s (%s)", attempt,
                       self.config.journal.max_attempts, path.name, exc.message, exc.action)
             return
@@ -266,6 +326,7 @@ class EdgeService:
         with contextlib.suppress(FileNotFoundError):
             shutil.move(str(path), target)
         self._count("quarantined")
+        self.last_error = f"{path.name}: {error.get('error')}"
         event(log, "quarantined", "quarantined %s: %s", path.name, error.get("error"),
               level=logging.WARNING, file=path.name, sha256=str(error.get("sha256", ""))[:16],
               code=error.get("code"), reason=error.get("error"), action=error.get("action"),
