@@ -215,6 +215,14 @@ class JournalConfig(_Section):
 
     path: Path = Path("state/journal.sqlite3")
     max_attempts: int = Field(3, ge=1, le=100, description="Give up on a scan after this many.")
+    min_free_disk_mb: int = Field(
+        500, ge=0, description="Below this much free space (journal or inbox disk) new scans "
+        "stay in the inbox until space is freed.",
+    )
+    max_outbox_messages: int = Field(
+        100_000, ge=1, description="Undelivered results kept at most; beyond it new scans "
+        "wait in the inbox (never dropped) until the broker takes some.",
+    )
 
 
 class HealthConfig(_Section):

@@ -82,6 +82,7 @@ class EdgeService:
         self.counters = {"received": 0, "processed": 0, "quarantined": 0, "duplicates": 0}
         self._counter_lock = threading.Lock()
         self.last_error: str | None = None
+        self._blocked_reason: str | None = None
         self._heartbeat: threading.Thread | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -118,7 +119,9 @@ class EdgeService:
         counters["queued"] = self._queue.qsize()
         counters["outbox_pending"] = counts["outbox_pending"]
         state, reason = "online", None
-        if not self.publisher.connected:
+        if self._blocked_reason:
+            state, reason = "degraded", f"not taking new scans: {self._blocked_reason}"
+        elif not self.publisher.connected:
             state, reason = "degraded", "MQTT broker not reachable; results kept in the journal"
         return {
             "state": state,
@@ -214,8 +217,49 @@ class EdgeService:
 
     # -- work --------------------------------------------------------------------------
     def _enqueue(self, item: ReadyFile) -> None:
-        if not self._stopping.is_set():
+        if self._stopping.is_set():
+            return
+        if self._gate(item):
             self._queue.put(item)
+
+    def _gate(self, item: ReadyFile) -> bool:
+        """Check disk space and outbox depth; False leaves the file in the inbox for later.
+
+        Checked when a file is offered and again when a worker takes it, so the outbox
+        exceeds Journal.MaxOutboxMessages by at most the number of workers.
+        """
+        blocked = self._intake_blocked()
+        if blocked != self._blocked_reason:
+            self._blocked_reason = blocked
+            if blocked:
+                log.warning("not taking new scans: %s; they wait in the inbox", blocked)
+            else:
+                log.info("taking new scans again")
+            if self.publisher.connected:
+                snapshot = self.health()
+                self.publisher.publish_status(snapshot["state"], snapshot["reason"],
+                                              snapshot["counters"], snapshot["last_error"])
+        if blocked:
+            self.watcher.release(item.path)  # stays in the inbox; the next rescan offers it again
+            return False
+        return True
+
+    def _intake_blocked(self) -> str | None:
+        """Why new scans must wait in the inbox, or None."""
+        journal_cfg = self.config.journal
+        for folder in (self.journal.path.parent, self.config.inbox.path):
+            try:
+                free_mb = shutil.disk_usage(folder).free / (1024 * 1024)
+            except OSError:
+                continue
+            if free_mb < journal_cfg.min_free_disk_mb:
+                return (f"only {free_mb:.0f} MB free on the disk of {folder} (minimum "
+                        f"Journal.MinFreeDiskMb = {journal_cfg.min_free_disk_mb} MB)")
+        pending = self.journal.counts()["outbox_pending"]
+        if pending >= journal_cfg.max_outbox_messages:
+            return (f"{pending} results are waiting for the MQTT broker (limit "
+                    f"Journal.MaxOutboxMessages = {journal_cfg.max_outbox_messages})")
+        return None
 
     def _count(self, key: str) -> None:
         with self._counter_lock:
@@ -226,6 +270,8 @@ class EdgeService:
             item = self._queue.get()
             if item is _STOP:
                 return
+            if not self._gate(item):
+                continue
             try:
                 self._handle(item)
             except Exception:

@@ -313,3 +313,59 @@ def test_a_hanging_decoder_is_stopped_and_the_file_quarantined(shared_data, tiny
         assert [r["input"]["file_name"] for r in sub.results()] == ["after.dcm"]
     finally:
         decode_stage.use_registry(saved)
+
+
+def test_low_disk_keeps_new_scans_waiting_in_the_inbox(shared_data, tiny_bundle, tmp_path,
+                                                       mosquitto, subscriber_factory):
+    config = make_config(tmp_path, mosquitto, tiny_bundle)
+    config = config.model_copy(update={"journal": config.journal.model_copy(
+        update={"min_free_disk_mb": 10**9})})  # a petabyte: never available
+    service = EdgeService(config)
+    service.start()
+    try:
+        drop(shared_data / "cxr/kermany_pneumonia_224/test/NORMAL/IM-0007-0001.jpeg",
+             config.inbox.path, "waiting.jpeg")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and service.health()["state"] != "degraded":
+            time.sleep(0.1)
+        health = service.health()
+        assert health["state"] == "degraded" and "MinFreeDiskMb" in health["reason"]
+        time.sleep(1.0)
+        assert (config.inbox.path / "waiting.jpeg").is_file()  # never deleted, never taken
+        assert service.counters["received"] == 0
+    finally:
+        service.stop()
+
+
+def test_full_outbox_leaves_new_scans_in_the_inbox_until_the_broker_is_back(
+        shared_data, tiny_bundle, tmp_path, mosquitto):
+    from conftest import Broker, Subscriber
+
+    broker = Broker(tmp_path)  # not started yet: results pile up in the outbox
+    config = make_config(tmp_path, broker, tiny_bundle)
+    config = config.model_copy(update={"journal": config.journal.model_copy(
+        update={"max_outbox_messages": 2})})
+    service = EdgeService(config)
+    service.start()
+    sources = sorted((shared_data / "cxr/kermany_pneumonia_224/test/NORMAL").glob("*.jpeg"))[:5]
+    try:
+        for src in sources:
+            drop(src, config.inbox.path)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and service.journal.counts()["done"] < 2:
+            time.sleep(0.1)
+        time.sleep(1.5)
+        done = service.journal.counts()["done"]
+        assert 2 <= done <= 2 + config.workers  # the limit is checked per worker
+        assert len(list(config.inbox.path.iterdir())) == len(sources) - done
+        assert "MaxOutboxMessages" in service.health()["reason"]
+        broker.start()
+        sub = Subscriber(broker, config.mqtt.results_topic)
+        try:
+            sub.wait_for(lambda ps: len({p["message_id"] for p in ps}) >= 5, timeout_s=60)
+        finally:
+            sub.close()
+        assert list(config.inbox.path.iterdir()) == []
+    finally:
+        service.stop()
+        broker.stop()
