@@ -355,16 +355,26 @@ class EdgeService:
             "runtime_version": __version__,
         }
 
-    def _unique_target(self, folder: Path, name: str) -> Path:
+    @staticmethod
+    def _same_input(error_file: Path, sha256: str | None) -> bool:
+        """An earlier, interrupted quarantine of this very input left this error file."""
+        try:
+            return sha256 is not None and json.loads(error_file.read_text())["sha256"] == sha256
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+
+    def _unique_target(self, folder: Path, name: str, sha256: str | None = None) -> Path:
         target = folder / name
         n = 1
         while target.exists() or (folder / f"{target.name}.error.json").exists():
+            if self._same_input(folder / f"{target.name}.error.json", sha256):
+                return target  # finish what a crash interrupted, do not duplicate it
             target = folder / f"{Path(name).stem}.{n}{Path(name).suffix}"
             n += 1
         return target
 
     def _move_to_quarantine(self, path: Path, error: dict[str, Any]) -> None:
-        target = self._unique_target(self.quarantine_dir, path.name)
+        target = self._unique_target(self.quarantine_dir, path.name, error.get("sha256"))
         error_file = target.with_name(target.name + ".error.json")
         tmp = error_file.with_name(error_file.name + ".tmp")
         tmp.write_text(json.dumps(error, indent=2) + "\n", encoding="utf-8")
