@@ -116,6 +116,7 @@ class MqttPublisher:
         self._client.on_connect_fail = self._on_connect_fail
         self._failures = 0
         self.last_refusal: str | None = None
+        self._lost_at: float | None = None
         self._client.on_publish = self._on_publish
         self._acks: queue.SimpleQueue[int] = queue.SimpleQueue()
         # Only the drain thread touches these two:
@@ -149,7 +150,15 @@ class MqttPublisher:
                  self.config.client_id)
         self._connected.set()
         self._failures = 0
-        self.publish_status("online")
+        reason = None
+        if self._lost_at is not None:
+            outage = time.monotonic() - self._lost_at
+            reason = (f"reconnected after {outage:.0f} s without the broker; "
+                      f"{self.journal.counts()['outbox_pending']} results queued meanwhile are "
+                      "being delivered")
+            log.info("MQTT %s", reason)
+            self._lost_at = None
+        self.publish_status("online", reason=reason)
         self._wake.set()
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
@@ -163,6 +172,8 @@ class MqttPublisher:
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
                        properties: Any) -> None:
         self._connected.clear()
+        if self._lost_at is None:
+            self._lost_at = time.monotonic()
         if not self._stop.is_set():
             log.warning("MQTT connection to %s:%s lost (%s); reconnecting with back-off",
                         self.config.host, self.config.port, reason)
