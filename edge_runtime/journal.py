@@ -25,7 +25,7 @@ import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +81,8 @@ class InputRecord:
 class Admission:
     """What :meth:`Journal.admit` decided for a file found in the inbox.
 
-    ``action`` is ``process`` (new or unfinished work), ``finish_done`` (its
+    ``action`` is ``process`` (new or unfinished work, now marked processing),
+    ``finish_done`` (its
     result is already committed: only the inbox file is left to clean up) or
     ``finish_quarantine`` (already judged bad: move it to quarantine).
     ``duplicate`` is true when the earlier record came from a different file.
@@ -104,7 +105,14 @@ class OutboxMessage:
 class Journal:
     """Thread-safe access to the journal database (one connection, one lock)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, durable: bool = True) -> None:
+        """Open (or create) the journal.
+
+        Args:
+            path: SQLite file.
+            durable: ``synchronous=FULL`` (fsync on every commit). False is only for
+                benchmarks: a power cut could lose the last commits.
+        """
         self.path = Path(path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -112,7 +120,7 @@ class Journal:
                 self.path, check_same_thread=False, isolation_level=None, timeout=30
             )
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'OFF'}")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(_SCHEMA)
             self._db.execute(
@@ -166,7 +174,12 @@ class Journal:
 
     # -- inputs ------------------------------------------------------------------------
     def admit(self, sha256: str, path: Path, size_bytes: int) -> Admission:
-        """Record a complete file found in the inbox and say what to do with it."""
+        """Record a complete file found in the inbox and say what to do with it.
+
+        For ``process`` the input is marked ``processing`` and its attempt counter
+        incremented in the same transaction (one fsync per scan saved); the record
+        returned carries the new attempt number.
+        """
         now = utc_now()
         with self._tx() as db:
             row = db.execute(
@@ -174,12 +187,12 @@ class Journal:
             ).fetchone()
             if row is None:
                 cur = db.execute(
-                    "INSERT INTO inputs(sha256, file_name, path, size_bytes, state, received_utc,"
-                    " updated_utc) VALUES (?, ?, ?, ?, 'queued', ?, ?)",
+                    "INSERT INTO inputs(sha256, file_name, path, size_bytes, state, attempts, "
+                    "received_utc, updated_utc) VALUES (?, ?, ?, ?, 'processing', 1, ?, ?)",
                     (sha256, path.name, str(path), size_bytes, now, now),
                 )
                 record = InputRecord(cur.lastrowid or 0, sha256, path.name, str(path),
-                                     "queued", 0, None, None)
+                                     "processing", 1, None, None)
                 return Admission("process", record, duplicate=False)
             record = self._record(row)
             duplicate = record.path != str(path)
@@ -190,18 +203,13 @@ class Journal:
             if duplicate:
                 # The same content is already queued under another name: that copy wins.
                 return Admission("finish_done", record, duplicate=True)
-            return Admission("process", record, duplicate=False)
-
-    def start_attempt(self, input_id: int) -> int:
-        """Mark an input as being processed; returns the attempt number (1-based)."""
-        with self._tx() as db:
             db.execute(
                 "UPDATE inputs SET state='processing', attempts=attempts+1, updated_utc=? "
-                "WHERE id=?",
-                (utc_now(), input_id),
+                "WHERE id=?", (now, record.id),
             )
-            (attempts,) = db.execute("SELECT attempts FROM inputs WHERE id=?", (input_id,)).fetchone()
-        return int(attempts)
+            attempts = record.attempts + 1
+            return Admission("process", replace(record, state="processing", attempts=attempts),
+                             duplicate=False)
 
     def record_result(
         self, input_id: int, result: dict[str, Any], topic: str, qos: int
@@ -272,9 +280,13 @@ class Journal:
         )
         return [OutboxMessage(*row) for row in rows]
 
-    def mark_delivered(self, seq: int) -> None:
+    def mark_delivered(self, *seqs: int) -> None:
+        """Mark messages acknowledged; several at once share one fsync."""
+        if not seqs:
+            return
+        now = utc_now()
         with self._tx() as db:
-            db.execute(
+            db.executemany(
                 "UPDATE outbox SET delivered_utc=? WHERE seq=? AND delivered_utc IS NULL",
-                (utc_now(), seq),
+                [(now, seq) for seq in seqs],
             )

@@ -267,18 +267,24 @@ class MqttPublisher:
         self._process_acks()
 
     def _process_acks(self) -> None:
+        acked: list[tuple[OutboxMessage, float]] = []
         while True:
             try:
                 mid = self._acks.get_nowait()
             except queue.Empty:
-                return
+                break
             message = self._in_flight.pop(mid, None)
             handed_at = self._handed_at.pop(mid, None)
             if message is None:
                 continue  # a status message
-            self.journal.mark_delivered(message.seq)
-            self.delivered_count += 1
             latency = time.perf_counter() - handed_at if handed_at else 0.0
+            acked.append((message, latency))
+        if not acked:
+            return
+        # One transaction (one fsync) for every PUBACK that arrived meanwhile.
+        self.journal.mark_delivered(*(message.seq for message, _ in acked))
+        for message, latency in acked:
+            self.delivered_count += 1
             log.info(
                 "published %s", message.message_id[:16],
                 extra={"event": "published",

@@ -308,7 +308,7 @@ class EdgeService:
         if admission.action == "finish_quarantine":
             self._move_to_quarantine(path, record.error or {})
             return
-        attempt = self.journal.start_attempt(record.id)
+        attempt = record.attempts
         if attempt > self.config.journal.max_attempts:
             error = self._error_doc(path, sha256, attempt - 1, {
                 "code": "processing_failed_repeatedly",

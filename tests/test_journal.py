@@ -18,7 +18,7 @@ def test_lifecycle_and_outbox(tmp_path: Path):
     assert mode == "wal"
     a = journal.admit("a" * 64, tmp_path / "a.dcm", 10)
     assert a.action == "process" and not a.duplicate
-    assert journal.start_attempt(a.record.id) == 1
+    assert a.record.state == "processing" and a.record.attempts == 1
     message = journal.record_result(a.record.id, _result("m1"), "t/results", 1)
     assert message is not None and message.seq == 1
     assert journal.counts()["done"] == 1 and journal.counts()["outbox_pending"] == 1
@@ -36,14 +36,13 @@ def test_lifecycle_and_outbox(tmp_path: Path):
 
 def test_restart_requeues_interrupted_work(tmp_path: Path):
     journal = Journal(tmp_path / "j.sqlite3")
-    rec = journal.admit("c" * 64, tmp_path / "c.png", 5).record
-    journal.start_attempt(rec.id)
+    journal.admit("c" * 64, tmp_path / "c.png", 5)  # now processing
     journal.close()  # "crash" while processing
     journal = Journal(tmp_path / "j.sqlite3")
     assert journal.requeue_unfinished() == 1
     admission = journal.admit("c" * 64, tmp_path / "c.png", 5)
     assert admission.action == "process"
-    assert journal.start_attempt(admission.record.id) == 2
+    assert admission.record.attempts == 2
     journal.record_quarantine(admission.record.id, {"code": "corrupt_image"})
     later = journal.admit("c" * 64, tmp_path / "c.png", 5)
     assert later.action == "finish_quarantine" and later.record.error == {"code": "corrupt_image"}
