@@ -1,0 +1,114 @@
+"""Accuracy and throughput of the bundled model on the official Kermany test split.
+
+Everything runs through the edge's own code, one image at a time as the
+service does: ``load_bundle`` (hash-verified) -> ``decode_file`` ->
+``preprocess`` with the manifest's spec -> the ``onnxruntime`` backend on
+the INT8 model. Reports AUC with a percentile-bootstrap 95 % CI, and
+accuracy, sensitivity and specificity at the manifest's threshold
+(PNEUMONIA when p >= threshold), plus images/s and per-stage timings.
+
+The 624 test images were never used to train the model or choose its
+threshold, so this is the number to quote.
+
+Usage: python benchmarks/bench_model_accuracy.py [--data ../shared/data] [--bundle DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from edge_runtime.backends import create_backend  # noqa: E402
+from edge_runtime.bundle import default_bundle_path, load_bundle  # noqa: E402
+from edge_runtime.decode import decode_file  # noqa: E402
+from edge_runtime.preprocess import preprocess  # noqa: E402
+from training.evaluate import binary_metrics, bootstrap_auc_ci  # noqa: E402
+
+KERMANY_TEST = Path("cxr/kermany_pneumonia_224/test")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=REPO.parent / "shared" / "data",
+        help="shared data folder holding cxr/kermany_pneumonia_224 (default: ../shared/data "
+        "relative to the repo root)",
+    )
+    parser.add_argument(
+        "--bundle", type=Path, default=default_bundle_path(), help="model bundle (default: bundled)"
+    )
+    parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
+    parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the CI")
+    return parser.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
+    test_dir = args.data / KERMANY_TEST
+    if not test_dir.is_dir():
+        print(
+            f"Kermany test split not found at {test_dir}. It lives in the shared data folder "
+            "beside the repository (../shared/data); pass --data to point elsewhere.",
+            file=sys.stderr,
+        )
+        return 2
+
+    bundle = load_bundle(args.bundle)
+    spec = bundle.preprocessing
+    positive = bundle.labels.index(bundle.positive_label)
+    backend = create_backend("onnxruntime", threads=args.threads)
+    backend.load(bundle)
+
+    files: list[tuple[Path, int]] = []
+    for name in ("NORMAL", "PNEUMONIA"):
+        label = 1 if name == bundle.positive_label else 0
+        files += [(p, label) for p in sorted((test_dir / name).glob("*.jpeg"))]
+    # Warm-up: first-run allocations are not part of steady-state throughput.
+    backend.infer(preprocess(decode_file(files[0][0]).pixels, spec)[None])
+
+    y = np.empty(len(files), dtype=np.int64)
+    p = np.empty(len(files), dtype=np.float64)
+    t_decode = t_pre = t_infer = 0.0
+    start = time.perf_counter()
+    for i, (path, label) in enumerate(files):
+        t0 = time.perf_counter()
+        pixels = decode_file(path).pixels
+        t1 = time.perf_counter()
+        sample = preprocess(pixels, spec)
+        t2 = time.perf_counter()
+        out = backend.infer(sample[None])
+        t3 = time.perf_counter()
+        y[i], p[i] = label, float(out[0, positive])
+        t_decode, t_pre, t_infer = t_decode + t1 - t0, t_pre + t2 - t1, t_infer + t3 - t2
+    elapsed = time.perf_counter() - start
+    backend.close()
+
+    m = binary_metrics(y, p, bundle.threshold)
+    lo, hi = bootstrap_auc_ci(y, p, n_boot=args.bootstrap, seed=0)
+    n = len(files)
+    print(f"model      {bundle.name} {bundle.version}  ({bundle.artifact('onnxruntime').file})")
+    print(f"test set   {test_dir}  n={n} ({m['n_negative']} NORMAL, {m['n_positive']} PNEUMONIA)")
+    print(f"AUC        {m['auc']:.4f}  (95% bootstrap CI {lo:.4f}-{hi:.4f}, {args.bootstrap} resamples)")
+    print(f"threshold  {bundle.threshold:.4f}  (manifest operating point)")
+    print(f"accuracy   {m['accuracy']:.4f}")
+    print(f"sensitivity {m['sensitivity']:.4f}  ({m['tp']}/{m['n_positive']})")
+    print(f"specificity {m['specificity']:.4f}  ({m['tn']}/{m['n_negative']})")
+    print(
+        f"throughput {n / elapsed:.1f} images/s end to end, batch 1, {args.threads} thread(s) "
+        f"(decode {1000 * t_decode / n:.2f} ms, preprocess {1000 * t_pre / n:.2f} ms, "
+        f"infer {1000 * t_infer / n:.2f} ms per image)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,223 @@
+"""Command line: ``python -m training {pipeline,train,export,evaluate,package}``.
+
+``pipeline`` is the one-shot path that produced the bundled default model::
+
+    python -m training pipeline \\
+        --data ../shared/data/cxr/kermany_pneumonia_224 \\
+        --weights ../shared/data/weights/efficientnet-lite0-57934424.pth \\
+        --out runs/default --bundle edge_runtime/models/pneumonia-cxr
+
+The stages communicate only through files in the run folder (checkpoint,
+``split.json``, ONNX models, JSON summaries), so any stage can be re-run on
+its own, e.g. to re-package after editing the model card template.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["build_parser", "main"]
+
+_DEFAULT_DATA = "../shared/data/cxr/kermany_pneumonia_224"
+_DEFAULT_WEIGHTS = "../shared/data/weights/efficientnet-lite0-57934424.pth"
+
+
+def _add_run(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/default"),
+        help="run folder for checkpoints, ONNX files and summaries (default: %(default)s; "
+        "keep it under runs/, which git ignores)",
+    )
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (default: %(default)s)")
+
+
+def _add_data(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=Path(_DEFAULT_DATA),
+        help="Kermany folder with {train,test}/{NORMAL,PNEUMONIA} (default: %(default)s)",
+    )
+
+
+def _add_train(p: argparse.ArgumentParser) -> None:
+    from .models import available_models
+
+    p.add_argument(
+        "--weights",
+        type=Path,
+        default=Path(_DEFAULT_WEIGHTS),
+        help="local ImageNet weights for the backbone; nothing is downloaded (default: %(default)s)",
+    )
+    p.add_argument(
+        "--model",
+        default="efficientnet-lite0",
+        choices=available_models(),
+        help="architecture from the registry (default: %(default)s)",
+    )
+    p.add_argument("--seed", type=int, default=2018, help="split/augmentation/init seed")
+    p.add_argument("--val-fraction", type=float, default=0.15, help="validation share of train")
+    p.add_argument(
+        "--cut",
+        type=int,
+        default=None,
+        help="first trainable block (EfficientNet-Lite0 has 16; default: the registry's, 8). "
+        "Lower trains more blocks; epochs get slower.",
+    )
+    p.add_argument("--aug-views", type=int, default=1, help="augmented views per train image")
+    p.add_argument("--epochs", type=int, default=10, help="stage-2 maximum epochs")
+    p.add_argument("--patience", type=int, default=3, help="early-stopping patience (epochs)")
+    p.add_argument("--head-epochs", type=int, default=30, help="stage-1 (classifier) epochs")
+    p.add_argument("--batch-size", type=int, default=32, help="stage-2 batch size")
+    p.add_argument("--lr", type=float, default=3e-4, help="stage-2 learning rate of the blocks")
+    p.add_argument(
+        "--time-budget-min",
+        type=float,
+        default=20.0,
+        help="wall-clock budget of the training stage in minutes; stage-2 epochs are capped "
+        "from a timing probe to fit (default: %(default)s)",
+    )
+    p.add_argument(
+        "--train-bn",
+        action="store_true",
+        help="update BatchNorm statistics in stage 2 (default: frozen)",
+    )
+    p.add_argument(
+        "--limit-per-class",
+        type=int,
+        default=None,
+        help="use at most N training images per class (smoke tests only)",
+    )
+
+
+def _add_bundle(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--bundle",
+        type=Path,
+        default=Path("edge_runtime/models/pneumonia-cxr"),
+        help="bundle folder to (re)write (default: %(default)s)",
+    )
+    p.add_argument("--version", default="0.1.0", help="bundle version (default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for tests and docs)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m training",
+        description=(
+            "Train, export, quantize, evaluate and package the pneumonia chest X-ray model "
+            "for the edge runtime. Every image goes through edge_runtime's decoder and "
+            "preprocessing, so training sees what the device sees."
+        ),
+        epilog="Run 'python -m training <command> --help' for a command's options.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+
+    p = sub.add_parser(
+        "pipeline",
+        help="train -> export -> quantize -> evaluate -> package, in one go",
+        description="Run every stage and write the bundle. Takes ~25 min on 2 CPU cores.",
+    )
+    _add_data(p)
+    _add_run(p)
+    _add_train(p)
+    _add_bundle(p)
+    p.add_argument("--calibration-images", type=int, default=200, help="INT8 calibration images")
+    p.add_argument(
+        "--min-sensitivity",
+        type=float,
+        default=0.95,
+        help="operating point: highest threshold with at least this validation sensitivity",
+    )
+
+    p = sub.add_parser("train", help="two-stage transfer learning -> checkpoint.pt")
+    _add_data(p)
+    _add_run(p)
+    _add_train(p)
+
+    p = sub.add_parser("export", help="checkpoint -> FP32 ONNX -> INT8 ONNX, with agreement check")
+    _add_run(p)
+    p.add_argument("--calibration-images", type=int, default=200, help="INT8 calibration images")
+
+    p = sub.add_parser(
+        "evaluate", help="choose the threshold on validation, then score the official test split"
+    )
+    _add_data(p)
+    _add_run(p)
+    p.add_argument("--min-sensitivity", type=float, default=0.95, help="required val sensitivity")
+
+    p = sub.add_parser("package", help="write model.int8.onnx, MODEL_CARD.md and manifest.json")
+    _add_run(p)
+    _add_bundle(p)
+    return parser
+
+
+def _train(args: argparse.Namespace) -> None:
+    from .train import TrainConfig, train
+
+    weights = args.weights if args.weights and str(args.weights) != "none" else None
+    if weights is not None and not weights.is_file():
+        raise SystemExit(f"error: weights file {weights} not found (pass --weights none for random)")
+    if not (args.data / "train").is_dir():
+        raise SystemExit(f"error: {args.data}/train not found; pass --data")
+    cfg = TrainConfig(
+        data_root=args.data,
+        out_dir=args.out,
+        weights=weights,
+        model=args.model,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        cut=args.cut,
+        aug_views=args.aug_views,
+        batch_size=args.batch_size,
+        head_epochs=args.head_epochs,
+        epochs=args.epochs,
+        patience=args.patience,
+        lr=args.lr,
+        freeze_bn=not args.train_bn,
+        threads=args.threads,
+        time_budget_s=args.time_budget_min * 60.0,
+        limit_per_class=args.limit_per_class,
+    )
+    train(cfg)
+
+
+def _export(args: argparse.Namespace) -> None:
+    from .export import run_export
+
+    run_export(args.out, calibration_images=args.calibration_images, threads=args.threads)
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from .report import run_evaluation
+
+    run_evaluation(args.out, args.data, min_sensitivity=args.min_sensitivity, threads=args.threads)
+
+
+def _package(args: argparse.Namespace) -> None:
+    from .package import package_bundle
+
+    package_bundle(args.out, args.bundle, version=args.version)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the process exit status."""
+    args = build_parser().parse_args(argv)
+    start = time.monotonic()
+    if args.command in ("train", "pipeline"):
+        _train(args)
+    if args.command in ("export", "pipeline"):
+        _export(args)
+    if args.command in ("evaluate", "pipeline"):
+        _evaluate(args)
+    if args.command in ("package", "pipeline"):
+        _package(args)
+    elapsed = time.monotonic() - start
+    print(f"{args.command} finished in {elapsed / 60:.1f} min ({elapsed:.0f} s)", file=sys.stderr)
+    return 0

@@ -1,0 +1,127 @@
+"""The operating point and the held-out test metrics of the deployed (INT8) model.
+
+Order matters: the threshold is chosen on the patient-disjoint validation
+split from the INT8 model's own probabilities (the model the edge runs), and
+only then is the official Kermany test split scored, once, at that fixed
+threshold. Nothing computed from the test split flows back into a choice.
+
+Test images go through the edge path exactly: ``decode_file`` ->
+``preprocess`` -> onnxruntime, as in ``benchmarks/bench_model_accuracy.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from edge_runtime.preprocess import PreprocessSpec
+
+from .data import CXRDataset, Item, label_counts, list_items
+from .evaluate import binary_metrics, bootstrap_auc_ci, choose_threshold
+from .export import (
+    FP32_NAME,
+    INT8_NAME,
+    VAL_PREDICTIONS,
+    compare_predictions,
+    ort_session,
+    predict_onnx,
+)
+
+__all__ = ["EVALUATION_NAME", "predict_items", "run_evaluation"]
+
+EVALUATION_NAME = "evaluation.json"
+TEST_PREDICTIONS = "test_predictions.npz"
+
+
+def predict_items(
+    model_path: str | Path,
+    items: Sequence[Item],
+    spec: PreprocessSpec,
+    threads: int = 2,
+    batch_size: int = 32,
+    desc: str = "predict",
+) -> np.ndarray:
+    """P(positive) of an ONNX model for image files, through the edge decode+preprocess."""
+    session = ort_session(model_path, threads)
+    dataset = CXRDataset(items, spec)
+    probs = []
+    for start in tqdm(range(0, len(dataset), batch_size), desc=desc, unit="batch", leave=False):
+        idx = range(start, min(len(dataset), start + batch_size))
+        batch = np.stack([dataset.sample(i) for i in idx])
+        probs.append(predict_onnx(session, batch, batch_size)[:, 1])
+    return np.concatenate(probs)
+
+
+def _rounded(metrics: dict[str, Any], digits: int = 4) -> dict[str, Any]:
+    return {k: round(v, digits) if isinstance(v, float) else v for k, v in metrics.items()}
+
+
+def run_evaluation(
+    run_dir: str | Path,
+    data_root: str | Path,
+    spec: PreprocessSpec | None = None,
+    min_sensitivity: float = 0.95,
+    threads: int = 2,
+) -> dict[str, Any]:
+    """Choose the threshold on validation (INT8), then score the official test split.
+
+    Writes ``evaluation.json`` and ``test_predictions.npz`` into ``run_dir``.
+    """
+    t_start = time.monotonic()
+    run = Path(run_dir)
+    spec = spec or PreprocessSpec()
+    val = np.load(run / VAL_PREDICTIONS)
+    y_val = val["y"]
+    threshold = choose_threshold(y_val, val["int8"], min_sensitivity)
+    validation = {
+        name: _rounded(binary_metrics(y_val, val[name], threshold)) for name in ("int8", "fp32", "torch")
+    }
+    agreement = {
+        "int8_vs_fp32": compare_predictions(val["fp32"], val["int8"], threshold),
+        "int8_vs_torch": compare_predictions(val["torch"], val["int8"], threshold),
+    }
+
+    test_items = list_items(data_root, "test")
+    y_test = np.array([item.label for item in test_items])
+    p_int8 = predict_items(run / INT8_NAME, test_items, spec, threads, desc="test INT8")
+    p_fp32 = predict_items(run / FP32_NAME, test_items, spec, threads, desc="test FP32")
+    np.savez(run / TEST_PREDICTIONS, y=y_test, int8=p_int8, fp32=p_fp32)
+    test_int8 = binary_metrics(y_test, p_int8, threshold)
+    lo, hi = bootstrap_auc_ci(y_test, p_int8, n_boot=2000, seed=0)
+    test_int8["auc_ci95"] = [round(lo, 4), round(hi, 4)]
+    # For reference only: the common 0.5 cut-off and FP32. Never used to choose anything.
+    reference = {
+        "int8_at_0.5": _rounded(binary_metrics(y_test, p_int8, 0.5)),
+        "fp32_at_threshold": _rounded(binary_metrics(y_test, p_fp32, threshold)),
+    }
+    result = {
+        "threshold": threshold,
+        "min_sensitivity": min_sensitivity,
+        "validation": validation,
+        "validation_agreement": agreement,
+        "test": {
+            "split": "official Kermany test",
+            "counts": label_counts(test_items),
+            "int8": _rounded(test_int8),
+            "reference": reference,
+        },
+        "seconds": time.monotonic() - t_start,
+    }
+    (run / EVALUATION_NAME).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    v, t = validation["int8"], result["test"]["int8"]
+    tqdm.write(
+        f"threshold {threshold:.4f} (highest with val sensitivity >= {min_sensitivity}):\n"
+        f"  validation INT8: AUC {v['auc']:.4f}  sens {v['sensitivity']:.4f}  "
+        f"spec {v['specificity']:.4f}  (n={v['n']})\n"
+        f"  test INT8:       AUC {t['auc']:.4f} [{lo:.4f}, {hi:.4f}]  acc {t['accuracy']:.4f}  "
+        f"sens {t['sensitivity']:.4f}  spec {t['specificity']:.4f}  (n={t['n']})\n"
+        f"  INT8 vs FP32 decisions at threshold on validation: "
+        f"{agreement['int8_vs_fp32']['decision_agreement']:.2%} agree"
+    )
+    return result

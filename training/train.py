@@ -1,0 +1,531 @@
+"""Two-stage transfer learning sized for a 2-core CPU.
+
+One training step of EfficientNet-Lite0 on a batch of 32 224-px images takes
+about 3 s on this class of machine, so end-to-end fine-tuning for several
+epochs would take hours. Instead:
+
+1. Every image is decoded and preprocessed once with the edge code into an
+   8-bit in-memory cache (:class:`~training.data.ImageCache`), optionally with
+   a few augmented views per training image.
+2. The frozen front of the network (stem + blocks ``< cut``) runs once per
+   cached view; the activations entering block ``cut`` are kept in float16.
+3. Stage 1 trains only the classifier on pooled embeddings of the frozen
+   backbone (seconds), which gives stage 2 a sensible starting head.
+4. Stage 2 trains blocks ``cut..`` + head conv + classifier on the cached
+   activations with AdamW, a warm-up + cosine schedule, a class-weighted
+   loss and early stopping on validation AUC. The number of epochs is
+   capped from a timing probe so the run stays inside its time budget.
+
+BatchNorm statistics stay frozen by default: the trainable blocks see
+mini-batches of 32 from a small dataset, and TF-ported EfficientNets use a
+momentum of 0.01, so running statistics would lag the weights badly.
+
+The validation split is patient-disjoint and carved from the official
+training split; the official test split is never touched here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from edge_runtime.preprocess import PreprocessSpec
+
+from .data import LABELS, CXRDataset, ImageCache, Item, label_counts, list_items, split_by_patient
+from .evaluate import roc_auc
+from .models import StagedModel, build_model, default_cut, staged_view
+
+__all__ = ["TrainConfig", "load_checkpoint", "seed_everything", "train"]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+SPLIT_NAME = "split.json"
+SUMMARY_NAME = "train_summary.json"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a training run (stored in the run folder).
+
+    Attributes:
+        data_root: Kermany folder with ``train/{NORMAL,PNEUMONIA}``.
+        out_dir: Run folder for the checkpoint, split and summary.
+        weights: ImageNet weights for the backbone (None: random init).
+        model: Registry name (see :func:`training.models.available_models`).
+        val_fraction: Share of training images moved to validation.
+        seed: Seeds the split, augmentation, shuffling and initialisation.
+        cut: First trainable block; None takes the registry's default.
+        aug_views: Augmented views cached per training image (0 = none).
+        batch_size: Stage-2 mini-batch.
+        eval_batch_size: Batch for frozen passes and validation.
+        head_epochs: Stage-1 epochs (classifier only, on pooled embeddings).
+        head_lr: Stage-1 learning rate.
+        epochs: Stage-2 maximum epochs (the time budget may lower it).
+        patience: Stage-2 epochs without a validation-AUC gain before stopping.
+        lr: Stage-2 learning rate of the unfrozen blocks.
+        classifier_lr: Stage-2 learning rate of the classifier.
+        weight_decay: AdamW weight decay.
+        warmup_steps: Linear warm-up before the cosine decay.
+        freeze_bn: Keep BatchNorm running statistics fixed in stage 2.
+        threads: torch intra-op threads (the machine has 2 cores).
+        time_budget_s: Wall-clock budget of the whole ``train`` call.
+        limit_per_class: Use at most this many training images per class
+            (smoke tests only; the split is computed on the limited list).
+    """
+
+    data_root: Path
+    out_dir: Path
+    weights: Path | None = None
+    model: str = "efficientnet-lite0"
+    val_fraction: float = 0.15
+    seed: int = 2018
+    cut: int | None = None
+    aug_views: int = 1
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    head_epochs: int = 30
+    head_lr: float = 3e-3
+    epochs: int = 10
+    patience: int = 3
+    lr: float = 3e-4
+    classifier_lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 50
+    freeze_bn: bool = True
+    threads: int = 2
+    time_budget_s: float = 20 * 60.0
+    limit_per_class: int | None = None
+    spec: PreprocessSpec = field(default_factory=PreprocessSpec)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-safe form (paths as strings, spec as its dict)."""
+        data = asdict(self)
+        for key in ("data_root", "out_dir", "weights"):
+            data[key] = None if data[key] is None else str(data[key])
+        data["spec"] = self.spec.to_dict()
+        return data
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch and numpy so two runs with one config give the same model."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)  # for third-party code that uses the global RNG
+
+
+def _set_threads(threads: int) -> None:
+    torch.set_num_threads(threads)
+    with contextlib.suppress(RuntimeError):  # only settable once per process
+        torch.set_num_interop_threads(1)
+
+
+def _limit(items: list[Item], per_class: int | None) -> list[Item]:
+    if per_class is None:
+        return items
+    kept: list[Item] = []
+    for label in range(len(LABELS)):
+        kept.extend([item for item in items if item.label == label][:per_class])
+    return kept
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    # Depthwise convolutions run about 2x faster in channels-last on x86 CPUs.
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+@torch.inference_mode()
+def _frozen_activations(
+    staged: StagedModel, cache: ImageCache, cut: int, batch_size: int, desc: str
+) -> torch.Tensor:
+    """Run the frozen prefix over every cached view: ``(views, N, C, H, W)`` float16."""
+    staged.model.eval()
+    n = len(cache)
+    out: torch.Tensor | None = None
+    with tqdm(total=n * cache.views, desc=desc, unit="img", dynamic_ncols=True) as bar:
+        for view in range(cache.views):
+            for start in range(0, n, batch_size):
+                idx = np.arange(start, min(n, start + batch_size))
+                x = _channels_last(torch.from_numpy(cache.batch(idx, view)))
+                h = staged.prefix(x, cut)
+                if out is None:
+                    out = torch.empty((cache.views, n, *h.shape[1:]), dtype=torch.float16)
+                out[view, start : start + len(idx)] = h.to(torch.float16)
+                bar.update(len(idx))
+    assert out is not None
+    return out
+
+
+@torch.inference_mode()
+def _embeddings(staged: StagedModel, acts: torch.Tensor, cut: int, batch_size: int) -> torch.Tensor:
+    """Pooled embeddings ``(N, D)`` of cached activations ``(N, C, H, W)`` (eval mode)."""
+    staged.model.eval()
+    parts = [
+        staged.features(_channels_last(acts[i : i + batch_size].float()), cut)
+        for i in range(0, acts.shape[0], batch_size)
+    ]
+    return torch.cat(parts)
+
+
+@torch.inference_mode()
+def _predict(staged: StagedModel, acts: torch.Tensor, cut: int, batch_size: int) -> np.ndarray:
+    """P(positive) for cached activations, eval mode."""
+    staged.model.eval()
+    probs = []
+    for i in range(0, acts.shape[0], batch_size):
+        feats = staged.features(_channels_last(acts[i : i + batch_size].float()), cut)
+        probs.append(torch.softmax(staged.classifier(feats), dim=1)[:, 1])
+    return torch.cat(probs).numpy()
+
+
+def _class_weights(labels: np.ndarray) -> torch.Tensor:
+    """``N / (classes * n_c)``: each class contributes equally to the loss."""
+    counts = np.bincount(labels, minlength=len(LABELS)).astype(np.float64)
+    weights = labels.size / (len(LABELS) * np.maximum(counts, 1.0))
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def _cosine(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _train_head(
+    staged: StagedModel,
+    train_feats: torch.Tensor,
+    train_labels: np.ndarray,
+    val_feats: torch.Tensor,
+    val_labels: np.ndarray,
+    cfg: TrainConfig,
+    loss_fn: nn.Module,
+) -> tuple[float, list[dict[str, float]]]:
+    """Stage 1: fit the classifier on frozen embeddings; keep the best-AUC epoch."""
+    head = staged.classifier_module()
+    params = list(head.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=cfg.head_lr, weight_decay=cfg.weight_decay)
+    batch = 128
+    n = train_feats.shape[0]
+    steps_per_epoch = math.ceil(n / batch)
+    total = steps_per_epoch * cfg.head_epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, total, steps_per_epoch))
+    y = torch.from_numpy(train_labels)
+    rng = np.random.default_rng(cfg.seed + 1)
+    best_auc, best_state, history = -1.0, copy.deepcopy(head.state_dict()), []
+    bar = tqdm(range(cfg.head_epochs), desc="stage 1 (head)", unit="ep", dynamic_ncols=True)
+    for epoch in bar:
+        staged.model.train()
+        order = torch.from_numpy(rng.permutation(n))
+        total_loss = 0.0
+        for i in range(0, n, batch):
+            idx = order[i : i + batch]
+            loss = loss_fn(staged.classifier(train_feats[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total_loss += loss.item() * len(idx)
+        staged.model.eval()
+        with torch.inference_mode():
+            probs = torch.softmax(staged.classifier(val_feats), dim=1)[:, 1].numpy()
+        auc = roc_auc(val_labels, probs)
+        history.append({"epoch": epoch + 1, "loss": total_loss / n, "val_auc": auc})
+        if auc > best_auc:
+            best_auc, best_state = auc, copy.deepcopy(head.state_dict())
+        bar.set_postfix(loss=f"{total_loss / n:.4f}", val_auc=f"{auc:.4f}", best=f"{best_auc:.4f}")
+    head.load_state_dict(best_state)
+    return best_auc, history
+
+
+def _set_train_mode(staged: StagedModel, cut: int, freeze_bn: bool) -> None:
+    staged.model.train()
+    if freeze_bn:
+        for module in staged.model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+
+
+def _finetune(
+    staged: StagedModel,
+    train_acts: torch.Tensor,
+    train_labels: np.ndarray,
+    val_acts: torch.Tensor,
+    val_labels: np.ndarray,
+    cfg: TrainConfig,
+    cut: int,
+    loss_fn: nn.Module,
+    deadline: float,
+) -> dict[str, Any]:
+    """Stage 2: train blocks ``cut..`` + head on cached activations, early-stopped on val AUC."""
+    model = staged.model
+    for p in model.parameters():
+        p.requires_grad_(False)
+    block_params = [p for m in staged.trainable_modules(cut) for p in m.parameters()]
+    head_params = list(staged.classifier_module().parameters())
+    for p in block_params + head_params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(
+        [
+            {"params": block_params, "lr": cfg.lr},
+            {"params": head_params, "lr": cfg.classifier_lr},
+        ],
+        weight_decay=cfg.weight_decay,
+    )
+    views, n = train_acts.shape[0], train_acts.shape[1]
+    y = torch.from_numpy(train_labels)
+    rng = np.random.default_rng(cfg.seed + 2)
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+
+    def step_batch(idx: np.ndarray, view_idx: np.ndarray) -> torch.Tensor:
+        x = _channels_last(train_acts[torch.from_numpy(view_idx), torch.from_numpy(idx)].float())
+        logits = staged.classifier(staged.features(x, cut))
+        return loss_fn(logits, y[torch.from_numpy(idx)])
+
+    # Timing probe: forward+backward of a few batches (gradients discarded), one eval batch.
+    _set_train_mode(staged, cut, cfg.freeze_bn)
+    probe_times = []
+    for _ in range(4):
+        idx = rng.choice(n, size=min(cfg.batch_size, n), replace=False)
+        t0 = time.perf_counter()
+        step_batch(idx, np.zeros_like(idx)).backward()
+        probe_times.append(time.perf_counter() - t0)
+    opt.zero_grad(set_to_none=True)
+    t0 = time.perf_counter()
+    _predict(staged, val_acts[: cfg.eval_batch_size], cut, cfg.eval_batch_size)
+    eval_batch_s = time.perf_counter() - t0
+    step_s = float(np.median(probe_times[1:]))
+    epoch_s = (
+        steps_per_epoch * step_s * 1.05 + math.ceil(val_acts.shape[0] / cfg.eval_batch_size) * eval_batch_s
+    )
+    remaining = deadline - time.monotonic()
+    affordable = int(remaining // epoch_s)
+    epochs = max(1, min(cfg.epochs, affordable))
+    tqdm.write(
+        f"stage 2: {step_s:.2f} s/step x {steps_per_epoch} steps + validation = "
+        f"~{epoch_s:.0f} s/epoch; {remaining:.0f} s left in the budget -> {epochs} epoch(s) "
+        f"(max {cfg.epochs})"
+    )
+    total_steps = epochs * steps_per_epoch
+    warmup = min(cfg.warmup_steps, total_steps // 4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, total_steps, warmup))
+
+    best_auc, best_epoch = -1.0, 0
+    best_state = copy.deepcopy(model.state_dict())
+    history: list[dict[str, float]] = []
+    stale = 0
+    for epoch in range(epochs):
+        t_epoch = time.perf_counter()
+        _set_train_mode(staged, cut, cfg.freeze_bn)
+        order = rng.permutation(n)
+        view_of = rng.integers(0, views, size=n)
+        running, seen = 0.0, 0
+        bar = tqdm(
+            range(0, n, cfg.batch_size),
+            desc=f"stage 2 epoch {epoch + 1}/{epochs}",
+            unit="batch",
+            dynamic_ncols=True,
+        )
+        for i in bar:
+            idx = order[i : i + cfg.batch_size]
+            loss = step_batch(idx, view_of[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            running += loss.item() * len(idx)
+            seen += len(idx)
+            bar.set_postfix(loss=f"{running / seen:.4f}", best_val_auc=f"{max(best_auc, 0):.4f}")
+        probs = _predict(staged, val_acts, cut, cfg.eval_batch_size)
+        auc = roc_auc(val_labels, probs)
+        improved = auc > best_auc
+        if improved:
+            best_auc, best_epoch, stale = auc, epoch + 1, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            stale += 1
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "loss": running / seen,
+                "val_auc": auc,
+                "lr": opt.param_groups[0]["lr"],
+                "seconds": time.perf_counter() - t_epoch,
+            }
+        )
+        bar.close()
+        tqdm.write(
+            f"  epoch {epoch + 1}: loss {running / seen:.4f}  val AUC {auc:.4f}"
+            f"{'  (best)' if improved else ''}  {time.perf_counter() - t_epoch:.0f} s"
+        )
+        if stale >= cfg.patience:
+            tqdm.write(f"  early stop: no val-AUC gain for {cfg.patience} epochs")
+            break
+        if time.monotonic() + epoch_s > deadline and epoch + 1 < epochs:
+            tqdm.write("  stopping: the next epoch would exceed the time budget")
+            break
+    model.load_state_dict(best_state)
+    return {
+        "best_val_auc": best_auc,
+        "best_epoch": best_epoch,
+        "epochs_planned": epochs,
+        "epochs_run": len(history),
+        "step_seconds": step_s,
+        "history": history,
+    }
+
+
+def _relative(paths: list[Item], root: Path) -> list[str]:
+    return [item.path.relative_to(root).as_posix() for item in paths]
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run the whole training; write checkpoint, split and summary into ``cfg.out_dir``.
+
+    Returns:
+        The summary dict (also written as ``train_summary.json``).
+    """
+    t_start = time.monotonic()
+    deadline = t_start + cfg.time_budget_s
+    _set_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    root = Path(cfg.data_root).resolve()
+
+    items = _limit(list_items(root, "train"), cfg.limit_per_class)
+    train_items, val_items = split_by_patient(items, cfg.val_fraction, cfg.seed)
+    tqdm.write(
+        f"data: {len(items)} training images -> train {len(train_items)} "
+        f"{label_counts(train_items)}, val {len(val_items)} {label_counts(val_items)} "
+        f"(patient-disjoint, seed {cfg.seed})"
+    )
+    split = {
+        "data_root": str(root),
+        "seed": cfg.seed,
+        "val_fraction": cfg.val_fraction,
+        "train": _relative(train_items, root),
+        "val": _relative(val_items, root),
+    }
+    (out / SPLIT_NAME).write_text(json.dumps(split, indent=1) + "\n", encoding="utf-8")
+
+    # 1. decode + preprocess once.
+    t0 = time.monotonic()
+    views = 1 + cfg.aug_views
+    train_ds = CXRDataset(train_items, cfg.spec, augment=True, seed=cfg.seed)
+    val_ds = CXRDataset(val_items, cfg.spec)
+    train_cache = ImageCache.build(
+        train_ds, views, lambda it: tqdm(it, desc="decode train", total=len(train_ds) * views)
+    )
+    val_cache = ImageCache.build(val_ds, 1, lambda it: tqdm(it, desc="decode val", total=len(val_ds)))
+    t_decode = time.monotonic() - t0
+
+    # 2. frozen prefix once.
+    t0 = time.monotonic()
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, len(LABELS), cfg.weights)
+    model = model.to(memory_format=torch.channels_last)
+    staged = staged_view(cfg.model, model)
+    cut = default_cut(cfg.model) if cfg.cut is None else cfg.cut
+    train_acts = _frozen_activations(staged, train_cache, cut, cfg.eval_batch_size, "frozen train")
+    val_acts = _frozen_activations(staged, val_cache, cut, cfg.eval_batch_size, "frozen val")[0]
+    act_mb = (train_acts.numel() + val_acts.numel()) * 2 / 2**20
+    tqdm.write(f"cached activations entering block {cut}: {tuple(train_acts.shape)}, {act_mb:.0f} MiB")
+    t_frozen = time.monotonic() - t0
+
+    train_labels = train_cache.labels
+    val_labels = val_cache.labels
+    loss_fn = nn.CrossEntropyLoss(weight=_class_weights(train_labels))
+
+    # 3. stage 1: classifier on frozen embeddings.
+    t0 = time.monotonic()
+    train_feats = _embeddings(staged, train_acts[0], cut, cfg.eval_batch_size)
+    val_feats = _embeddings(staged, val_acts, cut, cfg.eval_batch_size)
+    stage1_auc, stage1_history = _train_head(
+        staged, train_feats, train_labels, val_feats, val_labels, cfg, loss_fn
+    )
+    tqdm.write(f"stage 1: frozen backbone + trained head, val AUC {stage1_auc:.4f}")
+    t_stage1 = time.monotonic() - t0
+
+    # 4. stage 2: fine-tune the last blocks.
+    t0 = time.monotonic()
+    stage2 = _finetune(staged, train_acts, train_labels, val_acts, val_labels, cfg, cut, loss_fn, deadline)
+    t_stage2 = time.monotonic() - t0
+    val_probs = _predict(staged, val_acts, cut, cfg.eval_batch_size)
+
+    model = model.to(memory_format=torch.contiguous_format).eval()
+    torch.save(
+        {
+            "model": cfg.model,
+            "num_classes": len(LABELS),
+            "labels": list(LABELS),
+            "cut": cut,
+            "state_dict": model.state_dict(),
+        },
+        out / CHECKPOINT_NAME,
+    )
+    np.savez(out / "val_predictions_cached.npz", y=val_labels, p=val_probs)
+    wall = time.monotonic() - t_start
+    summary = {
+        "config": cfg.to_json(),
+        "model": cfg.model,
+        "cut": cut,
+        "trainable_blocks": f"{cut}..{staged.num_blocks - 1} + head conv + classifier",
+        "data": {
+            "root": str(root),
+            "train": {
+                "images": len(train_items),
+                "patients": len({i.patient for i in train_items}),
+                **label_counts(train_items),
+            },
+            "val": {
+                "images": len(val_items),
+                "patients": len({i.patient for i in val_items}),
+                **label_counts(val_items),
+            },
+            "augmented_views_per_train_image": cfg.aug_views,
+        },
+        "stage1": {"val_auc": stage1_auc, "history": stage1_history},
+        "stage2": stage2,
+        "val_auc": roc_auc(val_labels, val_probs),
+        "seconds": {
+            "decode_preprocess": t_decode,
+            "frozen_prefix": t_frozen,
+            "stage1": t_stage1,
+            "stage2": t_stage2,
+            "total": wall,
+        },
+        "environment": {
+            "torch": torch.__version__,
+            "threads": cfg.threads,
+            "cpu_count": os.cpu_count(),
+            "machine": platform.machine(),
+        },
+    }
+    (out / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    tqdm.write(
+        f"Training took {wall / 60:.1f} min ({wall:.0f} s: decode {t_decode:.0f} s, frozen "
+        f"prefix {t_frozen:.0f} s, stage 1 {t_stage1:.0f} s, stage 2 {t_stage2:.0f} s); "
+        f"best val AUC {summary['val_auc']:.4f} (epoch {stage2['best_epoch']})"
+    )
+    return summary
+
+
+def load_checkpoint(run_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the trained model (eval mode) from ``run_dir/checkpoint.pt``."""
+    ckpt = torch.load(Path(run_dir) / CHECKPOINT_NAME, map_location="cpu", weights_only=True)
+    model = build_model(ckpt["model"], ckpt["num_classes"], None)
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval(), ckpt
