@@ -136,7 +136,7 @@ class ModelConfig(_Section):
         None, ge=0.0, le=1.0, description="Override the bundle's operating point (rarely wise)."
     )
 
-    @field_validator("bundle_path", mode="before")
+    @field_validator("bundle_path", "threshold", mode="before")
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
         return None if value in ("", None) else value

@@ -78,3 +78,15 @@ def test_cli_config_check(tmp_path: Path, capsys, monkeypatch):
     missing = tmp_path / "missing.yaml"
     assert main(["config", "check", str(missing)]) == 2
     assert "Cannot read configuration file" in capsys.readouterr().err
+
+
+def test_empty_strings_mean_unset_as_greengrass_recipes_cannot_hold_null():
+    config = RuntimeConfig.from_mapping({
+        "Model": {"Threshold": "", "BundlePath": ""},
+        "Inbox": {"ProcessedPath": ""},
+        "Mqtt": {"Username": "", "Password": "", "PasswordFile": "",
+                 "Tls": {"CaFile": "", "CertFile": "", "KeyFile": ""}},
+    })
+    assert config.model.threshold is None and config.model.bundle_path is None
+    assert config.inbox.processed_path is None and config.mqtt.username is None
+    assert config.mqtt.tls.ca_file is None
