@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import shutil
 import socket
 import subprocess
@@ -28,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from edge_runtime.config import MqttConfig  # noqa: E402
-from edge_runtime.journal import Journal  # noqa: E402
+from edge_runtime.journal import Delivery, Journal  # noqa: E402
 from edge_runtime.publish import MqttPublisher  # noqa: E402
 
 
@@ -44,8 +45,9 @@ def journal_rate(folder: Path, n: int, durable: bool) -> float:
     for i in range(n):
         sha = hashlib.sha256(f"{durable}-{i}".encode()).hexdigest()
         record = journal.admit(sha, folder / f"scan{i}.dcm", 1000).record
-        message = journal.record_result(record.id, fake_result(i), "bench/results", 1)
-        assert message is not None
+        payload = json.dumps(fake_result(i))
+        (message,) = journal.record_result(record.id, fake_result(i),
+                                           [Delivery("mqtt", "bench/results", payload, 1)])
         journal.mark_delivered(message.seq)
     elapsed = time.perf_counter() - t0
     journal.close()
@@ -75,7 +77,9 @@ def drain_time(folder: Path, backlog: int) -> tuple[float, float]:
     for i in range(backlog):
         sha = hashlib.sha256(f"drain-{i}".encode()).hexdigest()
         record = journal.admit(sha, folder / f"d{i}.dcm", 1000).record
-        journal.record_result(record.id, fake_result(10**6 + i), "bench/results", 1)
+        result = fake_result(10**6 + i)
+        journal.record_result(record.id, result,
+                              [Delivery("mqtt", "bench/results", json.dumps(result), 1)])
     publisher = MqttPublisher(MqttConfig(host="127.0.0.1", port=port, client_id="bench-drain"),
                               journal)
     publisher.start()  # broker is down: everything waits in the outbox

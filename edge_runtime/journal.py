@@ -5,7 +5,8 @@ It is what makes the service restartable without losing or repeating work:
 * ``inputs``: one row per distinct input (keyed by content sha256) with its
   state (``queued`` -> ``processing`` -> ``done`` | ``quarantined``),
   attempts, result and error.
-* ``outbox``: every result message, committed *in the same transaction* that
+* ``outbox``: every result message, one row per sink (``mqtt``, Greengrass
+  ``ipc-local``, ``ipc-iotcore``), committed *in the same transaction* that
   marks its input done, and marked delivered only when the broker has
   acknowledged it (PUBACK). Undelivered messages are re-sent after a
   reconnect or a restart, in order.
@@ -23,7 +24,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,7 +33,7 @@ from typing import Any
 from .errors import JournalError
 from .results import utc_now
 
-__all__ = ["Admission", "InputRecord", "Journal", "OutboxMessage"]
+__all__ = ["Admission", "Delivery", "InputRecord", "Journal", "OutboxMessage"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS inputs (
@@ -52,14 +53,16 @@ CREATE TABLE IF NOT EXISTS inputs (
 CREATE INDEX IF NOT EXISTS inputs_state ON inputs(state);
 CREATE TABLE IF NOT EXISTS outbox (
     seq           INTEGER PRIMARY KEY AUTOINCREMENT,
-    message_id    TEXT NOT NULL UNIQUE,
+    message_id    TEXT NOT NULL,
+    sink          TEXT NOT NULL,
     topic         TEXT NOT NULL,
     payload       TEXT NOT NULL,
     qos           INTEGER NOT NULL,
     created_utc   TEXT NOT NULL,
-    delivered_utc TEXT
+    delivered_utc TEXT,
+    UNIQUE (message_id, sink)
 );
-CREATE INDEX IF NOT EXISTS outbox_pending ON outbox(delivered_utc, seq);
+CREATE INDEX IF NOT EXISTS outbox_pending ON outbox(sink, delivered_utc, seq);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 _SCHEMA_VERSION = "1"
@@ -100,6 +103,17 @@ class OutboxMessage:
     topic: str
     payload: str
     qos: int
+    sink: str = "mqtt"
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """Where one result goes: a sink, its topic, the (sink-specific) payload and QoS."""
+
+    sink: str
+    topic: str
+    payload: str
+    qos: int = 1
 
 
 class Journal:
@@ -212,29 +226,32 @@ class Journal:
                              duplicate=False)
 
     def record_result(
-        self, input_id: int, result: dict[str, Any], topic: str, qos: int
-    ) -> OutboxMessage | None:
-        """Commit a result and its outbox message in one transaction.
+        self, input_id: int, result: dict[str, Any], deliveries: Sequence[Delivery]
+    ) -> list[OutboxMessage]:
+        """Commit a result and its outbox messages (one per sink) in one transaction.
 
-        Returns the new outbox message, or None when a message with the same
-        id already exists (the same scan under another name, or a re-run).
+        Returns the new outbox messages; empty when the message id was already
+        recorded (the same SOP instance sent again), so nothing is published twice.
         """
-        payload = json.dumps(result, separators=(",", ":"), sort_keys=True)
+        stored = json.dumps(result, separators=(",", ":"), sort_keys=True)
         now = utc_now()
+        created = []
         with self._tx() as db:
             db.execute(
                 "UPDATE inputs SET state='done', message_id=?, result_json=?, error_json=NULL, "
                 "updated_utc=? WHERE id=?",
-                (result["message_id"], payload, now, input_id),
+                (result["message_id"], stored, now, input_id),
             )
-            cur = db.execute(
-                "INSERT OR IGNORE INTO outbox(message_id, topic, payload, qos, created_utc) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (result["message_id"], topic, payload, qos, now),
-            )
-            if cur.rowcount == 0:
-                return None
-            return OutboxMessage(cur.lastrowid or 0, result["message_id"], topic, payload, qos)
+            for d in deliveries:
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO outbox(message_id, sink, topic, payload, qos, "
+                    "created_utc) VALUES (?, ?, ?, ?, ?, ?)",
+                    (result["message_id"], d.sink, d.topic, d.payload, d.qos, now),
+                )
+                if cur.rowcount:
+                    created.append(OutboxMessage(cur.lastrowid or 0, result["message_id"],
+                                                 d.topic, d.payload, d.qos, d.sink))
+        return created
 
     def record_quarantine(self, input_id: int, error: dict[str, Any]) -> None:
         with self._tx() as db:
@@ -272,11 +289,12 @@ class Journal:
         return counts
 
     # -- outbox ------------------------------------------------------------------------
-    def pending_messages(self, after_seq: int = 0, limit: int = 100) -> list[OutboxMessage]:
+    def pending_messages(self, sink: str = "mqtt", after_seq: int = 0,
+                         limit: int = 100) -> list[OutboxMessage]:
         rows = self._query(
-            "SELECT seq, message_id, topic, payload, qos FROM outbox "
-            "WHERE delivered_utc IS NULL AND seq > ? ORDER BY seq LIMIT ?",
-            (after_seq, limit),
+            "SELECT seq, message_id, topic, payload, qos, sink FROM outbox "
+            "WHERE sink = ? AND delivered_utc IS NULL AND seq > ? ORDER BY seq LIMIT ?",
+            (sink, after_seq, limit),
         )
         return [OutboxMessage(*row) for row in rows]
 

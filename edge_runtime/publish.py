@@ -90,8 +90,10 @@ class MqttPublisher:
         *,
         model_info: dict[str, str] | None = None,
         max_in_flight: int = 100,
+        sink: str = "mqtt",
     ) -> None:
         self.config = config
+        self.sink = sink
         self.journal = journal
         self.model_info = model_info or {}
         self.max_in_flight = max_in_flight
@@ -235,7 +237,8 @@ class MqttPublisher:
         """Drain what can be drained within ``timeout_s``, say offline, disconnect."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and self.connected:
-            if not self._in_flight and not self.journal.pending_messages(self._handed_seq, limit=1):
+            pending = self.journal.pending_messages(self.sink, self._handed_seq, limit=1)
+            if not self._in_flight and not pending:
                 break
             self._wake.set()
             time.sleep(0.05)
@@ -299,7 +302,7 @@ class MqttPublisher:
             room = self.max_in_flight - len(self._in_flight)
             if room <= 0:
                 return
-            batch = self.journal.pending_messages(self._handed_seq, limit=room)
+            batch = self.journal.pending_messages(self.sink, self._handed_seq, limit=room)
             if not batch:
                 return
             for message in batch:

@@ -34,7 +34,7 @@ from .config import RuntimeConfig
 from .decode import DecodeLimits
 from .errors import EdgeRuntimeError, InputError
 from .ingest import InboxWatcher, ReadyFile
-from .journal import Journal
+from .journal import Delivery, Journal
 from .logs import event
 from .pipeline import ScanAnalyzer, file_sha256
 from .publish import MqttPublisher
@@ -87,6 +87,7 @@ class EdgeService:
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
+        self.config.inbox.path.mkdir(parents=True, exist_ok=True)
         self.quarantine_dir.mkdir(parents=True, exist_ok=True)
         if self.processed_dir is not None:
             self.processed_dir.mkdir(parents=True, exist_ok=True)
@@ -330,9 +331,9 @@ class EdgeService:
             log.error("attempt %d/%d on %s failed: %s (%s)", attempt,
                       self.config.journal.max_attempts, path.name, exc.message, exc.action)
             return
-        message = self.journal.record_result(record.id, outcome.result,
-                                             self.config.mqtt.results_topic, self.config.mqtt.qos)
-        if message is None:
+        created = self.journal.record_result(record.id, outcome.result,
+                                             self._deliveries(outcome.result))
+        if not created:
             # Same message id as an earlier result: the same SOP Instance UID sent again
             # with different bytes (e.g. another transfer syntax). Published once only.
             self._count("duplicates")
@@ -342,6 +343,12 @@ class EdgeService:
         self._count("processed")
         self.publisher.notify()
         self._dispose_done(path)
+
+    def _deliveries(self, result: dict[str, Any]) -> list[Delivery]:
+        """One outbox row per sink; each sink drains its rows independently."""
+        payload = json.dumps(result, separators=(",", ":"), sort_keys=True)
+        mqtt_cfg = self.config.mqtt
+        return [Delivery("mqtt", mqtt_cfg.results_topic, payload, mqtt_cfg.qos)]
 
     # -- outcomes on disk ---------------------------------------------------------------
     @staticmethod
