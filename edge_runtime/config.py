@@ -40,6 +40,7 @@ from .errors import ConfigError
 __all__ = [
     "ENV_PREFIX",
     "DecodeConfig",
+    "GreengrassConfig",
     "HealthConfig",
     "InboxConfig",
     "IntakeConfig",
@@ -165,6 +166,8 @@ class TlsConfig(_Section):
 class MqttConfig(_Section):
     """Where results are published."""
 
+    enabled: bool = Field(True, description="Publish to this broker (under Greengrass, results "
+                          "can go over local pub/sub and the MQTT bridge instead).")
     host: str = "localhost"
     port: int = Field(1883, ge=1, le=65535)
     client_id: str = Field(
@@ -225,6 +228,26 @@ class JournalConfig(_Section):
     )
 
 
+class GreengrassConfig(_Section):
+    """Extra result sinks through the Greengrass nucleus (used only when it started us)."""
+
+    local_topic: str = Field(
+        "healthdiag/edge/results",
+        description="Greengrass local pub/sub topic for results (PublishToTopic); empty = off.",
+    )
+    iot_core_topic: str = Field(
+        "", description="AWS IoT Core topic for de-identified results (PublishToIoTCore, QoS 1); "
+        "empty = off. Identifiers of the scan never leave the box.",
+    )
+
+    @field_validator("local_topic", "iot_core_topic")
+    @classmethod
+    def _no_wildcards(cls, value: str) -> str:
+        if any(ch in value for ch in "#+"):
+            raise ValueError("a publish topic must not contain '#' or '+'")
+        return value
+
+
 class HealthConfig(_Section):
     """Heartbeat on the status topic and a local health file for ops and Greengrass."""
 
@@ -247,6 +270,7 @@ class RuntimeConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
     journal: JournalConfig = Field(default_factory=JournalConfig)
+    greengrass: GreengrassConfig = Field(default_factory=GreengrassConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     workers: int = Field(0, ge=0, le=64, description="Scan workers; 0 = one per CPU core.")

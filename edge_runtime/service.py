@@ -33,6 +33,7 @@ from .bundle import default_bundle_path
 from .config import RuntimeConfig
 from .decode import DecodeLimits
 from .errors import EdgeRuntimeError, InputError
+from .greengrass import GreengrassIpc, IpcSink, cloud_payload, config_update_handler
 from .ingest import InboxWatcher, ReadyFile
 from .journal import Delivery, Journal
 from .logs import event
@@ -50,21 +51,10 @@ _STOP = ReadyFile(float("inf"), Path("/"), 0, 0.0)
 class EdgeService:
     """Wires the stages together. ``start()``, then ``stop()`` (or ``run_forever()``)."""
 
-    def __init__(self, config: RuntimeConfig) -> None:
+    def __init__(self, config: RuntimeConfig, ipc: GreengrassIpc | None = None) -> None:
         self.config = config
-        bundle_path = config.model.bundle_path or default_bundle_path()
-        self.analyzer = ScanAnalyzer.from_bundle_path(
-            bundle_path,
-            config.model.backend,
-            threads=config.model.threads,
-            limits=DecodeLimits(max_pixels=config.decode.max_pixels),
-            threshold=config.model.threshold,
-            enforce_intended_use=config.intake.enforce_intended_use,
-            require_tags=config.intake.require_tags,
-            isolate=config.decode.isolate,
-            decode_timeout_s=config.decode.timeout_seconds,
-            decode_memory_mb=config.decode.memory_limit_mb,
-        )
+        self.ipc = ipc
+        self.analyzer = self._build_analyzer(config)
         self.journal = Journal(config.journal.path)
         self.publisher = MqttPublisher(
             config.mqtt,
@@ -75,6 +65,15 @@ class EdgeService:
         self.quarantine_dir = config.inbox.quarantine_path
         self.processed_dir = config.inbox.processed_path
         self.watcher = InboxWatcher(config.inbox, self._enqueue)
+        self.sinks: list[IpcSink] = []
+        if ipc is not None:
+            self.sinks = [
+                IpcSink("ipc-local", self.journal,
+                        lambda m: ipc.publish_local(m.topic, m.payload)),
+                IpcSink("ipc-iotcore", self.journal,
+                        lambda m: ipc.publish_iot_core(m.topic, m.payload, m.qos)),
+            ]
+        self._config_lock = threading.Lock()
         self._queue: queue.PriorityQueue[ReadyFile] = queue.PriorityQueue()
         self._workers: list[threading.Thread] = []
         self._stopping = threading.Event()
@@ -101,7 +100,10 @@ class EdgeService:
             self.config.effective_workers, self.config.inbox.path.resolve(), counts["done"],
             counts["quarantined"], requeued, counts["outbox_pending"],
         )
-        self.publisher.start()
+        if self.config.mqtt.enabled:
+            self.publisher.start()
+        for sink in self.sinks:
+            sink.start()
         for i in range(self.config.effective_workers):
             worker = threading.Thread(target=self._work, name=f"worker-{i}", daemon=True)
             worker.start()
@@ -110,6 +112,97 @@ class EdgeService:
         self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat",
                                            daemon=True)
         self._heartbeat.start()
+        if self.ipc is not None:
+            self.ipc.subscribe_to_config_updates(
+                config_update_handler(self.ipc, self.apply_config, self._reject_config))
+            self.ipc.report_running()
+            log.info("reported RUNNING to the Greengrass nucleus")
+
+    @staticmethod
+    def _build_analyzer(config: RuntimeConfig) -> ScanAnalyzer:
+        """Load and verify the model bundle (raises ModelBundleError/BackendError)."""
+        return ScanAnalyzer.from_bundle_path(
+            config.model.bundle_path or default_bundle_path(),
+            config.model.backend,
+            threads=config.model.threads,
+            limits=DecodeLimits(max_pixels=config.decode.max_pixels),
+            threshold=config.model.threshold,
+            enforce_intended_use=config.intake.enforce_intended_use,
+            require_tags=config.intake.require_tags,
+            isolate=config.decode.isolate,
+            decode_timeout_s=config.decode.timeout_seconds,
+            decode_memory_mb=config.decode.memory_limit_mb,
+        )
+
+    # -- live configuration ------------------------------------------------------------
+    _RESTART_SECTIONS = ("inbox", "journal", "workers")
+    _RESTART_MQTT_KEYS = ("enabled", "host", "port", "client_id", "username", "password",
+                          "password_file", "tls", "keepalive_seconds")
+
+    def apply_config(self, new: RuntimeConfig) -> None:
+        """Apply a configuration update without a restart where that is safe.
+
+        Threshold, results topics, intake policy, decode limits, heartbeat and the
+        model bundle change live (a new bundle is loaded and verified while scans
+        keep flowing; if it is bad the old model stays). Keys that need a restart
+        (inbox/journal paths, workers, broker connection) are reported as such.
+        """
+        with self._config_lock:
+            old = self.config
+            if new == old:
+                return
+            changed = _changed_keys(old.to_pascal_dict(), new.to_pascal_dict())
+            needs_restart = [k for k in changed
+                             if k.split(".")[0].lower() in self._RESTART_SECTIONS
+                             or (k.startswith("Mqtt.") and _snake(k.split(".")[1])
+                                 in self._RESTART_MQTT_KEYS)]
+            model_keys = ("model.bundle_path", "model.backend", "model.threads",
+                          "decode", "intake")
+            reload_model = any(_snake_path(k).startswith(model_keys) for k in changed)
+            if reload_model:
+                try:
+                    analyzer = self._build_analyzer(new)
+                except EdgeRuntimeError as exc:
+                    self._reject_config(f"model bundle rejected, keeping "
+                                        f"{old.model.bundle_path or 'the bundled model'}: "
+                                        f"{exc.message}")
+                    return
+                previous, self.analyzer = self.analyzer, analyzer
+                self.publisher.model_info = {"name": analyzer.bundle.name,
+                                             "version": analyzer.bundle.version}
+                # Workers that already hold the old analyzer finish with it.
+                threading.Timer(30.0, previous.close).start()
+                log.info("model switched to %s %s (%s)", analyzer.bundle.name,
+                         analyzer.bundle.version, analyzer.bundle.path)
+            elif new.model.threshold != old.model.threshold:
+                self.analyzer.threshold = (self.analyzer.bundle.threshold
+                                           if new.model.threshold is None
+                                           else new.model.threshold)
+            logging.getLogger("edge_runtime").setLevel(new.logging.level)
+            # Restart-only settings keep their running values until the next start.
+            self.config = new.model_copy(update={
+                "inbox": old.inbox, "journal": old.journal, "workers": old.workers,
+                "mqtt": old.mqtt.model_copy(update={"topic_prefix": new.mqtt.topic_prefix,
+                                                    "qos": new.mqtt.qos}),
+            })
+            self.last_error = None
+            log.info("configuration updated live: %s", ", ".join(changed))
+            if needs_restart:
+                log.warning("these settings take effect after a restart: %s",
+                            ", ".join(needs_restart))
+            self._publish_status_now()
+
+    def _reject_config(self, reason: str) -> None:
+        self.last_error = f"configuration update rejected: {reason}"
+        log.error("configuration update rejected, keeping the running configuration: %s",
+                  reason)
+        self._publish_status_now()
+
+    def _publish_status_now(self) -> None:
+        if self.config.mqtt.enabled and self.publisher.connected:
+            snapshot = self.health()
+            self.publisher.publish_status(snapshot["state"], snapshot["reason"],
+                                          snapshot["counters"], snapshot["last_error"])
 
     # -- health ------------------------------------------------------------------------
     def health(self) -> dict[str, Any]:
@@ -122,8 +215,10 @@ class EdgeService:
         state, reason = "online", None
         if self._blocked_reason:
             state, reason = "degraded", f"not taking new scans: {self._blocked_reason}"
-        elif not self.publisher.connected:
+        elif self.config.mqtt.enabled and not self.publisher.connected:
             state, reason = "degraded", "MQTT broker not reachable; results kept in the journal"
+        elif self.last_error and self.last_error.startswith("configuration update rejected"):
+            state, reason = "degraded", self.last_error
         return {
             "state": state,
             "reason": reason,
@@ -181,7 +276,12 @@ class EdgeService:
             self._queue.put(_STOP)
         for worker in self._workers:
             worker.join(timeout=max(0.1, deadline - time.monotonic()))
-        self.publisher.stop(timeout_s=max(1.0, deadline - time.monotonic()))
+        if self.config.mqtt.enabled:
+            self.publisher.stop(timeout_s=max(1.0, deadline - time.monotonic()))
+        for sink in self.sinks:
+            sink.stop(timeout_s=max(0.5, deadline - time.monotonic()))
+        if self.ipc is not None:
+            self.ipc.close()
         if self._heartbeat is not None:
             self._heartbeat.join(timeout=2)
         snapshot = self.health()
@@ -204,9 +304,10 @@ class EdgeService:
         signal.signal(signal.SIGINT, _handle)
         self.start()
         deadline = time.monotonic() + self.config.mqtt.connect_timeout_seconds
-        while not stop.is_set() and not self.publisher.connected and time.monotonic() < deadline:
+        while (self.config.mqtt.enabled and not stop.is_set() and not self.publisher.connected
+               and time.monotonic() < deadline):
             stop.wait(0.1)
-        if not stop.is_set() and not self.publisher.connected:
+        if self.config.mqtt.enabled and not stop.is_set() and not self.publisher.connected:
             log.warning(
                 "MQTT broker %s:%s not reachable yet; scans are still processed and their "
                 "results kept in the journal until it is",
@@ -342,13 +443,23 @@ class EdgeService:
                   file=path.name, sha256=sha256[:16], message_id=outcome.result["message_id"])
         self._count("processed")
         self.publisher.notify()
+        for sink in self.sinks:
+            sink.notify()
         self._dispose_done(path)
 
     def _deliveries(self, result: dict[str, Any]) -> list[Delivery]:
         """One outbox row per sink; each sink drains its rows independently."""
         payload = json.dumps(result, separators=(",", ":"), sort_keys=True)
-        mqtt_cfg = self.config.mqtt
-        return [Delivery("mqtt", mqtt_cfg.results_topic, payload, mqtt_cfg.qos)]
+        config = self.config
+        deliveries = []
+        if config.mqtt.enabled:
+            deliveries.append(Delivery("mqtt", config.mqtt.results_topic, payload, config.mqtt.qos))
+        if self.ipc is not None and config.greengrass.local_topic:
+            deliveries.append(Delivery("ipc-local", config.greengrass.local_topic, payload, 1))
+        if self.ipc is not None and config.greengrass.iot_core_topic:
+            cloud = json.dumps(cloud_payload(result), separators=(",", ":"), sort_keys=True)
+            deliveries.append(Delivery("ipc-iotcore", config.greengrass.iot_core_topic, cloud, 1))
+        return deliveries
 
     # -- outcomes on disk ---------------------------------------------------------------
     @staticmethod
@@ -403,3 +514,24 @@ class EdgeService:
                 shutil.move(str(path), self._unique_target(self.processed_dir, path.name))
         except FileNotFoundError:
             pass
+
+
+def _snake(name: str) -> str:
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in name).lstrip("_")
+
+
+def _snake_path(dotted: str) -> str:
+    return ".".join(_snake(part) for part in dotted.split("."))
+
+
+def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted PascalCase paths whose values differ."""
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        path = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += _changed_keys(a, b, path + ".")
+        elif a != b:
+            changed.append(path)
+    return changed
