@@ -111,11 +111,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from .greengrass import GreengrassIpc, running_under_greengrass
     from .service import EdgeService
 
-    config = load_config(args.config)
+    ipc = None
+    if args.config is None and running_under_greengrass():
+        # Started by the Greengrass nucleus: the component configuration is the source
+        # of truth, read (and later updated) over IPC.
+        ipc = GreengrassIpc()
+        config = ipc.load_config()
+    else:
+        config = load_config(args.config)
     configure_logging(config.logging.level, config.logging.format)
-    service = EdgeService(config)
+    if ipc is not None:
+        logging.getLogger("edge_runtime").info(
+            "configuration read from the Greengrass nucleus over IPC")
+    service = EdgeService(config, ipc=ipc)
     service.run_forever()
     return 0
 

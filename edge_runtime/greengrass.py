@@ -39,6 +39,7 @@ __all__ = [
     "GreengrassIpc",
     "IpcSink",
     "cloud_payload",
+    "resolve_recipe_variables",
     "running_under_greengrass",
 ]
 
@@ -68,6 +69,26 @@ def cloud_payload(result: dict[str, Any]) -> dict[str, Any]:
     return redacted
 
 
+def resolve_recipe_variables(config: dict[str, Any], environ: Any) -> dict[str, Any]:
+    """Resolve the recipe variables a nucleus without interpolateComponentConfiguration leaves.
+
+    ``Model.BundlePath`` names the model component's artifact folder and
+    ``Mqtt.ClientId`` the thing name; the lifecycle script exports the first as
+    ``EDGE_RUNTIME_MODEL_DIR`` and the nucleus always sets ``AWS_IOT_THING_NAME``.
+    """
+    config = copy.deepcopy(config)
+    model = config.get("Model")
+    model_dir = environ.get("EDGE_RUNTIME_MODEL_DIR")
+    if isinstance(model, dict) and "{" in str(model.get("BundlePath", "")) and model_dir:
+        model["BundlePath"] = model_dir
+    mqtt = config.get("Mqtt")
+    if isinstance(mqtt, dict) and "{iot:thingName}" in str(mqtt.get("ClientId", "")):
+        thing = environ.get("AWS_IOT_THING_NAME")
+        if thing:
+            mqtt["ClientId"] = str(mqtt["ClientId"]).replace("{iot:thingName}", thing)
+    return config
+
+
 class GreengrassIpc:
     """A thin, typed wrapper around ``GreengrassCoreIPCClientV2``."""
 
@@ -92,9 +113,10 @@ class GreengrassIpc:
         value.pop("accessControl", None)
         return value
 
-    def load_config(self) -> RuntimeConfig:
-        return RuntimeConfig.from_mapping(self.get_configuration(),
-                                          source="Greengrass component configuration")
+    def load_config(self, environ: dict[str, str] | None = None) -> RuntimeConfig:
+        config = resolve_recipe_variables(self.get_configuration(),
+                                          os.environ if environ is None else environ)
+        return RuntimeConfig.from_mapping(config, source="Greengrass component configuration")
 
     def subscribe_to_config_updates(self, on_update: Callable[[], None]) -> None:
         """Call ``on_update()`` (on the SDK's thread) whenever a deployment changes our config."""

@@ -29,7 +29,8 @@ from conftest import make_tiny_bundle
 from jsonschema import Draft7Validator
 
 from edge_runtime.bundle import load_bundle
-from edge_runtime.config import RuntimeConfig, load_config
+from edge_runtime.config import RuntimeConfig
+from edge_runtime.greengrass import resolve_recipe_variables
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUILD = REPO_ROOT / "components" / "build.py"
@@ -322,13 +323,16 @@ def test_run_script_hands_the_configuration_to_the_runtime(build_dir: Path, tmp_
     for path, value in _leaves(config, ""):
         values[f"configuration:{path}"] = _as_text(value)
     lifecycle = manifest_for(recipe, "amd64")["Lifecycle"]
-    env = {"PATH": os.environ["PATH"]}
+    env = {"PATH": os.environ["PATH"], "AWS_IOT_THING_NAME": "xray-room-1"}  # set by the nucleus
     env.update({k: _interpolate(str(v), values) for k, v in lifecycle["Setenv"].items()})
     subprocess.run(["sh", "-c", _interpolate(lifecycle["Run"]["Script"], values)], env=env, check=True,
                    timeout=60)
 
     handed_over = json.loads(dump.read_text(encoding="utf-8"))
-    loaded = load_config(environ=handed_over)
+    # The runtime gets its configuration over IPC (GetConfiguration: DefaultConfiguration,
+    # interpolated or not) and resolves what the nucleus left with the environment it got.
+    from_ipc = {k: v for k, v in config.items() if k != "accessControl"}
+    loaded = RuntimeConfig.from_mapping(resolve_recipe_variables(from_ipc, handed_over))
     assert loaded.model.bundle_path == decompressed / "pneumonia-cxr"
     assert loaded.mqtt.client_id == "edge-runtime-xray-room-1"
     assert loaded.model.threshold is None
@@ -364,8 +368,8 @@ def _model(build: Path) -> Path:
 BREAKAGES: dict[str, tuple[Callable[[Path], None], str, str, list[str]]] = {
     # name: (break the build, recipe reported, check, texts the message must contain)
     "bad-configuration-pointer": (
-        lambda b: _edit(_runtime(b), '"{configuration:/Mqtt/Host}"', '"{configuration:/Mqtt/Hostname}"'),
-        RUNTIME_RECIPE, "variable", ["/Mqtt/Hostname", "no key 'Hostname'", "did you mean /Mqtt/Host"]),
+        lambda b: _edit(_runtime(b), "{configuration:/Health/File}", "{configuration:/Health/Files}"),
+        RUNTIME_RECIPE, "variable", ["/Health/Files", "no key 'Files'", "did you mean /Health/File"]),
     "missing-artifact": (
         lambda b: (b / "artifacts" / MODEL / "0.1.0" / "pneumonia-cxr.zip").unlink(),
         MODEL_RECIPE, "artifact", ["pneumonia-cxr.zip", f"artifacts/{MODEL}/0.1.0/pneumonia-cxr.zip"]),
@@ -391,11 +395,11 @@ BREAKAGES: dict[str, tuple[Callable[[Path], None], str, str, list[str]]] = {
                         "exec '{work:path}/venv/bin/edge-runtime' run --tag {COMPONENT_VERSION}"),
         RUNTIME_RECIPE, "variable", ["{COMPONENT_VERSION}", "build placeholder"]),
     "setenv-from-wrong-key": (
-        lambda b: _edit(_runtime(b), 'EDGE_RUNTIME__MQTT__PORT: "{configuration:/Mqtt/Port}"',
-                        'EDGE_RUNTIME__MQTT__PORT: "{configuration:/Mqtt/Host}"'),
+        lambda b: _edit(_runtime(b), "EDGE_RUNTIME_MODEL_DIR: ",
+                        'EDGE_RUNTIME__MQTT__PORT: "{configuration:/Mqtt/Host}"\n        X: '),
         RUNTIME_RECIPE, "setenv", ["EDGE_RUNTIME__MQTT__PORT", "Mqtt.Port", "/Mqtt/Host"]),
     "setenv-unknown-setting": (
-        lambda b: _edit(_runtime(b), "EDGE_RUNTIME__WORKERS:", "EDGE_RUNTIME__WORKER_COUNT:"),
+        lambda b: _edit(_runtime(b), "EDGE_RUNTIME_MODEL_DIR:", "EDGE_RUNTIME__WORKER_COUNT:"),
         RUNTIME_RECIPE, "setenv", ["EDGE_RUNTIME__WORKER_COUNT", "does not name a RuntimeConfig setting"]),
     "null-value": (
         lambda b: _edit(_runtime(b), '      Threshold: ""\n', "      Threshold: null\n"),
