@@ -160,7 +160,7 @@ class GreengrassIpc:
     def close(self) -> None:
         for operation in self._subscriptions:
             try:
-                operation.close()
+                operation.close().result(timeout=2)
             except Exception:
                 log.debug("closing a subscription failed", exc_info=True)
         self._subscriptions.clear()

@@ -1,0 +1,145 @@
+"""The runtime under a (fake) Greengrass nucleus, through the real awsiotsdk IPC client.
+
+The configuration comes from GetConfiguration; config-only deployments arrive as
+SubscribeToConfigurationUpdate events and are applied live or rejected; results
+go to local pub/sub and, de-identified, to IoT Core; the component reports RUNNING.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jsonschema
+import pytest
+from conftest import make_tiny_bundle
+from ggipc import FakeNucleus
+
+from edge_runtime.greengrass import GreengrassIpc
+from edge_runtime.results import load_schema
+from edge_runtime.service import EdgeService
+
+COMPONENT = "com.healthdiag.EdgeInference"
+SIIM = "dicom/siim_torchxrayvision/1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
+RESULT_VALIDATOR = jsonschema.Draft202012Validator(load_schema("result-v1"))
+
+
+def component_configuration(tmp_path: Path, bundle: Path) -> dict:
+    """What the nucleus holds: the recipe's DefaultConfiguration shape, with test paths."""
+    return {
+        "Inbox": {"Path": str(tmp_path / "inbox"), "QuarantinePath": str(tmp_path / "q"),
+                  "ProcessedPath": "", "SettleSeconds": 0.2, "RescanIntervalSeconds": 0.5},
+        "Model": {"BundlePath": str(bundle), "Backend": "onnxruntime", "Threshold": ""},
+        "Mqtt": {"Enabled": False},
+        "Journal": {"Path": str(tmp_path / "journal.sqlite3")},
+        "Greengrass": {"LocalTopic": "healthdiag/edge/results",
+                       "IotCoreTopic": "healthdiag/edge/cloud/results"},
+        "Health": {"HeartbeatSeconds": 1, "File": str(tmp_path / "health.json")},
+        "accessControl": {"aws.greengrass.ipc.pubsub": {}},
+    }
+
+
+@pytest.fixture()
+def nucleus_service(tmp_path: Path, monkeypatch):
+    bundle = make_tiny_bundle(tmp_path / "model-0.0.1")
+    nucleus = FakeNucleus(component_name=COMPONENT,
+                          configuration=component_configuration(tmp_path, bundle)).start()
+    for key, value in nucleus.env().items():
+        monkeypatch.setenv(key, value)
+    ipc = GreengrassIpc()
+    service = EdgeService(ipc.load_config(), ipc=ipc)
+    service.start()
+    yield nucleus, service
+    service.stop()
+    nucleus.stop()
+
+
+def drop(src: Path, inbox: Path, name: str) -> None:
+    part = inbox / f"{name}.part"
+    part.write_bytes(src.read_bytes())
+    part.rename(inbox / name)
+
+
+def local_results(nucleus: FakeNucleus) -> list[dict]:
+    return [call["publishMessage"]["jsonMessage"]["message"]
+            for call in nucleus.calls_for("PublishToTopic")]
+
+
+def wait_results(nucleus: FakeNucleus, n: int, timeout: float = 20.0) -> list[dict]:
+    nucleus.wait_until(lambda: len(local_results(nucleus)) >= n, timeout=timeout)
+    return local_results(nucleus)
+
+
+def test_reports_running_and_publishes_to_local_pubsub_and_deidentified_to_iot_core(
+        shared_data: Path, nucleus_service):
+    nucleus, service = nucleus_service
+    nucleus.wait_for_call("UpdateState", lambda r: r["state"] == "RUNNING")
+    assert service.config.inbox.path.name == "inbox"  # from GetConfiguration, not defaults
+    drop(shared_data / SIIM, service.config.inbox.path, "chest.dcm")
+    (result,) = wait_results(nucleus, 1)
+    RESULT_VALIDATOR.validate(result)
+    assert result["input"]["sop_instance_uid"].startswith("1.2.276")
+    nucleus.wait_until(lambda: len(nucleus.calls_for("PublishToIoTCore")) >= 1)
+    (cloud_call,) = nucleus.calls_for("PublishToIoTCore")
+    assert cloud_call["topicName"] == "healthdiag/edge/cloud/results"
+    assert cloud_call["qos"] == "1"
+    cloud = json.loads(cloud_call["payload"])
+    text = json.dumps(cloud)
+    assert set(cloud["input"]) <= {"kind", "decoder", "modality", "body_part_examined",
+                                   "view_position", "rows", "columns", "bits_stored",
+                                   "photometric_interpretation"}
+    for key in ("sop_instance_uid", "study_instance_uid", "series_instance_uid", "file_name",
+                "sha256"):
+        assert str(result["input"][key]) not in text, f"input {key} leaked to the cloud"
+    assert "host" not in cloud["runtime"]
+    assert cloud["message_id"] == result["message_id"]
+    assert cloud["findings"] == result["findings"]
+    assert cloud["input"]["modality"] == "CR"
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and service.journal.counts()["outbox_pending"]:
+        time.sleep(0.05)
+    assert service.journal.counts()["outbox_pending"] == 0
+
+
+def test_threshold_update_applies_live_and_invalid_update_is_rejected(shared_data: Path,
+                                                                      nucleus_service):
+    nucleus, service = nucleus_service
+    inbox = service.config.inbox.path
+    jpeg = shared_data / "cxr/kermany_pneumonia_224/test/NORMAL/IM-0001-0001.jpeg"
+    drop(jpeg, inbox, "before.jpeg")
+    (before,) = wait_results(nucleus, 1)
+    assert before["findings"][0]["threshold"] == 0.5
+    nucleus.set_configuration(COMPONENT, ["Model", "Threshold"], 0.0)
+    nucleus.wait_until(lambda: service.config.model.threshold == 0.0)
+    drop(shared_data / "cxr/kermany_pneumonia_224/test/NORMAL/IM-0003-0001.jpeg", inbox,
+         "after.jpeg")
+    after = wait_results(nucleus, 2)[1]
+    assert after["findings"][0]["threshold"] == 0.0 and after["decision"]["positive"] is True
+    # An invalid value is rejected; the running configuration stays and says why.
+    nucleus.set_configuration(COMPONENT, ["Mqtt", "Qos"], 7)
+    nucleus.wait_until(lambda: "rejected" in (service.last_error or ""))
+    assert service.config.mqtt.qos == 1 and service.config.model.threshold == 0.0
+    health = service.health()
+    assert health["state"] == "degraded" and "Mqtt.Qos" in health["reason"]
+
+
+def test_model_hot_swap_rejects_a_bad_bundle_and_takes_a_good_one(shared_data: Path,
+                                                                  nucleus_service, tmp_path: Path):
+    nucleus, service = nucleus_service
+    inbox = service.config.inbox.path
+    tampered = make_tiny_bundle(tmp_path / "tampered", version="0.0.2")
+    (tampered / "model.onnx").write_bytes((tampered / "model.onnx").read_bytes() + b"\0")
+    nucleus.set_configuration(COMPONENT, ["Model", "BundlePath"], str(tampered))
+    nucleus.wait_until(lambda: "model bundle rejected" in (service.last_error or ""))
+    assert "does not match its manifest" in service.last_error
+    drop(shared_data / "cxr/kermany_pneumonia_224/test/NORMAL/IM-0005-0001.jpeg", inbox,
+         "during.jpeg")
+    assert wait_results(nucleus, 1)[0]["model"]["version"] == "0.0.1"  # old model kept
+    good = make_tiny_bundle(tmp_path / "good", version="0.0.2")
+    nucleus.set_configuration(COMPONENT, ["Model", "BundlePath"], str(good))
+    nucleus.wait_until(lambda: service.analyzer.bundle.version == "0.0.2")
+    drop(shared_data / "cxr/kermany_pneumonia_224/test/NORMAL/IM-0006-0001.jpeg", inbox,
+         "swapped.jpeg")
+    assert wait_results(nucleus, 2)[1]["model"]["version"] == "0.0.2"
+    assert service.last_error is None
