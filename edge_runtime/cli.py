@@ -15,7 +15,6 @@ from pathlib import Path
 from . import __version__
 from .bundle import default_bundle_path, load_bundle
 from .config import ENV_PREFIX, load_config
-from .decode import DecodeLimits
 from .errors import ConfigError, EdgeRuntimeError, InputError
 from .logs import configure_logging
 
@@ -136,18 +135,7 @@ def _cmd_process(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     configure_logging("WARNING", config.logging.format)
-    analyzer = ScanAnalyzer.from_bundle_path(
-        config.model.bundle_path or default_bundle_path(),
-        config.model.backend,
-        threads=config.model.threads,
-        limits=DecodeLimits(max_pixels=config.decode.max_pixels),
-        threshold=config.model.threshold,
-        enforce_intended_use=config.intake.enforce_intended_use,
-        require_tags=config.intake.require_tags,
-        isolate=config.decode.isolate,
-        decode_timeout_s=config.decode.timeout_seconds,
-        decode_memory_mb=config.decode.memory_limit_mb,
-    )
+    analyzer = ScanAnalyzer.from_config(config)
     failures = 0
     for path in args.files:
         try:

@@ -8,7 +8,6 @@ so ``edge-runtime process FILE`` and the service use the very same code.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -19,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from .backends import Backend, create_backend
-from .bundle import ModelBundle, load_bundle
+from .bundle import ModelBundle, default_bundle_path, load_bundle, sha256_file
+from .config import RuntimeConfig
 from .decode import DecodedImage, DecodeLimits, decode_file
 from .errors import EdgeRuntimeError, UnsupportedImage
 from .intake import IntakePolicy
@@ -33,12 +33,9 @@ __all__ = ["ScanAnalyzer", "ScanOutcome", "file_sha256"]
 log = logging.getLogger(__name__)
 
 
-def file_sha256(path: Path, chunk_size: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
+def file_sha256(path: Path) -> str:
+    """Content hash of an input file (the journal's identity for it)."""
+    return sha256_file(path)
 
 
 @dataclass(frozen=True)
@@ -108,6 +105,22 @@ class ScanAnalyzer:
         return cls(bundle, backend, limits=limits, threshold=threshold, policy=policy,
                    isolate=isolate, decode_timeout_s=decode_timeout_s,
                    decode_memory_mb=decode_memory_mb)
+
+    @classmethod
+    def from_config(cls, config: RuntimeConfig) -> ScanAnalyzer:
+        """The analyzer a configuration describes (loads and verifies the model bundle)."""
+        return cls.from_bundle_path(
+            config.model.bundle_path or default_bundle_path(),
+            config.model.backend,
+            threads=config.model.threads,
+            limits=DecodeLimits(max_pixels=config.decode.max_pixels),
+            threshold=config.model.threshold,
+            enforce_intended_use=config.intake.enforce_intended_use,
+            require_tags=config.intake.require_tags,
+            isolate=config.decode.isolate,
+            decode_timeout_s=config.decode.timeout_seconds,
+            decode_memory_mb=config.decode.memory_limit_mb,
+        )
 
     def _buffer(self) -> np.ndarray:
         buf = getattr(self._local, "buf", None)

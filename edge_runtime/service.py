@@ -29,9 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .bundle import default_bundle_path
 from .config import RuntimeConfig
-from .decode import DecodeLimits
 from .errors import EdgeRuntimeError, InputError
 from .greengrass import GreengrassIpc, IpcSink, cloud_payload, config_update_handler
 from .ingest import InboxWatcher, ReadyFile
@@ -121,18 +119,7 @@ class EdgeService:
     @staticmethod
     def _build_analyzer(config: RuntimeConfig) -> ScanAnalyzer:
         """Load and verify the model bundle (raises ModelBundleError/BackendError)."""
-        return ScanAnalyzer.from_bundle_path(
-            config.model.bundle_path or default_bundle_path(),
-            config.model.backend,
-            threads=config.model.threads,
-            limits=DecodeLimits(max_pixels=config.decode.max_pixels),
-            threshold=config.model.threshold,
-            enforce_intended_use=config.intake.enforce_intended_use,
-            require_tags=config.intake.require_tags,
-            isolate=config.decode.isolate,
-            decode_timeout_s=config.decode.timeout_seconds,
-            decode_memory_mb=config.decode.memory_limit_mb,
-        )
+        return ScanAnalyzer.from_config(config)
 
     # -- live configuration ------------------------------------------------------------
     _RESTART_SECTIONS = ("inbox", "journal", "workers")
