@@ -43,7 +43,8 @@ CREATE TABLE IF NOT EXISTS inputs (
     path          TEXT NOT NULL,
     size_bytes    INTEGER NOT NULL,
     state         TEXT NOT NULL CHECK (state IN ('queued','processing','done','quarantined')),
-    attempts      INTEGER NOT NULL DEFAULT 0,
+    attempts      INTEGER NOT NULL DEFAULT 0,  -- times processing started
+    failures      INTEGER NOT NULL DEFAULT 0,  -- starts that ended in an operational error
     message_id    TEXT,
     result_json   TEXT,
     error_json    TEXT,
@@ -78,6 +79,7 @@ class InputRecord:
     attempts: int
     message_id: str | None
     error: dict[str, Any] | None
+    failures: int = 0
 
 
 @dataclass(frozen=True)
@@ -178,9 +180,10 @@ class Journal:
             attempts=row[5],
             message_id=row[6],
             error=json.loads(row[7]) if row[7] else None,
+            failures=row[8],
         )
 
-    _COLUMNS = "id, sha256, file_name, path, state, attempts, message_id, error_json"
+    _COLUMNS = "id, sha256, file_name, path, state, attempts, message_id, error_json, failures"
 
     def close(self) -> None:
         with self._lock:
@@ -252,6 +255,15 @@ class Journal:
                     created.append(OutboxMessage(cur.lastrowid or 0, result["message_id"],
                                                  d.topic, d.payload, d.qos, d.sink))
         return created
+
+    def record_failure(self, input_id: int) -> int:
+        """An attempt ended in an operational error (not the file's fault); returns the count."""
+        with self._tx() as db:
+            db.execute("UPDATE inputs SET failures=failures+1, updated_utc=? WHERE id=?",
+                       (utc_now(), input_id))
+            (failures,) = db.execute("SELECT failures FROM inputs WHERE id=?",
+                                     (input_id,)).fetchone()
+        return int(failures)
 
     def record_quarantine(self, input_id: int, error: dict[str, Any]) -> None:
         with self._tx() as db:

@@ -129,15 +129,23 @@ class ScanAnalyzer:
             self._local.buf = buf
         return buf
 
-    def _decode(self, path: Path) -> DecodedImage:
-        if not self.isolate:
-            return decode_file(path, self.limits)
+    def _sandbox(self) -> DecodeSandbox:
         sandbox = getattr(self._local, "sandbox", None)
         if sandbox is None:
             sandbox = DecodeSandbox(self.decode_timeout_s, self.decode_memory_mb)
             self._local.sandbox = sandbox
             self._sandboxes.append(sandbox)
-        return sandbox.decode(path, self.limits)
+        return sandbox
+
+    def warm_up(self) -> None:
+        """Start this thread's decoder process before the first scan arrives."""
+        if self.isolate:
+            self._sandbox().warm_up()
+
+    def _decode(self, path: Path) -> DecodedImage:
+        if not self.isolate:
+            return decode_file(path, self.limits)
+        return self._sandbox().decode(path, self.limits)
 
     def analyze(self, path: Path, sha256: str | None = None,
                 timings_ms: dict[str, float] | None = None) -> ScanOutcome:

@@ -91,6 +91,9 @@ def _child_main(conn: Connection, registry: dict[str, str], memory_bytes: int) -
             return
         if request is None:
             return
+        if request == "ping":
+            conn.send(("pong",))
+            continue
         path, max_pixels = request
         try:
             image = decode_file(Path(path), DecodeLimits(max_pixels=max_pixels))
@@ -136,6 +139,16 @@ class DecodeSandbox:
         if self._conn is not None:
             self._conn.close()
         self._proc, self._conn = None, None
+
+    def warm_up(self, timeout_s: float = 60.0) -> None:
+        """Start the child now and wait until it answers, so the first scan does not pay."""
+        with self._lock:
+            if self._proc is None or not self._proc.is_alive():
+                self._start()
+            assert self._conn is not None
+            self._conn.send("ping")
+            if self._conn.poll(timeout_s):
+                self._conn.recv()
 
     def decode(self, path: Path, limits: DecodeLimits) -> DecodedImage:
         """Decode ``path`` in the child; raises the same InputErrors as in-process decoding."""

@@ -43,6 +43,8 @@ __all__ = ["EdgeService"]
 
 log = logging.getLogger(__name__)
 
+#: Starts without an outcome (the process died mid-scan) tolerated per Journal.MaxAttempts.
+_INTERRUPTIONS_PER_ATTEMPT = 5
 _STOP = ReadyFile(float("inf"), Path("/"), 0, 0.0)
 
 
@@ -355,6 +357,10 @@ class EdgeService:
             self.counters[key] += 1
 
     def _work(self) -> None:
+        try:
+            self.analyzer.warm_up()
+        except Exception:
+            log.exception("could not start the decoder process in advance; it starts on demand")
         while True:
             item = self._queue.get()
             if item is _STOP:
@@ -398,26 +404,35 @@ class EdgeService:
             self._move_to_quarantine(path, record.error or {})
             return
         attempt = record.attempts
-        if attempt > self.config.journal.max_attempts:
-            error = self._error_doc(path, sha256, attempt - 1, {
-                "code": "processing_failed_repeatedly",
-                "error": f"{path.name} failed {attempt - 1} times without a usable result.",
-                "action": "See the service log for the failures; resend the scan once fixed.",
+        max_attempts = self.config.journal.max_attempts
+        if attempt > max_attempts * _INTERRUPTIONS_PER_ATTEMPT:
+            # Started this often and never finished: the service died each time (power,
+            # OOM killer, a crash in the inference engine). Stop the loop.
+            self._quarantine(path, sha256, record.id, attempt - 1, {
+                "code": "processing_interrupted_repeatedly",
+                "error": f"Processing {path.name} was interrupted {attempt - 1} times (the "
+                         "service stopped or crashed while working on it).",
+                "action": "Check the service log and the system journal for crashes or the "
+                          "OOM killer; resend the scan once fixed.",
             })
-            self.journal.record_quarantine(record.id, error)
-            self._move_to_quarantine(path, error)
             return
         try:
             outcome = self.analyzer.analyze(path, sha256, {"queue": queue_ms, "hash": hash_ms})
         except InputError as exc:
-            error = self._error_doc(path, sha256, attempt, exc.to_dict())
-            self.journal.record_quarantine(record.id, error)
-            self._move_to_quarantine(path, error)
+            self._quarantine(path, sha256, record.id, attempt, exc.to_dict())
             return
         except EdgeRuntimeError as exc:
+            failures = self.journal.record_failure(record.id)
             self.last_error = f"{path.name}: {exc.message}"
-            log.error("attempt %d/%d on %s failed: %s (%s)", attempt,
-                      self.config.journal.max_attempts, path.name, exc.message, exc.action)
+            log.error("attempt %d/%d on %s failed: %s (%s)", failures, max_attempts, path.name,
+                      exc.message, exc.action)
+            if failures >= max_attempts:
+                self._quarantine(path, sha256, record.id, attempt, {
+                    "code": "processing_failed_repeatedly",
+                    "error": f"{path.name} failed {failures} times without a usable result; "
+                             f"last error: {exc.message}",
+                    "action": exc.action,
+                })
             return
         created = self.journal.record_result(record.id, outcome.result,
                                              self._deliveries(outcome.result))
@@ -449,6 +464,12 @@ class EdgeService:
         return deliveries
 
     # -- outcomes on disk ---------------------------------------------------------------
+    def _quarantine(self, path: Path, sha256: str, input_id: int, attempts: int,
+                    error: dict[str, str]) -> None:
+        document = self._error_doc(path, sha256, attempts, error)
+        self.journal.record_quarantine(input_id, document)
+        self._move_to_quarantine(path, document)
+
     @staticmethod
     def _error_doc(path: Path, sha256: str, attempts: int, error: dict[str, str]) -> dict[str, Any]:
         return {

@@ -118,4 +118,6 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(
     assert by_input == expected, "some inputs have no delivered result"
     assert len(delivered) == len(expected)
     assert sorted(q["file"] for q in quarantined) == sorted(bad)
+    codes = {q["file"]: q["code"] for q in quarantined}
+    assert codes == {"truncated.dcm": "corrupt_image", "notes.dcm": "not_an_image"}
     assert all((quarantine / q["file"]).is_file() for q in quarantined)

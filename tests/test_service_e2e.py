@@ -378,3 +378,40 @@ def test_full_outbox_leaves_new_scans_in_the_inbox_until_the_broker_is_back(
     finally:
         service.stop()
         broker.stop()
+
+
+def test_operational_failures_are_retried_then_quarantined(shared_data, tiny_bundle, running,
+                                                          subscriber_factory):
+    """A backend fault is not the file's fault: retried, and quarantined only after MaxAttempts."""
+    from edge_runtime.errors import BackendError
+
+    service, config = running(tiny_bundle)
+    sub = subscriber_factory(config.mqtt.results_topic)
+    calls = {"n": 0}
+    real_infer = service.analyzer.backend.infer
+
+    def flaky(batch):
+        calls["n"] += 1
+        if calls["n"] <= 1:
+            raise BackendError("simulated engine fault")
+        return real_infer(batch)
+
+    service.analyzer.backend.infer = flaky
+    drop(shared_data / "cxr/kermany_pneumonia_224/test/NORMAL/IM-0010-0001.jpeg",
+         config.inbox.path, "retry.jpeg")
+    sub.wait_for(lambda ps: len(ps) >= 1, timeout_s=20)  # second attempt succeeds
+    assert calls["n"] == 2
+
+    def broken(batch):
+        raise BackendError("engine down")
+
+    service.analyzer.backend.infer = broken
+    drop(shared_data / "cxr/kermany_pneumonia_224/test/NORMAL/IM-0011-0001.jpeg",
+         config.inbox.path, "doomed.jpeg")
+    error_file = config.inbox.quarantine_path / "doomed.jpeg.error.json"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not error_file.exists():
+        time.sleep(0.1)
+    error = json.loads(error_file.read_text())
+    assert error["code"] == "processing_failed_repeatedly"
+    assert "engine down" in error["error"] and error["attempts"] == 3

@@ -106,10 +106,10 @@ class DicomDecoder:
                 action="Copy the image files the DICOMDIR refers to into the inbox, not the index.",
             )
         if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-            if "Rows" in ds:
+            if "Rows" in ds or _is_image_storage(sop_class):
                 raise CorruptImage(
                     f"{path.name} (SOP Instance {metadata.get('sop_instance_uid', '?')}) "
-                    "declares an image but has no pixel data: the file is truncated."
+                    "is an image object but has no pixel data: the file is truncated."
                 )
             raise UnsupportedImage(
                 f"{path.name} has no pixel data (SOP Class {sop_class or 'unknown'}: e.g. a "
@@ -145,6 +145,23 @@ class DicomDecoder:
                      path.name, exc.message.splitlines()[0], tool)
         grey = _to_display_grey(arr, ds, photometric)
         return DecodedImage(pixels=grey, kind="dicom", decoder=decoder_name, metadata=metadata)
+
+
+# Storage SOP classes under 1.2.840.10008.5.1.4.1.1. that carry no pixel data (PS3.4 B.5):
+# presentation states (11.x), structured reports and KOS (88.x), waveforms (9.x),
+# raw data (66), spatial registration/fiducials (66.x), encapsulated documents (104.x),
+# RT plans/structure sets/doses-as-data (481.2-481.9 and higher).
+_NON_IMAGE_PREFIXES = tuple(
+    f"1.2.840.10008.5.1.4.1.1.{suffix}"
+    for suffix in ("11.", "88.", "9.", "66", "104.", "481.2", "481.3", "481.4", "481.5",
+                   "481.6", "481.7", "481.8", "481.9", "78.", "79.", "80.", "81.", "82.")
+)
+
+
+def _is_image_storage(sop_class: str) -> bool:
+    """An image storage SOP class: missing pixel data means the file was cut short."""
+    return sop_class.startswith("1.2.840.10008.5.1.4.1.1.") and not sop_class.startswith(
+        _NON_IMAGE_PREFIXES)
 
 
 def _check_decoder_available(ds: Any, path: Path) -> None:
