@@ -119,6 +119,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         # of truth, read (and later updated) over IPC.
         ipc = GreengrassIpc()
         config = ipc.load_config()
+        if config.model.bundle_path is None:
+            raise ConfigError(
+                "Model.BundlePath is empty in the Greengrass configuration, so the runtime would "
+                "run the model copy inside its own wheel instead of the deployed model component.",
+                action="Set Model.BundlePath to {com.healthdiag.model.PneumoniaCXR:artifacts:"
+                "decompressedPath}/pneumonia-cxr (the recipe default) and redeploy.",
+            )
     else:
         config = load_config(args.config)
     configure_logging(config.logging.level, config.logging.format)

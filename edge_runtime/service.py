@@ -43,6 +43,8 @@ __all__ = ["EdgeService"]
 
 log = logging.getLogger(__name__)
 
+#: Budget for a graceful stop after SIGTERM (the Greengrass nucleus waits about 5 s).
+STOP_TIMEOUT_S = 4.0
 #: Starts without an outcome (the process died mid-scan) tolerated per Journal.MaxAttempts.
 _INTERRUPTIONS_PER_ATTEMPT = 5
 _STOP = ReadyFile(float("inf"), Path("/"), 0, 0.0)
@@ -304,7 +306,9 @@ class EdgeService:
             )
         while not stop.wait(1.0):
             pass
-        self.stop()
+        # Greengrass and systemd kill a component a few seconds after SIGTERM: scans not
+        # finished by then stay 'processing' in the journal and are redone at the next start.
+        self.stop(timeout_s=STOP_TIMEOUT_S)
 
     # -- work --------------------------------------------------------------------------
     def _enqueue(self, item: ReadyFile) -> None:
