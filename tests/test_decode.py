@@ -138,3 +138,26 @@ def test_dicom_without_pixels_is_unsupported(shared_data, tmp_path: Path):
     ds.save_as(tmp_path / "report.dcm")
     with pytest.raises(UnsupportedImage, match="no pixel data"):
         decode_file(tmp_path / "report.dcm")
+
+
+def test_dicomdir_is_refused_with_advice(shared_data, tmp_path: Path):
+    import pydicom
+    from pydicom.fileset import FileSet
+
+    fs = FileSet()
+    fs.add(pydicom.dcmread(shared_data / "dicom/pydicom_testfiles/CT_small.dcm"))
+    fs.write(tmp_path / "media")
+    with pytest.raises(UnsupportedImage, match="DICOMDIR") as info:
+        decode_file(tmp_path / "media" / "DICOMDIR")
+    assert "image files the DICOMDIR refers to" in info.value.action
+
+
+def test_unsupported_photometric_interpretation(shared_data, tmp_path: Path):
+    import pydicom
+
+    ds = pydicom.dcmread(shared_data / "dicom/pydicom_testfiles/CT_small.dcm")
+    ds.PhotometricInterpretation = "HSV"  # retired, nothing decodes it to grey
+    ds.save_as(tmp_path / "hsv.dcm")
+    with pytest.raises(UnsupportedImage, match="'HSV'") as info:
+        decode_file(tmp_path / "hsv.dcm")
+    assert "MONOCHROME1/2" in info.value.action
