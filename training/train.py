@@ -250,7 +250,7 @@ def _train_head(
     return best_auc, history
 
 
-def _set_train_mode(staged: StagedModel, cut: int, freeze_bn: bool) -> None:
+def _set_train_mode(staged: StagedModel, freeze_bn: bool) -> None:
     staged.model.train()
     if freeze_bn:
         for module in staged.model.modules():
@@ -295,7 +295,7 @@ def _finetune(
         return loss_fn(logits, y[torch.from_numpy(idx)])
 
     # Timing probe: forward+backward of a few batches (gradients discarded), one eval batch.
-    _set_train_mode(staged, cut, cfg.freeze_bn)
+    _set_train_mode(staged, cfg.freeze_bn)
     probe_times = []
     for _ in range(4):
         idx = rng.choice(n, size=min(cfg.batch_size, n), replace=False)
@@ -318,17 +318,20 @@ def _finetune(
         f"~{epoch_s:.0f} s/epoch; {remaining:.0f} s left in the budget -> {epochs} epoch(s) "
         f"(max {cfg.epochs})"
     )
-    total_steps = epochs * steps_per_epoch
-    warmup = min(cfg.warmup_steps, total_steps // 4)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, total_steps, warmup))
+    first_plan = epochs
+    # Mutable so the schedule can be shortened if the machine turns out slower than probed.
+    plan = {"total_steps": epochs * steps_per_epoch}
+    warmup = min(cfg.warmup_steps, plan["total_steps"] // 4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, plan["total_steps"], warmup))
 
     best_auc, best_epoch = -1.0, 0
     best_state = copy.deepcopy(model.state_dict())
     history: list[dict[str, float]] = []
     stale = 0
-    for epoch in range(epochs):
+    epoch = 0
+    while epoch < epochs:
         t_epoch = time.perf_counter()
-        _set_train_mode(staged, cut, cfg.freeze_bn)
+        _set_train_mode(staged, cfg.freeze_bn)
         order = rng.permutation(n)
         view_of = rng.integers(0, views, size=n)
         running, seen = 0.0, 0
@@ -373,14 +376,24 @@ def _finetune(
         if stale >= cfg.patience:
             tqdm.write(f"  early stop: no val-AUC gain for {cfg.patience} epochs")
             break
-        if time.monotonic() + epoch_s > deadline and epoch + 1 < epochs:
-            tqdm.write("  stopping: the next epoch would exceed the time budget")
-            break
+        epoch += 1
+        # Re-plan from the measured epoch time (other jobs may share the CPU): shorten the
+        # cosine schedule rather than stop half-way with the learning rate still high.
+        epoch_s = max(h["seconds"] for h in history)
+        affordable = max(epoch, epoch + int((deadline - time.monotonic()) // epoch_s))
+        if affordable < epochs:
+            epochs = affordable
+            plan["total_steps"] = epochs * steps_per_epoch
+            tqdm.write(
+                f"  re-planned: epochs take ~{epoch_s:.0f} s, so {epochs} epoch(s) fit the budget; "
+                "the cosine schedule is shortened to end there"
+            )
     model.load_state_dict(best_state)
     return {
         "best_val_auc": best_auc,
         "best_epoch": best_epoch,
-        "epochs_planned": epochs,
+        "epochs_planned": first_plan,
+        "epochs_final_plan": epochs,
         "epochs_run": len(history),
         "step_seconds": step_s,
         "history": history,
@@ -482,7 +495,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "config": cfg.to_json(),
         "model": cfg.model,
         "cut": cut,
-        "trainable_blocks": f"{cut}..{staged.num_blocks - 1} + head conv + classifier",
+        "trainable_blocks": (
+            f"blocks {cut}-{staged.num_blocks - 1} of {staged.num_blocks} + head conv + classifier"
+        ),
         "data": {
             "root": str(root),
             "train": {
