@@ -71,6 +71,9 @@ class PreprocessSpec:
     version: int = field(default=1)
 
     def __post_init__(self) -> None:
+        # Keep the dataclass hashable and its hash stable whatever sequence type was passed.
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
         problems = []
         if self.height < 1 or self.width < 1:
             problems.append(f"size must be positive, got {self.height}x{self.width}")

@@ -64,6 +64,10 @@ def test_manifest_input_that_disagrees_with_the_model_is_refused(tmp_path: Path)
     _rewrite_manifest(bundle_dir, input__name="pixels")
     with pytest.raises(ModelBundleError, match="names its input 'input'"):
         create_backend("onnxruntime").load(load_bundle(bundle_dir))
+    bundle_dir = make_tiny_bundle(tmp_path / "b3")
+    _rewrite_manifest(bundle_dir, output__name="logits")
+    with pytest.raises(ModelBundleError, match="names its first output 'probabilities'"):
+        create_backend("onnxruntime").load(load_bundle(bundle_dir))
 
 
 def test_inconsistent_manifest_values(tmp_path: Path):

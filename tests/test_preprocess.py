@@ -79,3 +79,8 @@ def test_edge_runtime_never_imports_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_spec_built_with_lists_equals_spec_built_with_tuples():
+    assert PreprocessSpec(mean=[0.5], std=[0.5]) == PreprocessSpec(mean=(0.5,), std=(0.5,))
+    assert PreprocessSpec(mean=[0.5]).sha256 == PreprocessSpec().sha256

@@ -70,6 +70,14 @@ class OnnxRuntimeBackend:
                 f"preprocessing produces {['batch', *want]}.",
                 action="Repackage the bundle so its preprocessing matches the model.",
             )
+        output_name = bundle.manifest["output"].get("name")
+        outputs = [o.name for o in session.get_outputs()]
+        if output_name and output_name != outputs[0]:
+            raise ModelBundleError(
+                f"{artifact.path} names its first output {outputs[0]!r}, but the manifest says "
+                f"{output_name!r}.",
+                action="Repackage the bundle so the manifest describes this model.",
+            )
         self._session = session
         self._input_name = declared.name
 
