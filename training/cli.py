@@ -1,4 +1,4 @@
-"""Command line: ``python -m training {pipeline,train,export,evaluate,package}``.
+"""Command line: ``python -m training {pipeline,train,export,evaluate,package,evaluate-report}``.
 
 ``pipeline`` is the one-shot path that produced the bundled default model::
 
@@ -155,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("package", help="write model.int8.onnx, MODEL_CARD.md and manifest.json")
     _add_run(p)
     _add_bundle(p)
+
+    from .evaluation_report import add_report_parser
+
+    add_report_parser(sub)
     return parser
 
 
@@ -218,6 +222,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         _evaluate(args)
     if args.command in ("package", "pipeline"):
         _package(args)
+    if args.command == "evaluate-report":
+        from .evaluation_report import run_from_args
+
+        run_from_args(args)
     elapsed = time.monotonic() - start
     print(f"{args.command} finished in {elapsed / 60:.1f} min ({elapsed:.0f} s)", file=sys.stderr)
     return 0

@@ -15,11 +15,20 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "average_precision",
     "binary_metrics",
     "bootstrap_auc_ci",
     "choose_threshold",
     "confusion",
+    "confusion_matrix",
+    "expected_calibration_error",
+    "precision_recall_curve",
+    "predictive_values",
+    "reliability_bins",
     "roc_auc",
+    "roc_curve",
+    "subgroup_metrics",
+    "wilson_interval",
 ]
 
 
@@ -162,3 +171,194 @@ def bootstrap_auc_ci(
         raise ValueError("No bootstrap resample held both classes.")
     lo, hi = np.quantile(values, [alpha / 2.0, 1.0 - alpha / 2.0])
     return float(lo), float(hi)
+
+
+def confusion_matrix(y: Any, p: Any, threshold: float) -> np.ndarray:
+    """The 2x2 confusion matrix ``[[TN, FP], [FN, TP]]`` at ``threshold``.
+
+    Rows are the true class and columns the call, both in label-id order
+    (0 = NORMAL, 1 = PNEUMONIA), the layout of the report's table and heatmap,
+    so that a row sums to that class's count. Same counts as :func:`confusion`.
+    """
+    c = confusion(y, p, threshold)
+    return np.array([[c["tn"], c["fp"]], [c["fn"], c["tp"]]], dtype=np.int64)
+
+
+def predictive_values(y: Any, p: Any, threshold: float) -> dict[str, float]:
+    """PPV = TP / (TP + FP) and NPV = TN / (TN + FN) at ``threshold``; NaN when nothing is called.
+
+    Unlike sensitivity and specificity these depend on the prevalence of the
+    evaluated set, so they answer "how often is a call right *on this set*";
+    the Kermany test split is 62.5 % pneumonia, far from any clinical
+    prevalence, which is why the report prints them with that caveat.
+    """
+    c = confusion(y, p, threshold)
+    called_pos = c["tp"] + c["fp"]
+    called_neg = c["tn"] + c["fn"]
+    return {
+        "ppv": c["tp"] / called_pos if called_pos else math.nan,
+        "npv": c["tn"] / called_neg if called_neg else math.nan,
+    }
+
+
+def _descending_counts(y: Any, p: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+    """Cumulative TP and FP when every distinct score in turn is the threshold (highest first).
+
+    Tied scores are one step, because ``p >= threshold`` calls them together.
+    """
+    y_arr, p_arr = _as_arrays(y, p)
+    order = np.argsort(-p_arr, kind="mergesort")
+    p_sorted, y_sorted = p_arr[order], y_arr[order]
+    last_of_run = np.r_[np.flatnonzero(p_sorted[1:] != p_sorted[:-1]), p_sorted.size - 1]
+    tps = np.cumsum(y_sorted)[last_of_run]
+    fps = (last_of_run + 1) - tps
+    n_pos = int(y_arr.sum())
+    return tps, fps, p_sorted[last_of_run], n_pos, int(y_arr.size - n_pos)
+
+
+def roc_curve(y: Any, p: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(fpr, tpr, thresholds)`` of the ROC curve, one point per distinct score.
+
+    Points are in order of decreasing threshold, starting at ``(0, 0)`` with
+    threshold ``+inf`` (nothing called positive) and ending at ``(1, 1)``.
+    Each point is exactly what :func:`confusion` gives at that threshold, so
+    the operating point drawn on the curve lies on it; the trapezoidal area
+    under these points equals :func:`roc_auc` (ties count 1/2).
+
+    Raises:
+        ValueError: when only one class is present.
+    """
+    tps, fps, thresholds, n_pos, n_neg = _descending_counts(y, p)
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("A ROC curve needs both classes; got only one.")
+    return (
+        np.r_[0.0, fps / n_neg],
+        np.r_[0.0, tps / n_pos],
+        np.r_[np.inf, thresholds],
+    )
+
+
+def precision_recall_curve(y: Any, p: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(precision, recall, thresholds)``, one point per distinct score, highest threshold first.
+
+    Recall rises along the arrays. No artificial ``(recall 0, precision 1)``
+    point is added: every point is a threshold the model can actually be run
+    at. Precision, like PPV, depends on the set's prevalence.
+
+    Raises:
+        ValueError: when there is no positive case (recall undefined).
+    """
+    tps, fps, thresholds, n_pos, _ = _descending_counts(y, p)
+    if n_pos == 0:
+        raise ValueError("A precision-recall curve needs at least one positive case.")
+    return tps / (tps + fps), tps / n_pos, thresholds
+
+
+def average_precision(y: Any, p: Any) -> float:
+    """Area under the step-wise PR curve: ``sum_k (R_k - R_{k-1}) * P_k`` with ``R_0 = 0``.
+
+    The same definition as scikit-learn's ``average_precision_score``
+    (no interpolation), so the number can be compared with published ones.
+    """
+    precision, recall, _ = precision_recall_curve(y, p)
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def reliability_bins(y: Any, p: Any, n_bins: int = 15) -> dict[str, np.ndarray]:
+    """Per-bin calibration of P(positive): ``n_bins`` equal-width bins on [0, 1].
+
+    Bins are ``[k/n, (k+1)/n)`` with the last one closed (``p == 1`` falls in
+    it), as in ``numpy.histogram``. The calibration looked at is that of the
+    positive-class probability (mean predicted P(pneumonia) vs the observed
+    fraction of pneumonia), not of the top-label confidence: the edge
+    publishes P(pneumonia), and this is what a reader of that number needs.
+
+    Returns:
+        ``edges`` (``n_bins + 1``), and per bin ``count``, ``mean_predicted``
+        and ``observed_rate`` (NaN for empty bins).
+    """
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be at least 1, got {n_bins}.")
+    y_arr, p_arr = _as_arrays(y, p)
+    if p_arr.size and (p_arr.min() < 0.0 or p_arr.max() > 1.0):
+        raise ValueError("p must be probabilities in [0, 1].")
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    index = np.clip(np.searchsorted(edges, p_arr, side="right") - 1, 0, n_bins - 1)
+    count = np.bincount(index, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_predicted = np.bincount(index, weights=p_arr, minlength=n_bins) / count
+        observed_rate = np.bincount(index, weights=y_arr, minlength=n_bins) / count
+    return {
+        "edges": edges,
+        "count": count.astype(np.int64),
+        "mean_predicted": mean_predicted,
+        "observed_rate": observed_rate,
+    }
+
+
+def expected_calibration_error(y: Any, p: Any, n_bins: int = 15) -> float:
+    """ECE: the count-weighted mean of ``|observed_rate - mean_predicted|`` over the bins.
+
+    Uses :func:`reliability_bins` (positive-class probability, equal-width
+    bins, 15 by default as in Guo et al. 2017); empty bins weigh nothing. A
+    well-ranked model (high AUC) can still be badly calibrated, and the edge
+    publishes the probability itself, so the report states how far it is
+    from a frequency.
+    """
+    bins = reliability_bins(y, p, n_bins)
+    count = bins["count"]
+    if count.sum() == 0:
+        raise ValueError("ECE needs at least one case.")
+    filled = count > 0
+    gaps = np.abs(bins["observed_rate"][filled] - bins["mean_predicted"][filled])
+    return float(np.sum(count[filled] * gaps) / count.sum())
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """Wilson score interval of a proportion (95 % for the default ``z``); NaNs when ``n == 0``.
+
+    Used for the per-subtype rates, where counts are small (148 viral cases)
+    and a rate near 1 would get a normal-approximation interval reaching past 1.
+    """
+    if n <= 0:
+        return math.nan, math.nan
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes must be in [0, n], got {successes} of {n}.")
+    phat = successes / n
+    denom = 1.0 + z * z / n
+    centre = (phat + z * z / (2 * n)) / denom
+    half = z * math.sqrt(phat * (1.0 - phat) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def subgroup_metrics(y: Any, p: Any, groups: Any, threshold: float) -> dict[str, dict[str, float | int]]:
+    """Counts, sensitivity and specificity at ``threshold`` within each group, in sorted group order.
+
+    A pooled sensitivity can hide a subtype the model misses (viral
+    pneumonia looks subtler than bacterial on a radiograph), so the report
+    breaks it down. Rates undefined in a group (no positives / negatives) are NaN.
+
+    Args:
+        y: Labels (1 = positive).
+        p: P(positive).
+        groups: One group name per case, e.g. ``bacteria``/``virus``/``normal``.
+        threshold: The operating threshold.
+    """
+    y_arr, p_arr = _as_arrays(y, p)
+    g_arr = np.asarray(groups).astype(str).ravel()
+    if g_arr.shape != y_arr.shape:
+        raise ValueError(f"groups and y differ in length: {g_arr.size} vs {y_arr.size}.")
+    out: dict[str, dict[str, float | int]] = {}
+    for name in sorted(set(g_arr.tolist())):
+        mask = g_arr == name
+        c = confusion(y_arr[mask], p_arr[mask], threshold)
+        n_pos, n_neg = c["tp"] + c["fn"], c["tn"] + c["fp"]
+        out[name] = {
+            "n": int(mask.sum()),
+            "n_positive": n_pos,
+            "n_negative": n_neg,
+            **c,
+            "sensitivity": c["tp"] / n_pos if n_pos else math.nan,
+            "specificity": c["tn"] / n_neg if n_neg else math.nan,
+        }
+    return out
