@@ -111,3 +111,23 @@ def test_bundled_default_model_is_consistent(default_bundle: Path):
     assert "Kermany" in card and "CC BY 4.0" in card and "diagnostic" in card.lower()
     size_mb = (default_bundle / manifest["artifacts"][0]["file"]).stat().st_size / 1e6
     assert size_mb < 6
+
+
+def test_bundled_model_runs_on_both_backends_with_the_same_decisions(default_bundle: Path,
+                                                                     shared_data: Path):
+    pytest.importorskip("ai_edge_litert", reason="ai-edge-litert not installed")
+    from edge_runtime.pipeline import ScanAnalyzer
+
+    files = sorted((shared_data / "cxr/kermany_pneumonia_224/test/NORMAL").glob("*.jpeg"))[:4]
+    files += sorted((shared_data / "cxr/kermany_pneumonia_224/test/PNEUMONIA").glob("*.jpeg"))[:4]
+    onnx = ScanAnalyzer.from_bundle_path(default_bundle, "onnxruntime")
+    litert = ScanAnalyzer.from_bundle_path(default_bundle, "litert")
+    try:
+        for path in files:
+            a, b = onnx.analyze(path).result, litert.analyze(path).result
+            assert b["model"]["backend"] == "litert"
+            assert abs(a["findings"][0]["probability"] - b["findings"][0]["probability"]) < 0.2
+            assert a["decision"] == b["decision"], path.name
+    finally:
+        onnx.close()
+        litert.close()
