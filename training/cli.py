@@ -23,7 +23,10 @@ from pathlib import Path
 __all__ = ["build_parser", "main"]
 
 _DEFAULT_DATA = "../shared/data/cxr/kermany_pneumonia_224"
-_DEFAULT_WEIGHTS = "../shared/data/weights/efficientnet-lite0-57934424.pth"
+# ImageNet weights that exist on the build machines, per model; the other families have none
+# here (torchvision's files cannot be downloaded) and start from random weights unless --weights
+# names a local file.
+_BUNDLED_WEIGHTS = {"efficientnet-lite0": "../shared/data/weights/efficientnet-lite0-57934424.pth"}
 
 
 def _add_run(p: argparse.ArgumentParser) -> None:
@@ -47,19 +50,25 @@ def _add_data(p: argparse.ArgumentParser) -> None:
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
-    from .models import available_models
+    from .models import describe_models
 
+    models = describe_models()
     p.add_argument(
         "--weights",
         type=Path,
-        default=Path(_DEFAULT_WEIGHTS),
-        help="local ImageNet weights for the backbone; nothing is downloaded (default: %(default)s)",
+        default=None,
+        help="local state_dict for --model (torchvision's naming for ResNet/VGG/DenseNet/MobileNet; "
+        "a 1000-class ImageNet head is replaced); nothing is downloaded. Default: "
+        + ", ".join(f"{name}: {path}" for name, path in _BUNDLED_WEIGHTS.items())
+        + "; every other model starts from random weights. 'none' forces random weights.",
     )
     p.add_argument(
         "--model",
         default="efficientnet-lite0",
-        choices=available_models(),
-        help="architecture from the registry (default: %(default)s)",
+        choices=list(models),
+        metavar="NAME",
+        help="architecture from the registry (default: %(default)s): "
+        + "; ".join(f"{name} = {text}" for name, text in models.items()),
     )
     p.add_argument("--seed", type=int, default=2018, help="split/augmentation/init seed")
     p.add_argument("--val-fraction", type=float, default=0.15, help="validation share of train")
@@ -67,8 +76,8 @@ def _add_train(p: argparse.ArgumentParser) -> None:
         "--cut",
         type=int,
         default=None,
-        help="first trainable block (EfficientNet-Lite0 has 16; default: the registry's, 8). "
-        "Lower trains more blocks; epochs get slower.",
+        help="first trainable block (default: the model's; EfficientNet-Lite0: 8 of 16, see "
+        "training/README.md for the others). Lower trains more blocks; epochs get slower.",
     )
     p.add_argument("--aug-views", type=int, default=1, help="augmented views per train image")
     p.add_argument("--epochs", type=int, default=10, help="stage-2 maximum epochs")
@@ -162,10 +171,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _weights_for(args: argparse.Namespace) -> Path | None:
+    """``--weights`` as given, else the chosen model's bundled file; None for random weights."""
+    if args.weights is None:
+        bundled = _BUNDLED_WEIGHTS.get(args.model)
+        return Path(bundled) if bundled else None
+    return None if str(args.weights) == "none" else args.weights
+
+
 def _train(args: argparse.Namespace) -> None:
     from .train import TrainConfig, train
 
-    weights = args.weights if args.weights and str(args.weights) != "none" else None
+    weights = _weights_for(args)
     if weights is not None and not weights.is_file():
         raise SystemExit(f"error: weights file {weights} not found (pass --weights none for random)")
     if not (args.data / "train").is_dir():

@@ -6,28 +6,38 @@ with a :class:`StagedModel` view that splits the network at a *cut*: the
 ``prefix`` (frozen, evaluated once and cached), the ``features`` part
 (trainable blocks up to the pooled embedding) and the ``classifier``.
 
-Only EfficientNet-Lite0 is registered now. Adding ResNet/VGG/DenseNet/
-MobileNet later means writing a builder (torchvision cannot be installed
-here, so the module is defined locally) and a :class:`StagedModel` for it,
-then calling :func:`register_model`; nothing else in ``training/`` changes.
+Registered: EfficientNet-Lite0 (``efficientnet_lite_pytorch``; the only one
+with ImageNet weights on the build machines) and the torchvision-compatible
+ResNet, VGG, DenseNet and MobileNet families of
+:mod:`training.architectures`, which declare their own cut points and are
+viewed through :class:`BlockStages`. Every builder accepts a local weights
+file (:func:`load_weights_file`); nothing is ever downloaded. Adding a
+network means writing it as a :class:`~training.architectures.StagedNet`
+and listing it in ``ARCHITECTURES``; nothing else in ``training/`` changes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
+from .architectures import ARCHITECTURES, Architecture, StagedNet
+
 __all__ = [
+    "BlockStages",
     "EfficientNetStages",
     "ModelEntry",
     "StagedModel",
     "available_models",
     "build_model",
+    "describe_models",
+    "load_weights_file",
     "register_model",
     "staged_view",
 ]
@@ -104,6 +114,11 @@ def available_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def describe_models() -> dict[str, str]:
+    """Registered name -> one-line description, sorted by name (for ``--help``)."""
+    return {name: _REGISTRY[name].description for name in available_models()}
+
+
 def _entry(name: str) -> ModelEntry:
     try:
         return _REGISTRY[name]
@@ -113,18 +128,26 @@ def _entry(name: str) -> ModelEntry:
         ) from None
 
 
-def build_model(name: str, num_classes: int, weights_path: str | Path | None = None) -> nn.Module:
-    """Build a registered architecture with a fresh ``num_classes`` classifier.
+def build_model(name: str, num_classes: int = 2, weights_path: str | Path | None = None) -> nn.Module:
+    """Build a registered architecture with ``num_classes`` outputs.
+
+    The model takes the shared preprocessing's ``(N, 3, H, W)`` float tensor
+    and returns logits.
 
     Args:
         name: Registry key (see :func:`available_models`).
-        num_classes: Outputs of the new final layer.
-        weights_path: Local pretrained (ImageNet) weights for the backbone;
-            None gives random weights. Nothing is ever downloaded: the edge
-            build machines have no route to model hubs.
+        num_classes: Outputs of the final layer.
+        weights_path: A local ``state_dict`` file in the architecture's own
+            naming (torchvision's for ResNet/VGG/DenseNet/MobileNet,
+            efficientnet_pytorch's for EfficientNet). Every tensor is loaded;
+            if the file's final layer has another class count (ImageNet's
+            1000) that layer is left freshly initialised instead. None gives
+            random weights. Nothing is ever downloaded: the edge build
+            machines have no route to model hubs.
 
     Raises:
-        ValueError: unknown name.
+        ValueError: unknown name, or a weights file that does not fit the
+            architecture (the message names the file and the first offending keys).
         FileNotFoundError: ``weights_path`` given but missing.
     """
     entry = _entry(name)
@@ -144,18 +167,184 @@ def default_cut(name: str) -> int:
     return _entry(name).default_cut
 
 
+# -- local weights files ----------------------------------------------------------------------
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a ``state_dict`` file, unwrapped from common containers.
+
+    Accepts a bare ``state_dict`` (torchvision's release files), a dict
+    holding one under ``state_dict`` or ``model`` (this package's
+    ``checkpoint.pt`` and many training scripts), and strips the
+    ``module.`` prefix ``nn.DataParallel`` adds.
+    """
+    try:
+        obj: Any = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle, zip and weights-only errors all mean "not a weights file"
+        raise ValueError(f"Weights file {path} cannot be read as a PyTorch state_dict: {exc}") from exc
+    for key in ("state_dict", "model"):
+        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(
+            f"Weights file {path} does not hold a state_dict (a mapping of names to tensors); "
+            f"found {type(obj).__name__}."
+        )
+    state = {str(k): v for k, v in obj.items()}
+    if all(k.startswith("module.") for k in state):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    return state
+
+
+def _examples(keys: list[str], limit: int = 5) -> str:
+    shown = ", ".join(sorted(keys)[:limit])
+    return f"{shown}, ... ({len(keys)} in all)" if len(keys) > limit else shown
+
+
+def load_weights_file(
+    model: nn.Module,
+    path: Path,
+    head: nn.Linear,
+    name: str,
+    upgrade: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+) -> None:
+    """Load a local ``state_dict`` file into ``model`` strictly, replacing the head if needed.
+
+    Every key must exist in both with the same shape, with one exception:
+    when the file's final layer (``head``) has another number of outputs,
+    e.g. ImageNet's 1000 against our 2 classes, that layer keeps the model's
+    fresh initialisation. The comparison is done before loading so the
+    error can name the file and the keys at fault instead of torch's long
+    generic message; the load itself is ``strict=True``.
+
+    Args:
+        model: The freshly built network.
+        path: The weights file.
+        head: The model's final linear layer.
+        name: Registry name, for messages.
+        upgrade: Renames keys of older file layouts (e.g. DenseNet's ``norm.1``).
+
+    Raises:
+        ValueError: unreadable file, or keys/shapes that do not fit the model.
+    """
+    state = _read_state_dict(path)
+    if upgrade is not None:
+        state = upgrade(state)
+    own = model.state_dict()
+    prefix = next(n for n, m in model.named_modules() if m is head)
+    head_keys = [f"{prefix}.weight", f"{prefix}.bias"]
+    file_head = state.get(head_keys[0])
+    if (
+        file_head is not None
+        and file_head.shape[1:] == own[head_keys[0]].shape[1:]
+        and file_head.shape[0] != own[head_keys[0]].shape[0]
+    ):
+        state.update({k: own[k] for k in head_keys})  # new classes: keep the fresh head
+    # BatchNorm fills in num_batches_tracked when an (older) file lacks it.
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or wrong:
+        problems = [
+            f"{label}: {_examples(keys)}"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape file/model", wrong))
+            if keys
+        ]
+        raise ValueError(
+            f"Weights file {path} does not fit model {name!r} ({'; '.join(problems)}). "
+            "Is it a state_dict of this architecture?"
+        )
+    model.load_state_dict(state, strict=True)
+
+
+# -- torchvision-compatible families (training.architectures) ---------------------------------
+
+
+def _build_architecture(
+    arch: Architecture, name: str, num_classes: int, weights_path: Path | None
+) -> nn.Module:
+    model = arch.factory(num_classes=num_classes)
+    if weights_path is not None:
+        load_weights_file(model, weights_path, model.final_linear(), name, model.upgrade_state_dict)
+    return model
+
+
+class BlockStages:
+    """:class:`StagedModel` for any :class:`~training.architectures.StagedNet`.
+
+    The network declares its stem, blocks, embedding and classifier; this
+    view only slices the block list at ``cut``. Since the network's
+    ``forward`` is the same composition, the staged path and the exported
+    path compute the same function.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        if not isinstance(model, StagedNet):
+            raise TypeError(f"BlockStages needs a StagedNet, got {type(model).__name__}.")
+        self.model: StagedNet = model
+        self._blocks = model.blocks()
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self._blocks)
+
+    def _check(self, cut: int) -> None:
+        if not 0 <= cut <= self.num_blocks:
+            raise ValueError(f"cut must be in [0, {self.num_blocks}], got {cut}.")
+
+    def prefix(self, x: torch.Tensor, cut: int) -> torch.Tensor:
+        self._check(cut)
+        h = self.model.stem(x)
+        for block in self._blocks[:cut]:
+            h = block(h)
+        return h
+
+    def features(self, h: torch.Tensor, cut: int) -> torch.Tensor:
+        self._check(cut)
+        for block in self._blocks[cut:]:
+            h = block(h)
+        return self.model.embed(h)
+
+    def classifier(self, features: torch.Tensor) -> torch.Tensor:
+        return self.model.classify(features)
+
+    def trainable_modules(self, cut: int) -> list[nn.Module]:
+        self._check(cut)
+        return [*self._blocks[cut:], *self.model.head_modules()]
+
+    def classifier_module(self) -> nn.Module:
+        return self.model.final_linear()
+
+
+for _name, _arch in ARCHITECTURES.items():
+    register_model(
+        ModelEntry(
+            name=_name,
+            builder=partial(_build_architecture, _arch, _name),
+            staged=BlockStages,
+            description=_arch.description,
+            default_cut=_arch.default_cut,
+        )
+    )
+
+
 # -- EfficientNet-Lite (efficientnet_lite_pytorch) --------------------------------------------
 
 
 def _build_efficientnet_lite0(num_classes: int, weights_path: Path | None) -> nn.Module:
     from efficientnet_lite_pytorch import EfficientNet
 
-    if weights_path is None:
-        return EfficientNet.from_name("efficientnet-lite0", num_classes=num_classes)
-    # The library only treats a str as a local path; anything else triggers a download.
-    return EfficientNet.from_pretrained(
-        "efficientnet-lite0", weights_path=str(weights_path), num_classes=num_classes
-    )
+    # from_name + our loader does what EfficientNet.from_pretrained does for a local file
+    # (same initialisation, every tensor but a mismatched _fc), but never falls back to a
+    # download, keeps a matching _fc (e.g. a 2-class checkpoint) and names the file on error.
+    model = EfficientNet.from_name("efficientnet-lite0", num_classes=num_classes)
+    if weights_path is not None:
+        load_weights_file(model, weights_path, model._fc, "efficientnet-lite0")
+    return model
 
 
 class EfficientNetStages:
