@@ -19,6 +19,7 @@ __all__ = [
     "binary_metrics",
     "bootstrap_auc_ci",
     "choose_threshold",
+    "compare_predictions",
     "confusion",
     "confusion_matrix",
     "expected_calibration_error",
@@ -362,3 +363,23 @@ def subgroup_metrics(y: Any, p: Any, groups: Any, threshold: float) -> dict[str,
             "specificity": c["tn"] / n_neg if n_neg else math.nan,
         }
     return out
+
+
+def compare_predictions(reference: np.ndarray, other: np.ndarray,
+                        threshold: float) -> dict[str, float | int]:
+    """How far an export's P(positive) is from the reference model's, and whether it decides alike.
+
+    Used for every export route (FP32/INT8 ONNX, TFLite): max and mean absolute
+    difference, decision agreement at ``threshold`` and the positives each side calls.
+    """
+    diff = np.abs(reference - other)
+    same = (reference >= threshold) == (other >= threshold)
+    return {
+        "max_abs_diff": float(diff.max()),
+        "mean_abs_diff": float(diff.mean()),
+        "decision_agreement": float(same.mean()),
+        "decisions_differing": int((~same).sum()),
+        "positives_reference": int((reference >= threshold).sum()),
+        "positives_other": int((other >= threshold).sum()),
+        "threshold": float(threshold),
+    }

@@ -43,6 +43,8 @@ from tqdm import tqdm
 from edge_runtime.preprocess import PreprocessSpec
 
 from .data import LABELS, CXRDataset, Item, patient_id
+from .evaluate import compare_predictions
+from .models import predict_torch
 from .train import SPLIT_NAME, load_checkpoint
 
 __all__ = [
@@ -183,30 +185,6 @@ def predict_onnx(session: ort.InferenceSession, samples: np.ndarray, batch_size:
         for i in range(0, len(samples), batch_size)
     ]
     return np.concatenate(outs)
-
-
-@torch.inference_mode()
-def predict_torch(model: nn.Module, samples: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """``(N, classes)`` probabilities of the PyTorch model on full input tensors."""
-    model.eval()
-    outs = [
-        torch.softmax(model(torch.from_numpy(samples[i : i + batch_size])), dim=1).numpy()
-        for i in range(0, len(samples), batch_size)
-    ]
-    return np.concatenate(outs)
-
-
-def compare_predictions(reference: np.ndarray, other: np.ndarray, threshold: float) -> dict[str, float]:
-    """Max/mean absolute difference of P(positive) and decision agreement at ``threshold``."""
-    diff = np.abs(reference - other)
-    same = (reference >= threshold) == (other >= threshold)
-    return {
-        "max_abs_diff": float(diff.max()),
-        "mean_abs_diff": float(diff.mean()),
-        "decision_agreement": float(same.mean()),
-        "decisions_differing": int((~same).sum()),
-        "threshold": float(threshold),
-    }
 
 
 def load_split(run_dir: str | Path) -> tuple[Path, list[Item], list[Item]]:

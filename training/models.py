@@ -24,6 +24,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -38,6 +39,7 @@ __all__ = [
     "build_model",
     "describe_models",
     "load_weights_file",
+    "predict_torch",
     "register_model",
     "staged_view",
 ]
@@ -413,3 +415,17 @@ register_model(
         default_cut=8,
     )
 )
+
+
+@torch.inference_mode()
+def predict_torch(model: nn.Module, samples: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """``(N, classes)`` softmax probabilities of a PyTorch model on NCHW input tensors.
+
+    The reference every export (ONNX, TFLite) is compared against.
+    """
+    model.eval()
+    outs = [
+        torch.softmax(model(torch.from_numpy(samples[i : i + batch_size])), dim=1).numpy()
+        for i in range(0, len(samples), batch_size)
+    ]
+    return np.concatenate(outs)

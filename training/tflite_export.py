@@ -74,13 +74,12 @@ from edge_runtime.decode import decode_file
 from edge_runtime.preprocess import PreprocessSpec, preprocess
 
 from .data import LABELS, Item, list_items, patient_id, split_by_patient
-from .evaluate import roc_auc
-from .models import build_model
+from .evaluate import compare_predictions, roc_auc
+from .models import build_model, predict_torch
 
 __all__ = [
     "QUANTIZATION",
     "ProbabilityModel",
-    "compare",
     "convert_float",
     "floor_weight_ranges",
     "input_range",
@@ -344,32 +343,6 @@ def predict_tflite(model_path: str | Path, samples: np.ndarray, threads: int = 2
     return np.concatenate(rows)
 
 
-@torch.inference_mode()
-def predict_torch(model: nn.Module, samples_nchw: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    """``(N, classes)`` probabilities of the PyTorch model."""
-    model.eval()
-    outs = [
-        torch.softmax(model(torch.from_numpy(samples_nchw[i : i + batch_size])), dim=1).numpy()
-        for i in range(0, len(samples_nchw), batch_size)
-    ]
-    return np.concatenate(outs)
-
-
-def compare(reference: np.ndarray, other: np.ndarray, threshold: float) -> dict[str, float | int]:
-    """Max/mean |difference| of P(positive) and decision agreement at ``threshold``."""
-    diff = np.abs(reference - other)
-    same = (reference >= threshold) == (other >= threshold)
-    return {
-        "max_abs_diff": float(diff.max()),
-        "mean_abs_diff": float(diff.mean()),
-        "decision_agreement": float(same.mean()),
-        "decisions_differing": int((~same).sum()),
-        "positives_reference": int((reference >= threshold).sum()),
-        "positives_other": int((other >= threshold).sum()),
-        "threshold": float(threshold),
-    }
-
-
 def split_items(
     checkpoint: str | Path, data: str | Path, val_fraction: float = 0.15, seed: int = 2018
 ) -> tuple[list[Item], list[Item], str]:
@@ -510,9 +483,9 @@ def run_export(
         "input_layout": "NHWC",
         "validation_images": len(val_items),
         "threshold": threshold,
-        "int8_vs_torch": compare(p_torch, p_int8, threshold),
-        "int8_vs_torch_at_0.5": compare(p_torch, p_int8, 0.5),
-        "float_tflite_vs_torch": compare(p_torch, p_float, threshold),
+        "int8_vs_torch": compare_predictions(p_torch, p_int8, threshold),
+        "int8_vs_torch_at_0.5": compare_predictions(p_torch, p_int8, 0.5),
+        "float_tflite_vs_torch": compare_predictions(p_torch, p_float, threshold),
         "seconds": {
             "convert": t_convert,
             "quantize": t_quant,
