@@ -64,6 +64,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     UNIQUE (message_id, sink)
 );
 CREATE INDEX IF NOT EXISTS outbox_pending ON outbox(sink, delivered_utc, seq);
+-- Only undelivered rows: keeps the depth check before every scan cheap as history grows.
+CREATE INDEX IF NOT EXISTS outbox_undelivered ON outbox(seq) WHERE delivered_utc IS NULL;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 _SCHEMA_VERSION = "1"
@@ -296,9 +298,13 @@ class Journal:
         counts = {state: 0 for state in ("queued", "processing", "done", "quarantined")}
         for state, n in self._query("SELECT state, COUNT(*) FROM inputs GROUP BY state"):
             counts[state] = n
-        (pending,) = self._query("SELECT COUNT(*) FROM outbox WHERE delivered_utc IS NULL")[0]
-        counts["outbox_pending"] = pending
+        counts["outbox_pending"] = self.outbox_pending()
         return counts
+
+    def outbox_pending(self) -> int:
+        """Undelivered outbox rows, all sinks (the partial index makes this O(pending))."""
+        (pending,) = self._query("SELECT COUNT(*) FROM outbox WHERE delivered_utc IS NULL")[0]
+        return int(pending)
 
     # -- outbox ------------------------------------------------------------------------
     def pending_messages(self, sink: str = "mqtt", after_seq: int = 0,

@@ -156,7 +156,7 @@ class MqttPublisher:
         if self._lost_at is not None:
             outage = time.monotonic() - self._lost_at
             reason = (f"reconnected after {outage:.0f} s without the broker; "
-                      f"{self.journal.counts()['outbox_pending']} results queued meanwhile are "
+                      f"{self.journal.outbox_pending()} results queued meanwhile are "
                       "being delivered")
             log.info("MQTT %s", reason)
             self._lost_at = None

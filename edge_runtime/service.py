@@ -350,7 +350,7 @@ class EdgeService:
             if free_mb < journal_cfg.min_free_disk_mb:
                 return (f"only {free_mb:.0f} MB free on the disk of {folder} (minimum "
                         f"Journal.MinFreeDiskMb = {journal_cfg.min_free_disk_mb} MB)")
-        pending = self.journal.counts()["outbox_pending"]
+        pending = self.journal.outbox_pending()
         if pending >= journal_cfg.max_outbox_messages:
             return (f"{pending} results are waiting for the MQTT broker (limit "
                     f"Journal.MaxOutboxMessages = {journal_cfg.max_outbox_messages})")
