@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 __all__ = ["build_parser", "main"]
 
@@ -91,6 +92,25 @@ def _add_train(p: argparse.ArgumentParser) -> None:
         default=20.0,
         help="wall-clock budget of the training stage in minutes; stage-2 epochs are capped "
         "from a timing probe to fit (default: %(default)s)",
+    )
+    p.add_argument(
+        "--label-smoothing",
+        type=float,
+        default=0.1,
+        help="cross-entropy label smoothing; keeps outputs off 0/1 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--augment",
+        choices=("standard", "mild"),
+        default="standard",
+        help="augmentation strength: standard = rotation 10 deg, zoom 0.9-1.25 with aspect "
+        "jitter 1.2 (random resized crop), shift 6%%, brightness/contrast/gamma; mild = what "
+        "bundle 0.1.0 used (default: %(default)s)",
+    )
+    p.add_argument(
+        "--hflip",
+        action="store_true",
+        help="also flip horizontally (off by default: a flipped chest film is not a plausible input)",
     )
     p.add_argument(
         "--train-bn",
@@ -179,6 +199,15 @@ def _weights_for(args: argparse.Namespace) -> Path | None:
     return None if str(args.weights) == "none" else args.weights
 
 
+def _augmentation(args: argparse.Namespace) -> Any:
+    import dataclasses
+
+    from .data import MILD_AUGMENTATION, Augmentation
+
+    base = MILD_AUGMENTATION if args.augment == "mild" else Augmentation()
+    return dataclasses.replace(base, hflip=args.hflip)
+
+
 def _train(args: argparse.Namespace) -> None:
     from .train import TrainConfig, train
 
@@ -202,6 +231,8 @@ def _train(args: argparse.Namespace) -> None:
         patience=args.patience,
         lr=args.lr,
         freeze_bn=not args.train_bn,
+        label_smoothing=args.label_smoothing,
+        augmentation=_augmentation(args),
         threads=args.threads,
         time_budget_s=args.time_budget_min * 60.0,
         limit_per_class=args.limit_per_class,

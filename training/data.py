@@ -28,6 +28,8 @@ from edge_runtime.preprocess import PreprocessSpec, preprocess
 
 __all__ = [
     "LABELS",
+    "MILD_AUGMENTATION",
+    "Augmentation",
     "CXRDataset",
     "ImageCache",
     "Item",
@@ -169,27 +171,89 @@ def split_by_patient(items: Sequence[Item], val_fraction: float, seed: int) -> t
     return train, val
 
 
-def augment_grey(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A mild random variant of a decoded grey image, applied before ``preprocess``.
+@dataclass(frozen=True)
+class Augmentation:
+    """Strengths of the random variants used in training (all applied before ``preprocess``).
 
-    Small rotations, zoom and shifts mimic patient positioning; a gamma and
-    contrast change mimics exposure and processing differences between
-    machines. No horizontal flip: the heart is on the left, and a flipped film
-    is not a plausible input.
+    The defaults mimic what differs between chest films from different
+    machines, sites and years: patient positioning (rotation, shift), field of
+    view and the aspect ratio the film was squashed to (random resized crop:
+    zoom and aspect jitter; the Kermany 224 px files were resized without
+    keeping their aspect ratio, 384-2 916 x 127-2 713 px originals), and
+    exposure/processing (brightness, contrast, gamma). Horizontal flip is off
+    by default: the heart is on the left and a flipped film is not a
+    plausible input; turn it on only for a task where laterality does not
+    matter.
+
+    Attributes:
+        rotate_deg: Maximum absolute rotation.
+        zoom: (min, max) magnification; > 1 crops into the image like a
+            random resized crop, < 1 shows more border.
+        aspect: Maximum aspect-ratio change factor (x vs y scale), log-uniform.
+        shift: Maximum translation as a fraction of the image size.
+        brightness: Maximum additive brightness change (intensities in [0, 1]).
+        contrast: Maximum relative contrast change.
+        gamma: Maximum absolute log-gamma.
+        hflip: Flip horizontally with probability 0.5.
+    """
+
+    rotate_deg: float = 10.0
+    zoom: tuple[float, float] = (0.9, 1.25)
+    aspect: float = 1.2
+    shift: float = 0.06
+    brightness: float = 0.08
+    contrast: float = 0.2
+    gamma: float = 0.3
+    hflip: bool = False
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-safe form (stored in the run summary)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> Augmentation:
+        values = dict(data)
+        if "zoom" in values:
+            values["zoom"] = tuple(values["zoom"])  # type: ignore[arg-type]
+        return cls(**values)  # type: ignore[arg-type]
+
+
+#: The milder augmentation the first bundled model (0.1.0) was trained with.
+MILD_AUGMENTATION = Augmentation(
+    rotate_deg=7.0, zoom=(0.92, 1.08), aspect=1.0, shift=0.04, brightness=0.0, contrast=0.1, gamma=0.2
+)
+
+
+def augment_grey(image: np.ndarray, rng: np.random.Generator, aug: Augmentation | None = None) -> np.ndarray:
+    """A random variant of a decoded grey image, applied before ``preprocess``.
+
+    One affine warp does rotation, anisotropic zoom (random resized crop with
+    aspect jitter) and shift, so the image is resampled once; then gamma,
+    contrast and brightness change the exposure.
 
     Args:
         image: 2-D float32 in [0, 1], any size (the decoder's output).
         rng: Source of randomness (the caller seeds it).
+        aug: Strengths; None takes :class:`Augmentation`'s defaults.
 
     Returns:
         A new 2-D float32 image of the same size, in [0, 1].
     """
+    aug = aug or Augmentation()
     rows, cols = image.shape
-    angle = rng.uniform(-7.0, 7.0)
-    scale = rng.uniform(0.92, 1.08)
-    shift = rng.uniform(-0.04, 0.04, size=2) * (cols, rows)
-    matrix = cv2.getRotationMatrix2D((cols / 2.0, rows / 2.0), angle, scale)
-    matrix[:, 2] += shift
+    angle = math.radians(rng.uniform(-aug.rotate_deg, aug.rotate_deg))
+    zoom = math.exp(rng.uniform(math.log(aug.zoom[0]), math.log(aug.zoom[1])))
+    log_aspect = math.log(max(aug.aspect, 1.0))
+    aspect = math.exp(rng.uniform(-log_aspect, log_aspect))
+    sx, sy = zoom * math.sqrt(aspect), zoom / math.sqrt(aspect)
+    if aug.hflip and rng.random() < 0.5:
+        sx = -sx
+    shift = rng.uniform(-aug.shift, aug.shift, size=2) * (cols, rows)
+    cos, sin = math.cos(angle), math.sin(angle)
+    # Output pixel = R(angle) @ diag(sx, sy) @ (input - centre) + centre + shift.
+    linear = np.array([[cos * sx, -sin * sy], [sin * sx, cos * sy]], dtype=np.float64)
+    centre = np.array([cols / 2.0, rows / 2.0])
+    matrix = np.hstack([linear, (centre - linear @ centre + shift)[:, None]])
     warped = cv2.warpAffine(
         np.ascontiguousarray(image, dtype=np.float32),
         matrix,
@@ -199,10 +263,11 @@ def augment_grey(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         borderValue=0.0,
     )
     np.clip(warped, 0.0, 1.0, out=warped)
-    gamma = math.exp(rng.uniform(-0.2, 0.2))
-    contrast = rng.uniform(0.9, 1.1)
+    gamma = math.exp(rng.uniform(-aug.gamma, aug.gamma))
+    contrast = 1.0 + rng.uniform(-aug.contrast, aug.contrast)
+    brightness = rng.uniform(-aug.brightness, aug.brightness)
     out = np.power(warped, gamma, dtype=np.float32)
-    out = (out - 0.5) * contrast + 0.5
+    out = (out - 0.5) * contrast + 0.5 + brightness
     return np.clip(out, 0.0, 1.0).astype(np.float32, copy=False)
 
 
@@ -218,6 +283,7 @@ class CXRDataset:
         items: Images to serve.
         spec: The preprocessing spec that will be written into the bundle.
         augment: Apply :func:`augment_grey` before preprocessing.
+        augmentation: Its strengths (None: :class:`Augmentation` defaults).
         seed: Base seed of the augmentation; view ``v`` of image ``i`` is
             always the same image, so runs are reproducible.
     """
@@ -229,8 +295,10 @@ class CXRDataset:
         *,
         augment: bool = False,
         seed: int = 0,
+        augmentation: Augmentation | None = None,
     ) -> None:
         self.items = list(items)
+        self.augmentation = augmentation or Augmentation()
         self.spec = spec
         self.augment = augment
         self.seed = seed
@@ -263,7 +331,7 @@ class CXRDataset:
         pixels = decode_file(self.items[index].path).pixels
         if view > 0:
             rng = np.random.default_rng((self.seed, index, view))
-            pixels = augment_grey(pixels, rng)
+            pixels = augment_grey(pixels, rng, self.augmentation)
         return preprocess(pixels, self.spec)
 
 
