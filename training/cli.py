@@ -113,6 +113,18 @@ def _add_train(p: argparse.ArgumentParser) -> None:
         help="also flip horizontally (off by default: a flipped chest film is not a plausible input)",
     )
     p.add_argument(
+        "--device",
+        default="auto",
+        help="where to train: auto (a CUDA GPU when present, else the CPU), cpu, cuda, cuda:1 "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run in --out from its last completed stage-2 epoch "
+        "(same options required)",
+    )
+    p.add_argument(
         "--train-bn",
         action="store_true",
         help="update BatchNorm statistics in stage 2 (default: frozen)",
@@ -232,6 +244,8 @@ def _train(args: argparse.Namespace) -> None:
         lr=args.lr,
         freeze_bn=not args.train_bn,
         label_smoothing=args.label_smoothing,
+        device=args.device,
+        resume=args.resume,
         augmentation=_augmentation(args),
         threads=args.threads,
         time_budget_s=args.time_budget_min * 60.0,

@@ -60,6 +60,7 @@ from .models import StagedModel, build_model, default_cut, staged_view
 __all__ = ["TrainConfig", "load_checkpoint", "seed_everything", "train"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
+RESUME_NAME = "stage2_resume.pt"
 SPLIT_NAME = "split.json"
 SUMMARY_NAME = "train_summary.json"
 
@@ -95,6 +96,10 @@ class TrainConfig:
         augmentation: Strengths of the augmented views (see
             :class:`training.data.Augmentation`).
         threads: torch intra-op threads (the machine has 2 cores).
+        device: ``auto`` (CUDA when present, else CPU), ``cpu`` or ``cuda[:N]``.
+        resume: Continue stage 2 from the last completed epoch saved in
+            ``out_dir`` (``stage2_resume.pt``) instead of starting over; the
+            decode and frozen passes are recomputed (they are deterministic).
         time_budget_s: Wall-clock budget of the whole ``train`` call.
         limit_per_class: Use at most this many training images per class
             (smoke tests only; the split is computed on the limited list).
@@ -122,6 +127,8 @@ class TrainConfig:
     label_smoothing: float = 0.1
     augmentation: Augmentation = field(default_factory=Augmentation)
     threads: int = 2
+    device: str = "auto"
+    resume: bool = False
     time_budget_s: float = 20 * 60.0
     limit_per_class: int | None = None
     spec: PreprocessSpec = field(default_factory=PreprocessSpec)
@@ -162,6 +169,19 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when a GPU is present, else the CPU; anything else is passed to torch."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _input(staged: StagedModel, x: torch.Tensor) -> torch.Tensor:
+    """A cached CPU batch as float32 on the model's device, channels-last."""
+    device = next(staged.model.parameters()).device
+    return _channels_last(x.to(device, non_blocking=True).float())
+
+
 @torch.inference_mode()
 def _frozen_activations(
     staged: StagedModel, cache: ImageCache, cut: int, batch_size: int, desc: str
@@ -174,11 +194,10 @@ def _frozen_activations(
         for view in range(cache.views):
             for start in range(0, n, batch_size):
                 idx = np.arange(start, min(n, start + batch_size))
-                x = _channels_last(torch.from_numpy(cache.batch(idx, view)))
-                h = staged.prefix(x, cut)
+                h = staged.prefix(_input(staged, torch.from_numpy(cache.batch(idx, view))), cut)
                 if out is None:
                     out = torch.empty((cache.views, n, *h.shape[1:]), dtype=torch.float16)
-                out[view, start : start + len(idx)] = h.to(torch.float16)
+                out[view, start : start + len(idx)] = h.to("cpu", torch.float16)
                 bar.update(len(idx))
     assert out is not None
     return out
@@ -189,7 +208,7 @@ def _embeddings(staged: StagedModel, acts: torch.Tensor, cut: int, batch_size: i
     """Pooled embeddings ``(N, D)`` of cached activations ``(N, C, H, W)`` (eval mode)."""
     staged.model.eval()
     parts = [
-        staged.features(_channels_last(acts[i : i + batch_size].float()), cut)
+        staged.features(_input(staged, acts[i : i + batch_size]), cut)
         for i in range(0, acts.shape[0], batch_size)
     ]
     return torch.cat(parts)
@@ -201,8 +220,8 @@ def _predict(staged: StagedModel, acts: torch.Tensor, cut: int, batch_size: int)
     staged.model.eval()
     probs = []
     for i in range(0, acts.shape[0], batch_size):
-        feats = staged.features(_channels_last(acts[i : i + batch_size].float()), cut)
-        probs.append(torch.softmax(staged.classifier(feats), dim=1)[:, 1])
+        feats = staged.features(_input(staged, acts[i : i + batch_size]), cut)
+        probs.append(torch.softmax(staged.classifier(feats), dim=1)[:, 1].cpu())
     return torch.cat(probs).numpy()
 
 
@@ -258,13 +277,13 @@ def _train_head(
     steps_per_epoch = math.ceil(n / batch)
     total = steps_per_epoch * cfg.head_epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, total, steps_per_epoch))
-    y = torch.from_numpy(train_labels)
+    y = torch.from_numpy(train_labels).to(train_feats.device)
     rng = np.random.default_rng(cfg.seed + 1)
     best_auc, best_state, history = -1.0, copy.deepcopy(head.state_dict()), []
     bar = tqdm(range(cfg.head_epochs), desc="stage 1 (head)", unit="ep", dynamic_ncols=True)
     for epoch in bar:
         staged.model.train()
-        order = torch.from_numpy(rng.permutation(n))
+        order = torch.from_numpy(rng.permutation(n)).to(train_feats.device)
         total_loss = 0.0
         for i in range(0, n, batch):
             idx = order[i : i + batch]
@@ -276,7 +295,7 @@ def _train_head(
             total_loss += loss.item() * len(idx)
         staged.model.eval()
         with torch.inference_mode():
-            probs = torch.softmax(staged.classifier(val_feats), dim=1)[:, 1].numpy()
+            probs = torch.softmax(staged.classifier(val_feats), dim=1)[:, 1].cpu().numpy()
         auc = roc_auc(val_labels, probs)
         history.append({"epoch": epoch + 1, "loss": total_loss / n, "val_auc": auc})
         if auc > best_auc:
@@ -304,8 +323,15 @@ def _finetune(
     cut: int,
     loss_fn: nn.Module,
     deadline: float,
+    resume_state: dict[str, Any] | None = None,
+    stage1: tuple[float, list[dict[str, float]]] = (float("nan"), []),
 ) -> dict[str, Any]:
-    """Stage 2: train blocks ``cut..`` + head on cached activations, early-stopped on val AUC."""
+    """Stage 2: train blocks ``cut..`` + head on cached activations, early-stopped on val AUC.
+
+    After every epoch the whole stage-2 state (weights, optimizer, schedule,
+    RNG, best epoch so far) goes to ``out_dir/stage2_resume.pt``, so a killed
+    run continues with ``resume=True`` where it stopped.
+    """
     model = staged.model
     for p in model.parameters():
         p.requires_grad_(False)
@@ -326,9 +352,9 @@ def _finetune(
     steps_per_epoch = math.ceil(n / cfg.batch_size)
 
     def step_batch(idx: np.ndarray, view_idx: np.ndarray) -> torch.Tensor:
-        x = _channels_last(train_acts[torch.from_numpy(view_idx), torch.from_numpy(idx)].float())
+        x = _input(staged, train_acts[torch.from_numpy(view_idx), torch.from_numpy(idx)])
         logits = staged.classifier(staged.features(x, cut))
-        return loss_fn(logits, y[torch.from_numpy(idx)])
+        return loss_fn(logits, y[torch.from_numpy(idx)].to(x.device))
 
     # Timing probe: forward+backward of a few batches (gradients discarded), one eval batch.
     _set_train_mode(staged, cfg.freeze_bn)
@@ -365,6 +391,21 @@ def _finetune(
     history: list[dict[str, float]] = []
     stale = 0
     epoch = 0
+    if resume_state is not None:
+        model.load_state_dict(resume_state["model"])
+        opt.load_state_dict(resume_state["optimizer"])
+        rng.bit_generator.state = resume_state["rng"]
+        torch.set_rng_state(resume_state["torch_rng"])
+        if resume_state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(resume_state["cuda_rng"])
+        epochs, first_plan = resume_state["epochs"], resume_state["first_plan"]
+        plan["total_steps"] = resume_state["total_steps"]
+        sched.load_state_dict(resume_state["scheduler"])
+        best_auc, best_nll, best_epoch = resume_state["best"]
+        best_state, stale = resume_state["best_state"], resume_state["stale"]
+        history = resume_state["history"]
+        epoch = resume_state["epoch"]
+    resume_path = Path(cfg.out_dir) / RESUME_NAME
     while epoch < epochs:
         t_epoch = time.perf_counter()
         _set_train_mode(staged, cfg.freeze_bn)
@@ -415,6 +456,28 @@ def _finetune(
             tqdm.write(f"  early stop: no val-AUC (or tie + log-loss) gain for {cfg.patience} epochs")
             break
         epoch += 1
+        _save_resume(
+            resume_path,
+            cfg,
+            {
+                "epoch": epoch,
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "rng": rng.bit_generator.state,
+                "torch_rng": torch.get_rng_state(),  # dropout / drop-connect draws
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "epochs": epochs,
+                "first_plan": first_plan,
+                "total_steps": plan["total_steps"],
+                "best": (best_auc, best_nll, best_epoch),
+                "best_state": best_state,
+                "stale": stale,
+                "history": history,
+                "stage1_auc": stage1[0],
+                "stage1_history": stage1[1],
+            },
+        )
         # Re-plan from the measured epoch time (other jobs may share the CPU): shorten the
         # cosine schedule rather than stop half-way with the learning rate still high.
         epoch_s = max(h["seconds"] for h in history)
@@ -437,6 +500,36 @@ def _finetune(
         "step_seconds": step_s,
         "history": history,
     }
+
+
+def _resume_key(cfg: TrainConfig) -> dict[str, Any]:
+    """The settings a saved stage-2 state must share with the run that resumes it."""
+    data = cfg.to_json()
+    for volatile in ("resume", "time_budget_s", "threads", "device", "out_dir", "eval_batch_size"):
+        data.pop(volatile, None)
+    return data
+
+
+def _save_resume(path: Path, cfg: TrainConfig, state: dict[str, Any]) -> None:
+    """Write the stage-2 state atomically (a crash mid-write keeps the previous epoch's)."""
+    tmp = path.with_suffix(".tmp")
+    torch.save({"key": _resume_key(cfg), **state}, tmp)
+    os.replace(tmp, path)
+
+
+def _load_resume(out: Path, cfg: TrainConfig) -> dict[str, Any] | None:
+    """The saved stage-2 state of this run, or None (with the reason) when there is none to use."""
+    path = out / RESUME_NAME
+    if not path.is_file():
+        tqdm.write(f"resume: no {path} yet, training from the start")
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("key") != _resume_key(cfg):
+        raise ValueError(
+            f"{path} was saved by a run with different settings; resume with the same options, "
+            "or delete the file (or use a new --out) to start over."
+        )
+    return state
 
 
 def _relative(paths: list[Item], root: Path) -> list[str]:
@@ -488,7 +581,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     t0 = time.monotonic()
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, len(LABELS), cfg.weights)
-    model = model.to(memory_format=torch.channels_last)
+    device = resolve_device(cfg.device)
+    model = model.to(device=device, memory_format=torch.channels_last)
     staged = staged_view(cfg.model, model)
     cut = default_cut(cfg.model) if cfg.cut is None else cfg.cut
     train_acts = _frozen_activations(staged, train_cache, cut, cfg.eval_batch_size, "frozen train")
@@ -499,25 +593,45 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     train_labels = train_cache.labels
     val_labels = val_cache.labels
-    loss_fn = nn.CrossEntropyLoss(weight=_class_weights(train_labels), label_smoothing=cfg.label_smoothing)
-
-    # 3. stage 1: classifier on frozen embeddings.
-    t0 = time.monotonic()
-    train_feats = _embeddings(staged, train_acts[0], cut, cfg.eval_batch_size)
-    val_feats = _embeddings(staged, val_acts, cut, cfg.eval_batch_size)
-    stage1_auc, stage1_history = _train_head(
-        staged, train_feats, train_labels, val_feats, val_labels, cfg, loss_fn
+    loss_fn = nn.CrossEntropyLoss(
+        weight=_class_weights(train_labels).to(device), label_smoothing=cfg.label_smoothing
     )
-    tqdm.write(f"stage 1: frozen backbone + trained head, val AUC {stage1_auc:.4f}")
+
+    # 3. stage 1: classifier on frozen embeddings (skipped when stage 2 resumes: its saved
+    # state already holds the head).
+    t0 = time.monotonic()
+    resume_state = _load_resume(out, cfg) if cfg.resume else None
+    if resume_state is None:
+        train_feats = _embeddings(staged, train_acts[0], cut, cfg.eval_batch_size)
+        val_feats = _embeddings(staged, val_acts, cut, cfg.eval_batch_size)
+        stage1_auc, stage1_history = _train_head(
+            staged, train_feats, train_labels, val_feats, val_labels, cfg, loss_fn
+        )
+        tqdm.write(f"stage 1: frozen backbone + trained head, val AUC {stage1_auc:.4f}")
+    else:
+        stage1_auc, stage1_history = resume_state["stage1_auc"], resume_state["stage1_history"]
+        tqdm.write(f"resuming stage 2 after epoch {resume_state['epoch']} (stage 1 kept)")
     t_stage1 = time.monotonic() - t0
 
     # 4. stage 2: fine-tune the last blocks.
     t0 = time.monotonic()
-    stage2 = _finetune(staged, train_acts, train_labels, val_acts, val_labels, cfg, cut, loss_fn, deadline)
+    stage2 = _finetune(
+        staged,
+        train_acts,
+        train_labels,
+        val_acts,
+        val_labels,
+        cfg,
+        cut,
+        loss_fn,
+        deadline,
+        resume_state=resume_state,
+        stage1=(stage1_auc, stage1_history),
+    )
     t_stage2 = time.monotonic() - t0
     val_probs = _predict(staged, val_acts, cut, cfg.eval_batch_size)
 
-    model = model.to(memory_format=torch.contiguous_format).eval()
+    model = model.to(device="cpu", memory_format=torch.contiguous_format).eval()
     torch.save(
         {
             "model": cfg.model,
@@ -529,6 +643,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         out / CHECKPOINT_NAME,
     )
     np.savez(out / "val_predictions_cached.npz", y=val_labels, p=val_probs)
+    (out / RESUME_NAME).unlink(missing_ok=True)  # the run is complete; nothing to resume
     wall = time.monotonic() - t_start
     summary = {
         "config": cfg.to_json(),
