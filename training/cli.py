@@ -163,7 +163,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "pipeline",
         help="train -> export -> quantize -> evaluate -> package, in one go",
-        description="Run every stage and write the bundle. Takes ~25 min on 2 CPU cores.",
+        description=(
+            "Run every stage and write the bundle. Takes ~25 min on 2 CPU cores. Options can "
+            "come from a TOML file (--config); flags given on the command line win over it."
+        ),
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="TOML file whose keys are this command's long options (dashes or underscores), "
+        "e.g. training/configs/kermany-efficientnet-lite0.toml",
     )
     _add_data(p)
     _add_run(p)
@@ -272,9 +282,64 @@ def _package(args: argparse.Namespace) -> None:
     package_bundle(args.out, args.bundle, version=args.version)
 
 
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[name]
+    raise KeyError(name)
+
+
+def load_config(path: Path, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """Read a pipeline TOML file into argparse defaults, refusing unknown keys and bad types.
+
+    Values go through each option's own ``type`` (so ``out = "runs/x"`` becomes a Path), and
+    a flag (``store_true``) takes a TOML boolean.
+    """
+    import tomllib
+
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SystemExit(f"error: config file {path} not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SystemExit(f"error: config file {path} is not valid TOML: {exc}") from None
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    defaults: dict[str, Any] = {}
+    for key, value in raw.items():
+        dest = key.replace("-", "_")
+        action = actions.get(dest)
+        if action is None:
+            known = ", ".join(sorted(d.replace("_", "-") for d in actions))
+            raise SystemExit(f"error: {path}: unknown option {key!r}; known: {known}")
+        if isinstance(action, argparse._StoreTrueAction):
+            if not isinstance(value, bool):
+                raise SystemExit(f"error: {path}: {key} must be true or false, got {value!r}")
+            defaults[dest] = value
+            continue
+        try:
+            converted = action.type(value) if action.type and not isinstance(value, bool) else value
+        except (TypeError, ValueError) as exc:
+            raise SystemExit(f"error: {path}: {key} = {value!r}: {exc}") from None
+        if action.choices is not None and converted not in action.choices:
+            raise SystemExit(f"error: {path}: {key} must be one of {list(action.choices)}, got {value!r}")
+        defaults[dest] = converted
+    return defaults
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; for ``pipeline --config F`` the file supplies the defaults."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "pipeline" and args.config is not None:
+        pipeline = _subparser(parser, "pipeline")
+        pipeline.set_defaults(**load_config(args.config, pipeline))
+        args = parser.parse_args(argv)
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit status."""
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     start = time.monotonic()
     if args.command in ("train", "pipeline"):
         _train(args)
