@@ -5,12 +5,16 @@ service does: ``load_bundle`` (hash-verified) -> ``decode_file`` ->
 ``preprocess`` with the manifest's spec -> the ``onnxruntime`` backend on
 the INT8 model. Reports AUC with a percentile-bootstrap 95 % CI, and
 accuracy, sensitivity and specificity at the manifest's threshold
-(PNEUMONIA when p >= threshold), plus images/s and per-stage timings.
+(PNEUMONIA when p >= threshold) with Wilson 95 % CIs, plus images/s and
+per-stage timings, then the issue's targets with PASS/MISS. With ``--fp32``
+the FP32 ONNX model of the same run is scored on the same tensors in the
+same run, for the INT8-vs-FP32 AUC drop.
 
 The 624 test images were never used to train the model or choose its
 threshold, so this is the number to quote.
 
 Usage: python benchmarks/bench_model_accuracy.py [--data ../shared/data] [--bundle DIR]
+       [--fp32 runs/<run>/model.fp32.onnx]
 """
 
 from __future__ import annotations
@@ -29,7 +33,13 @@ from edge_runtime.backends import create_backend  # noqa: E402
 from edge_runtime.bundle import default_bundle_path, load_bundle  # noqa: E402
 from edge_runtime.decode import decode_file  # noqa: E402
 from edge_runtime.preprocess import preprocess  # noqa: E402
-from training.evaluate import binary_metrics, bootstrap_auc_ci  # noqa: E402
+from training.evaluate import (  # noqa: E402
+    binary_metrics,
+    bootstrap_auc_ci,
+    roc_auc,
+    sensitivity_at_specificity,
+    wilson_interval,
+)
 
 KERMANY_TEST = Path("cxr/kermany_pneumonia_224/test")
 
@@ -45,6 +55,13 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--bundle", type=Path, default=default_bundle_path(), help="model bundle (default: bundled)"
+    )
+    parser.add_argument(
+        "--fp32",
+        type=Path,
+        default=None,
+        help="FP32 ONNX model of the same run (e.g. runs/default/model.fp32.onnx) to score on the "
+        "same tensors for the INT8-vs-FP32 AUC drop; the bundle ships only INT8",
     )
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the CI")
@@ -77,6 +94,7 @@ def main() -> int:
 
     y = np.empty(len(files), dtype=np.int64)
     p = np.empty(len(files), dtype=np.float64)
+    samples = []
     t_decode = t_pre = t_infer = 0.0
     start = time.perf_counter()
     for i, (path, label) in enumerate(files):
@@ -85,6 +103,7 @@ def main() -> int:
         t1 = time.perf_counter()
         sample = preprocess(pixels, spec)
         t2 = time.perf_counter()
+        samples.append(sample)
         out = backend.infer(sample[None])
         t3 = time.perf_counter()
         y[i], p[i] = label, float(out[0, positive])
@@ -99,15 +118,62 @@ def main() -> int:
     print(f"test set   {test_dir}  n={n} ({m['n_negative']} NORMAL, {m['n_positive']} PNEUMONIA)")
     print(f"AUC        {m['auc']:.4f}  (95% bootstrap CI {lo:.4f}-{hi:.4f}, {args.bootstrap} resamples)")
     print(f"threshold  {bundle.threshold:.4f}  (manifest operating point)")
-    print(f"accuracy   {m['accuracy']:.4f}")
-    print(f"sensitivity {m['sensitivity']:.4f}  ({m['tp']}/{m['n_positive']})")
-    print(f"specificity {m['specificity']:.4f}  ({m['tn']}/{m['n_negative']})")
+    n_correct = m["tp"] + m["tn"]
+    print(f"accuracy   {m['accuracy']:.4f}  ({_ci(n_correct, n)})")
+    tp, tn, n_pos, n_neg = m["tp"], m["tn"], m["n_positive"], m["n_negative"]
+    print(f"sensitivity {m['sensitivity']:.4f}  ({tp}/{n_pos}, {_ci(tp, n_pos)})")
+    print(f"specificity {m['specificity']:.4f}  ({tn}/{n_neg}, {_ci(tn, n_neg)})")
     print(
         f"throughput {n / elapsed:.1f} images/s end to end, batch 1, {args.threads} thread(s) "
         f"(decode {1000 * t_decode / n:.2f} ms, preprocess {1000 * t_pre / n:.2f} ms, "
         f"infer {1000 * t_infer / n:.2f} ms per image)"
     )
+    _targets(args, bundle, y, p, m, np.stack(samples))
     return 0
+
+
+def _ci(k: int, n: int) -> str:
+    lo, hi = wilson_interval(int(k), int(n))
+    return f"95% CI {lo:.4f}-{hi:.4f}"
+
+
+def _targets(
+    args: argparse.Namespace, bundle: object, y: np.ndarray, p: np.ndarray, m: dict, x: np.ndarray
+) -> None:
+    """Print the training issue's targets for the INT8 model the edge runs, PASS or MISS."""
+    sens_at_90, spec_at = sensitivity_at_specificity(y, p, 0.90)
+    size_mb = bundle.artifact("onnxruntime").path.stat().st_size / 1e6  # type: ignore[attr-defined]
+    rows = [
+        ("AUC >= 0.975", m["auc"] >= 0.975, f"{m['auc']:.4f}"),
+        ("accuracy >= 0.935 at the manifest threshold", m["accuracy"] >= 0.935, f"{m['accuracy']:.4f}"),
+        (
+            "sensitivity >= 0.95 at specificity >= 0.90 (best ROC point)",
+            sens_at_90 >= 0.95,
+            f"{sens_at_90:.4f} at specificity {spec_at:.4f}",
+        ),
+        ("INT8 ONNX <= 5 MB", size_mb <= 5.0, f"{size_mb:.2f} MB"),
+    ]
+    if args.fp32 is not None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = args.threads
+        session = ort.InferenceSession(str(args.fp32), options, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        positive = bundle.labels.index(bundle.positive_label)  # type: ignore[attr-defined]
+        p_fp32 = np.concatenate(
+            [session.run(None, {name: x[i : i + 32]})[0][:, positive] for i in range(0, len(x), 32)]
+        )
+        auc_fp32 = roc_auc(y, p_fp32)
+        drop = auc_fp32 - m["auc"]
+        print(f"FP32 AUC   {auc_fp32:.4f}  ({args.fp32}, same tensors); INT8 - FP32 = {-drop:+.4f}")
+        rows.append(("INT8 vs FP32 AUC drop <= 0.005", drop <= 0.005, f"{drop:+.4f}"))
+    else:
+        rows.append(("INT8 vs FP32 AUC drop <= 0.005", None, "not measured (pass --fp32)"))
+    print("targets (official Kermany test split):")
+    for text, ok, value in rows:
+        verdict = "n/a " if ok is None else ("PASS" if ok else "MISS")
+        print(f"  {verdict}  {text}: {value}")
 
 
 if __name__ == "__main__":

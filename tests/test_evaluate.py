@@ -234,3 +234,16 @@ def test_subgroup_metrics_by_hand() -> None:
     assert (out["virus"]["n"], out["virus"]["fn"], out["virus"]["sensitivity"]) == (1, 1, 0.0)
     assert (out["normal"]["tn"], out["normal"]["fp"], out["normal"]["specificity"]) == (1, 1, 0.5)
     assert math.isnan(out["normal"]["sensitivity"]) and math.isnan(out["virus"]["specificity"])
+
+
+def test_sensitivity_at_specificity_reads_the_roc_curve() -> None:
+    from training.evaluate import sensitivity_at_specificity
+
+    # Negatives score .1 .2 .3 .6, positives .4 .7 .8 .9 (worked by hand):
+    # threshold .4 -> TP 4, FP 1 (the .6): sensitivity 1, specificity .75;
+    # threshold .7 -> TP 3, FP 0: sensitivity .75, specificity 1.
+    y = [0, 0, 0, 0, 1, 1, 1, 1]
+    p = [0.1, 0.2, 0.3, 0.6, 0.4, 0.7, 0.8, 0.9]
+    assert sensitivity_at_specificity(y, p, 0.75) == (1.0, 0.75)
+    assert sensitivity_at_specificity(y, p, 0.9) == (0.75, 1.0)
+    assert sensitivity_at_specificity(y, p, 1.0) == (0.75, 1.0)
