@@ -239,6 +239,22 @@ def roc_curve(y: Any, p: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     )
 
 
+def sensitivity_at_specificity(y: Any, p: Any, min_specificity: float) -> tuple[float, float]:
+    """The best sensitivity among thresholds whose specificity is at least ``min_specificity``.
+
+    This reads the ROC curve (it says whether *some* operating point meets a
+    sensitivity/specificity pair), unlike :func:`binary_metrics`, which
+    scores one given threshold.
+
+    Returns:
+        ``(sensitivity, specificity)`` of that point.
+    """
+    fpr, tpr, _ = roc_curve(y, p)
+    ok = (1.0 - fpr) >= min_specificity - 1e-12
+    best = int(np.flatnonzero(ok)[np.argmax(tpr[ok])])
+    return float(tpr[best]), float(1.0 - fpr[best])
+
+
 def precision_recall_curve(y: Any, p: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(precision, recall, thresholds)``, one point per distinct score, highest threshold first.
 
@@ -365,8 +381,7 @@ def subgroup_metrics(y: Any, p: Any, groups: Any, threshold: float) -> dict[str,
     return out
 
 
-def compare_predictions(reference: np.ndarray, other: np.ndarray,
-                        threshold: float) -> dict[str, float | int]:
+def compare_predictions(reference: np.ndarray, other: np.ndarray, threshold: float) -> dict[str, float | int]:
     """How far an export's P(positive) is from the reference model's, and whether it decides alike.
 
     Used for every export route (FP32/INT8 ONNX, TFLite): max and mean absolute
