@@ -4,7 +4,9 @@ Every image is read with the edge's :func:`~edge_runtime.decode.decode_file`
 and turned into a tensor with the edge's
 :func:`~edge_runtime.preprocess.preprocess`, so the network never sees a
 tensor built differently from the ones it will get on the device. Any
-augmentation works on the decoded grey image *before* ``preprocess``.
+augmentation works on the decoded grey image *before* ``preprocess``. Sets
+that ship as arrays (PneumoniaMNIST) hold the image in the item, already in
+the decoder's convention; :mod:`training.datasets` builds items for every set.
 
 No torch here: samples are numpy arrays (``torch.from_numpy`` wraps them
 without a copy), which keeps this module usable from benchmarks and tests
@@ -17,7 +19,7 @@ import math
 import re
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -54,15 +56,30 @@ class Item:
     """One labelled image.
 
     Attributes:
-        path: Image file.
-        label: Index into :data:`LABELS`.
-        patient: Patient key parsed from the file name; images sharing it
-            must stay in the same split.
+        path: Image file. For an image held in memory (``image`` set), a
+            virtual path naming it, e.g. ``pneumoniamnist.npz/train/17``.
+        label: Index into the dataset's class names (:data:`LABELS` for Kermany).
+        patient: Patient key; images sharing it must stay in the same split.
+        image: The decoded grey image (2-D float32 in [0, 1], as
+            :func:`~edge_runtime.decode.decode_file` returns it) when the item
+            comes from an array file instead of an image file; None reads
+            ``path``. Left out of equality, hashing and repr.
+        findings: Multi-label finding flags (0/1) for sets that have them
+            (NIH ChestX-ray14: one per name in the dataset's ``findings``);
+            empty otherwise. Training uses ``label`` only.
     """
 
     path: Path
     label: int
     patient: str
+    image: np.ndarray | None = field(default=None, compare=False, hash=False, repr=False)
+    findings: tuple[int, ...] = field(default=(), repr=False)
+
+    def pixels(self) -> np.ndarray:
+        """The decoded grey image: ``image`` when held in memory, else ``decode_file(path).pixels``."""
+        if self.image is not None:
+            return self.image
+        return decode_file(self.path).pixels
 
 
 def patient_id(filename: str) -> str:
@@ -116,10 +133,10 @@ def list_items(root: str | Path, split: str) -> list[Item]:
     return items
 
 
-def label_counts(items: Iterable[Item]) -> dict[str, int]:
-    """Images per class name, in :data:`LABELS` order (for logs and manifests)."""
+def label_counts(items: Iterable[Item], classes: Sequence[str] = LABELS) -> dict[str, int]:
+    """Images per class name, in ``classes`` order (for logs and manifests)."""
     counts = Counter(item.label for item in items)
-    return {name: counts.get(i, 0) for i, name in enumerate(LABELS)}
+    return {name: counts.get(i, 0) for i, name in enumerate(classes)}
 
 
 def split_by_patient(items: Sequence[Item], val_fraction: float, seed: int) -> tuple[list[Item], list[Item]]:
@@ -276,8 +293,8 @@ class CXRDataset:
 
     Works as a ``torch.utils.data.Dataset`` (it only needs ``__len__`` and
     ``__getitem__``). In eval mode (``augment=False``) a sample is exactly
-    ``preprocess(decode_file(path).pixels, spec)``; tests check this bit for
-    bit.
+    ``preprocess(decode_file(path).pixels, spec)`` (or ``preprocess(item.image,
+    spec)`` for an image held in memory); tests check this bit for bit.
 
     Args:
         items: Images to serve.
@@ -328,7 +345,7 @@ class CXRDataset:
             view: 0 is the image as the edge sees it; ``v > 0`` is the v-th
                 deterministic augmentation of it.
         """
-        pixels = decode_file(self.items[index].path).pixels
+        pixels = self.items[index].pixels()
         if view > 0:
             rng = np.random.default_rng((self.seed, index, view))
             pixels = augment_grey(pixels, rng, self.augmentation)
