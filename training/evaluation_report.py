@@ -68,6 +68,8 @@ from .evaluate import (
 if TYPE_CHECKING:
     from edge_runtime.bundle import ModelBundle
 
+    from .datasets import Dataset
+
 __all__ = [
     "FIGURES",
     "REPORT_NAME",
@@ -137,11 +139,14 @@ class Case:
     """One evaluated image.
 
     Attributes:
-        path: Image file.
-        relpath: Path relative to the data root (POSIX), as in ``manifest.csv``.
-        label: 0 = NORMAL, 1 = PNEUMONIA.
-        group: ``normal``, ``bacteria``, ``virus`` or ``unknown`` (pneumonia without a subtype).
-        sha256: Of the file's bytes, for the report's data fingerprint.
+        path: Image file (a virtual path for an image held in memory).
+        relpath: Path relative to the data root (POSIX), as in ``manifest.csv``;
+            the item id of :mod:`training.datasets` (``test/17`` in an npz).
+        label: 0 = NORMAL, 1 = PNEUMONIA (the dataset's negative and positive class).
+        group: ``normal``, ``bacteria``, ``virus`` or ``unknown`` (positive without a subtype).
+        sha256: Of the file's bytes (of the decoded pixels for an in-memory
+            image), for the report's data fingerprint.
+        image: The decoded image for a set held in memory (PneumoniaMNIST), else None.
     """
 
     path: Path
@@ -149,6 +154,7 @@ class Case:
     label: int
     group: str
     sha256: str
+    image: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 def _sha256(path: Path) -> str:
@@ -164,57 +170,91 @@ def _read_data_manifest(root: Path) -> dict[str, dict[str, str]]:
         return {row["path"]: row for row in csv.DictReader(fh)}
 
 
-def list_cases(data_root: str | Path, split: str, split_file: str | Path | None = None) -> list[Case]:
-    """The images of ``split`` with labels and subtypes, sorted as the training code lists them.
+def _dataset(data_root: str | Path | None, split: str, split_file: str | Path | None) -> Dataset:
+    """The data to report on: the run's recorded split when ``split_file`` is given, else ``data_root``'s."""
+    from .datasets import items_from_split, open_dataset, read_split
 
-    ``test`` is the official Kermany test folder; ``val`` is the
-    patient-disjoint validation split recorded in the training run's
-    ``split.json`` (the split the threshold was chosen on). The pneumonia
-    subtype comes from ``manifest.csv`` when the data folder has one and from
-    the file name (``personN_bacteria_M``) otherwise; a file whose bytes
-    disagree with the manifest's sha256 is refused, so a report never
-    silently describes different images than it says.
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
+    if split_file is not None:
+        if not Path(split_file).is_file():
+            raise FileNotFoundError(
+                f"The training run's split file {split_file} does not exist; "
+                "pass --split-file runs/<run>/split.json."
+            )
+        return items_from_split(read_split(split_file), root=data_root)
+    if split == "val":
+        raise FileNotFoundError(
+            "--split val needs the training run's split.json; pass --split-file runs/<run>/split.json."
+        )
+    return open_dataset(data_root if data_root is not None else DEFAULT_DATA)
+
+
+def list_cases(data_root: str | Path | None, split: str, split_file: str | Path | None = None) -> list[Case]:
+    """The images of ``split`` with labels and subtypes, in the order the training code lists them.
+
+    With ``split_file`` (a training run's ``split.json``), the run's recorded
+    ``val`` or ``test`` items (:func:`training.datasets.items_from_split`;
+    ``data_root``, if given, is where those data are now). Without it, ``test``
+    is the test split of ``data_root`` as :func:`training.datasets.open_dataset`
+    makes it (the official ``test/`` folder for Kermany), and ``val`` is
+    refused: the validation split the threshold was chosen on only exists
+    in a ``split.json``. The pneumonia subtype comes from ``manifest.csv``
+    when the data folder has one and from the file name (``personN_bacteria_M``)
+    otherwise; a file whose bytes disagree with the manifest's sha256 is
+    refused, so a report never silently describes different images than it says.
 
     Raises:
         ValueError: unknown split, or a subtype/sha256 conflicting with ``manifest.csv``.
         FileNotFoundError: a missing folder, ``split.json`` or image.
     """
-    from .data import LABELS, list_items
+    return _cases(_dataset(data_root, split, split_file), split)
 
-    root = Path(data_root)
-    if split == "test":
-        pairs = [(item.path, item.label) for item in list_items(root, "test")]
-    elif split == "val":
-        if split_file is None or not Path(split_file).is_file():
-            raise FileNotFoundError(
-                f"--split val needs the training run's split.json (got {split_file}); "
-                "pass --split-file runs/<run>/split.json."
-            )
-        recorded = json.loads(Path(split_file).read_text(encoding="utf-8"))
-        pairs = [(root / rel, LABELS.index(Path(rel).parent.name)) for rel in recorded["val"]]
-    else:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
-    rows = _read_data_manifest(root)
+
+def _cases(dataset: Dataset, split: str) -> list[Case]:
+    root = dataset.root
+    items = dataset.val if split == "val" else dataset.test
+    rows = _read_data_manifest(root) if root.is_dir() else {}
     cases = []
-    for path, label in pairs:
-        if not path.is_file():
-            raise FileNotFoundError(f"Image {path} listed for split {split!r} does not exist.")
-        relpath = path.relative_to(root).as_posix()
-        digest = _sha256(path)
-        match = _SUBTYPE_IN_NAME.search(path.name)
+    for item in items:
+        relpath = dataset.item_id(item)
+        if item.image is not None:
+            digest = hashlib.sha256(np.ascontiguousarray(item.image).tobytes()).hexdigest()
+        elif item.path.is_file():
+            digest = _sha256(item.path)
+        else:
+            raise FileNotFoundError(f"Image {item.path} listed for split {split!r} does not exist.")
+        match = _SUBTYPE_IN_NAME.search(item.path.name)
         from_name = match.group(1).lower() if match else ""
         row = rows.get(relpath)
         if row is not None:
             if row.get("sha256") and row["sha256"] != digest:
-                raise ValueError(f"{path} does not match the sha256 in {root / 'manifest.csv'}.")
+                raise ValueError(f"{item.path} does not match the sha256 in {root / 'manifest.csv'}.")
             subtype = row.get("pneumonia_subtype", "") or from_name
             if from_name and subtype != from_name:
                 raise ValueError(f"{relpath}: manifest subtype {subtype!r} but file name says {from_name!r}.")
         else:
             subtype = from_name
-        group = "normal" if label == 0 else (subtype or "unknown")
-        cases.append(Case(path=path, relpath=relpath, label=label, group=group, sha256=digest))
+        group = "normal" if item.label == 0 else (subtype or "unknown")
+        cases.append(
+            Case(
+                path=item.path,
+                relpath=relpath,
+                label=item.label,
+                group=group,
+                sha256=digest,
+                image=item.image,
+            )
+        )
     return cases
+
+
+def _split_title(dataset: Dataset, split: str) -> str:
+    if split == "val":
+        return "patient-disjoint validation split"
+    if dataset.kind == "folders" and dataset.classes == ("NORMAL", "PNEUMONIA"):
+        return "official Kermany test split"
+    return f"{dataset.name} test split ({dataset.test_method})"
 
 
 def data_fingerprint(cases: Sequence[Case]) -> str:
@@ -271,7 +311,8 @@ def predict_cases(
     for start in range(0, len(cases), batch_size):
         chunk = cases[start : start + batch_size]
         for i, case in enumerate(chunk):
-            preprocess(decode_file(case.path).pixels, spec, out=batch[i])
+            pixels = case.image if case.image is not None else decode_file(case.path).pixels
+            preprocess(pixels, spec, out=batch[i])
         raw = session.run(None, {inputs[0].name: batch[: len(chunk)]})[0]
         for i, row in enumerate(raw):
             probs[start + i] = scores_to_probabilities(row, activation)[positive]
@@ -328,8 +369,10 @@ def summarize(
         "at_0.5": at["0.5"],
         "subgroups": subgroups,
         # A float32 softmax saturates: these cases are tied and no threshold can separate them.
-        "n_p_equal_1": {"negative": int(np.sum((p >= 1.0) & (y == 0))),
-                        "positive": int(np.sum((p >= 1.0) & (y == 1)))},
+        "n_p_equal_1": {
+            "negative": int(np.sum((p >= 1.0) & (y == 0))),
+            "positive": int(np.sum((p >= 1.0) & (y == 1))),
+        },
     }
 
 
@@ -360,24 +403,51 @@ def plot_roc(models: Sequence[ModelResult], y: np.ndarray, threshold: float, tit
         lo, hi = s["auc_ci95"]
         ax.plot(fpr, tpr, color=colour, lw=2, label=f"{model.name}: AUC {s['auc']:.4f} [{lo:.4f}, {hi:.4f}]")
         m, r = s["at_threshold"], s["at_0.5"]
-        ax.plot(1 - m["specificity"], m["sensitivity"], "o", ms=10, color=colour, mec="black",
-                label=_op_label(model.name, m, f"at manifest threshold {threshold:.5g}"))
-        ax.plot(1 - r["specificity"], r["sensitivity"], "s", ms=8, mfc="none", mec=colour, mew=2,
-                label=_op_label(model.name, r, "at 0.5 (reference)"))
+        ax.plot(
+            1 - m["specificity"],
+            m["sensitivity"],
+            "o",
+            ms=10,
+            color=colour,
+            mec="black",
+            label=_op_label(model.name, m, f"at manifest threshold {threshold:.5g}"),
+        )
+        ax.plot(
+            1 - r["specificity"],
+            r["sensitivity"],
+            "s",
+            ms=8,
+            mfc="none",
+            mec=colour,
+            mew=2,
+            label=_op_label(model.name, r, "at 0.5 (reference)"),
+        )
     # Zoom on the top-left corner, where the curves and operating points crowd together.
     inset = ax.inset_axes((0.42, 0.42, 0.5, 0.33))
     for line in ax.get_lines():
-        inset.plot(*line.get_data(), ls=line.get_linestyle(), lw=line.get_linewidth(),
-                   marker=line.get_marker(), ms=line.get_markersize(), color=line.get_color(),
-                   mfc=line.get_markerfacecolor(), mec=line.get_markeredgecolor(),
-                   mew=line.get_markeredgewidth())
+        inset.plot(
+            *line.get_data(),
+            ls=line.get_linestyle(),
+            lw=line.get_linewidth(),
+            marker=line.get_marker(),
+            ms=line.get_markersize(),
+            color=line.get_color(),
+            mfc=line.get_markerfacecolor(),
+            mec=line.get_markeredgecolor(),
+            mew=line.get_markeredgewidth(),
+        )
     inset.set(xlim=(0, 0.5), ylim=(0.8, 1.005), title="zoom: FPR 0-0.5, TPR 0.8-1")
     inset.title.set_fontsize(8)
     inset.tick_params(labelsize=7)
     inset.grid(alpha=0.3)
-    ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), aspect="equal",
-           xlabel="False positive rate (1 - specificity)", ylabel="True positive rate (sensitivity)",
-           title=f"ROC curve\n{title}")
+    ax.set(
+        xlim=(-0.01, 1.01),
+        ylim=(-0.01, 1.01),
+        aspect="equal",
+        xlabel="False positive rate (1 - specificity)",
+        ylabel="True positive rate (sensitivity)",
+        title=f"ROC curve\n{title}",
+    )
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8, title="AUC [95 % bootstrap CI]", title_fontsize=8)
     fig.tight_layout()
@@ -394,18 +464,42 @@ def plot_pr(models: Sequence[ModelResult], y: np.ndarray, threshold: float, titl
     for model, colour in zip(models, _COLOURS, strict=False):
         s = model.summary
         precision, recall, _ = precision_recall_curve(y, model.p)
-        ax.plot(np.r_[0.0, recall], np.r_[precision[0], precision], drawstyle="steps-pre", color=colour,
-                lw=2, label=f"{model.name}: average precision {s['average_precision']:.4f}")
+        ax.plot(
+            np.r_[0.0, recall],
+            np.r_[precision[0], precision],
+            drawstyle="steps-pre",
+            color=colour,
+            lw=2,
+            label=f"{model.name}: average precision {s['average_precision']:.4f}",
+        )
         m, r = s["at_threshold"], s["at_0.5"]
-        ax.plot(m["sensitivity"], m["ppv"], "o", ms=10, color=colour, mec="black",
-                label=f"{model.name} at manifest threshold {threshold:.5g}: "
-                f"recall {m['sensitivity']:.3f}, precision {m['ppv']:.3f}")
-        ax.plot(r["sensitivity"], r["ppv"], "s", ms=8, mfc="none", mec=colour, mew=2,
-                label=f"{model.name} at 0.5 (reference): recall {r['sensitivity']:.3f}, "
-                f"precision {r['ppv']:.3f}")
-    ax.set(xlim=(-0.01, 1.01), ylim=(max(0.0, prevalence - 0.1), 1.01),
-           xlabel="Recall (sensitivity)", ylabel="Precision (PPV on this split)",
-           title=f"Precision-recall curve\n{title}")
+        ax.plot(
+            m["sensitivity"],
+            m["ppv"],
+            "o",
+            ms=10,
+            color=colour,
+            mec="black",
+            label=f"{model.name} at manifest threshold {threshold:.5g}: "
+            f"recall {m['sensitivity']:.3f}, precision {m['ppv']:.3f}",
+        )
+        ax.plot(
+            r["sensitivity"],
+            r["ppv"],
+            "s",
+            ms=8,
+            mfc="none",
+            mec=colour,
+            mew=2,
+            label=f"{model.name} at 0.5 (reference): recall {r['sensitivity']:.3f}, precision {r['ppv']:.3f}",
+        )
+    ax.set(
+        xlim=(-0.01, 1.01),
+        ylim=(max(0.0, prevalence - 0.1), 1.01),
+        xlabel="Recall (sensitivity)",
+        ylabel="Precision (PPV on this split)",
+        title=f"Precision-recall curve\n{title}",
+    )
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
@@ -413,8 +507,9 @@ def plot_pr(models: Sequence[ModelResult], y: np.ndarray, threshold: float, titl
     plt.close(fig)
 
 
-def plot_confusion(models: Sequence[ModelResult], threshold: float, labels: Sequence[str], title: str,
-                   path: Path) -> None:
+def plot_confusion(
+    models: Sequence[ModelResult], threshold: float, labels: Sequence[str], title: str, path: Path
+) -> None:
     """One heatmap per model at the manifest threshold: counts and the share of each true class."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(models), figsize=(5.8 * len(models), 5.2), squeeze=False)
@@ -424,8 +519,15 @@ def plot_confusion(models: Sequence[ModelResult], threshold: float, labels: Sequ
         for (i, j), count in np.ndenumerate(cm):
             share = count / cm[i].sum() if cm[i].sum() else math.nan
             colour = "white" if count > cm.max() / 2 else "black"
-            ax.text(j, i, f"{count}\n({100 * share:.1f} % of {labels[i]})", ha="center", va="center",
-                    color=colour, fontsize=10)
+            ax.text(
+                j,
+                i,
+                f"{count}\n({100 * share:.1f} % of {labels[i]})",
+                ha="center",
+                va="center",
+                color=colour,
+                fontsize=10,
+            )
         ax.set_xticks([0, 1], [f"called {labels[0]}", f"called {labels[1]}"])
         ax.set_yticks([0, 1], [f"true {labels[0]}", f"true {labels[1]}"], rotation=90, va="center")
         ax.set(xlabel="Model call", ylabel="True label", title=f"{model.name} at threshold {threshold:.5g}")
@@ -438,8 +540,9 @@ def plot_confusion(models: Sequence[ModelResult], threshold: float, labels: Sequ
 def plot_reliability(models: Sequence[ModelResult], title: str, path: Path) -> None:
     """Reliability diagram (observed pneumonia fraction vs mean predicted, per bin) over bin counts."""
     plt = _pyplot()
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7.5, 8), sharex=True,
-                                      gridspec_kw={"height_ratios": [3, 1.3]})
+    fig, (top, bottom) = plt.subplots(
+        2, 1, figsize=(7.5, 8), sharex=True, gridspec_kw={"height_ratios": [3, 1.3]}
+    )
     top.plot([0, 1], [0, 1], ls=":", color="grey", lw=1, label="perfect calibration")
     n_models = len(models)
     for k, (model, colour) in enumerate(zip(models, _COLOURS, strict=False)):
@@ -450,18 +553,36 @@ def plot_reliability(models: Sequence[ModelResult], title: str, path: Path) -> N
         filled = count > 0
         mean_p = np.asarray(rel["mean_predicted"], dtype=float)[filled]
         observed = np.asarray(rel["observed_rate"], dtype=float)[filled]
-        top.plot(mean_p, observed, "o-", color=colour, lw=1.5,
-                 label=f"{model.name}: ECE {s['ece']:.4f} ({s['n_bins']} bins)")
+        top.plot(
+            mean_p,
+            observed,
+            "o-",
+            color=colour,
+            lw=1.5,
+            label=f"{model.name}: ECE {s['ece']:.4f} ({s['n_bins']} bins)",
+        )
         width = (edges[1] - edges[0]) / (n_models + 1)
-        bottom.bar(edges[:-1] + width * (k + 0.5), np.where(count > 0, count, np.nan), width=width,
-                   align="edge", color=colour, label=model.name)
-    top.set(xlim=(0, 1), ylim=(-0.02, 1.02), ylabel="Observed fraction with pneumonia",
-            title=f"Reliability diagram (P(pneumonia), equal-width bins)\n{title}")
+        bottom.bar(
+            edges[:-1] + width * (k + 0.5),
+            np.where(count > 0, count, np.nan),
+            width=width,
+            align="edge",
+            color=colour,
+            label=model.name,
+        )
+    top.set(
+        xlim=(0, 1),
+        ylim=(-0.02, 1.02),
+        ylabel="Observed fraction with pneumonia",
+        title=f"Reliability diagram (P(pneumonia), equal-width bins)\n{title}",
+    )
     top.grid(alpha=0.3)
     top.legend(loc="upper left", fontsize=9)
     bottom.set_yscale("log")
-    bottom.set(xlabel="Predicted P(pneumonia) (bin: mean predicted above, bin range below)",
-               ylabel="Images per bin (log)")
+    bottom.set(
+        xlabel="Predicted P(pneumonia) (bin: mean predicted above, bin range below)",
+        ylabel="Images per bin (log)",
+    )
     bottom.grid(alpha=0.3)
     bottom.legend(loc="upper center", fontsize=8)
     fig.tight_layout()
@@ -469,8 +590,14 @@ def plot_reliability(models: Sequence[ModelResult], title: str, path: Path) -> N
     plt.close(fig)
 
 
-def plot_scores(models: Sequence[ModelResult], y: np.ndarray, threshold: float, labels: Sequence[str],
-                title: str, path: Path) -> None:
+def plot_scores(
+    models: Sequence[ModelResult],
+    y: np.ndarray,
+    threshold: float,
+    labels: Sequence[str],
+    title: str,
+    path: Path,
+) -> None:
     """Histograms of P(pneumonia) per true class on a logit axis, with the threshold and 0.5.
 
     A logit axis because an over-confident model puts most scores within
@@ -491,8 +618,13 @@ def plot_scores(models: Sequence[ModelResult], y: np.ndarray, threshold: float, 
         for label_id, colour in ((0, "tab:green"), (1, "tab:red")):
             mask = y == label_id
             ones = int(np.sum(model.p[mask] >= 1.0))
-            ax.hist(clipped[mask], bins=edges, color=colour, alpha=0.55,
-                    label=f"true {labels[label_id]} (n={int(mask.sum())}; {ones} with p = 1.0)")
+            ax.hist(
+                clipped[mask],
+                bins=edges,
+                color=colour,
+                alpha=0.55,
+                label=f"true {labels[label_id]} (n={int(mask.sum())}; {ones} with p = 1.0)",
+            )
         ax.axvline(threshold, color="black", lw=1.5, label=f"manifest threshold {threshold:.5g}")
         ax.axvline(0.5, color="black", lw=1, ls="--", label="0.5 (reference)")
         ax.set_xscale("logit")
@@ -501,8 +633,12 @@ def plot_scores(models: Sequence[ModelResult], y: np.ndarray, threshold: float, 
         ax.set_xticks(ticks, tick_labels)
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_yscale("log")
-        ax.set(xlabel=f"Predicted P(pneumonia), logit scale (outermost bins hold p < {_LOGIT_EPS:g} "
-               f"and p > 1 - {_LOGIT_EPS:g})", ylabel="Images (log scale)", title=f"{model.name}")
+        ax.set(
+            xlabel=f"Predicted P(pneumonia), logit scale (outermost bins hold p < {_LOGIT_EPS:g} "
+            f"and p > 1 - {_LOGIT_EPS:g})",
+            ylabel="Images (log scale)",
+            title=f"{model.name}",
+        )
         ax.grid(alpha=0.3)
         ax.legend(loc="upper left", fontsize=8)
     fig.suptitle(f"Score distribution by true class\n{title}", fontsize=11)
@@ -591,16 +727,22 @@ def render_markdown(ctx: dict[str, Any], models: Sequence[ModelResult]) -> str:
     count_text = ", ".join(f"{counts[g]} {_group_title(g)}" for g in ctx["groups"] if g != "normal")
 
     header_rows = [
-        ["model", f"{ctx['bundle_name']} {ctx['bundle_version']} (bundle `{ctx['bundle_path']}`, "
-                  "hashes verified by `load_bundle`)"],
+        [
+            "model",
+            f"{ctx['bundle_name']} {ctx['bundle_version']} (bundle `{ctx['bundle_path']}`, "
+            "hashes verified by `load_bundle`)",
+        ],
     ]
     for m in models:
         header_rows.append([f"{m.name} file", f"`{m.file}` ({m.note}), sha256 `{m.sha256}`"])
     header_rows += [
         ["data split", f"{split_title}: `{ctx['data_path']}`"],
         ["n", f"{ctx['n']} images: {ctx['n_negative']} NORMAL, {ctx['n_positive']} PNEUMONIA ({count_text})"],
-        ["data fingerprint", f"sha256 `{ctx['data_fingerprint']}` over the sorted `path sha256` lines "
-                             f"of the evaluated images{ctx['manifest_note']}"],
+        [
+            "data fingerprint",
+            f"sha256 `{ctx['data_fingerprint']}` over the sorted `path sha256` lines "
+            f"of the evaluated images{ctx['manifest_note']}",
+        ],
         ["threshold", f"{t!r} = manifest `operating_point.threshold` ({ctx['threshold_method']})"],
         ["generated", f"{ctx['date']} in {ctx['seconds']:.0f} s"],
         ["code", ctx["code_version"]],
@@ -654,7 +796,7 @@ def render_markdown(ctx: dict[str, Any], models: Sequence[ModelResult]) -> str:
 | same call at the manifest threshold | {fmt_rate(int(same.sum()), same.size)} |
 | max \\|Δp\\| | {diff.max():.4g} |
 | mean \\|Δp\\| | {diff.mean():.4g} |
-| AUC difference ({a.name} - {b.name}) | {a.summary['auc'] - b.summary['auc']:+.4f} |
+| AUC difference ({a.name} - {b.name}) | {a.summary["auc"] - b.summary["auc"]:+.4f} |
 
 Both models are judged at the same manifest threshold, which was chosen on validation from the
 {models[0].name} model's probabilities (the model the edge runs); the FP32 model is the
@@ -683,7 +825,7 @@ quantization's reference, not a deployment candidate.
         f"({m.summary['n_p_equal_1']['negative']} NORMAL, {m.summary['n_p_equal_1']['positive']} PNEUMONIA)"
         for m in models
     )
-    return f"""# Evaluation report: {ctx['bundle_name']} {ctx['bundle_version']} on the {split_title}
+    return f"""# Evaluation report: {ctx["bundle_name"]} {ctx["bundle_version"]} on the {split_title}
 
 > {NOT_FOR_DIAGNOSTIC_USE}
 
@@ -692,21 +834,21 @@ quantization's reference, not a deployment candidate.
 Reproduce (from the repository root; the same data, bundle and seed give the same numbers):
 
 ```
-{ctx['command']}
+{ctx["command"]}
 ```
 
 ## Operating point
 
 The decision threshold is **{t:.6g}** ({t!r}), read from the bundle's `manifest.json`
-(`operating_point.threshold`): the {ctx['threshold_method']}. **It was not tuned on this
+(`operating_point.threshold`): the {ctx["threshold_method"]}. **It was not tuned on this
 split**; nothing in this report chooses a threshold. A case is called PNEUMONIA when
 P(pneumonia) >= threshold. The 0.5 columns are for reference only: 0.5 is not the model's
 operating point.
 
 ## Summary
 
-Threshold-free metrics (AUC 95 % CI: percentile bootstrap over images, {ctx['n_boot']} resamples,
-seed {ctx['seed']}):
+Threshold-free metrics (AUC 95 % CI: percentile bootstrap over images, {ctx["n_boot"]} resamples,
+seed {ctx["seed"]}):
 
 {_table(["threshold-free metric", *names], free_rows)}
 
@@ -714,8 +856,8 @@ At a threshold (rates with the counts they come from):
 
 {_table(at_header, at_rows)}
 
-PPV and NPV depend on the split's prevalence ({ctx['n_positive']}/{ctx['n']} =
-{ctx['n_positive'] / ctx['n']:.1%} pneumonia), which is not a clinical prevalence: they do not
+PPV and NPV depend on the split's prevalence ({ctx["n_positive"]}/{ctx["n"]} =
+{ctx["n_positive"] / ctx["n"]:.1%} pneumonia), which is not a clinical prevalence: they do not
 transfer to a screening population. Sensitivity and specificity do not depend on it.
 
 ## Confusion matrix
@@ -723,17 +865,17 @@ transfer to a screening population. Sensitivity and specificity do not depend on
 At the manifest threshold (rows: true label; columns: model call).
 
 {chr(10).join(t_ + chr(10) for t_ in confusion_tables)}
-![Confusion matrix]({figures['confusion']})
+![Confusion matrix]({figures["confusion"]})
 
 ## ROC and precision-recall curves
 
 Filled circle: the manifest operating point; hollow square: 0.5 (reference).
 
-![ROC curve]({figures['roc']})
+![ROC curve]({figures["roc"]})
 
-![Precision-recall curve]({figures['pr']})
+![Precision-recall curve]({figures["pr"]})
 
-![Score distribution]({figures['scores']})
+![Score distribution]({figures["scores"]})
 
 Saturated outputs: {saturated}. Tied cases cannot be separated by any threshold (the AUC counts
 their NORMAL/PNEUMONIA pairs as 1/2); with so many scores piled up near 1 (the model is
@@ -741,15 +883,15 @@ over-confident), the operating threshold sits at {t:.5g}.
 
 ## Calibration
 
-Expected calibration error of P(pneumonia): {ctx['n_bins']} equal-width bins on [0, 1]; per bin,
+Expected calibration error of P(pneumonia): {ctx["n_bins"]} equal-width bins on [0, 1]; per bin,
 the mean predicted P(pneumonia) vs the observed fraction with pneumonia, weighted by the bin's
-share of images. {', '.join(f"{m.name}: ECE **{fmt_num(m.summary['ece'])}**" for m in models)}.
+share of images. {", ".join(f"{m.name}: ECE **{fmt_num(m.summary['ece'])}**" for m in models)}.
 A high AUC with a high ECE means the model ranks well but its probability is not a risk:
 compare it with the threshold, do not read it as a percentage.
 
 {_table(rel_header, _reliability_rows(models))}
 
-![Reliability diagram]({figures['reliability']})
+![Reliability diagram]({figures["reliability"]})
 
 ## By subtype
 
@@ -766,7 +908,7 @@ At the manifest threshold. Sensitivity for the pneumonia subtypes (from the file
   the intervals understate the uncertainty.
 - Images from one paediatric centre (Guangzhou), resized to 224x224 by a third party; nothing here
   says how the model does elsewhere.
-- Files: `{REPORT_NAME}` (this report), {', '.join(f'`{f}`' for f in figures.values())},
+- Files: `{REPORT_NAME}` (this report), {", ".join(f"`{f}`" for f in figures.values())},
   `{METRICS_NAME}` (all numbers unrounded), `{PREDICTIONS_NAME}` (P(pneumonia) per image).
 """
 
@@ -785,10 +927,20 @@ def _display(path: Path) -> str:
 def _code_version() -> str:
     repo = Path(__file__).resolve().parents[1]
     try:
-        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
-                              text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown (not a git checkout)"
     return f"git {head}" + (" with uncommitted changes" if dirty else "")
@@ -798,8 +950,10 @@ def _software() -> str:
     import matplotlib
     import onnxruntime
 
-    return (f"Python {platform.python_version()}, numpy {np.__version__}, onnxruntime "
-            f"{onnxruntime.__version__}, matplotlib {matplotlib.__version__}")
+    return (
+        f"Python {platform.python_version()}, numpy {np.__version__}, onnxruntime "
+        f"{onnxruntime.__version__}, matplotlib {matplotlib.__version__}"
+    )
 
 
 def _jsonable(value: Any) -> Any:
@@ -819,7 +973,7 @@ def _jsonable(value: Any) -> Any:
 def reproduce_command(
     bundle: Path,
     fp32: Path | None,
-    data: Path,
+    data: Path | None,
     split: str,
     split_file: Path | None,
     out: Path,
@@ -831,8 +985,10 @@ def reproduce_command(
     argv = ["python", "-m", "training", "evaluate-report", "--bundle", _display(bundle)]
     if fp32 is not None:
         argv += ["--fp32", _display(fp32)]
-    argv += ["--data", _display(data), "--split", split]
-    if split == "val" and split_file is not None:
+    if data is not None:
+        argv += ["--data", _display(data)]
+    argv += ["--split", split]
+    if split_file is not None:
         argv += ["--split-file", _display(split_file)]
     argv += ["--out", _display(out), "--bootstrap", str(n_boot), "--seed", str(seed), "--bins", str(n_bins)]
     return shlex.join(argv)
@@ -840,7 +996,7 @@ def reproduce_command(
 
 def build_report(
     bundle_dir: str | Path,
-    data_root: str | Path,
+    data_root: str | Path | None,
     out_dir: str | Path,
     split: str = "test",
     fp32: str | Path | None = None,
@@ -855,16 +1011,19 @@ def build_report(
 
     The bundle's model is always evaluated (it is what the edge runs); the
     FP32 ONNX, when given, is run through the same preprocessing and judged
-    at the same manifest threshold.
+    at the same manifest threshold. The images are chosen as in :func:`list_cases`.
     """
     from edge_runtime.bundle import load_bundle, sha256_file
 
     t0 = time.monotonic()
-    bundle_path, data_path, out = Path(bundle_dir), Path(data_root), Path(out_dir)
+    bundle_path, out = Path(bundle_dir), Path(out_dir)
+    data_arg = Path(data_root) if data_root is not None else None
     split_path = Path(split_file) if split_file is not None else None
     bundle = load_bundle(bundle_path)
     threshold = bundle.threshold
-    cases = list_cases(data_path, split, split_path)
+    dataset = _dataset(data_arg, split, split_path)
+    data_path = dataset.root
+    cases = _cases(dataset, split)
     if not cases:
         raise ValueError(f"No images found for split {split!r} under {data_path}.")
     y = np.array([c.label for c in cases], dtype=np.int64)
@@ -872,15 +1031,28 @@ def build_report(
 
     artifact = bundle.artifact("onnxruntime")
     quant = artifact.quantization
-    models = [ModelResult(name="INT8" if "int8" in quant.lower() else "bundle", file=artifact.path,
-                          sha256=artifact.sha256, note=f"the bundle's model, {quant}", p=np.empty(0))]
+    models = [
+        ModelResult(
+            name="INT8" if "int8" in quant.lower() else "bundle",
+            file=artifact.path,
+            sha256=artifact.sha256,
+            note=f"the bundle's model, {quant}",
+            p=np.empty(0),
+        )
+    ]
     if fp32 is not None:
         fp32_path = Path(fp32)
         if not fp32_path.is_file():
             raise FileNotFoundError(f"FP32 model {fp32_path} not found.")
-        models.append(ModelResult(name="FP32", file=fp32_path, sha256=sha256_file(fp32_path),
-                                  note="FP32 export before quantization; not in the bundle",
-                                  p=np.empty(0)))
+        models.append(
+            ModelResult(
+                name="FP32",
+                file=fp32_path,
+                sha256=sha256_file(fp32_path),
+                note="FP32 export before quantization; not in the bundle",
+                p=np.empty(0),
+            )
+        )
     for model in models:
         start = time.monotonic()
         print(f"scoring {model.name}: {len(cases)} images from {data_path} ...", file=sys.stderr, flush=True)
@@ -890,7 +1062,7 @@ def build_report(
         model.file = Path(_display(model.file))
 
     out.mkdir(parents=True, exist_ok=True)
-    split_title = "official Kermany test split" if split == "test" else "patient-disjoint validation split"
+    split_title = _split_title(dataset, split)
     title = f"{bundle.name} {bundle.version}, {split_title} (n={len(cases)})\nnot for diagnostic use"
     labels = bundle.labels
     plot_confusion(models, threshold, labels, title, out / FIGURES["confusion"])
@@ -901,10 +1073,12 @@ def build_report(
 
     counts = Counter(groups)
     present = [g for g in GROUP_ORDER if g in counts] + sorted(set(counts) - set(GROUP_ORDER))
-    manifest_rows = _read_data_manifest(data_path)
+    manifest_rows = _read_data_manifest(data_path) if data_path.is_dir() else {}
     manifest_note = (
         f"; every image matched its sha256 in `manifest.csv` (sha256 "
-        f"`{sha256_file(data_path / 'manifest.csv')}`)" if manifest_rows else ""
+        f"`{sha256_file(data_path / 'manifest.csv')}`)"
+        if manifest_rows
+        else ""
     )
     recorded = bundle.manifest.get("metrics", {}).get("test") if split == "test" else None
     ctx: dict[str, Any] = {
@@ -913,7 +1087,11 @@ def build_report(
         "bundle_path": _display(bundle_path),
         "split": split,
         "split_title": split_title,
-        "data_path": _display(data_path / split) if split == "test" else _display(data_path),
+        "data_path": (
+            _display(data_path / split)
+            if split == "test" and dataset.kind == "folders"
+            else _display(data_path)
+        ),
         "n": len(cases),
         "n_positive": int(y.sum()),
         "n_negative": int(len(y) - y.sum()),
@@ -927,8 +1105,17 @@ def build_report(
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
         "code_version": _code_version(),
         "software": _software(),
-        "command": reproduce_command(bundle_path, Path(fp32) if fp32 is not None else None, data_path,
-                                     split, split_path, out, n_boot, seed, n_bins),
+        "command": reproduce_command(
+            bundle_path,
+            Path(fp32) if fp32 is not None else None,
+            data_arg,
+            split,
+            split_path,
+            out,
+            n_boot,
+            seed,
+            n_bins,
+        ),
         "n_boot": n_boot,
         "seed": seed,
         "n_bins": n_bins,
@@ -944,9 +1131,23 @@ def build_report(
             probs = [repr(float(m.p[i])) for m in models]
             writer.writerow([case.relpath, labels[case.label], case.group, *probs])
     result = {
-        **{k: ctx[k] for k in ("bundle_name", "bundle_version", "split", "n", "n_positive", "n_negative",
-                               "group_counts", "data_fingerprint", "threshold", "date", "code_version",
-                               "command")},
+        **{
+            k: ctx[k]
+            for k in (
+                "bundle_name",
+                "bundle_version",
+                "split",
+                "n",
+                "n_positive",
+                "n_negative",
+                "group_counts",
+                "data_fingerprint",
+                "threshold",
+                "date",
+                "code_version",
+                "command",
+            )
+        },
         "models": {m.name: {"file": str(m.file), "sha256": m.sha256, **m.summary} for m in models},
     }
     (out / METRICS_NAME).write_text(json.dumps(_jsonable(result), indent=2) + "\n", encoding="utf-8")
@@ -961,44 +1162,86 @@ def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``evaluate-report`` on the ``python -m training`` sub-command parser."""
     from edge_runtime.bundle import default_bundle_path
 
-    p = subparsers.add_parser("evaluate-report", help=REPORT_HELP, description=REPORT_DESCRIPTION,
-                              epilog=REPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bundle", type=Path, default=Path(_display(default_bundle_path())),
-                   help="model bundle folder; its manifest gives the threshold (default: %(default)s)")
-    p.add_argument("--fp32", type=Path, default=None,
-                   help="optional FP32 ONNX export of the same model (e.g. runs/default/model.fp32.onnx), "
-                   "reported side by side at the same threshold")
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA,
-                   help="Kermany folder with {train,test}/{NORMAL,PNEUMONIA} (default: %(default)s)")
-    p.add_argument("--split", choices=SPLITS, default="test",
-                   help="test = official Kermany test split (default); val = the patient-disjoint "
-                   "validation split of --split-file (the one the threshold was chosen on)")
-    p.add_argument("--split-file", type=Path, default=DEFAULT_SPLIT_FILE,
-                   help="training run's split.json, used by --split val (default: %(default)s)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                   help="output folder for the report and figures (default: %(default)s; "
-                   "runs/ is gitignored)")
-    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the AUC CI "
-                   "(default: %(default)s)")
+    p = subparsers.add_parser(
+        "evaluate-report",
+        help=REPORT_HELP,
+        description=REPORT_DESCRIPTION,
+        epilog=REPORT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--bundle",
+        type=Path,
+        default=Path(_display(default_bundle_path())),
+        help="model bundle folder; its manifest gives the threshold (default: %(default)s)",
+    )
+    p.add_argument(
+        "--fp32",
+        type=Path,
+        default=None,
+        help="optional FP32 ONNX export of the same model (e.g. runs/default/model.fp32.onnx), "
+        "reported side by side at the same threshold",
+    )
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="dataset (any path 'python -m training prepare' reads). --split test: score this "
+        "data's test split (the official test/ folder for Kermany); without --data, the test "
+        f"split recorded in --split-file, or {DEFAULT_DATA} when that file does not exist. "
+        "--split val: where the run's data are now, if they moved",
+    )
+    p.add_argument(
+        "--split",
+        choices=SPLITS,
+        default="test",
+        help="test = the test split (default; the official Kermany test split for the default "
+        "model); val = the patient-disjoint validation split of --split-file (the one the "
+        "threshold was chosen on)",
+    )
+    p.add_argument(
+        "--split-file",
+        type=Path,
+        default=DEFAULT_SPLIT_FILE,
+        help="training run's split.json: gives the val split, and the test split when --data is "
+        "not given (default: %(default)s)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        help="output folder for the report and figures (default: %(default)s; runs/ is gitignored)",
+    )
+    p.add_argument(
+        "--bootstrap",
+        type=int,
+        default=2000,
+        help="bootstrap resamples for the AUC CI (default: %(default)s)",
+    )
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: %(default)s)")
     p.add_argument("--bins", type=int, default=15, help="calibration bins for ECE (default: %(default)s)")
     p.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per inference call "
-                   "(default: %(default)s)")
+    p.add_argument(
+        "--batch-size", type=int, default=32, help="images per inference call (default: %(default)s)"
+    )
     return p
 
 
 def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """Run :func:`build_report` from parsed ``evaluate-report`` arguments."""
-    if not args.data.is_dir():
-        raise SystemExit(f"error: data folder {args.data} not found; pass --data")
+    if args.data is not None and not args.data.exists():
+        raise SystemExit(f"error: data {args.data} not found; pass --data")
+    if args.split == "val" or (args.data is None and args.split_file.is_file()):
+        split_file = args.split_file
+    else:
+        split_file = None
     return build_report(
         args.bundle,
         args.data,
         args.out,
         split=args.split,
         fp32=args.fp32,
-        split_file=args.split_file if args.split == "val" else None,
+        split_file=split_file,
         n_boot=args.bootstrap,
         seed=args.seed,
         n_bins=args.bins,

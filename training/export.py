@@ -1,7 +1,7 @@
 """ONNX export, INT8 static quantization, and the FP32/INT8/PyTorch agreement check.
 
 The exported graph takes the edge's preprocessed tensor (``input``,
-``[batch, 3, 224, 224]`` float32) and returns ``probabilities``
+``[batch, 3, H, W]`` float32, the run's preprocessing size; 224 by default) and returns ``probabilities``
 (``[batch, 2]``, softmax inside the graph), so the edge needs no knowledge
 of logits. Export uses the TorchScript-based exporter because opset 17 is
 required and the dynamo exporter only emits opset 18 for this model (its
@@ -42,7 +42,8 @@ from tqdm import tqdm
 
 from edge_runtime.preprocess import PreprocessSpec
 
-from .data import LABELS, CXRDataset, Item, patient_id
+from .data import CXRDataset, Item
+from .datasets import items_from_split, read_split, run_spec
 from .evaluate import compare_predictions
 from .models import predict_torch
 from .train import SPLIT_NAME, load_checkpoint
@@ -189,17 +190,8 @@ def predict_onnx(session: ort.InferenceSession, samples: np.ndarray, batch_size:
 
 def load_split(run_dir: str | Path) -> tuple[Path, list[Item], list[Item]]:
     """The data root and the train/val items the run was trained with (``split.json``)."""
-    split = json.loads((Path(run_dir) / SPLIT_NAME).read_text(encoding="utf-8"))
-    root = Path(split["data_root"])
-
-    def items(paths: Sequence[str]) -> list[Item]:
-        out = []
-        for rel in paths:
-            label = LABELS.index(Path(rel).parent.name)
-            out.append(Item(path=root / rel, label=label, patient=patient_id(rel)))
-        return out
-
-    return root, items(split["train"]), items(split["val"])
+    dataset = items_from_split(read_split(Path(run_dir) / SPLIT_NAME))
+    return dataset.root, list(dataset.train), list(dataset.val)
 
 
 def _stack(dataset: CXRDataset, indices: Sequence[int], desc: str) -> np.ndarray:
@@ -220,12 +212,13 @@ def run_export(
 
     Writes ``model.fp32.onnx``, ``model.int8.onnx``, ``val_predictions.npz``
     (labels and P(positive) of PyTorch, FP32 and INT8 on the validation
-    split, built with the edge code) and ``export_summary.json``.
+    split, built with the edge code) and ``export_summary.json``. ``spec``
+    defaults to the one the run was trained with (:func:`training.datasets.run_spec`).
     """
     t_start = time.monotonic()
     torch.set_num_threads(threads)
     run = Path(run_dir)
-    spec = spec or PreprocessSpec()
+    spec = spec or run_spec(run)
     model, ckpt = load_checkpoint(run)
     _, train_items, val_items = load_split(run)
 

@@ -2,8 +2,9 @@
 
 Order matters: the threshold is chosen on the patient-disjoint validation
 split from the INT8 model's own probabilities (the model the edge runs), and
-only then is the official Kermany test split scored, once, at that fixed
-threshold. Nothing computed from the test split flows back into a choice.
+only then is the run's test split (the official Kermany test split for the
+default model; see :mod:`training.datasets` for the others) scored, once, at
+that fixed threshold. Nothing computed from the test split flows back into a choice.
 
 Test images go through the edge path exactly: ``decode_file`` ->
 ``preprocess`` -> onnxruntime, as in ``benchmarks/bench_model_accuracy.py``.
@@ -22,7 +23,8 @@ from tqdm import tqdm
 
 from edge_runtime.preprocess import PreprocessSpec
 
-from .data import CXRDataset, Item, label_counts, list_items
+from .data import CXRDataset, Item, label_counts
+from .datasets import Dataset, items_from_split, read_split, run_spec
 from .evaluate import binary_metrics, bootstrap_auc_ci, choose_threshold
 from .export import (
     FP32_NAME,
@@ -58,24 +60,36 @@ def predict_items(
     return np.concatenate(probs)
 
 
+def _test_split_name(dataset: Dataset) -> str:
+    """``official Kermany test`` for the default data (the name earlier runs recorded), else the method."""
+    if dataset.kind == "folders" and dataset.classes == ("NORMAL", "PNEUMONIA"):
+        return "official Kermany test"
+    return f"{dataset.name}: {dataset.test_method}"
+
+
 def _rounded(metrics: dict[str, Any], digits: int = 4) -> dict[str, Any]:
     return {k: round(v, digits) if isinstance(v, float) else v for k, v in metrics.items()}
 
 
 def run_evaluation(
     run_dir: str | Path,
-    data_root: str | Path,
+    data_root: str | Path | None = None,
     spec: PreprocessSpec | None = None,
     min_sensitivity: float = 0.95,
     threads: int = 2,
 ) -> dict[str, Any]:
     """Choose the threshold on validation (INT8), then score the official test split.
 
+    The test items are the ones the run's ``split.json`` records (for a
+    first-format split, the official ``test/`` folder); ``data_root`` only
+    says where the data are if they moved. ``spec`` defaults to the run's.
+
     Writes ``evaluation.json`` and ``test_predictions.npz`` into ``run_dir``.
     """
     t_start = time.monotonic()
     run = Path(run_dir)
-    spec = spec or PreprocessSpec()
+    spec = spec or run_spec(run)
+    dataset = items_from_split(read_split(run), root=data_root)
     val = np.load(run / VAL_PREDICTIONS)
     y_val = val["y"]
     threshold = choose_threshold(y_val, val["int8"], min_sensitivity)
@@ -87,7 +101,9 @@ def run_evaluation(
         "int8_vs_torch": compare_predictions(val["torch"], val["int8"], threshold),
     }
 
-    test_items = list_items(data_root, "test")
+    test_items = list(dataset.test)
+    if not test_items:
+        raise ValueError(f"The run's data {dataset.root} have no test split to evaluate on.")
     y_test = np.array([item.label for item in test_items])
     p_int8 = predict_items(run / INT8_NAME, test_items, spec, threads, desc="test INT8")
     p_fp32 = predict_items(run / FP32_NAME, test_items, spec, threads, desc="test FP32")
@@ -106,8 +122,8 @@ def run_evaluation(
         "validation": validation,
         "validation_agreement": agreement,
         "test": {
-            "split": "official Kermany test",
-            "counts": label_counts(test_items),
+            "split": _test_split_name(dataset),
+            "counts": label_counts(test_items, dataset.classes),
             "int8": _rounded(test_int8),
             "reference": reference,
         },

@@ -70,10 +70,10 @@ import torch
 from torch import nn
 
 from edge_runtime.bundle import default_bundle_path, load_bundle
-from edge_runtime.decode import decode_file
 from edge_runtime.preprocess import PreprocessSpec, preprocess
 
-from .data import LABELS, Item, list_items, patient_id, split_by_patient
+from .data import Item
+from .datasets import items_from_split, open_dataset, read_split, run_spec
 from .evaluate import compare_predictions, roc_auc
 from .models import build_model, predict_torch
 
@@ -97,6 +97,7 @@ __all__ = [
 #: The ``quantization`` of the artifact in a bundle manifest.
 QUANTIZATION = "int8-static-wi8-ai8"
 SPLIT_NAME = "split.json"  # as written by training.train
+_SUMMARY_NAME = "train_summary.json"  # as written by training.train
 _SIGNATURE = "serving_default"
 _INT32_LIMIT = 2**31 - 1
 # A floored channel's bias must fit in this many integer steps (int32 has 2**31; leave room
@@ -343,26 +344,36 @@ def predict_tflite(model_path: str | Path, samples: np.ndarray, threads: int = 2
     return np.concatenate(rows)
 
 
+def _run_spec(checkpoint: str | Path) -> PreprocessSpec | None:
+    """The spec recorded beside ``checkpoint`` (None for a bare checkpoint)."""
+    run = Path(checkpoint).parent
+    if (run / SPLIT_NAME).is_file() or (run / _SUMMARY_NAME).is_file():
+        return run_spec(run)
+    return None
+
+
 def split_items(
-    checkpoint: str | Path, data: str | Path, val_fraction: float = 0.15, seed: int = 2018
+    checkpoint: str | Path, data: str | Path | None, val_fraction: float = 0.15, seed: int = 2018
 ) -> tuple[list[Item], list[Item], str]:
     """The training and validation items of the run that wrote ``checkpoint``.
 
-    Uses the run's ``split.json`` (beside the checkpoint) with paths taken
-    relative to ``data``; without one, recomputes the patient-disjoint split
-    of ``data/train`` the way ``training.train`` does.
+    Uses the run's ``split.json`` (beside the checkpoint), with the data
+    found at ``data`` when given (they moved) and at the recorded path
+    otherwise; without one, opens ``data`` and splits it the way
+    ``training.train`` does (:func:`training.datasets.open_dataset`).
     """
-    data = Path(data)
     split_file = Path(checkpoint).parent / SPLIT_NAME
     if split_file.is_file():
-        split = json.loads(split_file.read_text(encoding="utf-8"))
-
-        def items(paths: Sequence[str]) -> list[Item]:
-            return [Item(data / rel, LABELS.index(Path(rel).parent.name), patient_id(rel)) for rel in paths]
-
-        return items(split["train"]), items(split["val"]), str(split_file)
-    train, val = split_by_patient(list_items(data, "train"), val_fraction, seed)
-    return train, val, f"split_by_patient(val_fraction={val_fraction}, seed={seed})"
+        dataset = items_from_split(read_split(split_file), root=data)
+        return list(dataset.train), list(dataset.val), str(split_file)
+    if data is None:
+        raise FileNotFoundError(f"{split_file} does not exist; pass --data to split the data afresh.")
+    dataset = open_dataset(data, val_fraction=val_fraction, seed=seed)
+    return (
+        list(dataset.train),
+        list(dataset.val),
+        f"open_dataset({dataset.name}, val_fraction={val_fraction}, seed={seed})",
+    )
 
 
 def stratified_sample(items: Sequence[Item], count: int, seed: int) -> list[Item]:
@@ -385,7 +396,7 @@ def load_samples(items: Sequence[Item], spec: PreprocessSpec) -> np.ndarray:
     """``(N, *spec.sample_shape)`` float32: each image decoded and preprocessed as on the edge."""
     out = np.empty((len(items), *spec.sample_shape), dtype=np.float32)
     for row, item in enumerate(items):
-        out[row] = preprocess(decode_file(item.path).pixels, spec)
+        out[row] = preprocess(item.pixels(), spec)
     return out
 
 
@@ -398,7 +409,7 @@ def _nhwc(samples: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
 def run_export(
     checkpoint: str | Path,
     out: str | Path,
-    data: str | Path,
+    data: str | Path | None = None,
     *,
     bundle: str | Path | None = None,
     calibration_images: int = 200,
@@ -414,9 +425,12 @@ def run_export(
     Args:
         checkpoint: ``checkpoint.pt`` of a ``training.train`` run.
         out: Destination ``.tflite``.
-        data: Kermany folder (``train/{NORMAL,PNEUMONIA}``).
-        bundle: Bundle whose preprocessing spec and threshold apply (default:
-            the shipped one).
+        data: Where the run's data are, if not at the path its ``split.json``
+            records (any path :func:`training.datasets.open_dataset` reads).
+        bundle: Bundle whose threshold applies (default: the shipped one).
+            The preprocessing spec is the run's own (``split.json`` or
+            ``train_summary.json`` beside the checkpoint) when recorded, else
+            the bundle's; a bundle whose spec differs from the run's is refused.
         calibration_images: Training images to calibrate on.
         validation_images: Validation images to compare on (None: all; fewer: a
             class-stratified sample).
@@ -426,7 +440,12 @@ def run_export(
     t_start = time.monotonic()
     torch.set_num_threads(threads)
     bundle_info = load_bundle(bundle or default_bundle_path())
-    spec = bundle_info.preprocessing
+    spec = _run_spec(checkpoint) or bundle_info.preprocessing
+    if bundle is not None and spec != bundle_info.preprocessing:
+        raise ValueError(
+            f"The run of {checkpoint} was trained with preprocessing {spec}, but bundle {bundle} "
+            f"declares {bundle_info.preprocessing}; pass the bundle made from this run."
+        )
     threshold = bundle_info.threshold
     positive = bundle_info.labels.index(bundle_info.positive_label)
     out = Path(out)
@@ -517,14 +536,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--data",
         type=Path,
-        default=Path("../shared/data/cxr/kermany_pneumonia_224"),
-        help="Kermany folder with train/{NORMAL,PNEUMONIA} (calibration and validation images)",
+        default=None,
+        help="the run's data (calibration and validation images), if not where its split.json says; "
+        "needed when the checkpoint has no split.json beside it",
     )
     parser.add_argument(
         "--bundle",
         type=Path,
         default=None,
-        help="bundle giving the preprocessing spec and threshold (default: the shipped one)",
+        help="bundle giving the threshold (default: the shipped one); the preprocessing spec is the run's",
     )
     parser.add_argument("--calibration-images", type=int, default=200, help="training images (default 200)")
     parser.add_argument(
