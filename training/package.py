@@ -4,6 +4,10 @@ The manifest is the contract the edge reads (labels, input, preprocessing,
 threshold, file hashes); the model card is for the people who decide
 whether to deploy it. Both are generated from the run folder's summaries so
 the numbers in them are the numbers the pipeline measured, not retyped.
+What the model is (family, pretraining, input size) and what it was trained
+on (dataset, class names, intended population) come from the run too: its
+``train_summary.json`` and ``split.json`` (see :mod:`training.datasets`);
+the Kermany/EfficientNet-Lite0 text of the default bundle is one case of it.
 The bundle is re-read with :func:`edge_runtime.bundle.load_bundle` at the
 end, so a bundle the edge would refuse is never left behind silently.
 """
@@ -11,19 +15,29 @@ end, so a bundle the edge would refuse is never left behind silently.
 from __future__ import annotations
 
 import json
+import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edge_runtime.bundle import MANIFEST_NAME, load_bundle, write_manifest
 from edge_runtime.preprocess import PreprocessSpec
 
-from .data import LABELS
+from .datasets import FOLDERS, NIH_SUBSET, NPZ, SPLIT_FILE, read_split, run_spec
 from .export import EXPORT_SUMMARY, INT8_NAME
 from .report import EVALUATION_NAME
 from .train import SUMMARY_NAME
 
-__all__ = ["BUNDLE_FILES", "MODEL_CARD_NAME", "build_manifest", "package_bundle", "render_model_card"]
+__all__ = [
+    "BUNDLE_FILES",
+    "MODEL_CARD_NAME",
+    "DataCard",
+    "build_manifest",
+    "data_card",
+    "package_bundle",
+    "render_model_card",
+]
 
 MODEL_CARD_NAME = "MODEL_CARD.md"
 BUNDLE_FILES = (INT8_NAME, MODEL_CARD_NAME, MANIFEST_NAME)
@@ -36,6 +50,115 @@ DATA_CITATION = (
     "Goldbaum M. Labeled Optical Coherence Tomography (OCT) and Chest X-Ray Images for "
     "Classification. Mendeley Data v2, doi:10.17632/rscbjbr9sj.2. CC BY 4.0."
 )
+NIH_CITATION = (
+    "Wang X, Peng Y, Lu L, Lu Z, Bagheri M, Summers RM. ChestX-ray8: Hospital-scale Chest X-ray "
+    "Database and Benchmarks on Weakly-Supervised Classification and Localization of Common Thorax "
+    "Diseases. CVPR 2017. Data: NIH Clinical Center ChestX-ray14 (labels: 2020 revision)."
+)
+MEDMNIST_CITATION = (
+    "Yang J, Shi R, Wei D, et al. MedMNIST v2 - A large-scale lightweight benchmark for 2D and 3D "
+    "biomedical image classification. Scientific Data 10:41, 2023. Derived from: " + DATA_CITATION
+)
+#: Weights files known to hold ImageNet-1k weights (the card says "ImageNet-pretrained").
+_IMAGENET_FILES = ("efficientnet-lite0-57934424.pth",)
+_FAMILY_TITLES = {
+    "efficientnet-lite0": "EfficientNet-Lite0",
+    "resnet18": "ResNet-18",
+    "resnet50": "ResNet-50",
+    "vgg11_bn": "VGG-11 (batch norm)",
+    "vgg16_bn": "VGG-16 (batch norm)",
+    "densenet121": "DenseNet-121",
+    "mobilenet_v2": "MobileNetV2",
+    "mobilenet_v3_small": "MobileNetV3-Small",
+}
+
+
+@dataclass(frozen=True)
+class DataCard:
+    """What the model card and manifest say about the training data.
+
+    Attributes:
+        key: ``kermany``, ``nih``, ``pneumoniamnist`` or ``other``.
+        title: ``training.data.name`` in the manifest.
+        citation: How to cite the data.
+        license: The data's licence.
+        population: ``intended_use.population``.
+        task: "probability that ... shows <this>" (the card's task line).
+        short: The people and images, in a few words (the card's warning box).
+    """
+
+    key: str
+    title: str
+    citation: str
+    license: str
+    population: str
+    task: str
+    short: str
+
+
+def data_card(split: dict[str, Any] | None) -> DataCard:
+    """The :class:`DataCard` for a run's ``split.json`` (None or a first-format split: Kermany)."""
+    split = split or {}
+    kind = split.get("kind", FOLDERS)
+    name = str(split.get("name") or Path(str(split.get("data_root", "kermany_pneumonia_224"))).name)
+    classes = list(split.get("classes") or ["NORMAL", "PNEUMONIA"])
+    if "kind" not in split or (kind == FOLDERS and "kermany" in name.lower()):
+        return DataCard(
+            "kermany",
+            "Kermany paediatric chest X-ray (Guangzhou), 224 px resize",
+            DATA_CITATION,
+            "CC BY 4.0",
+            "paediatric (1-5 years)",
+            "a frontal chest radiograph of a young child shows\n  pneumonia",
+            "one hospital's paediatric images",
+        )
+    if kind == NPZ:
+        return DataCard(
+            "pneumoniamnist",
+            "PneumoniaMNIST (MedMNIST v2; Kermany paediatric chest X-ray, 28 px)",
+            MEDMNIST_CITATION,
+            "CC BY 4.0",
+            "paediatric (1-5 years)",
+            "a frontal chest radiograph of a young child shows\n  pneumonia",
+            "one hospital's paediatric images, shrunk to 28x28 px",
+        )
+    if kind == NIH_SUBSET or name.lower().startswith("nih"):
+        return DataCard(
+            "nih",
+            f"NIH ChestX-ray14 ({name})",
+            NIH_CITATION,
+            "NIH ChestX-ray14 terms: public; cite the paper and acknowledge the NIH Clinical Center",
+            "adults and children imaged at the NIH Clinical Center (mostly adults)",
+            "a frontal chest radiograph shows any of the\n  14 ChestX-ray14 findings "
+            f"(`{classes[1]}`) rather than none (`{classes[0]}`)",
+            "one hospital's images with text-mined labels",
+        )
+    return DataCard(
+        "other",
+        name,
+        "not recorded",
+        "not recorded; check before distributing",
+        "not recorded",
+        f"a chest radiograph belongs to `{classes[1]}`\n  rather than `{classes[0]}`",
+        "one dataset",
+    )
+
+
+def _family(model: str) -> str:
+    return _FAMILY_TITLES.get(model, model)
+
+
+def _pretrained(weights: str | None) -> str:
+    if not weights:
+        return "none (random initialisation)"
+    name = Path(weights).name
+    return f"ImageNet-1k ({name})" if name in _IMAGENET_FILES else f"weights file {name}"
+
+
+def _bundle_name(card: DataCard, dataset_name: str) -> str:
+    if card.key == "kermany":
+        return BUNDLE_NAME
+    return re.sub(r"[^a-z0-9]+", "-", dataset_name.lower()).strip("-") + "-cxr"
 
 
 def _read(run: Path, name: str) -> dict[str, Any]:
@@ -59,20 +182,42 @@ def build_manifest(
     evaluation: dict[str, Any],
     spec: PreprocessSpec,
     version: str = "0.1.0",
+    split: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The manifest dict (without ``files``/``format``, which ``write_manifest`` adds)."""
+    """The manifest dict (without ``files``/``format``, which ``write_manifest`` adds).
+
+    ``split`` is the run's ``split.json`` (None: the Kermany data of the
+    first pipeline); with the summaries it gives the labels, the data and
+    the intended use.
+    """
     val = evaluation["validation"]["int8"]
     test = evaluation["test"]["int8"]
     data = train_summary["data"]
-    return {
-        "name": BUNDLE_NAME,
-        "version": version,
-        "description": (
-            "EfficientNet-Lite0, INT8: P(pneumonia) from a frontal paediatric chest radiograph. "
+    card = data_card(split)
+    classes = list((split or {}).get("classes") or ["NORMAL", "PNEUMONIA"])
+    positive = classes[1]
+    family = _family(train_summary["model"])
+    weights = train_summary["config"].get("weights")
+    if card.key == "kermany":
+        description = (
+            f"{family}, INT8: P(pneumonia) from a frontal paediatric chest radiograph. "
             "NOT FOR DIAGNOSTIC USE."
-        ),
-        "labels": list(LABELS),
-        "positive_label": "PNEUMONIA",
+        )
+        method = "patient-disjoint, stratified by label, from the official train split"
+        test_split = f"official Kermany test split ({test['n']} images)"
+    else:
+        description = (
+            f"{family}, INT8, {spec.height}x{spec.width} px input: P({positive}) from a frontal chest "
+            f"radiograph ({card.title}). NOT FOR DIAGNOSTIC USE."
+        )
+        method = str((split or {}).get("val_method", "patient-disjoint, stratified by label"))
+        test_split = f"{(split or {}).get('test_method', 'test split')} ({test['n']} images)"
+    manifest = {
+        "name": _bundle_name(card, str((split or {}).get("name", ""))),
+        "version": version,
+        "description": description,
+        "labels": classes,
+        "positive_label": positive,
         "artifacts": [{"file": INT8_NAME, "backend": "onnxruntime", "quantization": QUANTIZATION}],
         "input": {
             "name": "input",
@@ -84,7 +229,7 @@ def build_manifest(
         "preprocessing": spec.to_dict(),
         "operating_point": {
             "threshold": evaluation["threshold"],
-            "rule": "PNEUMONIA when probabilities[PNEUMONIA] >= threshold",
+            "rule": f"{positive} when probabilities[{positive}] >= threshold",
             "method": THRESHOLD_METHOD,
             "validation": {
                 "sensitivity": val["sensitivity"],
@@ -97,22 +242,22 @@ def build_manifest(
             "modalities": ["CR", "DX"],
             "body_parts": ["CHEST"],
             "view_positions": ["PA", "AP"],
-            "population": "paediatric (1-5 years)",
+            "population": card.population,
             "not_for_diagnostic_use": True,
         },
         "training": {
             "data": {
-                "name": "Kermany paediatric chest X-ray (Guangzhou), 224 px resize",
-                "citation": DATA_CITATION,
-                "license": "CC BY 4.0",
+                "name": card.title,
+                "citation": card.citation,
+                "license": card.license,
             },
             "architecture": train_summary["model"],
-            "pretrained": "ImageNet-1k (efficientnet-lite0-57934424.pth)",
+            "pretrained": _pretrained(weights),
             "trainable": train_summary["trainable_blocks"],
             "split": {
                 "train": data["train"],
                 "validation": data["val"],
-                "method": "patient-disjoint, stratified by label, from the official train split",
+                "method": method,
             },
             "augmented_views_per_train_image": data["augmented_views_per_train_image"],
             "seed": train_summary["config"]["seed"],
@@ -134,7 +279,7 @@ def build_manifest(
                 **_pick(test),
                 "model": "int8",
                 "threshold": evaluation["threshold"],
-                "split": "official Kermany test split (624 images)",
+                "split": test_split,
             },
             "int8_vs_fp32_validation": {
                 k: evaluation["validation_agreement"]["int8_vs_fp32"][k]
@@ -142,6 +287,13 @@ def build_manifest(
             },
         },
     }
+    notes = list((split or {}).get("notes") or [])
+    if card.key != "kermany" or notes:
+        extra = {"dataset": (split or {}).get("name"), "test_split": (split or {}).get("test_method")}
+        manifest["training"]["data"].update({k: v for k, v in extra.items() if v})
+        if notes:
+            manifest["training"]["data"]["notes"] = notes
+    return manifest
 
 
 def _pct(value: float) -> str:
@@ -155,8 +307,236 @@ def _row(name: str, m: dict[str, Any], auc_note: str = "") -> str:
     )
 
 
-def render_model_card(manifest: dict[str, Any], evaluation: dict[str, Any]) -> str:
-    """The human-readable model card (Markdown) for a manifest."""
+def _spec_text(spec: dict[str, Any]) -> str:
+    mean = ", ".join(f"{v:g}" for v in spec["mean"])
+    std = ", ".join(f"{v:g}" for v in spec["std"])
+    rounding = "8-bit rounding" if spec["quantize_8bit"] else "no 8-bit rounding"
+    grey = f"grey repeated on {spec['channels']} channels" if spec["channels"] > 1 else "one grey channel"
+    return (
+        f"({spec['resize']} to {spec['height']}x{spec['width']} with {spec['interpolation']} interpolation, "
+        f"{rounding},\n  (x - {mean}) / {std}, {grey})"
+    )
+
+
+def _architecture(manifest: dict[str, Any]) -> str:
+    """The card's architecture bullet: family, pretraining, trained part, export and quantization."""
+    tr = manifest["training"]
+    pretrained = tr["pretrained"]
+    if pretrained.startswith("ImageNet"):
+        start = "ImageNet-pretrained"
+    elif pretrained.startswith("none"):
+        start = "randomly initialised (no pretrained weights)"
+    else:
+        start = f"initialised from {pretrained.removeprefix('weights file ')}"
+    head = "the 1280x2 classifier" if tr["architecture"] == "efficientnet-lite0" else "the classifier"
+    return f"""- **Architecture:** {_family(tr["architecture"])}, {start}; {tr["trainable"]} fine-tuned.
+  Exported to ONNX opset 17 with the softmax inside the graph, then INT8 static
+  quantization of every convolution ({manifest["artifacts"][0]["quantization"]}, calibrated on
+  {tr["calibration_images"]} training images); {head} and the softmax stay FP32 so
+  the probabilities keep full resolution."""
+
+
+def _reproduce(config: dict[str, Any] | None, spec: dict[str, Any], bundle_dir: str | Path | None) -> str:
+    """The ``pipeline`` command line of a run, from its recorded config."""
+    config = config or {}
+    parts = [
+        f"--data {config.get('data_root', '<data>')}",
+        f"--model {config.get('model', '<model>')} --weights {config.get('weights') or 'none'} "
+        f"--size {spec['height']}",
+        f"--seed {config.get('seed', 2018)} --val-fraction {config.get('val_fraction', 0.15)}",
+        f"--out {config.get('out_dir', 'runs/<run>')} --bundle {bundle_dir or '<bundle folder>'}",
+    ]
+    return "python -m training pipeline " + " \\\n    ".join(parts)
+
+
+_DATA_TEXT = {
+    "nih": (
+        "Frontal chest radiographs from the NIH Clinical Center (Bethesda, USA), adults and\n"
+        "children, with 14 finding labels text-mined from the radiology reports (not verified\n"
+        "by radiologists; expect label noise). The model was trained on normal (`No Finding`)\n"
+        "vs abnormal (any of the 14 findings); the findings themselves are not told apart."
+    ),
+    "pneumoniamnist": (
+        "The Kermany paediatric images (Guangzhou Women and Children's Medical Center, children\n"
+        "aged 1-5), centre-cropped and shrunk to 28x28 px by MedMNIST. The copy used here has a\n"
+        "modified training split: 826 of the official 1 214 normal images are missing."
+    ),
+    "other": "Source, licence and label quality of these data are not recorded here.",
+}
+_DATA_LIMITS = {
+    "nih": (
+        "- **One centre, noisy labels.** NIH Clinical Center images, mostly adults; labels were\n"
+        "  text-mined from reports, not verified, and `abnormal` lumps 14 different findings\n"
+        "  (some, such as small nodules, barely visible at a small input size)."
+    ),
+    "pneumoniamnist": (
+        "- **Paediatric only, one centre, 28 px.** Almost all detail is lost at 28x28; full-size\n"
+        "  films shrunk by the edge differ from the training images. MedMNIST's validation split\n"
+        "  may share children with its training split (patient ids are not published)."
+    ),
+    "other": "- **Unknown provenance.** Check where the data come from before trusting any number here.",
+}
+
+
+def _generic_card(
+    manifest: dict[str, Any],
+    evaluation: dict[str, Any],
+    card: DataCard,
+    split: dict[str, Any] | None,
+    config: dict[str, Any] | None,
+    bundle_dir: str | Path | None,
+) -> str:
+    """The model card for any run other than the Kermany EfficientNet-Lite0 one."""
+    op = manifest["operating_point"]
+    val = manifest["metrics"]["validation"]
+    test = manifest["metrics"]["test"]
+    tr = manifest["training"]
+    agree = manifest["metrics"]["int8_vs_fp32_validation"]
+    ref = evaluation["test"]["reference"]["int8_at_0.5"]
+    fp32 = evaluation["test"]["reference"]["fp32_at_threshold"]
+    ep = tr["epochs"]
+    replanned = (
+        f" (shortened to {ep['stage2_final_plan']} when epochs ran slower)"
+        if ep["stage2_final_plan"] < ep["stage2_planned"]
+        else ""
+    )
+    spec = manifest["preprocessing"]
+    inp = manifest["input"]
+    shape = ", ".join(str(v) for v in inp["shape"][1:])
+    labels = manifest["labels"]
+    lo, hi = test["auc_ci95"]
+    parts = tr["split"]
+
+    def counts(part: dict[str, Any]) -> str:
+        return ", ".join(f"{part.get(name, 0)} {name}" for name in labels)
+
+    notes = "".join(f"\n- {note}." for note in (split or {}).get("notes") or [])
+    data_text = _DATA_TEXT.get(card.key, "")
+    if card.key == "kermany":
+        data_text = (
+            "Images from the Guangzhou Women and Children's Medical Center, children aged 1-5,\n"
+            "resized to 224x224 by a third party without keeping the aspect ratio."
+        )
+    limits = _DATA_LIMITS.get(card.key, "")
+    if card.key == "kermany":
+        limits = (
+            "- **Paediatric only, one centre.** Trained and tested on children from one Guangzhou\n"
+            "  hospital; performance elsewhere is unknown and likely lower."
+        )
+    prevalence = test["n_positive"] / test["n"] if test.get("n") else float("nan")
+    licence = "" if card.license in card.citation else f" Licence: {card.license}."
+    return f"""# Model card: {manifest["name"]} {manifest["version"]}
+
+> **NOT FOR DIAGNOSTIC USE.** A research and engineering demonstrator. It has
+> not been cleared by any regulator, was trained on {card.short},
+> and must not inform the care of any patient.
+
+## What it is
+
+- **Task:** probability that {card.task} (`labels` = {", ".join(f"`{name}`" for name in labels)}).
+{_architecture(manifest)}
+- **Input:** `{inp["name"]}`, {inp["dtype"]} `[batch, {shape}]` {spec["layout"]}, built by
+  `edge_runtime.preprocess.preprocess` with the spec in `manifest.json`
+  {_spec_text(spec)}.
+- **Output:** `probabilities`, `[batch, {len(labels)}]` (already softmaxed; activation `none`).
+- **Decision:** {op["rule"]}, threshold **{op["threshold"]:.4f}** = the {op["method"]}.
+
+## Intended use
+
+Demonstration on an edge device: frontal (PA/AP) chest radiographs (CR, DX) of the
+population the training data come from ({manifest["intended_use"]["population"]}).
+`intended_use` in the manifest lists these so the runtime's intake policy can refuse
+other studies from DICOM headers.
+
+**Out of scope:** other populations, lateral views, other body parts, CT, any diagnostic
+or treatment decision, and any finding the labels `{labels[0]}`/`{labels[1]}` do not describe.
+
+## Data
+
+{tr["data"]["name"]}. {card.citation}{licence}
+
+{data_text}
+
+- Training and validation: train {parts["train"]["images"]} images / {parts["train"]["patients"]} patients
+  ({counts(parts["train"])}), validation {parts["validation"]["images"]} images /
+  {parts["validation"]["patients"]} patients ({counts(parts["validation"])}); validation: {parts["method"]}.
+- Test: {test["split"]}, scored once at the end and never used to choose anything.{notes}
+
+## Training
+
+Two-stage transfer learning on {tr["hardware"].split(" CPU")[0]} CPU threads (`python -m training pipeline`):
+classifier on frozen embeddings, then the last blocks + head on cached
+activations with a class-weighted loss, cosine schedule and early stopping
+on validation AUC; {tr["augmented_views_per_train_image"]} augmented view(s) per training image
+(small rotation/zoom/shift, gamma/contrast; no flips). Seed {tr["seed"]}. Stage 2 was planned
+for {ep["stage2_planned"]} epoch(s) from a timing probe{replanned}, ran {ep["stage2_run"]}, and kept
+epoch {ep["stage2_best"]} (best validation AUC). Training took {tr["wall_clock_s"] / 60:.1f} min.
+
+Reproduce with the command below. The stage-2 epoch count comes from a time
+budget measured on the machine, so on a slower or busier one add
+`--epochs {ep["stage2_final_plan"]} --time-budget-min 120` to plan the same schedule:
+
+```
+{_reproduce(config, spec, bundle_dir)}
+```
+
+## Metrics (INT8 model, threshold {op["threshold"]:.4f})
+
+| split | n | AUC | accuracy | sensitivity | specificity |
+|---|---|---|---|---|---|
+{_row("validation (patient-disjoint)", val)}
+{_row("test", test, f" (95 % CI {lo:.4f}-{hi:.4f})")}
+
+For reference only: the FP32 model before quantization has test AUC {fp32["auc"]:.4f}; the INT8
+model at a 0.5 threshold has test accuracy {_pct(ref["accuracy"])}, sensitivity
+{_pct(ref["sensitivity"])}, specificity {_pct(ref["specificity"])}. The threshold was chosen on
+the validation split: quote the test numbers.
+
+INT8 vs FP32 on validation: max |delta p| {agree["max_abs_diff"]:.4f}, mean {agree["mean_abs_diff"]:.4f},
+same decision at the threshold for {_pct(agree["decision_agreement"])} of images.
+
+## Limitations
+
+{limits}
+- **{spec["height"]}x{spec["width"]} px input.** Detail finer than the input size is lost, and the
+  edge resizes its images with the same {spec["interpolation"]} interpolation as training.
+- **Threshold** is set for >= 95 % sensitivity on validation; on new data
+  sensitivity and specificity will drift, so re-check before relying on them.
+- **Probabilities may not be calibrated:** read the output as a score to compare with
+  the threshold {op["threshold"]:.4f}, not as a risk.
+- The test set's class balance ({_pct(prevalence)} `{labels[1]}`) is not a clinical prevalence;
+  predictive values computed from it do not transfer.
+"""
+
+
+def render_model_card(
+    manifest: dict[str, Any],
+    evaluation: dict[str, Any],
+    *,
+    split: dict[str, Any] | None = None,
+    config: dict[str, Any] | None = None,
+    bundle_dir: str | Path | None = None,
+) -> str:
+    """The human-readable model card (Markdown) for a manifest.
+
+    Args:
+        manifest: From :func:`build_manifest`.
+        evaluation: The run's ``evaluation.json``.
+        split: The run's ``split.json`` (None: the Kermany data).
+        config: The run's training config (``train_summary.json``), for the
+            reproduce command of a run other than the default one.
+        bundle_dir: Where the bundle is written (same use).
+    """
+    card = data_card(split)
+    if card.key != "kermany" or manifest["training"]["architecture"] != "efficientnet-lite0":
+        return _generic_card(manifest, evaluation, card, split, config, bundle_dir)
+    return _kermany_card(manifest, evaluation, split)
+
+
+def _kermany_card(
+    manifest: dict[str, Any], evaluation: dict[str, Any], split_record: dict[str, Any] | None
+) -> str:
+    """The card of the default bundle: EfficientNet-Lite0 on Kermany."""
     op = manifest["operating_point"]
     val = manifest["metrics"]["validation"]
     test = manifest["metrics"]["test"]
@@ -173,6 +553,7 @@ def render_model_card(manifest: dict[str, Any], evaluation: dict[str, Any]) -> s
     spec = manifest["preprocessing"]
     lo, hi = test["auc_ci95"]
     split = tr["split"]
+    notes = "".join(f"\n- {note}." for note in (split_record or {}).get("notes") or [])
     return f"""# Model card: {manifest["name"]} {manifest["version"]}
 
 > **NOT FOR DIAGNOSTIC USE.** A research and engineering demonstrator. It has
@@ -220,7 +601,7 @@ is why the preprocessing stretches instead of letterboxing.
   {split["validation"]["images"]} images / {split["validation"]["patients"]} patients
   ({split["validation"]["NORMAL"]} NORMAL, {split["validation"]["PNEUMONIA"]} PNEUMONIA).
 - Official test split: 624 images (234 NORMAL, 390 PNEUMONIA), scored once at the end and
-  never used to choose anything.
+  never used to choose anything.{notes}
 
 ## Training
 
@@ -290,7 +671,8 @@ def package_bundle(run_dir: str | Path, bundle_dir: str | Path, version: str = "
     train_summary = _read(run, SUMMARY_NAME)
     export_summary = _read(run, EXPORT_SUMMARY)
     evaluation = _read(run, EVALUATION_NAME)
-    spec = PreprocessSpec.from_dict(train_summary["config"]["spec"])
+    split = read_split(run) if (run / SPLIT_FILE).is_file() else None
+    spec = run_spec(run)
 
     bundle.mkdir(parents=True, exist_ok=True)
     strangers = sorted(p.name for p in bundle.iterdir() if p.name not in BUNDLE_FILES)
@@ -302,8 +684,11 @@ def package_bundle(run_dir: str | Path, bundle_dir: str | Path, version: str = "
     for name in BUNDLE_FILES:
         (bundle / name).unlink(missing_ok=True)
     shutil.copyfile(run / INT8_NAME, bundle / INT8_NAME)
-    manifest = build_manifest(train_summary, export_summary, evaluation, spec, version)
-    (bundle / MODEL_CARD_NAME).write_text(render_model_card(manifest, evaluation), encoding="utf-8")
+    manifest = build_manifest(train_summary, export_summary, evaluation, spec, version, split)
+    card = render_model_card(
+        manifest, evaluation, split=split, config=train_summary["config"], bundle_dir=bundle_dir
+    )
+    (bundle / MODEL_CARD_NAME).write_text(card, encoding="utf-8")
     path = write_manifest(bundle, manifest)
     loaded = load_bundle(bundle)
     print(f"bundle {loaded.name} {loaded.version} written to {bundle} ({path.name} verified)")
