@@ -101,18 +101,22 @@ def test_patient_key_knows_kermany_and_nih_names(name: str, expected: str | None
     assert patient_key(name) == expected
 
 
-def test_kermany_no_patient_in_two_splits(kermany: Dataset, shared_data: Path) -> None:
+def test_kermany_no_patient_in_train_and_val(kermany: Dataset, shared_data: Path) -> None:
     _assert_patient_disjoint(kermany)
     root = shared_data / KERMANY
     assert kermany.kind == "folders" and kermany.classes == LABELS
-    # The official test split is untouched; the training pool loses only test patients' images.
+    # personN numbers restart per official split (person1: bacterial in train/, viral in test/),
+    # so only train/val can be compared and nothing is dropped from the training pool.
+    assert not kermany.patients_global
+    assert list(patient_overlap(kermany)) == ["train/val"]
+    train_kinds = {i.path.name.split("_")[1] for i in list_items(root, "train") if i.patient == "person1"}
+    test_kinds = {i.path.name.split("_")[1] for i in list_items(root, "test") if i.patient == "person1"}
+    assert train_kinds == {"bacteria"} and test_kinds == {"virus"}
     assert list(kermany.test) == list_items(root, "test")
     official = list_items(root, "train")
-    test_patients = {i.patient for i in kermany.test}
-    kept = [i for i in official if i.patient not in test_patients]
-    assert sorted(i.path for i in kermany.train + kermany.val) == sorted(i.path for i in kept)
-    assert len(official) - len(kept) == 457  # 170 personN ids occur in both official splits
-    assert any("457 images of 170 patients" in note for note in kermany.notes)
+    assert sorted(i.path for i in kermany.train + kermany.val) == sorted(i.path for i in official)
+    assert len(kermany.train) == 4432 and len(kermany.val) == 784  # the bundled model's split
+    assert any("numbered separately" in note for note in kermany.notes)
 
 
 def test_nih1000_64_pools_train_and_valid_and_keeps_test(nih64: Dataset, shared_data: Path) -> None:
@@ -386,12 +390,21 @@ def test_export_evaluate_and_package_use_the_runs_data_and_spec(
     """The later stages take the 64 px spec, the classes and the test split from the run, not Kermany's."""
     pytest.importorskip("onnxruntime")
     from edge_runtime.bundle import load_bundle
-    from training.export import run_export
+    from training.cli import main
+    from training.export import EXPORT_SUMMARY, VAL_PREDICTIONS
     from training.package import MODEL_CARD_NAME, package_bundle
     from training.report import TEST_PREDICTIONS, run_evaluation
 
     run, _ = tiny_run(NIH64)
-    run_export(run, calibration_images=4, threads=1)
+    # The export and quantize stages as the CLI runs them, one after the other.
+    assert main(["export", "--out", str(run), "--threads", "1"]) == 0
+    assert set(np.load(run / VAL_PREDICTIONS).files) == {"y", "torch", "fp32"}
+    assert main(["quantize", "--out", str(run), "--calibration-images", "4", "--threads", "1"]) == 0
+    assert set(np.load(run / VAL_PREDICTIONS).files) == {"y", "torch", "fp32", "int8"}
+    summary = json.loads((run / EXPORT_SUMMARY).read_text())
+    assert summary["fp32_vs_torch"]["max_abs_diff"] < 1e-4
+    assert 0.0 <= summary["int8_vs_fp32"]["decision_agreement"] <= 1.0
+    assert set(summary["sizes_bytes"]) == {"fp32", "int8"}
     evaluation = run_evaluation(run, threads=1)
     dataset = items_from_split(run)
     assert evaluation["test"]["counts"] == {"0_normal": 100, "1_abnormal": 100}

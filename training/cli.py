@@ -1,4 +1,4 @@
-"""Command line: ``python -m training {pipeline,train,export,evaluate,package,evaluate-report}``.
+"""Command line: ``python -m training <command>``, one command per stage plus ``pipeline``.
 
 ``pipeline`` is the one-shot path that produced the bundled default model::
 
@@ -45,8 +45,11 @@ def _add_data(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data",
         type=Path,
-        default=Path(_DEFAULT_DATA),
-        help="Kermany folder with {train,test}/{NORMAL,PNEUMONIA} (default: %(default)s)",
+        default=None,
+        help="dataset: a class-per-folder root {train,test}/<class>/ (Kermany, nih1000_64), a "
+        "PneumoniaMNIST .npz or its folder, or the NIH 1024 px subset folder (see training/README.md, "
+        f"'Datasets'). train: default {_DEFAULT_DATA}; evaluate: default the data recorded in the "
+        "run's split.json",
     )
 
 
@@ -70,6 +73,13 @@ def _add_train(p: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="architecture from the registry (default: %(default)s): "
         + "; ".join(f"{name} = {text}" for name, text in models.items()),
+    )
+    p.add_argument(
+        "--size",
+        type=int,
+        default=224,
+        help="square network input in px for training (default: %(default)s; e.g. 64 for the 28/64 px "
+        "sets); export, evaluate and package always use the spec the run was trained with",
     )
     p.add_argument("--seed", type=int, default=2018, help="split/augmentation/init seed")
     p.add_argument("--val-fraction", type=float, default=0.15, help="validation share of train")
@@ -192,7 +202,48 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(p)
     _add_train(p)
 
-    p = sub.add_parser("export", help="checkpoint -> FP32 ONNX -> INT8 ONNX, with agreement check")
+    p = sub.add_parser(
+        "prepare",
+        help="open a dataset, write the run's split.json and print its per-split table",
+        description=(
+            "Recognise the dataset, carve the patient-disjoint validation split (and, for the NIH "
+            "subset, the test split), write split.json into --out and print images, patients and "
+            "images per class for each split plus the patient-overlap check. 'train' into the same "
+            "--out reuses this split when data, seed and validation fraction match."
+        ),
+    )
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help=f"dataset path, as for train (default: {_DEFAULT_DATA})",
+    )
+    p.add_argument("--out", type=Path, required=True, help="run folder to write split.json into")
+    p.add_argument("--seed", type=int, default=2018, help="split seed (default: %(default)s)")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.15,
+        help="validation share of the training pool (default: %(default)s)",
+    )
+
+    p = sub.add_parser(
+        "export",
+        help="checkpoint -> FP32 ONNX (dynamic batch), checked against PyTorch on validation",
+        description="Export the run's checkpoint to model.fp32.onnx (opset 17, dynamic batch axis, "
+        "softmax inside) and report max |dp| and decision agreement against PyTorch on the "
+        "validation split.",
+    )
+    _add_run(p)
+
+    p = sub.add_parser(
+        "quantize",
+        help="FP32 ONNX -> INT8 ONNX (static, per-channel), checked against FP32 and PyTorch",
+        description="Quantize model.fp32.onnx to model.int8.onnx with ONNX Runtime (static QDQ, "
+        "per-channel INT8 weights, calibrated on training images only) and report max |dp| and "
+        "decision agreement against FP32 and PyTorch on the validation split. For TFLite INT8 "
+        "see training/tflite_env.sh.",
+    )
     _add_run(p)
     p.add_argument("--calibration-images", type=int, default=200, help="INT8 calibration images")
 
@@ -236,10 +287,13 @@ def _train(args: argparse.Namespace) -> None:
     weights = _weights_for(args)
     if weights is not None and not weights.is_file():
         raise SystemExit(f"error: weights file {weights} not found (pass --weights none for random)")
-    if not (args.data / "train").is_dir():
-        raise SystemExit(f"error: {args.data}/train not found; pass --data")
+    data = args.data if args.data is not None else Path(_DEFAULT_DATA)
+    if not data.exists():
+        raise SystemExit(f"error: dataset {data} not found; pass --data")
+    if args.size < 1:
+        raise SystemExit(f"error: --size must be a positive number of pixels, got {args.size}")
     cfg = TrainConfig(
-        data_root=args.data,
+        data_root=data,
         out_dir=args.out,
         weights=weights,
         model=args.model,
@@ -260,14 +314,51 @@ def _train(args: argparse.Namespace) -> None:
         threads=args.threads,
         time_budget_s=args.time_budget_min * 60.0,
         limit_per_class=args.limit_per_class,
+        size=args.size,
     )
     train(cfg)
 
 
-def _export(args: argparse.Namespace) -> None:
-    from .export import run_export
+def _prepare(args: argparse.Namespace) -> None:
+    """Open the dataset, write the run's split.json and print the per-split table."""
+    from .datasets import describe, items_from_split, open_dataset, read_split, split_matches, write_split
 
-    run_export(args.out, calibration_images=args.calibration_images, threads=args.threads)
+    data = args.data if args.data is not None else Path(_DEFAULT_DATA)
+    split_file = args.out / "split.json"
+    if split_file.is_file():
+        recorded = read_split(split_file)
+        if split_matches(recorded, data, seed=args.seed, val_fraction=args.val_fraction):
+            print(f"{split_file} already holds this split; not rewritten")
+            print(describe(items_from_split(recorded)))
+            return
+        if (args.out / "checkpoint.pt").is_file():
+            raise SystemExit(
+                f"error: {args.out} holds a trained checkpoint made with another split; "
+                "pass a new --out instead of overwriting its split.json"
+            )
+    try:
+        dataset = open_dataset(data, val_fraction=args.val_fraction, seed=args.seed)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_split(split_file, dataset)
+    print(f"wrote {split_file}")
+    print(describe(dataset))
+
+
+def _export(args: argparse.Namespace) -> None:
+    from .export import run_fp32_export
+
+    run_fp32_export(args.out, threads=args.threads)
+
+
+def _quantize(args: argparse.Namespace) -> None:
+    from .export import run_quantize
+
+    try:
+        run_quantize(args.out, calibration_images=args.calibration_images, threads=args.threads)
+    except FileNotFoundError as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -341,10 +432,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit status."""
     args = parse_args(argv)
     start = time.monotonic()
+    if args.command == "prepare":
+        _prepare(args)
     if args.command in ("train", "pipeline"):
         _train(args)
     if args.command in ("export", "pipeline"):
         _export(args)
+    if args.command in ("quantize", "pipeline"):
+        _quantize(args)
     if args.command in ("evaluate", "pipeline"):
         _evaluate(args)
     if args.command in ("package", "pipeline"):

@@ -34,12 +34,16 @@ label. Patient ids come from Kermany file names (``person12_``,
 ``IM-0115``, ``NORMAL2-IM-1427``), NIH file names (``00000002_000.png`` ->
 ``00000002``) or the NIH table's ``Patient ID``; a file that follows no known
 scheme is its own patient (a warning says how many). Where a set has an
-official test split and known patients, training-pool images of patients who
-also appear in the test split are dropped, so no patient is in two splits:
-in Kermany, 170 ``personN`` ids (457 training images) occur in both official
-splits with non-overlapping image numbers, i.e. most likely the same
-children; ``nih1000_64`` shares 16 patients between its test and
-train/valid folders. The test split itself is never changed.
+official test split and patient ids that name the same person in every split
+(NIH's numeric Patient ID), training-pool images of patients who also appear
+in the test split are dropped, so no patient is in two splits:
+``nih1000_64`` shares 16 patients (77 images) between its test and
+train/valid folders. Kermany's ``personN`` / ``IM-xxxx`` numbers restart in
+each official split (``person1`` is bacterial in ``train/`` but viral in
+``test/``; ``person100`` the other way round), so they are compared only
+between train and validation and nothing is dropped; the official test split
+is the authors' own (``PROVENANCE.md``: patient-level independence between
+train and test is not guaranteed by them). The test split itself is never changed.
 
 Runs. :func:`split_record` is what ``training.train`` writes to
 ``split.json`` (dataset kind, path, class names, parameters and every item's
@@ -110,6 +114,8 @@ _NPZ_SPLITS = ("train", "val", "test")
 _NPZ_CLASSES = ("normal", "pneumonia")  # MedMNIST's label names for PneumoniaMNIST
 _NIH_CLASSES = ("normal", "abnormal")
 _NIH_NAME = re.compile(r"^(\d{8})_\d{3}\.png$", re.IGNORECASE)
+# NIH Patient IDs (from file names or the table) name one person across all splits.
+_GLOBAL_PATIENT = re.compile(r"^\d+$")
 _NIH_TABLE = Path("labels/Data_Entry_2017_v2020.csv.gz")
 _NIH_LOCAL_TABLE = "labels.csv"
 _NO_FINDING = "No Finding"
@@ -170,6 +176,15 @@ class Dataset:
     test_fraction: float | None = None
     limit_per_class: int | None = None
 
+    @property
+    def patients_global(self) -> bool:
+        """Whether a patient id names the same person in the test split as in training.
+
+        True for NIH's numeric Patient IDs and for splits carved here; False for
+        Kermany's official folders, whose ``personN`` numbering restarts per split.
+        """
+        return self.kind != FOLDERS or all(_GLOBAL_PATIENT.match(item.patient) for item in self.test)
+
     def splits(self) -> dict[str, tuple[Item, ...]]:
         """``{"train": ..., "val": ..., "test": ...}``."""
         return {"train": self.train, "val": self.val, "test": self.test}
@@ -211,9 +226,14 @@ def patient_key(filename: str) -> str | None:
 
 
 def patient_overlap(dataset: Dataset) -> dict[str, list[str]]:
-    """Patient ids shared by each pair of splits, keyed ``train/val``, ``train/test`` and ``val/test``."""
+    """Patient ids shared by each pair of splits, keyed ``train/val``, ``train/test`` and ``val/test``.
+
+    Only ``train/val`` where test ids are numbered separately (see :attr:`Dataset.patients_global`).
+    """
     sets = {name: {item.patient for item in items} for name, items in dataset.splits().items()}
-    pairs = (("train", "val"), ("train", "test"), ("val", "test"))
+    pairs: tuple[tuple[str, str], ...] = (("train", "val"),)
+    if dataset.patients_global:
+        pairs += (("train", "test"), ("val", "test"))
     return {f"{a}/{b}": sorted(sets[a] & sets[b]) for a, b in pairs}
 
 
@@ -450,8 +470,13 @@ def open_dataset(
         pool_names = [name for name in _POOL_FOLDERS if name in source.splits]
         pool = [item for name in pool_names for item in source.splits[name]]
         test = source.splits.get(_TEST_FOLDER, [])
-        test_patients = {item.patient for item in test}
+        test_patients = {item.patient for item in test if _GLOBAL_PATIENT.match(item.patient)}
         dropped = [item for item in pool if item.patient in test_patients]
+        if any(not _GLOBAL_PATIENT.match(item.patient) for item in test):
+            notes.append(
+                "patient ids of the official test split are numbered separately from the training "
+                "folders (Kermany naming), so train/test patient overlap cannot be checked"
+            )
         if dropped:
             pool = [item for item in pool if item.patient not in test_patients]
             shared = len({item.patient for item in dropped})

@@ -59,6 +59,8 @@ __all__ = [
     "predict_onnx",
     "quantize_int8",
     "run_export",
+    "run_fp32_export",
+    "run_quantize",
 ]
 
 FP32_NAME = "model.fp32.onnx"
@@ -201,30 +203,83 @@ def _stack(dataset: CXRDataset, indices: Sequence[int], desc: str) -> np.ndarray
     return out
 
 
-def run_export(
-    run_dir: str | Path,
-    spec: PreprocessSpec | None = None,
-    calibration_images: int = 200,
-    seed: int = 2018,
-    threads: int = 2,
-) -> dict[str, Any]:
-    """Export + quantize the run's checkpoint and check the three models agree.
+def _val_tensors(run: Path, spec: PreprocessSpec) -> tuple[np.ndarray, np.ndarray]:
+    """The run's validation images as the edge builds them: ``(labels, tensors)``."""
+    _, _, val_items = load_split(run)
+    val_ds = CXRDataset(val_items, spec)
+    return val_ds.labels, _stack(val_ds, range(len(val_ds)), "val tensors")
 
-    Writes ``model.fp32.onnx``, ``model.int8.onnx``, ``val_predictions.npz``
-    (labels and P(positive) of PyTorch, FP32 and INT8 on the validation
-    split, built with the edge code) and ``export_summary.json``. ``spec``
-    defaults to the one the run was trained with (:func:`training.datasets.run_spec`).
+
+def _update_summary(run: Path, part: dict[str, Any]) -> dict[str, Any]:
+    path = run / EXPORT_SUMMARY
+    summary = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    summary.update(part)
+    path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return summary
+
+
+def run_fp32_export(
+    run_dir: str | Path, spec: PreprocessSpec | None = None, threads: int = 2
+) -> dict[str, Any]:
+    """``export`` stage: checkpoint -> ``model.fp32.onnx``, checked against PyTorch on validation.
+
+    Writes ``val_predictions.npz`` (labels, PyTorch and FP32 P(positive)) and
+    the FP32 part of ``export_summary.json``. ``spec`` defaults to the one the
+    run was trained with (:func:`training.datasets.run_spec`).
     """
     t_start = time.monotonic()
     torch.set_num_threads(threads)
     run = Path(run_dir)
     spec = spec or run_spec(run)
     model, ckpt = load_checkpoint(run)
-    _, train_items, val_items = load_split(run)
-
     fp32_path = export_onnx(model, run / FP32_NAME, spec)
+    y, val_x = _val_tensors(run, spec)
+    p_torch = predict_torch(model, val_x)[:, 1]
+    p_fp32 = predict_onnx(ort_session(fp32_path, threads), val_x)[:, 1]
+    np.savez(run / VAL_PREDICTIONS, y=y, torch=p_torch, fp32=p_fp32)
+    summary = _update_summary(
+        run,
+        {
+            "opset": 17,
+            "checkpoint_cut": ckpt.get("cut"),
+            "sizes_bytes": {"fp32": fp32_path.stat().st_size},
+            "val_n": int(y.size),
+            "fp32_vs_torch": compare_predictions(p_torch, p_fp32, 0.5),
+            "seconds": {"export": time.monotonic() - t_start},
+        },
+    )
+    tqdm.write(
+        f"export: FP32 {fp32_path.stat().st_size / 1e6:.2f} MB; on {y.size} validation images "
+        f"FP32 vs PyTorch max |dp| {summary['fp32_vs_torch']['max_abs_diff']:.2e}, decision agreement "
+        f"{summary['fp32_vs_torch']['decision_agreement']:.2%} at p>=0.5"
+    )
+    return summary
 
-    # Calibration: a seeded, class-stratified sample of training images (no augmentation).
+
+def run_quantize(
+    run_dir: str | Path,
+    spec: PreprocessSpec | None = None,
+    calibration_images: int = 200,
+    seed: int = 2018,
+    threads: int = 2,
+) -> dict[str, Any]:
+    """``quantize`` stage: ``model.fp32.onnx`` -> ``model.int8.onnx``, checked against FP32 and PyTorch.
+
+    Calibrates on a seeded, class-stratified sample of *training* images (no
+    augmentation), then scores INT8 on the validation split and adds it to
+    ``val_predictions.npz`` and ``export_summary.json``. Needs the ``export``
+    stage's files in ``run_dir``.
+    """
+    t_start = time.monotonic()
+    run = Path(run_dir)
+    fp32_path = run / FP32_NAME
+    predictions = run / VAL_PREDICTIONS
+    if not fp32_path.is_file() or not predictions.is_file():
+        raise FileNotFoundError(
+            f"{fp32_path} or {predictions} is missing; run 'python -m training export --out {run}' first."
+        )
+    spec = spec or run_spec(run)
+    _, train_items, _ = load_split(run)
     rng = np.random.default_rng(seed)
     train_ds = CXRDataset(train_items, spec)
     labels = train_ds.labels
@@ -238,37 +293,54 @@ def run_export(
     int8_path = quantize_int8(fp32_path, run / INT8_NAME, calibration)
     t_quant = time.monotonic() - t0
 
-    val_ds = CXRDataset(val_items, spec)
-    val_x = _stack(val_ds, range(len(val_ds)), "val tensors")
-    p_torch = predict_torch(model, val_x)[:, 1]
-    p_fp32 = predict_onnx(ort_session(fp32_path, threads), val_x)[:, 1]
+    y, val_x = _val_tensors(run, spec)
+    with np.load(predictions) as saved:
+        p_torch, p_fp32 = saved["torch"], saved["fp32"]
+        if not np.array_equal(saved["y"], y):
+            raise ValueError(f"{predictions} does not belong to this run's validation split; re-run export.")
     p_int8 = predict_onnx(ort_session(int8_path, threads), val_x)[:, 1]
-    np.savez(run / VAL_PREDICTIONS, y=val_ds.labels, torch=p_torch, fp32=p_fp32, int8=p_int8)
-
-    summary = {
-        "opset": 17,
-        "checkpoint_cut": ckpt.get("cut"),
-        "calibration_images": len(picks),
-        "quantization": "int8-qdq-static-per-channel",
-        "sizes_bytes": {"fp32": fp32_path.stat().st_size, "int8": int8_path.stat().st_size},
-        "val_n": len(val_ds),
-        "fp32_vs_torch": compare_predictions(p_torch, p_fp32, 0.5),
-        "int8_vs_fp32": compare_predictions(p_fp32, p_int8, 0.5),
-        "int8_vs_torch": compare_predictions(p_torch, p_int8, 0.5),
-        "seconds": {"quantize": t_quant, "total": time.monotonic() - t_start},
-    }
-    (run / EXPORT_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    np.savez(predictions, y=y, torch=p_torch, fp32=p_fp32, int8=p_int8)
+    previous = json.loads((run / EXPORT_SUMMARY).read_text(encoding="utf-8"))
+    summary = _update_summary(
+        run,
+        {
+            "calibration_images": len(picks),
+            "quantization": "int8-qdq-static-per-channel",
+            "sizes_bytes": {**previous.get("sizes_bytes", {}), "int8": int8_path.stat().st_size},
+            "int8_vs_fp32": compare_predictions(p_fp32, p_int8, 0.5),
+            "int8_vs_torch": compare_predictions(p_torch, p_int8, 0.5),
+            "seconds": {
+                **previous.get("seconds", {}),
+                "quantize": t_quant,
+                "quantize_total": time.monotonic() - t_start,
+            },
+        },
+    )
     tqdm.write(
-        "export: FP32 {fp32:.2f} MB, INT8 {int8:.2f} MB; on {n} validation images at p>=0.5: "
-        "FP32 vs PyTorch max |dp| {a:.2e}; INT8 vs FP32 max |dp| {b:.4f} (mean {c:.4f}), "
-        "decision agreement {d:.2%}".format(
-            fp32=summary["sizes_bytes"]["fp32"] / 1e6,
-            int8=summary["sizes_bytes"]["int8"] / 1e6,
-            n=len(val_ds),
-            a=summary["fp32_vs_torch"]["max_abs_diff"],
+        "quantize: INT8 {int8:.2f} MB; on {n} validation images at p>=0.5: INT8 vs FP32 max |dp| "
+        "{b:.4f} (mean {c:.4f}), decision agreement {d:.2%}".format(
+            int8=int8_path.stat().st_size / 1e6,
+            n=y.size,
             b=summary["int8_vs_fp32"]["max_abs_diff"],
             c=summary["int8_vs_fp32"]["mean_abs_diff"],
             d=summary["int8_vs_fp32"]["decision_agreement"],
         )
     )
     return summary
+
+
+def run_export(
+    run_dir: str | Path,
+    spec: PreprocessSpec | None = None,
+    calibration_images: int = 200,
+    seed: int = 2018,
+    threads: int = 2,
+) -> dict[str, Any]:
+    """Both stages: :func:`run_fp32_export` then :func:`run_quantize`; returns the combined summary.
+
+    Writes ``model.fp32.onnx``, ``model.int8.onnx``, ``val_predictions.npz``
+    (labels and P(positive) of PyTorch, FP32 and INT8 on the validation
+    split, built with the edge code) and ``export_summary.json``.
+    """
+    run_fp32_export(run_dir, spec, threads)
+    return run_quantize(run_dir, spec, calibration_images, seed, threads)

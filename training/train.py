@@ -33,7 +33,7 @@ import math
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,11 +49,9 @@ from .data import (
     Augmentation,
     CXRDataset,
     ImageCache,
-    Item,
     label_counts,
-    list_items,
-    split_by_patient,
 )
+from .datasets import items_from_split, open_dataset, read_split, spec_for_size, split_matches, write_split
 from .evaluate import roc_auc
 from .models import StagedModel, build_model, default_cut, staged_view
 
@@ -70,7 +68,8 @@ class TrainConfig:
     """Everything that determines a training run (stored in the run folder).
 
     Attributes:
-        data_root: Kermany folder with ``train/{NORMAL,PNEUMONIA}``.
+        data_root: Any path :func:`training.datasets.open_dataset` recognises
+            (Kermany folder, ``nih1000_64``, PneumoniaMNIST ``.npz``, NIH subset).
         out_dir: Run folder for the checkpoint, split and summary.
         weights: ImageNet weights for the backbone (None: random init).
         model: Registry name (see :func:`training.models.available_models`).
@@ -103,6 +102,11 @@ class TrainConfig:
         time_budget_s: Wall-clock budget of the whole ``train`` call.
         limit_per_class: Use at most this many training images per class
             (smoke tests only; the split is computed on the limited list).
+        spec: Preprocessing spec written into the bundle.
+        size: Square network input in pixels; None keeps ``spec``'s size.
+            Sets ``spec``'s height and width, and shrinking ``area``
+            interpolation becomes ``linear`` when the training images are
+            smaller (see :func:`training.datasets.spec_for_size`).
     """
 
     data_root: Path
@@ -132,6 +136,7 @@ class TrainConfig:
     time_budget_s: float = 20 * 60.0
     limit_per_class: int | None = None
     spec: PreprocessSpec = field(default_factory=PreprocessSpec)
+    size: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         """JSON-safe form (paths as strings, spec as its dict)."""
@@ -153,15 +158,6 @@ def _set_threads(threads: int) -> None:
     torch.set_num_threads(threads)
     with contextlib.suppress(RuntimeError):  # only settable once per process
         torch.set_num_interop_threads(1)
-
-
-def _limit(items: list[Item], per_class: int | None) -> list[Item]:
-    if per_class is None:
-        return items
-    kept: list[Item] = []
-    for label in range(len(LABELS)):
-        kept.extend([item for item in items if item.label == label][:per_class])
-    return kept
 
 
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -532,10 +528,6 @@ def _load_resume(out: Path, cfg: TrainConfig) -> dict[str, Any] | None:
     return state
 
 
-def _relative(paths: list[Item], root: Path) -> list[str]:
-    return [item.path.relative_to(root).as_posix() for item in paths]
-
-
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run the whole training; write checkpoint, split and summary into ``cfg.out_dir``.
 
@@ -550,21 +542,31 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     root = Path(cfg.data_root).resolve()
 
-    items = _limit(list_items(root, "train"), cfg.limit_per_class)
-    train_items, val_items = split_by_patient(items, cfg.val_fraction, cfg.seed)
+    # An existing split.json for the same data, seed and fractions (e.g. from `prepare`) is reused.
+    dataset = None
+    if (out / SPLIT_NAME).is_file():
+        recorded = read_split(out / SPLIT_NAME)
+        if split_matches(
+            recorded, root, seed=cfg.seed, val_fraction=cfg.val_fraction, limit_per_class=cfg.limit_per_class
+        ):
+            dataset = items_from_split(recorded)
+            tqdm.write(f"data: reusing the split in {out / SPLIT_NAME}")
+    if dataset is None:
+        dataset = open_dataset(
+            root, val_fraction=cfg.val_fraction, seed=cfg.seed, limit_per_class=cfg.limit_per_class
+        )
+    if cfg.size is not None:
+        cfg = replace(cfg, spec=spec_for_size(cfg.spec, cfg.size, dataset.image_shape()))
+    classes = dataset.classes
+    train_items, val_items = list(dataset.train), list(dataset.val)
+    if not train_items or not val_items:
+        raise ValueError(f"{dataset.name}: empty training or validation split; check {root}.")
     tqdm.write(
-        f"data: {len(items)} training images -> train {len(train_items)} "
-        f"{label_counts(train_items)}, val {len(val_items)} {label_counts(val_items)} "
-        f"(patient-disjoint, seed {cfg.seed})"
+        f"data: {dataset.name} ({dataset.kind}): train {len(train_items)} "
+        f"{label_counts(train_items, classes)}, val {len(val_items)} {label_counts(val_items, classes)}; "
+        f"validation: {dataset.val_method}"
     )
-    split = {
-        "data_root": str(root),
-        "seed": cfg.seed,
-        "val_fraction": cfg.val_fraction,
-        "train": _relative(train_items, root),
-        "val": _relative(val_items, root),
-    }
-    (out / SPLIT_NAME).write_text(json.dumps(split, indent=1) + "\n", encoding="utf-8")
+    write_split(out / SPLIT_NAME, dataset, cfg.spec)
 
     # 1. decode + preprocess once.
     t0 = time.monotonic()
@@ -580,7 +582,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     # 2. frozen prefix once.
     t0 = time.monotonic()
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, len(LABELS), cfg.weights)
+    model = build_model(cfg.model, len(classes), cfg.weights)
     device = resolve_device(cfg.device)
     model = model.to(device=device, memory_format=torch.channels_last)
     staged = staged_view(cfg.model, model)
@@ -635,8 +637,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     torch.save(
         {
             "model": cfg.model,
-            "num_classes": len(LABELS),
-            "labels": list(LABELS),
+            "num_classes": len(classes),
+            "labels": list(classes),
             "cut": cut,
             "state_dict": model.state_dict(),
         },
@@ -657,12 +659,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             "train": {
                 "images": len(train_items),
                 "patients": len({i.patient for i in train_items}),
-                **label_counts(train_items),
+                **label_counts(train_items, classes),
             },
             "val": {
                 "images": len(val_items),
                 "patients": len({i.patient for i in val_items}),
-                **label_counts(val_items),
+                **label_counts(val_items, classes),
             },
             "augmented_views_per_train_image": cfg.aug_views,
         },
