@@ -1,22 +1,27 @@
 """Cloud-side training for the edge runtime's models.
 
-This package turns the Kermany paediatric chest X-ray set into the INT8 ONNX
-bundle that ``edge_runtime`` ships by default. It deliberately reuses the
-edge's own decoder (:func:`edge_runtime.decode.decode_file`) and
-preprocessing (:func:`edge_runtime.preprocess.preprocess`) so that the model
-is trained on exactly the tensors it will see on the device.
+This package turns a chest X-ray set (Kermany paediatric pneumonia by default;
+also nih1000_64, PneumoniaMNIST and the NIH 1024 px subset) into the INT8
+bundle that ``edge_runtime`` loads. It deliberately reuses the edge's own
+decoder (:func:`edge_runtime.decode.decode_file`) and preprocessing
+(:func:`edge_runtime.preprocess.preprocess`) so that the model is trained on
+exactly the tensors it will see on the device.
 
-Modules:
-    data: file listing, patient-disjoint split, dataset and in-memory caches.
-    models: the model registry (``build_model``) and the cut points used to
-        fine-tune the last blocks on cached activations.
-    train: two-stage transfer learning sized for a 2-core CPU.
-    evaluate: AUC, sensitivity/specificity and the operating threshold.
-    export: ONNX export (softmax in the graph) and INT8 static quantization.
-    package: the model bundle (model, manifest, model card).
-    cli: ``python -m training pipeline ...``.
+Modules, in pipeline order:
+    datasets: recognise a dataset path, carve patient-disjoint validation,
+        record the split in ``split.json`` (``prepare``).
+    data: items, augmentation, the dataset and in-memory caches.
+    models / architectures: the model registry (``build_model``) and the cut
+        points used to fine-tune the last blocks on cached activations.
+    train: staged transfer learning sized for a 2-core CPU, resumable (``train``).
+    export: ONNX export (``export``) and INT8 static quantization (``quantize``).
+    report / evaluate: threshold on validation, test metrics (``evaluate``).
+    package: the model bundle (model, manifest, model card with targets) (``package``).
+    evaluation_report: the Markdown + PNG report (``evaluate-report``).
+    tflite_export: the LiteRT INT8 route, in its own environment.
+    cli: ``python -m training <command>``; ``pipeline`` runs them in order.
 
-Only ``data`` and ``evaluate`` are importable without torch, so benchmarks
+Only ``data``, ``datasets`` and ``evaluate`` are importable without torch, so benchmarks
 and tools that run next to the edge code can reuse them.
 """
 
