@@ -353,14 +353,54 @@ def _architecture(manifest: dict[str, Any]) -> str:
 def _reproduce(config: dict[str, Any] | None, spec: dict[str, Any], bundle_dir: str | Path | None) -> str:
     """The ``pipeline`` command line of a run, from its recorded config."""
     config = config or {}
+    out = config.get("out_dir")
     parts = [
         f"--data {config.get('data_root', '<data>')}",
         f"--model {config.get('model', '<model>')} --weights {config.get('weights') or 'none'} "
         f"--size {spec['height']}",
         f"--seed {config.get('seed', 2018)} --val-fraction {config.get('val_fraction', 0.15)}",
-        f"--out {config.get('out_dir', 'runs/<run>')} --bundle {bundle_dir or '<bundle folder>'}",
     ]
+    options = _training_options(config)
+    if options:
+        parts.append(options)
+    parts.append(
+        f"--out {f'runs/{Path(out).name}' if out else 'runs/<run>'} --bundle {bundle_dir or '<bundle>'}"
+    )
     return "python -m training pipeline " + " \\\n    ".join(parts)
+
+
+#: ``TrainConfig`` field -> (CLI flag, CLI default) for the options a reproduce command must repeat.
+_TRAIN_FLAGS = {
+    "cut": ("--cut", None),
+    "aug_views": ("--aug-views", 1),
+    "epochs": ("--epochs", 10),
+    "patience": ("--patience", 3),
+    "head_epochs": ("--head-epochs", 30),
+    "batch_size": ("--batch-size", 32),
+    "lr": ("--lr", 3e-4),
+    "label_smoothing": ("--label-smoothing", 0.1),
+}
+
+
+def _training_options(config: dict[str, Any]) -> str:
+    """The training flags of a recorded config that differ from the CLI's defaults."""
+    from .data import MILD_AUGMENTATION
+
+    flags = [
+        f"{flag} {config[key]}"
+        for key, (flag, default) in _TRAIN_FLAGS.items()
+        if key in config and config[key] != default
+    ]
+    aug = config.get("augmentation")
+    if aug is not None:
+        mild = {k: v for k, v in MILD_AUGMENTATION.to_dict().items() if k != "hflip"}
+        if {k: v for k, v in aug.items() if k != "hflip"} == mild:
+            flags.append("--augment mild")
+        if aug.get("hflip"):
+            flags.append("--hflip")
+    if config.get("freeze_bn") is False:
+        flags.append("--train-bn")
+    return " ".join(flags)
 
 
 _DATA_TEXT = {
@@ -544,11 +584,15 @@ def render_model_card(
     card = data_card(split)
     if card.key != "kermany" or manifest["training"]["architecture"] != "efficientnet-lite0":
         return _generic_card(manifest, evaluation, card, split, config, bundle_dir)
-    return _kermany_card(manifest, evaluation, split)
+    return _kermany_card(manifest, evaluation, split, config, bundle_dir)
 
 
 def _kermany_card(
-    manifest: dict[str, Any], evaluation: dict[str, Any], split_record: dict[str, Any] | None
+    manifest: dict[str, Any],
+    evaluation: dict[str, Any],
+    split_record: dict[str, Any] | None,
+    config: dict[str, Any] | None = None,
+    bundle_dir: str | Path | None = None,
 ) -> str:
     """The card of the default bundle: EfficientNet-Lite0 on Kermany."""
     op = manifest["operating_point"]
@@ -568,6 +612,14 @@ def _kermany_card(
     lo, hi = test["auc_ci95"]
     split = tr["split"]
     notes = "".join(f"\n- {note}." for note in (split_record or {}).get("notes") or [])
+    options = _training_options(config or {})
+    if config is None or "--augment mild" in options or "augmentation" not in config:
+        aug_text = "small rotation/zoom/shift, gamma/contrast; no flips"
+    else:
+        aug_text = "rotation, zoom with aspect jitter, shift, brightness/contrast/gamma; no flips"
+    smoothing = (config or {}).get("label_smoothing", 0.0)
+    if smoothing:
+        aug_text += f"; label smoothing {smoothing}"
     return f"""# Model card: {manifest["name"]} {manifest["version"]}
 
 > **NOT FOR DIAGNOSTIC USE.** A research and engineering demonstrator. It has
@@ -623,7 +675,7 @@ Two-stage transfer learning on 2 CPU threads (`python -m training pipeline`):
 classifier on frozen embeddings, then the last blocks + head on cached
 activations with a class-weighted loss, cosine schedule and early stopping
 on validation AUC; {tr["augmented_views_per_train_image"]} augmented view(s) per training image
-(small rotation/zoom/shift, gamma/contrast; no flips). Seed {tr["seed"]}. Stage 2 was planned
+({aug_text}). Seed {tr["seed"]}. Stage 2 was planned
 for {ep["stage2_planned"]} epoch(s) from a timing probe{replanned}, ran {ep["stage2_run"]}, and kept
 epoch {ep["stage2_best"]} (best validation AUC). Training took {tr["wall_clock_s"] / 60:.1f} min.
 
@@ -632,9 +684,7 @@ budget measured on the machine, so on a slower or busier one add
 `--epochs {ep["stage2_final_plan"]} --time-budget-min 120` to plan the same schedule:
 
 ```
-python -m training pipeline --data ../shared/data/cxr/kermany_pneumonia_224 \\
-    --weights ../shared/data/weights/efficientnet-lite0-57934424.pth \\
-    --out runs/default --bundle edge_runtime/models/pneumonia-cxr
+{_reproduce(config, spec, bundle_dir)}
 ```
 
 ## Metrics (INT8 model, threshold {op["threshold"]:.4f})
