@@ -369,6 +369,43 @@ def _reproduce(config: dict[str, Any] | None, spec: dict[str, Any], bundle_dir: 
     return "python -m training pipeline " + " \\\n    ".join(parts)
 
 
+def _training_text(
+    tr: dict[str, Any],
+    config: dict[str, Any] | None,
+    spec: dict[str, Any],
+    bundle_dir: str | Path | None,
+) -> str:
+    """The model card's account of the staged training and the command that reproduces it."""
+    ep = tr["epochs"]
+    replanned = (
+        f" (shortened to {ep['stage2_final_plan']} when epochs ran slower)"
+        if ep["stage2_final_plan"] < ep["stage2_planned"]
+        else ""
+    )
+    options = _training_options(config or {})
+    if config is None or "augmentation" not in config or "--augment mild" in options:
+        aug_text = "small rotation/zoom/shift, gamma/contrast; no flips"
+    else:
+        aug_text = "rotation, zoom with aspect jitter, shift, brightness/contrast/gamma; no flips"
+    smoothing = (config or {}).get("label_smoothing", 0.0)
+    if smoothing:
+        aug_text += f"; label smoothing {smoothing}"
+    return f"""classifier on frozen embeddings, then the last blocks + head on cached
+activations with a class-weighted loss, cosine schedule and early stopping
+on validation AUC (near-ties by validation log-loss); {tr["augmented_views_per_train_image"]} augmented
+view(s) per training image ({aug_text}). Seed {tr["seed"]}. Stage 2 was planned for
+{ep["stage2_planned"]} epoch(s) from a timing probe{replanned}, ran {ep["stage2_run"]}, and kept
+epoch {ep["stage2_best"]}. Training took {tr["wall_clock_s"] / 60:.1f} min.
+
+Reproduce with the command below. The stage-2 epoch count comes from a time
+budget measured on the machine, so on a slower or busier one add
+`--epochs {ep["stage2_final_plan"]} --time-budget-min 120` to plan the same schedule:
+
+```
+{_reproduce(config, spec, bundle_dir)}
+```"""
+
+
 #: ``TrainConfig`` field -> (CLI flag, CLI default) for the options a reproduce command must repeat.
 _TRAIN_FLAGS = {
     "cut": ("--cut", None),
@@ -448,12 +485,6 @@ def _generic_card(
     agree = manifest["metrics"]["int8_vs_fp32_validation"]
     ref = evaluation["test"]["reference"]["int8_at_0.5"]
     fp32 = evaluation["test"]["reference"]["fp32_at_threshold"]
-    ep = tr["epochs"]
-    replanned = (
-        f" (shortened to {ep['stage2_final_plan']} when epochs ran slower)"
-        if ep["stage2_final_plan"] < ep["stage2_planned"]
-        else ""
-    )
     spec = manifest["preprocessing"]
     inp = manifest["input"]
     shape = ", ".join(str(v) for v in inp["shape"][1:])
@@ -519,20 +550,7 @@ or treatment decision, and any finding the labels `{labels[0]}`/`{labels[1]}` do
 ## Training
 
 Two-stage transfer learning on {tr["hardware"].split(" CPU")[0]} CPU threads (`python -m training pipeline`):
-classifier on frozen embeddings, then the last blocks + head on cached
-activations with a class-weighted loss, cosine schedule and early stopping
-on validation AUC; {tr["augmented_views_per_train_image"]} augmented view(s) per training image
-(small rotation/zoom/shift, gamma/contrast; no flips). Seed {tr["seed"]}. Stage 2 was planned
-for {ep["stage2_planned"]} epoch(s) from a timing probe{replanned}, ran {ep["stage2_run"]}, and kept
-epoch {ep["stage2_best"]} (best validation AUC). Training took {tr["wall_clock_s"] / 60:.1f} min.
-
-Reproduce with the command below. The stage-2 epoch count comes from a time
-budget measured on the machine, so on a slower or busier one add
-`--epochs {ep["stage2_final_plan"]} --time-budget-min 120` to plan the same schedule:
-
-```
-{_reproduce(config, spec, bundle_dir)}
-```
+{_training_text(tr, config, spec, bundle_dir)}
 
 ## Metrics (INT8 model, threshold {op["threshold"]:.4f})
 
@@ -602,24 +620,10 @@ def _kermany_card(
     agree = manifest["metrics"]["int8_vs_fp32_validation"]
     ref = evaluation["test"]["reference"]["int8_at_0.5"]
     fp32 = evaluation["test"]["reference"]["fp32_at_threshold"]
-    ep = tr["epochs"]
-    replanned = (
-        f" (shortened to {ep['stage2_final_plan']} when epochs ran slower)"
-        if ep["stage2_final_plan"] < ep["stage2_planned"]
-        else ""
-    )
     spec = manifest["preprocessing"]
     lo, hi = test["auc_ci95"]
     split = tr["split"]
     notes = "".join(f"\n- {note}." for note in (split_record or {}).get("notes") or [])
-    options = _training_options(config or {})
-    if config is None or "--augment mild" in options or "augmentation" not in config:
-        aug_text = "small rotation/zoom/shift, gamma/contrast; no flips"
-    else:
-        aug_text = "rotation, zoom with aspect jitter, shift, brightness/contrast/gamma; no flips"
-    smoothing = (config or {}).get("label_smoothing", 0.0)
-    if smoothing:
-        aug_text += f"; label smoothing {smoothing}"
     return f"""# Model card: {manifest["name"]} {manifest["version"]}
 
 > **NOT FOR DIAGNOSTIC USE.** A research and engineering demonstrator. It has
@@ -672,20 +676,7 @@ is why the preprocessing stretches instead of letterboxing.
 ## Training
 
 Two-stage transfer learning on 2 CPU threads (`python -m training pipeline`):
-classifier on frozen embeddings, then the last blocks + head on cached
-activations with a class-weighted loss, cosine schedule and early stopping
-on validation AUC; {tr["augmented_views_per_train_image"]} augmented view(s) per training image
-({aug_text}). Seed {tr["seed"]}. Stage 2 was planned
-for {ep["stage2_planned"]} epoch(s) from a timing probe{replanned}, ran {ep["stage2_run"]}, and kept
-epoch {ep["stage2_best"]} (best validation AUC). Training took {tr["wall_clock_s"] / 60:.1f} min.
-
-Reproduce with the command below. The stage-2 epoch count comes from a time
-budget measured on the machine, so on a slower or busier one add
-`--epochs {ep["stage2_final_plan"]} --time-budget-min 120` to plan the same schedule:
-
-```
-{_reproduce(config, spec, bundle_dir)}
-```
+{_training_text(tr, config, spec, bundle_dir)}
 
 ## Metrics (INT8 model, threshold {op["threshold"]:.4f})
 
