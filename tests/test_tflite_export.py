@@ -87,6 +87,8 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict:
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads(proc.stdout)  # stdout carries only the summary (converter logs go to stderr)
+    # ... and the same summary lies beside the model, where `python -m training package` reads it.
+    assert json.loads(out.with_name("tflite_export_summary.json").read_text()) == summary
 
     # A bundle like the shipped one, with the TFLite model as its litert artifact.
     shipped = load_bundle(default_bundle_path())

@@ -66,6 +66,20 @@ class _Killed(Exception):
     """Stands in for the process dying right after an epoch's state was saved."""
 
 
+def _crash_after_first_epoch(shared_data: Path, out: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Train into ``out`` until the first stage-2 state is on disk, then die there."""
+    real_save = train_module._save_resume
+
+    def save_then_die(path: Path, cfg: TrainConfig, state: dict) -> None:
+        real_save(path, cfg, state)
+        raise _Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module, "_save_resume", save_then_die)
+        with pytest.raises(_Killed):
+            train(_config(shared_data, out))
+
+
 @pytest.fixture(scope="module")
 def reference(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("reference")
@@ -90,18 +104,9 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(
 ) -> None:
     ref_dir, ref_summary = reference
     out = tmp_path / "crashed"
-    real_save = train_module._save_resume
-
-    def save_then_die(path: Path, cfg: TrainConfig, state: dict) -> None:
-        real_save(path, cfg, state)
-        raise _Killed
-
-    monkeypatch.setattr(train_module, "_save_resume", save_then_die)
-    with pytest.raises(_Killed):
-        train(_config(shared_data, out))
+    _crash_after_first_epoch(shared_data, out, monkeypatch)
     assert (out / RESUME_NAME).is_file()
     assert not (out / "checkpoint.pt").exists()
-    monkeypatch.setattr(train_module, "_save_resume", real_save)
 
     summary = train(_config(shared_data, out, resume=True, time_budget_s=900.0))
     assert summary["stage2"]["epochs_run"] == 3
@@ -114,15 +119,6 @@ def test_resume_refuses_a_state_saved_with_other_settings(
     shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = tmp_path / "run"
-    real_save = train_module._save_resume
-
-    def save_then_die(path: Path, cfg: TrainConfig, state: dict) -> None:
-        real_save(path, cfg, state)
-        raise _Killed
-
-    monkeypatch.setattr(train_module, "_save_resume", save_then_die)
-    with pytest.raises(_Killed):
-        train(_config(shared_data, out))
-    monkeypatch.setattr(train_module, "_save_resume", real_save)
+    _crash_after_first_epoch(shared_data, out, monkeypatch)
     with pytest.raises(ValueError, match="different settings"):
         train(_config(shared_data, out, resume=True, lr=1e-3))

@@ -27,6 +27,7 @@ from edge_runtime.preprocess import PreprocessSpec
 from .datasets import FOLDERS, NIH_SUBSET, NPZ, SPLIT_FILE, read_split, run_spec
 from .export import EXPORT_SUMMARY, INT8_NAME
 from .report import EVALUATION_NAME
+from .tflite_export import EXPORT_SUMMARY_NAME as TFLITE_EXPORT_SUMMARY
 from .train import SUMMARY_NAME
 
 __all__ = [
@@ -42,7 +43,6 @@ __all__ = [
 MODEL_CARD_NAME = "MODEL_CARD.md"
 #: Written by ``training/tflite_env.sh export --out RUN/model.int8.tflite``; shipped when present.
 TFLITE_NAME = "model.int8.tflite"
-TFLITE_SUMMARY = "tflite_export_summary.json"
 TEST_PREDICTIONS_NAME = "test_predictions.npz"
 BUNDLE_FILES = (INT8_NAME, TFLITE_NAME, MODEL_CARD_NAME, MANIFEST_NAME)
 
@@ -369,6 +369,37 @@ def _reproduce(config: dict[str, Any] | None, spec: dict[str, Any], bundle_dir: 
     return "python -m training pipeline " + " \\\n    ".join(parts)
 
 
+_THRESHOLD_NOTE = """The threshold was chosen on
+the validation split: quote the test numbers."""
+_SATURATION_NOTE = """The validation AUC is close to
+1 and the test AUC lower, so the validation split overstates performance on new
+images: quote the test numbers."""
+
+
+def _metrics_text(manifest: dict[str, Any], evaluation: dict[str, Any], test_name: str, note: str) -> str:
+    """The model card's metrics table (validation and test, INT8) and the FP32/INT8 comparison."""
+    op = manifest["operating_point"]
+    val = manifest["metrics"]["validation"]
+    test = manifest["metrics"]["test"]
+    agree = manifest["metrics"]["int8_vs_fp32_validation"]
+    ref = evaluation["test"]["reference"]["int8_at_0.5"]
+    fp32 = evaluation["test"]["reference"]["fp32_at_threshold"]
+    lo, hi = test["auc_ci95"]
+    return f"""## Metrics (INT8 model, threshold {op["threshold"]:.4f})
+
+| split | n | AUC | accuracy | sensitivity | specificity |
+|---|---|---|---|---|---|
+{_row("validation (patient-disjoint)", val)}
+{_row(test_name, test, f" (95 % CI {lo:.4f}-{hi:.4f})")}
+
+For reference only: the FP32 model before quantization has test AUC {fp32["auc"]:.4f}; the INT8
+model at a 0.5 threshold has test accuracy {_pct(ref["accuracy"])}, sensitivity
+{_pct(ref["sensitivity"])}, specificity {_pct(ref["specificity"])}. {note}
+
+INT8 vs FP32 on validation: max |delta p| {agree["max_abs_diff"]:.4f}, mean {agree["mean_abs_diff"]:.4f},
+same decision at the threshold for {_pct(agree["decision_agreement"])} of images."""
+
+
 def _training_text(
     tr: dict[str, Any],
     config: dict[str, Any] | None,
@@ -390,7 +421,9 @@ def _training_text(
     smoothing = (config or {}).get("label_smoothing", 0.0)
     if smoothing:
         aug_text += f"; label smoothing {smoothing}"
-    return f"""classifier on frozen embeddings, then the last blocks + head on cached
+    threads = tr["hardware"].split(" CPU")[0]
+    return f"""Two-stage transfer learning on {threads} CPU threads (`python -m training pipeline`):
+classifier on frozen embeddings, then the last blocks + head on cached
 activations with a class-weighted loss, cosine schedule and early stopping
 on validation AUC (near-ties by validation log-loss); {tr["augmented_views_per_train_image"]} augmented
 view(s) per training image ({aug_text}). Seed {tr["seed"]}. Stage 2 was planned for
@@ -479,17 +512,12 @@ def _generic_card(
 ) -> str:
     """The model card for any run other than the Kermany EfficientNet-Lite0 one."""
     op = manifest["operating_point"]
-    val = manifest["metrics"]["validation"]
     test = manifest["metrics"]["test"]
     tr = manifest["training"]
-    agree = manifest["metrics"]["int8_vs_fp32_validation"]
-    ref = evaluation["test"]["reference"]["int8_at_0.5"]
-    fp32 = evaluation["test"]["reference"]["fp32_at_threshold"]
     spec = manifest["preprocessing"]
     inp = manifest["input"]
     shape = ", ".join(str(v) for v in inp["shape"][1:])
     labels = manifest["labels"]
-    lo, hi = test["auc_ci95"]
     parts = tr["split"]
 
     def counts(part: dict[str, Any]) -> str:
@@ -549,23 +577,9 @@ or treatment decision, and any finding the labels `{labels[0]}`/`{labels[1]}` do
 
 ## Training
 
-Two-stage transfer learning on {tr["hardware"].split(" CPU")[0]} CPU threads (`python -m training pipeline`):
 {_training_text(tr, config, spec, bundle_dir)}
 
-## Metrics (INT8 model, threshold {op["threshold"]:.4f})
-
-| split | n | AUC | accuracy | sensitivity | specificity |
-|---|---|---|---|---|---|
-{_row("validation (patient-disjoint)", val)}
-{_row("test", test, f" (95 % CI {lo:.4f}-{hi:.4f})")}
-
-For reference only: the FP32 model before quantization has test AUC {fp32["auc"]:.4f}; the INT8
-model at a 0.5 threshold has test accuracy {_pct(ref["accuracy"])}, sensitivity
-{_pct(ref["sensitivity"])}, specificity {_pct(ref["specificity"])}. The threshold was chosen on
-the validation split: quote the test numbers.
-
-INT8 vs FP32 on validation: max |delta p| {agree["max_abs_diff"]:.4f}, mean {agree["mean_abs_diff"]:.4f},
-same decision at the threshold for {_pct(agree["decision_agreement"])} of images.
+{_metrics_text(manifest, evaluation, "test", _THRESHOLD_NOTE)}
 
 ## Limitations
 
@@ -614,14 +628,8 @@ def _kermany_card(
 ) -> str:
     """The card of the default bundle: EfficientNet-Lite0 on Kermany."""
     op = manifest["operating_point"]
-    val = manifest["metrics"]["validation"]
-    test = manifest["metrics"]["test"]
     tr = manifest["training"]
-    agree = manifest["metrics"]["int8_vs_fp32_validation"]
-    ref = evaluation["test"]["reference"]["int8_at_0.5"]
-    fp32 = evaluation["test"]["reference"]["fp32_at_threshold"]
     spec = manifest["preprocessing"]
-    lo, hi = test["auc_ci95"]
     split = tr["split"]
     notes = "".join(f"\n- {note}." for note in (split_record or {}).get("notes") or [])
     return f"""# Model card: {manifest["name"]} {manifest["version"]}
@@ -675,24 +683,9 @@ is why the preprocessing stretches instead of letterboxing.
 
 ## Training
 
-Two-stage transfer learning on 2 CPU threads (`python -m training pipeline`):
 {_training_text(tr, config, spec, bundle_dir)}
 
-## Metrics (INT8 model, threshold {op["threshold"]:.4f})
-
-| split | n | AUC | accuracy | sensitivity | specificity |
-|---|---|---|---|---|---|
-{_row("validation (patient-disjoint)", val)}
-{_row("official test", test, f" (95 % CI {lo:.4f}-{hi:.4f})")}
-
-For reference only: the FP32 model before quantization has test AUC {fp32["auc"]:.4f}; the INT8
-model at a 0.5 threshold has test accuracy {_pct(ref["accuracy"])}, sensitivity
-{_pct(ref["sensitivity"])}, specificity {_pct(ref["specificity"])}. The validation AUC is close to
-1 and the test AUC lower, so the validation split overstates performance on new
-images: quote the test numbers.
-
-INT8 vs FP32 on validation: max |delta p| {agree["max_abs_diff"]:.4f}, mean {agree["mean_abs_diff"]:.4f},
-same decision at the threshold for {_pct(agree["decision_agreement"])} of images.
+{_metrics_text(manifest, evaluation, "official test", _SATURATION_NOTE)}
 
 ## Limitations
 
@@ -740,7 +733,8 @@ def targets_section(run: Path, evaluation: dict[str, Any], int8_bytes: int) -> s
         with np.load(predictions) as saved:
             y, p = saved["y"], saved["int8"]
         sens, spec = sensitivity_at_specificity(y, p, TARGETS["at_specificity"])
-        assert abs(roc_auc(y, p) - test["auc"]) < 1e-4, "test predictions do not match evaluation.json"
+        if abs(roc_auc(y, p) - test["auc"]) >= 1e-4:
+            raise ValueError(f"{predictions} does not match {EVALUATION_NAME}; re-run 'evaluate'.")
         rows.append(
             (
                 f"sensitivity >= {_pct(TARGETS['sensitivity'])} at specificity >= "
@@ -837,7 +831,7 @@ def package_bundle(run_dir: str | Path, bundle_dir: str | Path, version: str = "
         (bundle / name).unlink(missing_ok=True)
     shutil.copyfile(run / INT8_NAME, bundle / INT8_NAME)
     manifest = build_manifest(train_summary, export_summary, evaluation, spec, version, split)
-    tflite = _read(run, TFLITE_SUMMARY) if (run / TFLITE_NAME).is_file() else None
+    tflite = _read(run, TFLITE_EXPORT_SUMMARY) if (run / TFLITE_NAME).is_file() else None
     if tflite is not None:
         shutil.copyfile(run / TFLITE_NAME, bundle / TFLITE_NAME)
         manifest["artifacts"].append(

@@ -96,6 +96,8 @@ __all__ = [
 
 #: The ``quantization`` of the artifact in a bundle manifest.
 QUANTIZATION = "int8-static-wi8-ai8"
+#: Written beside the ``.tflite`` by the CLI; ``training.package`` reads it to ship the model.
+EXPORT_SUMMARY_NAME = "tflite_export_summary.json"
 SPLIT_NAME = "split.json"  # as written by training.train
 _SUMMARY_NAME = "train_summary.json"  # as written by training.train
 _SIGNATURE = "serving_default"
@@ -558,7 +560,13 @@ def _parser() -> argparse.ArgumentParser:
         help="quantize the classifier and softmax too (probabilities on a 1/256 grid)",
     )
     parser.add_argument("--float-out", type=Path, default=None, help="keep the float .tflite here")
-    parser.add_argument("--summary", type=Path, default=None, help="also write the summary JSON here")
+    parser.add_argument(
+        "--summary",
+        type=Path,
+        default=None,
+        help=f"where to write the summary JSON (default: {EXPORT_SUMMARY_NAME} beside --out, where "
+        "'python -m training package' looks for it)",
+    )
     return parser
 
 
@@ -580,8 +588,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         log=lambda msg: print(msg, file=sys.stderr, flush=True),
     )
     text = json.dumps(summary, indent=2) + "\n"
-    if args.summary is not None:
-        args.summary.write_text(text, encoding="utf-8")
+    summary_path = args.summary or Path(args.out).with_name(EXPORT_SUMMARY_NAME)
+    summary_path.write_text(text, encoding="utf-8")
     sys.stdout.write(text)
     return 0
 
