@@ -45,7 +45,7 @@ from edge_runtime.preprocess import PreprocessSpec
 from .data import CXRDataset, Item
 from .datasets import items_from_split, read_split, run_spec
 from .evaluate import compare_predictions
-from .models import predict_torch
+from .models import ProbabilityModel, predict_torch
 from .train import SPLIT_NAME, load_checkpoint
 
 __all__ = [
@@ -70,17 +70,6 @@ VAL_PREDICTIONS = "val_predictions.npz"
 INPUT_NAME = "input"
 OUTPUT_NAME = "probabilities"
 _KEEP_FLOAT_OPS = ("Gemm", "Softmax")
-
-
-class ProbabilityModel(nn.Module):
-    """Wraps a logits model so the exported graph ends in a softmax over classes."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.model(x), dim=1)
 
 
 def export_onnx(model: nn.Module, path: str | Path, spec: PreprocessSpec, opset: int = 17) -> Path:

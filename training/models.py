@@ -34,6 +34,7 @@ __all__ = [
     "BlockStages",
     "EfficientNetStages",
     "ModelEntry",
+    "ProbabilityModel",
     "StagedModel",
     "available_models",
     "build_model",
@@ -415,6 +416,18 @@ register_model(
         default_cut=8,
     )
 )
+
+
+class ProbabilityModel(nn.Module):
+    """Wraps a logits model so an exported graph (ONNX or TFLite) ends in a softmax over classes,
+    and the edge needs no knowledge of logits."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.model(x), dim=1)
 
 
 @torch.inference_mode()

@@ -75,7 +75,7 @@ from edge_runtime.preprocess import PreprocessSpec, preprocess
 from .data import Item
 from .datasets import items_from_split, open_dataset, read_split, run_spec
 from .evaluate import compare_predictions, roc_auc
-from .models import build_model, predict_torch
+from .models import ProbabilityModel, build_model, predict_torch
 
 __all__ = [
     "QUANTIZATION",
@@ -105,17 +105,6 @@ _INT32_LIMIT = 2**31 - 1
 # A floored channel's bias must fit in this many integer steps (int32 has 2**31; leave room
 # for the accumulated products of its ~zero weights).
 _BIAS_STEPS = 2.0**24
-
-
-class ProbabilityModel(nn.Module):
-    """Wraps a logits model so the converted graph ends in a softmax over classes."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.model(x), dim=1)
 
 
 def load_model(checkpoint: str | Path) -> tuple[nn.Module, dict[str, Any]]:
