@@ -74,6 +74,8 @@ class ModelArtifact:
     quantization: str
     path: Path
     sha256: str
+    #: CPUs (by :func:`edge_runtime.cpu.cpu_summary` ``int8_dot``) the file may run on; empty = any.
+    requires_int8_dot: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,7 @@ class ModelBundle:
                     quantization=item.get("quantization", "none"),
                     path=self.path / item["file"],
                     sha256=self.manifest["files"][item["file"]],
+                    requires_int8_dot=tuple(item.get("requires_int8_dot", ())),
                 )
         available = sorted({item["backend"] for item in self.manifest["artifacts"]})
         raise ModelBundleError(

@@ -106,6 +106,23 @@ def build_parser() -> argparse.ArgumentParser:
                       help="bundle folder (default: Model.BundlePath, else the bundled model)")
     _add_config_arg(info)
     info.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
+    verify = model_sub.add_parser(
+        "verify", help="run the bundle's conformance check on this CPU and print the table",
+        description="Load the bundle (hashes verified), run its reference images on the backend "
+        "(Model.Backend, or --backend) on this CPU and compare each output with the FP32 "
+        "reference probability recorded where the bundle was built: every |p - p_fp32| must be "
+        "within the manifest's tolerance and every decision must match (except for references "
+        "within the decision margin of the threshold). The service runs the same check whenever "
+        "it loads a model and refuses a model that fails it. Exit status: 0 passed, 1 failed, "
+        "2 the bundle cannot be loaded or has no reference set.",
+    )
+    verify.add_argument("bundle", type=Path, nargs="?", metavar="BUNDLE_DIR",
+                        help="bundle folder (default: Model.BundlePath, else the bundled model)")
+    _add_config_arg(verify)
+    verify.add_argument("--backend", default=None,
+                        help="backend to check (default: Model.Backend); 'all' checks every "
+                        "backend the bundle has a model file for")
+    verify.add_argument("--json", action="store_true", help="print the reports as JSON")
     return parser
 
 
@@ -227,6 +244,45 @@ def _cmd_model_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_model_verify(args: argparse.Namespace) -> int:
+    from .backends import create_backend
+    from .conformance import check_conformance, require_cpu_support
+
+    config = load_config(args.config)
+    bundle_dir = args.bundle or config.model.bundle_path or default_bundle_path()
+    bundle = load_bundle(bundle_dir)
+    if args.backend == "all":
+        backends = [art["backend"] for art in bundle.manifest["artifacts"]]
+    else:
+        backends = [args.backend or config.model.backend]
+    failed = False
+    reports = []
+    for name in backends:
+        require_cpu_support(bundle.artifact(name))
+        backend = create_backend(name, threads=config.model.threads)
+        backend.load(bundle)
+        try:
+            report = check_conformance(bundle, backend)
+        finally:
+            backend.close()
+        if report is None:
+            print(f"error: model {bundle.name} {bundle.version} has no conformance reference set "
+                  "(bundles before 0.2.0); its answers on this CPU cannot be checked.",
+                  file=sys.stderr)
+            return 2
+        reports.append(report)
+        failed |= not report.passed
+        if not args.json:
+            print(f"== {bundle.name} {bundle.version}, backend {name}, threshold "
+                  f"{report.threshold:.4f}, tolerance |dp| <= {report.max_abs_diff_allowed}, "
+                  f"decision margin {report.decision_margin}")
+            print(report.table())
+            print(report.explain())
+    if args.json:
+        print(json.dumps([r.to_dict() for r in reports], indent=2))
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -239,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_config_check(args)
         if args.command == "health":
             return _cmd_health(args)
+        if args.command == "model" and args.model_command == "verify":
+            return _cmd_model_verify(args)
         if args.command == "model":
             return _cmd_model_info(args)
     except ConfigError as exc:

@@ -20,6 +20,7 @@ import numpy as np
 from .backends import Backend, create_backend
 from .bundle import ModelBundle, default_bundle_path, load_bundle, sha256_file
 from .config import RuntimeConfig
+from .conformance import ConformanceReport, check_conformance, enforce, require_cpu_support
 from .decode import DecodedImage, DecodeLimits, decode_file
 from .errors import EdgeRuntimeError, UnsupportedImage
 from .intake import IntakePolicy
@@ -78,6 +79,8 @@ class ScanAnalyzer:
             "preprocessing_sha256": bundle.preprocessing.sha256,
         }
         self._local = threading.local()
+        #: The conformance check run when this model was loaded (None: the bundle has no set).
+        self.conformance: ConformanceReport | None = None
 
     @classmethod
     def from_bundle_path(
@@ -95,16 +98,33 @@ class ScanAnalyzer:
         decode_memory_mb: int = 2048,
     ) -> ScanAnalyzer:
         bundle = load_bundle(path)
+        require_cpu_support(bundle.artifact(backend_name))
         backend = create_backend(backend_name, threads=threads)
         backend.load(bundle)
+        try:
+            conformance = check_conformance(bundle, backend, threshold)
+        except Exception:
+            backend.close()
+            raise
+        if conformance is None:
+            log.warning("model %s %s has no conformance reference set (bundles before 0.2.0): its "
+                        "answers on this CPU cannot be checked", bundle.name, bundle.version)
+        elif not conformance.passed:
+            log.error("%s", conformance.explain())
+            backend.close()
+            enforce(conformance)
+        else:
+            event(log, "conformance", "%s", conformance.explain(), **conformance.summary())
         policy = None
         if enforce_intended_use:
             policy = IntakePolicy.from_intended_use(
                 bundle.intended_use, model_name=f"model {bundle.name} {bundle.version}",
                 require_tags=require_tags)
-        return cls(bundle, backend, limits=limits, threshold=threshold, policy=policy,
-                   isolate=isolate, decode_timeout_s=decode_timeout_s,
-                   decode_memory_mb=decode_memory_mb)
+        analyzer = cls(bundle, backend, limits=limits, threshold=threshold, policy=policy,
+                       isolate=isolate, decode_timeout_s=decode_timeout_s,
+                       decode_memory_mb=decode_memory_mb)
+        analyzer.conformance = conformance
+        return analyzer
 
     @classmethod
     def from_config(cls, config: RuntimeConfig) -> ScanAnalyzer:

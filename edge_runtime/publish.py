@@ -88,7 +88,7 @@ class MqttPublisher:
         config: MqttConfig,
         journal: Journal,
         *,
-        model_info: dict[str, str] | None = None,
+        model_info: dict[str, Any] | None = None,
         max_in_flight: int = 100,
         sink: str = "mqtt",
     ) -> None:

@@ -82,7 +82,9 @@ def build_result(
     timings_ms: dict[str, float],
 ) -> dict[str, Any]:
     """Assemble one schema-valid result message."""
-    probs = {label: round(float(p), 6) for label, p in zip(labels, probabilities, strict=True)}
+    # Nine significant digits keep every distinct float32 output distinct (its spacing near 1 is
+    # 6e-8), so subscribers can rank results; six decimals used to tie confident outputs at 1.0.
+    probs = {label: float(f"{float(p):.9g}") for label, p in zip(labels, probabilities, strict=True)}
     p_positive = probs[labels[0]] if len(labels) == 1 else probs[positive_label]
     positive = p_positive >= threshold
     if len(labels) == 2:
@@ -120,7 +122,7 @@ def build_status(
     client_id: str,
     *,
     reason: str | None = None,
-    model: dict[str, str] | None = None,
+    model: dict[str, Any] | None = None,
     counters: dict[str, int] | None = None,
     last_error: str | None = None,
 ) -> dict[str, Any]:

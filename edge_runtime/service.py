@@ -61,8 +61,7 @@ class EdgeService:
         self.publisher = MqttPublisher(
             config.mqtt,
             self.journal,
-            model_info={"name": self.analyzer.bundle.name,
-                        "version": self.analyzer.bundle.version},
+            model_info=_status_model(self.analyzer),
         )
         self.quarantine_dir = config.inbox.quarantine_path
         self.processed_dir = config.inbox.processed_path
@@ -159,8 +158,7 @@ class EdgeService:
                                         f"{exc.message}")
                     return
                 previous, self.analyzer = self.analyzer, analyzer
-                self.publisher.model_info = {"name": analyzer.bundle.name,
-                                             "version": analyzer.bundle.version}
+                self.publisher.model_info = _status_model(analyzer)
                 # Workers that already hold the old analyzer finish with it.
                 threading.Timer(30.0, previous.close).start()
                 log.info("model switched to %s %s (%s)", analyzer.bundle.name,
@@ -215,7 +213,7 @@ class EdgeService:
             "reason": reason,
             "timestamp_utc": utc_now(),
             "mqtt_connected": self.publisher.connected,
-            "model": {"name": self.analyzer.bundle.name, "version": self.analyzer.bundle.version},
+            "model": _status_model(self.analyzer),
             "counters": counters,
             "last_error": self.last_error,
             "runtime_version": __version__,
@@ -526,6 +524,22 @@ class EdgeService:
                 shutil.move(str(path), self._unique_target(self.processed_dir, path.name))
         except FileNotFoundError:
             pass
+
+
+def _status_model(analyzer: ScanAnalyzer) -> dict[str, Any]:
+    """The model as the status topic and health file name it, with its last conformance check.
+
+    The reference image's name is left out (it stays in the log): status
+    messages carry no file names.
+    """
+    model: dict[str, Any] = {"name": analyzer.bundle.name, "version": analyzer.bundle.version,
+                             "backend": analyzer.backend.name}
+    if analyzer.conformance is not None:
+        summary = analyzer.conformance.summary()
+        summary.pop("worst", None)
+        summary.pop("model", None)
+        model["conformance"] = summary
+    return model
 
 
 def _snake(name: str) -> str:

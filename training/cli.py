@@ -147,6 +147,28 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_recipe(p: argparse.ArgumentParser) -> None:
+    recipes = ("u8s8-rr", "s8s8", "s8s8-rr", "u8s8", "u8u8")  # training.export.RECIPES (torch-free here)
+    p.add_argument(
+        "--recipe",
+        choices=recipes,
+        default=recipes[0],
+        help="ONNX Runtime INT8 recipe (default: %(default)s = uint8 activations, 7-bit int8 weights: "
+        "the same integers on AVX2, AVX-512 VNNI and ARM; s8s8 is what bundles <= 0.1.1 used and "
+        "saturates on CPUs without VNNI; see training/README.md)",
+    )
+
+
+def _add_calibrate(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-calibrate",
+        dest="calibrate",
+        action="store_false",
+        help="skip temperature scaling (default: fit one temperature on validation and fold it "
+        "into the exported model, so outputs are calibrated probabilities)",
+    )
+
+
 def _add_bundle(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--bundle",
@@ -190,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(p)
     _add_bundle(p)
     p.add_argument("--calibration-images", type=int, default=200, help="INT8 calibration images")
+    _add_recipe(p)
+    _add_calibrate(p)
     p.add_argument(
         "--min-sensitivity",
         type=float,
@@ -232,9 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="checkpoint -> FP32 ONNX (dynamic batch), checked against PyTorch on validation",
         description="Export the run's checkpoint to model.fp32.onnx (opset 17, dynamic batch axis, "
         "softmax inside) and report max |dp| and decision agreement against PyTorch on the "
-        "validation split.",
+        "validation split. A temperature fitted on validation is folded into the graph first "
+        "(calibration.json) unless --no-calibrate.",
     )
     _add_run(p)
+    _add_calibrate(p)
 
     p = sub.add_parser(
         "quantize",
@@ -246,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_run(p)
     p.add_argument("--calibration-images", type=int, default=200, help="INT8 calibration images")
+    _add_recipe(p)
 
     p = sub.add_parser(
         "evaluate", help="choose the threshold on validation, then score the official test split"
@@ -349,14 +376,16 @@ def _prepare(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     from .export import run_fp32_export
 
-    run_fp32_export(args.out, threads=args.threads)
+    run_fp32_export(args.out, threads=args.threads, calibrate=args.calibrate)
 
 
 def _quantize(args: argparse.Namespace) -> None:
     from .export import run_quantize
 
     try:
-        run_quantize(args.out, calibration_images=args.calibration_images, threads=args.threads)
+        run_quantize(
+            args.out, calibration_images=args.calibration_images, threads=args.threads, recipe=args.recipe
+        )
     except FileNotFoundError as exc:
         raise SystemExit(f"error: {exc}") from None
 

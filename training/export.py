@@ -22,6 +22,7 @@ import json
 import time
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,27 +41,41 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from torch import nn
 from tqdm import tqdm
 
+from edge_runtime.cpu import cpu_summary
 from edge_runtime.preprocess import PreprocessSpec
 
 from .data import CXRDataset, Item
 from .datasets import items_from_split, read_split, run_spec
-from .evaluate import compare_predictions
-from .models import ProbabilityModel, predict_torch
+from .emulation import AVX2_ONLY_CPU, emulator, predict_emulated
+from .evaluate import compare_predictions, expected_calibration_error, fit_temperature, log_loss
+from .models import (
+    CALIBRATION_NAME,
+    ProbabilityModel,
+    apply_temperature,
+    predict_logits,
+    predict_torch,
+)
 from .train import SPLIT_NAME, load_checkpoint
 
 __all__ = [
+    "DEFAULT_RECIPE",
     "FP32_NAME",
     "INT8_NAME",
+    "RECIPES",
     "ProbabilityModel",
+    "QuantRecipe",
+    "calibration_samples",
     "compare_predictions",
     "export_onnx",
     "load_split",
     "ort_session",
     "predict_onnx",
+    "quantization_label",
     "quantize_int8",
     "run_export",
     "run_fp32_export",
     "run_quantize",
+    "val_tensors",
 ]
 
 FP32_NAME = "model.fp32.onnx"
@@ -130,8 +145,74 @@ class _ArrayReader(CalibrationDataReader):
         self._next = 0
 
 
-def quantize_int8(fp32_path: str | Path, int8_path: str | Path, calibration: np.ndarray) -> Path:
+@dataclass(frozen=True)
+class QuantRecipe:
+    """One way to quantize: activation and weight types, and 7-bit weights or not."""
+
+    name: str
+    activation: QuantType
+    weight: QuantType
+    reduce_range: bool
+    summary: str
+    #: ``edge_runtime.cpu`` ``int8_dot`` values where the recipe computes like the build machine;
+    #: empty = every CPU. The bundle records it and the runtime refuses the model elsewhere.
+    trusted_int8_dot: tuple[str, ...] = ()
+
+
+#: Candidate recipes, compared by ``benchmarks/bench_quantization.py`` (training/README.md,
+#: "Export and quantization", has the measurements behind the default).
+RECIPES: dict[str, QuantRecipe] = {
+    recipe.name: recipe
+    for recipe in (
+        QuantRecipe(
+            "u8s8-rr",
+            QuantType.QUInt8,
+            QuantType.QInt8,
+            True,
+            "uint8 activations, int8 weights limited to 7 bits (-64..63): u8 x s7 pairs never "
+            "exceed 2*255*64 = 32640, so AVX2's 16-bit VPMADDUBSW cannot saturate and every CPU "
+            "computes the same integers",
+        ),
+        QuantRecipe(
+            "s8s8",
+            QuantType.QInt8,
+            QuantType.QInt8,
+            False,
+            "int8 activations and full 8-bit weights (bundles <= 0.1.1): pairs reach 2*255*128 "
+            "after the kernel's sign shift, which saturates on CPUs without VNNI",
+            ("vnni", "arm-dot"),
+        ),
+        QuantRecipe("s8s8-rr", QuantType.QInt8, QuantType.QInt8, True, "int8 activations, 7-bit weights"),
+        QuantRecipe(
+            "u8s8",
+            QuantType.QUInt8,
+            QuantType.QInt8,
+            False,
+            "uint8 activations, 8-bit weights: u8 x s8 pairs reach 2*255*128, VPMADDUBSW saturates",
+            ("vnni", "arm-dot"),
+        ),
+        QuantRecipe(
+            "u8u8", QuantType.QUInt8, QuantType.QUInt8, False, "uint8 activations and weights (no VPMADDUBSW)"
+        ),
+    )
+}
+DEFAULT_RECIPE = "u8s8-rr"
+
+
+def quantization_label(recipe: str) -> str:
+    """What the manifest's ``quantization`` field says for an ONNX model made with ``recipe``."""
+    return f"int8-qdq-static-per-channel-{recipe}"
+
+
+def quantize_int8(
+    fp32_path: str | Path, int8_path: str | Path, calibration: np.ndarray, recipe: str = DEFAULT_RECIPE
+) -> Path:
     """Static INT8 quantization (QDQ, per-channel weights) calibrated on ``calibration``.
+
+    ``recipe`` names an entry of :data:`RECIPES`. The default, ``u8s8-rr``, is
+    the one whose integer arithmetic is the same on AVX2, AVX-512 VNNI and
+    ARM (see :class:`QuantRecipe` and training/README.md); ``s8s8`` is what
+    bundles up to 0.1.1 used and differs by CPU.
 
     The classifier (``Gemm``) and the ``Softmax`` stay FP32 (a 1280x2 layer,
     10 KB). Quantizing them puts the logits and probabilities on an 8-bit
@@ -144,6 +225,9 @@ def quantize_int8(fp32_path: str | Path, int8_path: str | Path, calibration: np.
     tails that percentile/entropy calibration look at, and the result is
     compared with FP32 afterwards anyway.
     """
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown quantization recipe {recipe!r}; known: {', '.join(RECIPES)}")
+    chosen = RECIPES[recipe]
     graph = onnx.load(str(fp32_path))
     keep_float = [node.name for node in graph.graph.node if node.op_type in _KEEP_FLOAT_OPS]
     quantize_static(
@@ -152,8 +236,9 @@ def quantize_int8(fp32_path: str | Path, int8_path: str | Path, calibration: np.
         _ArrayReader(calibration),
         quant_format=QuantFormat.QDQ,
         per_channel=True,
-        activation_type=QuantType.QInt8,
-        weight_type=QuantType.QInt8,
+        reduce_range=chosen.reduce_range,
+        activation_type=chosen.activation,
+        weight_type=chosen.weight,
         calibrate_method=CalibrationMethod.MinMax,
         nodes_to_exclude=keep_float,
     )
@@ -192,6 +277,25 @@ def _stack(dataset: CXRDataset, indices: Sequence[int], desc: str) -> np.ndarray
     return out
 
 
+def calibration_samples(run: Path, spec: PreprocessSpec, count: int, seed: int = 2018) -> np.ndarray:
+    """A seeded, class-stratified sample of the run's *training* images, preprocessed (no augmentation)."""
+    _, train_items, _ = load_split(run)
+    rng = np.random.default_rng(seed)
+    train_ds = CXRDataset(train_items, spec)
+    labels = train_ds.labels
+    picks: list[int] = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        share = round(count * members.size / labels.size)
+        picks.extend(rng.choice(members, size=min(share, members.size), replace=False).tolist())
+    return _stack(train_ds, sorted(picks), "calibration")
+
+
+def val_tensors(run: Path, spec: PreprocessSpec) -> tuple[np.ndarray, np.ndarray]:
+    """The run's validation images as the edge builds them: ``(labels, tensors)``."""
+    return _val_tensors(run, spec)
+
+
 def _val_tensors(run: Path, spec: PreprocessSpec) -> tuple[np.ndarray, np.ndarray]:
     """The run's validation images as the edge builds them: ``(labels, tensors)``."""
     _, _, val_items = load_split(run)
@@ -207,22 +311,65 @@ def _update_summary(run: Path, part: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
+def calibrate_temperature(model: nn.Module, run: Path, y: np.ndarray, val_x: np.ndarray) -> dict[str, Any]:
+    """Fit temperature scaling on the validation split, fold it into ``model``, write ``calibration.json``.
+
+    The network is trained to separate the classes, not to say how often it
+    is right: the 0.1.x models put most outputs at ``p >= 0.999999`` and an
+    operating point of 0.9999. One temperature fitted by log-loss on the
+    validation split (Guo et al. 2017) keeps the ranking and every decision
+    at a matched threshold, and makes a published 0.8 mean "about 8 in 10".
+    """
+    logits = predict_logits(model, val_x)
+    margin = logits[:, 1] - logits[:, 0]
+    temperature = fit_temperature(y, margin)
+    before = 1.0 / (1.0 + np.exp(-margin.astype(np.float64)))
+    after = 1.0 / (1.0 + np.exp(-margin.astype(np.float64) / temperature))
+    record = {
+        "temperature": temperature,
+        "method": "temperature scaling fitted by log-loss on the validation split, folded into the "
+        "last linear layer (softmax((Wx+b)/T))",
+        "validation": {
+            "n": int(y.size),
+            "log_loss": {"before": log_loss(y, before), "after": log_loss(y, after)},
+            "ece_15_bins": {
+                "before": expected_calibration_error(y, before),
+                "after": expected_calibration_error(y, after),
+            },
+            "outputs_at_least_0.999999": {
+                "before": int((before >= 0.999999).sum()),
+                "after": int((after >= 0.999999).sum()),
+            },
+        },
+    }
+    (run / CALIBRATION_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    apply_temperature(model, temperature)
+    return record
+
+
 def run_fp32_export(
-    run_dir: str | Path, spec: PreprocessSpec | None = None, threads: int = 2
+    run_dir: str | Path, spec: PreprocessSpec | None = None, threads: int = 2, calibrate: bool = True
 ) -> dict[str, Any]:
     """``export`` stage: checkpoint -> ``model.fp32.onnx``, checked against PyTorch on validation.
 
-    Writes ``val_predictions.npz`` (labels, PyTorch and FP32 P(positive)) and
-    the FP32 part of ``export_summary.json``. ``spec`` defaults to the one the
-    run was trained with (:func:`training.datasets.run_spec`).
+    With ``calibrate`` (the default) a temperature is fitted on validation and
+    folded into the exported graph first (:func:`calibrate_temperature`), so
+    the ONNX models, the TFLite model and every number computed from them
+    are calibrated probabilities. Writes ``val_predictions.npz`` (labels,
+    PyTorch and FP32 P(positive)) and the FP32 part of ``export_summary.json``.
+    ``spec`` defaults to the one the run was trained with
+    (:func:`training.datasets.run_spec`).
     """
     t_start = time.monotonic()
     torch.set_num_threads(threads)
     run = Path(run_dir)
     spec = spec or run_spec(run)
     model, ckpt = load_checkpoint(run)
-    fp32_path = export_onnx(model, run / FP32_NAME, spec)
     y, val_x = _val_tensors(run, spec)
+    calibration = calibrate_temperature(model, run, y, val_x) if calibrate else None
+    if calibration is None:
+        (run / CALIBRATION_NAME).unlink(missing_ok=True)
+    fp32_path = export_onnx(model, run / FP32_NAME, spec)
     p_torch = predict_torch(model, val_x)[:, 1]
     p_fp32 = predict_onnx(ort_session(fp32_path, threads), val_x)[:, 1]
     np.savez(run / VAL_PREDICTIONS, y=y, torch=p_torch, fp32=p_fp32)
@@ -231,12 +378,21 @@ def run_fp32_export(
         {
             "opset": 17,
             "checkpoint_cut": ckpt.get("cut"),
+            "temperature": calibration["temperature"] if calibration else 1.0,
             "sizes_bytes": {"fp32": fp32_path.stat().st_size},
             "val_n": int(y.size),
             "fp32_vs_torch": compare_predictions(p_torch, p_fp32, 0.5),
             "seconds": {"export": time.monotonic() - t_start},
         },
     )
+    if calibration:
+        v = calibration["validation"]
+        tqdm.write(
+            f"export: temperature {calibration['temperature']:.3f} fitted on validation: log-loss "
+            f"{v['log_loss']['before']:.4f} -> {v['log_loss']['after']:.4f}, ECE "
+            f"{v['ece_15_bins']['before']:.4f} -> {v['ece_15_bins']['after']:.4f}, outputs >= 0.999999 "
+            f"{v['outputs_at_least_0.999999']['before']} -> {v['outputs_at_least_0.999999']['after']}"
+        )
     tqdm.write(
         f"export: FP32 {fp32_path.stat().st_size / 1e6:.2f} MB; on {y.size} validation images "
         f"FP32 vs PyTorch max |dp| {summary['fp32_vs_torch']['max_abs_diff']:.2e}, decision agreement "
@@ -251,13 +407,18 @@ def run_quantize(
     calibration_images: int = 200,
     seed: int = 2018,
     threads: int = 2,
+    recipe: str = DEFAULT_RECIPE,
+    emulate_images: int = 32,
 ) -> dict[str, Any]:
     """``quantize`` stage: ``model.fp32.onnx`` -> ``model.int8.onnx``, checked against FP32 and PyTorch.
 
     Calibrates on a seeded, class-stratified sample of *training* images (no
     augmentation), then scores INT8 on the validation split and adds it to
-    ``val_predictions.npz`` and ``export_summary.json``. Needs the ``export``
-    stage's files in ``run_dir``.
+    ``val_predictions.npz`` and ``export_summary.json``, with this CPU's INT8
+    features. Where QEMU is installed, the first ``emulate_images`` validation
+    images are also run on an emulated AVX2-only CPU (:mod:`training.emulation`)
+    and compared with this CPU's INT8 output (0 skips it). Needs the
+    ``export`` stage's files in ``run_dir``.
     """
     t_start = time.monotonic()
     run = Path(run_dir)
@@ -268,18 +429,9 @@ def run_quantize(
             f"{fp32_path} or {predictions} is missing; run 'python -m training export --out {run}' first."
         )
     spec = spec or run_spec(run)
-    _, train_items, _ = load_split(run)
-    rng = np.random.default_rng(seed)
-    train_ds = CXRDataset(train_items, spec)
-    labels = train_ds.labels
-    picks: list[int] = []
-    for label in np.unique(labels):
-        members = np.flatnonzero(labels == label)
-        share = round(calibration_images * members.size / labels.size)
-        picks.extend(rng.choice(members, size=min(share, members.size), replace=False).tolist())
-    calibration = _stack(train_ds, sorted(picks), "calibration")
+    calibration = calibration_samples(run, spec, calibration_images, seed)
     t0 = time.monotonic()
-    int8_path = quantize_int8(fp32_path, run / INT8_NAME, calibration)
+    int8_path = quantize_int8(fp32_path, run / INT8_NAME, calibration, recipe)
     t_quant = time.monotonic() - t0
 
     y, val_x = _val_tensors(run, spec)
@@ -290,11 +442,25 @@ def run_quantize(
     p_int8 = predict_onnx(ort_session(int8_path, threads), val_x)[:, 1]
     np.savez(predictions, y=y, torch=p_torch, fp32=p_fp32, int8=p_int8)
     previous = json.loads((run / EXPORT_SUMMARY).read_text(encoding="utf-8"))
+    cross_cpu: dict[str, Any] | None = None
+    if emulate_images > 0 and emulator() is not None:
+        subset = val_x[:emulate_images]
+        t0 = time.monotonic()
+        p_emulated = predict_emulated(int8_path, subset)[:, 1]
+        cross_cpu = {
+            "cpu": AVX2_ONLY_CPU,
+            "images": len(subset),
+            **compare_predictions(p_int8[: len(subset)], p_emulated, 0.5),
+            "seconds": time.monotonic() - t0,
+        }
     summary = _update_summary(
         run,
         {
-            "calibration_images": len(picks),
-            "quantization": "int8-qdq-static-per-channel",
+            "calibration_images": len(calibration),
+            "quantization": quantization_label(recipe),
+            "quantization_recipe": recipe,
+            "cpu": cpu_summary(),
+            "int8_vs_int8_emulated_avx2": cross_cpu,
             "sizes_bytes": {**previous.get("sizes_bytes", {}), "int8": int8_path.stat().st_size},
             "int8_vs_fp32": compare_predictions(p_fp32, p_int8, 0.5),
             "int8_vs_torch": compare_predictions(p_torch, p_int8, 0.5),
@@ -314,7 +480,14 @@ def run_quantize(
             c=summary["int8_vs_fp32"]["mean_abs_diff"],
             d=summary["int8_vs_fp32"]["decision_agreement"],
         )
+        + f" [recipe {recipe}; CPU {', '.join(summary['cpu']['int8_features']) or 'no SIMD int8'}]"
     )
+    if cross_cpu is not None:
+        tqdm.write(
+            f"quantize: same INT8 model on an emulated AVX2-only CPU ({AVX2_ONLY_CPU}), "
+            f"{cross_cpu['images']} validation images: max |dp| {cross_cpu['max_abs_diff']:.2e}, "
+            f"decision agreement {cross_cpu['decision_agreement']:.2%}"
+        )
     return summary
 
 
@@ -324,6 +497,7 @@ def run_export(
     calibration_images: int = 200,
     seed: int = 2018,
     threads: int = 2,
+    recipe: str = DEFAULT_RECIPE,
 ) -> dict[str, Any]:
     """Both stages: :func:`run_fp32_export` then :func:`run_quantize`; returns the combined summary.
 
@@ -332,4 +506,4 @@ def run_export(
     split, built with the edge code) and ``export_summary.json``.
     """
     run_fp32_export(run_dir, spec, threads)
-    return run_quantize(run_dir, spec, calibration_images, seed, threads)
+    return run_quantize(run_dir, spec, calibration_images, seed, threads, recipe)

@@ -18,6 +18,7 @@ and listing it in ``ARCHITECTURES``; nothing else in ``training/`` changes.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -31,16 +32,20 @@ from torch import nn
 from .architectures import ARCHITECTURES, Architecture, StagedNet
 
 __all__ = [
+    "CALIBRATION_NAME",
     "BlockStages",
     "EfficientNetStages",
     "ModelEntry",
     "ProbabilityModel",
     "StagedModel",
+    "apply_temperature",
     "available_models",
     "build_model",
     "describe_models",
     "load_weights_file",
+    "predict_logits",
     "predict_torch",
+    "read_temperature",
     "register_model",
     "staged_view",
 ]
@@ -428,6 +433,50 @@ class ProbabilityModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.model(x), dim=1)
+
+
+CALIBRATION_NAME = "calibration.json"
+
+
+def apply_temperature(model: nn.Module, temperature: float) -> nn.Module:
+    """Fold temperature scaling into the network: the last ``nn.Linear`` is divided by ``temperature``.
+
+    ``softmax((W x + b) / T) == softmax((W / T) x + b / T)``, so the folded
+    model outputs calibrated probabilities with no extra operator, and every
+    export route (ONNX and its INT8 model, whose classifier stays float, and
+    TFLite) carries the same calibration. Every registered family ends in a
+    linear classifier. Changes ``model`` in place and returns it.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError("the model has no linear classifier to fold the temperature into")
+    last = linears[-1]
+    with torch.no_grad():
+        last.weight.div_(temperature)
+        if last.bias is not None:
+            last.bias.div_(temperature)
+    return model
+
+
+def read_temperature(run_dir: str | Path) -> float:
+    """The temperature the ``export`` stage fitted for a run (1.0 before calibration existed)."""
+    path = Path(run_dir) / CALIBRATION_NAME
+    if not path.is_file():
+        return 1.0
+    return float(json.loads(path.read_text(encoding="utf-8"))["temperature"])
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, samples: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """``(N, classes)`` logits of a PyTorch model on NCHW input tensors."""
+    model.eval()
+    outs = [
+        model(torch.from_numpy(samples[i : i + batch_size])).numpy()
+        for i in range(0, len(samples), batch_size)
+    ]
+    return np.concatenate(outs)
 
 
 @torch.inference_mode()

@@ -21,11 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from edge_runtime.bundle import MANIFEST_NAME, load_bundle, write_manifest
 from edge_runtime.preprocess import PreprocessSpec
 
+from .conformance_set import CONFORMANCE_NAME, build_reference_set, conformance_section
 from .datasets import FOLDERS, NIH_SUBSET, NPZ, SPLIT_FILE, read_split, run_spec
-from .export import EXPORT_SUMMARY, INT8_NAME
+from .export import EXPORT_SUMMARY, INT8_NAME, RECIPES
 from .report import EVALUATION_NAME
 from .tflite_export import EXPORT_SUMMARY_NAME as TFLITE_EXPORT_SUMMARY
 from .train import SUMMARY_NAME
@@ -44,7 +47,7 @@ MODEL_CARD_NAME = "MODEL_CARD.md"
 #: Written by ``training/tflite_env.sh export --out RUN/model.int8.tflite``; shipped when present.
 TFLITE_NAME = "model.int8.tflite"
 TEST_PREDICTIONS_NAME = "test_predictions.npz"
-BUNDLE_FILES = (INT8_NAME, TFLITE_NAME, MODEL_CARD_NAME, MANIFEST_NAME)
+BUNDLE_FILES = (INT8_NAME, TFLITE_NAME, MODEL_CARD_NAME, MANIFEST_NAME, CONFORMANCE_NAME)
 
 #: The training issue's targets on the official Kermany test split, for the INT8 model the edge runs.
 TARGETS = {
@@ -190,6 +193,47 @@ def _pick(metrics: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _onnx_artifact(export_summary: dict[str, Any]) -> dict[str, Any]:
+    """The ONNX artifact entry: its quantization recipe, and the CPUs it is restricted to, if any."""
+    artifact: dict[str, Any] = {
+        "file": INT8_NAME,
+        "backend": "onnxruntime",
+        "quantization": export_summary.get("quantization", QUANTIZATION),
+    }
+    recipe = RECIPES.get(str(export_summary.get("quantization_recipe")))
+    if recipe is not None and recipe.trusted_int8_dot:
+        artifact["requires_int8_dot"] = list(recipe.trusted_int8_dot)
+    return artifact
+
+
+def conformance_text(section: dict[str, Any]) -> str:
+    """Markdown: the reference set every box checks at load, its tolerance and where it came from."""
+    build = section["build"]
+    rows = "\n".join(
+        f"| `{name}` | {b['max_abs_diff']:.4f} | {b['decisions_differing']} |"
+        for name, b in build["backends"].items()
+    )
+    cpu = build["cpu"]
+    return f"""
+## Conformance check (on every box, at every load)
+
+The bundle carries `{section['file']}`: {section['images']} reference images with the FP32 model's
+probabilities. Whenever the runtime loads this model it runs them on the selected backend on that
+box's CPU and refuses the model, keeping the previous one, if any output differs from its FP32
+reference by more than **{section['max_abs_diff']}** or a decision at the operating point differs
+(references within {section['decision_margin']} of the threshold excepted).
+`edge-runtime model verify` prints the table. Tolerance rule: {section['tolerance_rule']}.
+
+Measured where this bundle was built ({cpu['model']}, INT8 features: {', '.join(cpu['int8_features'])}):
+
+| backend | max \\|p - p_fp32\\| | decisions differing |
+|---|---|---|
+{rows}
+
+Reference images: {section['source']}
+"""
+
+
 def build_manifest(
     train_summary: dict[str, Any],
     export_summary: dict[str, Any],
@@ -232,7 +276,7 @@ def build_manifest(
         "description": description,
         "labels": classes,
         "positive_label": positive,
-        "artifacts": [{"file": INT8_NAME, "backend": "onnxruntime", "quantization": QUANTIZATION}],
+        "artifacts": [_onnx_artifact(export_summary)],
         "input": {
             "name": "input",
             "shape": ["batch", *spec.sample_shape],
@@ -837,12 +881,32 @@ def package_bundle(run_dir: str | Path, bundle_dir: str | Path, version: str = "
         manifest["artifacts"].append(
             {"file": TFLITE_NAME, "backend": "litert", "quantization": tflite["quantization"]}
         )
+    # The reference set, then each backend measured on it here through the edge's own check.
+    refs = build_reference_set(run, spec)
+    np.savez_compressed(bundle / CONFORMANCE_NAME, **refs)
+    manifest["conformance"] = {
+        "file": CONFORMANCE_NAME,
+        "images": len(refs["images"]),
+        "reference": "P(positive) of the calibrated FP32 ONNX model on each stored image",
+        "max_abs_diff": 1.0,  # provisional: replaced by conformance_section below
+        "decision_margin": 1.0,
+    }
+    write_manifest(bundle, manifest)
+    card_data = data_card(split)
+    credit = (
+        f"{len(refs['images'])} images of the training split "
+        f"(e.g. {', '.join(map(str, refs['sources'][:3]))}; "
+        f"all listed in the file's `sources`), {card_data.title}; {card_data.license}. "
+        f"{card_data.citation}"
+    )
+    manifest["conformance"] = conformance_section(load_bundle(bundle), credit)
     card = render_model_card(
         manifest, evaluation, split=split, config=train_summary["config"], bundle_dir=bundle_dir
     )
     extra = files_section(manifest, tflite)
     if data_card(split).key == "kermany":
         extra += targets_section(run, evaluation, (run / INT8_NAME).stat().st_size)
+    extra += conformance_text(manifest["conformance"])
     card = card.replace("\n## Limitations", extra + "\n## Limitations", 1)
     (bundle / MODEL_CARD_NAME).write_text(card, encoding="utf-8")
     path = write_manifest(bundle, manifest)

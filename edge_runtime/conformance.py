@@ -1,0 +1,276 @@
+"""Does this model give the build machine's answers on *this* CPU? Checked at every load.
+
+An INT8 model's arithmetic depends on the CPU's integer kernels (see
+:mod:`edge_runtime.cpu`): the same file gave a different answer to one scan
+in three on AVX2-only boxes than on VNNI ones. A hash proves the file is
+intact, not that this box computes what the model was validated for. So a
+bundle carries a small reference set (``conformance.npz``: de-identified
+training images at the model's input size, 8-bit, with the FP32 model's
+probabilities computed where the bundle was built), and whenever a bundle is
+loaded, at start-up, on a hot swap or a Greengrass deployment, the selected
+backend runs them here and is compared with the references:
+
+* every ``|p - p_fp32|`` must be within ``max_abs_diff``;
+* every decision at the operating point must match, except for references
+  within ``decision_margin`` of the threshold, where a small legitimate
+  difference may flip it.
+
+On failure the bundle is refused exactly like a hash mismatch
+(:class:`ConformanceError` is a :class:`ModelBundleError`): the old model
+stays, and the log and status say which CPU features and which reference
+image were worst. The images run through the same :func:`preprocess`,
+backend and :func:`scores_to_probabilities` as a scan.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from .backends import Backend
+from .bundle import ModelArtifact, ModelBundle
+from .cpu import cpu_summary
+from .errors import ModelBundleError
+from .preprocess import preprocess
+from .results import scores_to_probabilities
+
+__all__ = [
+    "ConformanceError",
+    "ConformanceReport",
+    "ConformanceRow",
+    "check_conformance",
+    "enforce",
+    "reference_inputs",
+    "require_cpu_support",
+]
+
+
+class ConformanceError(ModelBundleError):
+    """The model computes different answers on this CPU than where it was validated."""
+
+    code = "model_conformance_failed"
+    action = (
+        "Do not use this model on this box: deploy a model version whose conformance check passes "
+        "on this CPU (the model's release notes list the CPUs it was checked on), or choose another "
+        "backend in Model.Backend. The previous model stays active."
+    )
+
+
+@dataclass(frozen=True)
+class ConformanceRow:
+    """One reference image: its FP32 reference, this box's output and whether it conforms."""
+
+    index: int
+    source: str
+    label: int
+    reference: float
+    output: float
+    abs_diff: float
+    near_threshold: bool
+    decision_matches: bool
+    ok: bool
+
+
+@dataclass(frozen=True)
+class ConformanceReport:
+    """The outcome of one conformance run (also what the heartbeat and ``model verify`` show)."""
+
+    model: str
+    version: str
+    backend: str
+    quantization: str
+    cpu: dict[str, Any]
+    threshold: float
+    max_abs_diff_allowed: float
+    decision_margin: float
+    rows: tuple[ConformanceRow, ...]
+    seconds: float
+
+    @property
+    def passed(self) -> bool:
+        return all(row.ok for row in self.rows)
+
+    @property
+    def worst(self) -> ConformanceRow:
+        return max(self.rows, key=lambda row: (not row.ok, row.abs_diff))
+
+    @property
+    def max_abs_diff(self) -> float:
+        return max(row.abs_diff for row in self.rows)
+
+    @property
+    def decisions_differing(self) -> int:
+        return sum(not row.decision_matches for row in self.rows)
+
+    def summary(self) -> dict[str, Any]:
+        """A compact JSON form: the heartbeat's ``conformance`` and the log line."""
+        worst = self.worst
+        return {
+            "passed": self.passed,
+            "model": f"{self.model} {self.version}",
+            "backend": self.backend,
+            "images": len(self.rows),
+            "max_abs_diff": round(self.max_abs_diff, 6),
+            "max_abs_diff_allowed": self.max_abs_diff_allowed,
+            "decisions_differing": self.decisions_differing,
+            "worst": {
+                "image": worst.source,
+                "reference": round(worst.reference, 6),
+                "output": round(worst.output, 6),
+            },
+            "cpu_int8_features": list(self.cpu.get("int8_features", [])),
+            "seconds": round(self.seconds, 3),
+        }
+
+    def explain(self) -> str:
+        """One sentence for the log, the status topic and the refusal."""
+        worst = self.worst
+        features = ", ".join(self.cpu.get("int8_features", [])) or "none"
+        verdict = "passed" if self.passed else "FAILED"
+        return (
+            f"conformance check {verdict} for model {self.model} {self.version} on backend "
+            f"{self.backend} ({self.quantization}) on this CPU ({self.cpu.get('model')}; INT8 features: "
+            f"{features}): {len(self.rows)} reference images, max |p - p_fp32| {self.max_abs_diff:.4f} "
+            f"(allowed {self.max_abs_diff_allowed:.4f}), {self.decisions_differing} decision(s) "
+            f"differ; worst {worst.source}: expected {worst.reference:.4f}, got {worst.output:.4f}"
+        )
+
+    def table(self) -> str:
+        """A fixed-width table, one line per reference image, for ``edge-runtime model verify``."""
+        lines = [
+            f"{'#':>3s} {'image':34s} {'label':>5s} {'p_fp32':>9s} {'p_here':>9s} {'|dp|':>8s} "
+            f"{'decision':>8s} {'':4s}"
+        ]
+        for row in self.rows:
+            decision = "same" if row.decision_matches else ("margin" if row.near_threshold else "DIFF")
+            lines.append(
+                f"{row.index:3d} {row.source[:34]:34s} {row.label:5d} {row.reference:9.5f} {row.output:9.5f} "
+                f"{row.abs_diff:8.5f} {decision:>8s} {'ok' if row.ok else 'FAIL':4s}"
+            )
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.summary(),
+            "rows": [asdict(row) for row in self.rows],
+            "cpu": self.cpu,
+            "threshold": self.threshold,
+            "decision_margin": self.decision_margin,
+            "quantization": self.quantization,
+        }
+
+
+def require_cpu_support(artifact: ModelArtifact) -> None:
+    """Refuse a model file whose bundle says it can only be trusted on other CPUs.
+
+    A recipe whose integer arithmetic saturates on AVX2-only CPUs (``s8s8``)
+    is packaged with ``requires_int8_dot: ["vnni", "arm-dot"]``; such a model
+    is not even loaded where the CPU sums u8 x s8 products with VPMADDUBSW.
+    """
+    if not artifact.requires_int8_dot:
+        return
+    cpu = cpu_summary()
+    if cpu["int8_dot"] not in artifact.requires_int8_dot:
+        features = ", ".join(cpu["int8_features"]) or "none"  # type: ignore[arg-type]
+        raise ConformanceError(
+            f"Model file {artifact.file} ({artifact.quantization}) is only validated on CPUs whose INT8 "
+            f"dot products are {' or '.join(artifact.requires_int8_dot)}; this CPU ({cpu['model']}; INT8 "
+            f"features: {features}) uses {cpu['int8_dot']}, where its results would differ."
+        )
+
+
+def reference_inputs(bundle: ModelBundle) -> dict[str, np.ndarray] | None:
+    """The bundle's reference set (``images``, ``labels``, ``reference``, ``sources``), or None.
+
+    Raises:
+        ModelBundleError: the manifest names a reference set that cannot be read.
+    """
+    section = bundle.manifest.get("conformance")
+    if not section:
+        return None
+    path = bundle.path / str(section["file"])
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in ("images", "labels", "reference", "sources")}
+    except (OSError, KeyError, ValueError) as exc:
+        raise ModelBundleError(
+            f"Model bundle {bundle.path}: conformance set {path.name} is unreadable: {exc}."
+        ) from exc
+    n = len(arrays["images"])
+    if n == 0 or any(len(a) != n for a in arrays.values()):
+        raise ModelBundleError(f"Model bundle {bundle.path}: conformance set {path.name} is inconsistent.")
+    return arrays
+
+
+def _as_unit_grey(image: np.ndarray) -> np.ndarray:
+    """A stored reference image as the decoder would hand it over: float32 in [0, 1]."""
+    if image.dtype == np.uint8:
+        return image.astype(np.float32) / np.float32(255.0)
+    return image.astype(np.float32)
+
+
+def check_conformance(
+    bundle: ModelBundle, backend: Backend, threshold: float | None = None
+) -> ConformanceReport | None:
+    """Run the bundle's reference set on ``backend`` (already loaded) on this CPU.
+
+    Returns None for a bundle without a reference set (built before 0.2.0).
+    Never raises for a failed comparison: the caller decides (see
+    :func:`enforce`); raises :class:`ModelBundleError` only for an unreadable set.
+    """
+    refs = reference_inputs(bundle)
+    if refs is None:
+        return None
+    section = bundle.manifest["conformance"]
+    allowed = float(section["max_abs_diff"])
+    margin = float(section["decision_margin"])
+    cut = bundle.threshold if threshold is None else threshold
+    labels = bundle.labels
+    positive = 0 if len(labels) == 1 else labels.index(bundle.positive_label)
+    spec = bundle.preprocessing
+    batch = np.empty((1, *spec.sample_shape), dtype=np.float32)
+    rows = []
+    t0 = time.perf_counter()
+    for i, image in enumerate(refs["images"]):
+        preprocess(_as_unit_grey(image), spec, out=batch[0])
+        raw = backend.infer(batch)
+        p = float(scores_to_probabilities(raw[0], bundle.output_activation)[positive])
+        ref = float(refs["reference"][i])
+        diff = abs(p - ref)
+        near = abs(ref - cut) <= margin
+        same = (p >= cut) == (ref >= cut)
+        rows.append(
+            ConformanceRow(
+                index=i,
+                source=str(refs["sources"][i]),
+                label=int(refs["labels"][i]),
+                reference=ref,
+                output=p,
+                abs_diff=diff,
+                near_threshold=near,
+                decision_matches=same,
+                ok=diff <= allowed and (same or near),
+            )
+        )
+    artifact = bundle.artifact(backend.name)
+    return ConformanceReport(
+        model=bundle.name,
+        version=bundle.version,
+        backend=backend.name,
+        quantization=artifact.quantization,
+        cpu=cpu_summary(),
+        threshold=cut,
+        max_abs_diff_allowed=allowed,
+        decision_margin=margin,
+        rows=tuple(rows),
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def enforce(report: ConformanceReport) -> None:
+    """Refuse a model whose report failed, the way a hash mismatch is refused."""
+    if not report.passed:
+        raise ConformanceError(report.explain() + ".")

@@ -1,0 +1,156 @@
+"""The bundle's conformance reference set: a few training images with their FP32 answers.
+
+Every box runs these images through its own backend when it loads the
+bundle (:mod:`edge_runtime.conformance`) and refuses the model if it does
+not reproduce the FP32 probabilities recorded here within the tolerance.
+
+Which images: ``per_class`` images of each class from the run's *training*
+split (never validation or test), picked from a seeded pool at evenly
+spaced ranks of the FP32 probability within each class. So the set spans
+confident and hard cases, including some close to the operating point,
+where an arithmetic difference shows first. Each is stored as the 8-bit
+grey image at the model's input size (what :func:`~edge_runtime.preprocess.preprocess`
+builds before normalising), so the device rebuilds the exact input tensor
+from it: about 0.5 MB for 32 images at 128 px.
+
+The tolerance is set from the build machine: ``2 x`` the largest
+``|p_backend - p_fp32|`` any shipped backend shows on the set, plus 0.01,
+at least 0.02. With a recipe whose integer arithmetic is the same on every
+CPU (``u8s8-rr``), another box reproduces the build machine's INT8 output,
+so it stays well inside; the saturation seen with ``s8s8`` on AVX2-only
+boxes (|dp| up to 0.75) does not. A build whose own backends differ from
+FP32 by more than ``MAX_BUILD_DIFF`` is refused: such a model is not fit to
+ship.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_runtime.backends import create_backend
+from edge_runtime.bundle import ModelBundle
+from edge_runtime.conformance import check_conformance
+from edge_runtime.cpu import cpu_summary
+from edge_runtime.preprocess import PreprocessSpec, preprocess
+
+from .data import CXRDataset
+from .export import FP32_NAME, _stack, load_split, ort_session, predict_onnx
+
+__all__ = [
+    "CONFORMANCE_NAME",
+    "MAX_BUILD_DIFF",
+    "build_reference_set",
+    "conformance_section",
+    "tolerance_for",
+]
+
+CONFORMANCE_NAME = "conformance.npz"
+#: Largest |p_backend - p_fp32| on the reference set that packaging accepts from a shipped backend.
+MAX_BUILD_DIFF = 0.1
+
+
+def _grey_from_tensor(sample: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """Invert the normalisation of one preprocessed sample back to the stored grey image."""
+    plane = sample[0] if spec.layout == "NCHW" else sample[..., 0]
+    grey = plane.astype(np.float64) * spec.std[0] + spec.mean[0]
+    if spec.quantize_8bit:
+        return np.rint(np.clip(grey, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return grey.astype(np.float32)
+
+
+def build_reference_set(
+    run: Path, spec: PreprocessSpec, per_class: int = 16, pool: int = 400, seed: int = 2018
+) -> dict[str, np.ndarray]:
+    """Pick and encode the reference images; returns the arrays ``conformance.npz`` holds.
+
+    ``reference`` is P(positive) of the run's (calibrated) FP32 ONNX model
+    on the tensor rebuilt from the stored image, which is checked to be
+    bit-identical to the tensor built from the original file.
+    """
+    _, train_items, _ = load_split(run)
+    dataset = CXRDataset(train_items, spec)
+    labels = dataset.labels
+    rng = np.random.default_rng(seed)
+    picks: list[int] = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        share = max(per_class, round(pool * members.size / labels.size))
+        picks.extend(rng.choice(members, size=min(share, members.size), replace=False).tolist())
+    picks.sort()
+    x = _stack(dataset, picks, "reference pool")
+    session = ort_session(run / FP32_NAME)
+    p = predict_onnx(session, x)[:, 1]
+    chosen: list[int] = []
+    for label in np.unique(labels):
+        rows = [i for i, index in enumerate(picks) if labels[index] == label]
+        rows.sort(key=lambda i: p[i])
+        at = np.unique(np.linspace(0, len(rows) - 1, min(per_class, len(rows))).round().astype(int))
+        chosen.extend(rows[i] for i in at)
+    images = np.stack([_grey_from_tensor(x[i], spec) for i in chosen])
+    rebuilt = np.stack([preprocess(img.astype(np.float32) / np.float32(255.0), spec) for img in images])
+    if spec.quantize_8bit and not np.array_equal(rebuilt, x[chosen]):
+        raise RuntimeError("a stored reference image does not rebuild its input tensor exactly")
+    reference = predict_onnx(session, rebuilt)[:, 1].astype(np.float32)
+    return {
+        "images": images,
+        "labels": np.asarray([labels[picks[i]] for i in chosen], dtype=np.int8),
+        "reference": reference,
+        "sources": np.asarray([Path(train_items[picks[i]].path).name for i in chosen], dtype="<U64"),
+    }
+
+
+def tolerance_for(build_diff: float) -> float:
+    """The manifest's ``max_abs_diff`` from the worst backend-vs-FP32 difference on the build machine."""
+    return max(0.02, math.ceil((2.0 * build_diff + 0.01) * 100) / 100)
+
+
+def conformance_section(bundle: ModelBundle, credit: str) -> dict[str, Any]:
+    """Run every backend of a freshly written bundle on its set and derive the manifest section.
+
+    ``bundle`` must already name ``conformance.npz`` with a provisional
+    tolerance; this measures each backend here (through the edge's own
+    check) and returns the final section with the tolerance and the build
+    machine's numbers.
+
+    Raises:
+        RuntimeError: a backend differs from FP32 by more than :data:`MAX_BUILD_DIFF`.
+    """
+    build: dict[str, Any] = {}
+    worst = 0.0
+    for artifact in bundle.manifest["artifacts"]:
+        name = artifact["backend"]
+        backend = create_backend(name, threads=1)
+        backend.load(bundle)
+        try:
+            report = check_conformance(bundle, backend)
+        finally:
+            backend.close()
+        assert report is not None  # the section was written by the caller
+        build[name] = {
+            "max_abs_diff": round(report.max_abs_diff, 6),
+            "decisions_differing": report.decisions_differing,
+            "worst_image": report.worst.source,
+        }
+        if report.max_abs_diff > MAX_BUILD_DIFF:
+            raise RuntimeError(
+                f"{name} differs from FP32 by {report.max_abs_diff:.3f} on reference image "
+                f"{report.worst.source} (limit {MAX_BUILD_DIFF}): the quantized model is not fit to ship"
+            )
+        worst = max(worst, report.max_abs_diff)
+    section = dict(bundle.manifest["conformance"])
+    tolerance = tolerance_for(worst)
+    section.update(
+        {
+            "max_abs_diff": tolerance,
+            "decision_margin": tolerance,
+            "build": {"cpu": cpu_summary(), "backends": build},
+            "tolerance_rule": "2 x the largest |p - p_fp32| of any shipped backend on the build machine "
+            "+ 0.01, at least 0.02",
+            "source": credit,
+        }
+    )
+    return section
