@@ -181,6 +181,16 @@ def _check_consistency(manifest: dict[str, Any], manifest_path: Path) -> None:
         raise ModelBundleError(
             f"{manifest_path}: output.activation {activation!r} is not one of {_ACTIVATIONS}."
         )
+    conformance = manifest.get("conformance")
+    if conformance is not None:
+        if not isinstance(conformance, dict) or conformance.get("file") not in manifest["files"]:
+            raise ModelBundleError(
+                f"{manifest_path}: 'conformance' must name a reference-set file listed in 'files'."
+            )
+        for key in ("max_abs_diff", "decision_margin"):
+            value = conformance.get(key)
+            if not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+                raise ModelBundleError(f"{manifest_path}: conformance.{key} must be a number in [0, 1].")
     for item in manifest["artifacts"]:
         if item.get("file") not in manifest["files"]:
             raise ModelBundleError(

@@ -234,6 +234,12 @@ def _cmd_model_info(args: argparse.Namespace) -> int:
           f"(sha256 {spec.sha256[:12]}…)")
     op = m["operating_point"]
     print(f"threshold:     {op['threshold']:.4f}  ({op.get('method', 'method not recorded')})")
+    conf = m.get("conformance")
+    if conf:
+        print(f"conformance:   {conf.get('images')} reference images, |p - p_fp32| <= "
+              f"{conf['max_abs_diff']} on every CPU (run 'edge-runtime model verify' to check this one)")
+    else:
+        print("conformance:   none (bundle predates 0.2.0): answers on this CPU cannot be checked")
     use = m.get("intended_use", {})
     if use:
         print(f"intended use:  {json.dumps(use)}")

@@ -59,12 +59,20 @@ def message_id(identity: str, model_name: str, model_version: str) -> str:
 def scores_to_probabilities(raw: np.ndarray, activation: str) -> np.ndarray:
     """Apply the manifest's output activation to one sample's raw scores."""
     scores = np.asarray(raw, dtype=np.float64).reshape(-1)
-    if activation == "softmax":
-        shifted = np.exp(scores - scores.max())
-        return shifted / shifted.sum()
     if activation == "sigmoid":
         return 1.0 / (1.0 + np.exp(-scores))
-    return np.clip(scores, 0.0, 1.0)
+    if activation == "softmax":
+        shifted = np.exp(scores - scores.max())
+        probs = shifted / shifted.sum()
+    else:
+        probs = np.clip(scores, 0.0, 1.0)
+    if probs.size == 2 and abs(probs.sum() - 1.0) < 1e-3:
+        # A float32 softmax rounds every P > 1 - 6e-8 to exactly 1.0, but the smaller class keeps
+        # its precision (1e-12 is a float32). Taking the larger as 1 - smaller keeps confident
+        # results ranked instead of tied at 1.0.
+        small = int(np.argmin(probs))
+        probs[1 - small] = 1.0 - probs[small]
+    return probs
 
 
 def build_result(

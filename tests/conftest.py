@@ -152,11 +152,16 @@ def subscriber_factory(mosquitto: Broker) -> Iterator:
         sub.close()
 
 
-def make_tiny_bundle(folder: Path, *, version: str = "0.0.1") -> Path:
+def make_tiny_bundle(folder: Path, *, version: str = "0.0.1", conformance: bool = False,
+                     drift: float = 0.0, margin: float = 0.02) -> Path:
     """A real (tiny) ONNX classifier bundle: mean intensity -> 2-class softmax.
 
     Bright images score PNEUMONIA. Small enough to build in milliseconds, so
-    tests that are about plumbing do not depend on the bundled model.
+    tests that are about plumbing do not depend on the bundled model. With
+    ``conformance`` it carries a reference set of 8 grey levels whose
+    references ONNX Runtime computes here; ``drift`` is taken off the last
+    (brightest) reference, as if this CPU computed that much differently
+    from the build machine.
     """
     import onnx
     from onnx import TensorProto, helper
@@ -184,7 +189,24 @@ def make_tiny_bundle(folder: Path, *, version: str = "0.0.1") -> Path:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.save(model, folder / "model.onnx")
-    write_manifest(folder, {
+    extra: dict = {}
+    if conformance:
+        import onnxruntime as ort
+
+        from edge_runtime.preprocess import preprocess
+
+        levels = np.linspace(0.1, 0.9, 8)
+        images = np.stack([np.full((64, 64), round(v * 255), dtype=np.uint8) for v in levels])
+        x = np.stack([preprocess(img.astype(np.float32) / np.float32(255), spec) for img in images])
+        session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+        reference = session.run(None, {"input": x})[0][:, 1].astype(np.float32)
+        reference[-1] -= drift
+        np.savez_compressed(folder / "conformance.npz", images=images,
+                            labels=(levels > 0.5).astype(np.int8), reference=reference,
+                            sources=np.asarray([f"grey-{i}.png" for i in range(8)], dtype="<U64"))
+        extra["conformance"] = {"file": "conformance.npz", "images": 8, "max_abs_diff": 0.02,
+                                "decision_margin": margin}
+    write_manifest(folder, {**extra,
         "name": "tiny-test-model",
         "version": version,
         "labels": ["NORMAL", "PNEUMONIA"],

@@ -133,6 +133,11 @@ def test_model_hot_swap_rejects_a_bad_bundle_and_takes_a_good_one(shared_data: P
     nucleus.set_configuration(COMPONENT, ["Model", "BundlePath"], str(tampered))
     nucleus.wait_until(lambda: "model bundle rejected" in (service.last_error or ""))
     assert "does not match its manifest" in service.last_error
+    # Intact files, but this CPU does not reproduce the bundle's reference answers: refused alike.
+    drifted = make_tiny_bundle(tmp_path / "drifted", version="0.0.3", conformance=True, drift=0.3)
+    nucleus.set_configuration(COMPONENT, ["Model", "BundlePath"], str(drifted))
+    nucleus.wait_until(lambda: "conformance check FAILED" in (service.last_error or ""))
+    assert "model bundle rejected" in service.last_error and "INT8 features" in service.last_error
     drop(shared_data / "cxr/kermany_pneumonia_224/test/NORMAL/IM-0005-0001.jpeg", inbox,
          "during.jpeg")
     assert wait_results(nucleus, 1)[0]["model"]["version"] == "0.0.1"  # old model kept

@@ -38,8 +38,10 @@ from torch import nn  # noqa: E402
 from edge_runtime.preprocess import PreprocessSpec  # noqa: E402
 from training.cli import _weights_for, build_parser  # noqa: E402
 from training.data import CXRDataset, Item, list_items  # noqa: E402
+from training.emulation import emulator, predict_emulated  # noqa: E402
 from training.export import (  # noqa: E402
     export_onnx,
+    integer_ranges,
     ort_session,
     predict_onnx,
     predict_torch,
@@ -438,19 +440,47 @@ def test_onnx_export_agrees_with_pytorch(
     np.testing.assert_allclose(p_onnx, p_torch, atol=1e-4, rtol=0)
 
 
-def _int8(name: str, run: TinyRun, x: np.ndarray, tmp_path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _int8(
+    name: str, run: TinyRun, x: np.ndarray, tmp_path: Path
+) -> tuple[np.ndarray, np.ndarray, Path]:
     model, _ = load_checkpoint(run.run_dir)
     fp32 = export_onnx(model, tmp_path / "model.fp32.onnx", run.spec)
-    int8 = quantize_int8(fp32, tmp_path / "model.int8.onnx", x)
+    int8 = quantize_int8(fp32, tmp_path / "model.int8.onnx", x)  # the default recipe
     assert int8.stat().st_size < fp32.stat().st_size
     return (
         predict_onnx(ort_session(fp32, THREADS), x)[:, 1],
         predict_onnx(ort_session(int8, THREADS), x)[:, 1],
+        int8,
     )
 
 
-@pytest.mark.parametrize("name", ["resnet18", "efficientnet-lite0"])
-def test_int8_decisions_agree_with_fp32(
+# Decisions are compared only where FP32 is clear of the 0.5 boundary by more than this, and
+# |p_int8 - p_fp32| must stay below it. 0.1 is the INT8 error the bundled models show on
+# validation away from saturation (0.1.1: mean |dp| 0.003, 99.5 % same decisions) with room for a
+# model trained on 8 images; it is far below the 0.75 that saturating kernels caused. The default
+# recipe computes the same integers on every CPU (next tests), so the bound does not depend on
+# which CPU runs this.
+INT8_TOLERANCE = 0.1
+
+
+def test_int8_decisions_agree_with_fp32_where_fp32_is_clear(
+    tiny_run: Callable[[str], TinyRun],
+    images: Callable[[PreprocessSpec], np.ndarray],
+    tmp_path: Path,
+) -> None:
+    # The one family with pretrained weights here: its outputs spread across [0, 1]. The
+    # random-weight families sit at ~0.5, where any rounding flips a decision, so they are
+    # checked for arithmetic (below) instead of for decisions.
+    run = tiny_run("efficientnet-lite0")
+    x = images(run.spec)
+    p_fp32, p_int8, _ = _int8(run.name, run, x, tmp_path)
+    assert np.abs(p_fp32 - p_int8).max() < INT8_TOLERANCE, (p_fp32, p_int8)
+    clear = np.abs(p_fp32 - 0.5) > INT8_TOLERANCE
+    assert np.array_equal(p_fp32[clear] >= 0.5, p_int8[clear] >= 0.5), (p_fp32, p_int8)
+
+
+@pytest.mark.parametrize("name", _params(ALL))
+def test_int8_recipe_cannot_saturate_and_runs(
     name: str,
     tiny_run: Callable[[str], TinyRun],
     images: Callable[[PreprocessSpec], np.ndarray],
@@ -458,26 +488,39 @@ def test_int8_decisions_agree_with_fp32(
 ) -> None:
     run = tiny_run(name)
     x = images(run.spec)
-    p_fp32, p_int8 = _int8(name, run, x, tmp_path)
-    assert np.array_equal(p_fp32 >= 0.5, p_int8 >= 0.5), (p_fp32, p_int8)
-    assert np.abs(p_fp32 - p_int8).max() < 0.1
-
-
-@pytest.mark.parametrize("name", _params([n for n in ALL if n not in ("resnet18", "efficientnet-lite0")]))
-def test_int8_quantization_runs(
-    name: str,
-    tiny_run: Callable[[str], TinyRun],
-    images: Callable[[PreprocessSpec], np.ndarray],
-    tmp_path: Path,
-) -> None:
-    # Decisions are not compared: these models start from random weights (BatchNorm fitted to
-    # 8 images) and many probabilities sit near 0.5, where INT8 noise may flip them.
-    run = tiny_run(name)
-    x = images(run.spec)
-    p_fp32, p_int8 = _int8(name, run, x, tmp_path)
+    _, p_int8, int8 = _int8(name, run, x, tmp_path)
     assert np.isfinite(p_int8).all() and ((p_int8 >= 0) & (p_int8 <= 1)).all()
-    # INT8 still follows FP32 (seen: correlation >= 0.9, max |dp| up to 0.41 for ResNet-50).
-    assert np.corrcoef(p_fp32, p_int8)[0, 1] > 0.8, (p_fp32, p_int8)
+    # u8s8-rr: uint8 activations and int8 weights within -64..64, so a pair of u8 x s8 products
+    # is at most 2 * 255 * 64 = 32640 and fits VPMADDUBSW's int16 on AVX2-only CPUs. This holds
+    # on any CPU that runs the test: it is a property of the file.
+    ranges = integer_ranges(int8)
+    assert ranges["conv_weights"] > 0
+    assert ranges["weight_dtypes"] == ["int8"] and ranges["activation_dtypes"] == ["uint8"], ranges
+    assert ranges["weight_min"] >= -64 and ranges["weight_max"] <= 64, ranges
+
+
+needs_emulator = pytest.mark.skipif(
+    emulator() is None, reason="qemu-x86_64 not installed (apt-get install qemu-user) or not an x86-64 host"
+)
+
+
+@needs_emulator
+@pytest.mark.parametrize("name", _params(ALL))
+def test_int8_gives_the_same_answer_on_an_avx2_only_cpu(
+    name: str,
+    tiny_run: Callable[[str], TinyRun],
+    images: Callable[[PreprocessSpec], np.ndarray],
+    tmp_path: Path,
+) -> None:
+    # The same INT8 file on this CPU and on QEMU's EPYC-Milan (AVX2, no AVX-512, no VNNI): ONNX
+    # Runtime takes its VPMADDUBSW kernels there. With 8-bit weights (the 0.1.x recipe) this
+    # differed by up to 0.75; with the default recipe both compute the same integers, so only
+    # float rounding in the FP32 classifier and softmax may differ.
+    run = tiny_run(name)
+    x = images(run.spec)
+    _, p_int8, int8 = _int8(name, run, x, tmp_path)
+    p_avx2 = predict_emulated(int8, x)[:, 1]
+    np.testing.assert_allclose(p_avx2, p_int8, rtol=0, atol=1e-5)
 
 
 # -- command line ---------------------------------------------------------------------------------

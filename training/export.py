@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 import onnxruntime as ort
 import torch
 from onnxruntime.quantization import (
@@ -67,6 +68,7 @@ __all__ = [
     "calibration_samples",
     "compare_predictions",
     "export_onnx",
+    "integer_ranges",
     "load_split",
     "ort_session",
     "predict_onnx",
@@ -169,7 +171,7 @@ RECIPES: dict[str, QuantRecipe] = {
             QuantType.QUInt8,
             QuantType.QInt8,
             True,
-            "uint8 activations, int8 weights limited to 7 bits (-64..63): u8 x s7 pairs never "
+            "uint8 activations, int8 weights limited to 7 bits (-64..64): u8 x s7 pairs never "
             "exceed 2*255*64 = 32640, so AVX2's 16-bit VPMADDUBSW cannot saturate and every CPU "
             "computes the same integers",
         ),
@@ -244,6 +246,39 @@ def quantize_int8(
     )
     onnx.checker.check_model(onnx.load(str(int8_path)), full_check=True)
     return Path(int8_path)
+
+
+def integer_ranges(int8_path: str | Path) -> dict[str, Any]:
+    """What a QDQ model's integers look like: weight dtype and range, activation dtype.
+
+    ``weights``: the dtype and min/max over every constant fed to a
+    ``DequantizeLinear`` (the quantized weights); ``activations``: the dtypes
+    of the ``QuantizeLinear`` outputs. A ``u8s8-rr`` model has uint8
+    activations and int8 weights within -64..64, the ranges where AVX2's
+    ``VPMADDUBSW`` cannot saturate; tests and the quantize stage check it.
+    """
+    graph = onnx.load(str(int8_path)).graph
+    initializers = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    weights = [
+        initializers[n.input[0]]
+        for n in graph.node
+        if n.op_type == "DequantizeLinear"
+        and n.input[0] in initializers
+        and initializers[n.input[0]].dtype in (np.int8, np.uint8)
+        and initializers[n.input[0]].ndim == 4
+    ]
+    activations = {
+        str(initializers[n.input[2]].dtype)
+        for n in graph.node
+        if n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2] in initializers
+    }
+    return {
+        "weight_dtypes": sorted({str(w.dtype) for w in weights}),
+        "weight_min": int(min(w.min() for w in weights)) if weights else 0,
+        "weight_max": int(max(w.max() for w in weights)) if weights else 0,
+        "conv_weights": len(weights),
+        "activation_dtypes": sorted(activations),
+    }
 
 
 def ort_session(path: str | Path, threads: int = 2) -> ort.InferenceSession:

@@ -75,7 +75,7 @@ from edge_runtime.preprocess import PreprocessSpec, preprocess
 from .data import Item
 from .datasets import items_from_split, open_dataset, read_split, run_spec
 from .evaluate import compare_predictions, roc_auc
-from .models import ProbabilityModel, build_model, predict_torch
+from .models import ProbabilityModel, apply_temperature, build_model, predict_torch, read_temperature
 
 __all__ = [
     "QUANTIZATION",
@@ -438,6 +438,9 @@ def run_export(
             f"declares {bundle_info.preprocessing}; pass the bundle made from this run."
         )
     threshold = bundle_info.threshold
+    evaluation = Path(checkpoint).parent / "evaluation.json"  # training.report.EVALUATION_NAME
+    if evaluation.is_file():  # the run's own operating point, when it has been evaluated
+        threshold = float(json.loads(evaluation.read_text(encoding="utf-8"))["threshold"])
     positive = bundle_info.labels.index(bundle_info.positive_label)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -445,8 +448,12 @@ def run_export(
     float_path = Path(float_out) if float_out is not None else out.with_suffix(".float.tflite")
 
     model, ckpt = load_model(checkpoint)
+    # The temperature the ONNX export fitted on validation (calibration.json beside the
+    # checkpoint), folded in the same way, so both backends output the same calibrated probability.
+    temperature = read_temperature(Path(checkpoint).parent)
+    apply_temperature(model, temperature)
     train_items, val_items, split_source = split_items(checkpoint, data, seed=seed)
-    log(f"model {ckpt['model']} from {checkpoint}; split: {split_source}")
+    log(f"model {ckpt['model']} from {checkpoint} (temperature {temperature:.4f}); split: {split_source}")
 
     t0 = time.monotonic()
     convert_float(model, spec, float_path)
@@ -483,6 +490,7 @@ def run_export(
     summary: dict[str, Any] = {
         "checkpoint": str(checkpoint),
         "model": ckpt["model"],
+        "temperature": temperature,
         "out": str(out),
         "quantization": QUANTIZATION,
         "size_bytes": out.stat().st_size,
