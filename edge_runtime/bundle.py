@@ -187,8 +187,8 @@ def _check_consistency(manifest: dict[str, Any], manifest_path: Path) -> None:
             raise ModelBundleError(
                 f"{manifest_path}: 'conformance' must name a reference-set file listed in 'files'."
             )
-        for key in ("max_abs_diff", "decision_margin"):
-            value = conformance.get(key)
+        for key in ("max_abs_diff", "decision_margin", "max_drift"):
+            value = conformance.get(key, 0.0 if key == "max_drift" else None)
             if not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
                 raise ModelBundleError(f"{manifest_path}: conformance.{key} must be a number in [0, 1].")
     for item in manifest["artifacts"]:

@@ -280,7 +280,8 @@ def _cmd_model_verify(args: argparse.Namespace) -> int:
         failed |= not report.passed
         if not args.json:
             print(f"== {bundle.name} {bundle.version}, backend {name}, threshold "
-                  f"{report.threshold:.4f}, tolerance |dp| <= {report.max_abs_diff_allowed}, "
+                  f"{report.threshold:.4f}; allowed: drift from the build machine <= "
+                  f"{report.max_drift_allowed}, |p - p_fp32| <= {report.max_abs_diff_allowed}, "
                   f"decision margin {report.decision_margin}")
             print(report.table())
             print(report.explain())

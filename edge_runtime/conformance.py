@@ -6,20 +6,23 @@ in three on AVX2-only boxes than on VNNI ones. A hash proves the file is
 intact, not that this box computes what the model was validated for. So a
 bundle carries a small reference set (``conformance.npz``: de-identified
 training images at the model's input size, 8-bit, with the FP32 model's
-probabilities computed where the bundle was built), and whenever a bundle is
-loaded, at start-up, on a hot swap or a Greengrass deployment, the selected
-backend runs them here and is compared with the references:
+probability and each shipped backend's output on the machine that built the
+bundle), and whenever a bundle is loaded, at start-up, on a hot swap or a
+Greengrass deployment, the selected backend runs them here:
 
-* every ``|p - p_fp32|`` must be within ``max_abs_diff``;
-* every decision at the operating point must match, except for references
-  within ``decision_margin`` of the threshold, where a small legitimate
-  difference may flip it.
+* **drift**: ``|p - p_build|`` against the same backend on the build machine
+  must stay within ``max_drift`` (the same file should compute the same
+  numbers; the saturating kernels of 0.1.x moved them by up to 0.75);
+* **quantization error**: ``|p - p_fp32|`` within ``max_abs_diff``;
+* **decisions** at the operating point must match the build machine's,
+  except for references within ``decision_margin`` of the threshold.
 
-On failure the bundle is refused exactly like a hash mismatch
-(:class:`ConformanceError` is a :class:`ModelBundleError`): the old model
-stays, and the log and status say which CPU features and which reference
-image were worst. The images run through the same :func:`preprocess`,
-backend and :func:`scores_to_probabilities` as a scan.
+A bundle without per-backend outputs is compared with FP32 only. On failure
+the bundle is refused exactly like a hash mismatch (:class:`ConformanceError`
+is a :class:`ModelBundleError`): the old model stays, and the log and status
+say which CPU features and which reference image were worst. The images run
+through the same :func:`preprocess`, backend and
+:func:`scores_to_probabilities` as a scan.
 """
 
 from __future__ import annotations
@@ -66,9 +69,15 @@ class ConformanceRow:
     index: int
     source: str
     label: int
+    #: The FP32 model's P(positive), computed where the bundle was built.
     reference: float
+    #: The same backend's output where the bundle was built (``reference`` when not recorded).
+    expected: float
     output: float
+    #: ``|output - reference|``: quantization error against FP32.
     abs_diff: float
+    #: ``|output - expected|``: how far this CPU is from the build machine.
+    drift: float
     near_threshold: bool
     decision_matches: bool
     ok: bool
@@ -85,6 +94,7 @@ class ConformanceReport:
     cpu: dict[str, Any]
     threshold: float
     max_abs_diff_allowed: float
+    max_drift_allowed: float
     decision_margin: float
     rows: tuple[ConformanceRow, ...]
     seconds: float
@@ -95,11 +105,15 @@ class ConformanceReport:
 
     @property
     def worst(self) -> ConformanceRow:
-        return max(self.rows, key=lambda row: (not row.ok, row.abs_diff))
+        return max(self.rows, key=lambda row: (not row.ok, row.drift, row.abs_diff))
 
     @property
     def max_abs_diff(self) -> float:
         return max(row.abs_diff for row in self.rows)
+
+    @property
+    def max_drift(self) -> float:
+        return max(row.drift for row in self.rows)
 
     @property
     def decisions_differing(self) -> int:
@@ -113,12 +127,15 @@ class ConformanceReport:
             "model": f"{self.model} {self.version}",
             "backend": self.backend,
             "images": len(self.rows),
+            "max_drift": round(self.max_drift, 6),
+            "max_drift_allowed": self.max_drift_allowed,
             "max_abs_diff": round(self.max_abs_diff, 6),
             "max_abs_diff_allowed": self.max_abs_diff_allowed,
             "decisions_differing": self.decisions_differing,
             "worst": {
                 "image": worst.source,
                 "reference": round(worst.reference, 6),
+                "expected": round(worst.expected, 6),
                 "output": round(worst.output, 6),
             },
             "cpu_int8_features": list(self.cpu.get("int8_features", [])),
@@ -133,22 +150,25 @@ class ConformanceReport:
         return (
             f"conformance check {verdict} for model {self.model} {self.version} on backend "
             f"{self.backend} ({self.quantization}) on this CPU ({self.cpu.get('model')}; INT8 features: "
-            f"{features}): {len(self.rows)} reference images, max |p - p_fp32| {self.max_abs_diff:.4f} "
-            f"(allowed {self.max_abs_diff_allowed:.4f}), {self.decisions_differing} decision(s) "
-            f"differ; worst {worst.source}: expected {worst.reference:.4f}, got {worst.output:.4f}"
+            f"{features}): {len(self.rows)} reference images, max drift from the build machine "
+            f"{self.max_drift:.4f} (allowed {self.max_drift_allowed:.4f}), max |p - p_fp32| "
+            f"{self.max_abs_diff:.4f} (allowed {self.max_abs_diff_allowed:.4f}), "
+            f"{self.decisions_differing} decision(s) differ; worst {worst.source}: built "
+            f"{worst.expected:.4f}, FP32 {worst.reference:.4f}, here {worst.output:.4f}"
         )
 
     def table(self) -> str:
         """A fixed-width table, one line per reference image, for ``edge-runtime model verify``."""
         lines = [
-            f"{'#':>3s} {'image':34s} {'label':>5s} {'p_fp32':>9s} {'p_here':>9s} {'|dp|':>8s} "
-            f"{'decision':>8s} {'':4s}"
+            f"{'#':>3s} {'image':30s} {'label':>5s} {'p_fp32':>8s} {'p_built':>8s} {'p_here':>8s} "
+            f"{'drift':>8s} {'|dp32|':>7s} {'decision':>8s} {'':4s}"
         ]
         for row in self.rows:
             decision = "same" if row.decision_matches else ("margin" if row.near_threshold else "DIFF")
             lines.append(
-                f"{row.index:3d} {row.source[:34]:34s} {row.label:5d} {row.reference:9.5f} {row.output:9.5f} "
-                f"{row.abs_diff:8.5f} {decision:>8s} {'ok' if row.ok else 'FAIL':4s}"
+                f"{row.index:3d} {row.source[:30]:30s} {row.label:5d} {row.reference:8.5f} "
+                f"{row.expected:8.5f} {row.output:8.5f} {row.drift:8.5f} {row.abs_diff:7.4f} "
+                f"{decision:>8s} {'ok' if row.ok else 'FAIL':4s}"
             )
         return "\n".join(lines)
 
@@ -183,7 +203,10 @@ def require_cpu_support(artifact: ModelArtifact) -> None:
 
 
 def reference_inputs(bundle: ModelBundle) -> dict[str, np.ndarray] | None:
-    """The bundle's reference set (``images``, ``labels``, ``reference``, ``sources``), or None.
+    """The bundle's reference set, or None when it has none.
+
+    Arrays: ``images``, ``labels``, ``reference`` (FP32), ``sources`` and,
+    per backend measured where the bundle was built, ``expected_<backend>``.
 
     Raises:
         ModelBundleError: the manifest names a reference set that cannot be read.
@@ -195,6 +218,7 @@ def reference_inputs(bundle: ModelBundle) -> dict[str, np.ndarray] | None:
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {key: data[key] for key in ("images", "labels", "reference", "sources")}
+            arrays.update({key: data[key] for key in data.files if key.startswith("expected_")})
     except (OSError, KeyError, ValueError) as exc:
         raise ModelBundleError(
             f"Model bundle {bundle.path}: conformance set {path.name} is unreadable: {exc}."
@@ -227,6 +251,10 @@ def check_conformance(
     section = bundle.manifest["conformance"]
     allowed = float(section["max_abs_diff"])
     margin = float(section["decision_margin"])
+    built = refs.get(f"expected_{backend.name}")
+    # Without the build machine's output for this backend, drift is measured against FP32 and
+    # bounded by the FP32 tolerance.
+    drift_allowed = float(section.get("max_drift", allowed)) if built is not None else allowed
     cut = bundle.threshold if threshold is None else threshold
     labels = bundle.labels
     positive = 0 if len(labels) == 1 else labels.index(bundle.positive_label)
@@ -239,20 +267,23 @@ def check_conformance(
         raw = backend.infer(batch)
         p = float(scores_to_probabilities(raw[0], bundle.output_activation)[positive])
         ref = float(refs["reference"][i])
-        diff = abs(p - ref)
-        near = abs(ref - cut) <= margin
-        same = (p >= cut) == (ref >= cut)
+        expected = float(built[i]) if built is not None else ref
+        diff, drift = abs(p - ref), abs(p - expected)
+        near = abs(expected - cut) <= margin
+        same = (p >= cut) == (expected >= cut)
         rows.append(
             ConformanceRow(
                 index=i,
                 source=str(refs["sources"][i]),
                 label=int(refs["labels"][i]),
                 reference=ref,
+                expected=expected,
                 output=p,
                 abs_diff=diff,
+                drift=drift,
                 near_threshold=near,
                 decision_matches=same,
-                ok=diff <= allowed and (same or near),
+                ok=diff <= allowed and drift <= drift_allowed and (same or near),
             )
         )
     artifact = bundle.artifact(backend.name)
@@ -264,6 +295,7 @@ def check_conformance(
         cpu=cpu_summary(),
         threshold=cut,
         max_abs_diff_allowed=allowed,
+        max_drift_allowed=drift_allowed,
         decision_margin=margin,
         rows=tuple(rows),
         seconds=time.perf_counter() - t0,

@@ -13,13 +13,14 @@ grey image at the model's input size (what :func:`~edge_runtime.preprocess.prepr
 builds before normalising), so the device rebuilds the exact input tensor
 from it: about 0.5 MB for 32 images at 128 px.
 
-The tolerance is set from the build machine: ``2 x`` the largest
-``|p_backend - p_fp32|`` any shipped backend shows on the set, plus 0.01,
-at least 0.02. With a recipe whose integer arithmetic is the same on every
-CPU (``u8s8-rr``), another box reproduces the build machine's INT8 output,
-so it stays well inside; the saturation seen with ``s8s8`` on AVX2-only
-boxes (|dp| up to 0.75) does not. A build whose own backends differ from
-FP32 by more than ``MAX_BUILD_DIFF`` is refused: such a model is not fit to
+Each shipped backend's output on the build machine is stored too
+(``expected_<backend>``). A box must reproduce it within ``MAX_DRIFT``
+(0.05): with a recipe whose integer arithmetic is the same on every CPU
+(``u8s8-rr``) the difference is 0, while the saturation seen with ``s8s8``
+on AVX2-only boxes moved outputs by up to 0.75. Against FP32 the tolerance
+is ``2 x`` the largest ``|p_backend - p_fp32|`` any shipped backend shows
+here, plus 0.01, at least 0.02. A build whose own backends differ from FP32
+by more than ``MAX_BUILD_DIFF`` is refused: such a model is not fit to
 ship.
 """
 
@@ -43,14 +44,23 @@ from .export import FP32_NAME, _stack, load_split, ort_session, predict_onnx
 __all__ = [
     "CONFORMANCE_NAME",
     "MAX_BUILD_DIFF",
+    "MAX_DRIFT",
     "build_reference_set",
     "conformance_section",
+    "measure_backends",
     "tolerance_for",
 ]
 
 CONFORMANCE_NAME = "conformance.npz"
 #: Largest |p_backend - p_fp32| on the reference set that packaging accepts from a shipped backend.
-MAX_BUILD_DIFF = 0.1
+#: The references span hard cases on purpose, where INT8 error is largest (0.2.0: 0.12 for ONNX
+#: Runtime on one image; single validation images reach 0.4).
+MAX_BUILD_DIFF = 0.25
+#: Largest |p - p_build| a box may show against the same backend on the build machine. A recipe
+#: without saturation reproduces the build machine bit for bit (0.0 measured on an emulated
+#: AVX2-only CPU); 0.05 leaves room for float rounding in the float head and requantization of
+#: other kernels (ARM, other XNNPACK paths) while catching the 0.5-0.75 moves of saturating kernels.
+MAX_DRIFT = 0.05
 
 
 def _grey_from_tensor(sample: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
@@ -108,19 +118,13 @@ def tolerance_for(build_diff: float) -> float:
     return max(0.02, math.ceil((2.0 * build_diff + 0.01) * 100) / 100)
 
 
-def conformance_section(bundle: ModelBundle, credit: str) -> dict[str, Any]:
-    """Run every backend of a freshly written bundle on its set and derive the manifest section.
-
-    ``bundle`` must already name ``conformance.npz`` with a provisional
-    tolerance; this measures each backend here (through the edge's own
-    check) and returns the final section with the tolerance and the build
-    machine's numbers.
+def measure_backends(bundle: ModelBundle) -> dict[str, np.ndarray]:
+    """Each shipped backend's P(positive) on the reference set, here, through the edge's own check.
 
     Raises:
         RuntimeError: a backend differs from FP32 by more than :data:`MAX_BUILD_DIFF`.
     """
-    build: dict[str, Any] = {}
-    worst = 0.0
+    outputs: dict[str, np.ndarray] = {}
     for artifact in bundle.manifest["artifacts"]:
         name = artifact["backend"]
         backend = create_backend(name, threads=1)
@@ -129,28 +133,42 @@ def conformance_section(bundle: ModelBundle, credit: str) -> dict[str, Any]:
             report = check_conformance(bundle, backend)
         finally:
             backend.close()
-        assert report is not None  # the section was written by the caller
-        build[name] = {
-            "max_abs_diff": round(report.max_abs_diff, 6),
-            "decisions_differing": report.decisions_differing,
-            "worst_image": report.worst.source,
-        }
+        assert report is not None  # the caller wrote the section
         if report.max_abs_diff > MAX_BUILD_DIFF:
             raise RuntimeError(
                 f"{name} differs from FP32 by {report.max_abs_diff:.3f} on reference image "
                 f"{report.worst.source} (limit {MAX_BUILD_DIFF}): the quantized model is not fit to ship"
             )
-        worst = max(worst, report.max_abs_diff)
-    section = dict(bundle.manifest["conformance"])
-    tolerance = tolerance_for(worst)
-    section.update(
-        {
-            "max_abs_diff": tolerance,
-            "decision_margin": tolerance,
-            "build": {"cpu": cpu_summary(), "backends": build},
-            "tolerance_rule": "2 x the largest |p - p_fp32| of any shipped backend on the build machine "
-            "+ 0.01, at least 0.02",
-            "source": credit,
+        outputs[name] = np.asarray([row.output for row in report.rows], dtype=np.float32)
+    return outputs
+
+
+def conformance_section(
+    refs: dict[str, np.ndarray], outputs: dict[str, np.ndarray], credit: str
+) -> dict[str, Any]:
+    """The manifest's ``conformance`` section from the build machine's measurements."""
+    build = {}
+    worst = 0.0
+    for name, p in outputs.items():
+        diff = np.abs(p - refs["reference"])
+        worst = max(worst, float(diff.max()))
+        build[name] = {
+            "max_abs_diff": round(float(diff.max()), 6),
+            "mean_abs_diff": round(float(diff.mean()), 6),
+            "worst_image": str(refs["sources"][int(diff.argmax())]),
         }
-    )
-    return section
+    return {
+        "file": CONFORMANCE_NAME,
+        "images": len(refs["images"]),
+        "reference": "P(positive) of the calibrated FP32 ONNX model, and of each shipped backend "
+        "(expected_<backend>) on the build machine",
+        "max_drift": MAX_DRIFT,
+        "decision_margin": MAX_DRIFT,
+        "max_abs_diff": tolerance_for(worst),
+        "build": {"cpu": cpu_summary(), "backends": build},
+        "tolerance_rule": f"drift from the build machine's output of the same backend <= {MAX_DRIFT}; "
+        "|p - p_fp32| <= 2 x the largest such difference of any shipped backend on the build machine "
+        "+ 0.01 (at least 0.02); decisions as on the build machine except within "
+        f"{MAX_DRIFT} of the threshold",
+        "source": credit,
+    }
