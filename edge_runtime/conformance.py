@@ -1,8 +1,8 @@
 """Does this model give the build machine's answers on *this* CPU? Checked at every load.
 
 An INT8 model's arithmetic depends on the CPU's integer kernels (see
-:mod:`edge_runtime.cpu`): the same file gave a different answer to one scan
-in three on AVX2-only boxes than on VNNI ones. A hash proves the file is
+:mod:`edge_runtime.cpu`): the same 0.1.1 file scored test AUC 0.963 on
+AVX2-only boxes and 0.948 on VNNI ones. A hash proves the file is
 intact, not that this box computes what the model was validated for. So a
 bundle carries a small reference set (``conformance.npz``: de-identified
 training images at the model's input size, 8-bit, with the FP32 model's

@@ -84,10 +84,14 @@ def subset(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny_fp32(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_fp32(tmp_path_factory: pytest.TempPathFactory, default_bundle: Path) -> Path:
     """A real ONNX model with the bundle's input/output names and shape: brighter -> PNEUMONIA."""
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper
+
+    from edge_runtime.bundle import load_bundle
+
+    shape = ["batch", *load_bundle(default_bundle).preprocessing.sample_shape]
 
     w = np.array([[-4.0, 4.0], [0, 0], [0, 0]], dtype=np.float32)
     b = np.zeros(2, dtype=np.float32)
@@ -99,7 +103,7 @@ def tiny_fp32(tmp_path_factory: pytest.TempPathFactory) -> Path:
             helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
         ],
         "tiny-fp32",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 224, 224])],
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)],
         [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 2])],
         [helper.make_tensor("w", TensorProto.FLOAT, w.shape, w.flatten()),
          helper.make_tensor("b", TensorProto.FLOAT, b.shape, b)],

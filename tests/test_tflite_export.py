@@ -95,7 +95,8 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict:
     bundle_dir = root / "bundle"
     bundle_dir.mkdir()
     (bundle_dir / "model.int8.tflite").write_bytes(out.read_bytes())
-    manifest = {k: v for k, v in shipped.manifest.items() if k not in ("files", "created_utc")}
+    # Not its reference set: that belongs to the shipped model, not to this one.
+    manifest = {k: v for k, v in shipped.manifest.items() if k not in ("files", "created_utc", "conformance")}
     manifest["artifacts"] = [
         {"file": "model.int8.tflite", "backend": "litert", "quantization": summary["quantization"]}
     ]
@@ -122,7 +123,8 @@ def test_tflite_is_int8_nhwc_with_float_probabilities(exported: dict):
     interpreter = Interpreter(model_path=str(exported["out"]))
     inp = interpreter.get_input_details()[0]
     out = interpreter.get_output_details()[0]
-    assert list(inp["shape"]) == [1, 224, 224, 3]
+    spec = load_bundle(default_bundle_path()).preprocessing  # a bare checkpoint takes the shipped spec
+    assert list(inp["shape"]) == [1, spec.height, spec.width, 3]
     assert inp["dtype"] == np.int8
     assert out["dtype"] == np.float32  # float head: probabilities are not on a 1/256 grid
     ops = {op["op_name"] for op in interpreter._get_ops_details()}

@@ -70,6 +70,7 @@ import torch
 from torch import nn
 
 from edge_runtime.bundle import default_bundle_path, load_bundle
+from edge_runtime.cpu import cpu_summary
 from edge_runtime.preprocess import PreprocessSpec, preprocess
 
 from .data import Item
@@ -491,6 +492,7 @@ def run_export(
         "checkpoint": str(checkpoint),
         "model": ckpt["model"],
         "temperature": temperature,
+        "cpu": cpu_summary(),
         "out": str(out),
         "quantization": QUANTIZATION,
         "size_bytes": out.stat().st_size,
@@ -520,7 +522,8 @@ def run_export(
         f"{agree['max_abs_diff']:.4f} (mean {agree['mean_abs_diff']:.5f}); decision agreement at "
         f"threshold {threshold:.6g}: {agree['decision_agreement']:.2%} "
         f"({agree['decisions_differing']} differ); float TFLite vs PyTorch max |dp| "
-        f"{summary['float_tflite_vs_torch']['max_abs_diff']:.2e}"
+        f"{summary['float_tflite_vs_torch']['max_abs_diff']:.2e} [CPU INT8 features: "
+        f"{', '.join(summary['cpu']['int8_features']) or 'none'}]"
     )
     return summary
 
