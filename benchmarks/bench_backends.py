@@ -58,6 +58,13 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--bundle", type=Path, default=default_bundle_path(), help="model bundle")
     parser.add_argument("--fp32", type=Path, default=None, help="FP32 ONNX model of the bundle's run")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="another bundle (e.g. the previous release) whose backends' inference time is measured on "
+        "the same images in this run, for the cost ratio",
+    )
     parser.add_argument("--plot", type=Path, default=None, help="write a reliability diagram PNG here")
     parser.add_argument("--json", type=Path, default=None, help="write every number as JSON here")
     parser.add_argument("--bootstrap", type=int, default=2000)
@@ -194,6 +201,11 @@ def main() -> int:
             f"  {label}: {len(messages)} messages from edge-runtime process in {time.monotonic() - t0:.0f} s"
         )
 
+    if args.baseline is not None:
+        old = load_bundle(args.baseline)
+        for backend in [a["backend"] for a in old.manifest["artifacts"]]:
+            messages = run_process(args.baseline, backend, files)
+            latency[f"{old.version} {backend}"] = np.asarray([m["timings_ms"]["infer"] for m in messages][5:])
     rows = {name: describe(name, y, p, threshold, args.bootstrap) for name, p in predictions.items()}
     print(
         f"\n{'model':12s} {'AUC [95% CI]':24s} {'acc':>6s} {'sens':>6s} {'spec':>6s} "
@@ -207,6 +219,16 @@ def main() -> int:
             f"{r['sensitivity_at_spec90']:11.2%} {r['ece_10']:6.3f} {r['outputs_at_least_0.999999']:9d} "
             f"{np.percentile(lat, 50):7.2f}/{np.percentile(lat, 95):.2f}"
         )
+    for name, lat in latency.items():
+        if name not in rows:  # a baseline bundle: only its cost is compared
+            ours = latency.get("ORT INT8" if "onnx" in name else "LiteRT INT8")
+            ratio = (
+                f", {np.percentile(lat, 50) / np.percentile(ours, 50):.1f}x this bundle's"
+                if ours is not None
+                else ""
+            )
+            p50, p95 = np.percentile(lat, 50), np.percentile(lat, 95)
+            print(f"{name:12s} infer p50/p95 {p50:.2f}/{p95:.2f} ms{ratio}")
     names = list(predictions)
     pairs = {}
     print("\npair                       decision agreement   max |dp|   mean |dp|")
