@@ -35,7 +35,7 @@ import numpy as np
 
 from .backends import Backend
 from .bundle import ModelArtifact, ModelBundle
-from .cpu import cpu_summary
+from .cpu import CpuSummary, cpu_summary
 from .errors import ModelBundleError
 from .preprocess import preprocess
 from .results import scores_to_probabilities
@@ -91,7 +91,7 @@ class ConformanceReport:
     version: str
     backend: str
     quantization: str
-    cpu: dict[str, Any]
+    cpu: CpuSummary
     threshold: float
     max_abs_diff_allowed: float
     max_drift_allowed: float
@@ -194,7 +194,7 @@ def require_cpu_support(artifact: ModelArtifact) -> None:
         return
     cpu = cpu_summary()
     if cpu["int8_dot"] not in artifact.requires_int8_dot:
-        features = ", ".join(cpu["int8_features"]) or "none"  # type: ignore[arg-type]
+        features = ", ".join(cpu["int8_features"]) or "none"
         raise ConformanceError(
             f"Model file {artifact.file} ({artifact.quantization}) is only validated on CPUs whose INT8 "
             f"dot products are {' or '.join(artifact.requires_int8_dot)}; this CPU ({cpu['model']}; INT8 "

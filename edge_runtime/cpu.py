@@ -14,8 +14,9 @@ from __future__ import annotations
 import functools
 import platform
 from pathlib import Path
+from typing import TypedDict
 
-__all__ = ["INT8_FEATURES", "cpu_summary", "int8_features"]
+__all__ = ["INT8_FEATURES", "CpuSummary", "cpu_summary", "int8_features"]
 
 #: The instruction-set flags (as /proc/cpuinfo spells them) that change INT8 arithmetic.
 INT8_FEATURES: tuple[str, ...] = (
@@ -81,7 +82,16 @@ def int8_features() -> list[str]:
     return have
 
 
-def cpu_summary() -> dict[str, object]:
+class CpuSummary(TypedDict):
+    """What :func:`cpu_summary` returns (and what bundles, reports and the status record)."""
+
+    machine: str
+    model: str
+    int8_features: list[str]
+    int8_dot: str
+
+
+def cpu_summary() -> CpuSummary:
     """Machine, model name and INT8-relevant features: for logs, status and reports.
 
     ``int8_dot`` says how u8 x s8 products are summed: ``vnni`` (32-bit, exact),
