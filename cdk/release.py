@@ -1,0 +1,489 @@
+"""``python -m cdk.release``: publish, deploy, follow and roll back model versions, without the pipeline.
+
+For an ops engineer with AWS credentials (boto3's usual chain). Each command
+does one step the release pipeline also does, with clear errors for the traps
+Greengrass v2 sets:
+
+* ``publish --bundle DIR --bucket B``: verify the bundle with the runtime's
+  own loader, zip it exactly as ``components/build.py`` does, upload it to
+  ``s3://B/<component>/<version>/pneumonia-cxr.zip`` and create the model
+  component version from the recipe the same code renders. Component versions
+  are immutable (a second create answers 409 ConflictException): publishing a
+  version that already exists with the same recipe and artifact is a no-op,
+  and with other content an error that says to bump the version.
+* ``deploy --group G --version V``: a thing group has one deployment and a new
+  one replaces it, so the group's current deployment is read, only the model
+  component's version changed, and the merged set deployed, with an IoT job
+  rollout (exponential rate), abort and timeout settings and
+  ``FailureHandlingPolicy: ROLLBACK``. It refuses when a device of the group
+  is also in another group that pins a different model version (the device
+  would fail with NoAvailableComponentVersionException).
+* ``status --group G``: the group's deployment and its IoT job's per-device
+  counts.
+* ``rollback --group G``: deploy the highest published version below the one
+  the group runs now.
+* ``list [--group G ...]``: published versions, and which one each group runs.
+
+The CDK app (the rest of ``cdk/``, planned) runs the same functions in its
+pipeline. Not for diagnostic use: the model is a research model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import boto3
+from botocore.exceptions import BotoCoreError, ClientError
+
+__all__ = [
+    "MODEL_COMPONENT",
+    "Clients",
+    "ReleaseError",
+    "Rollout",
+    "deploy",
+    "deployed_versions",
+    "list_versions",
+    "main",
+    "publish",
+    "rollback",
+    "status",
+]
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MODEL_COMPONENT = "com.healthdiag.model.PneumoniaCXR"
+DEPLOYMENT_TAG = "healthdiag-release"
+_SHA_METADATA = "sha256"
+
+
+def _components_build() -> ModuleType:
+    """``components/build.py``: the one place recipes and artifacts are made (a script folder)."""
+    name = "healthdiag_gg_build"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "components" / "build.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+class ReleaseError(Exception):
+    """A release step that cannot go on, with what to do about it."""
+
+    def __init__(self, message: str, action: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.action = action
+
+
+@dataclass
+class Clients:
+    """The AWS clients a release needs (injected by the tests)."""
+
+    s3: Any
+    iot: Any
+    greengrass: Any
+    sts: Any
+    region: str
+
+    @classmethod
+    def create(cls, region: str | None = None) -> Clients:
+        session = boto3.session.Session(region_name=region)
+        if session.region_name is None:
+            raise ReleaseError("No AWS region is set.", "Pass --region or set AWS_REGION.")
+        return cls(
+            s3=session.client("s3"),
+            iot=session.client("iot"),
+            greengrass=session.client("greengrassv2"),
+            sts=session.client("sts"),
+            region=session.region_name,
+        )
+
+    def component_arn(self, version: str | None = None, component: str = MODEL_COMPONENT) -> str:
+        account = self.sts.get_caller_identity()["Account"]
+        arn = f"arn:aws:greengrass:{self.region}:{account}:components:{component}"
+        return f"{arn}:versions:{version}" if version else arn
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """How a deployment reaches the group's devices, and when it stops."""
+
+    base_rate_per_minute: int = 5
+    increment_factor: float = 2.0
+    notify_after_succeeded: int = 5
+    abort_failure_percent: float = 10.0
+    abort_min_executed: int = 5
+    timeout_minutes: int = 60
+    #: Wait for the runtime to report it is safe to update (it reports RUNNING between scans).
+    notify_components: bool = True
+
+    def iot_job_configuration(self) -> dict[str, Any]:
+        return {
+            "jobExecutionsRolloutConfig": {
+                "exponentialRate": {
+                    "baseRatePerMinute": self.base_rate_per_minute,
+                    "incrementFactor": self.increment_factor,
+                    "rateIncreaseCriteria": {"numberOfSucceededThings": self.notify_after_succeeded},
+                },
+                "maximumPerMinute": max(self.base_rate_per_minute, 1000),
+            },
+            "abortConfig": {
+                "criteriaList": [
+                    {
+                        "failureType": "ALL",
+                        "action": "CANCEL",
+                        "thresholdPercentage": self.abort_failure_percent,
+                        "minNumberOfExecutedThings": self.abort_min_executed,
+                    }
+                ]
+            },
+            "timeoutConfig": {"inProgressTimeoutInMinutes": self.timeout_minutes},
+        }
+
+    def deployment_policies(self) -> dict[str, Any]:
+        return {
+            "failureHandlingPolicy": "ROLLBACK",
+            "componentUpdatePolicy": {
+                "timeoutInSeconds": 120,
+                "action": "NOTIFY_COMPONENTS" if self.notify_components else "SKIP_NOTIFY_COMPONENTS",
+            },
+            "configurationValidationPolicy": {"timeoutInSeconds": 60},
+        }
+
+
+def _error_code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _existing_recipe(clients: Clients, version: str) -> str | None:
+    """The recipe of an already created component version, or None."""
+    try:
+        got = clients.greengrass.get_component(arn=clients.component_arn(version), recipeOutputFormat="YAML")
+    except ClientError as exc:
+        if _error_code(exc) == "ResourceNotFoundException":
+            return None
+        raise
+    recipe = got["recipe"]
+    return recipe.decode("utf-8") if isinstance(recipe, bytes) else str(recipe)
+
+
+def publish(clients: Clients, bundle_dir: Path, bucket: str) -> dict[str, Any]:
+    """Upload the bundle and create its component version (idempotent for identical content)."""
+    build = _components_build()
+    with tempfile.TemporaryDirectory(prefix="release-") as tmp:
+        try:
+            zip_path, version = build.build_model_artifact(Path(bundle_dir), Path(tmp))
+        except build.BuildError as exc:
+            raise ReleaseError(str(exc), "Fix or re-package the bundle, then publish again.") from None
+        recipe = build.render_recipe(MODEL_COMPONENT, version, bucket)
+        digest = _sha256(zip_path)
+        key = f"{MODEL_COMPONENT}/{version}/{zip_path.name}"
+        existing = _existing_recipe(clients, version)
+        if existing is not None:
+            if existing.strip() != recipe.strip() or _object_sha(clients, bucket, key) != digest:
+                raise ReleaseError(
+                    f"{MODEL_COMPONENT} {version} is already published with other content; Greengrass "
+                    "component versions are immutable.",
+                    "Give the bundle a new version (python -m training package --version X.Y.Z) and "
+                    "publish that.",
+                )
+            return {
+                "component": MODEL_COMPONENT,
+                "version": version,
+                "status": "already published",
+                "artifact": f"s3://{bucket}/{key}",
+                "sha256": digest,
+            }
+        stored = _object_sha(clients, bucket, key)
+        if stored is not None and stored != digest:
+            raise ReleaseError(
+                f"s3://{bucket}/{key} already holds a different artifact for {version}.",
+                "Bump the bundle version; never overwrite an artifact a recipe may point at.",
+            )
+        if stored is None:
+            clients.s3.upload_file(
+                str(zip_path), bucket, key, ExtraArgs={"Metadata": {_SHA_METADATA: digest}}
+            )
+    try:
+        created = clients.greengrass.create_component_version(inlineRecipe=recipe.encode("utf-8"))
+    except ClientError as exc:
+        if _error_code(exc) != "ConflictException":
+            raise
+        # Created meanwhile (another publisher, or a retried call): same rule as above, once.
+        existing = _existing_recipe(clients, version)
+        if existing is None or existing.strip() != recipe.strip():
+            raise ReleaseError(
+                f"{MODEL_COMPONENT} {version} was created by someone else meanwhile"
+                + (" with another recipe." if existing else "; Greengrass cannot show it yet."),
+                "Check 'python -m cdk.release list'; bump the version if the content differs.",
+            ) from None
+        return {
+            "component": MODEL_COMPONENT,
+            "version": version,
+            "status": "already published",
+            "artifact": f"s3://{bucket}/{key}",
+            "sha256": digest,
+        }
+    return {
+        "component": MODEL_COMPONENT,
+        "version": version,
+        "status": "published",
+        "arn": created["arn"],
+        "artifact": f"s3://{bucket}/{key}",
+        "sha256": digest,
+    }
+
+
+def _object_sha(clients: Clients, bucket: str, key: str) -> str | None:
+    try:
+        head = clients.s3.head_object(Bucket=bucket, Key=key)
+    except ClientError as exc:
+        if _error_code(exc) in ("404", "NoSuchKey", "NotFound"):
+            return None
+        raise
+    return head.get("Metadata", {}).get(_SHA_METADATA, "unknown")
+
+
+def _group_arn(clients: Clients, group: str) -> str:
+    try:
+        return str(clients.iot.describe_thing_group(thingGroupName=group)["thingGroupArn"])
+    except ClientError as exc:
+        if _error_code(exc) == "ResourceNotFoundException":
+            raise ReleaseError(
+                f"Thing group {group!r} does not exist.",
+                "Check the name (the CDK app creates the canary and fleet groups).",
+            ) from None
+        raise
+
+
+def _current_deployment(clients: Clients, target_arn: str) -> dict[str, Any] | None:
+    listed = clients.greengrass.list_deployments(targetArn=target_arn, historyFilter="LATEST_ONLY")
+    deployments = listed.get("deployments", [])
+    if not deployments:
+        return None
+    return dict(clients.greengrass.get_deployment(deploymentId=deployments[0]["deploymentId"]))
+
+
+def _things(clients: Clients, group: str) -> set[str]:
+    names: set[str] = set()
+    for page in clients.iot.get_paginator("list_things_in_thing_group").paginate(thingGroupName=group):
+        names.update(page.get("things", []))
+    return names
+
+
+def deployed_versions(clients: Clients, groups: Sequence[str]) -> dict[str, str | None]:
+    """The model version each group's current deployment pins (None: none)."""
+    out: dict[str, str | None] = {}
+    for group in groups:
+        current = _current_deployment(clients, _group_arn(clients, group))
+        components = (current or {}).get("components", {})
+        out[group] = components.get(MODEL_COMPONENT, {}).get("componentVersion")
+    return out
+
+
+def deploy(
+    clients: Clients,
+    group: str,
+    version: str,
+    *,
+    rollout: Rollout | None = None,
+    other_groups: Sequence[str] = (),
+    reason: str = "",
+) -> dict[str, Any]:
+    """Revise ``group``'s deployment so it pins ``version`` of the model, keeping every other component."""
+    rollout = rollout or Rollout()
+    try:
+        clients.greengrass.describe_component(arn=clients.component_arn(version))
+    except ClientError as exc:
+        if _error_code(exc) == "ResourceNotFoundException":
+            raise ReleaseError(
+                f"{MODEL_COMPONENT} {version} is not published in {clients.region}.",
+                "Run 'python -m cdk.release publish' first.",
+            ) from None
+        raise
+    members = _things(clients, group)
+    for other, pinned in deployed_versions(clients, [g for g in other_groups if g != group]).items():
+        shared = sorted(members & _things(clients, other))
+        if pinned and pinned != version and shared:
+            raise ReleaseError(
+                f"{len(shared)} device(s) of {group!r} ({', '.join(shared[:5])}) are also in {other!r}, "
+                f"which pins {MODEL_COMPONENT} {pinned}: Greengrass would fail them with "
+                "NoAvailableComponentVersionException.",
+                "Keep canary and fleet groups disjoint (remove the devices from one group), or deploy "
+                "the same version to both.",
+            )
+    target_arn = _group_arn(clients, group)
+    current = _current_deployment(clients, target_arn) or {}
+    components = {name: dict(spec) for name, spec in current.get("components", {}).items()}
+    components[MODEL_COMPONENT] = {"componentVersion": version}
+    created = clients.greengrass.create_deployment(
+        targetArn=target_arn,
+        deploymentName=f"{group}: {MODEL_COMPONENT} {version}",
+        components=components,
+        iotJobConfiguration=rollout.iot_job_configuration(),
+        deploymentPolicies=rollout.deployment_policies(),
+        tags={DEPLOYMENT_TAG: (reason or f"deploy {version}")[:256]},
+    )
+    previous = current.get("components", {}).get(MODEL_COMPONENT, {}).get("componentVersion")
+    return {
+        "group": group,
+        "version": version,
+        "previous": previous,
+        "deploymentId": created["deploymentId"],
+        "iotJobId": created.get("iotJobId"),
+        "components": sorted(components),
+    }
+
+
+def _version_key(text: str) -> tuple[int, ...]:
+    core = text.split("-", 1)[0].split("+", 1)[0]
+    return tuple(int(part) for part in core.split("."))
+
+
+def list_versions(clients: Clients) -> list[str]:
+    """Published versions of the model component, oldest first."""
+    versions: list[str] = []
+    paginator = clients.greengrass.get_paginator("list_component_versions")
+    for page in paginator.paginate(arn=clients.component_arn()):
+        versions.extend(v["componentVersion"] for v in page.get("componentVersions", []))
+    return sorted(set(versions), key=_version_key)
+
+
+def rollback(
+    clients: Clients, group: str, *, rollout: Rollout | None = None, other_groups: Sequence[str] = ()
+) -> dict[str, Any]:
+    """Deploy the highest published version below the one ``group`` runs now."""
+    current = deployed_versions(clients, [group])[group]
+    if current is None:
+        raise ReleaseError(
+            f"Thing group {group!r} has no deployment of {MODEL_COMPONENT}.",
+            "Nothing to roll back; use 'deploy' to choose a version.",
+        )
+    older = [v for v in list_versions(clients) if _version_key(v) < _version_key(current)]
+    if not older:
+        raise ReleaseError(
+            f"{group!r} runs {current}, and no older version of {MODEL_COMPONENT} is published.",
+            "Deploy a known-good version explicitly with 'deploy'.",
+        )
+    return deploy(
+        clients,
+        group,
+        older[-1],
+        rollout=rollout,
+        other_groups=other_groups,
+        reason=f"rollback from {current}",
+    )
+
+
+def status(clients: Clients, group: str) -> dict[str, Any]:
+    """The group's current deployment and its IoT job's per-device counts."""
+    current = _current_deployment(clients, _group_arn(clients, group))
+    if current is None:
+        raise ReleaseError(f"Thing group {group!r} has no deployment.", "Deploy a model version first.")
+    out: dict[str, Any] = {
+        "group": group,
+        "deploymentId": current.get("deploymentId"),
+        "deploymentStatus": current.get("deploymentStatus"),
+        "model": current.get("components", {}).get(MODEL_COMPONENT, {}).get("componentVersion"),
+    }
+    job_id = current.get("iotJobId")
+    if job_id:
+        job = clients.iot.describe_job(jobId=job_id)["job"]
+        out["job"] = {
+            "jobId": job_id,
+            "status": job.get("status"),
+            "devices": job.get("jobProcessDetails", {}),
+        }
+    return out
+
+
+# -- command line ----------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m cdk.release",
+        description="Publish model bundles as Greengrass component versions and roll them out to thing "
+        "groups (canary first), follow the rollout and roll back. Uses your AWS credentials.",
+        epilog="Exit status: 0 done, 1 a release step refused (the message says why and what to do), "
+        "2 an AWS error.",
+    )
+    parser.add_argument("--region", default=None, help="AWS region (default: the AWS CLI's)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    p = sub.add_parser("publish", help="upload a bundle and create its model component version")
+    p.add_argument("--bundle", type=Path, required=True, help="model bundle folder (manifest.json)")
+    p.add_argument("--bucket", required=True, help="artifact bucket (the CDK app's artifacts bucket)")
+    p = sub.add_parser("deploy", help="revise a thing group's deployment to pin a model version")
+    p.add_argument("--group", required=True, help="thing group name (canary or fleet)")
+    p.add_argument("--version", required=True, help="published model component version")
+    p.add_argument(
+        "--other-group",
+        action="append",
+        default=[],
+        metavar="GROUP",
+        help="another group to check for devices pinned to a different version (repeat)",
+    )
+    p.add_argument("--rate", type=int, default=5, help="devices per minute to start with (default 5)")
+    p.add_argument(
+        "--abort-percent",
+        type=float,
+        default=10.0,
+        help="cancel the rollout when this %% of executed devices failed (default 10)",
+    )
+    p = sub.add_parser("rollback", help="deploy the previous published version to a group")
+    p.add_argument("--group", required=True)
+    p.add_argument("--other-group", action="append", default=[], metavar="GROUP")
+    p = sub.add_parser("status", help="a group's deployment and its devices' progress")
+    p.add_argument("--group", required=True)
+    p = sub.add_parser("list", help="published model versions and what each group runs")
+    p.add_argument("--group", action="append", default=[], metavar="GROUP")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, clients: Clients | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        clients = clients or Clients.create(args.region)
+        if args.command == "publish":
+            result: Any = publish(clients, args.bundle, args.bucket)
+        elif args.command == "deploy":
+            rollout = Rollout(base_rate_per_minute=args.rate, abort_failure_percent=args.abort_percent)
+            result = deploy(clients, args.group, args.version, rollout=rollout, other_groups=args.other_group)
+        elif args.command == "rollback":
+            result = rollback(clients, args.group, other_groups=args.other_group)
+        elif args.command == "status":
+            result = status(clients, args.group)
+        else:
+            result = {"versions": list_versions(clients), "groups": deployed_versions(clients, args.group)}
+    except ReleaseError as exc:
+        print(f"error: {exc.message}\n→ {exc.action}", file=sys.stderr)
+        return 1
+    except (ClientError, BotoCoreError) as exc:
+        print(f"error: AWS refused the request: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
