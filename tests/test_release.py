@@ -43,8 +43,11 @@ NOW = dt.datetime(2026, 11, 30, tzinfo=dt.UTC)
 
 @pytest.fixture()
 def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Clients, Stubber]]:
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": REGION}.items():
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": REGION,
+    }.items():
         monkeypatch.setenv(key, value)
     with moto.mock_aws():
         greengrass = boto3.client("greengrassv2", region_name=REGION)
@@ -81,23 +84,41 @@ def _group(clients: Clients, name: str, things: list[str]) -> str:
 def _stub_current(stub: Stubber, target: str, model_version: str | None, job: str = "job-1") -> None:
     """list_deployments + get_deployment for a group whose deployment pins ``model_version``."""
     if model_version is None:
-        stub.add_response("list_deployments", {"deployments": []},
-                          {"targetArn": target, "historyFilter": "LATEST_ONLY"})
+        stub.add_response(
+            "list_deployments", {"deployments": []}, {"targetArn": target, "historyFilter": "LATEST_ONLY"}
+        )
         return
     stub.add_response(
         "list_deployments",
-        {"deployments": [{"targetArn": target, "deploymentId": f"dep-{model_version}",
-                          "deploymentName": "x", "creationTimestamp": NOW, "deploymentStatus": "ACTIVE",
-                          "isLatestForTarget": True}]},
+        {
+            "deployments": [
+                {
+                    "targetArn": target,
+                    "deploymentId": f"dep-{model_version}",
+                    "deploymentName": "x",
+                    "creationTimestamp": NOW,
+                    "deploymentStatus": "ACTIVE",
+                    "isLatestForTarget": True,
+                }
+            ]
+        },
         {"targetArn": target, "historyFilter": "LATEST_ONLY"},
     )
     stub.add_response(
         "get_deployment",
-        {"targetArn": target, "deploymentId": f"dep-{model_version}", "deploymentStatus": "ACTIVE",
-         "iotJobId": job,
-         "components": {RUNTIME: {"componentVersion": "0.1.0",
-                                  "configurationUpdate": {"merge": '{"Mqtt":{"Enabled":false}}'}},
-                        MODEL_COMPONENT: {"componentVersion": model_version}}},
+        {
+            "targetArn": target,
+            "deploymentId": f"dep-{model_version}",
+            "deploymentStatus": "ACTIVE",
+            "iotJobId": job,
+            "components": {
+                RUNTIME: {
+                    "componentVersion": "0.1.0",
+                    "configurationUpdate": {"merge": '{"Mqtt":{"Enabled":false}}'},
+                },
+                MODEL_COMPONENT: {"componentVersion": model_version},
+            },
+        },
         {"deploymentId": f"dep-{model_version}"},
     )
 
@@ -108,12 +129,18 @@ def test_publish_uploads_and_creates_then_is_idempotent_and_refuses_other_conten
     clients, stub = aws
     bundle = make_tiny_bundle(tmp_path / "b", version="0.2.0")
     not_found = {"arn": _arn("0.2.0"), "recipeOutputFormat": "YAML"}
-    stub.add_client_error("get_component", "ResourceNotFoundException", http_status_code=404,
-                          expected_params=not_found)
+    stub.add_client_error(
+        "get_component", "ResourceNotFoundException", http_status_code=404, expected_params=not_found
+    )
     stub.add_response(
         "create_component_version",
-        {"arn": _arn("0.2.0"), "componentName": MODEL_COMPONENT, "componentVersion": "0.2.0",
-         "creationTimestamp": NOW, "status": {"componentState": "REQUESTED"}},
+        {
+            "arn": _arn("0.2.0"),
+            "componentName": MODEL_COMPONENT,
+            "componentVersion": "0.2.0",
+            "creationTimestamp": NOW,
+            "status": {"componentState": "REQUESTED"},
+        },
         {"inlineRecipe": _recipe("0.2.0").encode()},
     )
     first = publish(clients, bundle, BUCKET)
@@ -123,14 +150,16 @@ def test_publish_uploads_and_creates_then_is_idempotent_and_refuses_other_conten
     assert head["Metadata"]["sha256"] == first["sha256"]
 
     # Same version, same content: nothing is created again (a create would answer 409).
-    stub.add_response("get_component", {"recipeOutputFormat": "YAML", "recipe": _recipe("0.2.0").encode()},
-                      not_found)
+    stub.add_response(
+        "get_component", {"recipeOutputFormat": "YAML", "recipe": _recipe("0.2.0").encode()}, not_found
+    )
     assert publish(clients, bundle, BUCKET)["status"] == "already published"
 
     # Same version, other content: refused with the way out.
     changed = make_tiny_bundle(tmp_path / "c", version="0.2.0", conformance=True)
-    stub.add_response("get_component", {"recipeOutputFormat": "YAML", "recipe": _recipe("0.2.0").encode()},
-                      not_found)
+    stub.add_response(
+        "get_component", {"recipeOutputFormat": "YAML", "recipe": _recipe("0.2.0").encode()}, not_found
+    )
     with pytest.raises(ReleaseError, match="immutable") as info:
         publish(clients, changed, BUCKET)
     assert "new version" in info.value.action
@@ -142,12 +171,18 @@ def test_publish_treats_a_concurrent_identical_create_as_published(
     clients, stub = aws
     bundle = make_tiny_bundle(tmp_path / "b", version="0.2.1")
     query = {"arn": _arn("0.2.1"), "recipeOutputFormat": "YAML"}
-    stub.add_client_error("get_component", "ResourceNotFoundException", http_status_code=404,
-                          expected_params=query)
-    stub.add_client_error("create_component_version", "ConflictException", http_status_code=409,
-                          expected_params={"inlineRecipe": _recipe("0.2.1").encode()})
-    stub.add_response("get_component", {"recipeOutputFormat": "YAML", "recipe": _recipe("0.2.1").encode()},
-                      query)
+    stub.add_client_error(
+        "get_component", "ResourceNotFoundException", http_status_code=404, expected_params=query
+    )
+    stub.add_client_error(
+        "create_component_version",
+        "ConflictException",
+        http_status_code=409,
+        expected_params={"inlineRecipe": _recipe("0.2.1").encode()},
+    )
+    stub.add_response(
+        "get_component", {"recipeOutputFormat": "YAML", "recipe": _recipe("0.2.1").encode()}, query
+    )
     assert publish(clients, bundle, BUCKET)["status"] == "already published"
 
 
@@ -177,17 +212,32 @@ def test_deploy_merges_the_group_deployment_with_rollout_abort_and_rollback(
             "targetArn": canary,
             "deploymentName": f"canary: {MODEL_COMPONENT} 0.2.0",
             # Merged: the runtime keeps its version and configuration; only the model moves.
-            "components": {RUNTIME: {"componentVersion": "0.1.0",
-                                     "configurationUpdate": {"merge": '{"Mqtt":{"Enabled":false}}'}},
-                           MODEL_COMPONENT: {"componentVersion": "0.2.0"}},
+            "components": {
+                RUNTIME: {
+                    "componentVersion": "0.1.0",
+                    "configurationUpdate": {"merge": '{"Mqtt":{"Enabled":false}}'},
+                },
+                MODEL_COMPONENT: {"componentVersion": "0.2.0"},
+            },
             "iotJobConfiguration": {
                 "jobExecutionsRolloutConfig": {
-                    "exponentialRate": {"baseRatePerMinute": 2, "incrementFactor": 2.0,
-                                        "rateIncreaseCriteria": {"numberOfSucceededThings": 5}},
-                    "maximumPerMinute": 1000},
-                "abortConfig": {"criteriaList": [{"failureType": "ALL", "action": "CANCEL",
-                                                  "thresholdPercentage": 20.0,
-                                                  "minNumberOfExecutedThings": 5}]},
+                    "exponentialRate": {
+                        "baseRatePerMinute": 2,
+                        "incrementFactor": 2.0,
+                        "rateIncreaseCriteria": {"numberOfSucceededThings": 5},
+                    },
+                    "maximumPerMinute": 1000,
+                },
+                "abortConfig": {
+                    "criteriaList": [
+                        {
+                            "failureType": "ALL",
+                            "action": "CANCEL",
+                            "thresholdPercentage": 20.0,
+                            "minNumberOfExecutedThings": 5,
+                        }
+                    ]
+                },
                 "timeoutConfig": {"inProgressTimeoutInMinutes": 60},
             },
             "deploymentPolicies": {
@@ -219,8 +269,12 @@ def test_deploy_refuses_devices_that_another_group_pins_to_another_version(
 def test_deploy_refuses_an_unpublished_version(aws: tuple[Clients, Stubber]) -> None:
     clients, stub = aws
     _group(clients, "canary", ["box-1"])
-    stub.add_client_error("describe_component", "ResourceNotFoundException", http_status_code=404,
-                          expected_params={"arn": _arn("9.9.9")})
+    stub.add_client_error(
+        "describe_component",
+        "ResourceNotFoundException",
+        http_status_code=404,
+        expected_params={"arn": _arn("9.9.9")},
+    )
     with pytest.raises(ReleaseError, match="not published"):
         deploy(clients, "canary", "9.9.9")
 
@@ -231,15 +285,24 @@ def test_rollback_deploys_the_previous_published_version(aws: tuple[Clients, Stu
     _stub_current(stub, canary, "0.2.0")
     stub.add_response(
         "list_component_versions",
-        {"componentVersions": [{"componentName": MODEL_COMPONENT, "componentVersion": v, "arn": _arn(v)}
-                               for v in ("0.2.0", "0.1.0", "0.1.1", "0.10.0")]},
+        {
+            "componentVersions": [
+                {"componentName": MODEL_COMPONENT, "componentVersion": v, "arn": _arn(v)}
+                for v in ("0.2.0", "0.1.0", "0.1.1", "0.10.0")
+            ]
+        },
         {"arn": _arn()},
     )
     stub.add_response("describe_component", {"arn": _arn("0.1.1")}, {"arn": _arn("0.1.1")})
     _stub_current(stub, canary, "0.2.0")
-    expected: dict[str, Any] = {"targetArn": canary, "deploymentName": ANY, "components": ANY,
-                                "iotJobConfiguration": ANY, "deploymentPolicies": ANY,
-                                "tags": {"healthdiag-release": "rollback from 0.2.0"}}
+    expected: dict[str, Any] = {
+        "targetArn": canary,
+        "deploymentName": ANY,
+        "components": ANY,
+        "iotJobConfiguration": ANY,
+        "deploymentPolicies": ANY,
+        "tags": {"healthdiag-release": "rollback from 0.2.0"},
+    }
     stub.add_response("create_deployment", {"deploymentId": "dep-back"}, expected)
     result = rollback(clients, "canary")
     assert (result["previous"], result["version"]) == ("0.2.0", "0.1.1")  # semver order, not text
@@ -257,8 +320,9 @@ def test_status_reports_the_job_progress(aws: tuple[Clients, Stubber]) -> None:
     assert report["job"]["devices"]["numberOfFailedThings"] == 0
 
 
-def test_cli_says_what_to_do_and_exits_1(aws: tuple[Clients, Stubber],
-                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_says_what_to_do_and_exits_1(
+    aws: tuple[Clients, Stubber], capsys: pytest.CaptureFixture[str]
+) -> None:
     clients, _ = aws
     assert main(["status", "--group", "nowhere"], clients=clients) == 1
     err = capsys.readouterr().err

@@ -1,0 +1,1 @@
+"""The CDK stacks: artifacts and release records, the device fleet (the release pipeline is planned)."""

@@ -1,0 +1,177 @@
+"""The device fleet: what a Greengrass core device may do, and the canary and fleet groups.
+
+* **Token exchange role** (assumed by ``credentials.iot.amazonaws.com``
+  through the role alias) may read the component artifacts and nothing
+  else: ``s3:GetObject`` on ``com.healthdiag.*`` keys of the artifact bucket,
+  ``kms:Decrypt`` of the bucket's key through S3 only, and write its own
+  Greengrass log group. Without ``s3:GetObject`` there a deployment fails
+  to download its artifact.
+* **IoT policy** for core devices: connect as their own thing name, publish
+  and subscribe under their own Greengrass topics and the results prefix,
+  assume the role alias.
+* **Thing groups**: a canary group and a fleet group, **disjoint** (the
+  release command refuses to deploy when a device is in both with different
+  versions). Disjoint groups rather than ``ParentTargetArn`` sub-deployments
+  because a device in two groups whose deployments pin different model
+  versions fails with NoAvailableComponentVersionException, and disjoint
+  groups make "which version does this box run" a one-group question.
+"""
+
+from __future__ import annotations
+
+from aws_cdk import Stack, Token
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_iot as iot
+from constructs import Construct
+
+from ..config import ReleaseConfig
+from .artifacts import ArtifactsStack, acknowledge, artifact_bucket_name
+
+__all__ = ["MODEL_COMPONENT_PREFIX", "FleetStack"]
+
+MODEL_COMPONENT_PREFIX = "com.healthdiag."
+
+
+class FleetStack(Stack):
+    """Roles, the IoT policy and the thing groups of the edge boxes."""
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        config: ReleaseConfig,
+        artifacts: ArtifactsStack,
+        **kwargs: object,
+    ) -> None:
+        super().__init__(scope, construct_id, **kwargs)  # type: ignore[arg-type]
+        prefix = config.name_prefix
+        self.token_exchange_role = iam.Role(
+            self,
+            "TokenExchangeRole",
+            assumed_by=iam.ServicePrincipal("credentials.iot.amazonaws.com"),
+            description="Greengrass core devices: read HealthDiag component artifacts, write their logs",
+        )
+        bucket = artifact_bucket_name(prefix, self.account, self.region)
+        artifact_objects = f"arn:{self.partition}:s3:::{bucket}/{MODEL_COMPONENT_PREFIX}*"
+        log_groups = f"arn:{self.partition}:logs:{self.region}:{self.account}:log-group:/aws/greengrass/*"
+        self.token_exchange_policy = iam.ManagedPolicy(
+            self,
+            "TokenExchangePolicy",
+            description="Greengrass core devices: read HealthDiag component artifacts, write their logs",
+            roles=[self.token_exchange_role],
+            statements=[
+                iam.PolicyStatement(
+                    sid="ReadComponentArtifacts", actions=["s3:GetObject"], resources=[artifact_objects]
+                ),
+                iam.PolicyStatement(
+                    sid="DecryptArtifactsThroughS3",
+                    actions=["kms:Decrypt"],
+                    resources=[artifacts.data_key.key_arn],
+                    conditions={"StringEquals": {"kms:ViaService": f"s3.{self.region}.amazonaws.com"}},
+                ),
+                iam.PolicyStatement(
+                    sid="WriteGreengrassLogs",
+                    actions=["logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents"],
+                    resources=[log_groups, f"{log_groups}:log-stream:*"],
+                ),
+            ],
+        )
+        # cdk-nag names a finding by the resource as synthesized: tokens as <AWS::...>, known values
+        # literally (the CLI fills the region in from the environment).
+        region = "<AWS::Region>" if Token.is_unresolved(self.region) else self.region
+        account = "<AWS::AccountId>" if Token.is_unresolved(self.account) else self.account
+        logs = f"arn:<AWS::Partition>:logs:{region}:{account}:log-group:/aws/greengrass/*"
+        acknowledge(
+            self.token_exchange_policy,
+            [
+                {
+                    "id": "AwsSolutions::AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:s3:::"
+                    f"{prefix}-artifacts-{account}-{region}/{MODEL_COMPONENT_PREFIX}*]",
+                    "reason": "Devices read every version of the HealthDiag components' artifacts, and only "
+                    "those (keys are <component>/<version>/<file>); no other key of the bucket.",
+                },
+                {
+                    "id": f"AwsSolutions::AwsSolutions-IAM5[Resource::{logs}]",
+                    "reason": "The nucleus names its log groups per component and device "
+                    "(/aws/greengrass/<type>/<region>/<component>); only that prefix is writable.",
+                },
+                {
+                    "id": f"AwsSolutions::AwsSolutions-IAM5[Resource::{logs}:log-stream:*]",
+                    "reason": "Log streams are created per day and device inside those log groups.",
+                },
+            ],
+        )
+        self.role_alias = iot.CfnRoleAlias(
+            self,
+            "TokenExchangeRoleAlias",
+            role_alias=f"{prefix}-TokenExchangeRoleAlias",
+            role_arn=self.token_exchange_role.role_arn,
+            credential_duration_seconds=3600,
+        )
+        thing = "${iot:Connection.Thing.ThingName}"
+        arn = f"arn:{self.partition}:iot:{self.region}:{self.account}"
+        self.core_policy = iot.CfnPolicy(
+            self,
+            "CoreDevicePolicy",
+            policy_name=f"{prefix}-core-device",
+            policy_document={
+                "Version": "2012-10-17",
+                "Statement": [
+                    {"Effect": "Allow", "Action": "iot:Connect", "Resource": f"{arn}:client/{thing}*"},
+                    {
+                        "Effect": "Allow",
+                        "Action": ["iot:Publish", "iot:Receive"],
+                        "Resource": [
+                            f"{arn}:topic/$aws/things/{thing}/*",
+                            f"{arn}:topic/{config.results_topic_prefix}/*",
+                        ],
+                    },
+                    {
+                        "Effect": "Allow",
+                        "Action": "iot:Subscribe",
+                        "Resource": [
+                            f"{arn}:topicfilter/$aws/things/{thing}/*",
+                            f"{arn}:topicfilter/{config.results_topic_prefix}/*",
+                        ],
+                    },
+                    {
+                        "Effect": "Allow",
+                        "Action": ["iot:GetThingShadow", "iot:UpdateThingShadow", "iot:DeleteThingShadow"],
+                        "Resource": f"{arn}:thing/{thing}",
+                    },
+                    {
+                        "Effect": "Allow",
+                        "Action": "iot:AssumeRoleWithCertificate",
+                        "Resource": f"{arn}:rolealias/{self.role_alias.role_alias}",
+                    },
+                    {
+                        # Greengrass data-plane calls of the nucleus; they take no resource ARN.
+                        "Effect": "Allow",
+                        "Action": [
+                            "greengrass:GetComponentVersionArtifact",
+                            "greengrass:ResolveComponentCandidates",
+                            "greengrass:GetDeploymentConfiguration",
+                            "greengrass:ListThingGroupsForCoreDevice",
+                        ],
+                        "Resource": "*",
+                    },
+                ],
+            },
+        )
+        self.canary_group = iot.CfnThingGroup(
+            self,
+            "CanaryGroup",
+            thing_group_name=config.canary_group,
+            thing_group_properties=iot.CfnThingGroup.ThingGroupPropertiesProperty(
+                thing_group_description="Canary boxes: get every model version first (disjoint from fleet)"
+            ),
+        )
+        self.fleet_group = iot.CfnThingGroup(
+            self,
+            "FleetGroup",
+            thing_group_name=config.fleet_group,
+            thing_group_properties=iot.CfnThingGroup.ThingGroupPropertiesProperty(
+                thing_group_description="The fleet: gets a model version after the canary soaked"
+            ),
+        )
