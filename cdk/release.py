@@ -23,6 +23,8 @@ Greengrass v2 sets:
 * ``rollback --group G``: deploy the highest published version below the one
   the group runs now.
 * ``list [--group G ...]``: published versions, and which one each group runs.
+* ``gate --bundle DIR [--production DIR]``: the release pipeline's evaluation
+  gate (:mod:`cdk.gate`) with the stack's thresholds; run it before ``publish``.
 
 The CDK app (the rest of ``cdk/``, planned) runs the same functions in its
 pipeline. Not for diagnostic use: the model is a research model.
@@ -457,12 +459,41 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--group", required=True)
     p = sub.add_parser("list", help="published model versions and what each group runs")
     p.add_argument("--group", action="append", default=[], metavar="GROUP")
+    p = sub.add_parser(
+        "gate",
+        help="check a bundle against the stack's gate thresholds (and production, non-inferiority)",
+        description="Exit 0 when every check passes, 1 otherwise; no AWS call is made.",
+    )
+    p.add_argument("--bundle", type=Path, required=True, help="candidate bundle folder")
+    p.add_argument("--production", type=Path, default=None, help="the bundle in production, if any")
+    p.add_argument("--config", default=None, help="stack config JSON (thresholds under 'Gate')")
     return parser
+
+
+def _gate(args: argparse.Namespace) -> int:
+    from edge_runtime.bundle import load_bundle
+    from edge_runtime.errors import ModelBundleError
+
+    from .config import load_config
+    from .gate import evaluate_gate
+
+    try:
+        candidate = load_bundle(args.bundle).manifest
+        production = load_bundle(args.production).manifest if args.production else None
+    except ModelBundleError as exc:
+        raise ReleaseError(exc.message, exc.action) from None
+    verdict = evaluate_gate(candidate, load_config(None, args.config).gate, production)
+    for check in verdict.checks:
+        print(f"{'PASS' if check.passed else 'FAIL'}  {check.name}: {check.detail}")
+    print(f"gate {'passed' if verdict.passed else 'FAILED'} for {verdict.candidate}")
+    return 0 if verdict.passed else 1
 
 
 def main(argv: Sequence[str] | None = None, clients: Clients | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.command == "gate":
+            return _gate(args)
         clients = clients or Clients.create(args.region)
         if args.command == "publish":
             result: Any = publish(clients, args.bundle, args.bucket)

@@ -237,6 +237,12 @@ Reference images: {section["source"]}
 """
 
 
+def _fp32_auc(evaluation: dict[str, Any]) -> dict[str, float]:
+    """The FP32 model's test AUC, when evaluated: the release gate checks INT8 - FP32 from it."""
+    reference = evaluation.get("test", {}).get("reference", {}).get("fp32_at_threshold", {})
+    return {"fp32_auc": reference["auc"]} if "auc" in reference else {}
+
+
 def build_manifest(
     train_summary: dict[str, Any],
     export_summary: dict[str, Any],
@@ -341,6 +347,7 @@ def build_manifest(
                 "model": "int8",
                 "threshold": evaluation["threshold"],
                 "split": test_split,
+                **_fp32_auc(evaluation),
             },
             "int8_vs_fp32_validation": {
                 k: evaluation["validation_agreement"]["int8_vs_fp32"][k]
