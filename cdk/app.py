@@ -1,7 +1,8 @@
 """The CDK app: ``npx cdk synth`` (in ``cdk/``) or ``python -m cdk.app`` (from the repository root).
 
-Stacks: ``<prefix>-artifacts`` (buckets, keys) and ``<prefix>-fleet`` (device
-role, role alias, IoT policy, canary and fleet groups). Parameters come from
+Stacks: ``<prefix>-artifacts`` (buckets, keys), ``<prefix>-fleet`` (device
+role, role alias, IoT policy, canary and fleet groups) and ``<prefix>-pipeline``
+(the Step Functions release pipeline, :mod:`cdk.stacks.pipeline`). Parameters come from
 the ``healthdiag`` context (``cdk.json``, ``-c healthdiag='{...}'``) or a JSON
 file (``-c config=FILE``); see :mod:`cdk.config`. cdk-nag's AWS Solutions
 and HIPAA Security packs run on every synth; a finding that is not
@@ -20,6 +21,7 @@ from cdk_nag import AwsSolutionsChecks, HIPAASecurityChecks
 from .config import ReleaseConfig, load_config
 from .stacks.artifacts import ArtifactsStack
 from .stacks.fleet import FleetStack
+from .stacks.pipeline import PipelineStack
 
 __all__ = ["build_app"]
 
@@ -43,10 +45,14 @@ def build_app(config: ReleaseConfig | None = None, outdir: str | None = None) ->
     )
     artifacts = ArtifactsStack(app, f"{config.name_prefix}-artifacts", config=config, env=env)
     fleet = FleetStack(app, f"{config.name_prefix}-fleet", config=config, artifacts=artifacts, env=env)
+    pipeline = PipelineStack(
+        app, f"{config.name_prefix}-pipeline", config=config, artifacts=artifacts, env=env
+    )
+    pipeline.add_dependency(fleet, "deploys to the fleet stack's thing groups")
     cdk.Validations.of(app).add_plugins(
         AwsSolutionsChecks(app, verbose=True), HIPAASecurityChecks(app, verbose=True)
     )
-    for stack in (artifacts, fleet):
+    for stack in (artifacts, fleet, pipeline):
         cdk.Tags.of(stack).add("project", "healthdiag")
     return app
 

@@ -98,6 +98,7 @@ class Clients:
     greengrass: Any
     sts: Any
     region: str
+    kms: Any = None  # signing, in the release pipeline only
 
     @classmethod
     def create(cls, region: str | None = None) -> Clients:
@@ -110,6 +111,7 @@ class Clients:
             greengrass=session.client("greengrassv2"),
             sts=session.client("sts"),
             region=session.region_name,
+            kms=session.client("kms"),
         )
 
     def component_arn(self, version: str | None = None, component: str = MODEL_COMPONENT) -> str:

@@ -238,8 +238,13 @@ def test_cdk_nag_fails_synth_on_an_unacknowledged_finding(tmp_path: Path) -> Non
 def test_templates_are_cfn_lint_clean(synthesized: tuple[Path, dict[str, assertions.Template]]) -> None:
     out = synthesized[0]
     templates = sorted(str(p) for p in out.glob("*.template.json"))
-    assert len(templates) == 2
+    assert len(templates) == 3
+    # W3005: CDK adds an explicit DependsOn from the state machine to its role (for the role's
+    # default policy) beside the GetAtt of the role's ARN; the duplicate ordering is harmless.
     done = subprocess.run(
-        ["cfn-lint", "--format", "parseable", *templates], capture_output=True, text=True, check=False
+        ["cfn-lint", "--format", "parseable", "--ignore-checks", "W3005", "--", *templates],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr

@@ -41,8 +41,8 @@ BUCKET = "healthdiag-artifacts"
 NOW = dt.datetime(2026, 11, 30, tzinfo=dt.UTC)
 
 
-@pytest.fixture()
-def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Clients, Stubber]]:
+@pytest.fixture(name="aws")
+def aws_clients(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Clients, Stubber]]:
     for key, value in {
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",

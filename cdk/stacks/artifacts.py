@@ -21,12 +21,17 @@ from constructs import Construct
 
 from ..config import ReleaseConfig
 
-__all__ = ["ArtifactsStack", "acknowledge", "artifact_bucket_name"]
+__all__ = ["ArtifactsStack", "acknowledge", "artifact_bucket_name", "records_bucket_name"]
 
 
 def artifact_bucket_name(prefix: str, account: str, region: str) -> str:
     """``<prefix>-artifacts-<account>-<region>``: unique per account and region, known in advance."""
     return f"{prefix}-artifacts-{account}-{region}"
+
+
+def records_bucket_name(prefix: str, account: str, region: str) -> str:
+    """``<prefix>-records-<account>-<region>``: the release records, known in advance like the artifacts."""
+    return f"{prefix}-records-{account}-{region}"
 
 
 def acknowledge(construct: Construct, findings: list[dict[str, str]]) -> None:
@@ -97,6 +102,7 @@ class ArtifactsStack(Stack):
         self.records = s3.Bucket(
             self,
             "RecordsBucket",
+            bucket_name=records_bucket_name(config.name_prefix, self.account, self.region),
             encryption=s3.BucketEncryption.KMS,
             encryption_key=self.data_key,
             bucket_key_enabled=True,

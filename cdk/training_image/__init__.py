@@ -1,0 +1,1 @@
+"""The release pipeline's training container (Dockerfile and entry point)."""

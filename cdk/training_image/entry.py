@@ -1,0 +1,113 @@
+"""Entry point of the release pipeline's SageMaker training job (``train`` in the image).
+
+1. ``python -m training pipeline`` on the ``data`` channel, writing the run and
+   the candidate bundle under ``/opt/ml/model`` (SageMaker uploads it to
+   ``candidates/`` in the artifact bucket);
+2. :func:`release_candidate`: the gate against the model the fleet group runs
+   now, and, only if it passed, the manifest signature and
+   ``cdk.release.publish``; the verdict goes to
+   ``releases/<job>/verdict.json`` in the records bucket, where the state
+   machine reads it.
+
+Environment (set by the pipeline stack): ``HEALTHDIAG_ARTIFACT_BUCKET``,
+``HEALTHDIAG_RECORDS_BUCKET``, ``HEALTHDIAG_SIGNING_KEY``, ``HEALTHDIAG_GATE``
+(the stack's gate thresholds as JSON), ``HEALTHDIAG_FLEET_GROUP``;
+``TRAINING_JOB_NAME`` comes from SageMaker. Hyperparameters: ``version``
+(the candidate's bundle version), ``config`` (a training TOML in the image).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from ..config import load_config
+from ..gate import evaluate_gate
+from ..release import MODEL_COMPONENT, Clients, deployed_versions, publish
+
+__all__ = ["main", "release_candidate"]
+
+ML = Path("/opt/ml")
+
+
+def production_manifest(clients: Clients, bucket: str, fleet_group: str) -> dict[str, Any] | None:
+    """The manifest of the model version the fleet group's deployment pins (None: nothing deployed)."""
+    version = deployed_versions(clients, [fleet_group])[fleet_group]
+    if version is None:
+        return None
+    body = clients.s3.get_object(Bucket=bucket, Key=f"{MODEL_COMPONENT}/{version}/pneumonia-cxr.zip")["Body"]
+    with zipfile.ZipFile(io.BytesIO(body.read())) as archive:
+        return dict(json.loads(archive.read("manifest.json")))
+
+
+def release_candidate(
+    clients: Clients, bundle_dir: Path, env: dict[str, str], release: str
+) -> dict[str, Any]:
+    """Gate, sign and publish ``bundle_dir``; write and return the verdict record."""
+    artifact_bucket = env["HEALTHDIAG_ARTIFACT_BUCKET"]
+    candidate = json.loads((bundle_dir / "manifest.json").read_text(encoding="utf-8"))
+    thresholds = load_config({"Gate": json.loads(env.get("HEALTHDIAG_GATE", "{}"))}).gate
+    production = production_manifest(clients, artifact_bucket, env["HEALTHDIAG_FLEET_GROUP"])
+    verdict = evaluate_gate(candidate, thresholds, production)
+    record: dict[str, Any] = {"release": release, **verdict.to_dict()}
+    if verdict.passed:
+        digest = hashlib.sha256((bundle_dir / "manifest.json").read_bytes()).digest()
+        signature = clients.kms.sign(
+            KeyId=env["HEALTHDIAG_SIGNING_KEY"],
+            Message=digest,
+            MessageType="DIGEST",
+            SigningAlgorithm="ECDSA_SHA_256",
+        )["Signature"]
+        record["manifest_sha256"] = digest.hex()
+        record["manifest_signature"] = base64.b64encode(signature).decode()
+        record["publish"] = publish(clients, bundle_dir, artifact_bucket)
+        # The state machine merges this into the groups' deployments (SDK member names).
+        record["component"] = {MODEL_COMPONENT: {"ComponentVersion": candidate["version"]}}
+    clients.s3.put_object(
+        Bucket=env["HEALTHDIAG_RECORDS_BUCKET"],
+        Key=f"releases/{release}/verdict.json",
+        Body=json.dumps(record, indent=2).encode(),
+        ContentType="application/json",
+        ChecksumAlgorithm="SHA256",
+    )
+    return record
+
+
+def main() -> int:  # pragma: no cover - runs inside SageMaker
+    hyper = json.loads((ML / "input/config/hyperparameters.json").read_text(encoding="utf-8"))
+    config = hyper.get("config", "training/configs/kermany-efficientnet-lite0-96.toml")
+    run, bundle = ML / "model/run", ML / "model/bundle"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "training",
+            "pipeline",
+            "--config",
+            config,
+            "--data",
+            str(ML / "input/data/data/kermany_pneumonia_224"),
+            "--out",
+            str(run),
+            "--bundle",
+            str(bundle),
+            "--version",
+            hyper["version"],
+        ],
+        check=True,
+    )
+    record = release_candidate(Clients.create(), bundle, dict(os.environ), os.environ["TRAINING_JOB_NAME"])
+    print(json.dumps({k: record[k] for k in ("release", "passed")}))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
