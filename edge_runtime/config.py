@@ -239,8 +239,15 @@ class GreengrassConfig(_Section):
         "", description="AWS IoT Core topic for de-identified results (PublishToIoTCore, QoS 1); "
         "empty = off. Identifiers of the scan never leave the box.",
     )
+    status_topic: str = Field(
+        "healthdiag/edge/status",
+        description="AWS IoT Core topic prefix for this box's health report: every heartbeat the "
+        "status (model version, its conformance check, counters; no scan identifiers) is published "
+        "retained to <prefix>/<thing name>, where the release pipeline's canary check reads it; "
+        "empty = off.",
+    )
 
-    @field_validator("local_topic", "iot_core_topic")
+    @field_validator("local_topic", "iot_core_topic", "status_topic")
     @classmethod
     def _no_wildcards(cls, value: str) -> str:
         if any(ch in value for ch in "#+"):

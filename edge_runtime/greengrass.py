@@ -149,12 +149,12 @@ class GreengrassIpc:
         message = PublishMessage(json_message=JsonMessage(message=json.loads(payload)))
         self.client.publish_to_topic(topic=topic, publish_message=message)
 
-    def publish_iot_core(self, topic: str, payload: str, qos: int) -> None:
+    def publish_iot_core(self, topic: str, payload: str, qos: int, *, retain: bool = False) -> None:
         from awsiot.greengrasscoreipc.model import QOS
 
         self.client.publish_to_iot_core(
             topic_name=topic, qos=QOS.AT_LEAST_ONCE if qos >= 1 else QOS.AT_MOST_ONCE,
-            payload=payload.encode("utf-8"),
+            payload=payload.encode("utf-8"), retain=retain,
         )
 
     def close(self) -> None:

@@ -37,7 +37,7 @@ from .journal import Delivery, Journal
 from .logs import event
 from .pipeline import ScanAnalyzer, file_sha256
 from .publish import MqttPublisher
-from .results import utc_now
+from .results import build_status, utc_now
 
 __all__ = ["EdgeService"]
 
@@ -242,9 +242,28 @@ class EdgeService:
                         self.publisher.publish_status(snapshot["state"], snapshot["reason"],
                                                       snapshot["counters"],
                                                       snapshot["last_error"])
+                    self._report_to_cloud(snapshot)
                 except Exception:
                     log.exception("heartbeat failed")
             self._stopping.wait(0.5)
+
+    def _report_to_cloud(self, snapshot: dict[str, Any]) -> None:
+        """The health report for the fleet's operators and the release pipeline's canary check.
+
+        Retained on ``<Greengrass.StatusTopic>/<thing name>`` in AWS IoT Core: the
+        model version this box runs, the conformance check it ran on it, the
+        counters. Like the local status, it carries no scan identifier.
+        """
+        topic = self.config.greengrass.status_topic
+        thing = os.environ.get("AWS_IOT_THING_NAME", "")
+        if self.ipc is None or not topic or not thing:
+            return
+        report = build_status(snapshot["state"], thing, reason=snapshot["reason"], model=snapshot["model"],
+                              counters=snapshot["counters"])
+        try:
+            self.ipc.publish_iot_core(f"{topic}/{thing}", json.dumps(report), 1, retain=True)
+        except Exception as exc:  # the report is best effort; scans go on
+            log.warning("cannot publish the health report to AWS IoT Core: %s", exc)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Finish scans in progress, leave queued ones in the inbox, say offline."""

@@ -3,8 +3,9 @@
 It walks a synthesized state machine definition state by state: ``Task``
 states hand their resolved ``Parameters`` to a responder (the test's stand-in
 for the AWS service, checked by the test) and apply ``ResultSelector`` and
-``ResultPath``; ``Choice``, ``Pass``, ``Wait`` (no sleeping), ``Succeed`` and
-``Fail`` behave as in Step Functions, for the subset of paths, conditions
+``ResultPath``; ``Map`` runs its item processor per item (a failed item
+fails the Map, which its ``Catch`` may route); ``Choice``, ``Pass``, ``Wait``
+(no sleeping), ``Succeed`` and ``Fail`` behave as in Step Functions, for the subset of paths, conditions
 and intrinsic functions (``States.Format``, ``States.JsonMerge``,
 ``States.StringToJson``, ``States.JsonToString``) the pipeline uses. Anything
 else raises, so a definition that leaves the subset fails its test instead of
@@ -129,10 +130,13 @@ def _condition(rule: dict[str, Any], data: Any, context: dict[str, Any]) -> bool
         ("BooleanEquals", lambda v, x: v is x),
         ("StringEquals", lambda v, x: v == x),
         ("NumericGreaterThan", lambda v, x: v > x),
+        ("NumericLessThanEquals", lambda v, x: v <= x),
         ("NumericEquals", lambda v, x: v == x),
     ):
         if op in rule:
             return bool(test(value, rule[op]))
+        if f"{op}Path" in rule:
+            return bool(test(value, get_path(data, rule[f"{op}Path"], context)))
     raise ValueError(f"unsupported Choice rule {rule}")
 
 
@@ -155,14 +159,41 @@ class Run:
         return found[-1]
 
 
+class StatesError(Exception):
+    """A state failed with ``error`` (a Fail state in a Map iteration)."""
+
+    def __init__(self, error: str, cause: str = "") -> None:
+        super().__init__(error)
+        self.error = error
+        self.cause = cause
+
+
+def _map(
+    state: dict[str, Any], data: Any, context: dict[str, Any], responder: Responder, result: Run
+) -> None:
+    """Run the item processor once per item, in order; the first failed item fails the Map."""
+    items = get_path(data, state["ItemsPath"], context)
+    processor = state.get("ItemProcessor") or state["Iterator"]
+    for index, item in enumerate(items):
+        item_context = {**context, "Map": {"Item": {"Value": item, "Index": index}}}
+        item_input = resolve(state["ItemSelector"], data, item_context) if "ItemSelector" in state else item
+        inner = run(processor, item_input, responder, context=item_context)
+        result.states.extend(inner.states)
+        result.calls.extend(inner.calls)
+        if inner.status == "FAILED":
+            raise StatesError(inner.error or "States.TaskFailed", f"item {index}")
+
+
 def run(
     definition: dict[str, Any],
     data: dict[str, Any],
     responder: Responder,
     execution: str = "release-1",
     max_steps: int = 200,
+    context: dict[str, Any] | None = None,
 ) -> Run:
-    context = {"Execution": {"Name": execution}, "Task": {"Token": "task-token-1"}}
+    """Walk ``definition`` from its StartAt with ``data`` as the execution input."""
+    context = context or {"Execution": {"Name": execution}, "Task": {"Token": "task-token-1"}}
     result = Run()
     name = definition["StartAt"]
     for _ in range(max_steps):
@@ -176,6 +207,27 @@ def run(
             if "ResultSelector" in state:
                 raw = resolve(state["ResultSelector"], raw, context)
             data = set_path(data, state.get("ResultPath", "$"), raw)
+        elif kind == "Map":
+            try:
+                _map(state, data, context, responder, result)
+            except StatesError as exc:
+                catcher = next(
+                    (
+                        c
+                        for c in state.get("Catch", [])
+                        if "States.ALL" in c["ErrorEquals"] or exc.error in c["ErrorEquals"]
+                    ),
+                    None,
+                )
+                if catcher is None:
+                    result.end, result.status, result.error = name, "FAILED", exc.error
+                    return result
+                data = set_path(
+                    data, catcher.get("ResultPath", "$"), {"Error": exc.error, "Cause": exc.cause}
+                )
+                name = catcher["Next"]
+                continue
+            data = set_path(data, state.get("ResultPath", "$"), None)
         elif kind == "Pass":
             if "Result" in state:
                 data = set_path(data, state.get("ResultPath", "$"), state["Result"])

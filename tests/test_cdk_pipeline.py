@@ -82,11 +82,13 @@ class Services:
         verdict: dict[str, Any],
         jobs: dict[str, list[dict[str, int]]],
         existing: dict[str, Any] | None = None,
+        reports: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         self.verdict = verdict
         self.jobs = {group: list(answers) for group, answers in jobs.items()}
         self.existing = existing
         self.records: dict[str, Any] = {}
+        self.reports = reports if reports is not None else {"box-1": report(), "box-2": report()}
 
     def __call__(self, state: str, params: dict[str, Any]) -> Any:
         if state == "Train":
@@ -97,6 +99,13 @@ class Services:
         if state == "ApproveRelease":
             assert "taskToken" in params["Message"]
             return {"approver": "dr-ops"}
+        if state == "CanaryListThings":
+            assert params["ThingGroupName"] == "healthdiag-canary"
+            return {"Things": sorted(self.reports)}
+        if state == "CanaryGetReport":
+            thing = params["Topic"].rsplit("/", 1)[1]
+            assert params["Topic"] == f"healthdiag/edge/status/{thing}"
+            return {"Topic": params["Topic"], "Payload": json.dumps(self.reports[thing])}
         if state.startswith("Record"):
             assert params["ChecksumAlgorithm"] == "SHA256"
             self.records[params["Key"]] = json.loads(params["Body"])
@@ -123,7 +132,36 @@ class Services:
         raise AssertionError(f"unexpected state {state}")
 
 
-PASSED = {"passed": True, "checks": [], "component": {MODEL: {"ComponentVersion": "0.2.0"}}}
+PASSED = {
+    "passed": True,
+    "version": "0.2.0",
+    "checks": [],
+    "component": {MODEL: {"ComponentVersion": "0.2.0"}},
+}
+
+
+def report(version: str = "0.2.0", conformance: bool = True, quarantined: int = 0) -> dict[str, Any]:
+    """A device's retained health report, as edge_runtime.service publishes it."""
+    return {
+        "schema_version": "1.0",
+        "message_type": "status",
+        "state": "online",
+        "client_id": "box",
+        "model": {
+            "name": "pneumonia-cxr",
+            "version": version,
+            "backend": "onnxruntime",
+            "conformance": {
+                "passed": conformance,
+                "backend": "onnxruntime",
+                "images": 32,
+                "max_abs_diff": 0.01,
+                "max_abs_diff_allowed": 0.31,
+                "decisions_differing": 0,
+            },
+        },
+        "counters": {"received": 10, "processed": 10 - quarantined, "quarantined": quarantined},
+    }
 
 
 def test_a_healthy_release_goes_canary_then_fleet_merging_only_the_model(definition: dict[str, Any]) -> None:
@@ -137,6 +175,7 @@ def test_a_healthy_release_goes_canary_then_fleet_merging_only_the_model(definit
     assert result.states.index("ApproveRelease") < result.states.index("CanaryDeploy")
     assert result.states.index("CanaryHealthy") < result.states.index("FleetDeploy")
     assert result.states.count("CanarySoak") == 2  # still in progress after the first soak
+    assert result.states.count("CanaryGetReport") == 2  # every canary device's own report was read
     canary = result.call("CanaryDeploy")
     assert canary["Components"] == {
         RUNTIME: {"ComponentVersion": "0.1.0"},
@@ -171,6 +210,25 @@ def test_a_failing_canary_is_rolled_back_to_its_previous_components(definition: 
     assert result.call("CanaryRollback")["Components"] == PREVIOUS
     assert "FleetDeploy" not in result.states
     assert "releases/release-1/outcome-CanaryRolledBack.json" in services.records
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [report(version="0.1.1"), report(conformance=False), report(quarantined=3)],
+    ids=["still-old-version", "conformance-failed", "quarantining"],
+)
+def test_a_canary_device_whose_own_report_is_bad_rolls_the_canary_back(
+    definition: dict[str, Any], bad: dict[str, Any]
+) -> None:
+    # The IoT job says every device succeeded; one runtime says otherwise (e.g. it refused the
+    # model at its conformance check and kept the old one).
+    services = Services(
+        verdict=PASSED, jobs={"Canary": [{}]}, existing=PREVIOUS, reports={"box-1": report(), "box-2": bad}
+    )
+    result = run(definition, {}, services)
+    assert (result.status, result.error) == ("FAILED", "CanaryFailed")
+    assert result.call("CanaryRollback")["Components"] == PREVIOUS
+    assert "FleetDeploy" not in result.states
 
 
 def test_a_failing_fleet_is_rolled_back_too(definition: dict[str, Any]) -> None:

@@ -23,6 +23,7 @@ from edge_runtime.service import EdgeService
 COMPONENT = "com.healthdiag.EdgeInference"
 SIIM = "dicom/siim_torchxrayvision/1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
 RESULT_VALIDATOR = jsonschema.Draft202012Validator(load_schema("result-v1"))
+STATUS_VALIDATOR = jsonschema.Draft202012Validator(load_schema("status-v1"))
 
 
 def component_configuration(tmp_path: Path, bundle: Path) -> dict:
@@ -80,9 +81,12 @@ def test_reports_running_and_publishes_to_local_pubsub_and_deidentified_to_iot_c
     (result,) = wait_results(nucleus, 1)
     RESULT_VALIDATOR.validate(result)
     assert result["input"]["sop_instance_uid"].startswith("1.2.276")
-    nucleus.wait_until(lambda: len(nucleus.calls_for("PublishToIoTCore")) >= 1)
-    (cloud_call,) = nucleus.calls_for("PublishToIoTCore")
-    assert cloud_call["topicName"] == "healthdiag/edge/cloud/results"
+    def result_calls() -> list[dict]:
+        return [c for c in nucleus.calls_for("PublishToIoTCore")
+                if c["topicName"] == "healthdiag/edge/cloud/results"]
+
+    nucleus.wait_until(lambda: len(result_calls()) >= 1)
+    (cloud_call,) = result_calls()
     assert cloud_call["qos"] == "1"
     cloud = json.loads(cloud_call["payload"])
     text = json.dumps(cloud)
@@ -148,3 +152,24 @@ def test_model_hot_swap_rejects_a_bad_bundle_and_takes_a_good_one(shared_data: P
          "swapped.jpeg")
     assert wait_results(nucleus, 2)[1]["model"]["version"] == "0.0.2"
     assert service.last_error is None
+
+
+def test_health_report_is_retained_in_iot_core_per_thing(nucleus_service, tmp_path: Path):
+    # What the release pipeline's canary check reads: model version, conformance, counters.
+    nucleus, service = nucleus_service
+    topic = "healthdiag/edge/status/edge-device-1"  # <StatusTopic>/<AWS_IOT_THING_NAME>
+
+    def reports() -> list[dict]:
+        return [c for c in nucleus.calls_for("PublishToIoTCore") if c["topicName"] == topic]
+
+    nucleus.wait_until(lambda: len(reports()) >= 2)  # every heartbeat (1 s here)
+    call = reports()[-1]
+    assert call["retain"] is True and call["qos"] == "1"
+    report = json.loads(call["payload"])
+    STATUS_VALIDATOR.validate(report)
+    assert report["client_id"] == "edge-device-1" and report["state"] == "online"
+    assert report["model"]["version"] == service.analyzer.bundle.version
+    assert {"received", "processed", "quarantined"} <= set(report["counters"])
+    text = json.dumps(report)
+    assert str(tmp_path) not in text and "inbox" not in text  # no paths, no file names
+

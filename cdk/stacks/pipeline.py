@@ -21,14 +21,16 @@ An AWS Step Functions state machine, built only from service integrations
    ``MaxCanaryFailures`` rolls the canary back to its previous components
    (``CanaryRollback``) and fails the execution; devices still queued or in
    progress mean another soak period.
+   Then every canary device's own health report must show the new version,
+   a passed conformance check and at most ``MaxCanaryFailures`` quarantined
+   scans (``CanaryReports``), else the canary is rolled back too.
 5. **Fleet** (``Fleet*``): the same for the fleet group, with its own rate.
 
 Every outcome is written to the records bucket (Object Lock) as
 ``releases/<execution>/outcome-<state>.json``.
 
-Not yet done (issue 12): the runtime's own health report over AWS IoT Core
-(conformance result, error counters) in the soak check; it reads the IoT
-job's per-device outcome only.
+The canary's device reports are read as the runtime publishes them
+(``edge_runtime.service``: retained, per thing, every heartbeat).
 """
 
 from __future__ import annotations
@@ -446,18 +448,20 @@ class PipelineStack(Stack):
         )
         rollback.next(self._record(f"{group}RolledBack")).next(failed_end)
         healthy = sfn.Pass(self, f"{group}Healthy")
-        limit = self.config.rollout.max_canary_failures if group == "Canary" else 0
-        failures = [sfn.Condition.number_greater_than(f"$.{key}.job.details.{n}", limit) for n in _FAILED]
+        failures = [sfn.Condition.number_greater_than(f"$.{key}.job.details.{n}", 0) for n in _FAILED]
         pending = [
             sfn.Condition.number_greater_than(f"$.{key}.job.details.{n}", 0)
             for n in ("NumberOfQueuedThings", "NumberOfInProgressThings")
         ]
+        done: sfn.IChainable = healthy
+        if group == "Canary":
+            done = self._device_reports(key, rollback, healthy)
         check = (
             sfn.Choice(self, f"{group}Healthy?")
             .when(sfn.Condition.or_(*failures), rollback)
             .when(sfn.Condition.string_equals(f"$.{key}.job.status", "CANCELED"), rollback)
             .when(sfn.Condition.or_(*pending), soak)
-            .otherwise(healthy)
+            .otherwise(done)
         )
         soak.next(job).next(check)
         create.next(soak)
@@ -470,6 +474,71 @@ class PipelineStack(Stack):
         )
         return _Rollout(entry=listed, healthy=healthy, chain=entry)
 
+    def _device_reports(self, key: str, rollback: sfn.IChainable, healthy: sfn.Pass) -> sfn.IChainable:
+        """Every canary device's own health report: the new version, conformance passed, few failures.
+
+        The runtime publishes it retained on ``<StatusTopic>/<thing name>`` in AWS IoT
+        Core every heartbeat (``Greengrass.StatusTopic``). A deployment can succeed
+        while the runtime refuses the model (a failed conformance check keeps the old
+        one), so the IoT job alone cannot promote a release.
+        """
+        prefix = "healthdiag/edge/status"
+        things = tasks.CallAwsService(
+            self,
+            "CanaryListThings",
+            service="iot",
+            action="listThingsInThingGroup",
+            parameters={"ThingGroupName": self.config.canary_group, "MaxResults": 250},
+            iam_resources=[self.group_arns["Canary"]],
+            result_path=f"$.{key}.things",
+        )
+        report = tasks.CallAwsService(
+            self,
+            "CanaryGetReport",
+            service="iotdataplane",
+            action="getRetainedMessage",
+            iam_action="iot:GetRetainedMessage",
+            parameters={"Topic.$": f"States.Format('{prefix}/{{}}', $.thing)"},
+            iam_resources=[f"arn:{self.partition}:iot:{self.region}:{self.account}:topic/{prefix}/*"],
+            result_selector={"report.$": "States.StringToJson($.Payload)"},
+            result_path="$.got",
+        )
+        ok = sfn.Pass(self, "CanaryReportOk")
+        bad = sfn.Fail(
+            self,
+            "CanaryReportBad",
+            error="CanaryReportBad",
+            cause="A canary device runs another version, failed its conformance check or "
+            "quarantined too many scans",
+        )
+        judge = (
+            sfn.Choice(self, "CanaryReportGood?")
+            .when(
+                sfn.Condition.and_(
+                    sfn.Condition.string_equals_json_path("$.got.report.model.version", "$.version"),
+                    sfn.Condition.boolean_equals("$.got.report.model.conformance.passed", True),
+                    sfn.Condition.number_less_than_equals(
+                        "$.got.report.counters.quarantined", self.config.rollout.max_canary_failures
+                    ),
+                ),
+                ok,
+            )
+            .otherwise(bad)
+        )
+        each = sfn.Map(
+            self,
+            "CanaryReports",
+            items_path=f"$.{key}.things.Things",
+            item_selector={"thing.$": "$$.Map.Item.Value", "version.$": "$.gate.verdict.version"},
+            max_concurrency=10,
+            result_path=sfn.JsonPath.DISCARD,
+        )
+        each.item_processor(report.next(judge))
+        each.add_catch(rollback, errors=["States.ALL"], result_path=f"$.{key}.reportError")
+        each.next(healthy)
+        things.next(each)
+        return things
+
     def _acknowledge(self) -> None:
         """cdk-nag findings in this stack that are acceptable, each with its reason."""
         region = "<AWS::Region>" if Token.is_unresolved(self.region) else self.region
@@ -478,6 +547,7 @@ class PipelineStack(Stack):
         prefix = self.config.name_prefix
         artifacts = f"arn:<AWS::Partition>:s3:::{prefix}-artifacts-{account}-{region}"
         records = f"arn:<AWS::Partition>:s3:::{prefix}-records-{account}-{region}"
+        reports = arn.format("iot", "topic/healthdiag/edge/status/*")
         generated = (
             "CDK generates this inline default policy for the role it creates (the state machine's, or "
             "the grants of the SageMaker task); it holds only what the tasks above call."
@@ -494,6 +564,9 @@ class PipelineStack(Stack):
             ),
             f"AwsSolutions::AwsSolutions-IAM5[Resource::{arn.format('iot', 'thing/*')}]": (
                 "A deployment's IoT job addresses the group's things, which join and leave the group."
+            ),
+            f"AwsSolutions::AwsSolutions-IAM5[Resource::{reports}]": (
+                "One retained health report per canary device, named by thing at run time."
             ),
             f"AwsSolutions::AwsSolutions-IAM5[Resource::{arn.format('sagemaker', 'training-job/*')}]": (
                 "One training job per release, named after the execution at run time."

@@ -57,7 +57,7 @@ def release_candidate(
     thresholds = load_config({"Gate": json.loads(env.get("HEALTHDIAG_GATE", "{}"))}).gate
     production = production_manifest(clients, artifact_bucket, env["HEALTHDIAG_FLEET_GROUP"])
     verdict = evaluate_gate(candidate, thresholds, production)
-    record: dict[str, Any] = {"release": release, **verdict.to_dict()}
+    record: dict[str, Any] = {"release": release, "version": candidate["version"], **verdict.to_dict()}
     if verdict.passed:
         digest = hashlib.sha256((bundle_dir / "manifest.json").read_bytes()).digest()
         signature = clients.kms.sign(
