@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import hashlib
 import io
 import json
 import zipfile
@@ -78,6 +79,7 @@ def _candidate(default_bundle: Path) -> dict[str, Any]:
 def test_a_passing_candidate_is_signed_published_and_recorded(
     aws: tuple[Clients, Stubber],
     default_bundle: Path,
+    tmp_path: Path,
 ) -> None:
     clients, stub = aws
     env = _environment(clients)
@@ -102,8 +104,14 @@ def test_a_passing_candidate_is_signed_published_and_recorded(
         },
         {"inlineRecipe": _recipe(version).encode()},
     )
-    record = release_candidate(clients, default_bundle, env, "release-7")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "split.json").write_text('{"train": ["a.jpeg"], "val": ["b.jpeg"]}')
+    (run / "evaluation.json").write_text('{"threshold": 0.93}')
+    record = release_candidate(clients, default_bundle, env, "release-7", run_dir=run)
     assert record["passed"] and record["production"].endswith("0.1.1")
+    assert record["dataset_sha256"] == hashlib.sha256((run / "split.json").read_bytes()).hexdigest()
+    assert record["evaluation"] == {"threshold": 0.93}
     assert record["publish"]["status"] == "published"
     assert record["component"] == {MODEL_COMPONENT: {"ComponentVersion": version}}
     digest = bytes.fromhex(record["manifest_sha256"])

@@ -48,16 +48,35 @@ def production_manifest(clients: Clients, bucket: str, fleet_group: str) -> dict
         return dict(json.loads(archive.read("manifest.json")))
 
 
+def _provenance(run_dir: Path | None) -> dict[str, Any]:
+    """What the record keeps of the run: the data split's hash and the evaluation report."""
+    if run_dir is None:
+        return {}
+    out: dict[str, Any] = {}
+    split = run_dir / "split.json"
+    if split.is_file():  # every item id of train/validation/test: the dataset as trained on
+        out["dataset_sha256"] = hashlib.sha256(split.read_bytes()).hexdigest()
+    evaluation = run_dir / "evaluation.json"
+    if evaluation.is_file():
+        out["evaluation"] = json.loads(evaluation.read_text(encoding="utf-8"))
+    return out
+
+
 def release_candidate(
-    clients: Clients, bundle_dir: Path, env: dict[str, str], release: str
+    clients: Clients, bundle_dir: Path, env: dict[str, str], release: str, run_dir: Path | None = None
 ) -> dict[str, Any]:
-    """Gate, sign and publish ``bundle_dir``; write and return the verdict record."""
+    """Gate, sign and publish ``bundle_dir``; write and return the verdict record (with provenance)."""
     artifact_bucket = env["HEALTHDIAG_ARTIFACT_BUCKET"]
     candidate = json.loads((bundle_dir / "manifest.json").read_text(encoding="utf-8"))
     thresholds = load_config({"Gate": json.loads(env.get("HEALTHDIAG_GATE", "{}"))}).gate
     production = production_manifest(clients, artifact_bucket, env["HEALTHDIAG_FLEET_GROUP"])
     verdict = evaluate_gate(candidate, thresholds, production)
-    record: dict[str, Any] = {"release": release, "version": candidate["version"], **verdict.to_dict()}
+    record: dict[str, Any] = {
+        "release": release,
+        "version": candidate["version"],
+        **verdict.to_dict(),
+        **_provenance(run_dir),
+    }
     if verdict.passed:
         digest = hashlib.sha256((bundle_dir / "manifest.json").read_bytes()).digest()
         signature = clients.kms.sign(
@@ -104,7 +123,9 @@ def main() -> int:  # pragma: no cover - runs inside SageMaker
         ],
         check=True,
     )
-    record = release_candidate(Clients.create(), bundle, dict(os.environ), os.environ["TRAINING_JOB_NAME"])
+    record = release_candidate(
+        Clients.create(), bundle, dict(os.environ), os.environ["TRAINING_JOB_NAME"], run_dir=run
+    )
     print(json.dumps({k: record[k] for k in ("release", "passed")}))
     return 0
 
