@@ -38,7 +38,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from aws_cdk import Duration, Size, Stack, Token
+from aws_cdk import Duration, IgnoreMode, Size, Stack, Token
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_logs as logs
@@ -245,7 +245,21 @@ class PipelineStack(Stack):
             "TrainingImage",
             directory=str(REPO_ROOT),
             file="cdk/training_image/Dockerfile",
-            exclude=["runs", ".venv*", "**/node_modules", "cdk/cdk.out", ".git", "**/__pycache__"],
+            # Only what the Dockerfile copies: the rest of a checkout (caches, runs, venvs) stays out.
+            exclude=[
+                "*",
+                "!pyproject.toml",
+                "!README.md",
+                "!edge_runtime",
+                "!training",
+                "!components",
+                "!recipes",
+                "!cdk",
+                "cdk/cdk.out",
+                "cdk/node_modules",
+                "**/__pycache__",
+            ],
+            ignore_mode=IgnoreMode.DOCKER,
         )
         gate = self.config.gate.model_dump_json(by_alias=True)
         return tasks.SageMakerCreateTrainingJob(
