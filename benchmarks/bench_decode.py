@@ -31,8 +31,9 @@ REFERENCES = {"RG1": "pydicom_data/RG1_UNCR.dcm", "RG2": "wg04/RG2_JPLL", "RG3":
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     args = parser.parse_args()
@@ -40,13 +41,16 @@ def main() -> int:
     if not dicom.is_dir():
         raise SystemExit(f"{dicom} not found (pass --data)")
     with open(dicom / "INVENTORY.tsv", newline="") as fh:
-        rows = [r for r in csv.DictReader(fh, delimiter="\t")
-                if Path(r["file"]).name.split("_")[0] in REFERENCES]
+        rows = [
+            r for r in csv.DictReader(fh, delimiter="\t") if Path(r["file"]).name.split("_")[0] in REFERENCES
+        ]
     limits = DecodeLimits(max_pixels=10**8)
     references = {k: decode_file(dicom / v, limits).pixels for k, v in REFERENCES.items()}
 
-    print(f"{'file':26s} {'transfer syntax':58s} {'p50 ms':>8s} {'p95 ms':>8s} "
-          f"{'decoder':16s} {'vs reference':>22s}")
+    print(
+        f"{'file':26s} {'transfer syntax':58s} {'p50 ms':>8s} {'p95 ms':>8s} "
+        f"{'decoder':16s} {'vs reference':>22s}"
+    )
     for row in sorted(rows, key=lambda r: r["file"]):
         path = dicom / row["file"]
         times = []
@@ -63,8 +67,10 @@ def main() -> int:
         else:
             verdict = f"mean {diff.mean():.4f} p99 {np.percentile(diff, 99):.4f}"
         syntax = row["transfer_syntax"].split(" (1.2")[0][:58]
-        print(f"{Path(row['file']).name:26s} {syntax:58s} {np.percentile(times, 50):8.1f} "
-              f"{np.percentile(times, 95):8.1f} {image.decoder:16s} {verdict:>22s}")
+        print(
+            f"{Path(row['file']).name:26s} {syntax:58s} {np.percentile(times, 50):8.1f} "
+            f"{np.percentile(times, 95):8.1f} {image.decoder:16s} {verdict:>22s}"
+        )
 
     sandbox = DecodeSandbox()
     try:
@@ -79,9 +85,11 @@ def main() -> int:
             decode_file(path, limits)
             direct.append((time.perf_counter() - t0) * 1000)
         p_in, p_direct = np.percentile(inside, 50), np.percentile(direct, 50)
-        print(f"\nRG1_UNCR.dcm (7 MB, 1955x1841): in process p50 {p_direct:.1f} ms, through the "
-              f"decode sandbox p50 {p_in:.1f} ms (ratio {p_in / p_direct:.2f}: the cost of "
-              "isolation)")
+        print(
+            f"\nRG1_UNCR.dcm (7 MB, 1955x1841): in process p50 {p_direct:.1f} ms, through the "
+            f"decode sandbox p50 {p_in:.1f} ms (ratio {p_in / p_direct:.2f}: the cost of "
+            "isolation)"
+        )
     finally:
         sandbox.close()
     return 0

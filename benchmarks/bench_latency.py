@@ -56,8 +56,7 @@ def start_broker(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
     conf = workdir / "mosquitto.conf"
     conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n")
     binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:
@@ -96,13 +95,13 @@ def pct(values: list[float], q: float) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--bundle", type=Path, default=None,
-                        help="model bundle (default: the bundled model)")
+    parser.add_argument("--bundle", type=Path, default=None, help="model bundle (default: the bundled model)")
     args = parser.parse_args()
     if not args.data.is_dir():
         raise SystemExit(f"data folder {args.data} not found (pass --data)")
@@ -111,14 +110,20 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         broker, port = start_broker(tmp)
-        config = RuntimeConfig.from_mapping({
-            "Inbox": {"Path": str(tmp / "inbox"), "QuarantinePath": str(tmp / "q"),
-                      "SettleSeconds": 1.0, "RescanIntervalSeconds": 5.0},
-            "Mqtt": {"Host": "127.0.0.1", "Port": port, "ClientId": "bench"},
-            "Journal": {"Path": str(tmp / "journal.sqlite3")},
-            "Workers": args.workers,
-            "Model": {"BundlePath": str(args.bundle) if args.bundle else ""},
-        })
+        config = RuntimeConfig.from_mapping(
+            {
+                "Inbox": {
+                    "Path": str(tmp / "inbox"),
+                    "QuarantinePath": str(tmp / "q"),
+                    "SettleSeconds": 1.0,
+                    "RescanIntervalSeconds": 5.0,
+                },
+                "Mqtt": {"Host": "127.0.0.1", "Port": port, "ClientId": "bench"},
+                "Journal": {"Path": str(tmp / "journal.sqlite3")},
+                "Workers": args.workers,
+                "Model": {"BundlePath": str(args.bundle) if args.bundle else ""},
+            }
+        )
         service = EdgeService(config)
         acked: dict[str, float] = {}
         publish_ms: dict[str, float] = {}
@@ -137,19 +142,22 @@ def main() -> int:
         service.start()
         service.publisher.wait_connected(10)
         bundle = service.analyzer.bundle
-        print(f"model {bundle.name} {bundle.version} ({service.analyzer.backend.name}, "
-              f"{service.analyzer.model_info['quantization']}), {args.workers} workers, "
-              f"{args.repeats} drops per input, sequential (no queueing)\n")
-        header = (f"{'input':38s} {'stage':11s} {'p50 ms':>8s} {'p95 ms':>8s}")
+        print(
+            f"model {bundle.name} {bundle.version} ({service.analyzer.backend.name}, "
+            f"{service.analyzer.model_info['quantization']}), {args.workers} workers, "
+            f"{args.repeats} drops per input, sequential (no queueing)\n"
+        )
+        header = f"{'input':38s} {'stage':11s} {'p50 ms':>8s} {'p95 ms':>8s}"
         print(header)
         print("-" * len(header))
         try:
             for label, rel in INPUTS.items():
-                copies = make_copies(args.data / rel, tmp / "staging" / rel.replace("/", "_"),
-                                     args.repeats + 1)
-                stages: dict[str, list[float]] = {k: [] for k in
-                                                  ("decode", "preprocess", "infer", "publish",
-                                                   "end-to-end")}
+                copies = make_copies(
+                    args.data / rel, tmp / "staging" / rel.replace("/", "_"), args.repeats + 1
+                )
+                stages: dict[str, list[float]] = {
+                    k: [] for k in ("decode", "preprocess", "infer", "publish", "end-to-end")
+                }
                 for i, copy in enumerate(copies):
                     part = config.inbox.path / (copy.name + ".part")
                     shutil.copyfile(copy, part)

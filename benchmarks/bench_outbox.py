@@ -42,15 +42,15 @@ def fake_result(i: int) -> dict:
 
 
 def journal_rate(folder: Path, n: int, durable: bool) -> float:
-    journal = Journal(folder / f"journal-{'durable' if durable else 'nosync'}.sqlite3",
-                      durable=durable)
+    journal = Journal(folder / f"journal-{'durable' if durable else 'nosync'}.sqlite3", durable=durable)
     t0 = time.perf_counter()
     for i in range(n):
         sha = hashlib.sha256(f"{durable}-{i}".encode()).hexdigest()
         record = journal.admit(sha, folder / f"scan{i}.dcm", 1000).record
         payload = json.dumps(fake_result(i))
-        (message,) = journal.record_result(record.id, fake_result(i),
-                                           [Delivery("mqtt", "bench/results", payload, 1)])
+        (message,) = journal.record_result(
+            record.id, fake_result(i), [Delivery("mqtt", "bench/results", payload, 1)]
+        )
         journal.mark_delivered(message.seq)
     elapsed = time.perf_counter() - t0
     journal.close()
@@ -61,8 +61,7 @@ def start_broker(workdir: Path, port: int) -> subprocess.Popen:
     conf = workdir / "mosquitto.conf"
     conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n")
     binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(200):
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
@@ -81,10 +80,8 @@ def drain_time(folder: Path, backlog: int) -> tuple[float, float]:
         sha = hashlib.sha256(f"drain-{i}".encode()).hexdigest()
         record = journal.admit(sha, folder / f"d{i}.dcm", 1000).record
         result = fake_result(10**6 + i)
-        journal.record_result(record.id, result,
-                              [Delivery("mqtt", "bench/results", json.dumps(result), 1)])
-    publisher = MqttPublisher(MqttConfig(host="127.0.0.1", port=port, client_id="bench-drain"),
-                              journal)
+        journal.record_result(record.id, result, [Delivery("mqtt", "bench/results", json.dumps(result), 1)])
+    publisher = MqttPublisher(MqttConfig(host="127.0.0.1", port=port, client_id="bench-drain"), journal)
     publisher.start()  # broker is down: everything waits in the outbox
     time.sleep(1.0)
     t0 = time.perf_counter()
@@ -108,14 +105,20 @@ def service_rate(folder: Path, port: int, sources: list[Path], durable: bool) ->
     from edge_runtime.service import EdgeService
 
     tag = "durable" if durable else "nosync"
-    config = RuntimeConfig.from_mapping({
-        "Inbox": {"Path": str(folder / f"inbox-{tag}"), "QuarantinePath": str(folder / "q"),
-                  "SettleSeconds": 0.0, "RescanIntervalSeconds": 0.2},
-        "Mqtt": {"Host": "127.0.0.1", "Port": port, "ClientId": f"bench-{tag}"},
-        "Journal": {"Path": str(folder / f"service-{tag}.sqlite3")},
-        "Health": {"File": str(folder / f"health-{tag}.json")},
-        "Workers": 2,
-    })
+    config = RuntimeConfig.from_mapping(
+        {
+            "Inbox": {
+                "Path": str(folder / f"inbox-{tag}"),
+                "QuarantinePath": str(folder / "q"),
+                "SettleSeconds": 0.0,
+                "RescanIntervalSeconds": 0.2,
+            },
+            "Mqtt": {"Host": "127.0.0.1", "Port": port, "ClientId": f"bench-{tag}"},
+            "Journal": {"Path": str(folder / f"service-{tag}.sqlite3")},
+            "Health": {"File": str(folder / f"health-{tag}.json")},
+            "Workers": 2,
+        }
+    )
     service = EdgeService(config)
     service.journal.close()
     service.journal = Journal(config.journal.path, durable=durable)
@@ -133,8 +136,10 @@ def service_rate(folder: Path, port: int, sources: list[Path], durable: bool) ->
     # Byte-identical images (the Kermany set has a few) are processed once: wait for the
     # inbox to empty and the outbox to drain rather than for a message count.
     while time.monotonic() < deadline and (
-            any(config.inbox.path.iterdir()) or service.journal.counts()["outbox_pending"]
-            or service.counters["received"] < len(sources)):
+        any(config.inbox.path.iterdir())
+        or service.journal.counts()["outbox_pending"]
+        or service.counters["received"] < len(sources)
+    ):
         time.sleep(0.01)
     elapsed = time.perf_counter() - t0
     service.stop()
@@ -142,12 +147,14 @@ def service_rate(folder: Path, port: int, sources: list[Path], durable: bool) ->
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--backlog", type=int, default=500)
-    parser.add_argument("--dir", type=Path, default=None,
-                        help="folder on the disk to measure (default: a temp dir)")
+    parser.add_argument(
+        "--dir", type=Path, default=None, help="folder on the disk to measure (default: a temp dir)"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         folder = Path(tmp)
@@ -177,8 +184,10 @@ def main() -> int:
         connected, drained = drain_time(folder, args.backlog)
         print(f"\nbroker restart with {args.backlog} results queued in the outbox:")
         print(f"  broker start -> connected      : {connected:6.2f} s")
-        print(f"  broker start -> all PUBACKed   : {drained:6.2f} s "
-              f"({args.backlog / max(drained - connected, 1e-9):.0f} results/s once connected)")
+        print(
+            f"  broker start -> all PUBACKed   : {drained:6.2f} s "
+            f"({args.backlog / max(drained - connected, 1e-9):.0f} results/s once connected)"
+        )
     return 0
 
 

@@ -65,9 +65,24 @@ DEFAULT_BUCKET = "BUCKET"
 DEFAULT_BUNDLE = REPO_ROOT / "edge_runtime" / "models" / "pneumonia-cxr"
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 # Folders never copied into the scratch source tree when git cannot list the files.
-_NOT_SOURCE = {".git", ".venv", "build", "dist", "greengrass-build", "runs", "state", "inbox", "quarantine",
-               "processed", "node_modules", "cdk.out", "__pycache__", ".pytest_cache", ".ruff_cache",
-               ".hypothesis"}
+_NOT_SOURCE = {
+    ".git",
+    ".venv",
+    "build",
+    "dist",
+    "greengrass-build",
+    "runs",
+    "state",
+    "inbox",
+    "quarantine",
+    "processed",
+    "node_modules",
+    "cdk.out",
+    "__pycache__",
+    ".pytest_cache",
+    ".ruff_cache",
+    ".hypothesis",
+}
 
 __all__ = ["BuildError", "BuiltComponent", "build", "main"]
 
@@ -119,8 +134,9 @@ def component_names() -> list[str]:
     for config in sorted(COMPONENTS_DIR.glob("*/gdk-config.json")):
         declared = list(_read_json(config).get("component", {}))
         if declared != [config.parent.name]:
-            raise BuildError(f"{config} must declare exactly the component {config.parent.name!r}, "
-                             f"not {declared}.")
+            raise BuildError(
+                f"{config} must declare exactly the component {config.parent.name!r}, not {declared}."
+            )
         names.append(config.parent.name)
     return names
 
@@ -167,7 +183,8 @@ def _source_files() -> list[str]:
     try:
         listing = subprocess.run(
             ["git", "-C", str(REPO_ROOT), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-            capture_output=True, check=True,
+            capture_output=True,
+            check=True,
         ).stdout.decode()
         return [name for name in listing.split("\0") if name]
     except (OSError, subprocess.CalledProcessError):
@@ -224,23 +241,46 @@ def version_skew(wheel_names: Iterable[str]) -> list[str]:
     return warnings
 
 
-def build_runtime_artifact(staging: Path, *, deps_wheels: bool, platforms: Sequence[str],
-                           python_version: str | None, build_isolation: bool | None,
-                           exclude: Path | None) -> tuple[Path, list[str]]:
+def build_runtime_artifact(
+    staging: Path,
+    *,
+    deps_wheels: bool,
+    platforms: Sequence[str],
+    python_version: str | None,
+    build_isolation: bool | None,
+    exclude: Path | None,
+) -> tuple[Path, list[str]]:
     """Wheels of the project (and its dependencies) zipped flat; returns the zip and the wheel names."""
     _, _, dependencies = project_metadata()
     wheels = staging / "wheels"
     wheels.mkdir(parents=True)
     source = _copy_source_tree(staging / "src", exclude)
     isolation = not _build_without_isolation() if build_isolation is None else build_isolation
-    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--disable-pip-version-check",
-               "--wheel-dir", str(wheels), str(source)]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--disable-pip-version-check",
+        "--wheel-dir",
+        str(wheels),
+        str(source),
+    ]
     if not isolation:
         command.insert(4, "--no-build-isolation")
     _run(command, "Building the project wheel")
     if deps_wheels and dependencies:
-        command = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check",
-                   "--only-binary=:all:", "--dest", str(wheels)]
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--disable-pip-version-check",
+            "--only-binary=:all:",
+            "--dest",
+            str(wheels),
+        ]
         for platform in platforms:
             command += ["--platform", platform]
         if python_version:
@@ -251,8 +291,10 @@ def build_runtime_artifact(staging: Path, *, deps_wheels: bool, platforms: Seque
     names = sorted(p.name for p in wheels.iterdir())
     not_wheels = [n for n in names if not n.endswith(".whl")]
     if not_wheels:
-        raise BuildError(f"Expected only wheels, got {not_wheels}: the device installs offline, "
-                         "so every dependency must come as a binary wheel.")
+        raise BuildError(
+            f"Expected only wheels, got {not_wheels}: the device installs offline, "
+            "so every dependency must come as a binary wheel."
+        )
     zip_path = write_zip(staging / RUNTIME_ARTIFACT, [(wheels / n, n) for n in names])
     return zip_path, names
 
@@ -265,8 +307,10 @@ def build_model_artifact(bundle_dir: Path, staging: Path) -> tuple[Path, str]:
     from edge_runtime.errors import ModelBundleError
 
     if not (bundle_dir / MANIFEST_NAME).is_file():
-        raise BuildError(f"No model bundle at {bundle_dir} (no {MANIFEST_NAME}). Train or copy one there, "
-                         "or pass --bundle PATH.")
+        raise BuildError(
+            f"No model bundle at {bundle_dir} (no {MANIFEST_NAME}). Train or copy one there, "
+            "or pass --bundle PATH."
+        )
     try:
         bundle = load_bundle(bundle_dir)
     except ModelBundleError as exc:
@@ -284,8 +328,11 @@ def render_recipe(name: str, version: str, bucket: str) -> str:
     if not template.is_file():
         raise BuildError(f"No recipe template {template}.")
     text = template.read_text(encoding="utf-8")
-    for placeholder, value in (("{COMPONENT_NAME}", name), ("{COMPONENT_VERSION}", version),
-                               ("{BUCKET}", bucket)):
+    for placeholder, value in (
+        ("{COMPONENT_NAME}", name),
+        ("{COMPONENT_VERSION}", version),
+        ("{BUCKET}", bucket),
+    ):
         text = text.replace(placeholder, value)
     data = validate.load_recipe_text(text)
     declared = validate.get_key(data, "ComponentName")
@@ -294,10 +341,20 @@ def render_recipe(name: str, version: str, bucket: str) -> str:
     return text
 
 
-def build(out: Path, *, version: str | None = None, model_version: str | None = None,
-          bundle: Path | None = None, components: Sequence[str] | None = None, bucket: str = DEFAULT_BUCKET,
-          deps_wheels: bool = True, platforms: Sequence[str] = (), python_version: str | None = None,
-          build_isolation: bool | None = None, gdk_layout: bool = False) -> list[BuiltComponent]:
+def build(
+    out: Path,
+    *,
+    version: str | None = None,
+    model_version: str | None = None,
+    bundle: Path | None = None,
+    components: Sequence[str] | None = None,
+    bucket: str = DEFAULT_BUCKET,
+    deps_wheels: bool = True,
+    platforms: Sequence[str] = (),
+    python_version: str | None = None,
+    build_isolation: bool | None = None,
+    gdk_layout: bool = False,
+) -> list[BuiltComponent]:
     """Build the components into ``out`` (its ``recipes/`` and ``artifacts/`` are replaced).
 
     Raises:
@@ -313,9 +370,11 @@ def build(out: Path, *, version: str | None = None, model_version: str | None = 
     if gdk_layout and len(selected) != 1:
         raise BuildError("--gdk-layout builds one component: pass exactly one --component.")
     if platforms and python_version is None:
-        print("note: --platform without --python-version: wheels are chosen for this machine's Python "
-              f"{sys.version_info.major}.{sys.version_info.minor}; the device's python3 must match.",
-              file=sys.stderr)
+        print(
+            "note: --platform without --python-version: wheels are chosen for this machine's Python "
+            f"{sys.version_info.major}.{sys.version_info.minor}; the device's python3 must match.",
+            file=sys.stderr,
+        )
     out = out.resolve()
     for sub in ("recipes", "artifacts"):
         shutil.rmtree(out / sub, ignore_errors=True)
@@ -327,13 +386,20 @@ def build(out: Path, *, version: str | None = None, model_version: str | None = 
             staging.mkdir()
             if name == RUNTIME:
                 artifact, wheels = build_runtime_artifact(
-                    staging, deps_wheels=deps_wheels, platforms=platforms, python_version=python_version,
-                    build_isolation=build_isolation, exclude=out)
+                    staging,
+                    deps_wheels=deps_wheels,
+                    platforms=platforms,
+                    python_version=python_version,
+                    build_isolation=build_isolation,
+                    exclude=out,
+                )
                 component_version = _check_version(version or project_metadata()[1], "--version")
                 if not deps_wheels:
-                    print(f"note: {RUNTIME_ARTIFACT} holds only {', '.join(wheels)} (--no-deps-wheels): "
-                          "a device cannot install it offline without the dependency wheels.",
-                          file=sys.stderr)
+                    print(
+                        f"note: {RUNTIME_ARTIFACT} holds only {', '.join(wheels)} (--no-deps-wheels): "
+                        "a device cannot install it offline without the dependency wheels.",
+                        file=sys.stderr,
+                    )
             elif name == MODEL:
                 artifact, bundle_version = build_model_artifact((bundle or DEFAULT_BUNDLE).resolve(), staging)
                 component_version = _check_version(model_version or bundle_version, "--model-version")
@@ -376,38 +442,86 @@ manylinux2014_aarch64, pip falls back to old releases that still had such wheels
 when a shipped version differs from the one installed here.""",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--out", type=Path, default=Path("greengrass-build"),
-                        help="output folder; its recipes/ and artifacts/ are replaced (default: %(default)s)")
-    parser.add_argument("--version",
-                        help="runtime component version (default: the version in pyproject.toml)")
-    parser.add_argument("--model-version",
-                        help="model component version (default: the bundle manifest's version)")
-    parser.add_argument("--bundle", type=Path, metavar="PATH",
-                        help=f"model bundle folder (default: {DEFAULT_BUNDLE.relative_to(REPO_ROOT)})")
-    parser.add_argument("--component", action="append", dest="components", metavar="NAME",
-                        help="build only this component (repeatable; default: all)")
-    parser.add_argument("--bucket", default=DEFAULT_BUCKET,
-                        help="S3 bucket written into artifact URIs; only the file name matters for a local "
-                        "deployment (default: %(default)s)")
-    parser.add_argument("--no-deps-wheels", dest="deps_wheels", action="store_false",
-                        help="ship only this project's wheel, not its dependencies (fast, offline)")
-    parser.add_argument("--platform", action="append", dest="platforms", default=[], metavar="TAG",
-                        help="pip platform tag of the device, e.g. manylinux_2_28_aarch64 (repeatable)")
-    parser.add_argument("--python-version", metavar="X.Y",
-                        help="Python version of the device's python3 (default: this interpreter's)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("greengrass-build"),
+        help="output folder; its recipes/ and artifacts/ are replaced (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--version", help="runtime component version (default: the version in pyproject.toml)"
+    )
+    parser.add_argument(
+        "--model-version", help="model component version (default: the bundle manifest's version)"
+    )
+    parser.add_argument(
+        "--bundle",
+        type=Path,
+        metavar="PATH",
+        help=f"model bundle folder (default: {DEFAULT_BUNDLE.relative_to(REPO_ROOT)})",
+    )
+    parser.add_argument(
+        "--component",
+        action="append",
+        dest="components",
+        metavar="NAME",
+        help="build only this component (repeatable; default: all)",
+    )
+    parser.add_argument(
+        "--bucket",
+        default=DEFAULT_BUCKET,
+        help="S3 bucket written into artifact URIs; only the file name matters for a local "
+        "deployment (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--no-deps-wheels",
+        dest="deps_wheels",
+        action="store_false",
+        help="ship only this project's wheel, not its dependencies (fast, offline)",
+    )
+    parser.add_argument(
+        "--platform",
+        action="append",
+        dest="platforms",
+        default=[],
+        metavar="TAG",
+        help="pip platform tag of the device, e.g. manylinux_2_28_aarch64 (repeatable)",
+    )
+    parser.add_argument(
+        "--python-version",
+        metavar="X.Y",
+        help="Python version of the device's python3 (default: this interpreter's)",
+    )
     isolation = parser.add_mutually_exclusive_group()
-    isolation.add_argument("--build-isolation", dest="build_isolation", action="store_true", default=None,
-                           help="build the project wheel in an isolated environment (downloads setuptools)")
-    isolation.add_argument("--no-build-isolation", dest="build_isolation", action="store_false",
-                           help="build with the installed setuptools (default when it is >= 68)")
-    parser.add_argument("--gdk-layout", action="store_true",
-                        help="write the recipe as recipes/recipe.yaml, as 'gdk component publish' expects "
-                        "(used by components/<Name>/gdk-config.json; needs one --component)")
-    parser.add_argument("--schemas", type=Path, metavar="DIR",
-                        help="recipe schema folder for the final validation "
-                        "(default: ../shared/greengrass/schemas; skipped with a note when absent)")
-    parser.add_argument("--no-validate", dest="validate", action="store_false",
-                        help="skip the final validation")
+    isolation.add_argument(
+        "--build-isolation",
+        dest="build_isolation",
+        action="store_true",
+        default=None,
+        help="build the project wheel in an isolated environment (downloads setuptools)",
+    )
+    isolation.add_argument(
+        "--no-build-isolation",
+        dest="build_isolation",
+        action="store_false",
+        help="build with the installed setuptools (default when it is >= 68)",
+    )
+    parser.add_argument(
+        "--gdk-layout",
+        action="store_true",
+        help="write the recipe as recipes/recipe.yaml, as 'gdk component publish' expects "
+        "(used by components/<Name>/gdk-config.json; needs one --component)",
+    )
+    parser.add_argument(
+        "--schemas",
+        type=Path,
+        metavar="DIR",
+        help="recipe schema folder for the final validation "
+        "(default: ../shared/greengrass/schemas; skipped with a note when absent)",
+    )
+    parser.add_argument(
+        "--no-validate", dest="validate", action="store_false", help="skip the final validation"
+    )
     return parser
 
 
@@ -415,10 +529,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Build, validate, and print what was produced (exit 1 on any failure)."""
     args = _parser().parse_args(argv)
     try:
-        built = build(args.out, version=args.version, model_version=args.model_version, bundle=args.bundle,
-                      components=args.components, bucket=args.bucket, deps_wheels=args.deps_wheels,
-                      platforms=args.platforms, python_version=args.python_version,
-                      build_isolation=args.build_isolation, gdk_layout=args.gdk_layout)
+        built = build(
+            args.out,
+            version=args.version,
+            model_version=args.model_version,
+            bundle=args.bundle,
+            components=args.components,
+            bucket=args.bucket,
+            deps_wheels=args.deps_wheels,
+            platforms=args.platforms,
+            python_version=args.python_version,
+            build_isolation=args.build_isolation,
+            gdk_layout=args.gdk_layout,
+        )
     except BuildError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -438,8 +561,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if problems:
             return 1
     merges = " ".join(f'--merge "{c.name}={c.version}"' for c in built)
-    print(f"\nDeploy locally:\n  sudo /greengrass/v2/bin/greengrass-cli deployment create "
-          f"--recipeDir {args.out}/recipes --artifactDir {args.out}/artifacts {merges}")
+    print(
+        f"\nDeploy locally:\n  sudo /greengrass/v2/bin/greengrass-cli deployment create "
+        f"--recipeDir {args.out}/recipes --artifactDir {args.out}/artifacts {merges}"
+    )
     return 0
 
 

@@ -411,8 +411,8 @@ def satisfies(version: str | Version, requirement: str) -> bool:
         if not all(_holds(parsed, op, bound) for op, bound in comparators):
             continue
         if parsed.prerelease and not any(
-            bound.prerelease and (bound.major, bound.minor, bound.patch)
-            == (parsed.major, parsed.minor, parsed.patch)
+            bound.prerelease
+            and (bound.major, bound.minor, bound.patch) == (parsed.major, parsed.minor, parsed.patch)
             for _, bound in comparators
         ):
             continue
@@ -433,8 +433,9 @@ def _schema_message(error: ValidationError) -> tuple[list[Any], str]:
     return list(error.absolute_path), error.message
 
 
-def schema_problems(recipe: Mapping[str, Any], schema: Mapping[str, Any], *, recipe_name: str,
-                    label: str) -> list[Problem]:
+def schema_problems(
+    recipe: Mapping[str, Any], schema: Mapping[str, Any], *, recipe_name: str, label: str
+) -> list[Problem]:
     """Validate ``recipe`` (keys lower-cased, values as written) against one official schema."""
     validator = Draft7Validator(schema)
     problems = []
@@ -496,8 +497,10 @@ def _pointer_problem(config: Any, pointer: str, owner: str) -> str | None:
                 close = same or difflib.get_close_matches(token, [str(k) for k in node], n=1)
                 if close:
                     hint = f" (did you mean {walked}/{close[0]}?)"
-            return (f"{pointer} is not in {owner}'s DefaultConfiguration: "
-                    f"no key {token!r} at {walked or '/'}{hint}")
+            return (
+                f"{pointer} is not in {owner}'s DefaultConfiguration: "
+                f"no key {token!r} at {walked or '/'}{hint}"
+            )
         walked += "/" + raw
     return None
 
@@ -505,8 +508,9 @@ def _pointer_problem(config: Any, pointer: str, owner: str) -> str | None:
 def _variable_problems(recipe: _Recipe, recipes: Mapping[str, _Recipe]) -> list[Problem]:
     problems = []
     sources: list[tuple[str, Any]] = [("Lifecycle", get_key(recipe.data, "Lifecycle"))]
-    sources += [(f"Manifests[{i}].Lifecycle", get_key(m, "Lifecycle"))
-                for i, m in enumerate(recipe.manifests())]
+    sources += [
+        (f"Manifests[{i}].Lifecycle", get_key(m, "Lifecycle")) for i, m in enumerate(recipe.manifests())
+    ]
     sources.append(("ComponentConfiguration.DefaultConfiguration", recipe.default_configuration))
     own_config = recipe.default_configuration if isinstance(recipe.default_configuration, Mapping) else {}
     for base, value in sources:
@@ -518,8 +522,9 @@ def _variable_problems(recipe: _Recipe, recipes: Mapping[str, _Recipe]) -> list[
     return problems
 
 
-def _variable_problem(inner: str, recipe: _Recipe, own_config: Any,
-                      recipes: Mapping[str, _Recipe]) -> str | None:
+def _variable_problem(
+    inner: str, recipe: _Recipe, own_config: Any, recipes: Mapping[str, _Recipe]
+) -> str | None:
     """Why ``{inner}`` would not be replaced by the nucleus (``None`` when it would)."""
     parts = inner.split(":")
     if len(parts) == 1:
@@ -527,21 +532,25 @@ def _variable_problem(inner: str, recipe: _Recipe, own_config: Any,
             return f"{{{inner}}} is a build placeholder that was not filled (run components/build.py)"
         return None  # not variable syntax at all (e.g. shell brace expansion)
     if parts[0] == "configuration":
-        return _pointer_problem(own_config, inner[len("configuration:"):], recipe.name)
+        return _pointer_problem(own_config, inner[len("configuration:") :], recipe.name)
     if len(parts) == 2:
         namespace, key = parts
         known = {**_OWN_KEYS, **_DEVICE_KEYS}
         if namespace not in known:
-            return (f"{{{inner}}}: unknown recipe variable namespace {namespace!r} "
-                    f"(known: artifacts, configuration, work, iot, kernel, or <DependencyName>:...)")
+            return (
+                f"{{{inner}}}: unknown recipe variable namespace {namespace!r} "
+                f"(known: artifacts, configuration, work, iot, kernel, or <DependencyName>:...)"
+            )
         if key not in known[namespace]:
             return f"{{{inner}}}: {namespace} has no key {key!r} (known: {', '.join(known[namespace])})"
         return None
     component, namespace, key = parts[0], parts[1], ":".join(parts[2:])
     if component not in recipe.dependencies:
         declared = ", ".join(recipe.dependencies) or "none"
-        return (f"{{{inner}}} refers to {component}, which is not a direct dependency of {recipe.name} "
-                f"(ComponentDependencies: {declared}); Greengrass only resolves direct dependencies")
+        return (
+            f"{{{inner}}} refers to {component}, which is not a direct dependency of {recipe.name} "
+            f"(ComponentDependencies: {declared}); Greengrass only resolves direct dependencies"
+        )
     if namespace in _DEVICE_KEYS:
         return f"{{{inner}}}: {namespace} variables cannot name a component; use {{{namespace}:{key}}}"
     if namespace == "configuration":
@@ -570,31 +579,51 @@ def _artifact_problems(recipe: _Recipe, build_dir: Path) -> list[Problem]:
             if uri.startswith("docker:"):
                 continue  # pulled from a registry, not from the artifact folder
             if not uri.startswith("s3://"):
-                problems.append(Problem(recipe.file, where,
-                                        f"{uri!r} is not an s3://BUCKET/KEY URI", "artifact"))
+                problems.append(
+                    Problem(recipe.file, where, f"{uri!r} is not an s3://BUCKET/KEY URI", "artifact")
+                )
                 continue
-            bucket, _, key = uri[len("s3://"):].partition("/")
+            bucket, _, key = uri[len("s3://") :].partition("/")
             file_name = key.rsplit("/", 1)[-1]
             if not bucket or not file_name:
-                problems.append(Problem(recipe.file, where,
-                                        f"{uri!r} must be s3://BUCKET/.../FILE", "artifact"))
+                problems.append(
+                    Problem(recipe.file, where, f"{uri!r} must be s3://BUCKET/.../FILE", "artifact")
+                )
                 continue
             referenced.add(file_name)
             path = folder / file_name
             rel = path.relative_to(build_dir).as_posix()
             if not path.is_file():
-                problems.append(Problem(recipe.file, where,
-                                        f"artifact {file_name} (from {uri}) not found: expected {rel}",
-                                        "artifact"))
-            elif str(get_key(artifact, "Unarchive", "NONE")).upper() == "ZIP" \
-                    and not zipfile.is_zipfile(path):
-                problems.append(Problem(recipe.file, where,
-                                        f"{rel} is marked Unarchive: ZIP but is not a zip file", "artifact"))
+                problems.append(
+                    Problem(
+                        recipe.file,
+                        where,
+                        f"artifact {file_name} (from {uri}) not found: expected {rel}",
+                        "artifact",
+                    )
+                )
+            elif str(get_key(artifact, "Unarchive", "NONE")).upper() == "ZIP" and not zipfile.is_zipfile(
+                path
+            ):
+                problems.append(
+                    Problem(
+                        recipe.file,
+                        where,
+                        f"{rel} is marked Unarchive: ZIP but is not a zip file",
+                        "artifact",
+                    )
+                )
     if folder.is_dir():
         for extra in sorted(p.name for p in folder.iterdir() if p.name not in referenced):
-            problems.append(Problem(recipe.file, "Manifests",
-                                    f"artifacts/{recipe.name}/{recipe.version}/{extra} is not referenced by "
-                                    "any artifact URI (stale build output?)", "artifact"))
+            problems.append(
+                Problem(
+                    recipe.file,
+                    "Manifests",
+                    f"artifacts/{recipe.name}/{recipe.version}/{extra} is not referenced by "
+                    "any artifact URI (stale build output?)",
+                    "artifact",
+                )
+            )
     return problems
 
 
@@ -618,11 +647,16 @@ def _dependency_problems(recipe: _Recipe, recipes: Mapping[str, _Recipe]) -> lis
         except ValueError:
             continue  # the dependency's own version problem is reported on its recipe
         if not ok:
-            problems.append(Problem(
-                recipe.file, where,
-                f"{recipe.name} requires {name} {requirement!r}, but this build has {name} {built.version}: "
-                "the deployment would fail to resolve (bump the requirement or the model version)",
-                "dependency"))
+            problems.append(
+                Problem(
+                    recipe.file,
+                    where,
+                    f"{recipe.name} requires {name} {requirement!r}, but this build has {name} "
+                    f"{built.version}: the deployment would fail to resolve "
+                    "(bump the requirement or the model version)",
+                    "dependency",
+                )
+            )
     return problems
 
 
@@ -651,17 +685,25 @@ def _compare_keys(actual: Any, expected: Any, path: str) -> Iterator[str]:
 def _config_problems(recipe: _Recipe, expected: Mapping[str, Any]) -> list[Problem]:
     config = recipe.default_configuration
     if not isinstance(config, Mapping):
-        return [Problem(recipe.file, "ComponentConfiguration.DefaultConfiguration",
-                        "missing: the runtime component must expose every RuntimeConfig key", "config")]
+        return [
+            Problem(
+                recipe.file,
+                "ComponentConfiguration.DefaultConfiguration",
+                "missing: the runtime component must expose every RuntimeConfig key",
+                "config",
+            )
+        ]
     actual = {k: v for k, v in config.items() if k != ACCESS_CONTROL}
     where = "ComponentConfiguration.DefaultConfiguration"
-    problems = [Problem(recipe.file, where, message, "config")
-                for message in _compare_keys(actual, expected, "")]
+    problems = [
+        Problem(recipe.file, where, message, "config") for message in _compare_keys(actual, expected, "")
+    ]
     if not problems:
         error = runtime_config_error(actual)
         if error:
-            problems.append(Problem(recipe.file, where, f"the runtime would refuse these values: {error}",
-                                    "config"))
+            problems.append(
+                Problem(recipe.file, where, f"the runtime would refuse these values: {error}", "config")
+            )
     return problems
 
 
@@ -687,7 +729,7 @@ def _env_path(name: str, expected: Mapping[str, Any]) -> list[str] | None:
     """The RuntimeConfig key path of ``EDGE_RUNTIME__A__B`` (the loader's matching rules)."""
     node: Any = expected
     path = []
-    for segment in name[len(ENV_PREFIX):].split("__"):
+    for segment in name[len(ENV_PREFIX) :].split("__"):
         flat = segment.replace("_", "").lower()
         if not isinstance(node, Mapping):
             return None
@@ -706,8 +748,11 @@ def _setenv_problems(recipe: _Recipe, expected: Mapping[str, Any]) -> list[Probl
         lifecycle = get_key(manifest, "Lifecycle")
         blocks.append((f"Manifests[{i}].Lifecycle.Setenv", get_key(lifecycle, "Setenv")))
         if isinstance(lifecycle, Mapping):
-            blocks += [(f"Manifests[{i}].Lifecycle.{step}.Setenv", get_key(body, "Setenv"))
-                       for step, body in lifecycle.items() if isinstance(body, Mapping)]
+            blocks += [
+                (f"Manifests[{i}].Lifecycle.{step}.Setenv", get_key(body, "Setenv"))
+                for step, body in lifecycle.items()
+                if isinstance(body, Mapping)
+            ]
     for base, env in blocks:
         if not isinstance(env, Mapping):
             continue
@@ -717,14 +762,20 @@ def _setenv_problems(recipe: _Recipe, expected: Mapping[str, Any]) -> list[Probl
             where = f"{base}.{name}"
             path = _env_path(str(name).upper(), expected)
             if path is None:
-                problems.append(Problem(recipe.file, where,
-                                        f"{name} does not name a RuntimeConfig setting", "setenv"))
+                problems.append(
+                    Problem(recipe.file, where, f"{name} does not name a RuntimeConfig setting", "setenv")
+                )
                 continue
             source = re.fullmatch(r"\{configuration:(/[^{}]*)\}", str(value))
             if source and source.group(1) != "/" + "/".join(path):
-                problems.append(Problem(
-                    recipe.file, where,
-                    f"{name} sets {'.'.join(path)} but takes its value from {source.group(1)}", "setenv"))
+                problems.append(
+                    Problem(
+                        recipe.file,
+                        where,
+                        f"{name} sets {'.'.join(path)} but takes its value from {source.group(1)}",
+                        "setenv",
+                    )
+                )
     return problems
 
 
@@ -734,20 +785,30 @@ def _access_problems(recipe: _Recipe) -> list[Problem]:
     if not isinstance(access, Mapping):
         return problems
     for service, policies in access.items():
-        for policy_id, policy in (policies.items() if isinstance(policies, Mapping) else []):
+        for policy_id, policy in policies.items() if isinstance(policies, Mapping) else []:
             where = f"ComponentConfiguration.DefaultConfiguration.accessControl.{service}.{policy_id}"
             if "*" in (get_key(policy, "operations") or []):
-                problems.append(Problem(recipe.file, where,
-                                        "grants every IPC operation ('*'): list the ones used", "access"))
+                problems.append(
+                    Problem(
+                        recipe.file, where, "grants every IPC operation ('*'): list the ones used", "access"
+                    )
+                )
             if {"*", "#"} & set(get_key(policy, "resources") or []):
-                problems.append(Problem(recipe.file, where,
-                                        "grants every resource ('*' or '#'): name the topics", "access"))
+                problems.append(
+                    Problem(
+                        recipe.file, where, "grants every resource ('*' or '#'): name the topics", "access"
+                    )
+                )
     return problems
 
 
-def project_problems(build_dir: Path, recipes: Sequence[tuple[str, dict[str, Any]]], *,
-                     config_keys: Mapping[str, Any] | None,
-                     runtime_component: str = RUNTIME_COMPONENT) -> list[Problem]:
+def project_problems(
+    build_dir: Path,
+    recipes: Sequence[tuple[str, dict[str, Any]]],
+    *,
+    config_keys: Mapping[str, Any] | None,
+    runtime_component: str = RUNTIME_COMPONENT,
+) -> list[Problem]:
     """Checks the schemas cannot express: variables, artifacts, dependency ranges, configuration keys.
 
     Args:
@@ -769,16 +830,28 @@ def project_problems(build_dir: Path, recipes: Sequence[tuple[str, dict[str, Any
         except ValueError as exc:
             problems.append(Problem(file, "ComponentVersion", str(exc), "recipe"))
         for where in _walk_nulls(data, ""):
-            problems.append(Problem(file, where, 'null value: recipes cannot hold null, use "" for empty',
-                                    "recipe"))
+            problems.append(
+                Problem(file, where, 'null value: recipes cannot hold null, use "" for empty', "recipe")
+            )
         if _format_version_is_date(build_dir / "recipes" / file):
-            problems.append(Problem(file, "RecipeFormatVersion",
-                                    "unquoted date: PyYAML-based tools (GDK) read it as a date, quote it",
-                                    "recipe"))
+            problems.append(
+                Problem(
+                    file,
+                    "RecipeFormatVersion",
+                    "unquoted date: PyYAML-based tools (GDK) read it as a date, quote it",
+                    "recipe",
+                )
+            )
         recipe = _Recipe(file, data, name, version)
         if name in by_name and by_name[name].version == version:
-            problems.append(Problem(file, "ComponentVersion",
-                                    f"{name} {version} is also defined by {by_name[name].file}", "layout"))
+            problems.append(
+                Problem(
+                    file,
+                    "ComponentVersion",
+                    f"{name} {version} is also defined by {by_name[name].file}",
+                    "layout",
+                )
+            )
         by_name[name] = recipe
         parsed.append(recipe)
 
@@ -796,15 +869,24 @@ def project_problems(build_dir: Path, recipes: Sequence[tuple[str, dict[str, Any
         known = {(r.name, r.version) for r in parsed}
         for version_dir in sorted(p for p in artifacts_dir.glob("*/*") if p.is_dir()):
             if (version_dir.parent.name, version_dir.name) not in known:
-                problems.append(Problem(
-                    "(build)", version_dir.relative_to(build_dir).as_posix(),
-                    "artifact folder without a recipe of that component and version", "layout"))
+                problems.append(
+                    Problem(
+                        "(build)",
+                        version_dir.relative_to(build_dir).as_posix(),
+                        "artifact folder without a recipe of that component and version",
+                        "layout",
+                    )
+                )
     return problems
 
 
-def validate_build(build_dir: Path, *, schemas: Mapping[str, Mapping[str, Any]] | None,
-                   config_keys: Mapping[str, Any] | None = None,
-                   runtime_component: str = RUNTIME_COMPONENT) -> list[Problem]:
+def validate_build(
+    build_dir: Path,
+    *,
+    schemas: Mapping[str, Mapping[str, Any]] | None,
+    config_keys: Mapping[str, Any] | None = None,
+    runtime_component: str = RUNTIME_COMPONENT,
+) -> list[Problem]:
     """Every problem in a greengrass-cli build folder (``recipes/`` + ``artifacts/<Name>/<Version>/``).
 
     Args:
@@ -815,8 +897,9 @@ def validate_build(build_dir: Path, *, schemas: Mapping[str, Mapping[str, Any]] 
     """
     recipes_dir = build_dir / "recipes"
     if not recipes_dir.is_dir():
-        return [Problem("(build)", str(recipes_dir), "no recipes folder: run components/build.py first",
-                        "layout")]
+        return [
+            Problem("(build)", str(recipes_dir), "no recipes folder: run components/build.py first", "layout")
+        ]
     files = sorted(p for p in recipes_dir.iterdir() if p.suffix in RECIPE_SUFFIXES and p.is_file())
     if not files:
         return [Problem("(build)", str(recipes_dir), "no recipe files", "layout")]
@@ -848,16 +931,32 @@ def _parser() -> argparse.ArgumentParser:
         "files exist, dependency ranges are met, the runtime's configuration keys match RuntimeConfig.",
         epilog="Exit status: 0 no problems, 1 problems found (one per line), 2 cannot run.",
     )
-    parser.add_argument("build_dir", nargs="?", type=Path, default=Path("greengrass-build"),
-                        help="build output folder (default: %(default)s)")
-    parser.add_argument("--schemas", type=Path, default=None, metavar="DIR",
-                        help=f"folder with {' and '.join(SCHEMA_FILES.values())} "
-                        "(default: ../shared/greengrass/schemas beside the repository)")
-    parser.add_argument("--require-schemas", action="store_true",
-                        help="fail instead of skipping the schema checks when the schemas are absent")
-    parser.add_argument("--runtime-component", default=RUNTIME_COMPONENT, metavar="NAME",
-                        help="component whose DefaultConfiguration must mirror RuntimeConfig "
-                        "(default: %(default)s)")
+    parser.add_argument(
+        "build_dir",
+        nargs="?",
+        type=Path,
+        default=Path("greengrass-build"),
+        help="build output folder (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--schemas",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help=f"folder with {' and '.join(SCHEMA_FILES.values())} "
+        "(default: ../shared/greengrass/schemas beside the repository)",
+    )
+    parser.add_argument(
+        "--require-schemas",
+        action="store_true",
+        help="fail instead of skipping the schema checks when the schemas are absent",
+    )
+    parser.add_argument(
+        "--runtime-component",
+        default=RUNTIME_COMPONENT,
+        metavar="NAME",
+        help="component whose DefaultConfiguration must mirror RuntimeConfig (default: %(default)s)",
+    )
     return parser
 
 

@@ -48,21 +48,27 @@ examples:
 
 def _add_config_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "-c", "--config", type=Path, metavar="FILE",
+        "-c",
+        "--config",
+        type=Path,
+        metavar="FILE",
         help="YAML/JSON configuration file (default: built-in defaults + environment)",
     )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="edge-runtime", description=_DESCRIPTION, epilog=_EPILOG,
+        prog="edge-runtime",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     run = sub.add_parser(
-        "run", help="run the service: watch the inbox and publish results",
+        "run",
+        help="run the service: watch the inbox and publish results",
         description="Watch Inbox.Path, process each complete file once, publish results to "
         "<Mqtt.TopicPrefix>/results and a retained status to <Mqtt.TopicPrefix>/status. Bad "
         "files are moved to Inbox.QuarantinePath with NAME.error.json. Stop with Ctrl-C or "
@@ -71,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arg(run)
 
     process = sub.add_parser(
-        "process", help="analyse files once and print one result JSON per line",
+        "process",
+        help="analyse files once and print one result JSON per line",
         description="Analyse the given files with the configured model and print one result "
         "JSON per line on stdout (errors as JSON on stderr). Nothing is published, moved or "
         "journaled. Exit status 1 if any file failed.",
@@ -82,14 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="configuration tools")
     config_sub = config.add_subparsers(dest="config_command", metavar="SUBCOMMAND", required=True)
     check = config_sub.add_parser(
-        "check", help="validate a configuration and print the effective values",
+        "check",
+        help="validate a configuration and print the effective values",
         description="Validate FILE (plus environment overrides) and print the effective "
         "configuration as YAML, or list exactly which settings are wrong (exit status 2).",
     )
     check.add_argument("file", type=Path, nargs="?", metavar="FILE")
 
     health = sub.add_parser(
-        "health", help="is the service alive? (for ops scripts and Greengrass)",
+        "health",
+        help="is the service alive? (for ops scripts and Greengrass)",
         description="Read the health file the running service rewrites every heartbeat "
         "(Health.File) and print it. Exit status 0 when the service is online and the file "
         "is fresh (younger than three heartbeats), 1 otherwise, with the reason.",
@@ -99,15 +108,22 @@ def build_parser() -> argparse.ArgumentParser:
     model = sub.add_parser("model", help="model bundle tools")
     model_sub = model.add_subparsers(dest="model_command", metavar="SUBCOMMAND", required=True)
     info = model_sub.add_parser(
-        "info", help="verify a model bundle and describe it",
+        "info",
+        help="verify a model bundle and describe it",
         description="Verify the bundle's file hashes and print its manifest summary.",
     )
-    info.add_argument("bundle", type=Path, nargs="?", metavar="BUNDLE_DIR",
-                      help="bundle folder (default: Model.BundlePath, else the bundled model)")
+    info.add_argument(
+        "bundle",
+        type=Path,
+        nargs="?",
+        metavar="BUNDLE_DIR",
+        help="bundle folder (default: Model.BundlePath, else the bundled model)",
+    )
     _add_config_arg(info)
     info.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
     verify = model_sub.add_parser(
-        "verify", help="run the bundle's conformance check on this CPU and print the table",
+        "verify",
+        help="run the bundle's conformance check on this CPU and print the table",
         description="Load the bundle (hashes verified), run its reference images on the backend "
         "(Model.Backend, or --backend) on this CPU and compare each output with the FP32 "
         "reference probability recorded where the bundle was built: every |p - p_fp32| must be "
@@ -116,12 +132,20 @@ def build_parser() -> argparse.ArgumentParser:
         "it loads a model and refuses a model that fails it. Exit status: 0 passed, 1 failed, "
         "2 the bundle cannot be loaded or has no reference set.",
     )
-    verify.add_argument("bundle", type=Path, nargs="?", metavar="BUNDLE_DIR",
-                        help="bundle folder (default: Model.BundlePath, else the bundled model)")
+    verify.add_argument(
+        "bundle",
+        type=Path,
+        nargs="?",
+        metavar="BUNDLE_DIR",
+        help="bundle folder (default: Model.BundlePath, else the bundled model)",
+    )
     _add_config_arg(verify)
-    verify.add_argument("--backend", default=None,
-                        help="backend to check (default: Model.Backend); 'all' checks every "
-                        "backend the bundle has a model file for")
+    verify.add_argument(
+        "--backend",
+        default=None,
+        help="backend to check (default: Model.Backend); 'all' checks every "
+        "backend the bundle has a model file for",
+    )
     verify.add_argument("--json", action="store_true", help="print the reports as JSON")
     return parser
 
@@ -147,8 +171,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         config = load_config(args.config)
     configure_logging(config.logging.level, config.logging.format)
     if ipc is not None:
-        logging.getLogger("edge_runtime").info(
-            "configuration read from the Greengrass nucleus over IPC")
+        logging.getLogger("edge_runtime").info("configuration read from the Greengrass nucleus over IPC")
     service = EdgeService(config, ipc=ipc)
     service.run_forever()
     return 0
@@ -190,8 +213,10 @@ def _cmd_health(args: argparse.Namespace) -> int:
     try:
         snapshot = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        print(f"unhealthy: cannot read {path} ({exc}); is the service running with this "
-              "configuration?", file=sys.stderr)
+        print(
+            f"unhealthy: cannot read {path} ({exc}); is the service running with this configuration?",
+            file=sys.stderr,
+        )
         return 1
     print(json.dumps(snapshot, indent=2))
     written = datetime.strptime(snapshot["timestamp_utc"], "%Y-%m-%dT%H:%M:%S.%fZ")
@@ -201,8 +226,11 @@ def _cmd_health(args: argparse.Namespace) -> int:
         print(f"unhealthy: the service is offline ({snapshot.get('reason')})", file=sys.stderr)
         return 1
     if age_s > limit_s:
-        print(f"unhealthy: no heartbeat for {age_s:.0f} s (limit {limit_s:.0f} s); the service "
-              "is hung or stopped", file=sys.stderr)
+        print(
+            f"unhealthy: no heartbeat for {age_s:.0f} s (limit {limit_s:.0f} s); the service "
+            "is hung or stopped",
+            file=sys.stderr,
+        )
         return 1
     if snapshot.get("state") != "online":
         print(f"degraded: {snapshot.get('reason')}", file=sys.stderr)
@@ -226,26 +254,35 @@ def _cmd_model_info(args: argparse.Namespace) -> int:
     print(f"labels:        {', '.join(bundle.labels)} (positive: {bundle.positive_label})")
     for art in m["artifacts"]:
         size = (bundle.path / art["file"]).stat().st_size / 1e6
-        print(f"artifact:      {art['file']} [{art['backend']}, "
-              f"{art.get('quantization', 'none')}, {size:.1f} MB]")
+        print(
+            f"artifact:      {art['file']} [{art['backend']}, "
+            f"{art.get('quantization', 'none')}, {size:.1f} MB]"
+        )
     print(f"input:         {bundle.input_name} {bundle.input_shape} {m['input'].get('dtype')}")
-    print(f"preprocessing: {spec.height}x{spec.width} {spec.resize}, {spec.channels} ch "
-          f"{spec.layout}, mean {list(spec.mean)} std {list(spec.std)} "
-          f"(sha256 {spec.sha256[:12]}…)")
+    print(
+        f"preprocessing: {spec.height}x{spec.width} {spec.resize}, {spec.channels} ch "
+        f"{spec.layout}, mean {list(spec.mean)} std {list(spec.std)} "
+        f"(sha256 {spec.sha256[:12]}…)"
+    )
     op = m["operating_point"]
     print(f"threshold:     {op['threshold']:.4f}  ({op.get('method', 'method not recorded')})")
     conf = m.get("conformance")
     if conf:
-        print(f"conformance:   {conf.get('images')} reference images, |p - p_fp32| <= "
-              f"{conf['max_abs_diff']} on every CPU (run 'edge-runtime model verify' to check this one)")
+        print(
+            f"conformance:   {conf.get('images')} reference images, |p - p_fp32| <= "
+            f"{conf['max_abs_diff']} on every CPU (run 'edge-runtime model verify' to check this one)"
+        )
     else:
         print("conformance:   none (bundle predates 0.2.0): answers on this CPU cannot be checked")
     use = m.get("intended_use", {})
     if use:
         print(f"intended use:  {json.dumps(use)}")
     for split, metrics in m.get("metrics", {}).items():
-        shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                          for k, v in metrics.items() if not isinstance(v, dict | list))
+        shown = ", ".join(
+            f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+            for k, v in metrics.items()
+            if not isinstance(v, dict | list)
+        )
         print(f"metrics/{split}: {shown}")
     return 0
 
@@ -272,17 +309,21 @@ def _cmd_model_verify(args: argparse.Namespace) -> int:
         finally:
             backend.close()
         if report is None:
-            print(f"error: model {bundle.name} {bundle.version} has no conformance reference set "
-                  "(bundles before 0.2.0); its answers on this CPU cannot be checked.",
-                  file=sys.stderr)
+            print(
+                f"error: model {bundle.name} {bundle.version} has no conformance reference set "
+                "(bundles before 0.2.0); its answers on this CPU cannot be checked.",
+                file=sys.stderr,
+            )
             return 2
         reports.append(report)
         failed |= not report.passed
         if not args.json:
-            print(f"== {bundle.name} {bundle.version}, backend {name}, threshold "
-                  f"{report.threshold:.4f}; allowed: drift from the build machine <= "
-                  f"{report.max_drift_allowed}, |p - p_fp32| <= {report.max_abs_diff_allowed}, "
-                  f"decision margin {report.decision_margin}")
+            print(
+                f"== {bundle.name} {bundle.version}, backend {name}, threshold "
+                f"{report.threshold:.4f}; allowed: drift from the build machine <= "
+                f"{report.max_drift_allowed}, |p - p_fp32| <= {report.max_abs_diff_allowed}, "
+                f"decision margin {report.decision_margin}"
+            )
             print(report.table())
             print(report.explain())
     if args.json:

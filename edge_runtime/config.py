@@ -117,7 +117,8 @@ class IntakeConfig(_Section):
     """Which scans the model is allowed to see (from the bundle's intended use)."""
 
     enforce_intended_use: bool = Field(
-        True, description="Quarantine DICOM scans whose modality / body part / view the "
+        True,
+        description="Quarantine DICOM scans whose modality / body part / view the "
         "model bundle does not declare as intended use.",
     )
     require_tags: bool = Field(
@@ -166,8 +167,11 @@ class TlsConfig(_Section):
 class MqttConfig(_Section):
     """Where results are published."""
 
-    enabled: bool = Field(True, description="Publish to this broker (under Greengrass, results "
-                          "can go over local pub/sub and the MQTT bridge instead).")
+    enabled: bool = Field(
+        True,
+        description="Publish to this broker (under Greengrass, results "
+        "can go over local pub/sub and the MQTT bridge instead).",
+    )
     host: str = "localhost"
     port: int = Field(1883, ge=1, le=65535)
     client_id: str = Field(
@@ -219,11 +223,15 @@ class JournalConfig(_Section):
     path: Path = Path("state/journal.sqlite3")
     max_attempts: int = Field(3, ge=1, le=100, description="Give up on a scan after this many.")
     min_free_disk_mb: int = Field(
-        500, ge=0, description="Below this much free space (journal or inbox disk) new scans "
+        500,
+        ge=0,
+        description="Below this much free space (journal or inbox disk) new scans "
         "stay in the inbox until space is freed.",
     )
     max_outbox_messages: int = Field(
-        100_000, ge=1, description="Undelivered results kept at most; beyond it new scans "
+        100_000,
+        ge=1,
+        description="Undelivered results kept at most; beyond it new scans "
         "wait in the inbox (never dropped) until the broker takes some.",
     )
 
@@ -236,7 +244,8 @@ class GreengrassConfig(_Section):
         description="Greengrass local pub/sub topic for results (PublishToTopic); empty = off.",
     )
     iot_core_topic: str = Field(
-        "", description="AWS IoT Core topic for de-identified results (PublishToIoTCore, QoS 1); "
+        "",
+        description="AWS IoT Core topic for de-identified results (PublishToIoTCore, QoS 1); "
         "empty = off. Identifiers of the scan never leave the box.",
     )
     status_topic: str = Field(
@@ -259,8 +268,9 @@ class HealthConfig(_Section):
     """Heartbeat on the status topic and a local health file for ops and Greengrass."""
 
     heartbeat_seconds: float = Field(30.0, ge=1.0, le=3600.0)
-    file: Path = Field(Path("state/health.json"),
-                       description="Rewritten every heartbeat; read by 'edge-runtime health'.")
+    file: Path = Field(
+        Path("state/health.json"), description="Rewritten every heartbeat; read by 'edge-runtime health'."
+    )
 
 
 class LoggingConfig(_Section):
@@ -359,9 +369,7 @@ def _env_overrides(environ: Mapping[str, str]) -> list[tuple[list[str], Any, str
     return overrides
 
 
-def load_config(
-    path: str | Path | None = None, environ: Mapping[str, str] | None = None
-) -> RuntimeConfig:
+def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> RuntimeConfig:
     """Build the effective configuration from defaults, a file and the environment.
 
     Raises:

@@ -48,8 +48,17 @@ log = logging.getLogger(__name__)
 SOCKET_ENV = "AWS_GG_NUCLEUS_DOMAIN_SOCKET_FILEPATH_FOR_COMPONENT"
 TOKEN_ENV = "SVCUID"  # noqa: S105 - the name of the variable, not a secret
 #: Input fields that may leave the hospital: none identifies the patient or the study.
-CLOUD_INPUT_FIELDS = ("kind", "decoder", "modality", "body_part_examined", "view_position",
-                      "rows", "columns", "bits_stored", "photometric_interpretation")
+CLOUD_INPUT_FIELDS = (
+    "kind",
+    "decoder",
+    "modality",
+    "body_part_examined",
+    "view_position",
+    "rows",
+    "columns",
+    "bits_stored",
+    "photometric_interpretation",
+)
 
 
 def running_under_greengrass(environ: dict[str, str] | None = None) -> bool:
@@ -114,8 +123,9 @@ class GreengrassIpc:
         return value
 
     def load_config(self, environ: dict[str, str] | None = None) -> RuntimeConfig:
-        config = resolve_recipe_variables(self.get_configuration(),
-                                          os.environ if environ is None else environ)
+        config = resolve_recipe_variables(
+            self.get_configuration(), os.environ if environ is None else environ
+        )
         return RuntimeConfig.from_mapping(config, source="Greengrass component configuration")
 
     def subscribe_to_config_updates(self, on_update: Callable[[], None]) -> None:
@@ -132,7 +142,9 @@ class GreengrassIpc:
             return False  # keep the stream open
 
         _, operation = self.client.subscribe_to_configuration_update(
-            key_path=[], on_stream_event=on_event, on_stream_error=on_error,
+            key_path=[],
+            on_stream_event=on_event,
+            on_stream_error=on_error,
             on_stream_closed=lambda: log.warning("Greengrass configuration stream closed"),
         )
         self._subscriptions.append(operation)
@@ -153,8 +165,10 @@ class GreengrassIpc:
         from awsiot.greengrasscoreipc.model import QOS
 
         self.client.publish_to_iot_core(
-            topic_name=topic, qos=QOS.AT_LEAST_ONCE if qos >= 1 else QOS.AT_MOST_ONCE,
-            payload=payload.encode("utf-8"), retain=retain,
+            topic_name=topic,
+            qos=QOS.AT_LEAST_ONCE if qos >= 1 else QOS.AT_MOST_ONCE,
+            payload=payload.encode("utf-8"),
+            retain=retain,
         )
 
     def close(self) -> None:
@@ -216,21 +230,35 @@ class IpcSink:
                     self._send(message)
                     self.journal.mark_delivered(message.seq)
                     self.delivered_count += 1
-                    log.info("delivered %s via %s", message.message_id[:16], self.sink,
-                             extra={"event": "published",
-                                    "fields": {"message_id": message.message_id,
-                                               "sink": self.sink, "topic": message.topic}})
+                    log.info(
+                        "delivered %s via %s",
+                        message.message_id[:16],
+                        self.sink,
+                        extra={
+                            "event": "published",
+                            "fields": {
+                                "message_id": message.message_id,
+                                "sink": self.sink,
+                                "topic": message.topic,
+                            },
+                        },
+                    )
                 backoff = 0.5
             except Exception as exc:
-                log.warning("%s delivery failed (%s); retrying in %.1f s", self.sink,
-                            PublishError(str(exc)).message, backoff)
+                log.warning(
+                    "%s delivery failed (%s); retrying in %.1f s",
+                    self.sink,
+                    PublishError(str(exc)).message,
+                    backoff,
+                )
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
                 self._wake.set()
 
 
-def config_update_handler(ipc: GreengrassIpc, apply: Callable[[RuntimeConfig], None],
-                          reject: Callable[[str], None]) -> Callable[[], None]:
+def config_update_handler(
+    ipc: GreengrassIpc, apply: Callable[[RuntimeConfig], None], reject: Callable[[str], None]
+) -> Callable[[], None]:
     """Build the callback for configuration updates: re-read, validate, apply or reject."""
 
     def handle() -> None:

@@ -23,8 +23,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import InboxConfig
+
+if TYPE_CHECKING:  # watchdog is imported lazily (rescans still work without it)
+    from watchdog.observers.api import BaseObserver
 
 __all__ = ["InboxWatcher", "ReadyFile"]
 
@@ -71,7 +75,7 @@ class InboxWatcher:
         self._stop = threading.Event()
         self._poke = threading.Event()
         self._thread: threading.Thread | None = None
-        self._observer = None
+        self._observer: BaseObserver | None = None
         self._last_rescan = 0.0
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -81,9 +85,13 @@ class InboxWatcher:
             self._start_observer()
         self._thread = threading.Thread(target=self._loop, name="inbox", daemon=True)
         self._thread.start()
-        log.info("watching inbox %s (settle %.1fs, rescan every %.1fs, inotify %s)",
-                 self.root, self.config.settle_seconds, self.config.rescan_interval_seconds,
-                 "on" if self._observer is not None else "off")
+        log.info(
+            "watching inbox %s (settle %.1fs, rescan every %.1fs, inotify %s)",
+            self.root,
+            self.config.settle_seconds,
+            self.config.rescan_interval_seconds,
+            "on" if self._observer is not None else "off",
+        )
 
     def stop(self) -> None:
         self._stop.set()
@@ -128,8 +136,7 @@ class InboxWatcher:
             observer.schedule(_Handler(), str(self.root), recursive=True)
             observer.start()
         except OSError as exc:
-            log.warning("inotify unavailable for %s (%s); relying on periodic rescans",
-                        self.root, exc)
+            log.warning("inotify unavailable for %s (%s); relying on periodic rescans", self.root, exc)
             return
         self._observer = observer
 
@@ -193,9 +200,7 @@ class InboxWatcher:
             # mtime must also be settle_seconds in the past: catches writers whose
             # pauses are longer than our polling interval.
             age = time.time() - st.st_mtime
-            if now - cand.stable_since >= self.config.settle_seconds and (
-                age >= self.config.settle_seconds
-            ):
+            if now - cand.stable_since >= self.config.settle_seconds and (age >= self.config.settle_seconds):
                 ready.append(ReadyFile(st.st_mtime, path, st.st_size, now))
         with self._lock:
             for item in ready:

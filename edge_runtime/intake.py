@@ -45,13 +45,15 @@ class IntakePolicy:
     model_name: str = "the model"
 
     @classmethod
-    def from_intended_use(cls, intended_use: dict[str, Any], *, model_name: str,
-                          require_tags: bool = False) -> IntakePolicy:
+    def from_intended_use(
+        cls, intended_use: dict[str, Any], *, model_name: str, require_tags: bool = False
+    ) -> IntakePolicy:
         def values(key: str) -> frozenset[str]:
             return frozenset(_norm(v) for v in intended_use.get(key, []) or [])
 
-        return cls(values("modalities"), values("body_parts"), values("view_positions"),
-                   require_tags, model_name)
+        return cls(
+            values("modalities"), values("body_parts"), values("view_positions"), require_tags, model_name
+        )
 
     def check(self, file_name: str, kind: str, metadata: dict[str, Any]) -> None:
         """Raise :class:`OutsideIntendedUse` if the header contradicts the intended use."""
@@ -71,8 +73,7 @@ class IntakePolicy:
                     raise OutsideIntendedUse(
                         f"{file_name} has no {label}, and Intake.RequireTags is set; "
                         f"{self.model_name} accepts {label} {', '.join(sorted(allowed))}.",
-                        action=f"Configure the modality to fill in {label}, or unset "
-                        "Intake.RequireTags.",
+                        action=f"Configure the modality to fill in {label}, or unset Intake.RequireTags.",
                     )
                 continue
             if value not in allowed:

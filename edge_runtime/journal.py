@@ -134,9 +134,7 @@ class Journal:
         self.path = Path(path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(
-                self.path, check_same_thread=False, isolation_level=None, timeout=30
-            )
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'OFF'}")
             self._db.execute("PRAGMA foreign_keys=ON")
@@ -202,7 +200,8 @@ class Journal:
         now = utc_now()
         with self._tx() as db:
             row = db.execute(
-                f"SELECT {self._COLUMNS} FROM inputs WHERE sha256 = ?", (sha256,)  # noqa: S608 - constant
+                f"SELECT {self._COLUMNS} FROM inputs WHERE sha256 = ?",  # noqa: S608 - a constant column list
+                (sha256,),
             ).fetchone()
             if row is None:
                 cur = db.execute(
@@ -210,8 +209,9 @@ class Journal:
                     "received_utc, updated_utc) VALUES (?, ?, ?, ?, 'processing', 1, ?, ?)",
                     (sha256, path.name, str(path), size_bytes, now, now),
                 )
-                record = InputRecord(cur.lastrowid or 0, sha256, path.name, str(path),
-                                     "processing", 1, None, None)
+                record = InputRecord(
+                    cur.lastrowid or 0, sha256, path.name, str(path), "processing", 1, None, None
+                )
                 return Admission("process", record, duplicate=False)
             record = self._record(row)
             duplicate = record.path != str(path)
@@ -223,12 +223,13 @@ class Journal:
                 # The same content is already queued under another name: that copy wins.
                 return Admission("finish_done", record, duplicate=True)
             db.execute(
-                "UPDATE inputs SET state='processing', attempts=attempts+1, updated_utc=? "
-                "WHERE id=?", (now, record.id),
+                "UPDATE inputs SET state='processing', attempts=attempts+1, updated_utc=? WHERE id=?",
+                (now, record.id),
             )
             attempts = record.attempts + 1
-            return Admission("process", replace(record, state="processing", attempts=attempts),
-                             duplicate=False)
+            return Admission(
+                "process", replace(record, state="processing", attempts=attempts), duplicate=False
+            )
 
     def record_result(
         self, input_id: int, result: dict[str, Any], deliveries: Sequence[Delivery]
@@ -254,17 +255,20 @@ class Journal:
                     (result["message_id"], d.sink, d.topic, d.payload, d.qos, now),
                 )
                 if cur.rowcount:
-                    created.append(OutboxMessage(cur.lastrowid or 0, result["message_id"],
-                                                 d.topic, d.payload, d.qos, d.sink))
+                    created.append(
+                        OutboxMessage(
+                            cur.lastrowid or 0, result["message_id"], d.topic, d.payload, d.qos, d.sink
+                        )
+                    )
         return created
 
     def record_failure(self, input_id: int) -> int:
         """An attempt ended in an operational error (not the file's fault); returns the count."""
         with self._tx() as db:
-            db.execute("UPDATE inputs SET failures=failures+1, updated_utc=? WHERE id=?",
-                       (utc_now(), input_id))
-            (failures,) = db.execute("SELECT failures FROM inputs WHERE id=?",
-                                     (input_id,)).fetchone()
+            db.execute(
+                "UPDATE inputs SET failures=failures+1, updated_utc=? WHERE id=?", (utc_now(), input_id)
+            )
+            (failures,) = db.execute("SELECT failures FROM inputs WHERE id=?", (input_id,)).fetchone()
         return int(failures)
 
     def record_quarantine(self, input_id: int, error: dict[str, Any]) -> None:
@@ -285,7 +289,8 @@ class Journal:
 
     def get(self, sha256: str) -> InputRecord | None:
         rows = self._query(
-            f"SELECT {self._COLUMNS} FROM inputs WHERE sha256=?", (sha256,)  # noqa: S608 - constant
+            f"SELECT {self._COLUMNS} FROM inputs WHERE sha256=?",  # noqa: S608 - a constant column list
+            (sha256,),
         )
         return self._record(rows[0]) if rows else None
 
@@ -307,8 +312,9 @@ class Journal:
         return int(pending)
 
     # -- outbox ------------------------------------------------------------------------
-    def pending_messages(self, sink: str = "mqtt", after_seq: int = 0,
-                         limit: int = 100) -> list[OutboxMessage]:
+    def pending_messages(
+        self, sink: str = "mqtt", after_seq: int = 0, limit: int = 100
+    ) -> list[OutboxMessage]:
         rows = self._query(
             "SELECT seq, message_id, topic, payload, qos, sink FROM outbox "
             "WHERE sink = ? AND delivered_utc IS NULL AND seq > ? ORDER BY seq LIMIT ?",

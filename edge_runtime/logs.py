@@ -33,8 +33,9 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname,
             "logger": record.name,
         }
-        if getattr(record, "event", None):
-            data["event"] = record.event
+        event = getattr(record, "event", None)
+        if event:
+            data["event"] = event
         data["msg"] = record.getMessage()
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
@@ -67,14 +68,14 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     root.setLevel(level)
     # paho's own chatter ("Client is not connected" on every retry) only in DEBUG;
     # the publisher logs connection changes in words an admin can act on.
-    logging.getLogger("edge_runtime.mqtt").setLevel(
-        logging.DEBUG if level == "DEBUG" else logging.CRITICAL)
+    logging.getLogger("edge_runtime.mqtt").setLevel(logging.DEBUG if level == "DEBUG" else logging.CRITICAL)
     logging.getLogger("watchdog").setLevel(logging.WARNING)
     logging.captureWarnings(True)
 
 
-def event(logger: logging.Logger, name: str, msg: str, *args: Any, level: int = logging.INFO,
-          **fields: Any) -> None:
+def event(
+    logger: logging.Logger, name: str, msg: str, *args: Any, level: int = logging.INFO, **fields: Any
+) -> None:
     """Log one pipeline event with structured fields (formatting is deferred)."""
     if logger.isEnabledFor(level):
         logger.log(level, msg, *args, extra={"event": name, "fields": fields})

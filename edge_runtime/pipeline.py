@@ -107,8 +107,12 @@ class ScanAnalyzer:
             backend.close()
             raise
         if conformance is None:
-            log.warning("model %s %s has no conformance reference set (bundles before 0.2.0): its "
-                        "answers on this CPU cannot be checked", bundle.name, bundle.version)
+            log.warning(
+                "model %s %s has no conformance reference set (bundles before 0.2.0): its "
+                "answers on this CPU cannot be checked",
+                bundle.name,
+                bundle.version,
+            )
         elif not conformance.passed:
             log.error("%s", conformance.explain())
             backend.close()
@@ -118,11 +122,20 @@ class ScanAnalyzer:
         policy = None
         if enforce_intended_use:
             policy = IntakePolicy.from_intended_use(
-                bundle.intended_use, model_name=f"model {bundle.name} {bundle.version}",
-                require_tags=require_tags)
-        analyzer = cls(bundle, backend, limits=limits, threshold=threshold, policy=policy,
-                       isolate=isolate, decode_timeout_s=decode_timeout_s,
-                       decode_memory_mb=decode_memory_mb)
+                bundle.intended_use,
+                model_name=f"model {bundle.name} {bundle.version}",
+                require_tags=require_tags,
+            )
+        analyzer = cls(
+            bundle,
+            backend,
+            limits=limits,
+            threshold=threshold,
+            policy=policy,
+            isolate=isolate,
+            decode_timeout_s=decode_timeout_s,
+            decode_memory_mb=decode_memory_mb,
+        )
         analyzer.conformance = conformance
         return analyzer
 
@@ -167,8 +180,9 @@ class ScanAnalyzer:
             return decode_file(path, self.limits)
         return self._sandbox().decode(path, self.limits)
 
-    def analyze(self, path: Path, sha256: str | None = None,
-                timings_ms: dict[str, float] | None = None) -> ScanOutcome:
+    def analyze(
+        self, path: Path, sha256: str | None = None, timings_ms: dict[str, float] | None = None
+    ) -> ScanOutcome:
         """Decode, preprocess and infer one file.
 
         Raises:
@@ -184,11 +198,21 @@ class ScanAnalyzer:
         decoded = self._decode(path)
         timings["decode"] = (time.perf_counter() - t_decode) * 1000
         meta = decoded.metadata
-        event(log, "decoded", "decoded %s in %.1f ms", path.name, timings["decode"],
-              file=path.name, sha256=sha256[:16], decoder=decoded.decoder,
-              rows=meta.get("rows"), columns=meta.get("columns"), modality=meta.get("modality"),
-              sop_instance_uid=meta.get("sop_instance_uid"),
-              duration_ms=round(timings["decode"], 2))
+        event(
+            log,
+            "decoded",
+            "decoded %s in %.1f ms",
+            path.name,
+            timings["decode"],
+            file=path.name,
+            sha256=sha256[:16],
+            decoder=decoded.decoder,
+            rows=meta.get("rows"),
+            columns=meta.get("columns"),
+            modality=meta.get("modality"),
+            sop_instance_uid=meta.get("sop_instance_uid"),
+            duration_ms=round(timings["decode"], 2),
+        )
         if self.policy is not None:
             self.policy.check(path.name, decoded.kind, meta)
 
@@ -199,9 +223,14 @@ class ScanAnalyzer:
         except EdgeRuntimeError:
             raise
         except Exception as exc:
-            log.error("preprocess failed for %s: shape=%s dtype=%s range=[%.3g, %.3g]",
-                      path.name, decoded.pixels.shape, decoded.pixels.dtype,
-                      float(np.min(decoded.pixels)), float(np.max(decoded.pixels)))
+            log.error(
+                "preprocess failed for %s: shape=%s dtype=%s range=[%.3g, %.3g]",
+                path.name,
+                decoded.pixels.shape,
+                decoded.pixels.dtype,
+                float(np.min(decoded.pixels)),
+                float(np.max(decoded.pixels)),
+            )
             raise UnsupportedImage(f"{path.name} cannot be preprocessed: {exc}") from exc
         timings["preprocess"] = (time.perf_counter() - t_pre) * 1000
 
@@ -224,12 +253,22 @@ class ScanAnalyzer:
             timings_ms=timings,
         )
         finding = result["findings"][0]
-        event(log, "inferred", "inferred %s: %s p=%.3f", path.name, result["decision"]["label"],
-              finding["probability"], file=path.name, sha256=sha256[:16],
-              decision=result["decision"]["label"], probability=finding["probability"],
-              threshold=finding["threshold"], message_id=result["message_id"],
-              preprocess_ms=round(timings["preprocess"], 2),
-              duration_ms=round(timings["infer"], 2))
+        event(
+            log,
+            "inferred",
+            "inferred %s: %s p=%.3f",
+            path.name,
+            result["decision"]["label"],
+            finding["probability"],
+            file=path.name,
+            sha256=sha256[:16],
+            decision=result["decision"]["label"],
+            probability=finding["probability"],
+            threshold=finding["threshold"],
+            message_id=result["message_id"],
+            preprocess_ms=round(timings["preprocess"], 2),
+            duration_ms=round(timings["infer"], 2),
+        )
         return ScanOutcome(result=result, timings_ms=timings)
 
     def close(self) -> None:

@@ -59,8 +59,11 @@ def build_tls_context(config: MqttConfig) -> ssl.SSLContext:
             action=f"Fix Mqtt.Tls ({what}) so it names a readable PEM file, then restart.",
         )
 
-    for path, what in ((tls.ca_file, "CA file"), (tls.cert_file, "client certificate"),
-                       (tls.key_file, "client key")):
+    for path, what in (
+        (tls.ca_file, "CA file"),
+        (tls.cert_file, "client certificate"),
+        (tls.key_file, "client key"),
+    ):
         if path is not None and not path.is_file():
             raise ConfigError(
                 f"MQTT TLS {what} {path} does not exist.",
@@ -68,7 +71,8 @@ def build_tls_context(config: MqttConfig) -> ssl.SSLContext:
             )
     try:
         context = ssl.create_default_context(
-            ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca_file) if tls.ca_file else None)
+            ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca_file) if tls.ca_file else None
+        )
     except (ssl.SSLError, OSError) as exc:
         raise fail(tls.ca_file, "CA file", exc) from exc
     if tls.cert_file is not None and tls.key_file is not None:
@@ -110,8 +114,7 @@ class MqttPublisher:
             self._client.username_pw_set(config.username, _read_password(config))
         if config.tls.enabled:
             self._client.tls_set_context(build_tls_context(config))
-        offline = build_status("offline", config.client_id, reason="connection lost",
-                               model=self.model_info)
+        offline = build_status("offline", config.client_id, reason="connection lost", model=self.model_info)
         self._client.will_set(config.status_topic, json.dumps(offline), qos=1, retain=True)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
@@ -133,31 +136,38 @@ class MqttPublisher:
         self._handed_at: dict[int, float] = {}
 
     # -- paho callbacks (network thread) ---------------------------------------------
-    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
-                    properties: Any) -> None:
+    def _on_connect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any
+    ) -> None:
         if reason.is_failure:
             self.last_refusal = str(reason)
             if reason.value in (4, 5, 134, 135):  # bad user name or password / not authorized
                 log.error(
                     "MQTT broker %s:%s rejected our credentials (%s): authentication failed for "
                     "user %r. Check Mqtt.Username and Mqtt.Password/PasswordFile against the "
-                    "broker's password file.", self.config.host, self.config.port, reason,
-                    self.config.username)
+                    "broker's password file.",
+                    self.config.host,
+                    self.config.port,
+                    reason,
+                    self.config.username,
+                )
             else:
-                log.error("MQTT broker %s:%s refused the connection: %s",
-                          self.config.host, self.config.port, reason)
+                log.error(
+                    "MQTT broker %s:%s refused the connection: %s", self.config.host, self.config.port, reason
+                )
             return
         self.last_refusal = None
-        log.info("MQTT connected to %s:%s as %s", self.config.host, self.config.port,
-                 self.config.client_id)
+        log.info("MQTT connected to %s:%s as %s", self.config.host, self.config.port, self.config.client_id)
         self._connected.set()
         self._failures = 0
         reason = None
         if self._lost_at is not None:
             outage = time.monotonic() - self._lost_at
-            reason = (f"reconnected after {outage:.0f} s without the broker; "
-                      f"{self.journal.outbox_pending()} results queued meanwhile are "
-                      "being delivered")
+            reason = (
+                f"reconnected after {outage:.0f} s without the broker; "
+                f"{self.journal.outbox_pending()} results queued meanwhile are "
+                "being delivered"
+            )
             log.info("MQTT %s", reason)
             self._lost_at = None
         self.publish_status("online", reason=reason)
@@ -169,19 +179,27 @@ class MqttPublisher:
             log.warning(
                 "cannot reach the MQTT broker at %s:%s (attempt %d); results are kept in the "
                 "journal and sent once it is reachable. Check Mqtt.Host/Mqtt.Port and that the "
-                "broker is running.", self.config.host, self.config.port, self._failures)
+                "broker is running.",
+                self.config.host,
+                self.config.port,
+                self._failures,
+            )
 
-    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
-                       properties: Any) -> None:
+    def _on_disconnect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any
+    ) -> None:
         self._connected.clear()
         if self._lost_at is None:
             self._lost_at = time.monotonic()
         if not self._stop.is_set():
-            log.warning("MQTT connection to %s:%s lost (%s); reconnecting with back-off",
-                        self.config.host, self.config.port, reason)
+            log.warning(
+                "MQTT connection to %s:%s lost (%s); reconnecting with back-off",
+                self.config.host,
+                self.config.port,
+                reason,
+            )
 
-    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any,
-                    properties: Any) -> None:
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
         # Runs inside paho's message mutex: only hand the ack to the drain thread
         # (taking our own locks here could deadlock against publish()).
         self._acks.put(mid)
@@ -203,12 +221,19 @@ class MqttPublisher:
             log.error(
                 "TLS verification of the MQTT broker %s:%s failed: %s. Check that Mqtt.Host "
                 "matches the broker certificate and Mqtt.Tls.CaFile is the CA that signed it.",
-                host, port, exc.verify_message or exc)
+                host,
+                port,
+                exc.verify_message or exc,
+            )
             self._client.connect_async(host, port, keepalive=self.config.keepalive_seconds)
         except ssl.SSLError as exc:
-            log.error("TLS handshake with the MQTT broker %s:%s failed: %s. If the broker "
-                      "requires a client certificate, set Mqtt.Tls.CertFile/KeyFile.",
-                      host, port, exc)
+            log.error(
+                "TLS handshake with the MQTT broker %s:%s failed: %s. If the broker "
+                "requires a client certificate, set Mqtt.Tls.CertFile/KeyFile.",
+                host,
+                port,
+                exc,
+            )
             self._client.connect_async(host, port, keepalive=self.config.keepalive_seconds)
         except OSError as exc:
             self._on_connect_fail(self._client, None)
@@ -225,13 +250,22 @@ class MqttPublisher:
         """Tell the drain loop that the outbox has something new."""
         self._wake.set()
 
-    def publish_status(self, state: str, reason: str | None = None,
-                       counters: dict[str, int] | None = None,
-                       last_error: str | None = None) -> mqtt.MQTTMessageInfo:
-        status = build_status(state, self.config.client_id, reason=reason, model=self.model_info,
-                              counters=counters, last_error=last_error)
-        return self._client.publish(self.config.status_topic, json.dumps(status), qos=1,
-                                    retain=True)
+    def publish_status(
+        self,
+        state: str,
+        reason: str | None = None,
+        counters: dict[str, int] | None = None,
+        last_error: str | None = None,
+    ) -> mqtt.MQTTMessageInfo:
+        status = build_status(
+            state,
+            self.config.client_id,
+            reason=reason,
+            model=self.model_info,
+            counters=counters,
+            last_error=last_error,
+        )
+        return self._client.publish(self.config.status_topic, json.dumps(status), qos=1, retain=True)
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Drain what can be drained within ``timeout_s``, say offline, disconnect."""
@@ -289,10 +323,16 @@ class MqttPublisher:
         for message, latency in acked:
             self.delivered_count += 1
             log.info(
-                "published %s", message.message_id[:16],
-                extra={"event": "published",
-                       "fields": {"message_id": message.message_id, "seq": message.seq,
-                                  "puback_ms": round(latency * 1000, 2)}},
+                "published %s",
+                message.message_id[:16],
+                extra={
+                    "event": "published",
+                    "fields": {
+                        "message_id": message.message_id,
+                        "seq": message.seq,
+                        "puback_ms": round(latency * 1000, 2),
+                    },
+                },
             )
             if self.on_delivered is not None:
                 self.on_delivered(message, latency)

@@ -107,8 +107,7 @@ def build_result(
         "message_id": message_id(identity, model["name"], model["version"]),
         "timestamp_utc": utc_now(),
         "not_for_diagnostic_use": True,
-        "input": {"kind": kind, "file_name": file_name, "sha256": sha256, "decoder": decoder}
-        | metadata,
+        "input": {"kind": kind, "file_name": file_name, "sha256": sha256, "decoder": decoder} | metadata,
         "model": dict(model),
         "findings": [
             {

@@ -41,8 +41,9 @@ __all__ = ["DecodeCrashed", "DecodeSandbox", "DecodeTimeout"]
 log = logging.getLogger(__name__)
 
 _CTX = mp.get_context("forkserver")
-_CTX.set_forkserver_preload(["edge_runtime.decode", "edge_runtime.decode.dicom",
-                             "edge_runtime.decode.raster"])
+_CTX.set_forkserver_preload(
+    ["edge_runtime.decode", "edge_runtime.decode.dicom", "edge_runtime.decode.raster"]
+)
 
 
 class DecodeTimeout(InputError):
@@ -126,7 +127,8 @@ class DecodeSandbox:
         proc = _CTX.Process(
             target=_child_main,
             args=(child, decode_stage.registered_decoders(), self.memory_bytes),
-            name="edge-decoder", daemon=True,
+            name="edge-decoder",
+            daemon=True,
         )
         proc.start()
         child.close()
@@ -165,8 +167,11 @@ class DecodeSandbox:
             if reply is None:
                 self._kill()
                 self.restarts += 1
-                log.warning("decoder for %s exceeded %.0f s and was stopped; a new one "
-                            "takes over", path.name, self.timeout_s)
+                log.warning(
+                    "decoder for %s exceeded %.0f s and was stopped; a new one takes over",
+                    path.name,
+                    self.timeout_s,
+                )
                 raise DecodeTimeout(
                     f"Decoding {path.name} took longer than {self.timeout_s:.0f} s "
                     "(Decode.TimeoutSeconds); the decoder was stopped."
@@ -193,8 +198,11 @@ class DecodeSandbox:
                 exitcode = self._proc.exitcode
             self._kill()
             self.restarts += 1
-            how = (f"signal {signal.Signals(-exitcode).name}" if exitcode and exitcode < 0
-                   else f"exit code {exitcode}")
+            how = (
+                f"signal {signal.Signals(-exitcode).name}"
+                if exitcode and exitcode < 0
+                else f"exit code {exitcode}"
+            )
             raise DecodeCrashed(f"The decoder process died ({how}) while reading {path.name}.")
 
     def close(self) -> None:

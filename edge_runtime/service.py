@@ -69,10 +69,10 @@ class EdgeService:
         self.sinks: list[IpcSink] = []
         if ipc is not None:
             self.sinks = [
-                IpcSink("ipc-local", self.journal,
-                        lambda m: ipc.publish_local(m.topic, m.payload)),
-                IpcSink("ipc-iotcore", self.journal,
-                        lambda m: ipc.publish_iot_core(m.topic, m.payload, m.qos)),
+                IpcSink("ipc-local", self.journal, lambda m: ipc.publish_local(m.topic, m.payload)),
+                IpcSink(
+                    "ipc-iotcore", self.journal, lambda m: ipc.publish_iot_core(m.topic, m.payload, m.qos)
+                ),
             ]
         self._config_lock = threading.Lock()
         self._queue: queue.PriorityQueue[ReadyFile] = queue.PriorityQueue()
@@ -97,9 +97,16 @@ class EdgeService:
         log.info(
             "edge runtime %s starting: model %s %s (%s), %d workers, inbox %s; journal: %d done, "
             "%d quarantined, %d interrupted scans requeued, %d results awaiting delivery",
-            __version__, bundle.name, bundle.version, self.analyzer.backend.name,
-            self.config.effective_workers, self.config.inbox.path.resolve(), counts["done"],
-            counts["quarantined"], requeued, counts["outbox_pending"],
+            __version__,
+            bundle.name,
+            bundle.version,
+            self.analyzer.backend.name,
+            self.config.effective_workers,
+            self.config.inbox.path.resolve(),
+            counts["done"],
+            counts["quarantined"],
+            requeued,
+            counts["outbox_pending"],
         )
         if self.config.mqtt.enabled:
             self.publisher.start()
@@ -110,12 +117,12 @@ class EdgeService:
             worker.start()
             self._workers.append(worker)
         self.watcher.start()
-        self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat",
-                                           daemon=True)
+        self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         self._heartbeat.start()
         if self.ipc is not None:
             self.ipc.subscribe_to_config_updates(
-                config_update_handler(self.ipc, self.apply_config, self._reject_config))
+                config_update_handler(self.ipc, self.apply_config, self._reject_config)
+            )
             self.ipc.report_running()
             log.info("reported RUNNING to the Greengrass nucleus")
 
@@ -126,8 +133,17 @@ class EdgeService:
 
     # -- live configuration ------------------------------------------------------------
     _RESTART_SECTIONS = ("inbox", "journal", "workers")
-    _RESTART_MQTT_KEYS = ("enabled", "host", "port", "client_id", "username", "password",
-                          "password_file", "tls", "keepalive_seconds")
+    _RESTART_MQTT_KEYS = (
+        "enabled",
+        "host",
+        "port",
+        "client_id",
+        "username",
+        "password",
+        "password_file",
+        "tls",
+        "keepalive_seconds",
+    )
 
     def apply_config(self, new: RuntimeConfig) -> None:
         """Apply a configuration update without a restart where that is safe.
@@ -142,56 +158,67 @@ class EdgeService:
             if new == old:
                 return
             changed = _changed_keys(old.to_pascal_dict(), new.to_pascal_dict())
-            needs_restart = [k for k in changed
-                             if k.split(".")[0].lower() in self._RESTART_SECTIONS
-                             or (k.startswith("Mqtt.") and _snake(k.split(".")[1])
-                                 in self._RESTART_MQTT_KEYS)]
-            model_keys = ("model.bundle_path", "model.backend", "model.threads",
-                          "decode", "intake")
+            needs_restart = [
+                k
+                for k in changed
+                if k.split(".")[0].lower() in self._RESTART_SECTIONS
+                or (k.startswith("Mqtt.") and _snake(k.split(".")[1]) in self._RESTART_MQTT_KEYS)
+            ]
+            model_keys = ("model.bundle_path", "model.backend", "model.threads", "decode", "intake")
             reload_model = any(_snake_path(k).startswith(model_keys) for k in changed)
             if reload_model:
                 try:
                     analyzer = self._build_analyzer(new)
                 except EdgeRuntimeError as exc:
-                    self._reject_config(f"model bundle rejected, keeping "
-                                        f"{old.model.bundle_path or 'the bundled model'}: "
-                                        f"{exc.message}")
+                    self._reject_config(
+                        f"model bundle rejected, keeping "
+                        f"{old.model.bundle_path or 'the bundled model'}: "
+                        f"{exc.message}"
+                    )
                     return
                 previous, self.analyzer = self.analyzer, analyzer
                 self.publisher.model_info = _status_model(analyzer)
                 # Workers that already hold the old analyzer finish with it.
                 threading.Timer(30.0, previous.close).start()
-                log.info("model switched to %s %s (%s)", analyzer.bundle.name,
-                         analyzer.bundle.version, analyzer.bundle.path)
+                log.info(
+                    "model switched to %s %s (%s)",
+                    analyzer.bundle.name,
+                    analyzer.bundle.version,
+                    analyzer.bundle.path,
+                )
             elif new.model.threshold != old.model.threshold:
-                self.analyzer.threshold = (self.analyzer.bundle.threshold
-                                           if new.model.threshold is None
-                                           else new.model.threshold)
+                self.analyzer.threshold = (
+                    self.analyzer.bundle.threshold if new.model.threshold is None else new.model.threshold
+                )
             logging.getLogger("edge_runtime").setLevel(new.logging.level)
             # Restart-only settings keep their running values until the next start.
-            self.config = new.model_copy(update={
-                "inbox": old.inbox, "journal": old.journal, "workers": old.workers,
-                "mqtt": old.mqtt.model_copy(update={"topic_prefix": new.mqtt.topic_prefix,
-                                                    "qos": new.mqtt.qos}),
-            })
+            self.config = new.model_copy(
+                update={
+                    "inbox": old.inbox,
+                    "journal": old.journal,
+                    "workers": old.workers,
+                    "mqtt": old.mqtt.model_copy(
+                        update={"topic_prefix": new.mqtt.topic_prefix, "qos": new.mqtt.qos}
+                    ),
+                }
+            )
             self.last_error = None
             log.info("configuration updated live: %s", ", ".join(changed))
             if needs_restart:
-                log.warning("these settings take effect after a restart: %s",
-                            ", ".join(needs_restart))
+                log.warning("these settings take effect after a restart: %s", ", ".join(needs_restart))
             self._publish_status_now()
 
     def _reject_config(self, reason: str) -> None:
         self.last_error = f"configuration update rejected: {reason}"
-        log.error("configuration update rejected, keeping the running configuration: %s",
-                  reason)
+        log.error("configuration update rejected, keeping the running configuration: %s", reason)
         self._publish_status_now()
 
     def _publish_status_now(self) -> None:
         if self.config.mqtt.enabled and self.publisher.connected:
             snapshot = self.health()
-            self.publisher.publish_status(snapshot["state"], snapshot["reason"],
-                                          snapshot["counters"], snapshot["last_error"])
+            self.publisher.publish_status(
+                snapshot["state"], snapshot["reason"], snapshot["counters"], snapshot["last_error"]
+            )
 
     # -- health ------------------------------------------------------------------------
     def health(self) -> dict[str, Any]:
@@ -239,9 +266,12 @@ class EdgeService:
                     snapshot = self.health()
                     self._write_health(snapshot)
                     if self.publisher.connected:
-                        self.publisher.publish_status(snapshot["state"], snapshot["reason"],
-                                                      snapshot["counters"],
-                                                      snapshot["last_error"])
+                        self.publisher.publish_status(
+                            snapshot["state"],
+                            snapshot["reason"],
+                            snapshot["counters"],
+                            snapshot["last_error"],
+                        )
                     self._report_to_cloud(snapshot)
                 except Exception:
                     log.exception("heartbeat failed")
@@ -258,8 +288,13 @@ class EdgeService:
         thing = os.environ.get("AWS_IOT_THING_NAME", "")
         if self.ipc is None or not topic or not thing:
             return
-        report = build_status(snapshot["state"], thing, reason=snapshot["reason"], model=snapshot["model"],
-                              counters=snapshot["counters"])
+        report = build_status(
+            snapshot["state"],
+            thing,
+            reason=snapshot["reason"],
+            model=snapshot["model"],
+            counters=snapshot["counters"],
+        )
         try:
             self.ipc.publish_iot_core(f"{topic}/{thing}", json.dumps(report), 1, retain=True)
         except Exception as exc:  # the report is best effort; scans go on
@@ -312,14 +347,19 @@ class EdgeService:
         signal.signal(signal.SIGINT, _handle)
         self.start()
         deadline = time.monotonic() + self.config.mqtt.connect_timeout_seconds
-        while (self.config.mqtt.enabled and not stop.is_set() and not self.publisher.connected
-               and time.monotonic() < deadline):
+        while (
+            self.config.mqtt.enabled
+            and not stop.is_set()
+            and not self.publisher.connected
+            and time.monotonic() < deadline
+        ):
             stop.wait(0.1)
         if self.config.mqtt.enabled and not stop.is_set() and not self.publisher.connected:
             log.warning(
                 "MQTT broker %s:%s not reachable yet; scans are still processed and their "
                 "results kept in the journal until it is",
-                self.config.mqtt.host, self.config.mqtt.port,
+                self.config.mqtt.host,
+                self.config.mqtt.port,
             )
         while not stop.wait(1.0):
             pass
@@ -349,8 +389,9 @@ class EdgeService:
                 log.info("taking new scans again")
             if self.publisher.connected:
                 snapshot = self.health()
-                self.publisher.publish_status(snapshot["state"], snapshot["reason"],
-                                              snapshot["counters"], snapshot["last_error"])
+                self.publisher.publish_status(
+                    snapshot["state"], snapshot["reason"], snapshot["counters"], snapshot["last_error"]
+                )
         if blocked:
             self.watcher.release(item.path)  # stays in the inbox; the next rescan offers it again
             return False
@@ -365,12 +406,16 @@ class EdgeService:
             except OSError:
                 continue
             if free_mb < journal_cfg.min_free_disk_mb:
-                return (f"only {free_mb:.0f} MB free on the disk of {folder} (minimum "
-                        f"Journal.MinFreeDiskMb = {journal_cfg.min_free_disk_mb} MB)")
+                return (
+                    f"only {free_mb:.0f} MB free on the disk of {folder} (minimum "
+                    f"Journal.MinFreeDiskMb = {journal_cfg.min_free_disk_mb} MB)"
+                )
         pending = self.journal.outbox_pending()
         if pending >= journal_cfg.max_outbox_messages:
-            return (f"{pending} results are waiting for the MQTT broker (limit "
-                    f"Journal.MaxOutboxMessages = {journal_cfg.max_outbox_messages})")
+            return (
+                f"{pending} results are waiting for the MQTT broker (limit "
+                f"Journal.MaxOutboxMessages = {journal_cfg.max_outbox_messages})"
+            )
         return None
 
     def _count(self, key: str) -> None:
@@ -392,8 +437,7 @@ class EdgeService:
                 self._handle(item)
             except Exception:
                 # Never let one scan kill a worker: log it, retry on a later rescan.
-                log.exception("unexpected error while handling %s; it will be retried",
-                              item.path.name)
+                log.exception("unexpected error while handling %s; it will be retried", item.path.name)
             finally:
                 self.watcher.release(item.path)
 
@@ -409,16 +453,34 @@ class EdgeService:
             return
         hash_ms = (time.perf_counter() - t0) * 1000
         self._count("received")
-        event(log, "received", "received %s (%d bytes)", path.name, size, file=path.name,
-              sha256=sha256[:16], size_bytes=size, queue_ms=round(queue_ms, 2))
+        event(
+            log,
+            "received",
+            "received %s (%d bytes)",
+            path.name,
+            size,
+            file=path.name,
+            sha256=sha256[:16],
+            size_bytes=size,
+            queue_ms=round(queue_ms, 2),
+        )
         admission = self.journal.admit(sha256, path, size)
         record = admission.record
         if admission.action == "finish_done":
             self._count("duplicates")
             what = "duplicate of" if admission.duplicate else "already processed as"
-            event(log, "duplicate", "%s is a %s %s; not processed again", path.name, what,
-                  record.file_name, file=path.name, sha256=sha256[:16],
-                  original=record.file_name, message_id=record.message_id)
+            event(
+                log,
+                "duplicate",
+                "%s is a %s %s; not processed again",
+                path.name,
+                what,
+                record.file_name,
+                file=path.name,
+                sha256=sha256[:16],
+                original=record.file_name,
+                message_id=record.message_id,
+            )
             self._dispose_done(path)
             return
         if admission.action == "finish_quarantine":
@@ -429,13 +491,19 @@ class EdgeService:
         if attempt > max_attempts * _INTERRUPTIONS_PER_ATTEMPT:
             # Started this often and never finished: the service died each time (power,
             # OOM killer, a crash in the inference engine). Stop the loop.
-            self._quarantine(path, sha256, record.id, attempt - 1, {
-                "code": "processing_interrupted_repeatedly",
-                "error": f"Processing {path.name} was interrupted {attempt - 1} times (the "
-                         "service stopped or crashed while working on it).",
-                "action": "Check the service log and the system journal for crashes or the "
-                          "OOM killer; resend the scan once fixed.",
-            })
+            self._quarantine(
+                path,
+                sha256,
+                record.id,
+                attempt - 1,
+                {
+                    "code": "processing_interrupted_repeatedly",
+                    "error": f"Processing {path.name} was interrupted {attempt - 1} times (the "
+                    "service stopped or crashed while working on it).",
+                    "action": "Check the service log and the system journal for crashes or the "
+                    "OOM killer; resend the scan once fixed.",
+                },
+            )
             return
         try:
             outcome = self.analyzer.analyze(path, sha256, {"queue": queue_ms, "hash": hash_ms})
@@ -445,25 +513,43 @@ class EdgeService:
         except EdgeRuntimeError as exc:
             failures = self.journal.record_failure(record.id)
             self.last_error = f"{path.name}: {exc.message}"
-            log.error("attempt %d/%d on %s failed: %s (%s)", failures, max_attempts, path.name,
-                      exc.message, exc.action)
+            log.error(
+                "attempt %d/%d on %s failed: %s (%s)",
+                failures,
+                max_attempts,
+                path.name,
+                exc.message,
+                exc.action,
+            )
             if failures >= max_attempts:
-                self._quarantine(path, sha256, record.id, attempt, {
-                    "code": "processing_failed_repeatedly",
-                    "error": f"{path.name} failed {failures} times without a usable result; "
-                             f"last error: {exc.message}",
-                    "action": exc.action,
-                })
+                self._quarantine(
+                    path,
+                    sha256,
+                    record.id,
+                    attempt,
+                    {
+                        "code": "processing_failed_repeatedly",
+                        "error": f"{path.name} failed {failures} times without a usable result; "
+                        f"last error: {exc.message}",
+                        "action": exc.action,
+                    },
+                )
             return
-        created = self.journal.record_result(record.id, outcome.result,
-                                             self._deliveries(outcome.result))
+        created = self.journal.record_result(record.id, outcome.result, self._deliveries(outcome.result))
         if not created:
             # Same message id as an earlier result: the same SOP Instance UID sent again
             # with different bytes (e.g. another transfer syntax). Published once only.
             self._count("duplicates")
-            event(log, "duplicate", "%s repeats an earlier instance (%s); result not published "
-                  "again", path.name, outcome.result["input"].get("sop_instance_uid"),
-                  file=path.name, sha256=sha256[:16], message_id=outcome.result["message_id"])
+            event(
+                log,
+                "duplicate",
+                "%s repeats an earlier instance (%s); result not published again",
+                path.name,
+                outcome.result["input"].get("sop_instance_uid"),
+                file=path.name,
+                sha256=sha256[:16],
+                message_id=outcome.result["message_id"],
+            )
         self._count("processed")
         self.publisher.notify()
         for sink in self.sinks:
@@ -485,8 +571,9 @@ class EdgeService:
         return deliveries
 
     # -- outcomes on disk ---------------------------------------------------------------
-    def _quarantine(self, path: Path, sha256: str, input_id: int, attempts: int,
-                    error: dict[str, str]) -> None:
+    def _quarantine(
+        self, path: Path, sha256: str, input_id: int, attempts: int, error: dict[str, str]
+    ) -> None:
         document = self._error_doc(path, sha256, attempts, error)
         self.journal.record_quarantine(input_id, document)
         self._move_to_quarantine(path, document)
@@ -530,10 +617,20 @@ class EdgeService:
             shutil.move(str(path), target)
         self._count("quarantined")
         self.last_error = f"{path.name}: {error.get('error')}"
-        event(log, "quarantined", "quarantined %s: %s", path.name, error.get("error"),
-              level=logging.WARNING, file=path.name, sha256=str(error.get("sha256", ""))[:16],
-              code=error.get("code"), reason=error.get("error"), action=error.get("action"),
-              moved_to=str(target))
+        event(
+            log,
+            "quarantined",
+            "quarantined %s: %s",
+            path.name,
+            error.get("error"),
+            level=logging.WARNING,
+            file=path.name,
+            sha256=str(error.get("sha256", ""))[:16],
+            code=error.get("code"),
+            reason=error.get("error"),
+            action=error.get("action"),
+            moved_to=str(target),
+        )
 
     def _dispose_done(self, path: Path) -> None:
         try:
@@ -551,8 +648,11 @@ def _status_model(analyzer: ScanAnalyzer) -> dict[str, Any]:
     The reference image's name is left out (it stays in the log): status
     messages carry no file names.
     """
-    model: dict[str, Any] = {"name": analyzer.bundle.name, "version": analyzer.bundle.version,
-                             "backend": analyzer.backend.name}
+    model: dict[str, Any] = {
+        "name": analyzer.bundle.name,
+        "version": analyzer.bundle.version,
+        "backend": analyzer.backend.name,
+    }
     if analyzer.conformance is not None:
         summary = analyzer.conformance.summary()
         summary.pop("worst", None)

@@ -48,8 +48,7 @@ def wait_for_port(port: int, timeout_s: float = 10.0) -> None:
 class Broker:
     """A real Mosquitto on a free loopback port with a config in a temp dir."""
 
-    def __init__(self, workdir: Path, extra_config: str = "",
-                 allow_anonymous: bool = True) -> None:
+    def __init__(self, workdir: Path, extra_config: str = "", allow_anonymous: bool = True) -> None:
         self.workdir = workdir
         self.port = free_port()
         self.host = "127.0.0.1"
@@ -69,8 +68,9 @@ class Broker:
             f"log_dest file {self.workdir / 'mosquitto.log'}\nlog_type error\nlog_type warning\n"
         )
         binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        self.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         wait_for_port(self.port)
 
     def stop(self) -> None:
@@ -100,8 +100,9 @@ class Subscriber:
     def __init__(self, broker: Broker, topic: str) -> None:
         self.messages: list[tuple[str, dict, bool]] = []
         self._cond = threading.Condition()
-        self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
-                                  client_id=f"test-sub-{time.monotonic_ns()}")
+        self.client = mqtt.Client(
+            callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-sub-{time.monotonic_ns()}"
+        )
         subscribed = threading.Event()
         self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
         self.client.on_subscribe = lambda *a: subscribed.set()
@@ -152,8 +153,14 @@ def subscriber_factory(mosquitto: Broker) -> Iterator:
         sub.close()
 
 
-def make_tiny_bundle(folder: Path, *, version: str = "0.0.1", conformance: bool = False,
-                     drift: float = 0.0, margin: float = 0.02) -> Path:
+def make_tiny_bundle(
+    folder: Path,
+    *,
+    version: str = "0.0.1",
+    conformance: bool = False,
+    drift: float = 0.0,
+    margin: float = 0.02,
+) -> Path:
     """A real (tiny) ONNX classifier bundle: mean intensity -> 2-class softmax.
 
     Bright images score PNEUMONIA. Small enough to build in milliseconds, so
@@ -183,8 +190,10 @@ def make_tiny_bundle(folder: Path, *, version: str = "0.0.1", conformance: bool 
         "tiny",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 64, 64])],
         [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 2])],
-        [helper.make_tensor("w", TensorProto.FLOAT, w.shape, w.flatten()),
-         helper.make_tensor("b", TensorProto.FLOAT, b.shape, b)],
+        [
+            helper.make_tensor("w", TensorProto.FLOAT, w.shape, w.flatten()),
+            helper.make_tensor("b", TensorProto.FLOAT, b.shape, b),
+        ],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -201,24 +210,35 @@ def make_tiny_bundle(folder: Path, *, version: str = "0.0.1", conformance: bool 
         session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
         reference = session.run(None, {"input": x})[0][:, 1].astype(np.float32)
         reference[-1] -= drift
-        np.savez_compressed(folder / "conformance.npz", images=images,
-                            labels=(levels > 0.5).astype(np.int8), reference=reference,
-                            sources=np.asarray([f"grey-{i}.png" for i in range(8)], dtype="<U64"))
-        extra["conformance"] = {"file": "conformance.npz", "images": 8, "max_abs_diff": 0.02,
-                                "decision_margin": margin}
-    write_manifest(folder, {**extra,
-        "name": "tiny-test-model",
-        "version": version,
-        "labels": ["NORMAL", "PNEUMONIA"],
-        "positive_label": "PNEUMONIA",
-        "artifacts": [{"file": "model.onnx", "backend": "onnxruntime", "quantization": "none"}],
-        "input": {"name": "input", "shape": ["batch", 3, 64, 64], "dtype": "float32",
-                  "layout": "NCHW"},
-        "output": {"name": "probabilities", "activation": "none"},
-        "preprocessing": spec.to_dict(),
-        "operating_point": {"threshold": 0.5, "method": "fixed (test model)"},
-        "intended_use": {"modalities": ["CR", "DX"], "body_parts": ["CHEST"]},
-    })
+        np.savez_compressed(
+            folder / "conformance.npz",
+            images=images,
+            labels=(levels > 0.5).astype(np.int8),
+            reference=reference,
+            sources=np.asarray([f"grey-{i}.png" for i in range(8)], dtype="<U64"),
+        )
+        extra["conformance"] = {
+            "file": "conformance.npz",
+            "images": 8,
+            "max_abs_diff": 0.02,
+            "decision_margin": margin,
+        }
+    write_manifest(
+        folder,
+        {
+            **extra,
+            "name": "tiny-test-model",
+            "version": version,
+            "labels": ["NORMAL", "PNEUMONIA"],
+            "positive_label": "PNEUMONIA",
+            "artifacts": [{"file": "model.onnx", "backend": "onnxruntime", "quantization": "none"}],
+            "input": {"name": "input", "shape": ["batch", 3, 64, 64], "dtype": "float32", "layout": "NCHW"},
+            "output": {"name": "probabilities", "activation": "none"},
+            "preprocessing": spec.to_dict(),
+            "operating_point": {"threshold": 0.5, "method": "fixed (test model)"},
+            "intended_use": {"modalities": ["CR", "DX"], "body_parts": ["CHEST"]},
+        },
+    )
     return folder
 
 

@@ -31,20 +31,23 @@ def test_litert_backend_runs_a_real_int8_model(shared_data: Path, tmp_path: Path
     coral = shared_data / "weights/tflite_coral"
     bundle_dir = tmp_path / "mobilenet"
     bundle_dir.mkdir()
-    (bundle_dir / "model.tflite").write_bytes(
-        (coral / "mobilenet_v2_1.0_224_quant.tflite").read_bytes())
+    (bundle_dir / "model.tflite").write_bytes((coral / "mobilenet_v2_1.0_224_quant.tflite").read_bytes())
     labels = (coral / "imagenet_labels.txt").read_text().splitlines()
     spec = PreprocessSpec(mean=(0.5,), std=(0.5,), layout="NHWC", quantize_8bit=False)
-    write_manifest(bundle_dir, {
-        "name": "coral-mobilenet-v2", "version": "1", "labels": labels,
-        "positive_label": "Egyptian cat",
-        "artifacts": [{"file": "model.tflite", "backend": "litert", "quantization": "uint8"}],
-        "input": {"name": "input", "shape": ["batch", 224, 224, 3], "dtype": "float32",
-                  "layout": "NHWC"},
-        "output": {"name": "output", "activation": "none"},
-        "preprocessing": spec.to_dict(),
-        "operating_point": {"threshold": 0.5, "method": "n/a"},
-    })
+    write_manifest(
+        bundle_dir,
+        {
+            "name": "coral-mobilenet-v2",
+            "version": "1",
+            "labels": labels,
+            "positive_label": "Egyptian cat",
+            "artifacts": [{"file": "model.tflite", "backend": "litert", "quantization": "uint8"}],
+            "input": {"name": "input", "shape": ["batch", 224, 224, 3], "dtype": "float32", "layout": "NHWC"},
+            "output": {"name": "output", "activation": "none"},
+            "preprocessing": spec.to_dict(),
+            "operating_point": {"threshold": 0.5, "method": "n/a"},
+        },
+    )
     backend = create_backend("litert", threads=1)
     backend.load(load_bundle(bundle_dir))
     bgr = cv2.imread(str(coral / "cat.bmp"))

@@ -14,19 +14,31 @@ from edge_runtime.service import EdgeService
 pytestmark = pytest.mark.slow
 
 
-def test_mosquitto_stopped_mid_run_and_restarted(shared_data: Path, tiny_bundle: Path,
-                                                 tmp_path: Path, mosquitto):
+def test_mosquitto_stopped_mid_run_and_restarted(
+    shared_data: Path, tiny_bundle: Path, tmp_path: Path, mosquitto
+):
     broker = Broker(tmp_path)
     broker.start()
-    config = RuntimeConfig.from_mapping({
-        "Inbox": {"Path": str(tmp_path / "inbox"), "QuarantinePath": str(tmp_path / "q"),
-                  "SettleSeconds": 0.2, "RescanIntervalSeconds": 0.5},
-        "Model": {"BundlePath": str(tiny_bundle)},
-        "Mqtt": {"Host": broker.host, "Port": broker.port, "ClientId": "outage",
-                 "KeepaliveSeconds": 5, "TopicPrefix": "outage"},
-        "Journal": {"Path": str(tmp_path / "journal.sqlite3")},
-        "Health": {"HeartbeatSeconds": 1, "File": str(tmp_path / "health.json")},
-    })
+    config = RuntimeConfig.from_mapping(
+        {
+            "Inbox": {
+                "Path": str(tmp_path / "inbox"),
+                "QuarantinePath": str(tmp_path / "q"),
+                "SettleSeconds": 0.2,
+                "RescanIntervalSeconds": 0.5,
+            },
+            "Model": {"BundlePath": str(tiny_bundle)},
+            "Mqtt": {
+                "Host": broker.host,
+                "Port": broker.port,
+                "ClientId": "outage",
+                "KeepaliveSeconds": 5,
+                "TopicPrefix": "outage",
+            },
+            "Journal": {"Path": str(tmp_path / "journal.sqlite3")},
+            "Health": {"HeartbeatSeconds": 1, "File": str(tmp_path / "health.json")},
+        }
+    )
     sources = sorted((shared_data / "cxr/kermany_pneumonia_224/test/PNEUMONIA").glob("*.jpeg"))
     first, during, after = sources[:20], sources[20:60], sources[60:70]
     service = EdgeService(config)
@@ -51,8 +63,10 @@ def test_mosquitto_stopped_mid_run_and_restarted(shared_data: Path, tiny_bundle:
         sub = Subscriber(broker, "outage/#")
         for src in after:
             (inbox / src.name).write_bytes(src.read_bytes())
-        seen = sub.wait_for(lambda ps: len({p["message_id"] for p in ps if "message_id" in p})
-                            >= len(during) + len(after), timeout_s=60)
+        seen = sub.wait_for(
+            lambda ps: len({p["message_id"] for p in ps if "message_id" in p}) >= len(during) + len(after),
+            timeout_s=60,
+        )
         names = {p["input"]["file_name"] for p in seen if p.get("message_type") == "result"}
         assert names >= {s.name for s in during + after}
         statuses = [p for p in seen if p.get("message_type") == "status"]

@@ -54,8 +54,9 @@ def _rewrite_manifest(bundle: Path, **changes) -> None:
 def test_manifest_input_that_disagrees_with_the_model_is_refused(tmp_path: Path):
     bundle_dir = make_tiny_bundle(tmp_path / "b1")
     # Manifest claims 128 px preprocessing; the ONNX graph declares 64 px.
-    _rewrite_manifest(bundle_dir, preprocessing__height=128, preprocessing__width=128,
-                      input__shape=["batch", 3, 128, 128])
+    _rewrite_manifest(
+        bundle_dir, preprocessing__height=128, preprocessing__width=128, input__shape=["batch", 3, 128, 128]
+    )
     bundle = load_bundle(bundle_dir)
     backend = create_backend("onnxruntime")
     with pytest.raises(ModelBundleError, match=r"expects input shape \['batch', 3, 64, 64\]"):
@@ -113,8 +114,7 @@ def test_bundled_default_model_is_consistent(default_bundle: Path):
     assert size_mb < 6
 
 
-def test_bundled_model_runs_on_both_backends_with_the_same_decisions(default_bundle: Path,
-                                                                     shared_data: Path):
+def test_bundled_model_runs_on_both_backends_with_the_same_decisions(default_bundle: Path, shared_data: Path):
     pytest.importorskip("ai_edge_litert", reason="ai-edge-litert not installed")
     from edge_runtime.pipeline import ScanAnalyzer
 

@@ -37,23 +37,32 @@ def chaos_bundle(tmp_path: Path) -> Path:
 
 
 def _start(env: dict, cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "edge_runtime.cli", "run"], cwd=cwd, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [sys.executable, "-m", "edge_runtime.cli", "run"],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def test_sigkill_at_random_moments_loses_and_duplicates_nothing(
-        shared_data: Path, chaos_bundle: Path, mosquitto, subscriber_factory, tmp_path: Path):
+    shared_data: Path, chaos_bundle: Path, mosquitto, subscriber_factory, tmp_path: Path
+):
     rng = random.Random(20261125)
     prefix = f"chaos/{tmp_path.name}"
     sub = subscriber_factory(f"{prefix}/results")
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     sources = sorted((shared_data / "cxr/kermany_pneumonia_224/test").rglob("*.jpeg"))[:200]
-    sources += [shared_data / "dicom/pydicom_data/RG1_UNCR.dcm",
-                shared_data / "dicom/siim_torchxrayvision/"
-                "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"]
-    bad = {"truncated.dcm": (shared_data / "dicom/pydicom_data/RG1_J2KR.dcm").read_bytes()[:4000],
-           "notes.dcm": b"not an image\n" * 10}
+    sources += [
+        shared_data / "dicom/pydicom_data/RG1_UNCR.dcm",
+        shared_data / "dicom/siim_torchxrayvision/1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm",
+    ]
+    bad = {
+        "truncated.dcm": (shared_data / "dicom/pydicom_data/RG1_J2KR.dcm").read_bytes()[:4000],
+        "notes.dcm": b"not an image\n" * 10,
+    }
     env = dict(
         os.environ,
         EDGE_RUNTIME__MODEL__BUNDLE_PATH=str(chaos_bundle),
@@ -110,10 +119,12 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(
     error_files = sorted(quarantine.glob("*.error.json"))
     quarantined = [json.loads(p.read_text()) for p in error_files]
     repeats = sum(n - 1 for n in delivered.values())
-    print(f"\nchaos: {kills} SIGKILLs, {len(sources)} good files ({len(expected)} distinct), "
-          f"{len(bad)} bad; subscriber saw {len(results)} result messages, "
-          f"{len(delivered)} distinct message ids, {repeats} raw repeats; "
-          f"{len(quarantined)} quarantine records")
+    print(
+        f"\nchaos: {kills} SIGKILLs, {len(sources)} good files ({len(expected)} distinct), "
+        f"{len(bad)} bad; subscriber saw {len(results)} result messages, "
+        f"{len(delivered)} distinct message ids, {repeats} raw repeats; "
+        f"{len(quarantined)} quarantine records"
+    )
     assert not any(inbox.iterdir()), f"left in the inbox: {list(inbox.iterdir())}"
     assert by_input == expected, "some inputs have no delivered result"
     assert len(delivered) == len(expected)

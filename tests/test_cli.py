@@ -15,8 +15,13 @@ SIIM = "dicom/siim_torchxrayvision/1.2.276.0.7230010.3.1.4.8323329.6904.15178752
 
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "edge_runtime.cli", *args],
-                          capture_output=True, text=True, timeout=120, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "edge_runtime.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
 
 
 def test_help_explains_commands():
@@ -27,12 +32,12 @@ def test_help_explains_commands():
 
 
 def test_process_prints_one_valid_result_per_file_and_fails_only_on_failure(
-        shared_data: Path, tiny_bundle: Path, tmp_path: Path):
+    shared_data: Path, tiny_bundle: Path, tmp_path: Path
+):
     import os
 
     env = dict(os.environ, EDGE_RUNTIME__MODEL__BUNDLE_PATH=str(tiny_bundle))
-    good = [shared_data / SIIM,
-            shared_data / "cxr/kermany_pneumonia_224/test/NORMAL/IM-0001-0001.jpeg"]
+    good = [shared_data / SIIM, shared_data / "cxr/kermany_pneumonia_224/test/NORMAL/IM-0001-0001.jpeg"]
     out = run_cli("process", *map(str, good), env=env)
     assert out.returncode == 0, out.stderr
     lines = [json.loads(line) for line in out.stdout.splitlines()]

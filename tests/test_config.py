@@ -22,12 +22,15 @@ def test_defaults_are_valid_and_round_trip_through_pascal_case():
 def test_file_and_environment_overrides(tmp_path: Path):
     path = tmp_path / "edge.yaml"
     path.write_text("Mqtt:\n  Host: broker.local\n  Port: 1884\nInbox:\n  Path: /data/inbox\n")
-    config = load_config(path, environ={
-        "EDGE_RUNTIME__MQTT__PORT": "8883",
-        "edge_runtime__inbox__settle_seconds": "2.5",
-        "EDGE_RUNTIME__MODEL__BACKEND": "litert",
-        "UNRELATED": "x",
-    })
+    config = load_config(
+        path,
+        environ={
+            "EDGE_RUNTIME__MQTT__PORT": "8883",
+            "edge_runtime__inbox__settle_seconds": "2.5",
+            "EDGE_RUNTIME__MODEL__BACKEND": "litert",
+            "UNRELATED": "x",
+        },
+    )
     assert config.mqtt.host == "broker.local"
     assert config.mqtt.port == 8883  # environment wins over the file
     assert config.inbox.settle_seconds == 2.5
@@ -45,8 +48,14 @@ def test_every_problem_is_reported_with_its_key(tmp_path: Path):
         load_config(path, environ={})
     text = str(info.value)
     assert str(path) in text
-    for expected in ("Mqtt.Prot: unknown setting", "Mqtt.Port", "Mqtt.TopicPrefix",
-                     "Inbox.SettleSeconds", "Model.Backend", "Colour: unknown setting"):
+    for expected in (
+        "Mqtt.Prot: unknown setting",
+        "Mqtt.Port",
+        "Mqtt.TopicPrefix",
+        "Inbox.SettleSeconds",
+        "Model.Backend",
+        "Colour: unknown setting",
+    ):
         assert expected in text, f"{expected!r} missing from:\n{text}"
 
 
@@ -81,12 +90,18 @@ def test_cli_config_check(tmp_path: Path, capsys, monkeypatch):
 
 
 def test_empty_strings_mean_unset_as_greengrass_recipes_cannot_hold_null():
-    config = RuntimeConfig.from_mapping({
-        "Model": {"Threshold": "", "BundlePath": ""},
-        "Inbox": {"ProcessedPath": ""},
-        "Mqtt": {"Username": "", "Password": "", "PasswordFile": "",
-                 "Tls": {"CaFile": "", "CertFile": "", "KeyFile": ""}},
-    })
+    config = RuntimeConfig.from_mapping(
+        {
+            "Model": {"Threshold": "", "BundlePath": ""},
+            "Inbox": {"ProcessedPath": ""},
+            "Mqtt": {
+                "Username": "",
+                "Password": "",
+                "PasswordFile": "",
+                "Tls": {"CaFile": "", "CertFile": "", "KeyFile": ""},
+            },
+        }
+    )
     assert config.model.threshold is None and config.model.bundle_path is None
     assert config.inbox.processed_path is None and config.mqtt.username is None
     assert config.mqtt.tls.ca_file is None

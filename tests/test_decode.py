@@ -23,14 +23,13 @@ def test_chest_dicom_metadata_and_range(shared_data):
     meta = image.metadata
     assert meta["modality"] == "CR" and meta["body_part_examined"] == "CHEST"
     assert meta["view_position"] == "PA"
-    assert meta["sop_instance_uid"] == (
-        "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819"
-    )
+    assert meta["sop_instance_uid"] == ("1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819")
     assert "patient_name" not in meta and "patient_id" not in meta
 
 
-@pytest.mark.parametrize("name", ["siim_cxr_explicit_le", "siim_cxr_implicit_le",
-                                  "siim_cxr_deflated_le", "siim_cxr_rle"])
+@pytest.mark.parametrize(
+    "name", ["siim_cxr_explicit_le", "siim_cxr_implicit_le", "siim_cxr_deflated_le", "siim_cxr_rle"]
+)
 def test_lossless_encodings_of_one_image_decode_identically(shared_data, name):
     reference = decode_file(shared_data / SIIM).pixels  # JPEG baseline, decoded once
     other = decode_file(shared_data / "dicom/derived" / f"{name}.dcm").pixels
@@ -111,8 +110,7 @@ def test_pixel_cap_is_checked_before_decoding(shared_data):
     with pytest.raises(ImageTooLarge, match="over the limit"):
         decode_file(shared_data / "dicom/pydicom_data/RG1_UNCR.dcm", limits)
     with pytest.raises(ImageTooLarge):
-        decode_file(shared_data / "cxr/nih_chestxray14_1024_subset/images/00000075_000.png",
-                    limits)
+        decode_file(shared_data / "cxr/nih_chestxray14_1024_subset/images/00000075_000.png", limits)
 
 
 def test_png_bomb_header_is_refused_without_allocating(tmp_path: Path):
@@ -121,8 +119,13 @@ def test_png_bomb_header_is_refused_without_allocating(tmp_path: Path):
 
     ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 0, 0, 0, 0)
     chunk = b"IHDR" + ihdr
-    data = (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk
-            + struct.pack(">I", zlib.crc32(chunk)) + b"\x00\x00\x00\x00IEND\xaeB`\x82")
+    data = (
+        b"\x89PNG\r\n\x1a\n"
+        + struct.pack(">I", len(ihdr))
+        + chunk
+        + struct.pack(">I", zlib.crc32(chunk))
+        + b"\x00\x00\x00\x00IEND\xaeB`\x82"
+    )
     (tmp_path / "bomb.png").write_bytes(data)
     with pytest.raises(ImageTooLarge, match="10,000,000,000"):
         decode_file(tmp_path / "bomb.png")

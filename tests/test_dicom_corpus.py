@@ -33,10 +33,14 @@ LOSSLESS_GROUPS = {
     "RG1 chest": ["pydicom_data/RG1_UNCR.dcm", "pydicom_data/RG1_J2KR.dcm"],
     "RG2 hip": ["wg04/RG2_JPLL", "wg04/RG2_J2KR", "wg04/RG2_JLSL", "wg04/RG2_RLE"],
     "RG3 extremity": ["wg04/RG3_JPLL", "wg04/RG3_JLSL", "wg04/RG3_RLE"],
-    "MR small": ["pydicom_testfiles/MR_small.dcm", "pydicom_testfiles/MR_small_implicit.dcm",
-                 "pydicom_testfiles/MR_small_expb.dcm", "pydicom_testfiles/MR_small_RLE.dcm",
-                 "pydicom_testfiles/MR_small_jp2klossless.dcm",
-                 "pydicom_testfiles/MR_small_jpeg_ls_lossless.dcm"],
+    "MR small": [
+        "pydicom_testfiles/MR_small.dcm",
+        "pydicom_testfiles/MR_small_implicit.dcm",
+        "pydicom_testfiles/MR_small_expb.dcm",
+        "pydicom_testfiles/MR_small_RLE.dcm",
+        "pydicom_testfiles/MR_small_jp2klossless.dcm",
+        "pydicom_testfiles/MR_small_jpeg_ls_lossless.dcm",
+    ],
 }
 LOSSY_TWINS = {
     "wg04/RG1_J2KI": "pydicom_data/RG1_UNCR.dcm",

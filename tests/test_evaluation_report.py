@@ -105,8 +105,10 @@ def tiny_fp32(tmp_path_factory: pytest.TempPathFactory, default_bundle: Path) ->
         "tiny-fp32",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)],
         [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 2])],
-        [helper.make_tensor("w", TensorProto.FLOAT, w.shape, w.flatten()),
-         helper.make_tensor("b", TensorProto.FLOAT, b.shape, b)],
+        [
+            helper.make_tensor("w", TensorProto.FLOAT, w.shape, w.flatten()),
+            helper.make_tensor("b", TensorProto.FLOAT, b.shape, b),
+        ],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -122,12 +124,29 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 
 @pytest.fixture(scope="module")
-def report(subset: Path, tiny_fp32: Path, default_bundle: Path,
-           tmp_path_factory: pytest.TempPathFactory) -> Path:
+def report(
+    subset: Path, tiny_fp32: Path, default_bundle: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     out = tmp_path_factory.mktemp("report")
-    args = _parse(["evaluate-report", "--bundle", str(default_bundle), "--fp32", str(tiny_fp32),
-                   "--data", str(subset), "--split", "test", "--out", str(out),
-                   "--bootstrap", str(N_BOOT), "--threads", "2"])
+    args = _parse(
+        [
+            "evaluate-report",
+            "--bundle",
+            str(default_bundle),
+            "--fp32",
+            str(tiny_fp32),
+            "--data",
+            str(subset),
+            "--split",
+            "test",
+            "--out",
+            str(out),
+            "--bootstrap",
+            str(N_BOOT),
+            "--threads",
+            "2",
+        ]
+    )
     run_from_args(args)
     return out
 
@@ -193,8 +212,9 @@ def test_report_writes_markdown_and_every_figure(report: Path) -> None:
     assert (report / METRICS_NAME).stat().st_size > 0 and (report / PREDICTIONS_NAME).stat().st_size > 0
 
 
-def test_report_numbers_equal_the_metric_functions(report: Path, subset: Path, tiny_fp32: Path,
-                                                   default_bundle: Path) -> None:
+def test_report_numbers_equal_the_metric_functions(
+    report: Path, subset: Path, tiny_fp32: Path, default_bundle: Path
+) -> None:
     from edge_runtime.bundle import load_bundle
 
     md = (report / REPORT_NAME).read_text()
@@ -204,8 +224,10 @@ def test_report_numbers_equal_the_metric_functions(report: Path, subset: Path, t
     y = np.array([1 if r["label"] == "PNEUMONIA" else 0 for r in rows])
     groups = [r["group"] for r in rows]
     assert sorted(groups) == sorted(["normal"] * 8 + ["bacteria"] * 4 + ["virus"] * 4)
-    probs = {"INT8": np.array([float(r["p_int8"]) for r in rows]),
-             "FP32": np.array([float(r["p_fp32"]) for r in rows])}
+    probs = {
+        "INT8": np.array([float(r["p_int8"]) for r in rows]),
+        "FP32": np.array([float(r["p_fp32"]) for r in rows]),
+    }
 
     # The report's probabilities are the edge's, recomputed independently image by image.
     edge_int8, edge_fp32 = _edge_probabilities(default_bundle, tiny_fp32, [subset / r["path"] for r in rows])
@@ -298,8 +320,13 @@ def test_an_image_that_differs_from_the_manifest_is_refused(subset: Path, tmp_pa
 
 def test_cli_help_explains_the_report() -> None:
     pytest.importorskip("torch")  # python -m training's parser lists the torch model registry
-    out = subprocess.run([sys.executable, "-m", "training", "evaluate-report", "--help"],
-                         capture_output=True, text=True, timeout=120, check=False)
+    out = subprocess.run(
+        [sys.executable, "-m", "training", "evaluate-report", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr
     for word in ("--fp32", "--split", "manifest", "threshold", "ECE", "subtype", "nothing is tuned"):
         assert word in out.stdout, word

@@ -98,9 +98,15 @@ def sandbox():
 
 
 @pytest.mark.skipif(not SEED_BYTES, reason="real seed files not found in ../shared/data")
-@settings(max_examples=EXAMPLES, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                 HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.function_scoped_fixture,
+    ],
+)
 @given(data=mutated())
 def test_mutated_real_files_never_escape_the_typed_errors(tmp_path_factory, sandbox, data):
     path = tmp_path_factory.mktemp("fuzz") / "input.bin"

@@ -252,8 +252,9 @@ def test_codec_interoperates_with_awscrt_both_ways(nucleus: FakeNucleus) -> None
 # --------------------------------------------------------------------------------------
 
 
-def test_get_configuration_nested_whole_and_missing(ipc: GreengrassCoreIPCClientV2,
-                                                    nucleus: FakeNucleus) -> None:
+def test_get_configuration_nested_whole_and_missing(
+    ipc: GreengrassCoreIPCClientV2, nucleus: FakeNucleus
+) -> None:
     leaf = result(ipc.get_configuration_async(key_path=["Inference", "Threshold"]))
     assert leaf.component_name == "com.healthdiag.EdgeRuntime"
     assert leaf.value == {"Threshold": 0.42}  # the nucleus wraps a leaf as {key: value}
@@ -273,8 +274,9 @@ def test_get_configuration_nested_whole_and_missing(ipc: GreengrassCoreIPCClient
     assert nucleus.calls_for("GetConfiguration")[0] == {"keyPath": ["Inference", "Threshold"]}
 
 
-def test_configuration_updates_reach_the_subscriber(ipc: GreengrassCoreIPCClientV2,
-                                                    nucleus: FakeNucleus) -> None:
+def test_configuration_updates_reach_the_subscriber(
+    ipc: GreengrassCoreIPCClientV2, nucleus: FakeNucleus
+) -> None:
     everything, inference = Recorder(), Recorder()
     fut, op = ipc.subscribe_to_configuration_update_async(
         key_path=[], on_stream_event=everything.on_event, on_stream_closed=everything.on_closed
@@ -295,9 +297,11 @@ def test_configuration_updates_reach_the_subscriber(ipc: GreengrassCoreIPCClient
     assert threshold.value == {"Threshold": 0.6}
 
     # ...and the component's own UpdateConfiguration (merge at a container node).
-    result(ipc.update_configuration_async(
-        key_path=["Mqtt"], timestamp=datetime.datetime.now(), value_to_merge={"Topic": "t2", "Qos": 1}
-    ))
+    result(
+        ipc.update_configuration_async(
+            key_path=["Mqtt"], timestamp=datetime.datetime.now(), value_to_merge={"Topic": "t2", "Qos": 1}
+        )
+    )
     paths = [e.configuration_update_event.key_path for e in everything.wait_for(3)]
     assert paths[1:] == [["Mqtt", "Topic"], ["Mqtt", "Qos"]]
     assert nucleus.configuration()["Mqtt"] == {"Topic": "t2", "Qos": 1}
@@ -313,14 +317,17 @@ def test_configuration_updates_reach_the_subscriber(ipc: GreengrassCoreIPCClient
     assert len(everything.events) == 3
 
 
-def test_update_configuration_rejects_stale_timestamp(ipc: GreengrassCoreIPCClientV2,
-                                                      nucleus: FakeNucleus) -> None:
+def test_update_configuration_rejects_stale_timestamp(
+    ipc: GreengrassCoreIPCClientV2, nucleus: FakeNucleus
+) -> None:
     nucleus.set_configuration(None, ["Mqtt", "Topic"], "fresh")
     stale = datetime.datetime.now() - datetime.timedelta(hours=1)
     with pytest.raises(model.FailedUpdateConditionCheckError):
-        result(ipc.update_configuration_async(
-            key_path=["Mqtt"], timestamp=stale, value_to_merge={"Topic": "old"}
-        ))
+        result(
+            ipc.update_configuration_async(
+                key_path=["Mqtt"], timestamp=stale, value_to_merge={"Topic": "old"}
+            )
+        )
     assert nucleus.configuration()["Mqtt"]["Topic"] == "fresh"
 
 
@@ -345,17 +352,22 @@ def test_publish_to_topic_json_and_binary(ipc: GreengrassCoreIPCClientV2, nucleu
     result(ipc.subscribe_to_topic_async(topic="healthdiag/scan/status", on_stream_event=mine.on_event)[0])
 
     doc = {"study": "1.2.3", "score": 0.91}
-    result(ipc.publish_to_topic_async(
-        topic="healthdiag/scan/status",
-        publish_message=model.PublishMessage(json_message=model.JsonMessage(message=doc)),
-    ))
-    result(ipc.publish_to_topic_async(
-        topic="healthdiag/scan/status",
-        publish_message=model.PublishMessage(binary_message=model.BinaryMessage(message=b"\x89PNG")),
-    ))
+    result(
+        ipc.publish_to_topic_async(
+            topic="healthdiag/scan/status",
+            publish_message=model.PublishMessage(json_message=model.JsonMessage(message=doc)),
+        )
+    )
+    result(
+        ipc.publish_to_topic_async(
+            topic="healthdiag/scan/status",
+            publish_message=model.PublishMessage(binary_message=model.BinaryMessage(message=b"\x89PNG")),
+        )
+    )
     calls = nucleus.calls_for("PublishToTopic")
     assert calls[0] == {
-        "topic": "healthdiag/scan/status", "publishMessage": {"jsonMessage": {"message": doc}}
+        "topic": "healthdiag/scan/status",
+        "publishMessage": {"jsonMessage": {"message": doc}},
     }
     assert calls[1]["publishMessage"]["binaryMessage"]["message"] == b"\x89PNG"
 
@@ -368,10 +380,12 @@ def test_publish_to_topic_json_and_binary(ipc: GreengrassCoreIPCClientV2, nucleu
     assert local.wait_for(1)[0].json_message.message == {"from": "peer"}
 
     with pytest.raises(model.InvalidArgumentsError):
-        result(ipc.publish_to_topic_async(
-            topic="healthdiag/#",
-            publish_message=model.PublishMessage(json_message=model.JsonMessage(message={})),
-        ))
+        result(
+            ipc.publish_to_topic_async(
+                topic="healthdiag/#",
+                publish_message=model.PublishMessage(json_message=model.JsonMessage(message={})),
+            )
+        )
 
 
 def test_publish_to_iot_core_at_least_once(ipc: GreengrassCoreIPCClientV2, nucleus: FakeNucleus) -> None:
@@ -382,9 +396,11 @@ def test_publish_to_iot_core_at_least_once(ipc: GreengrassCoreIPCClientV2, nucle
 
     # The cloud side: deliver a message to a SubscribeToIoTCore stream.
     commands = Recorder()
-    result(ipc.subscribe_to_iot_core_async(
-        topic_name="healthdiag/cmd/#", qos=model.QOS.AT_MOST_ONCE, on_stream_event=commands.on_event
-    )[0])
+    result(
+        ipc.subscribe_to_iot_core_async(
+            topic_name="healthdiag/cmd/#", qos=model.QOS.AT_MOST_ONCE, on_stream_event=commands.on_event
+        )[0]
+    )
     assert nucleus.deliver_iot_core_message("healthdiag/cmd/reload", b'{"op":"reload"}') == 1
     message = commands.wait_for(1)[0].message
     assert (message.topic_name, message.payload) == ("healthdiag/cmd/reload", b'{"op":"reload"}')
@@ -400,7 +416,7 @@ def test_wrong_svcuid_is_refused(nucleus: FakeNucleus, monkeypatch: pytest.Monke
     nucleus.wait_until(lambda: nucleus.connection_count == 0)
 
 
-COMPONENT_SCRIPT = '''
+COMPONENT_SCRIPT = """
 from awsiot.greengrasscoreipc.clientv2 import GreengrassCoreIPCClientV2
 from awsiot.greengrasscoreipc import model
 ipc = GreengrassCoreIPCClientV2()
@@ -409,13 +425,19 @@ ipc.publish_to_iot_core(topic_name="healthdiag/results", qos=model.QOS.AT_LEAST_
 ipc.update_state(state="RUNNING")
 print(threshold)
 ipc.close()
-'''
+"""
 
 
 def test_component_process_talks_to_nucleus(ipc: GreengrassCoreIPCClientV2, nucleus: FakeNucleus) -> None:
     """A separate process, as the nucleus would launch it, beside an in-process client."""
-    proc = subprocess.run([sys.executable, "-c", COMPONENT_SCRIPT], env={**os.environ, **nucleus.env()},
-                          capture_output=True, text=True, timeout=30, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", COMPONENT_SCRIPT],
+        env={**os.environ, **nucleus.env()},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "0.42"
     assert nucleus.states() == ["RUNNING"]
@@ -434,18 +456,25 @@ def test_errors_injected_and_custom_handlers(ipc: GreengrassCoreIPCClientV2, nuc
     # An operation of the model that the fake does not implement: the nucleus's ServiceError.
     with pytest.raises(model.ServiceError):
         result(ipc.get_secret_value_async(secret_id="db"))
-    nucleus.register_handler("GetSecretValue", lambda req, component: {
-        "secretId": req["secretId"], "versionId": "v1", "secretValue": {"secretString": f"for {component}"}
-    })
+    nucleus.register_handler(
+        "GetSecretValue",
+        lambda req, component: {
+            "secretId": req["secretId"],
+            "versionId": "v1",
+            "secretValue": {"secretString": f"for {component}"},
+        },
+    )
     secret = result(ipc.get_secret_value_async(secret_id="db"))
     assert secret.secret_value.secret_string == "for com.healthdiag.EdgeRuntime"
 
 
 def test_dropped_connection_closes_open_streams(ipc: GreengrassCoreIPCClientV2, nucleus: FakeNucleus) -> None:
     rec = Recorder()
-    result(ipc.subscribe_to_configuration_update_async(
-        key_path=[], on_stream_event=rec.on_event, on_stream_closed=rec.on_closed
-    )[0])
+    result(
+        ipc.subscribe_to_configuration_update_async(
+            key_path=[], on_stream_event=rec.on_event, on_stream_closed=rec.on_closed
+        )[0]
+    )
     nucleus.drop_connections()  # what a component sees when the nucleus restarts
     assert rec.closed.wait(TIMEOUT)
     assert isinstance(ipc.client.close().exception(TIMEOUT), AwsCrtError)  # not a clean close
@@ -457,8 +486,9 @@ def test_dropped_connection_closes_open_streams(ipc: GreengrassCoreIPCClientV2, 
 # --------------------------------------------------------------------------------------
 
 
-def _rpc(mtype: MessageType, flags: int = 0, stream_id: int = 0, *extra: Header,
-         payload: bytes = b"") -> bytes:
+def _rpc(
+    mtype: MessageType, flags: int = 0, stream_id: int = 0, *extra: Header, payload: bytes = b""
+) -> bytes:
     headers = [
         Header.from_int32(":message-type", mtype),
         Header.from_int32(":message-flags", flags),
@@ -484,16 +514,21 @@ def raw(nucleus: FakeNucleus) -> Iterator[tuple[socket.socket, Iterator[Message]
     sock.close()
 
 
-def test_server_rejects_frames_with_bad_crc(raw: tuple[socket.socket, Iterator[Message]],
-                                             nucleus: FakeNucleus) -> None:
+def test_server_rejects_frames_with_bad_crc(
+    raw: tuple[socket.socket, Iterator[Message]], nucleus: FakeNucleus
+) -> None:
     sock, messages = raw
-    frame = bytearray(_rpc(
-        MessageType.APPLICATION_MESSAGE, 0, 1,
-        Header.from_string("operation", "aws.greengrass#UpdateState"),
-        Header.from_string(":content-type", "application/json"),
-        Header.from_string("service-model-type", "aws.greengrass#UpdateStateRequest"),
-        payload=b'{"state":"RUNNING"}',
-    ))
+    frame = bytearray(
+        _rpc(
+            MessageType.APPLICATION_MESSAGE,
+            0,
+            1,
+            Header.from_string("operation", "aws.greengrass#UpdateState"),
+            Header.from_string(":content-type", "application/json"),
+            Header.from_string("service-model-type", "aws.greengrass#UpdateStateRequest"),
+            payload=b'{"state":"RUNNING"}',
+        )
+    )
     frame[-6] ^= 0x20  # flip a payload bit; the message CRC no longer matches
     sock.sendall(bytes(frame))
     error = next(messages)
@@ -511,12 +546,16 @@ def test_ping_and_unknown_operation(raw: tuple[socket.socket, Iterator[Message]]
     assert pong.value(":message-type") == MessageType.PING_RESPONSE
     assert (pong.value("x-echo"), pong.payload) == ("hi", b"p")
 
-    sock.sendall(_rpc(
-        MessageType.APPLICATION_MESSAGE, 0, 1,
-        Header.from_string("operation", "aws.greengrass#Frobnicate"),
-        Header.from_string(":content-type", "application/json"),
-        payload=b"{}",
-    ))
+    sock.sendall(
+        _rpc(
+            MessageType.APPLICATION_MESSAGE,
+            0,
+            1,
+            Header.from_string("operation", "aws.greengrass#Frobnicate"),
+            Header.from_string(":content-type", "application/json"),
+            payload=b"{}",
+        )
+    )
     reply = next(messages)
     assert reply.value(":message-type") == MessageType.APPLICATION_ERROR
     assert reply.value(":stream-id") == 1

@@ -60,8 +60,13 @@ validate = _load_validate()
 
 
 def run_build(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(BUILD), *map(str, args)], capture_output=True, text=True,
-                          timeout=300, check=False)
+    return subprocess.run(
+        [sys.executable, str(BUILD), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
 
 
 def read_recipe(path: Path) -> dict[str, Any]:
@@ -106,8 +111,11 @@ def build_copy(build_dir: Path, tmp_path: Path) -> Path:
 
 def test_build_produces_the_greengrass_cli_layout(build_dir: Path) -> None:
     assert sorted(p.name for p in (build_dir / "recipes").iterdir()) == [RUNTIME_RECIPE, MODEL_RECIPE]
-    files = sorted(p.relative_to(build_dir / "artifacts").as_posix()
-                   for p in (build_dir / "artifacts").rglob("*") if p.is_file())
+    files = sorted(
+        p.relative_to(build_dir / "artifacts").as_posix()
+        for p in (build_dir / "artifacts").rglob("*")
+        if p.is_file()
+    )
     assert files == [f"{RUNTIME}/0.1.0/edge-runtime-wheels.zip", f"{MODEL}/0.1.0/pneumonia-cxr.zip"]
     for recipe_file in (build_dir / "recipes").iterdir():
         recipe = read_recipe(recipe_file)
@@ -155,8 +163,11 @@ def test_zips_are_reproducible(tiny_bundle_010: Path, tmp_path: Path) -> None:
         out = tmp_path / run
         result = run_build("--out", out, "--component", MODEL, "--bundle", tiny_bundle_010, "--no-validate")
         assert result.returncode == 0, result.stderr
-        digests.append(hashlib.sha256((out / "artifacts" / MODEL / "0.1.0" / "pneumonia-cxr.zip")
-                                      .read_bytes()).hexdigest())
+        digests.append(
+            hashlib.sha256(
+                (out / "artifacts" / MODEL / "0.1.0" / "pneumonia-cxr.zip").read_bytes()
+            ).hexdigest()
+        )
     assert digests[0] == digests[1]
 
 
@@ -195,8 +206,14 @@ def test_gdk_layout_writes_recipe_yaml(tiny_bundle_010: Path, tmp_path: Path) ->
 def test_help_explains_the_options() -> None:
     result = run_build("--help")
     assert result.returncode == 0
-    for text in ("--no-deps-wheels", "--bundle", "--version", "--platform", "manylinux_2_28_aarch64",
-                 "manylinux2014_aarch64"):
+    for text in (
+        "--no-deps-wheels",
+        "--bundle",
+        "--version",
+        "--platform",
+        "manylinux_2_28_aarch64",
+        "manylinux2014_aarch64",
+    ):
         assert text in result.stdout
 
 
@@ -212,7 +229,8 @@ def test_version_skew_is_reported() -> None:
     old = "onnxruntime-1.16.3-cp311-cp311-manylinux_2_17_aarch64.manylinux2014_aarch64.whl"
     current = f"onnxruntime-{onnxruntime.__version__}-cp311-cp311-manylinux_2_28_aarch64.whl"
     assert build.version_skew([old]) == [
-        f"shipping onnxruntime 1.16.3, but {onnxruntime.__version__} is installed here (and tested)"]
+        f"shipping onnxruntime 1.16.3, but {onnxruntime.__version__} is installed here (and tested)"
+    ]
     assert build.version_skew([current, "not-a-wheel.tar.gz"]) == []
 
 
@@ -220,8 +238,9 @@ def test_version_skew_is_reported() -> None:
 # The recipes' contract
 
 
-def test_generated_recipes_pass_both_official_schemas(build_dir: Path,
-                                                      schemas: dict[str, dict[str, Any]]) -> None:
+def test_generated_recipes_pass_both_official_schemas(
+    build_dir: Path, schemas: dict[str, dict[str, Any]]
+) -> None:
     for recipe_file in sorted((build_dir / "recipes").iterdir()):
         recipe = read_recipe(recipe_file)
         for label, schema in schemas.items():
@@ -258,8 +277,13 @@ def test_runtime_recipe_dependency_and_least_privilege(build_dir: Path) -> None:
     assert validate.satisfies("0.2.0", dependency["VersionRequirement"])
     assert not validate.satisfies("0.3.0", dependency["VersionRequirement"])
     access = recipe["ComponentConfiguration"]["DefaultConfiguration"]["accessControl"]
-    grants = {(service, op, res) for service, policies in access.items() for policy in policies.values()
-              for op in policy["operations"] for res in policy["resources"]}
+    grants = {
+        (service, op, res)
+        for service, policies in access.items()
+        for policy in policies.values()
+        for op in policy["operations"]
+        for res in policy["resources"]
+    }
     assert grants == {
         ("aws.greengrass.ipc.pubsub", "aws.greengrass#PublishToTopic", "healthdiag/edge/*"),
         ("aws.greengrass.ipc.mqttproxy", "aws.greengrass#PublishToIoTCore", "healthdiag/edge/*"),
@@ -275,9 +299,11 @@ def test_runtime_lifecycle(build_dir: Path) -> None:
     install, run, recover = lifecycle["Install"], lifecycle["Run"], lifecycle["Recover"]
     assert install["RequiresPrivilege"] is True and int(install["Timeout"]) >= 900
     assert "python3 -m venv '{work:path}/venv'" in install["Script"]
-    assert ("pip' install --no-index" in install["Script"]
-            and "--find-links '{artifacts:decompressedPath}/edge-runtime-wheels' healthdiag-edge"
-            in install["Script"])
+    assert (
+        "pip' install --no-index" in install["Script"]
+        and "--find-links '{artifacts:decompressedPath}/edge-runtime-wheels' healthdiag-edge"
+        in install["Script"]
+    )
     assert run["RequiresPrivilege"] is False
     assert "exec '{work:path}/venv/bin/edge-runtime' run" in run["Script"]
     assert recover["RequiresPrivilege"] is False
@@ -294,10 +320,12 @@ def _as_text(value: Any) -> str:
     return json.dumps(value) if isinstance(value, bool) else str(value)
 
 
-@pytest.mark.parametrize("interpolate_configuration", [True, False],
-                         ids=["interpolateComponentConfiguration", "plain-nucleus"])
-def test_run_script_hands_the_configuration_to_the_runtime(build_dir: Path, tmp_path: Path,
-                                                           interpolate_configuration: bool) -> None:
+@pytest.mark.parametrize(
+    "interpolate_configuration", [True, False], ids=["interpolateComponentConfiguration", "plain-nucleus"]
+)
+def test_run_script_hands_the_configuration_to_the_runtime(
+    build_dir: Path, tmp_path: Path, interpolate_configuration: bool
+) -> None:
     """Simulate the nucleus: unpack the model, interpolate Setenv and Run, run it with a fake runtime.
 
     The environment it hands over must load as the recipe's configuration and point at the bundle,
@@ -305,20 +333,26 @@ def test_run_script_hands_the_configuration_to_the_runtime(build_dir: Path, tmp_
     """
     decompressed = tmp_path / "unarchived" / MODEL / "0.1.0"
     zipfile.ZipFile(build_dir / "artifacts" / MODEL / "0.1.0" / "pneumonia-cxr.zip").extractall(
-        decompressed / "pneumonia-cxr")
+        decompressed / "pneumonia-cxr"
+    )
     work = tmp_path / "work"
     (work / "venv" / "bin").mkdir(parents=True)
     dump = tmp_path / "env.json"
     fake = work / "venv" / "bin" / "edge-runtime"
-    fake.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
-                    f"json.dump(dict(os.environ), open({str(dump)!r}, 'w'))\n"
-                    "assert sys.argv[1:] == ['run']\n")
+    fake.write_text(
+        f"#!{sys.executable}\nimport json, os, sys\n"
+        f"json.dump(dict(os.environ), open({str(dump)!r}, 'w'))\n"
+        "assert sys.argv[1:] == ['run']\n"
+    )
     fake.chmod(0o755)
 
     recipe = read_recipe(build_dir / "recipes" / RUNTIME_RECIPE)
     config = recipe["ComponentConfiguration"]["DefaultConfiguration"]
-    device = {"work:path": str(work), "iot:thingName": "xray-room-1",
-              f"{MODEL}:artifacts:decompressedPath": str(decompressed)}
+    device = {
+        "work:path": str(work),
+        "iot:thingName": "xray-room-1",
+        f"{MODEL}:artifacts:decompressedPath": str(decompressed),
+    }
     if interpolate_configuration:
         config = json.loads(_interpolate(json.dumps(config), device))
     values = dict(device)
@@ -327,8 +361,9 @@ def test_run_script_hands_the_configuration_to_the_runtime(build_dir: Path, tmp_
     lifecycle = manifest_for(recipe, "amd64")["Lifecycle"]
     env = {"PATH": os.environ["PATH"], "AWS_IOT_THING_NAME": "xray-room-1"}  # set by the nucleus
     env.update({k: _interpolate(str(v), values) for k, v in lifecycle["Setenv"].items()})
-    subprocess.run(["sh", "-c", _interpolate(lifecycle["Run"]["Script"], values)], env=env, check=True,
-                   timeout=60)
+    subprocess.run(
+        ["sh", "-c", _interpolate(lifecycle["Run"]["Script"], values)], env=env, check=True, timeout=60
+    )
 
     handed_over = json.loads(dump.read_text(encoding="utf-8"))
     # The runtime gets its configuration over IPC (GetConfiguration: DefaultConfiguration,
@@ -371,50 +406,100 @@ BREAKAGES: dict[str, tuple[Callable[[Path], None], str, str, list[str]]] = {
     # name: (break the build, recipe reported, check, texts the message must contain)
     "bad-configuration-pointer": (
         lambda b: _edit(_runtime(b), "{configuration:/Health/File}", "{configuration:/Health/Files}"),
-        RUNTIME_RECIPE, "variable", ["/Health/Files", "no key 'Files'", "did you mean /Health/File"]),
+        RUNTIME_RECIPE,
+        "variable",
+        ["/Health/Files", "no key 'Files'", "did you mean /Health/File"],
+    ),
     "missing-artifact": (
         lambda b: (b / "artifacts" / MODEL / "0.1.0" / "pneumonia-cxr.zip").unlink(),
-        MODEL_RECIPE, "artifact", ["pneumonia-cxr.zip", f"artifacts/{MODEL}/0.1.0/pneumonia-cxr.zip"]),
+        MODEL_RECIPE,
+        "artifact",
+        ["pneumonia-cxr.zip", f"artifacts/{MODEL}/0.1.0/pneumonia-cxr.zip"],
+    ),
     "unsatisfiable-dependency": (
         lambda b: _edit(_runtime(b), '">=0.1.0 <0.3.0"', '"^0.2.0"'),
-        RUNTIME_RECIPE, "dependency", [MODEL, "'^0.2.0'", "this build has", "0.1.0"]),
+        RUNTIME_RECIPE,
+        "dependency",
+        [MODEL, "'^0.2.0'", "this build has", "0.1.0"],
+    ),
     "extra-config-key": (
         lambda b: _edit(_runtime(b), "      Host: localhost\n", "      Host: localhost\n      Hostname: x\n"),
-        RUNTIME_RECIPE, "config", ["unknown key Mqtt.Hostname", "RuntimeConfig has no such setting",
-                                   "did you mean Mqtt.Host?"]),
+        RUNTIME_RECIPE,
+        "config",
+        ["unknown key Mqtt.Hostname", "RuntimeConfig has no such setting", "did you mean Mqtt.Host?"],
+    ),
     "missing-config-key": (
         lambda b: _edit(_runtime(b), "      Qos: 1\n", ""),
-        RUNTIME_RECIPE, "config", ["missing key Mqtt.Qos"]),
+        RUNTIME_RECIPE,
+        "config",
+        ["missing key Mqtt.Qos"],
+    ),
     "invalid-config-value": (
         lambda b: _edit(_runtime(b), "      Qos: 1\n", "      Qos: 3\n"),
-        RUNTIME_RECIPE, "config", ["the runtime would refuse", "Mqtt.Qos", "(got 3)"]),
+        RUNTIME_RECIPE,
+        "config",
+        ["the runtime would refuse", "Mqtt.Qos", "(got 3)"],
+    ),
     "not-a-direct-dependency": (
-        lambda b: _edit(_runtime(b), f'"{BUNDLE_VARIABLE}/pneumonia-cxr"',
-                        '"{aws.greengrass.Nucleus:artifacts:decompressedPath}/pneumonia-cxr"'),
-        RUNTIME_RECIPE, "variable", ["aws.greengrass.Nucleus", "not a direct dependency"]),
+        lambda b: _edit(
+            _runtime(b),
+            f'"{BUNDLE_VARIABLE}/pneumonia-cxr"',
+            '"{aws.greengrass.Nucleus:artifacts:decompressedPath}/pneumonia-cxr"',
+        ),
+        RUNTIME_RECIPE,
+        "variable",
+        ["aws.greengrass.Nucleus", "not a direct dependency"],
+    ),
     "unfilled-placeholder": (
-        lambda b: _edit(_runtime(b), "exec '{work:path}/venv/bin/edge-runtime' run",
-                        "exec '{work:path}/venv/bin/edge-runtime' run --tag {COMPONENT_VERSION}"),
-        RUNTIME_RECIPE, "variable", ["{COMPONENT_VERSION}", "build placeholder"]),
+        lambda b: _edit(
+            _runtime(b),
+            "exec '{work:path}/venv/bin/edge-runtime' run",
+            "exec '{work:path}/venv/bin/edge-runtime' run --tag {COMPONENT_VERSION}",
+        ),
+        RUNTIME_RECIPE,
+        "variable",
+        ["{COMPONENT_VERSION}", "build placeholder"],
+    ),
     "setenv-from-wrong-key": (
-        lambda b: _edit(_runtime(b), "EDGE_RUNTIME_MODEL_DIR: ",
-                        'EDGE_RUNTIME__MQTT__PORT: "{configuration:/Mqtt/Host}"\n        X: '),
-        RUNTIME_RECIPE, "setenv", ["EDGE_RUNTIME__MQTT__PORT", "Mqtt.Port", "/Mqtt/Host"]),
+        lambda b: _edit(
+            _runtime(b),
+            "EDGE_RUNTIME_MODEL_DIR: ",
+            'EDGE_RUNTIME__MQTT__PORT: "{configuration:/Mqtt/Host}"\n        X: ',
+        ),
+        RUNTIME_RECIPE,
+        "setenv",
+        ["EDGE_RUNTIME__MQTT__PORT", "Mqtt.Port", "/Mqtt/Host"],
+    ),
     "setenv-unknown-setting": (
         lambda b: _edit(_runtime(b), "EDGE_RUNTIME_MODEL_DIR:", "EDGE_RUNTIME__WORKER_COUNT:"),
-        RUNTIME_RECIPE, "setenv", ["EDGE_RUNTIME__WORKER_COUNT", "does not name a RuntimeConfig setting"]),
+        RUNTIME_RECIPE,
+        "setenv",
+        ["EDGE_RUNTIME__WORKER_COUNT", "does not name a RuntimeConfig setting"],
+    ),
     "null-value": (
         lambda b: _edit(_runtime(b), '      Threshold: ""\n', "      Threshold: null\n"),
-        RUNTIME_RECIPE, "recipe", ["ComponentConfiguration.DefaultConfiguration.Model.Threshold", "null"]),
+        RUNTIME_RECIPE,
+        "recipe",
+        ["ComponentConfiguration.DefaultConfiguration.Model.Threshold", "null"],
+    ),
     "unquoted-format-version": (
         lambda b: _edit(_model(b), 'RecipeFormatVersion: "2020-01-25"', "RecipeFormatVersion: 2020-01-25"),
-        MODEL_RECIPE, "recipe", ["RecipeFormatVersion", "unquoted date"]),
+        MODEL_RECIPE,
+        "recipe",
+        ["RecipeFormatVersion", "unquoted date"],
+    ),
     "wildcard-grant": (
         lambda b: _edit(_runtime(b), '- "aws.greengrass#PublishToIoTCore"', '- "*"'),
-        RUNTIME_RECIPE, "access", ["mqttproxy", "every IPC operation"]),
+        RUNTIME_RECIPE,
+        "access",
+        ["mqttproxy", "every IPC operation"],
+    ),
     "stale-artifact": (
         lambda b: (b / "artifacts" / RUNTIME / "0.1.0" / "old.whl").write_bytes(b""),
-        RUNTIME_RECIPE, "artifact", ["old.whl", "not referenced"]),
+        RUNTIME_RECIPE,
+        "artifact",
+        ["old.whl", "not referenced"],
+    ),
 }
 
 
@@ -444,38 +529,41 @@ def test_validator_cli_without_build(tmp_path: Path, capsys: pytest.CaptureFixtu
 # Versions and npm-style requirements, as Greengrass resolves dependencies
 
 
-@pytest.mark.parametrize(("version", "requirement", "expected"), [
-    ("0.1.0", ">=0.1.0 <0.2.0", True),
-    ("0.1.9", ">=0.1.0 <0.2.0", True),
-    ("0.2.0", ">=0.1.0 <0.2.0", False),
-    ("0.0.9", ">=0.1.0 <0.2.0", False),
-    ("0.1.5", "^0.1.0", True),
-    ("0.2.0", "^0.1.0", False),
-    ("1.9.0", "^1.1", True),
-    ("2.0.0", "^1.1", False),
-    ("0.0.3", "^0.0.3", True),
-    ("0.0.4", "^0.0.3", False),
-    ("0.1.7", "~0.1.0", True),
-    ("0.2.0", "~0.1.0", False),
-    ("1.4.0", "~1", True),
-    ("0.1.0", "0.1.0", True),
-    ("0.1.1", "0.1.0", False),
-    ("0.1.1", "=0.1.1", True),
-    ("0.1.4", "0.1.x", True),
-    ("0.2.0", "0.1.*", False),
-    ("3.0.0", "*", True),
-    ("1.5.0", "1.2.3 - 1.4", False),
-    ("1.4.9", "1.2.3 - 1.4", True),
-    ("2.0.0", "^1.0.0 || ^2.0.0", True),
-    ("1.0.1", ">1.0.0", True),
-    ("1.0.0", ">1.0.0", False),
-    ("1.1.0", ">= 1.0.0 < 1.1.0", False),
-    ("1.2.0", "<=1.2", True),
-    ("1.3.0", "<=1.2", False),
-    ("0.2.0-beta.1", ">=0.1.0", False),  # pre-releases only match a range that names one
-    ("0.2.0-beta.2", ">=0.2.0-beta.1 <0.3.0", True),
-    ("0.2.0-beta.1", "<0.2.0", False),
-])
+@pytest.mark.parametrize(
+    ("version", "requirement", "expected"),
+    [
+        ("0.1.0", ">=0.1.0 <0.2.0", True),
+        ("0.1.9", ">=0.1.0 <0.2.0", True),
+        ("0.2.0", ">=0.1.0 <0.2.0", False),
+        ("0.0.9", ">=0.1.0 <0.2.0", False),
+        ("0.1.5", "^0.1.0", True),
+        ("0.2.0", "^0.1.0", False),
+        ("1.9.0", "^1.1", True),
+        ("2.0.0", "^1.1", False),
+        ("0.0.3", "^0.0.3", True),
+        ("0.0.4", "^0.0.3", False),
+        ("0.1.7", "~0.1.0", True),
+        ("0.2.0", "~0.1.0", False),
+        ("1.4.0", "~1", True),
+        ("0.1.0", "0.1.0", True),
+        ("0.1.1", "0.1.0", False),
+        ("0.1.1", "=0.1.1", True),
+        ("0.1.4", "0.1.x", True),
+        ("0.2.0", "0.1.*", False),
+        ("3.0.0", "*", True),
+        ("1.5.0", "1.2.3 - 1.4", False),
+        ("1.4.9", "1.2.3 - 1.4", True),
+        ("2.0.0", "^1.0.0 || ^2.0.0", True),
+        ("1.0.1", ">1.0.0", True),
+        ("1.0.0", ">1.0.0", False),
+        ("1.1.0", ">= 1.0.0 < 1.1.0", False),
+        ("1.2.0", "<=1.2", True),
+        ("1.3.0", "<=1.2", False),
+        ("0.2.0-beta.1", ">=0.1.0", False),  # pre-releases only match a range that names one
+        ("0.2.0-beta.2", ">=0.2.0-beta.1 <0.3.0", True),
+        ("0.2.0-beta.1", "<0.2.0", False),
+    ],
+)
 def test_satisfies(version: str, requirement: str, expected: bool) -> None:
     assert validate.satisfies(version, requirement) is expected
 
@@ -503,11 +591,17 @@ def _sample(name: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", [
-    "cc_sample-recipe-with-all-fields.yaml", "cc_sample-recipe-with-all-fields.json",
-    "cc_b2-recipe-with-all-fields.json", "tflite_runtime_recipe.json", "tflite_ic_modelstore_recipe.json",
-    "tflite_ic_recipe.json",
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "cc_sample-recipe-with-all-fields.yaml",
+        "cc_sample-recipe-with-all-fields.json",
+        "cc_b2-recipe-with-all-fields.json",
+        "tflite_runtime_recipe.json",
+        "tflite_ic_modelstore_recipe.json",
+        "tflite_ic_recipe.json",
+    ],
+)
 def test_valid_samples_pass_both_schemas(name: str, schemas: dict[str, dict[str, Any]]) -> None:
     recipe = validate.load_recipe(_sample(name))
     for label, schema in schemas.items():
@@ -520,7 +614,8 @@ def test_missing_uri_fails_both_schemas(schemas: dict[str, dict[str, Any]]) -> N
     for label, schema in schemas.items():
         problems = validate.schema_problems(recipe, schema, recipe_name=name, label=label)
         assert [(p.where, p.message) for p in problems] == [
-            ("Manifests[0].Artifacts[0]", "'uri' is a required property")]
+            ("Manifests[0].Artifacts[0]", "'uri' is a required property")
+        ]
 
 
 def test_illegal_component_name_fails_both_schemas(schemas: dict[str, dict[str, Any]]) -> None:
@@ -538,8 +633,11 @@ def test_sample_with_broken_uri_passes_schemas_but_not_project_checks(tmp_path: 
     """'s3//some-bucket/...' is a string to the schemas; the artifact check refuses it."""
     recipe = validate.load_recipe(_sample("cc_sample-recipe-with-all-fields.json"))
     problems = validate.project_problems(tmp_path, [("sample.json", recipe)], config_keys=None)
-    assert any(p.check == "artifact" and "'s3//some-bucket/hello-world2.py' is not an s3://BUCKET/KEY URI"
-               in p.message for p in problems)
+    assert any(
+        p.check == "artifact"
+        and "'s3//some-bucket/hello-world2.py' is not an s3://BUCKET/KEY URI" in p.message
+        for p in problems
+    )
 
 
 def test_schemas_need_lower_case_keys_and_string_versions(schemas: dict[str, dict[str, Any]]) -> None:
@@ -550,8 +648,10 @@ def test_schemas_need_lower_case_keys_and_string_versions(schemas: dict[str, dic
     lowered = validate.lower_keys(raw)  # plain safe_load: RecipeFormatVersion became a date
     messages = {e.message for e in Draft7Validator(schemas["common"]).iter_errors(lowered)}
     assert any("is not of type 'string'" in m for m in messages)
-    assert validate.load_recipe(_sample("cc_sample-recipe-with-all-fields.yaml"))["RecipeFormatVersion"] \
+    assert (
+        validate.load_recipe(_sample("cc_sample-recipe-with-all-fields.yaml"))["RecipeFormatVersion"]
         == "2020-01-25"
+    )
 
 
 # --------------------------------------------------------------------------------------------------

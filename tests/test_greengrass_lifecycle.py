@@ -70,9 +70,18 @@ KERMANY = "cxr/kermany_pneumonia_224/test/NORMAL"
 ARCHITECTURES = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "aarch64", "arm64": "aarch64"}
 RESULT_VALIDATOR = jsonschema.Draft202012Validator(load_schema("result-v1"))
 # pip output that means "no network", not "no such wheel".
-NETWORK_ERRORS = ("NewConnectionError", "Temporary failure in name resolution", "Network is unreachable",
-                  "Name or service not known", "ConnectTimeoutError", "ReadTimeoutError", "ProxyError",
-                  "Connection refused", "No route to host", "Could not fetch URL")
+NETWORK_ERRORS = (
+    "NewConnectionError",
+    "Temporary failure in name resolution",
+    "Network is unreachable",
+    "Name or service not known",
+    "ConnectTimeoutError",
+    "ReadTimeoutError",
+    "ProxyError",
+    "Connection refused",
+    "No route to host",
+    "Could not fetch URL",
+)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -232,8 +241,13 @@ def _package_index_unreachable(pip_output: str) -> bool:
     """Did pip fail for lack of network (not for a missing wheel)? Ask the index for numpy."""
     if any(marker in pip_output for marker in NETWORK_ERRORS):
         return True
-    probe = subprocess.run([sys.executable, "-m", "pip", "index", "versions", "numpy"],
-                           capture_output=True, text=True, timeout=300, check=False)
+    probe = subprocess.run(
+        [sys.executable, "-m", "pip", "index", "versions", "numpy"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     return probe.returncode != 0
 
 
@@ -244,7 +258,7 @@ def _retarget(tree: Any, old: str, new: str) -> Any:
     if isinstance(tree, list):
         return [_retarget(v, old, new) for v in tree]
     if isinstance(tree, str) and (tree == old or tree.startswith(old + "/")):
-        return new + tree[len(old):]
+        return new + tree[len(old) :]
     return tree
 
 
@@ -280,8 +294,9 @@ def _log_tail(log: Path, lines: int = 40) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def _wait(condition: Callable[[], Any], timeout: float, what: str, proc: subprocess.Popen[bytes],
-          log: Path) -> Any:
+def _wait(
+    condition: Callable[[], Any], timeout: float, what: str, proc: subprocess.Popen[bytes], log: Path
+) -> Any:
     """Poll ``condition`` until truthy; fail early, with the component log, if the process died."""
     deadline = time.monotonic() + timeout
     while True:
@@ -289,11 +304,14 @@ def _wait(condition: Callable[[], Any], timeout: float, what: str, proc: subproc
         if value:
             return value
         if proc.poll() is not None:
-            pytest.fail(f"the Run process exited with {proc.returncode} while waiting for {what}; "
-                        f"component log:\n{_log_tail(log)}")
+            pytest.fail(
+                f"the Run process exited with {proc.returncode} while waiting for {what}; "
+                f"component log:\n{_log_tail(log)}"
+            )
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}; component log:\n"
-                        f"{_log_tail(log)}")
+            pytest.fail(
+                f"timed out after {timeout:.0f} s waiting for {what}; component log:\n{_log_tail(log)}"
+            )
         time.sleep(0.1)
 
 
@@ -339,8 +357,9 @@ class _OpenedFiles:
 # The test
 
 
-def test_build_install_run_update_stop_like_the_nucleus(shared_data: Path, mosquitto: Any,
-                                                        tmp_path: Path) -> None:
+def test_build_install_run_update_stop_like_the_nucleus(
+    shared_data: Path, mosquitto: Any, tmp_path: Path
+) -> None:
     validate = _load_validate()
     architecture = ARCHITECTURES.get(platform.machine().lower())
     if architecture is None:
@@ -351,14 +370,24 @@ def test_build_install_run_update_stop_like_the_nucleus(shared_data: Path, mosqu
     # 1. Build both components, dependency wheels included (what a release ships).
     build_dir = tmp_path / "greengrass-build"
     started = time.monotonic()
-    built = subprocess.run([sys.executable, str(BUILD), "--out", str(build_dir)], capture_output=True,
-                           text=True, timeout=900, check=False)
+    built = subprocess.run(
+        [sys.executable, str(BUILD), "--out", str(build_dir)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
     timings["build"] = time.monotonic() - started
     output = built.stdout + built.stderr
-    if (built.returncode != 0 and "Downloading the dependency wheels failed" in output
-            and _package_index_unreachable(output)):
-        pytest.skip("components/build.py could not download the dependency wheels: no network or "
-                    f"package index here ({output.strip().splitlines()[-1]})")
+    if (
+        built.returncode != 0
+        and "Downloading the dependency wheels failed" in output
+        and _package_index_unreachable(output)
+    ):
+        pytest.skip(
+            "components/build.py could not download the dependency wheels: no network or "
+            f"package index here ({output.strip().splitlines()[-1]})"
+        )
     assert built.returncode == 0, f"components/build.py failed:\n{output}"
 
     recipes = {}
@@ -368,8 +397,11 @@ def test_build_install_run_update_stop_like_the_nucleus(shared_data: Path, mosqu
     assert sorted(recipes) == sorted([RUNTIME, MODEL])
 
     def manifest(name: str) -> dict[str, Any]:
-        return next(m for m in recipes[name]["Manifests"] if m["Platform"].get("os") == "linux"
-                    and m["Platform"].get("architecture") == architecture)
+        return next(
+            m
+            for m in recipes[name]["Manifests"]
+            if m["Platform"].get("os") == "linux" and m["Platform"].get("architecture") == architecture
+        )
 
     # 2. Deploy: lay the artifacts out as the nucleus does (dependency first).
     gg = Nucleus(tmp_path / "greengrass" / "v2", THING)
@@ -393,8 +425,9 @@ def test_build_install_run_update_stop_like_the_nucleus(shared_data: Path, mosqu
     configuration["Mqtt"].update(Host=mosquitto.host, Port=mosquitto.port)
     configuration["Health"]["HeartbeatSeconds"] = 1.0
     gg.configurations[RUNTIME] = configuration
-    gg.configurations[MODEL] = recipes[MODEL].get("ComponentConfiguration", {}).get(
-        "DefaultConfiguration", {})
+    gg.configurations[MODEL] = (
+        recipes[MODEL].get("ComponentConfiguration", {}).get("DefaultConfiguration", {})
+    )
 
     # 3. Interpolate the lifecycle (after moving /var/lib/healthdiag in the script text).
     raw_lifecycle = manifest(RUNTIME)["Lifecycle"]
@@ -405,8 +438,9 @@ def test_build_install_run_update_stop_like_the_nucleus(shared_data: Path, mosqu
     scripts = {step: lifecycle[step]["Script"] for step in ("Install", "Run", "Recover")}
     for step, script in scripts.items():
         assert VAR_LIB not in script, step
-        assert not SAME_COMPONENT.search(script) and not CROSS_COMPONENT.search(script), \
+        assert not SAME_COMPONENT.search(script) and not CROSS_COMPONENT.search(script), (
             f"{step} script keeps a recipe variable the nucleus cannot resolve:\n{script}"
+        )
     setenv = {k: str(v) for k, v in lifecycle.get("Setenv", {}).items()}
     assert setenv["EDGE_RUNTIME_MODEL_DIR"] == str(bundle_dir.absolute())
 
@@ -421,12 +455,19 @@ def test_build_install_run_update_stop_like_the_nucleus(shared_data: Path, mosqu
     try:
         # Install: a venv, offline, from the shipped wheels alone.
         started = time.monotonic()
-        install = subprocess.run(["sh", "-c", scripts["Install"]], env={**env, "PIP_CONFIG_FILE": os.devnull},
-                                 cwd=gg.work_path(RUNTIME), capture_output=True, text=True,
-                                 timeout=int(lifecycle["Install"].get("Timeout", 120)), check=False)
+        install = subprocess.run(
+            ["sh", "-c", scripts["Install"]],
+            env={**env, "PIP_CONFIG_FILE": os.devnull},
+            cwd=gg.work_path(RUNTIME),
+            capture_output=True,
+            text=True,
+            timeout=int(lifecycle["Install"].get("Timeout", 120)),
+            check=False,
+        )
         timings["install"] = time.monotonic() - started
-        assert install.returncode == 0, f"Install failed ({install.returncode}):\n" \
-                                        f"{install.stdout[-4000:]}\n{install.stderr[-4000:]}"
+        assert install.returncode == 0, (
+            f"Install failed ({install.returncode}):\n{install.stdout[-4000:]}\n{install.stderr[-4000:]}"
+        )
         venv = gg.work_path(RUNTIME) / "venv"
         executable = venv / "bin" / "edge-runtime"
         assert executable.is_file() and os.access(executable, os.X_OK)
@@ -440,42 +481,64 @@ def test_build_install_run_update_stop_like_the_nucleus(shared_data: Path, mosqu
         opened = _OpenedFiles(bundle_dir)
         started = time.monotonic()
         with open(log, "wb") as log_file:
-            proc = subprocess.Popen(["sh", "-c", scripts["Run"]], env=env, cwd=gg.work_path(RUNTIME),
-                                    stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                ["sh", "-c", scripts["Run"]],
+                env=env,
+                cwd=gg.work_path(RUNTIME),
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+            )
         _wait(lambda: "RUNNING" in nucleus.states(), 120, "UpdateState RUNNING", proc, log)
         timings["running"] = time.monotonic() - started
         assert nucleus.states() == ["RUNNING"]
         assert nucleus.calls_for("GetConfiguration"), "the configuration was not read over IPC"
         assert nucleus.subscriber_count("SubscribeToConfigurationUpdate") == 1
         # The model component's unpacked bundle was loaded (the wheel ships a copy of the default).
-        _wait(lambda: str(bundle_dir / "manifest.json") in opened.paths, 10, "the bundle being read",
-              proc, log)
+        _wait(
+            lambda: str(bundle_dir / "manifest.json") in opened.paths, 10, "the bundle being read", proc, log
+        )
 
         # 5. Real X-rays into the inbox, as a DICOM receiver writes them.
         inbox = Path(configuration["Inbox"]["Path"])
         assert inbox.is_relative_to(data_root)
         _wait(inbox.is_dir, 10, "the inbox folder", proc, log)
         run_id = uuid.uuid4().hex[:8]
-        first = {f"lifecycle-{run_id}-siim.dcm": shared_data / SIIM,
-                 f"lifecycle-{run_id}-kermany.jpeg": shared_data / KERMANY / "IM-0001-0001.jpeg"}
+        first = {
+            f"lifecycle-{run_id}-siim.dcm": shared_data / SIIM,
+            f"lifecycle-{run_id}-kermany.jpeg": shared_data / KERMANY / "IM-0001-0001.jpeg",
+        }
         dropped = time.monotonic()
         for name, source in first.items():
             _drop(source, inbox, name)
         threshold = float(bundle_manifest["operating_point"]["threshold"])
         pubsub_policies = configuration["accessControl"]["aws.greengrass.ipc.pubsub"].values()
-        local_grants = [r for policy in pubsub_policies for r in policy["resources"]
-                        if "aws.greengrass#PublishToTopic" in policy["operations"]]
+        local_grants = [
+            r
+            for policy in pubsub_policies
+            for r in policy["resources"]
+            if "aws.greengrass#PublishToTopic" in policy["operations"]
+        ]
         for name in first:
-            result = _wait(lambda n=name: _mqtt_result(subscriber, n), 120, f"the MQTT result for {name}",
-                           proc, log)
+            result = _wait(
+                lambda n=name: _mqtt_result(subscriber, n), 120, f"the MQTT result for {name}", proc, log
+            )
             timings.setdefault("first result", time.monotonic() - dropped)
             RESULT_VALIDATOR.validate(result)
             model_file = bundle_manifest["artifacts"][0]["file"]
             assert (result["model"]["name"], result["model"]["version"], result["model"]["sha256"]) == (
-                "pneumonia-cxr", bundle_manifest["version"], bundle_manifest["files"][model_file])
+                "pneumonia-cxr",
+                bundle_manifest["version"],
+                bundle_manifest["files"][model_file],
+            )
             assert result["findings"][0]["threshold"] == pytest.approx(threshold)
-            call = _wait(lambda r=result: _ipc_result(nucleus, r["message_id"]), 30,
-                         f"PublishToTopic for {name}", proc, log)
+            call = _wait(
+                lambda r=result: _ipc_result(nucleus, r["message_id"]),
+                30,
+                f"PublishToTopic for {name}",
+                proc,
+                log,
+            )
             assert call["topic"] == configuration["Greengrass"]["LocalTopic"]
             assert _granted(local_grants, call["topic"]), "published outside the accessControl grant"
             assert call["publishMessage"]["jsonMessage"]["message"] == result
@@ -486,8 +549,13 @@ def test_build_install_run_update_stop_like_the_nucleus(shared_data: Path, mosqu
         # 6. A config-only deployment: threshold 0.0, applied live by the same process.
         pid, connects = proc.pid, len(nucleus.connect_messages)
         nucleus.set_configuration(RUNTIME, ["Model", "Threshold"], 0.0)
-        _wait(lambda: "configuration updated live" in log.read_text(encoding="utf-8", errors="replace"),
-              30, "the live configuration update", proc, log)
+        _wait(
+            lambda: "configuration updated live" in log.read_text(encoding="utf-8", errors="replace"),
+            30,
+            "the live configuration update",
+            proc,
+            log,
+        )
         name = f"lifecycle-{run_id}-after-update.jpeg"
         _drop(shared_data / KERMANY / "IM-0003-0001.jpeg", inbox, name)
         after = _wait(lambda: _mqtt_result(subscriber, name), 120, f"the MQTT result for {name}", proc, log)
@@ -508,18 +576,30 @@ def test_build_install_run_update_stop_like_the_nucleus(shared_data: Path, mosqu
         # The nucleus waits 5 s after SIGTERM (Exec.gracefulShutdownTimeout), then SIGKILLs.
         assert timings["stop"] < 5.0, f"an idle runtime took {timings['stop']:.1f} s to stop"
         client_id = f"edge-runtime-{THING}"  # Mqtt.ClientId, {iot:thingName} resolved by the runtime
-        subscriber.wait_for(lambda payloads: any(
-            p.get("message_type") == "status" and p.get("client_id") == client_id
-            and p.get("state") == "offline" and p.get("reason") == "service stopped" for p in payloads),
-            timeout_s=10)
+        subscriber.wait_for(
+            lambda payloads: any(
+                p.get("message_type") == "status"
+                and p.get("client_id") == client_id
+                and p.get("state") == "offline"
+                and p.get("reason") == "service stopped"
+                for p in payloads
+            ),
+            timeout_s=10,
+        )
         health = json.loads(Path(configuration["Health"]["File"]).read_text(encoding="utf-8"))
         assert health["state"] == "offline" and health["counters"]["processed"] == 3
         nucleus.wait_until(lambda: nucleus.connection_count == 0, timeout=10)
         assert "ERRORED" not in nucleus.states()
 
         # The Recover script (run by the nucleus after a failed Run) reads the interpolated health file.
-        recover = subprocess.run(["sh", "-c", scripts["Recover"]], env=env, capture_output=True, text=True,
-                                 timeout=int(lifecycle["Recover"].get("Timeout", 60)), check=False)
+        recover = subprocess.run(
+            ["sh", "-c", scripts["Recover"]],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=int(lifecycle["Recover"].get("Timeout", 60)),
+            check=False,
+        )
         assert recover.returncode == 0 and '"state": "offline"' in recover.stderr, recover.stderr
     finally:
         if proc is not None and proc.poll() is None:

@@ -29,13 +29,20 @@ STATUS_VALIDATOR = jsonschema.Draft202012Validator(load_schema("status-v1"))
 def component_configuration(tmp_path: Path, bundle: Path) -> dict:
     """What the nucleus holds: the recipe's DefaultConfiguration shape, with test paths."""
     return {
-        "Inbox": {"Path": str(tmp_path / "inbox"), "QuarantinePath": str(tmp_path / "q"),
-                  "ProcessedPath": "", "SettleSeconds": 0.2, "RescanIntervalSeconds": 0.5},
+        "Inbox": {
+            "Path": str(tmp_path / "inbox"),
+            "QuarantinePath": str(tmp_path / "q"),
+            "ProcessedPath": "",
+            "SettleSeconds": 0.2,
+            "RescanIntervalSeconds": 0.5,
+        },
         "Model": {"BundlePath": str(bundle), "Backend": "onnxruntime", "Threshold": ""},
         "Mqtt": {"Enabled": False},
         "Journal": {"Path": str(tmp_path / "journal.sqlite3")},
-        "Greengrass": {"LocalTopic": "healthdiag/edge/results",
-                       "IotCoreTopic": "healthdiag/edge/cloud/results"},
+        "Greengrass": {
+            "LocalTopic": "healthdiag/edge/results",
+            "IotCoreTopic": "healthdiag/edge/cloud/results",
+        },
         "Health": {"HeartbeatSeconds": 1, "File": str(tmp_path / "health.json")},
         "accessControl": {"aws.greengrass.ipc.pubsub": {}},
     }
@@ -44,8 +51,9 @@ def component_configuration(tmp_path: Path, bundle: Path) -> dict:
 @pytest.fixture()
 def nucleus_service(tmp_path: Path, monkeypatch):
     bundle = make_tiny_bundle(tmp_path / "model-0.0.1")
-    nucleus = FakeNucleus(component_name=COMPONENT,
-                          configuration=component_configuration(tmp_path, bundle)).start()
+    nucleus = FakeNucleus(
+        component_name=COMPONENT, configuration=component_configuration(tmp_path, bundle)
+    ).start()
     for key, value in nucleus.env().items():
         monkeypatch.setenv(key, value)
     ipc = GreengrassIpc()
@@ -63,8 +71,7 @@ def drop(src: Path, inbox: Path, name: str) -> None:
 
 
 def local_results(nucleus: FakeNucleus) -> list[dict]:
-    return [call["publishMessage"]["jsonMessage"]["message"]
-            for call in nucleus.calls_for("PublishToTopic")]
+    return [call["publishMessage"]["jsonMessage"]["message"] for call in nucleus.calls_for("PublishToTopic")]
 
 
 def wait_results(nucleus: FakeNucleus, n: int, timeout: float = 20.0) -> list[dict]:
@@ -73,7 +80,8 @@ def wait_results(nucleus: FakeNucleus, n: int, timeout: float = 20.0) -> list[di
 
 
 def test_reports_running_and_publishes_to_local_pubsub_and_deidentified_to_iot_core(
-        shared_data: Path, nucleus_service):
+    shared_data: Path, nucleus_service
+):
     nucleus, service = nucleus_service
     nucleus.wait_for_call("UpdateState", lambda r: r["state"] == "RUNNING")
     assert service.config.inbox.path.name == "inbox"  # from GetConfiguration, not defaults
@@ -81,20 +89,31 @@ def test_reports_running_and_publishes_to_local_pubsub_and_deidentified_to_iot_c
     (result,) = wait_results(nucleus, 1)
     RESULT_VALIDATOR.validate(result)
     assert result["input"]["sop_instance_uid"].startswith("1.2.276")
+
     def result_calls() -> list[dict]:
-        return [c for c in nucleus.calls_for("PublishToIoTCore")
-                if c["topicName"] == "healthdiag/edge/cloud/results"]
+        return [
+            c
+            for c in nucleus.calls_for("PublishToIoTCore")
+            if c["topicName"] == "healthdiag/edge/cloud/results"
+        ]
 
     nucleus.wait_until(lambda: len(result_calls()) >= 1)
     (cloud_call,) = result_calls()
     assert cloud_call["qos"] == "1"
     cloud = json.loads(cloud_call["payload"])
     text = json.dumps(cloud)
-    assert set(cloud["input"]) <= {"kind", "decoder", "modality", "body_part_examined",
-                                   "view_position", "rows", "columns", "bits_stored",
-                                   "photometric_interpretation"}
-    for key in ("sop_instance_uid", "study_instance_uid", "series_instance_uid", "file_name",
-                "sha256"):
+    assert set(cloud["input"]) <= {
+        "kind",
+        "decoder",
+        "modality",
+        "body_part_examined",
+        "view_position",
+        "rows",
+        "columns",
+        "bits_stored",
+        "photometric_interpretation",
+    }
+    for key in ("sop_instance_uid", "study_instance_uid", "series_instance_uid", "file_name", "sha256"):
         assert str(result["input"][key]) not in text, f"input {key} leaked to the cloud"
     assert "host" not in cloud["runtime"]
     assert cloud["message_id"] == result["message_id"]
@@ -106,8 +125,7 @@ def test_reports_running_and_publishes_to_local_pubsub_and_deidentified_to_iot_c
     assert service.journal.counts()["outbox_pending"] == 0
 
 
-def test_threshold_update_applies_live_and_invalid_update_is_rejected(shared_data: Path,
-                                                                      nucleus_service):
+def test_threshold_update_applies_live_and_invalid_update_is_rejected(shared_data: Path, nucleus_service):
     nucleus, service = nucleus_service
     inbox = service.config.inbox.path
     jpeg = shared_data / "cxr/kermany_pneumonia_224/test/NORMAL/IM-0001-0001.jpeg"
@@ -116,8 +134,7 @@ def test_threshold_update_applies_live_and_invalid_update_is_rejected(shared_dat
     assert before["findings"][0]["threshold"] == 0.5
     nucleus.set_configuration(COMPONENT, ["Model", "Threshold"], 0.0)
     nucleus.wait_until(lambda: service.config.model.threshold == 0.0)
-    drop(shared_data / "cxr/kermany_pneumonia_224/test/NORMAL/IM-0003-0001.jpeg", inbox,
-         "after.jpeg")
+    drop(shared_data / "cxr/kermany_pneumonia_224/test/NORMAL/IM-0003-0001.jpeg", inbox, "after.jpeg")
     after = wait_results(nucleus, 2)[1]
     assert after["findings"][0]["threshold"] == 0.0 and after["decision"]["positive"] is True
     # An invalid value is rejected; the running configuration stays and says why.
@@ -128,8 +145,9 @@ def test_threshold_update_applies_live_and_invalid_update_is_rejected(shared_dat
     assert health["state"] == "degraded" and "Mqtt.Qos" in health["reason"]
 
 
-def test_model_hot_swap_rejects_a_bad_bundle_and_takes_a_good_one(shared_data: Path,
-                                                                  nucleus_service, tmp_path: Path):
+def test_model_hot_swap_rejects_a_bad_bundle_and_takes_a_good_one(
+    shared_data: Path, nucleus_service, tmp_path: Path
+):
     nucleus, service = nucleus_service
     inbox = service.config.inbox.path
     tampered = make_tiny_bundle(tmp_path / "tampered", version="0.0.2")
@@ -142,14 +160,12 @@ def test_model_hot_swap_rejects_a_bad_bundle_and_takes_a_good_one(shared_data: P
     nucleus.set_configuration(COMPONENT, ["Model", "BundlePath"], str(drifted))
     nucleus.wait_until(lambda: "conformance check FAILED" in (service.last_error or ""))
     assert "model bundle rejected" in service.last_error and "INT8 features" in service.last_error
-    drop(shared_data / "cxr/kermany_pneumonia_224/test/NORMAL/IM-0005-0001.jpeg", inbox,
-         "during.jpeg")
+    drop(shared_data / "cxr/kermany_pneumonia_224/test/NORMAL/IM-0005-0001.jpeg", inbox, "during.jpeg")
     assert wait_results(nucleus, 1)[0]["model"]["version"] == "0.0.1"  # old model kept
     good = make_tiny_bundle(tmp_path / "good", version="0.0.2")
     nucleus.set_configuration(COMPONENT, ["Model", "BundlePath"], str(good))
     nucleus.wait_until(lambda: service.analyzer.bundle.version == "0.0.2")
-    drop(shared_data / "cxr/kermany_pneumonia_224/test/NORMAL/IM-0006-0001.jpeg", inbox,
-         "swapped.jpeg")
+    drop(shared_data / "cxr/kermany_pneumonia_224/test/NORMAL/IM-0006-0001.jpeg", inbox, "swapped.jpeg")
     assert wait_results(nucleus, 2)[1]["model"]["version"] == "0.0.2"
     assert service.last_error is None
 
@@ -172,4 +188,3 @@ def test_health_report_is_retained_in_iot_core_per_thing(nucleus_service, tmp_pa
     assert {"received", "processed", "quarantined"} <= set(report["counters"])
     text = json.dumps(report)
     assert str(tmp_path) not in text and "inbox" not in text  # no paths, no file names
-

@@ -19,9 +19,12 @@ def _check(policy: IntakePolicy, path: Path) -> None:
 
 def test_chest_radiographs_pass(shared_data: Path):
     policy = IntakePolicy.from_intended_use(CHEST_USE, model_name="pneumonia-cxr")
-    for rel in ("dicom/pydicom_data/RG1_UNCR.dcm", "dicom/fo_dicom_via_dcmfx/CR-MONO1-10-chest.dcm",
-                "dicom/siim_torchxrayvision/Fake_MONOHR1.dcm",
-                "cxr/kermany_pneumonia_224/test/NORMAL/IM-0001-0001.jpeg"):
+    for rel in (
+        "dicom/pydicom_data/RG1_UNCR.dcm",
+        "dicom/fo_dicom_via_dcmfx/CR-MONO1-10-chest.dcm",
+        "dicom/siim_torchxrayvision/Fake_MONOHR1.dcm",
+        "cxr/kermany_pneumonia_224/test/NORMAL/IM-0001-0001.jpeg",
+    ):
         _check(policy, shared_data / rel)
 
 
@@ -39,7 +42,6 @@ def test_missing_tags_pass_unless_required(shared_data: Path):
     path = shared_data / "dicom/pydicom_testfiles/CT_small.dcm"  # no body part, modality CT
     lenient = IntakePolicy.from_intended_use({"body_parts": ["CHEST"]}, model_name="m")
     _check(lenient, path)
-    strict = IntakePolicy.from_intended_use({"body_parts": ["CHEST"]}, model_name="m",
-                                            require_tags=True)
+    strict = IntakePolicy.from_intended_use({"body_parts": ["CHEST"]}, model_name="m", require_tags=True)
     with pytest.raises(OutsideIntendedUse, match="has no Body Part Examined"):
         _check(strict, path)

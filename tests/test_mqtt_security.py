@@ -32,18 +32,72 @@ def pki(tmp_path_factory) -> Path:
     if shutil.which("openssl") is None:
         pytest.skip("openssl is not installed")
     d = tmp_path_factory.mktemp("pki")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
-             "/CN=HealthDiag test CA", "-keyout", "ca.key", "-out", "ca.crt", cwd=d)
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=HealthDiag test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        cwd=d,
+    )
     (d / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
     for name, cn in (("server", "127.0.0.1"), ("client", "edge-box-01")):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={cn}",
-                 "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=d)
+        _openssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            f"/CN={cn}",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            cwd=d,
+        )
         ext = ["-extfile", "server.ext"] if name == "server" else []
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-                 "-CAcreateserial", "-days", "2", "-out", f"{name}.crt", *ext, cwd=d)
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-out",
+            f"{name}.crt",
+            *ext,
+            cwd=d,
+        )
     # A second CA that did not sign the broker certificate.
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
-             "/CN=Some other CA", "-keyout", "other.key", "-out", "other.crt", cwd=d)
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=Some other CA",
+        "-keyout",
+        "other.key",
+        "-out",
+        "other.crt",
+        cwd=d,
+    )
     for f in d.iterdir():
         os.chmod(f, 0o644)  # mosquitto drops root privileges before reading its key
     os.chmod(d, 0o755)
@@ -69,9 +123,9 @@ def broker_factory(tmp_path: Path, mosquitto):  # `mosquitto` skips when it is n
 
 
 def _publisher(tmp_path: Path, broker: Broker, **mqtt) -> MqttPublisher:
-    config = RuntimeConfig.from_mapping({"Mqtt": {"Host": "127.0.0.1", "Port": broker.port,
-                                                  "ClientId": f"sec-{time.monotonic_ns()}",
-                                                  **mqtt}})
+    config = RuntimeConfig.from_mapping(
+        {"Mqtt": {"Host": "127.0.0.1", "Port": broker.port, "ClientId": f"sec-{time.monotonic_ns()}", **mqtt}}
+    )
     return MqttPublisher(config.mqtt, Journal(tmp_path / f"j{time.monotonic_ns()}.sqlite3"))
 
 
@@ -91,8 +145,9 @@ def test_tls_with_server_verification(pki: Path, broker_factory, tmp_path: Path)
     assert not _connects(plain, timeout_s=2)
 
 
-def test_tls_with_an_untrusted_ca_is_reported_as_verification_failure(pki: Path, broker_factory,
-                                                                      tmp_path: Path, caplog):
+def test_tls_with_an_untrusted_ca_is_reported_as_verification_failure(
+    pki: Path, broker_factory, tmp_path: Path, caplog
+):
     broker = broker_factory(f"cafile {pki}/ca.crt\ncertfile {pki}/server.crt\nkeyfile {pki}/server.key")
     wrong = _publisher(tmp_path, broker, Tls={"Enabled": True, "CaFile": str(pki / "other.crt")})
     with caplog.at_level(logging.ERROR, logger="edge_runtime.publish"):
@@ -104,10 +159,12 @@ def test_tls_with_an_untrusted_ca_is_reported_as_verification_failure(pki: Path,
 def test_mutual_tls(pki: Path, broker_factory, tmp_path: Path, caplog):
     broker = broker_factory(
         f"cafile {pki}/ca.crt\ncertfile {pki}/server.crt\nkeyfile {pki}/server.key\n"
-        "require_certificate true\nuse_identity_as_username true")
+        "require_certificate true\nuse_identity_as_username true"
+    )
     tls = {"Enabled": True, "CaFile": str(pki / "ca.crt")}
-    with_cert = _publisher(tmp_path, broker, Tls={**tls, "CertFile": str(pki / "client.crt"),
-                                                  "KeyFile": str(pki / "client.key")})
+    with_cert = _publisher(
+        tmp_path, broker, Tls={**tls, "CertFile": str(pki / "client.crt"), "KeyFile": str(pki / "client.key")}
+    )
     assert _connects(with_cert)
     without = _publisher(tmp_path, broker, Tls=tls)
     assert not _connects(without, timeout_s=2)
@@ -123,8 +180,7 @@ def test_username_and_password(broker_factory, tmp_path: Path, caplog):
     assert _connects(_publisher(tmp_path, broker, Username="edge", PasswordFile=str(secret)))
     assert _connects(_publisher(tmp_path, broker, Username="edge", Password="s3cret"))
     with caplog.at_level(logging.ERROR, logger="edge_runtime.publish"):
-        assert not _connects(_publisher(tmp_path, broker, Username="edge", Password="wrong"),
-                             timeout_s=2)
+        assert not _connects(_publisher(tmp_path, broker, Username="edge", Password="wrong"), timeout_s=2)
     assert "authentication failed for user 'edge'" in caplog.text
     assert "timed out" not in caplog.text
 
@@ -138,6 +194,13 @@ def test_missing_or_bad_certificate_stops_start_up_naming_the_file(pki: Path, tm
     with pytest.raises(ConfigError, match=r"garbage\.crt"):
         _publisher(tmp_path, broker, Tls={"Enabled": True, "CaFile": str(garbage)})
     with pytest.raises(ConfigError, match=r"client certificate/key .*client\.crt"):
-        _publisher(tmp_path, broker, Tls={"Enabled": True, "CaFile": str(pki / "ca.crt"),
-                                          "CertFile": str(pki / "client.crt"),
-                                          "KeyFile": str(pki / "server.key")})
+        _publisher(
+            tmp_path,
+            broker,
+            Tls={
+                "Enabled": True,
+                "CaFile": str(pki / "ca.crt"),
+                "CertFile": str(pki / "client.crt"),
+                "KeyFile": str(pki / "server.key"),
+            },
+        )

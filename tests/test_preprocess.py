@@ -18,15 +18,24 @@ from edge_runtime.preprocess import PreprocessSpec, preprocess
 SPECS = [
     PreprocessSpec(height=32, width=32),
     PreprocessSpec(height=24, width=40, resize="letterbox", channels=1, layout="NHWC"),
-    PreprocessSpec(height=20, width=20, resize="center_crop", mean=(0.485, 0.456, 0.406),
-                   std=(0.229, 0.224, 0.225), quantize_8bit=False),
+    PreprocessSpec(
+        height=20,
+        width=20,
+        resize="center_crop",
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
+        quantize_8bit=False,
+    ),
 ]
 
 
 @settings(max_examples=60, deadline=None)
 @given(
-    image=arrays(np.float32, st.tuples(st.integers(1, 90), st.integers(1, 90)),
-                 elements=st.floats(-2, 3, width=32) | st.just(float("nan"))),
+    image=arrays(
+        np.float32,
+        st.tuples(st.integers(1, 90), st.integers(1, 90)),
+        elements=st.floats(-2, 3, width=32) | st.just(float("nan")),
+    ),
     spec_index=st.integers(0, len(SPECS) - 1),
 )
 def test_output_shape_dtype_and_range_for_any_image(image, spec_index):

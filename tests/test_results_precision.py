@@ -14,9 +14,17 @@ def _published(p_normal: float) -> float:
     raw = np.array([p_normal, 1.0 - p_normal], dtype=np.float32)  # 1 - 1e-9 is exactly 1.0 here
     probs = scores_to_probabilities(raw, "none")
     result = build_result(
-        file_name="x.png", sha256="0" * 64, kind="image", decoder="raster", metadata={},
-        model={"name": "m", "version": "1"}, labels=["NORMAL", "PNEUMONIA"], probabilities=probs,
-        positive_label="PNEUMONIA", threshold=0.5, timings_ms={},
+        file_name="x.png",
+        sha256="0" * 64,
+        kind="image",
+        decoder="raster",
+        metadata={},
+        model={"name": "m", "version": "1"},
+        labels=["NORMAL", "PNEUMONIA"],
+        probabilities=probs,
+        positive_label="PNEUMONIA",
+        threshold=0.5,
+        timings_ms={},
     )
     return float(result["findings"][0]["probability"])
 

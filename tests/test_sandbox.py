@@ -52,8 +52,7 @@ def test_typed_errors_cross_the_process_boundary(tmp_path: Path):
         sandbox.close()
 
 
-def test_hang_memory_and_crash_are_contained(misbehaving_plugins, shared_data: Path,
-                                             tmp_path: Path):
+def test_hang_memory_and_crash_are_contained(misbehaving_plugins, shared_data: Path, tmp_path: Path):
     (tmp_path / "hang.bin").write_bytes(b"HANG\n" + b"x" * 100)
     (tmp_path / "greedy.bin").write_bytes(b"GREEDY\n" + b"x" * 100)
     (tmp_path / "crash.bin").write_bytes(b"CRASH\n" + b"x" * 100)

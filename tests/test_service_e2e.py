@@ -19,18 +19,28 @@ STATUS_VALIDATOR = jsonschema.Draft202012Validator(load_schema("status-v1"))
 SIIM = "dicom/siim_torchxrayvision/1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
 
 
-def make_config(tmp_path: Path, broker, bundle: Path, decode: dict | None = None,
-                **inbox) -> RuntimeConfig:
-    return RuntimeConfig.from_mapping({
-        "Decode": decode or {},
-        "Inbox": {"Path": str(tmp_path / "inbox"), "QuarantinePath": str(tmp_path / "quarantine"),
-                  "SettleSeconds": 0.3, "RescanIntervalSeconds": 0.5, **inbox},
-        "Model": {"BundlePath": str(bundle)},
-        "Mqtt": {"Host": broker.host, "Port": broker.port, "ClientId": f"edge-{tmp_path.name}",
-                 "TopicPrefix": f"test/{tmp_path.name}"},
-        "Journal": {"Path": str(tmp_path / "state" / "journal.sqlite3")},
-        "Workers": 2,
-    })
+def make_config(tmp_path: Path, broker, bundle: Path, decode: dict | None = None, **inbox) -> RuntimeConfig:
+    return RuntimeConfig.from_mapping(
+        {
+            "Decode": decode or {},
+            "Inbox": {
+                "Path": str(tmp_path / "inbox"),
+                "QuarantinePath": str(tmp_path / "quarantine"),
+                "SettleSeconds": 0.3,
+                "RescanIntervalSeconds": 0.5,
+                **inbox,
+            },
+            "Model": {"BundlePath": str(bundle)},
+            "Mqtt": {
+                "Host": broker.host,
+                "Port": broker.port,
+                "ClientId": f"edge-{tmp_path.name}",
+                "TopicPrefix": f"test/{tmp_path.name}",
+            },
+            "Journal": {"Path": str(tmp_path / "state" / "journal.sqlite3")},
+            "Workers": 2,
+        }
+    )
 
 
 def drop(src: Path, inbox: Path, name: str | None = None) -> Path:
@@ -52,8 +62,7 @@ def running(tmp_path, mosquitto, subscriber_factory):
     """Start a service for a config; stops it at teardown."""
     services: list[EdgeService] = []
 
-    def start(bundle: Path, decode: dict | None = None, **inbox
-              ) -> tuple[EdgeService, RuntimeConfig]:
+    def start(bundle: Path, decode: dict | None = None, **inbox) -> tuple[EdgeService, RuntimeConfig]:
         config = make_config(tmp_path, mosquitto, bundle, decode, **inbox)
         service = EdgeService(config)
         service.start()
@@ -66,8 +75,9 @@ def running(tmp_path, mosquitto, subscriber_factory):
         service.stop()
 
 
-def test_real_scans_get_one_valid_result_each(shared_data, default_bundle, running,
-                                              subscriber_factory, tmp_path):
+def test_real_scans_get_one_valid_result_each(
+    shared_data, default_bundle, running, subscriber_factory, tmp_path
+):
     files = {
         "normal.jpeg": shared_data / "cxr/kermany_pneumonia_224/test/NORMAL/IM-0001-0001.jpeg",
         "pneumonia.jpeg": shared_data / "cxr/kermany_pneumonia_224/test/PNEUMONIA/person1_virus_6.jpeg",
@@ -79,8 +89,7 @@ def test_real_scans_get_one_valid_result_each(shared_data, default_bundle, runni
     sub = subscriber_factory(f"{config.mqtt.topic_prefix}/#")
     for name, src in files.items():
         drop(src, config.inbox.path, name)
-    sub.wait_for(lambda ps: len([p for p in ps if p["message_type"] == "result"]) >= len(files),
-                 timeout_s=60)
+    sub.wait_for(lambda ps: len([p for p in ps if p["message_type"] == "result"]) >= len(files), timeout_s=60)
     time.sleep(0.5)  # a duplicate would arrive now
     results = sub.results()
     assert sorted(r["input"]["file_name"] for r in results) == sorted(files)
@@ -112,8 +121,9 @@ def test_real_scans_get_one_valid_result_each(shared_data, default_bundle, runni
         STATUS_VALIDATOR.validate(payload)
 
 
-def test_file_written_slowly_is_read_only_when_complete(shared_data, tiny_bundle, running,
-                                                        subscriber_factory, tmp_path):
+def test_file_written_slowly_is_read_only_when_complete(
+    shared_data, tiny_bundle, running, subscriber_factory, tmp_path
+):
     _service, config = running(tiny_bundle, SettleSeconds=1.0)
     sub = subscriber_factory(config.mqtt.results_topic)
     src = (shared_data / "dicom/pydicom_data/RG1_UNCR.dcm").read_bytes()
@@ -134,8 +144,9 @@ def test_file_written_slowly_is_read_only_when_complete(shared_data, tiny_bundle
     assert list(config.inbox.quarantine_path.iterdir()) == []
 
 
-def test_part_file_written_slowly_then_renamed_is_read_once(shared_data, tiny_bundle, running,
-                                                            subscriber_factory):
+def test_part_file_written_slowly_then_renamed_is_read_once(
+    shared_data, tiny_bundle, running, subscriber_factory
+):
     _service, config = running(tiny_bundle, SettleSeconds=5.0)
     sub = subscriber_factory(config.mqtt.results_topic)
     src = (shared_data / "dicom/pydicom_data/RG1_UNCR.dcm").read_bytes()
@@ -157,8 +168,9 @@ def test_part_file_written_slowly_then_renamed_is_read_once(shared_data, tiny_bu
     assert list(config.inbox.quarantine_path.iterdir()) == []
 
 
-def test_bad_inputs_are_quarantined_and_good_ones_keep_flowing(shared_data, tiny_bundle, running,
-                                                               subscriber_factory, tmp_path):
+def test_bad_inputs_are_quarantined_and_good_ones_keep_flowing(
+    shared_data, tiny_bundle, running, subscriber_factory, tmp_path
+):
     service, config = running(tiny_bundle)
     sub = subscriber_factory(config.mqtt.results_topic)
     staging = tmp_path / "staging"
@@ -169,8 +181,10 @@ def test_bad_inputs_are_quarantined_and_good_ones_keep_flowing(shared_data, tiny
     (staging / "empty.dcm").write_bytes(b"")
     (staging / "hip.dcm").write_bytes((shared_data / "dicom/wg04/RG2_RLE").read_bytes())
     bad = ["truncated.dcm", "notes.dcm", "empty.dcm", "hip.dcm"]
-    good = {"good1.jpeg": shared_data / "cxr/kermany_pneumonia_224/test/NORMAL/IM-0003-0001.jpeg",
-            "good2.dcm": shared_data / SIIM}
+    good = {
+        "good1.jpeg": shared_data / "cxr/kermany_pneumonia_224/test/NORMAL/IM-0003-0001.jpeg",
+        "good2.dcm": shared_data / SIIM,
+    }
     for name in bad:
         drop(staging / name, config.inbox.path)
     for name, src in good.items():
@@ -187,8 +201,7 @@ def test_bad_inputs_are_quarantined_and_good_ones_keep_flowing(shared_data, tiny
         error = json.loads(error_file.read_text())
         assert error["file"] == name
         assert error["error"] and error["action"], error
-    errors = {n: json.loads((config.inbox.quarantine_path / f"{n}.error.json").read_text())
-              for n in bad}
+    errors = {n: json.loads((config.inbox.quarantine_path / f"{n}.error.json").read_text()) for n in bad}
     assert errors["truncated.dcm"]["code"] == "corrupt_image"
     assert "truncated" in errors["truncated.dcm"]["error"]
     assert errors["notes.dcm"]["code"] == "not_an_image"
@@ -200,9 +213,9 @@ def test_bad_inputs_are_quarantined_and_good_ones_keep_flowing(shared_data, tiny
     assert list(config.inbox.path.iterdir()) == []
 
 
-def test_restart_with_queued_files_gives_exactly_one_result_each(shared_data, tiny_bundle,
-                                                                  mosquitto, subscriber_factory,
-                                                                  tmp_path):
+def test_restart_with_queued_files_gives_exactly_one_result_each(
+    shared_data, tiny_bundle, mosquitto, subscriber_factory, tmp_path
+):
     config = make_config(tmp_path, mosquitto, tiny_bundle)
     sub = subscriber_factory(config.mqtt.results_topic)
     sources = sorted((shared_data / "cxr/kermany_pneumonia_224/test/PNEUMONIA").glob("*.jpeg"))[:30]
@@ -229,8 +242,7 @@ def test_restart_with_queued_files_gives_exactly_one_result_each(shared_data, ti
     assert list(config.inbox.path.iterdir()) == []
 
 
-def test_same_content_twice_is_processed_once(shared_data, tiny_bundle, running,
-                                              subscriber_factory):
+def test_same_content_twice_is_processed_once(shared_data, tiny_bundle, running, subscriber_factory):
     service, config = running(tiny_bundle)
     sub = subscriber_factory(config.mqtt.results_topic)
     src = shared_data / "cxr/kermany_pneumonia_224/test/NORMAL/IM-0005-0001.jpeg"
@@ -245,8 +257,9 @@ def test_same_content_twice_is_processed_once(shared_data, tiny_bundle, running,
     assert service.counters["duplicates"] == 1
 
 
-def test_results_survive_a_broker_that_is_down_at_start(shared_data, tiny_bundle, tmp_path,
-                                                        mosquitto, subscriber_factory):
+def test_results_survive_a_broker_that_is_down_at_start(
+    shared_data, tiny_bundle, tmp_path, mosquitto, subscriber_factory
+):
     """Scans are processed while the broker is unreachable and delivered once it is back."""
     from conftest import Broker
 
@@ -255,8 +268,11 @@ def test_results_survive_a_broker_that_is_down_at_start(shared_data, tiny_bundle
     service = EdgeService(config)
     service.start()
     try:
-        drop(shared_data / "cxr/kermany_pneumonia_224/test/NORMAL/IM-0006-0001.jpeg",
-             config.inbox.path, "offline.jpeg")
+        drop(
+            shared_data / "cxr/kermany_pneumonia_224/test/NORMAL/IM-0006-0001.jpeg",
+            config.inbox.path,
+            "offline.jpeg",
+        )
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline and service.journal.counts()["done"] < 1:
             time.sleep(0.1)
@@ -279,9 +295,9 @@ def test_results_survive_a_broker_that_is_down_at_start(shared_data, tiny_bundle
         broker.stop()
 
 
-def test_same_sop_instance_in_two_transfer_syntaxes_is_published_once(shared_data, tiny_bundle,
-                                                                       running, subscriber_factory,
-                                                                       tmp_path):
+def test_same_sop_instance_in_two_transfer_syntaxes_is_published_once(
+    shared_data, tiny_bundle, running, subscriber_factory, tmp_path
+):
     """The SIIM image as sent (JPEG baseline), then re-sent uncompressed: same SOP Instance UID."""
     import pydicom
 
@@ -301,8 +317,9 @@ def test_same_sop_instance_in_two_transfer_syntaxes_is_published_once(shared_dat
     assert service.counters["duplicates"] == 1
 
 
-def test_a_hanging_decoder_is_stopped_and_the_file_quarantined(shared_data, tiny_bundle, running,
-                                                                subscriber_factory, tmp_path):
+def test_a_hanging_decoder_is_stopped_and_the_file_quarantined(
+    shared_data, tiny_bundle, running, subscriber_factory, tmp_path
+):
     from edge_runtime import decode as decode_stage
 
     saved = decode_stage.registered_decoders()
@@ -324,16 +341,21 @@ def test_a_hanging_decoder_is_stopped_and_the_file_quarantined(shared_data, tiny
         decode_stage.use_registry(saved)
 
 
-def test_low_disk_keeps_new_scans_waiting_in_the_inbox(shared_data, tiny_bundle, tmp_path,
-                                                       mosquitto, subscriber_factory):
+def test_low_disk_keeps_new_scans_waiting_in_the_inbox(
+    shared_data, tiny_bundle, tmp_path, mosquitto, subscriber_factory
+):
     config = make_config(tmp_path, mosquitto, tiny_bundle)
-    config = config.model_copy(update={"journal": config.journal.model_copy(
-        update={"min_free_disk_mb": 10**9})})  # a petabyte: never available
+    config = config.model_copy(
+        update={"journal": config.journal.model_copy(update={"min_free_disk_mb": 10**9})}
+    )  # a petabyte: never available
     service = EdgeService(config)
     service.start()
     try:
-        drop(shared_data / "cxr/kermany_pneumonia_224/test/NORMAL/IM-0007-0001.jpeg",
-             config.inbox.path, "waiting.jpeg")
+        drop(
+            shared_data / "cxr/kermany_pneumonia_224/test/NORMAL/IM-0007-0001.jpeg",
+            config.inbox.path,
+            "waiting.jpeg",
+        )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and service.health()["state"] != "degraded":
             time.sleep(0.1)
@@ -347,13 +369,15 @@ def test_low_disk_keeps_new_scans_waiting_in_the_inbox(shared_data, tiny_bundle,
 
 
 def test_full_outbox_leaves_new_scans_in_the_inbox_until_the_broker_is_back(
-        shared_data, tiny_bundle, tmp_path, mosquitto):
+    shared_data, tiny_bundle, tmp_path, mosquitto
+):
     from conftest import Broker, Subscriber
 
     broker = Broker(tmp_path)  # not started yet: results pile up in the outbox
     config = make_config(tmp_path, broker, tiny_bundle)
-    config = config.model_copy(update={"journal": config.journal.model_copy(
-        update={"max_outbox_messages": 2})})
+    config = config.model_copy(
+        update={"journal": config.journal.model_copy(update={"max_outbox_messages": 2})}
+    )
     service = EdgeService(config)
     service.start()
     sources = sorted((shared_data / "cxr/kermany_pneumonia_224/test/NORMAL").glob("*.jpeg"))[:5]
@@ -380,8 +404,9 @@ def test_full_outbox_leaves_new_scans_in_the_inbox_until_the_broker_is_back(
         broker.stop()
 
 
-def test_operational_failures_are_retried_then_quarantined(shared_data, tiny_bundle, running,
-                                                          subscriber_factory):
+def test_operational_failures_are_retried_then_quarantined(
+    shared_data, tiny_bundle, running, subscriber_factory
+):
     """A backend fault is not the file's fault: retried, and quarantined only after MaxAttempts."""
     from edge_runtime.errors import BackendError
 
@@ -397,8 +422,11 @@ def test_operational_failures_are_retried_then_quarantined(shared_data, tiny_bun
         return real_infer(batch)
 
     service.analyzer.backend.infer = flaky
-    drop(shared_data / "cxr/kermany_pneumonia_224/test/NORMAL/IM-0010-0001.jpeg",
-         config.inbox.path, "retry.jpeg")
+    drop(
+        shared_data / "cxr/kermany_pneumonia_224/test/NORMAL/IM-0010-0001.jpeg",
+        config.inbox.path,
+        "retry.jpeg",
+    )
     sub.wait_for(lambda ps: len(ps) >= 1, timeout_s=20)  # second attempt succeeds
     assert calls["n"] == 2
 
@@ -406,8 +434,11 @@ def test_operational_failures_are_retried_then_quarantined(shared_data, tiny_bun
         raise BackendError("engine down")
 
     service.analyzer.backend.infer = broken
-    drop(shared_data / "cxr/kermany_pneumonia_224/test/NORMAL/IM-0011-0001.jpeg",
-         config.inbox.path, "doomed.jpeg")
+    drop(
+        shared_data / "cxr/kermany_pneumonia_224/test/NORMAL/IM-0011-0001.jpeg",
+        config.inbox.path,
+        "doomed.jpeg",
+    )
     error_file = config.inbox.quarantine_path / "doomed.jpeg.error.json"
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and not error_file.exists():

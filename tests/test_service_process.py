@@ -15,7 +15,8 @@ from edge_runtime.results import load_schema
 
 
 def test_run_command_processes_a_drop_and_stops_cleanly_on_sigterm(
-        shared_data: Path, tiny_bundle: Path, mosquitto, subscriber_factory, tmp_path: Path):
+    shared_data: Path, tiny_bundle: Path, mosquitto, subscriber_factory, tmp_path: Path
+):
     prefix = f"proc/{tmp_path.name}"
     sub = subscriber_factory(f"{prefix}/#")
     env = dict(
@@ -28,26 +29,38 @@ def test_run_command_processes_a_drop_and_stops_cleanly_on_sigterm(
         EDGE_RUNTIME__INBOX__SETTLE_SECONDS="0.3",
         EDGE_RUNTIME__HEALTH__HEARTBEAT_SECONDS="1",
     )
-    proc = subprocess.Popen([sys.executable, "-m", "edge_runtime.cli", "run"], cwd=tmp_path,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edge_runtime.cli", "run"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         sub.wait_for(lambda ps: any(p.get("state") == "online" for p in ps), timeout_s=30)
         src = shared_data / "cxr/kermany_pneumonia_224/test/NORMAL/IM-0001-0001.jpeg"
         (tmp_path / "inbox" / "scan.jpeg").write_bytes(src.read_bytes())
-        results = sub.wait_for(lambda ps: any(p["message_type"] == "result" for p in ps),
-                               timeout_s=30)
+        results = sub.wait_for(lambda ps: any(p["message_type"] == "result" for p in ps), timeout_s=30)
         result = next(p for p in results if p["message_type"] == "result")
         jsonschema.Draft202012Validator(load_schema("result-v1")).validate(result)
         assert result["input"]["file_name"] == "scan.jpeg"
         # The heartbeat carries counters on the retained status topic ...
-        beat = sub.wait_for(lambda ps: any(p.get("counters", {}).get("processed") == 1
-                                           for p in ps), timeout_s=10)
+        beat = sub.wait_for(
+            lambda ps: any(p.get("counters", {}).get("processed") == 1 for p in ps), timeout_s=10
+        )
         status = next(p for p in beat if p.get("counters", {}).get("processed") == 1)
         jsonschema.Draft202012Validator(load_schema("status-v1")).validate(status)
         assert status["state"] == "online" and status["counters"]["outbox_pending"] == 0
         # ... and the local health check says healthy.
-        health = subprocess.run([sys.executable, "-m", "edge_runtime.cli", "health"], cwd=tmp_path,
-                                env=env, capture_output=True, text=True, timeout=60)
+        health = subprocess.run(
+            [sys.executable, "-m", "edge_runtime.cli", "health"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert health.returncode == 0, health.stderr
         assert json.loads(health.stdout)["counters"]["processed"] == 1
     finally:
@@ -61,7 +74,13 @@ def test_run_command_processes_a_drop_and_stops_cleanly_on_sigterm(
     for expected in ("received", "decoded", "inferred", "published"):
         assert expected in events, f"no {expected!r} event in the log:\n{stderr}"
     assert (tmp_path / "state" / "journal.sqlite3").is_file()
-    health = subprocess.run([sys.executable, "-m", "edge_runtime.cli", "health"], cwd=tmp_path,
-                            env=env, capture_output=True, text=True, timeout=60)
+    health = subprocess.run(
+        [sys.executable, "-m", "edge_runtime.cli", "health"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert health.returncode == 1 and "offline" in health.stderr
     assert list((tmp_path / "inbox").iterdir()) == []

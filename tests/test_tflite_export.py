@@ -75,15 +75,37 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict:
     run.mkdir()
     checkpoint = run / "checkpoint.pt"
     torch.save(
-        {"model": "efficientnet-lite0", "num_classes": 2, "labels": ["NORMAL", "PNEUMONIA"],
-         "cut": 16, "state_dict": model.state_dict()},
+        {
+            "model": "efficientnet-lite0",
+            "num_classes": 2,
+            "labels": ["NORMAL", "PNEUMONIA"],
+            "cut": 16,
+            "state_dict": model.state_dict(),
+        },
         checkpoint,
     )
     out = root / "model.int8.tflite"
     proc = subprocess.run(
-        [str(VENV_PYTHON), "-m", "training.tflite_export", "--checkpoint", str(checkpoint),
-         "--out", str(out), "--data", str(data), "--calibration-images", "4", "--threads", "1"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=900, check=False,
+        [
+            str(VENV_PYTHON),
+            "-m",
+            "training.tflite_export",
+            "--checkpoint",
+            str(checkpoint),
+            "--out",
+            str(out),
+            "--data",
+            str(data),
+            "--calibration-images",
+            "4",
+            "--threads",
+            "1",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads(proc.stdout)  # stdout carries only the summary (converter logs go to stderr)

@@ -440,9 +440,7 @@ def test_onnx_export_agrees_with_pytorch(
     np.testing.assert_allclose(p_onnx, p_torch, atol=1e-4, rtol=0)
 
 
-def _int8(
-    name: str, run: TinyRun, x: np.ndarray, tmp_path: Path
-) -> tuple[np.ndarray, np.ndarray, Path]:
+def _int8(name: str, run: TinyRun, x: np.ndarray, tmp_path: Path) -> tuple[np.ndarray, np.ndarray, Path]:
     model, _ = load_checkpoint(run.run_dir)
     fp32 = export_onnx(model, tmp_path / "model.fp32.onnx", run.spec)
     int8 = quantize_int8(fp32, tmp_path / "model.int8.onnx", x)  # the default recipe

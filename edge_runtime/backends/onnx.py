@@ -27,9 +27,7 @@ class OnnxRuntimeBackend:
         try:
             import onnxruntime as ort
         except ImportError as exc:  # pragma: no cover - onnxruntime is a core dependency
-            raise BackendError(
-                "ONNX Runtime is not installed.", action="pip install onnxruntime"
-            ) from exc
+            raise BackendError("ONNX Runtime is not installed.", action="pip install onnxruntime") from exc
         artifact = bundle.artifact(self.name)
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads

@@ -85,9 +85,7 @@ class DicomDecoder:
                         f"{path.name} is not a DICOM file (no 'DICM' marker and no valid header)."
                     ) from exc
                 if len(ds) == 0:
-                    raise NotAnImage(
-                        f"{path.name} is not a DICOM file (no data elements found)."
-                    ) from None
+                    raise NotAnImage(f"{path.name} is not a DICOM file (no data elements found).") from None
                 if "TransferSyntaxUID" not in ds.file_meta:
                     ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
             except (EOFError, OSError) as exc:
@@ -141,8 +139,12 @@ class DicomDecoder:
                 raise
             arr, tool = rescued
             decoder_name = f"{self.name}+{tool}"
-            log.info("%s: pydicom could not decode it (%s); decoded with dcmtk %s instead",
-                     path.name, exc.message.splitlines()[0], tool)
+            log.info(
+                "%s: pydicom could not decode it (%s); decoded with dcmtk %s instead",
+                path.name,
+                exc.message.splitlines()[0],
+                tool,
+            )
         grey = _to_display_grey(arr, ds, photometric)
         return DecodedImage(pixels=grey, kind="dicom", decoder=decoder_name, metadata=metadata)
 
@@ -153,15 +155,32 @@ class DicomDecoder:
 # RT plans/structure sets/doses-as-data (481.2-481.9 and higher).
 _NON_IMAGE_PREFIXES = tuple(
     f"1.2.840.10008.5.1.4.1.1.{suffix}"
-    for suffix in ("11.", "88.", "9.", "66", "104.", "481.2", "481.3", "481.4", "481.5",
-                   "481.6", "481.7", "481.8", "481.9", "78.", "79.", "80.", "81.", "82.")
+    for suffix in (
+        "11.",
+        "88.",
+        "9.",
+        "66",
+        "104.",
+        "481.2",
+        "481.3",
+        "481.4",
+        "481.5",
+        "481.6",
+        "481.7",
+        "481.8",
+        "481.9",
+        "78.",
+        "79.",
+        "80.",
+        "81.",
+        "82.",
+    )
 )
 
 
 def _is_image_storage(sop_class: str) -> bool:
     """An image storage SOP class: missing pixel data means the file was cut short."""
-    return sop_class.startswith("1.2.840.10008.5.1.4.1.1.") and not sop_class.startswith(
-        _NON_IMAGE_PREFIXES)
+    return sop_class.startswith("1.2.840.10008.5.1.4.1.1.") and not sop_class.startswith(_NON_IMAGE_PREFIXES)
 
 
 def _check_decoder_available(ds: Any, path: Path) -> None:
@@ -223,16 +242,23 @@ def _dcmtk_fallback(ds: Any, path: Path, frames: int) -> tuple[np.ndarray, str] 
         out = Path(tmp) / "decompressed.dcm"
         try:
             proc = subprocess.run(
-                [binary, str(path), str(out)], capture_output=True, text=True,
-                timeout=DCMTK_TIMEOUT_S, check=False,
+                [binary, str(path), str(out)],
+                capture_output=True,
+                text=True,
+                timeout=DCMTK_TIMEOUT_S,
+                check=False,
             )
         except subprocess.TimeoutExpired as exc:
             raise CorruptImage(
                 f"{path.name}: dcmtk {tool} did not finish within {DCMTK_TIMEOUT_S:.0f} s."
             ) from exc
         if proc.returncode != 0 or not out.is_file():
-            log.info("dcmtk %s could not decode %s either: %s", tool, path.name,
-                     (proc.stderr or proc.stdout).strip()[:300])
+            log.info(
+                "dcmtk %s could not decode %s either: %s",
+                tool,
+                path.name,
+                (proc.stderr or proc.stdout).strip()[:300],
+            )
             return None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -248,9 +274,9 @@ def _to_display_grey(arr: np.ndarray, ds: Any, photometric: str) -> np.ndarray:
         if arr.ndim != 3 or arr.shape[-1] != 3:
             raise UnsupportedImage(f"Colour image with unexpected shape {arr.shape}.")
         rgb = arr.astype(np.float32)
-        grey = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
+        luma = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
         max_value = float(2 ** int(ds.get("BitsStored", 8)) - 1)
-        return np.clip(grey / max_value, 0.0, 1.0).astype(np.float32)
+        return np.clip(luma / max_value, 0.0, 1.0).astype(np.float32)
 
     if arr.ndim != 2:
         raise UnsupportedImage(f"Expected a single grey frame, got pixel array shape {arr.shape}.")

@@ -514,8 +514,14 @@ class _Connection:
         self.thread = threading.Thread(target=self._run, name="fake-nucleus-conn", daemon=True)
 
     # -- sending ------------------------------------------------------------------------
-    def send(self, mtype: MessageType, flags: int, stream_id: int, extra: Iterable[Header] = (),
-             payload: bytes = b"") -> bool:
+    def send(
+        self,
+        mtype: MessageType,
+        flags: int,
+        stream_id: int,
+        extra: Iterable[Header] = (),
+        payload: bytes = b"",
+    ) -> bool:
         """Write one frame with the three RPC headers; False if the connection is gone."""
         headers = [
             Header.from_int32(H_MESSAGE_TYPE, int(mtype)),
@@ -534,8 +540,14 @@ class _Connection:
                 return False
         return True
 
-    def send_app(self, stream_id: int, shape: str, body: dict[str, Any], flags: int,
-                 mtype: MessageType = MessageType.APPLICATION_MESSAGE) -> bool:
+    def send_app(
+        self,
+        stream_id: int,
+        shape: str,
+        body: dict[str, Any],
+        flags: int,
+        mtype: MessageType = MessageType.APPLICATION_MESSAGE,
+    ) -> bool:
         """Write a JSON application message/error typed ``shape`` (what the SDK dispatches on)."""
         extra = [
             Header.from_string(H_CONTENT_TYPE, CONTENT_TYPE_JSON),
@@ -546,8 +558,13 @@ class _Connection:
     def protocol_error(self, reason: str) -> None:
         """Report a connection-level error, then drop the connection (as aws-c-event-stream does)."""
         self.server._note_protocol_error(reason)
-        self.send(MessageType.PROTOCOL_ERROR, 0, 0, [Header.from_string(H_CONTENT_TYPE, CONTENT_TYPE_JSON)],
-                  _json_bytes({"message": reason}))
+        self.send(
+            MessageType.PROTOCOL_ERROR,
+            0,
+            0,
+            [Header.from_string(H_CONTENT_TYPE, CONTENT_TYPE_JSON)],
+            _json_bytes({"message": reason}),
+        )
         self.close()
 
     def close(self) -> None:
@@ -633,8 +650,9 @@ class _Connection:
         self.component = component
         self.send(MessageType.CONNECT_ACK, MessageFlag.CONNECTION_ACCEPTED, 0)
 
-    def _on_application_message(self, msg: Message, stream_id: int, flags: int,
-                                operation: str | None) -> None:
+    def _on_application_message(
+        self, msg: Message, stream_id: int, flags: int, operation: str | None
+    ) -> None:
         stream = self.streams.get(stream_id)
         if stream is not None:
             if flags & MessageFlag.TERMINATE_STREAM:
@@ -869,8 +887,9 @@ class FakeNucleus:
             self._changed.notify_all()
 
     # -- identity -----------------------------------------------------------------------
-    def add_component(self, name: str, configuration: dict[str, Any] | None = None, *,
-                      svcuid: str | None = None) -> str:
+    def add_component(
+        self, name: str, configuration: dict[str, Any] | None = None, *, svcuid: str | None = None
+    ) -> str:
         """Register another component (its own token and configuration); returns its SVCUID."""
         token = svcuid or secrets.token_hex(16)
         with self._lock:
@@ -934,8 +953,9 @@ class FakeNucleus:
         """Request documents of one operation (short name, e.g. ``"PublishToIoTCore"``)."""
         return [c.request for c in self.calls if c.operation == operation]
 
-    def wait_for_call(self, operation: str, predicate: Callable[[dict[str, Any]], bool] | None = None,
-                      timeout: float = 5.0) -> dict[str, Any]:
+    def wait_for_call(
+        self, operation: str, predicate: Callable[[dict[str, Any]], bool] | None = None, timeout: float = 5.0
+    ) -> dict[str, Any]:
         """Block until a matching request has arrived (code under test often runs in a thread)."""
         deadline = time.monotonic() + timeout
         with self._changed:
@@ -976,8 +996,9 @@ class FakeNucleus:
             return sum(1 for s in self._subscriptions if s.active and operation in (None, s.operation))
 
     # -- test controls ------------------------------------------------------------------
-    def set_configuration(self, component: str | None, key_path: Iterable[str], value: Any, *,
-                          merge: bool = False) -> list[list[str]]:
+    def set_configuration(
+        self, component: str | None, key_path: Iterable[str], value: Any, *, merge: bool = False
+    ) -> list[list[str]]:
         """Change configuration as a deployment would, and notify subscribers.
 
         ``key_path`` ``[]`` addresses the whole configuration (``value`` must then be a dict).
@@ -1023,8 +1044,15 @@ class FakeNucleus:
         with self._lock:
             self._handlers[operation.removeprefix(NAMESPACE)] = handler
 
-    def inject_error(self, operation: str, shape: str = "ServiceError", message: str = "injected failure",
-                     *, times: int = 1, **fields: Any) -> None:
+    def inject_error(
+        self,
+        operation: str,
+        shape: str = "ServiceError",
+        message: str = "injected failure",
+        *,
+        times: int = 1,
+        **fields: Any,
+    ) -> None:
         """Fail the next ``times`` calls of ``operation`` with a modelled error (still recorded)."""
         with self._lock:
             queue = self._injected.setdefault(operation.removeprefix(NAMESPACE), [])
@@ -1034,12 +1062,21 @@ class FakeNucleus:
         """Deliver a cloud MQTT message to matching SubscribeToIoTCore streams; returns how many."""
         event = {"message": {"topicName": topic, "payload": base64.b64encode(payload).decode()}}
         with self._lock:
-            targets = [s for s in self._subscriptions
-                       if s.operation == "SubscribeToIoTCore" and _topic_matches(s.filter, topic)]
+            targets = [
+                s
+                for s in self._subscriptions
+                if s.operation == "SubscribeToIoTCore" and _topic_matches(s.filter, topic)
+            ]
         return sum(1 for s in targets if s.send_event(event))
 
-    def publish_local(self, topic: str, *, json_message: Any = None, binary_message: bytes | None = None,
-                      source: str = "aws.greengrass.FakePublisher") -> int:
+    def publish_local(
+        self,
+        topic: str,
+        *,
+        json_message: Any = None,
+        binary_message: bytes | None = None,
+        source: str = "aws.greengrass.FakePublisher",
+    ) -> int:
         """Publish on local pub/sub as another component would; returns subscribers reached."""
         return self._fan_out_local(topic, json_message, binary_message, source)
 
@@ -1061,8 +1098,13 @@ class FakeNucleus:
         if not operation.startswith(NAMESPACE) or short not in MODEL_OPERATIONS:
             # What the eventstream-rpc server does for a name outside the service model.
             body = {"error": "Unsupported Operation", "message": f"{operation} is an unsupported operation."}
-            conn.send(MessageType.APPLICATION_ERROR, MessageFlag.TERMINATE_STREAM, stream.stream_id,
-                      [Header.from_string(H_CONTENT_TYPE, CONTENT_TYPE_JSON)], _json_bytes(body))
+            conn.send(
+                MessageType.APPLICATION_ERROR,
+                MessageFlag.TERMINATE_STREAM,
+                stream.stream_id,
+                [Header.from_string(H_CONTENT_TYPE, CONTENT_TYPE_JSON)],
+                _json_bytes(body),
+            )
             self._forget_stream(stream)
             return
         try:
@@ -1117,8 +1159,13 @@ class FakeNucleus:
             after()
 
     def _send_error(self, stream: _Stream, error: IpcError) -> None:
-        stream.conn.send_app(stream.stream_id, NAMESPACE + error.shape, error.payload(),
-                             MessageFlag.TERMINATE_STREAM, MessageType.APPLICATION_ERROR)
+        stream.conn.send_app(
+            stream.stream_id,
+            NAMESPACE + error.shape,
+            error.payload(),
+            MessageFlag.TERMINATE_STREAM,
+            MessageType.APPLICATION_ERROR,
+        )
         self._forget_stream(stream)
 
     def _forget_stream(self, stream: _Stream) -> None:
@@ -1173,15 +1220,18 @@ class FakeNucleus:
             raise IpcError("InvalidArgumentsError", "ValueToMerge is required")
         top_keys = path[:1] if path else tuple(value) if isinstance(value, dict) else ()
         if "accessControl" in top_keys:
-            raise IpcError("InvalidArgumentsError",
-                           "Config update is not allowed for following fields [accessControl]")
+            raise IpcError(
+                "InvalidArgumentsError", "Config update is not allowed for following fields [accessControl]"
+            )
         update_ms = float(timestamp) * 1000.0  # the SDK sends epoch seconds
         with self._lock:
             config = self._config[name]
             newest = max((t for p, t in self._modtime[name].items() if p[: len(path)] == path), default=0.0)
             if path and _lookup(config, path) is not _MISSING and update_ms < newest:
-                raise IpcError("FailedUpdateConditionCheckError",
-                               "Proposed timestamp is older than the config's latest modified timestamp")
+                raise IpcError(
+                    "FailedUpdateConditionCheckError",
+                    "Proposed timestamp is older than the config's latest modified timestamp",
+                )
             old = copy.deepcopy(config)
             node = _lookup(config, path)
             if path and node is not _MISSING and not isinstance(node, dict):
@@ -1211,8 +1261,11 @@ class FakeNucleus:
 
     def _notify_config(self, component: str, changed: list[KeyPath]) -> None:
         with self._lock:
-            subs = [s for s in self._subscriptions if s.operation == "SubscribeToConfigurationUpdate"
-                    and s.filter[0] == component]
+            subs = [
+                s
+                for s in self._subscriptions
+                if s.operation == "SubscribeToConfigurationUpdate" and s.filter[0] == component
+            ]
         for changed_path in changed:
             event = {"configurationUpdateEvent": {"componentName": component, "keyPath": list(changed_path)}}
             for sub in subs:
@@ -1239,8 +1292,9 @@ class FakeNucleus:
         json_part = message.get("jsonMessage")
         binary_part = message.get("binaryMessage")
         if (json_part is None) == (binary_part is None):
-            raise IpcError("InvalidArgumentsError",
-                           "publishMessage needs exactly one of jsonMessage, binaryMessage")
+            raise IpcError(
+                "InvalidArgumentsError", "publishMessage needs exactly one of jsonMessage, binaryMessage"
+            )
         json_message = json_part.get("message") if json_part is not None else None
         binary = base64.b64decode(binary_part.get("message", "")) if binary_part is not None else None
         return {}, lambda: self._fan_out_local(topic, json_message, binary, stream.component)
@@ -1263,9 +1317,13 @@ class FakeNucleus:
         else:
             event = {"jsonMessage": {"message": json_message, "context": context}}
         with self._lock:
-            targets = [s for s in self._subscriptions if s.operation == "SubscribeToTopic"
-                       and _topic_matches(s.filter[0], topic)
-                       and not (s.filter[1] == "RECEIVE_MESSAGES_FROM_OTHERS" and s.component == source)]
+            targets = [
+                s
+                for s in self._subscriptions
+                if s.operation == "SubscribeToTopic"
+                and _topic_matches(s.filter[0], topic)
+                and not (s.filter[1] == "RECEIVE_MESSAGES_FROM_OTHERS" and s.component == source)
+            ]
         return sum(1 for s in targets if s.send_event(event))
 
     def _op_PublishToIoTCore(self, stream: _Stream, req: dict[str, Any]) -> _Result:
