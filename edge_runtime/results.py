@@ -14,6 +14,7 @@ import json
 import socket
 from datetime import UTC, datetime
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,7 @@ __all__ = [
     "input_identity",
     "load_schema",
     "message_id",
+    "scan_ref",
     "scores_to_probabilities",
     "utc_now",
 ]
@@ -75,6 +77,22 @@ def scores_to_probabilities(raw: np.ndarray, activation: str) -> np.ndarray:
     return probs
 
 
+#: Extensions kept in a published scan name; anything else a sender typed is dropped.
+_SAFE_SUFFIXES = (".dcm", ".dicom", ".png", ".jpg", ".jpeg")
+
+
+def scan_ref(sha256: str, file_name: str = "") -> str:
+    """The name a scan goes by outside the box: ``scan-<16 hex of its sha256><.ext>``.
+
+    Senders name files after patients (``DOE_JOHN_MRN123.dcm``), so the name
+    they gave never leaves the process: results, the status topic and IoT Core
+    carry this content-derived reference instead, and the service log and the
+    quarantine error file on the box keep the original for the admin.
+    """
+    suffix = Path(file_name).suffix.lower() if file_name else ""
+    return f"scan-{sha256[:16] or 'unhashed'}{suffix if suffix in _SAFE_SUFFIXES else ''}"
+
+
 def build_result(
     *,
     file_name: str,
@@ -107,7 +125,13 @@ def build_result(
         "message_id": message_id(identity, model["name"], model["version"]),
         "timestamp_utc": utc_now(),
         "not_for_diagnostic_use": True,
-        "input": {"kind": kind, "file_name": file_name, "sha256": sha256, "decoder": decoder} | metadata,
+        "input": {
+            "kind": kind,
+            "file_name": scan_ref(sha256, file_name),
+            "sha256": sha256,
+            "decoder": decoder,
+        }
+        | metadata,
         "model": dict(model),
         "findings": [
             {

@@ -37,7 +37,7 @@ from .journal import Delivery, Journal
 from .logs import event
 from .pipeline import ScanAnalyzer, file_sha256
 from .publish import MqttPublisher
-from .results import build_status, utc_now
+from .results import build_status, scan_ref, utc_now
 
 __all__ = ["EdgeService"]
 
@@ -512,7 +512,8 @@ class EdgeService:
             return
         except EdgeRuntimeError as exc:
             failures = self.journal.record_failure(record.id)
-            self.last_error = f"{path.name}: {exc.message}"
+            # No file name or free text on the status topic: the reference and the error's code.
+            self.last_error = f"{scan_ref(sha256, path.name)}: {exc.code} (details in the service log)"
             log.error(
                 "attempt %d/%d on %s failed: %s (%s)",
                 failures,
@@ -616,7 +617,10 @@ class EdgeService:
         with contextlib.suppress(FileNotFoundError):
             shutil.move(str(path), target)
         self._count("quarantined")
-        self.last_error = f"{path.name}: {error.get('error')}"
+        self.last_error = (
+            f"{scan_ref(str(error.get('sha256') or ''), path.name)}: {error.get('code')} "
+            "(details in the quarantine error file)"
+        )
         event(
             log,
             "quarantined",

@@ -255,3 +255,11 @@ def default_bundle() -> Path:
     if not (path / "manifest.json").is_file():
         pytest.skip(f"bundled default model not present at {path}")
     return path
+
+
+def published_name(src: Path, name: str = "") -> str:
+    """The ``input.file_name`` a result carries for ``src`` dropped as ``name`` (never ``name`` itself)."""
+    from edge_runtime.bundle import sha256_file
+    from edge_runtime.results import scan_ref
+
+    return scan_ref(sha256_file(src), name or src.name)

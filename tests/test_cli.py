@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import jsonschema
+from conftest import published_name
 
 from edge_runtime.results import load_schema
 
@@ -41,7 +42,8 @@ def test_process_prints_one_valid_result_per_file_and_fails_only_on_failure(
     out = run_cli("process", *map(str, good), env=env)
     assert out.returncode == 0, out.stderr
     lines = [json.loads(line) for line in out.stdout.splitlines()]
-    assert [r["input"]["file_name"] for r in lines] == [p.name for p in good]
+    # The sender's file name never leaves the process: a content-derived reference does.
+    assert [r["input"]["file_name"] for r in lines] == [published_name(p) for p in good]
     validator = jsonschema.Draft202012Validator(load_schema("result-v1"))
     for result in lines:
         validator.validate(result)

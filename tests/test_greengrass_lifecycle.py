@@ -52,7 +52,7 @@ from typing import Any
 
 import jsonschema
 import pytest
-from conftest import Subscriber
+from conftest import Subscriber, published_name
 from ggipc import FakeNucleus
 
 from edge_runtime.results import load_schema
@@ -315,8 +315,10 @@ def _wait(
         time.sleep(0.1)
 
 
-def _mqtt_result(sub: Subscriber, file_name: str) -> dict[str, Any] | None:
-    return next((r for r in sub.results() if r["input"].get("file_name") == file_name), None)
+def _mqtt_result(sub: Subscriber, source: Path, name: str) -> dict[str, Any] | None:
+    """The result for ``source`` dropped as ``name`` (results name scans by content, not by file name)."""
+    published = published_name(source, name)
+    return next((r for r in sub.results() if r["input"].get("file_name") == published), None)
 
 
 def _ipc_result(nucleus: FakeNucleus, message_id: str) -> dict[str, Any] | None:
@@ -521,7 +523,11 @@ def test_build_install_run_update_stop_like_the_nucleus(
         ]
         for name in first:
             result = _wait(
-                lambda n=name: _mqtt_result(subscriber, n), 120, f"the MQTT result for {name}", proc, log
+                lambda n=name: _mqtt_result(subscriber, first[n], n),
+                120,
+                f"the MQTT result for {name}",
+                proc,
+                log,
             )
             timings.setdefault("first result", time.monotonic() - dropped)
             RESULT_VALIDATOR.validate(result)
@@ -542,9 +548,12 @@ def test_build_install_run_update_stop_like_the_nucleus(
             assert call["topic"] == configuration["Greengrass"]["LocalTopic"]
             assert _granted(local_grants, call["topic"]), "published outside the accessControl grant"
             assert call["publishMessage"]["jsonMessage"]["message"] == result
-        siim = _mqtt_result(subscriber, next(iter(first)))
+        siim = _mqtt_result(subscriber, shared_data / SIIM, next(iter(first)))
         assert siim["input"]["kind"] == "dicom" and siim["input"]["sop_instance_uid"].startswith("1.2.276")
-        assert not nucleus.calls_for("PublishToIoTCore")  # Greengrass.IotCoreTopic is "" by default
+        # Greengrass.IotCoreTopic is "" by default: no result goes to AWS IoT Core, only the box's
+        # retained health report on <StatusTopic>/<thing name>.
+        to_cloud = {call["topicName"] for call in nucleus.calls_for("PublishToIoTCore")}
+        assert to_cloud <= {f"healthdiag/edge/status/{nucleus.thing_name}"}, to_cloud
 
         # 6. A config-only deployment: threshold 0.0, applied live by the same process.
         pid, connects = proc.pid, len(nucleus.connect_messages)
@@ -557,8 +566,11 @@ def test_build_install_run_update_stop_like_the_nucleus(
             log,
         )
         name = f"lifecycle-{run_id}-after-update.jpeg"
-        _drop(shared_data / KERMANY / "IM-0003-0001.jpeg", inbox, name)
-        after = _wait(lambda: _mqtt_result(subscriber, name), 120, f"the MQTT result for {name}", proc, log)
+        source = shared_data / KERMANY / "IM-0003-0001.jpeg"
+        _drop(source, inbox, name)
+        after = _wait(
+            lambda: _mqtt_result(subscriber, source, name), 120, f"the MQTT result for {name}", proc, log
+        )
         assert after["findings"][0]["threshold"] == 0.0 and after["decision"]["positive"] is True
         _wait(lambda: _ipc_result(nucleus, after["message_id"]), 30, f"PublishToTopic for {name}", proc, log)
         assert proc.poll() is None and proc.pid == pid, "the process restarted"

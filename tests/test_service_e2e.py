@@ -9,6 +9,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+from conftest import published_name
 
 from edge_runtime.config import RuntimeConfig
 from edge_runtime.results import load_schema
@@ -92,12 +93,15 @@ def test_real_scans_get_one_valid_result_each(
     sub.wait_for(lambda ps: len([p for p in ps if p["message_type"] == "result"]) >= len(files), timeout_s=60)
     time.sleep(0.5)  # a duplicate would arrive now
     results = sub.results()
-    assert sorted(r["input"]["file_name"] for r in results) == sorted(files)
+    # The names the sender gave never leave the process; each scan goes by a content reference.
+    assert sorted(r["input"]["file_name"] for r in results) == sorted(
+        published_name(src, name) for name, src in files.items()
+    )
     for result in results:
         RESULT_VALIDATOR.validate(result)
         assert result["not_for_diagnostic_use"] is True
         assert result["model"]["name"] == "pneumonia-cxr"
-    got = by_file(results)
+    got = {name: by_file(results)[published_name(src, name)] for name, src in files.items()}
     # Each message carries the model's own decision: the same probabilities and decision
     # as the one-shot path (the bundled model run directly on the same file).
     from edge_runtime.pipeline import ScanAnalyzer
@@ -164,7 +168,9 @@ def test_part_file_written_slowly_then_renamed_is_read_once(
     # Taken at once on rename, without waiting out the 5 s settle time.
     assert time.monotonic() - t_rename < 4.0
     time.sleep(0.5)
-    assert [r["input"]["file_name"] for r in sub.results()] == ["study.dcm"]
+    assert [r["input"]["file_name"] for r in sub.results()] == [
+        published_name(shared_data / "dicom/pydicom_data/RG1_UNCR.dcm", "study.dcm")
+    ]
     assert list(config.inbox.quarantine_path.iterdir()) == []
 
 
@@ -194,7 +200,9 @@ def test_bad_inputs_are_quarantined_and_good_ones_keep_flowing(
     quarantine = config.inbox.quarantine_path
     while time.monotonic() < deadline and len(list(quarantine.glob("*.error.json"))) < 4:
         time.sleep(0.1)
-    assert sorted(r["input"]["file_name"] for r in sub.results()) == sorted(good)
+    assert sorted(r["input"]["file_name"] for r in sub.results()) == sorted(
+        published_name(src, name) for name, src in good.items()
+    )
     for name in bad:
         error_file = config.inbox.quarantine_path / f"{name}.error.json"
         assert (config.inbox.quarantine_path / name).is_file(), f"{name} not moved to quarantine"
@@ -237,9 +245,33 @@ def test_restart_with_queued_files_gives_exactly_one_result_each(
     finally:
         service.stop()
     names = [r["input"]["file_name"] for r in sub.results()]
-    assert sorted(set(names)) == sorted(s.name for s in sources)
+    assert sorted(set(names)) == sorted(published_name(s) for s in sources)
     assert len(names) == len(sources), f"repeats: {len(names) - len(set(names))}"
     assert list(config.inbox.path.iterdir()) == []
+
+
+def test_patient_names_in_file_names_never_leave_the_process(
+    shared_data, tiny_bundle, running, subscriber_factory, tmp_path
+):
+    # Modalities and PACS exports name files after patients. Neither the result nor the retained
+    # status (its last_error names the quarantined file's problem) may carry them.
+    _service, config = running(tiny_bundle)
+    sub = subscriber_factory(f"{config.mqtt.topic_prefix}/#")
+    (tmp_path / "note.dcm").write_text("Body Part: LEFT KNEE of SMITH JANE\n")
+    drop(tmp_path / "note.dcm", config.inbox.path, "SMITH_JANE_MRN456.dcm")
+    drop(shared_data / SIIM, config.inbox.path, "DOE_JOHN_MRN123.dcm")
+    sub.wait_for(lambda ps: any(p["message_type"] == "result" for p in ps), timeout_s=30)
+    error_file = config.inbox.quarantine_path / "SMITH_JANE_MRN456.dcm.error.json"
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and not error_file.exists():
+        time.sleep(0.1)
+    assert error_file.exists()  # the admin on the box still sees the original name
+    sub.wait_for(lambda ps: any("last_error" in p for p in ps if p["message_type"] == "status"), timeout_s=30)
+    (result,) = sub.results()
+    assert result["input"]["file_name"] == published_name(shared_data / SIIM, "DOE_JOHN_MRN123.dcm")
+    text = json.dumps([payload for _, payload, _ in sub.messages])
+    for identifier in ("DOE", "JOHN", "MRN123", "SMITH", "JANE", "MRN456", "KNEE"):
+        assert identifier not in text, f"{identifier} reached MQTT"
 
 
 def test_same_content_twice_is_processed_once(shared_data, tiny_bundle, running, subscriber_factory):
@@ -253,7 +285,7 @@ def test_same_content_twice_is_processed_once(shared_data, tiny_bundle, running,
     while time.monotonic() < deadline and any(config.inbox.path.iterdir()):
         time.sleep(0.1)
     time.sleep(0.5)
-    assert [r["input"]["file_name"] for r in sub.results()] == ["first.jpeg"]
+    assert [r["input"]["file_name"] for r in sub.results()] == [published_name(src, "first.jpeg")]
     assert service.counters["duplicates"] == 1
 
 
@@ -283,7 +315,9 @@ def test_results_survive_a_broker_that_is_down_at_start(
         sub = Subscriber(broker, config.mqtt.results_topic)
         try:
             sub.wait_for(lambda ps: len(ps) >= 1, timeout_s=45)
-            assert sub.results()[0]["input"]["file_name"] == "offline.jpeg"
+            assert sub.results()[0]["input"]["file_name"] == published_name(
+                shared_data / "cxr/kermany_pneumonia_224/test/NORMAL/IM-0006-0001.jpeg", "offline.jpeg"
+            )
             deadline = time.monotonic() + 5
             while time.monotonic() < deadline and service.journal.counts()["outbox_pending"]:
                 time.sleep(0.1)
@@ -313,7 +347,9 @@ def test_same_sop_instance_in_two_transfer_syntaxes_is_published_once(
     while time.monotonic() < deadline and service.counters["duplicates"] < 1:
         time.sleep(0.1)
     time.sleep(0.5)
-    assert [r["input"]["file_name"] for r in sub.results()] == ["as_jpeg.dcm"]
+    assert [r["input"]["file_name"] for r in sub.results()] == [
+        published_name(shared_data / SIIM, "as_jpeg.dcm")
+    ]
     assert service.counters["duplicates"] == 1
 
 
@@ -336,7 +372,9 @@ def test_a_hanging_decoder_is_stopped_and_the_file_quarantined(
         while time.monotonic() < deadline and not error_file.exists():
             time.sleep(0.1)
         assert json.loads(error_file.read_text())["code"] == "decode_timeout"
-        assert [r["input"]["file_name"] for r in sub.results()] == ["after.dcm"]
+        assert [r["input"]["file_name"] for r in sub.results()] == [
+            published_name(shared_data / SIIM, "after.dcm")
+        ]
     finally:
         decode_stage.use_registry(saved)
 
@@ -398,6 +436,11 @@ def test_full_outbox_leaves_new_scans_in_the_inbox_until_the_broker_is_back(
             sub.wait_for(lambda ps: len({p["message_id"] for p in ps}) >= 5, timeout_s=60)
         finally:
             sub.close()
+        # The last scan's file goes once its result is committed, which may trail its delivery
+        # to another subscriber by a moment on a busy machine.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(config.inbox.path.iterdir()):
+            time.sleep(0.1)
         assert list(config.inbox.path.iterdir()) == []
     finally:
         service.stop()
