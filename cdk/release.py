@@ -33,6 +33,7 @@ pipeline. Not for diagnostic use: the model is a research model.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import importlib.util
 import json
@@ -114,8 +115,13 @@ class Clients:
             kms=session.client("kms"),
         )
 
+    @functools.cached_property
+    def account(self) -> str:
+        """The caller's account, asked of STS once per command (every ARN needs it)."""
+        return str(self.sts.get_caller_identity()["Account"])
+
     def component_arn(self, version: str | None = None, component: str = MODEL_COMPONENT) -> str:
-        account = self.sts.get_caller_identity()["Account"]
+        account = self.account
         arn = f"arn:aws:greengrass:{self.region}:{account}:components:{component}"
         return f"{arn}:versions:{version}" if version else arn
 
@@ -202,6 +208,17 @@ def publish(clients: Clients, bundle_dir: Path, bucket: str) -> dict[str, Any]:
         recipe = build.render_recipe(MODEL_COMPONENT, version, bucket)
         digest = _sha256(zip_path)
         key = f"{MODEL_COMPONENT}/{version}/{zip_path.name}"
+
+        def published(status: str, **extra: str) -> dict[str, Any]:
+            return {
+                "component": MODEL_COMPONENT,
+                "version": version,
+                "status": status,
+                **extra,
+                "artifact": f"s3://{bucket}/{key}",
+                "sha256": digest,
+            }
+
         existing = _existing_recipe(clients, version)
         if existing is not None:
             if existing.strip() != recipe.strip() or _object_sha(clients, bucket, key) != digest:
@@ -211,13 +228,7 @@ def publish(clients: Clients, bundle_dir: Path, bucket: str) -> dict[str, Any]:
                     "Give the bundle a new version (python -m training package --version X.Y.Z) and "
                     "publish that.",
                 )
-            return {
-                "component": MODEL_COMPONENT,
-                "version": version,
-                "status": "already published",
-                "artifact": f"s3://{bucket}/{key}",
-                "sha256": digest,
-            }
+            return published("already published")
         stored = _object_sha(clients, bucket, key)
         if stored is not None and stored != digest:
             raise ReleaseError(
@@ -241,21 +252,8 @@ def publish(clients: Clients, bundle_dir: Path, bucket: str) -> dict[str, Any]:
                 + (" with another recipe." if existing else "; Greengrass cannot show it yet."),
                 "Check 'python -m cdk.release list'; bump the version if the content differs.",
             ) from None
-        return {
-            "component": MODEL_COMPONENT,
-            "version": version,
-            "status": "already published",
-            "artifact": f"s3://{bucket}/{key}",
-            "sha256": digest,
-        }
-    return {
-        "component": MODEL_COMPONENT,
-        "version": version,
-        "status": "published",
-        "arn": created["arn"],
-        "artifact": f"s3://{bucket}/{key}",
-        "sha256": digest,
-    }
+        return published("already published")
+    return published("published", arn=created["arn"])
 
 
 def _object_sha(clients: Clients, bucket: str, key: str) -> str | None:

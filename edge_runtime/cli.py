@@ -288,8 +288,7 @@ def _cmd_model_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_model_verify(args: argparse.Namespace) -> int:
-    from .backends import create_backend
-    from .conformance import check_conformance, require_cpu_support
+    from .conformance import verify_backend
 
     config = load_config(args.config)
     bundle_dir = args.bundle or config.model.bundle_path or default_bundle_path()
@@ -301,13 +300,7 @@ def _cmd_model_verify(args: argparse.Namespace) -> int:
     failed = False
     reports = []
     for name in backends:
-        require_cpu_support(bundle.artifact(name))
-        backend = create_backend(name, threads=config.model.threads)
-        backend.load(bundle)
-        try:
-            report = check_conformance(bundle, backend)
-        finally:
-            backend.close()
+        report = verify_backend(bundle, name, threads=config.model.threads)
         if report is None:
             print(
                 f"error: model {bundle.name} {bundle.version} has no conformance reference set "

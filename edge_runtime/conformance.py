@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from .backends import Backend
+from .backends import Backend, create_backend
 from .bundle import ModelArtifact, ModelBundle
 from .cpu import CpuSummary, cpu_summary
 from .errors import ModelBundleError
@@ -48,6 +48,7 @@ __all__ = [
     "enforce",
     "reference_inputs",
     "require_cpu_support",
+    "verify_backend",
 ]
 
 
@@ -300,6 +301,23 @@ def check_conformance(
         rows=tuple(rows),
         seconds=time.perf_counter() - t0,
     )
+
+
+def verify_backend(
+    bundle: ModelBundle, backend_name: str, *, threads: int = 1, threshold: float | None = None
+) -> ConformanceReport | None:
+    """Load the bundle's model for ``backend_name`` on this CPU, run the check, release the engine.
+
+    For ``edge-runtime model verify`` and packaging, which want the report, not
+    a loaded model (the service keeps its backend: :meth:`ScanAnalyzer.from_bundle_path`).
+    """
+    require_cpu_support(bundle.artifact(backend_name))
+    backend = create_backend(backend_name, threads=threads)
+    backend.load(bundle)
+    try:
+        return check_conformance(bundle, backend, threshold)
+    finally:
+        backend.close()
 
 
 def enforce(report: ConformanceReport) -> None:

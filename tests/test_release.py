@@ -304,7 +304,12 @@ def test_rollback_deploys_the_previous_published_version(aws: tuple[Clients, Stu
         "tags": {"healthdiag-release": "rollback from 0.2.0"},
     }
     stub.add_response("create_deployment", {"deploymentId": "dep-back"}, expected)
+    identity_calls: list[str] = []
+    clients.sts.meta.events.register(
+        "before-call.sts.GetCallerIdentity", lambda **_: identity_calls.append("sts")
+    )
     result = rollback(clients, "canary")
+    assert len(identity_calls) == 1  # the account is asked once per command, not per ARN
     assert (result["previous"], result["version"]) == ("0.2.0", "0.1.1")  # semver order, not text
 
 

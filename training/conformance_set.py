@@ -32,9 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime.backends import create_backend
 from edge_runtime.bundle import ModelBundle
-from edge_runtime.conformance import check_conformance
+from edge_runtime.conformance import verify_backend
 from edge_runtime.cpu import cpu_summary
 from edge_runtime.preprocess import PreprocessSpec, preprocess
 
@@ -127,12 +126,7 @@ def measure_backends(bundle: ModelBundle) -> dict[str, np.ndarray]:
     outputs: dict[str, np.ndarray] = {}
     for artifact in bundle.manifest["artifacts"]:
         name = artifact["backend"]
-        backend = create_backend(name, threads=1)
-        backend.load(bundle)
-        try:
-            report = check_conformance(bundle, backend)
-        finally:
-            backend.close()
+        report = verify_backend(bundle, name)
         assert report is not None  # the caller wrote the section
         if report.max_abs_diff > MAX_BUILD_DIFF:
             raise RuntimeError(

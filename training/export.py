@@ -404,11 +404,6 @@ def calibration_samples(run: Path, spec: PreprocessSpec, count: int, seed: int =
 
 def val_tensors(run: Path, spec: PreprocessSpec) -> tuple[np.ndarray, np.ndarray]:
     """The run's validation images as the edge builds them: ``(labels, tensors)``."""
-    return _val_tensors(run, spec)
-
-
-def _val_tensors(run: Path, spec: PreprocessSpec) -> tuple[np.ndarray, np.ndarray]:
-    """The run's validation images as the edge builds them: ``(labels, tensors)``."""
     _, _, val_items = load_split(run)
     val_ds = CXRDataset(val_items, spec)
     return val_ds.labels, _stack(val_ds, range(len(val_ds)), "val tensors")
@@ -476,7 +471,7 @@ def run_fp32_export(
     run = Path(run_dir)
     spec = spec or run_spec(run)
     model, ckpt = load_checkpoint(run)
-    y, val_x = _val_tensors(run, spec)
+    y, val_x = val_tensors(run, spec)
     calibration = calibrate_temperature(model, run, y, val_x) if calibrate else None
     if calibration is None:
         (run / CALIBRATION_NAME).unlink(missing_ok=True)
@@ -545,7 +540,7 @@ def run_quantize(
     int8_path = quantize_int8(fp32_path, run / INT8_NAME, calibration, recipe)
     t_quant = time.monotonic() - t0
 
-    y, val_x = _val_tensors(run, spec)
+    y, val_x = val_tensors(run, spec)
     with np.load(predictions) as saved:
         p_torch, p_fp32 = saved["torch"], saved["fp32"]
         if not np.array_equal(saved["y"], y):

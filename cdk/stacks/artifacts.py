@@ -14,14 +14,32 @@
 
 from __future__ import annotations
 
-from aws_cdk import Acknowledgment, Duration, RemovalPolicy, Stack, Validations
+from aws_cdk import Acknowledgment, Duration, RemovalPolicy, Stack, Token, Validations
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_s3 as s3
 from constructs import Construct
 
 from ..config import ReleaseConfig
 
-__all__ = ["ArtifactsStack", "acknowledge", "artifact_bucket_name", "records_bucket_name"]
+__all__ = [
+    "ArtifactsStack",
+    "acknowledge",
+    "artifact_bucket_name",
+    "nag_account_region",
+    "records_bucket_name",
+]
+
+
+def nag_account_region(stack: Stack) -> tuple[str, str]:
+    """Account and region as cdk-nag spells them in a finding's id.
+
+    A finding names the resource as synthesized: tokens as ``<AWS::AccountId>``
+    / ``<AWS::Region>``, known values literally (the CLI fills the region in
+    from the environment), so acknowledgments must be written the same way.
+    """
+    account = "<AWS::AccountId>" if Token.is_unresolved(stack.account) else stack.account
+    region = "<AWS::Region>" if Token.is_unresolved(stack.region) else stack.region
+    return account, region
 
 
 def artifact_bucket_name(prefix: str, account: str, region: str) -> str:

@@ -19,13 +19,13 @@
 
 from __future__ import annotations
 
-from aws_cdk import Stack, Token
+from aws_cdk import Stack
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_iot as iot
 from constructs import Construct
 
 from ..config import ReleaseConfig
-from .artifacts import ArtifactsStack, acknowledge, artifact_bucket_name
+from .artifacts import ArtifactsStack, acknowledge, artifact_bucket_name, nag_account_region
 
 __all__ = ["MODEL_COMPONENT_PREFIX", "FleetStack"]
 
@@ -77,10 +77,7 @@ class FleetStack(Stack):
                 ),
             ],
         )
-        # cdk-nag names a finding by the resource as synthesized: tokens as <AWS::...>, known values
-        # literally (the CLI fills the region in from the environment).
-        region = "<AWS::Region>" if Token.is_unresolved(self.region) else self.region
-        account = "<AWS::AccountId>" if Token.is_unresolved(self.account) else self.account
+        account, region = nag_account_region(self)
         logs = f"arn:<AWS::Partition>:logs:{region}:{account}:log-group:/aws/greengrass/*"
         acknowledge(
             self.token_exchange_policy,

@@ -38,7 +38,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from aws_cdk import Duration, IgnoreMode, Size, Stack, Token
+from aws_cdk import Duration, IgnoreMode, Size, Stack
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_logs as logs
@@ -49,7 +49,13 @@ from aws_cdk import aws_stepfunctions_tasks as tasks
 from constructs import Construct
 
 from ..config import ReleaseConfig
-from .artifacts import ArtifactsStack, acknowledge, artifact_bucket_name, records_bucket_name
+from .artifacts import (
+    ArtifactsStack,
+    acknowledge,
+    artifact_bucket_name,
+    nag_account_region,
+    records_bucket_name,
+)
 from .fleet import MODEL_COMPONENT_PREFIX
 
 __all__ = ["MODEL_COMPONENT", "REPO_ROOT", "PipelineStack"]
@@ -481,12 +487,12 @@ class PipelineStack(Stack):
         create.next(soak)
         current.next(create)
         no_deployment.next(create)
-        entry = listed.next(
+        listed.next(
             sfn.Choice(self, f"{group}HasDeployment?")
             .when(sfn.Condition.is_present(f"$.{key}.list.Deployments[0]"), current)
             .otherwise(no_deployment)
         )
-        return _Rollout(entry=listed, healthy=healthy, chain=entry)
+        return _Rollout(entry=listed, healthy=healthy)
 
     def _device_reports(self, key: str, rollback: sfn.IChainable, healthy: sfn.Pass) -> sfn.IChainable:
         """Every canary device's own health report: the new version, conformance passed, few failures.
@@ -555,8 +561,7 @@ class PipelineStack(Stack):
 
     def _acknowledge(self) -> None:
         """cdk-nag findings in this stack that are acceptable, each with its reason."""
-        region = "<AWS::Region>" if Token.is_unresolved(self.region) else self.region
-        account = "<AWS::AccountId>" if Token.is_unresolved(self.account) else self.account
+        account, region = nag_account_region(self)
         arn = f"arn:<AWS::Partition>:{{}}:{region}:{account}:{{}}"
         prefix = self.config.name_prefix
         artifacts = f"arn:<AWS::Partition>:s3:::{prefix}-artifacts-{account}-{region}"
@@ -621,7 +626,6 @@ class PipelineStack(Stack):
 class _Rollout:
     """The first state of a group's rollout and its 'healthy' exit."""
 
-    def __init__(self, entry: sfn.IChainable, healthy: sfn.Pass, chain: sfn.IChainable) -> None:
+    def __init__(self, entry: sfn.IChainable, healthy: sfn.Pass) -> None:
         self.entry = entry
         self.healthy = healthy
-        self.chain = chain
