@@ -189,7 +189,7 @@ def main() -> int:
     if args.fp32 is not None:
         predictions["FP32"], latency["FP32"] = fp32_predictions(args.fp32, files, args.bundle)
         decisions["FP32"] = predictions["FP32"] >= threshold
-    backends = [a["backend"] for a in bundle.manifest["artifacts"]]
+    backends = bundle.backends
     for backend in backends:
         t0 = time.monotonic()
         messages = run_process(args.bundle, backend, files)
@@ -203,7 +203,7 @@ def main() -> int:
 
     if args.baseline is not None:
         old = load_bundle(args.baseline)
-        for backend in [a["backend"] for a in old.manifest["artifacts"]]:
+        for backend in old.backends:
             messages = run_process(args.baseline, backend, files)
             latency[f"{old.version} {backend}"] = np.asarray([m["timings_ms"]["infer"] for m in messages][5:])
     rows = {name: describe(name, y, p, threshold, args.bootstrap) for name, p in predictions.items()}

@@ -138,9 +138,11 @@ def main() -> int:
                 publish_ms[name] = latency_s * 1000
                 done.notify_all()
 
-        service.publisher.on_delivered = on_delivered
+        for drainer in service.drainers:
+            drainer.on_delivered = on_delivered
         service.start()
-        service.publisher.wait_connected(10)
+        assert service.mqtt is not None
+        service.mqtt.wait_connected(10)
         bundle = service.analyzer.bundle
         print(
             f"model {bundle.name} {bundle.version} ({service.analyzer.backend.name}, "

@@ -33,7 +33,8 @@ sys.path.insert(0, str(REPO))
 
 from edge_runtime.config import MqttConfig  # noqa: E402
 from edge_runtime.journal import Delivery, Journal  # noqa: E402
-from edge_runtime.publish import MqttPublisher  # noqa: E402
+from edge_runtime.sinks import OutboxDrainer  # noqa: E402
+from edge_runtime.sinks.mqtt import MqttSink  # noqa: E402
 
 
 def fake_result(i: int) -> dict:
@@ -81,13 +82,14 @@ def drain_time(folder: Path, backlog: int) -> tuple[float, float]:
         record = journal.admit(sha, folder / f"d{i}.dcm", 1000).record
         result = fake_result(10**6 + i)
         journal.record_result(record.id, result, [Delivery("mqtt", "bench/results", json.dumps(result), 1)])
-    publisher = MqttPublisher(MqttConfig(host="127.0.0.1", port=port, client_id="bench-drain"), journal)
+    sink = MqttSink(MqttConfig(host="127.0.0.1", port=port, client_id="bench-drain"))
+    publisher = OutboxDrainer(journal, sink)
     publisher.start()  # broker is down: everything waits in the outbox
     time.sleep(1.0)
     t0 = time.perf_counter()
     broker = start_broker(folder, port)
     try:
-        if not publisher.wait_connected(60):
+        if not sink.wait_connected(60):
             raise SystemExit("publisher did not connect")
         t_connected = time.perf_counter() - t0
         while journal.counts()["outbox_pending"]:
@@ -119,12 +121,10 @@ def service_rate(folder: Path, port: int, sources: list[Path], durable: bool) ->
             "Workers": 2,
         }
     )
-    service = EdgeService(config)
-    service.journal.close()
-    service.journal = Journal(config.journal.path, durable=durable)
-    service.publisher.journal = service.journal
+    service = EdgeService(config, journal=Journal(config.journal.path, durable=durable))
     service.start()
-    service.publisher.wait_connected(10)
+    assert service.mqtt is not None
+    service.mqtt.wait_connected(10)
     staging = folder / f"staging-{tag}"
     staging.mkdir()
     for src in sources:

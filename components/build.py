@@ -315,11 +315,11 @@ def build_model_artifact(bundle_dir: Path, staging: Path) -> tuple[Path, str]:
         bundle = load_bundle(bundle_dir)
     except ModelBundleError as exc:
         raise BuildError(f"Model bundle {bundle_dir} failed verification: {exc}") from None
-    names = [MANIFEST_NAME, *bundle.manifest["files"]]
+    names = [MANIFEST_NAME, *bundle.manifest.files]
     if "MODEL_CARD.md" not in names:
         print(f"warning: {bundle_dir} has no MODEL_CARD.md; ship one with every model.", file=sys.stderr)
     zip_path = write_zip(staging / MODEL_ARTIFACT, [(bundle.path / n, n) for n in names])
-    return zip_path, str(bundle.manifest["version"])
+    return zip_path, bundle.version
 
 
 def render_recipe(name: str, version: str, bucket: str) -> str:

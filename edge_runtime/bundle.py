@@ -1,8 +1,9 @@
 """Model bundles: a folder with model file(s) and a ``manifest.json``.
 
-The manifest is the contract between training and the edge: which labels the
-model predicts, what its input looks like, how to preprocess, at which
-threshold to decide, and the sha256 of every file. Loading refuses a bundle
+The manifest (:class:`~edge_runtime.manifest.Manifest`) is the contract
+between training and the edge: which labels the model predicts, what its
+input looks like, how to preprocess, at which threshold to decide, and the
+sha256 of every file. Loading refuses a bundle
 whose files do not match their hashes, so a half-copied or tampered model can
 never run on a patient's scan.
 
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ModelBundleError
+from .manifest import BUNDLE_FORMAT, Manifest, parse_manifest
 from .preprocess import PreprocessSpec
 
 __all__ = [
@@ -34,22 +36,7 @@ __all__ = [
     "write_manifest",
 ]
 
-BUNDLE_FORMAT = "healthdiag.model-bundle/1"
 MANIFEST_NAME = "manifest.json"
-_ACTIVATIONS = ("softmax", "sigmoid", "none")
-_REQUIRED = (
-    "format",
-    "name",
-    "version",
-    "labels",
-    "positive_label",
-    "artifacts",
-    "files",
-    "input",
-    "output",
-    "preprocessing",
-    "operating_point",
-)
 
 
 def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
@@ -76,6 +63,8 @@ class ModelArtifact:
     sha256: str
     #: CPUs (by :func:`edge_runtime.cpu.cpu_summary` ``int8_dot``) the file may run on; empty = any.
     requires_int8_dot: tuple[str, ...] = ()
+    #: The id the model file's own metadata must carry (None: bundles before 0.3).
+    model_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -83,119 +72,83 @@ class ModelBundle:
     """A verified model bundle. Build with :func:`load_bundle`."""
 
     path: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     preprocessing: PreprocessSpec
 
     @property
     def name(self) -> str:
-        return str(self.manifest["name"])
+        return self.manifest.name
 
     @property
     def version(self) -> str:
-        return str(self.manifest["version"])
+        return self.manifest.version
 
     @property
     def labels(self) -> list[str]:
-        return list(self.manifest["labels"])
+        return list(self.manifest.labels)
 
     @property
     def positive_label(self) -> str:
-        return str(self.manifest["positive_label"])
+        return self.manifest.positive_label
 
     @property
     def threshold(self) -> float:
-        return float(self.manifest["operating_point"]["threshold"])
+        return self.manifest.threshold
 
     @property
     def input_name(self) -> str:
-        return str(self.manifest["input"]["name"])
+        return self.manifest.input.name
 
     @property
     def input_shape(self) -> list[int | str]:
-        return list(self.manifest["input"]["shape"])
+        return list(self.manifest.input.shape)
 
     @property
     def output_activation(self) -> str:
-        return str(self.manifest["output"].get("activation", "none"))
+        return self.manifest.output.activation
 
     @property
     def intended_use(self) -> dict[str, Any]:
-        return dict(self.manifest.get("intended_use", {}))
+        return self.manifest.intended_use.model_dump()
+
+    @property
+    def backends(self) -> list[str]:
+        """The backends this bundle has a model file for, in manifest order."""
+        return [artifact.backend for artifact in self.manifest.artifacts]
 
     def artifact(self, backend: str) -> ModelArtifact:
         """The model file for ``backend``, or a clear error listing what the bundle has."""
-        for item in self.manifest["artifacts"]:
-            if item["backend"] == backend:
+        for item in self.manifest.artifacts:
+            if item.backend == backend:
                 return ModelArtifact(
-                    file=item["file"],
+                    file=item.file,
                     backend=backend,
-                    quantization=item.get("quantization", "none"),
-                    path=self.path / item["file"],
-                    sha256=self.manifest["files"][item["file"]],
-                    requires_int8_dot=tuple(item.get("requires_int8_dot", ())),
+                    quantization=item.quantization,
+                    path=self.path / item.file,
+                    sha256=self.manifest.files[item.file],
+                    requires_int8_dot=tuple(item.requires_int8_dot),
+                    model_id=item.model_id,
                 )
-        available = sorted({item["backend"] for item in self.manifest["artifacts"]})
         raise ModelBundleError(
             f"Model bundle {self.path} has no model file for backend {backend!r} "
-            f"(it has: {', '.join(available) or 'none'}).",
+            f"(it has: {', '.join(sorted(set(self.backends))) or 'none'}).",
             action="Set Model.Backend to one of those, or deploy a bundle built for this backend.",
         )
 
 
-def _read_manifest(bundle_dir: Path) -> dict[str, Any]:
+def _read_manifest(bundle_dir: Path) -> Manifest:
     manifest_path = bundle_dir / MANIFEST_NAME
     if not bundle_dir.is_dir():
         raise ModelBundleError(f"Model bundle folder {bundle_dir} does not exist.")
     if not manifest_path.is_file():
         raise ModelBundleError(f"Model bundle {bundle_dir} has no {MANIFEST_NAME}.")
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        data = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ModelBundleError(f"Cannot read {manifest_path}: {exc}.") from exc
-    if not isinstance(manifest, dict):
+    if not isinstance(data, dict):
         raise ModelBundleError(f"{manifest_path} must hold a JSON object.")
-    missing = [key for key in _REQUIRED if key not in manifest]
-    if missing:
-        raise ModelBundleError(f"{manifest_path} lacks required keys: {', '.join(missing)}.")
-    if manifest["format"] != BUNDLE_FORMAT:
-        raise ModelBundleError(
-            f"{manifest_path} has format {manifest['format']!r}; this runtime reads {BUNDLE_FORMAT!r}.",
-            action="Update the edge runtime component, or repackage the model for this version.",
-        )
-    return manifest
-
-
-def _check_consistency(manifest: dict[str, Any], manifest_path: Path) -> None:
-    labels = manifest["labels"]
-    if not isinstance(labels, list) or len(labels) < 1:
-        raise ModelBundleError(f"{manifest_path}: 'labels' must be a non-empty list.")
-    if manifest["positive_label"] not in labels:
-        raise ModelBundleError(
-            f"{manifest_path}: positive_label {manifest['positive_label']!r} is not one of {labels}."
-        )
-    threshold = manifest["operating_point"].get("threshold")
-    if not isinstance(threshold, int | float) or not 0.0 <= threshold <= 1.0:
-        raise ModelBundleError(f"{manifest_path}: operating_point.threshold must be in [0, 1].")
-    activation = manifest["output"].get("activation", "none")
-    if activation not in _ACTIVATIONS:
-        raise ModelBundleError(
-            f"{manifest_path}: output.activation {activation!r} is not one of {_ACTIVATIONS}."
-        )
-    conformance = manifest.get("conformance")
-    if conformance is not None:
-        if not isinstance(conformance, dict) or conformance.get("file") not in manifest["files"]:
-            raise ModelBundleError(
-                f"{manifest_path}: 'conformance' must name a reference-set file listed in 'files'."
-            )
-        for key in ("max_abs_diff", "decision_margin", "max_drift"):
-            value = conformance.get(key, 0.0 if key == "max_drift" else None)
-            if not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
-                raise ModelBundleError(f"{manifest_path}: conformance.{key} must be a number in [0, 1].")
-    for item in manifest["artifacts"]:
-        if item.get("file") not in manifest["files"]:
-            raise ModelBundleError(
-                f"{manifest_path}: model file {item.get('file')!r} has no sha256 in 'files'."
-            )
+    return parse_manifest(data, str(manifest_path))
 
 
 def load_bundle(bundle_dir: str | Path, *, verify_hashes: bool = True) -> ModelBundle:
@@ -206,10 +159,8 @@ def load_bundle(bundle_dir: str | Path, *, verify_hashes: bool = True) -> ModelB
     """
     path = Path(bundle_dir).resolve()
     manifest = _read_manifest(path)
-    manifest_path = path / MANIFEST_NAME
-    _check_consistency(manifest, manifest_path)
     if verify_hashes:
-        for name, expected in manifest["files"].items():
+        for name, expected in manifest.files.items():
             file_path = path / name
             if not file_path.is_file():
                 raise ModelBundleError(
@@ -222,21 +173,15 @@ def load_bundle(bundle_dir: str | Path, *, verify_hashes: bool = True) -> ModelB
                     f"expected {expected[:12]}…. The file was altered or only partly copied.",
                     action="Redeploy the model component so the bundle is copied again intact.",
                 )
-    spec = PreprocessSpec.from_dict(manifest["preprocessing"])
-    input_shape = manifest["input"].get("shape", [])
-    if len(input_shape) == 4 and list(input_shape[1:]) != list(spec.sample_shape):
-        raise ModelBundleError(
-            f"{manifest_path}: input shape {input_shape} disagrees with the preprocessing spec, "
-            f"which produces {list(spec.sample_shape)} per sample."
-        )
-    return ModelBundle(path=path, manifest=manifest, preprocessing=spec)
+    return ModelBundle(path=path, manifest=manifest, preprocessing=manifest.preprocessing_spec)
 
 
 def write_manifest(bundle_dir: str | Path, manifest: dict[str, Any]) -> Path:
-    """Complete ``manifest`` with file hashes and write it into ``bundle_dir``.
+    """Complete ``manifest`` with file hashes, validate it as :class:`Manifest`, write it.
 
     Every regular file in the folder except the manifest is hashed, so the
-    model card and any label files are protected too.
+    model card and any label files are protected too. The keys are written
+    in the order given (the file is for people too).
     """
     path = Path(bundle_dir)
     data = dict(manifest)
@@ -247,8 +192,7 @@ def write_manifest(bundle_dir: str | Path, manifest: dict[str, Any]) -> Path:
         for p in sorted(path.rglob("*"))
         if p.is_file() and p.name != MANIFEST_NAME
     }
-    _check_consistency(data, path / MANIFEST_NAME)
-    PreprocessSpec.from_dict(data["preprocessing"])
     out = path / MANIFEST_NAME
+    parse_manifest(data, str(out))
     out.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     return out

@@ -245,39 +245,36 @@ def _cmd_model_info(args: argparse.Namespace) -> int:
         bundle_dir = config.model.bundle_path or default_bundle_path()
     bundle = load_bundle(bundle_dir)
     if args.json:
-        print(json.dumps(bundle.manifest, indent=2))
+        print(json.dumps(bundle.manifest.to_json_dict(), indent=2))
         return 0
     m = bundle.manifest
     spec = bundle.preprocessing
-    print(f"bundle:        {bundle.path}  (all {len(m['files'])} file hashes verified)")
+    print(f"bundle:        {bundle.path}  (all {len(m.files)} file hashes verified)")
     print(f"model:         {bundle.name} {bundle.version}")
     print(f"labels:        {', '.join(bundle.labels)} (positive: {bundle.positive_label})")
-    for art in m["artifacts"]:
-        size = (bundle.path / art["file"]).stat().st_size / 1e6
-        print(
-            f"artifact:      {art['file']} [{art['backend']}, "
-            f"{art.get('quantization', 'none')}, {size:.1f} MB]"
-        )
-    print(f"input:         {bundle.input_name} {bundle.input_shape} {m['input'].get('dtype')}")
+    for art in m.artifacts:
+        size = (bundle.path / art.file).stat().st_size / 1e6
+        print(f"artifact:      {art.file} [{art.backend}, {art.quantization}, {size:.1f} MB]")
+    print(f"input:         {bundle.input_name} {bundle.input_shape} {m.input.dtype}")
     print(
         f"preprocessing: {spec.height}x{spec.width} {spec.resize}, {spec.channels} ch "
         f"{spec.layout}, mean {list(spec.mean)} std {list(spec.std)} "
         f"(sha256 {spec.sha256[:12]}…)"
     )
-    op = m["operating_point"]
-    print(f"threshold:     {op['threshold']:.4f}  ({op.get('method', 'method not recorded')})")
-    conf = m.get("conformance")
-    if conf:
+    op = m.operating_point
+    print(f"threshold:     {op.threshold:.4f}  ({op.method or 'method not recorded'})")
+    conf = m.conformance
+    if conf is not None:
         print(
-            f"conformance:   {conf.get('images')} reference images, |p - p_fp32| <= "
-            f"{conf['max_abs_diff']} on every CPU (run 'edge-runtime model verify' to check this one)"
+            f"conformance:   {conf.images} reference images, |p - p_fp32| <= "
+            f"{conf.max_abs_diff} on every CPU (run 'edge-runtime model verify' to check this one)"
         )
     else:
         print("conformance:   none (bundle predates 0.2.0): answers on this CPU cannot be checked")
-    use = m.get("intended_use", {})
+    use = m.intended_use.model_dump(exclude_defaults=True)
     if use:
         print(f"intended use:  {json.dumps(use)}")
-    for split, metrics in m.get("metrics", {}).items():
+    for split, metrics in m.metrics.items():
         shown = ", ".join(
             f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
             for k, v in metrics.items()
@@ -293,10 +290,7 @@ def _cmd_model_verify(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     bundle_dir = args.bundle or config.model.bundle_path or default_bundle_path()
     bundle = load_bundle(bundle_dir)
-    if args.backend == "all":
-        backends = [art["backend"] for art in bundle.manifest["artifacts"]]
-    else:
-        backends = [args.backend or config.model.backend]
+    backends = bundle.backends if args.backend == "all" else [args.backend or config.model.backend]
     failed = False
     reports = []
     for name in backends:

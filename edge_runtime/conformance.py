@@ -36,12 +36,11 @@ import numpy as np
 from .backends import Backend, create_backend
 from .bundle import ModelArtifact, ModelBundle
 from .cpu import CpuSummary, cpu_summary
-from .errors import ModelBundleError
+from .errors import ConformanceError, ModelBundleError
 from .preprocess import preprocess
 from .results import scores_to_probabilities
 
 __all__ = [
-    "ConformanceError",
     "ConformanceReport",
     "ConformanceRow",
     "check_conformance",
@@ -50,17 +49,6 @@ __all__ = [
     "require_cpu_support",
     "verify_backend",
 ]
-
-
-class ConformanceError(ModelBundleError):
-    """The model computes different answers on this CPU than where it was validated."""
-
-    code = "model_conformance_failed"
-    action = (
-        "Do not use this model on this box: deploy a model version whose conformance check passes "
-        "on this CPU (the model's release notes list the CPUs it was checked on), or choose another "
-        "backend in Model.Backend. The previous model stays active."
-    )
 
 
 @dataclass(frozen=True)
@@ -212,10 +200,10 @@ def reference_inputs(bundle: ModelBundle) -> dict[str, np.ndarray] | None:
     Raises:
         ModelBundleError: the manifest names a reference set that cannot be read.
     """
-    section = bundle.manifest.get("conformance")
-    if not section:
+    section = bundle.manifest.conformance
+    if section is None:
         return None
-    path = bundle.path / str(section["file"])
+    path = bundle.path / section.file
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {key: data[key] for key in ("images", "labels", "reference", "sources")}
@@ -249,13 +237,14 @@ def check_conformance(
     refs = reference_inputs(bundle)
     if refs is None:
         return None
-    section = bundle.manifest["conformance"]
-    allowed = float(section["max_abs_diff"])
-    margin = float(section["decision_margin"])
+    section = bundle.manifest.conformance
+    assert section is not None  # reference_inputs returned a set
+    allowed = section.max_abs_diff
+    margin = section.decision_margin
     built = refs.get(f"expected_{backend.name}")
     # Without the build machine's output for this backend, drift is measured against FP32 and
     # bounded by the FP32 tolerance.
-    drift_allowed = float(section.get("max_drift", allowed)) if built is not None else allowed
+    drift_allowed = allowed if built is None or section.max_drift is None else section.max_drift
     cut = bundle.threshold if threshold is None else threshold
     labels = bundle.labels
     positive = 0 if len(labels) == 1 else labels.index(bundle.positive_label)

@@ -14,14 +14,21 @@ The tree::
     │   ├── CorruptImage            truncated or undecodable pixel data
     │   ├── UnsupportedTransferSyntax  no installed decoder handles it
     │   ├── UnsupportedImage        decodes, but cannot be fed to the model
+    │   ├── OutsideIntendedUse      header says it is not what the model is for
+    │   ├── DecodeTimeout           the decoder hung on it (stopped after a limit)
+    │   ├── DecodeCrashed           the decoder died or ran out of memory on it
     │   └── ImageTooLarge           dimensions exceed the configured cap
     ├── ModelBundleError       model bundle missing, tampered or inconsistent
+    │   └── ConformanceError        the model answers differently on this CPU
     ├── BackendError           inference engine failed to load or run
-    ├── PublishError           MQTT broker unreachable or refused a message
+    ├── PublishError           a sink (MQTT, Greengrass IPC) did not take a message
     └── JournalError           the on-disk journal cannot be read or written
 
 ``InputError`` subclasses are the only ones the service turns into a
 quarantine record; everything else is an operational fault of the box itself.
+Errors of the libraries we use (paho, sqlite3, onnxruntime, the Greengrass
+IPC client) are translated into these where they cross into our code, so a
+caller catches one tree and an admin reads one kind of message.
 """
 
 from __future__ import annotations
@@ -29,7 +36,10 @@ from __future__ import annotations
 __all__ = [
     "BackendError",
     "ConfigError",
+    "ConformanceError",
     "CorruptImage",
+    "DecodeCrashed",
+    "DecodeTimeout",
     "EdgeRuntimeError",
     "ImageTooLarge",
     "IncompleteInput",
@@ -37,6 +47,7 @@ __all__ = [
     "JournalError",
     "ModelBundleError",
     "NotAnImage",
+    "OutsideIntendedUse",
     "PublishError",
     "UnsupportedImage",
     "UnsupportedTransferSyntax",
@@ -116,6 +127,32 @@ class UnsupportedImage(InputError):
     action = "This kind of DICOM object is not an image the model can read; no action needed."
 
 
+class OutsideIntendedUse(InputError):
+    """The scan's header says it is not what the model is meant for."""
+
+    code = "outside_intended_use"
+
+
+class DecodeTimeout(InputError):
+    """Decoding took longer than Decode.TimeoutSeconds; the decoder was stopped."""
+
+    code = "decode_timeout"
+    action = (
+        "The file made the decoder hang (it is probably malformed). Resend it; if a valid "
+        "scan needs longer, raise Decode.TimeoutSeconds."
+    )
+
+
+class DecodeCrashed(InputError):
+    """The decoder process died or ran out of its memory allowance on this file."""
+
+    code = "decode_crashed"
+    action = (
+        "The file crashed the decoder or needed more memory than Decode.MemoryLimitMb allows. "
+        "Resend it; if it is a valid (very large) scan, raise Decode.MemoryLimitMb."
+    )
+
+
 class ImageTooLarge(InputError):
     """The declared image dimensions exceed the configured pixel cap."""
 
@@ -133,6 +170,17 @@ class ModelBundleError(EdgeRuntimeError):
     action = "Redeploy the model component (or point Model.BundlePath at a valid bundle)."
 
 
+class ConformanceError(ModelBundleError):
+    """The model computes different answers on this CPU than where it was validated."""
+
+    code = "model_conformance_failed"
+    action = (
+        "Do not use this model on this box: deploy a model version whose conformance check passes "
+        "on this CPU (the model's release notes list the CPUs it was checked on), or choose another "
+        "backend in Model.Backend. The previous model stays active."
+    )
+
+
 class BackendError(EdgeRuntimeError):
     """The inference engine could not load the model or run it."""
 
@@ -141,10 +189,13 @@ class BackendError(EdgeRuntimeError):
 
 
 class PublishError(EdgeRuntimeError):
-    """A result could not be handed to the MQTT broker."""
+    """A sink did not take a message; it stays in the outbox and is offered again."""
 
     code = "publish_failed"
-    action = "Check that the MQTT broker is running and reachable with the configured settings."
+    action = (
+        "Check that the MQTT broker (or the Greengrass nucleus) is running and reachable with the "
+        "configured settings; results wait in the journal meanwhile."
+    )
 
 
 class JournalError(EdgeRuntimeError):

@@ -11,34 +11,28 @@ Used only when the nucleus started us (it sets
   live (threshold, results topic, model bundle, limits) or rejects, keeping
   the old one and saying why;
 * ``UpdateState(RUNNING)`` once the service is up;
-* two extra outbox sinks: results to Greengrass local pub/sub
-  (``PublishToTopic``, for other components and the MQTT bridge) and, if
-  configured, to AWS IoT Core (``PublishToIoTCore``, QoS 1) with every
-  identifier of the scan removed.
+* ``PublishToTopic`` / ``PublishToIoTCore`` for the two Greengrass sinks
+  (:mod:`edge_runtime.sinks.greengrass`).
 
 awsiotsdk is imported lazily: boxes without Greengrass do not need it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import os
-import threading
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .config import RuntimeConfig
 from .errors import ConfigError, EdgeRuntimeError, PublishError
-from .journal import Journal, OutboxMessage
 
 __all__ = [
-    "CLOUD_INPUT_FIELDS",
     "GreengrassIpc",
-    "IpcSink",
-    "cloud_payload",
+    "config_update_handler",
     "resolve_recipe_variables",
     "running_under_greengrass",
 ]
@@ -47,35 +41,11 @@ log = logging.getLogger(__name__)
 
 SOCKET_ENV = "AWS_GG_NUCLEUS_DOMAIN_SOCKET_FILEPATH_FOR_COMPONENT"
 TOKEN_ENV = "SVCUID"  # noqa: S105 - the name of the variable, not a secret
-#: Input fields that may leave the hospital: none identifies the patient or the study.
-CLOUD_INPUT_FIELDS = (
-    "kind",
-    "decoder",
-    "modality",
-    "body_part_examined",
-    "view_position",
-    "rows",
-    "columns",
-    "bits_stored",
-    "photometric_interpretation",
-)
 
 
 def running_under_greengrass(environ: dict[str, str] | None = None) -> bool:
     env = os.environ if environ is None else environ
     return bool(env.get(SOCKET_ENV)) and bool(env.get(TOKEN_ENV))
-
-
-def cloud_payload(result: dict[str, Any]) -> dict[str, Any]:
-    """The result without patient or study identifiers, file names or content hashes.
-
-    The ``message_id`` stays: it is a one-way hash that lets the cloud drop
-    repeats, and lets the hospital (which has the full message) join the two.
-    """
-    redacted = copy.deepcopy(result)
-    redacted["input"] = {k: v for k, v in result["input"].items() if k in CLOUD_INPUT_FIELDS}
-    redacted["runtime"] = {"version": result["runtime"]["version"]}
-    return redacted
 
 
 def resolve_recipe_variables(config: dict[str, Any], environ: Any) -> dict[str, Any]:
@@ -108,8 +78,8 @@ class GreengrassIpc:
             except ImportError as exc:
                 raise EdgeRuntimeError(
                     "The Greengrass IPC client (awsiotsdk) is not installed.",
-                    action="Install the runtime with its 'greengrass' extra: "
-                    "pip install 'healthdiag-edge[greengrass]'.",
+                    action="Reinstall the runtime (awsiotsdk is one of its dependencies), or "
+                    "pip install 'awsiotsdk>=1.20'.",
                 ) from exc
             client = GreengrassCoreIPCClientV2()
         self.client = client
@@ -156,20 +126,24 @@ class GreengrassIpc:
         self.client.update_state(state="ERRORED")
 
     def publish_local(self, topic: str, payload: str) -> None:
+        """``PublishToTopic``; raises :class:`PublishError` naming why the nucleus refused."""
         from awsiot.greengrasscoreipc.model import JsonMessage, PublishMessage
 
         message = PublishMessage(json_message=JsonMessage(message=json.loads(payload)))
-        self.client.publish_to_topic(topic=topic, publish_message=message)
+        with _translate_ipc_errors("PublishToTopic", topic):
+            self.client.publish_to_topic(topic=topic, publish_message=message)
 
     def publish_iot_core(self, topic: str, payload: str, qos: int, *, retain: bool = False) -> None:
+        """``PublishToIoTCore``; raises :class:`PublishError` naming why the nucleus refused."""
         from awsiot.greengrasscoreipc.model import QOS
 
-        self.client.publish_to_iot_core(
-            topic_name=topic,
-            qos=QOS.AT_LEAST_ONCE if qos >= 1 else QOS.AT_MOST_ONCE,
-            payload=payload.encode("utf-8"),
-            retain=retain,
-        )
+        with _translate_ipc_errors("PublishToIoTCore", topic):
+            self.client.publish_to_iot_core(
+                topic_name=topic,
+                qos=QOS.AT_LEAST_ONCE if qos >= 1 else QOS.AT_MOST_ONCE,
+                payload=payload.encode("utf-8"),
+                retain=retain,
+            )
 
     def close(self) -> None:
         for operation in self._subscriptions:
@@ -184,76 +158,27 @@ class GreengrassIpc:
             log.debug("closing the IPC client failed", exc_info=True)
 
 
-class IpcSink:
-    """Drains one outbox sink (``ipc-local`` or ``ipc-iotcore``) through the nucleus.
-
-    IPC publishes are request/response: the nucleus' reply is the
-    acknowledgement, after which the message is marked delivered. Failures
-    are retried with back-off; messages are never dropped.
-    """
-
-    def __init__(self, name: str, journal: Journal, send: Callable[[OutboxMessage], None]) -> None:
-        self.sink = name
-        self.journal = journal
-        self._send = send
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.delivered_count = 0
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name=f"sink-{self.sink}", daemon=True)
-        self._thread.start()
-
-    def notify(self) -> None:
-        self._wake.set()
-
-    def stop(self, timeout_s: float = 5.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and self.journal.pending_messages(self.sink, limit=1):
-            self._wake.set()
-            time.sleep(0.05)
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=2)
-
-    def _loop(self) -> None:
-        backoff = 0.5
-        while not self._stop.is_set():
-            self._wake.wait(timeout=1.0)
-            self._wake.clear()
-            try:
-                for message in self.journal.pending_messages(self.sink, limit=100):
-                    if self._stop.is_set():
-                        return
-                    self._send(message)
-                    self.journal.mark_delivered(message.seq)
-                    self.delivered_count += 1
-                    log.info(
-                        "delivered %s via %s",
-                        message.message_id[:16],
-                        self.sink,
-                        extra={
-                            "event": "published",
-                            "fields": {
-                                "message_id": message.message_id,
-                                "sink": self.sink,
-                                "topic": message.topic,
-                            },
-                        },
-                    )
-                backoff = 0.5
-            except Exception as exc:
-                log.warning(
-                    "%s delivery failed (%s); retrying in %.1f s",
-                    self.sink,
-                    PublishError(str(exc)).message,
-                    backoff,
-                )
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 30.0)
-                self._wake.set()
+@contextlib.contextmanager
+def _translate_ipc_errors(operation: str, topic: str) -> Iterator[None]:
+    """The IPC client's errors as :class:`PublishError`, with what an admin can do about each."""
+    try:
+        yield
+    except Exception as exc:
+        kind = type(exc).__name__
+        if kind == "UnauthorizedError":
+            action = (
+                f"The component's accessControl policy does not allow {operation} on {topic!r}: "
+                "add the topic to the recipe's accessControl (aws.greengrass.ipc.pubsub or "
+                "aws.greengrass.ipc.mqttproxy) and redeploy. Results wait in the journal meanwhile."
+            )
+        else:
+            action = (
+                "Check that the Greengrass nucleus is running (greengrass-cli component list) and its "
+                "log; results wait in the journal and are sent again."
+            )
+        raise PublishError(
+            f"Greengrass {operation} to {topic!r} failed: {kind}: {exc}", action=action
+        ) from exc
 
 
 def config_update_handler(

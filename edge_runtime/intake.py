@@ -15,18 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import InputError
+from .errors import OutsideIntendedUse
 
-__all__ = ["IntakePolicy", "OutsideIntendedUse"]
+__all__ = ["IntakePolicy"]
 
 # DICOM PS3.16 Annex L defined terms vary by vendor; treat common synonyms as equal.
 _SYNONYMS = {"THORAX": "CHEST", "LUNG": "CHEST"}
-
-
-class OutsideIntendedUse(InputError):
-    """The scan's header says it is not what the model is meant for."""
-
-    code = "outside_intended_use"
 
 
 def _norm(value: Any) -> str:

@@ -20,7 +20,7 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
-__all__ = ["configure_logging", "event"]
+__all__ = ["configure_logging", "escape_control", "event"]
 
 _RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message"}
 
@@ -45,16 +45,37 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(data, default=str)
 
 
+#: C0/C1 control characters (and DEL): a file name holding a newline must not forge a log line.
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+_CONTROL.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"})
+
+
+def escape_control(text: str) -> str:
+    """``text`` with control characters written as escapes (one record stays one line)."""
+    return text.translate(_CONTROL)
+
+
 class TextFormatter(logging.Formatter):
+    """One line per record for people; values from scans (file names) have control characters escaped."""
+
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
 
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escape_control(record.message)
+        return super().formatMessage(record)
+
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+        line = super().format(record)  # a traceback after the line keeps its own line breaks
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict) and fields:
-            line += " " + " ".join(f"{k}={v}" for k, v in fields.items())
+            line += " " + " ".join(f"{k}={escape_control(str(v))}" for k, v in fields.items())
         return line
+
+
+def _drop_paho_retry_chatter(record: logging.LogRecord) -> bool:
+    """paho logs "Client is not connected" at ERROR on every retry while the broker is down."""
+    return not record.getMessage().startswith("Client is not connected")
 
 
 def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
@@ -66,9 +87,12 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
-    # paho's own chatter ("Client is not connected" on every retry) only in DEBUG;
-    # the publisher logs connection changes in words an admin can act on.
-    logging.getLogger("edge_runtime.mqtt").setLevel(logging.DEBUG if level == "DEBUG" else logging.CRITICAL)
+    # paho's own chatter ("Client is not connected" on every retry) only in DEBUG; its errors
+    # always (the MQTT sink also logs connection changes in words an admin can act on).
+    paho = logging.getLogger("edge_runtime.mqtt")
+    paho.setLevel(logging.DEBUG if level == "DEBUG" else logging.ERROR)
+    if level != "DEBUG":
+        paho.addFilter(_drop_paho_retry_chatter)
     logging.getLogger("watchdog").setLevel(logging.WARNING)
     logging.captureWarnings(True)
 

@@ -271,6 +271,24 @@ class ScanAnalyzer:
         )
         return ScanOutcome(result=result, timings_ms=timings)
 
+    def status_model(self) -> dict[str, Any]:
+        """The model as status messages and the health file name it, with its conformance check.
+
+        The reference image's name is left out (it stays in the log): status
+        messages carry no file names.
+        """
+        model: dict[str, Any] = {
+            "name": self.bundle.name,
+            "version": self.bundle.version,
+            "backend": self.backend.name,
+        }
+        if self.conformance is not None:
+            summary = self.conformance.summary()
+            summary.pop("worst", None)
+            summary.pop("model", None)
+            model["conformance"] = summary
+        return model
+
     def close(self) -> None:
         for sandbox in self._sandboxes:
             sandbox.close()

@@ -34,9 +34,9 @@ from typing import Any
 
 from . import decode as decode_stage
 from .decode import DecodedImage, DecodeLimits, decode_file
-from .errors import CorruptImage, InputError
+from .errors import CorruptImage, DecodeCrashed, DecodeTimeout, InputError
 
-__all__ = ["DecodeCrashed", "DecodeSandbox", "DecodeTimeout"]
+__all__ = ["DecodeSandbox"]
 
 log = logging.getLogger(__name__)
 
@@ -44,26 +44,6 @@ _CTX = mp.get_context("forkserver")
 _CTX.set_forkserver_preload(
     ["edge_runtime.decode", "edge_runtime.decode.dicom", "edge_runtime.decode.raster"]
 )
-
-
-class DecodeTimeout(InputError):
-    """Decoding took longer than Decode.TimeoutSeconds; the decoder was stopped."""
-
-    code = "decode_timeout"
-    action = (
-        "The file made the decoder hang (it is probably malformed). Resend it; if a valid "
-        "scan needs longer, raise Decode.TimeoutSeconds."
-    )
-
-
-class DecodeCrashed(InputError):
-    """The decoder process died or ran out of its memory allowance on this file."""
-
-    code = "decode_crashed"
-    action = (
-        "The file crashed the decoder or needed more memory than Decode.MemoryLimitMb allows. "
-        "Resend it; if it is a valid (very large) scan, raise Decode.MemoryLimitMb."
-    )
 
 
 _ERRORS: dict[str, type[InputError]] = {}

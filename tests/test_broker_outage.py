@@ -45,7 +45,7 @@ def test_mosquitto_stopped_mid_run_and_restarted(
     service.start()
     sub = Subscriber(broker, "outage/#")
     try:
-        assert service.publisher.wait_connected(10)
+        assert service.mqtt.wait_connected(10)
         inbox = config.inbox.path
         for src in first:
             (inbox / src.name).write_bytes(src.read_bytes())
@@ -55,8 +55,8 @@ def test_mosquitto_stopped_mid_run_and_restarted(
         for src in during:
             (inbox / src.name).write_bytes(src.read_bytes())
         time.sleep(8)
-        assert not service.publisher.connected
-        health = service.health()
+        assert not service.mqtt.connected
+        health = service.health.snapshot()
         assert health["state"] == "degraded" and "not reachable" in health["reason"]
         assert health["counters"]["outbox_pending"] >= 30  # processed, kept for later
         broker.start()

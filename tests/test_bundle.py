@@ -18,7 +18,7 @@ def test_tiny_bundle_loads_and_verifies(tiny_bundle: Path):
     bundle = load_bundle(tiny_bundle)
     assert bundle.labels == ["NORMAL", "PNEUMONIA"]
     assert bundle.threshold == 0.5
-    assert set(bundle.manifest["files"]) == {"model.onnx"}
+    assert set(bundle.manifest.files) == {"model.onnx"}
 
 
 def test_altered_model_file_is_refused_naming_the_file(tiny_bundle: Path):
@@ -105,12 +105,12 @@ def test_bundled_default_model_is_consistent(default_bundle: Path):
     backend = create_backend("onnxruntime")
     backend.load(bundle)  # verifies the graph's input against the manifest
     manifest = bundle.manifest
-    assert manifest["artifacts"][0]["quantization"].startswith("int8")
+    assert manifest.artifacts[0].quantization.startswith("int8")
     assert (default_bundle / "MODEL_CARD.md").is_file()
-    assert "MODEL_CARD.md" in manifest["files"]
+    assert "MODEL_CARD.md" in manifest.files
     card = (default_bundle / "MODEL_CARD.md").read_text()
     assert "Kermany" in card and "CC BY 4.0" in card and "diagnostic" in card.lower()
-    size_mb = (default_bundle / manifest["artifacts"][0]["file"]).stat().st_size / 1e6
+    size_mb = (default_bundle / manifest.artifacts[0].file).stat().st_size / 1e6
     assert size_mb < 6
 
 
@@ -131,3 +131,53 @@ def test_bundled_model_runs_on_both_backends_with_the_same_decisions(default_bun
     finally:
         onnx.close()
         litert.close()
+
+
+def test_manifest_is_as_strict_as_the_configuration(tmp_path: Path):
+    """A key the runtime would silently ignore (a typo) is refused, naming it and every other fault."""
+    bundle_dir = make_tiny_bundle(tmp_path / "typo")
+    _rewrite_manifest(bundle_dir, output__activaton="softmax", operating_point__threshold=1.5)
+    with pytest.raises(ModelBundleError) as info:
+        load_bundle(bundle_dir)
+    assert "output.activaton: Extra inputs are not permitted" in info.value.message
+    assert "operating_point.threshold" in info.value.message
+    assert "python -m training package" in info.value.action
+    # Sections that describe the model to people stay free-form.
+    bundle_dir = make_tiny_bundle(tmp_path / "notes")
+    _rewrite_manifest(bundle_dir, training={"notes": ["anything"]}, intended_use__population="adults")
+    assert load_bundle(bundle_dir).intended_use["population"] == "adults"
+
+
+def test_write_manifest_refuses_what_the_edge_would_refuse(tmp_path: Path):
+    from edge_runtime.bundle import write_manifest
+
+    bundle_dir = make_tiny_bundle(tmp_path / "w")
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    manifest["artifacts"][0]["file"] = "missing.onnx"
+    with pytest.raises(ModelBundleError, match="model file 'missing.onnx' has no sha256"):
+        write_manifest(bundle_dir, manifest)
+
+
+def test_model_file_from_another_build_is_refused_even_with_its_hash_rewritten(tmp_path: Path):
+    """The manifest's model id is inside the ONNX file too: hashes alone can be rewritten."""
+    onnx = pytest.importorskip("onnx")
+    from edge_runtime.bundle import sha256_file, write_manifest
+    from training.model_id import stamp_onnx_model_id
+
+    bundle_dir = make_tiny_bundle(tmp_path / "stamped")
+    model_path = bundle_dir / "model.onnx"
+    model_id = stamp_onnx_model_id(model_path)
+    assert stamp_onnx_model_id(model_path) == model_id  # repackaging keeps the id
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    manifest["artifacts"][0]["model_id"] = model_id
+    write_manifest(bundle_dir, manifest)
+    create_backend("onnxruntime").load(load_bundle(bundle_dir))  # belongs together: loads
+
+    other = onnx.load(str(model_path))  # another build of the same graph
+    onnx.helper.set_model_props(other, {"healthdiag.model_id": "f" * 64})
+    onnx.save(other, str(model_path))
+    manifest["files"]["model.onnx"] = sha256_file(model_path)  # hash rewritten to match
+    (bundle_dir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelBundleError, match="is not the model its manifest describes") as info:
+        create_backend("onnxruntime").load(load_bundle(bundle_dir))
+    assert "Redeploy" in info.value.action

@@ -20,9 +20,9 @@ from conftest import make_tiny_bundle
 from edge_runtime.backends import create_backend
 from edge_runtime.bundle import load_bundle
 from edge_runtime.cli import main as cli_main
-from edge_runtime.conformance import ConformanceError, check_conformance, require_cpu_support
+from edge_runtime.conformance import check_conformance, require_cpu_support
 from edge_runtime.cpu import cpu_summary
-from edge_runtime.errors import ModelBundleError
+from edge_runtime.errors import ConformanceError, ModelBundleError
 from edge_runtime.pipeline import ScanAnalyzer
 from edge_runtime.results import build_status
 
@@ -80,11 +80,9 @@ def test_a_decision_flip_outside_the_margin_fails_even_within_tolerance(tmp_path
 
 
 def test_status_message_carries_the_check_and_validates(tmp_path: Path) -> None:
-    from edge_runtime.service import _status_model
-
     analyzer = ScanAnalyzer.from_bundle_path(make_tiny_bundle(tmp_path / "ok", conformance=True))
     try:
-        model = _status_model(analyzer)
+        model = analyzer.status_model()
     finally:
         analyzer.close()
     assert model["conformance"]["passed"] is True

@@ -238,7 +238,7 @@ def test_report_numbers_equal_the_metric_functions(
     t = bundle.threshold
     assert f"{t!r} = manifest `operating_point.threshold`" in md
     assert "NOT FOR DIAGNOSTIC USE" in md and "not tuned on this" in md
-    assert bundle.manifest["files"]["model.int8.onnx"] in md
+    assert bundle.manifest.files["model.int8.onnx"] in md
     assert "| n | 16 images: 8 NORMAL, 8 PNEUMONIA (4 bacterial pneumonia, 4 viral pneumonia) |" in md
 
     free = _table(md, "threshold-free metric")

@@ -154,7 +154,7 @@ def test_model_zip_unpacks_to_the_runtime_bundle_path(build_dir: Path, tmp_path:
     bundle_path = runtime["ComponentConfiguration"]["DefaultConfiguration"]["Model"]["BundlePath"]
     assert bundle_path == f"{BUNDLE_VARIABLE}/pneumonia-cxr"
     bundle = load_bundle(bundle_path.replace(BUNDLE_VARIABLE, str(decompressed)))
-    assert bundle.manifest["version"] == "0.1.0"
+    assert bundle.version == "0.1.0"
 
 
 def test_zips_are_reproducible(tiny_bundle_010: Path, tmp_path: Path) -> None:

@@ -141,7 +141,7 @@ def test_threshold_update_applies_live_and_invalid_update_is_rejected(shared_dat
     nucleus.set_configuration(COMPONENT, ["Mqtt", "Qos"], 7)
     nucleus.wait_until(lambda: "rejected" in (service.last_error or ""))
     assert service.config.mqtt.qos == 1 and service.config.model.threshold == 0.0
-    health = service.health()
+    health = service.health.snapshot()
     assert health["state"] == "degraded" and "Mqtt.Qos" in health["reason"]
 
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from edge_runtime.decode import decode_file
-from edge_runtime.intake import IntakePolicy, OutsideIntendedUse
+from edge_runtime.errors import OutsideIntendedUse
+from edge_runtime.intake import IntakePolicy
 
 CHEST_USE = {"modalities": ["CR", "DX"], "body_parts": ["CHEST"], "view_positions": ["PA", "AP"]}
 

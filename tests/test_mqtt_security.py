@@ -19,8 +19,7 @@ from conftest import Broker
 
 from edge_runtime.config import RuntimeConfig
 from edge_runtime.errors import ConfigError
-from edge_runtime.journal import Journal
-from edge_runtime.publish import MqttPublisher
+from edge_runtime.sinks.mqtt import MqttSink
 
 
 def _openssl(*args: str, cwd: Path) -> None:
@@ -122,14 +121,14 @@ def broker_factory(tmp_path: Path, mosquitto):  # `mosquitto` skips when it is n
         broker.stop()
 
 
-def _publisher(tmp_path: Path, broker: Broker, **mqtt) -> MqttPublisher:
+def _publisher(tmp_path: Path, broker: Broker, **mqtt) -> MqttSink:
     config = RuntimeConfig.from_mapping(
         {"Mqtt": {"Host": "127.0.0.1", "Port": broker.port, "ClientId": f"sec-{time.monotonic_ns()}", **mqtt}}
     )
-    return MqttPublisher(config.mqtt, Journal(tmp_path / f"j{time.monotonic_ns()}.sqlite3"))
+    return MqttSink(config.mqtt)
 
 
-def _connects(publisher: MqttPublisher, timeout_s: float = 5.0) -> bool:
+def _connects(publisher: MqttSink, timeout_s: float = 5.0) -> bool:
     publisher.start()
     try:
         return publisher.wait_connected(timeout_s)
@@ -150,7 +149,7 @@ def test_tls_with_an_untrusted_ca_is_reported_as_verification_failure(
 ):
     broker = broker_factory(f"cafile {pki}/ca.crt\ncertfile {pki}/server.crt\nkeyfile {pki}/server.key")
     wrong = _publisher(tmp_path, broker, Tls={"Enabled": True, "CaFile": str(pki / "other.crt")})
-    with caplog.at_level(logging.ERROR, logger="edge_runtime.publish"):
+    with caplog.at_level(logging.ERROR, logger="edge_runtime.sinks.mqtt"):
         assert not _connects(wrong, timeout_s=2)
     assert "TLS verification of the MQTT broker" in caplog.text
     assert "CaFile" in caplog.text
@@ -179,7 +178,7 @@ def test_username_and_password(broker_factory, tmp_path: Path, caplog):
     secret.write_text("s3cret\n")
     assert _connects(_publisher(tmp_path, broker, Username="edge", PasswordFile=str(secret)))
     assert _connects(_publisher(tmp_path, broker, Username="edge", Password="s3cret"))
-    with caplog.at_level(logging.ERROR, logger="edge_runtime.publish"):
+    with caplog.at_level(logging.ERROR, logger="edge_runtime.sinks.mqtt"):
         assert not _connects(_publisher(tmp_path, broker, Username="edge", Password="wrong"), timeout_s=2)
     assert "authentication failed for user 'edge'" in caplog.text
     assert "timed out" not in caplog.text

@@ -10,8 +10,8 @@ import pytest
 
 from edge_runtime import decode as decode_stage
 from edge_runtime.decode import DecodeLimits, decode_file
-from edge_runtime.errors import CorruptImage, NotAnImage
-from edge_runtime.sandbox import DecodeCrashed, DecodeSandbox, DecodeTimeout
+from edge_runtime.errors import CorruptImage, DecodeCrashed, DecodeTimeout, NotAnImage
+from edge_runtime.sandbox import DecodeSandbox
 
 SIIM = "dicom/siim_torchxrayvision/1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
 

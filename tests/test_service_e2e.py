@@ -67,7 +67,7 @@ def running(tmp_path, mosquitto, subscriber_factory):
         config = make_config(tmp_path, mosquitto, bundle, decode, **inbox)
         service = EdgeService(config)
         service.start()
-        assert service.publisher.wait_connected(10)
+        assert service.mqtt.wait_connected(10)
         services.append(service)
         return service, config
 
@@ -395,9 +395,9 @@ def test_low_disk_keeps_new_scans_waiting_in_the_inbox(
             "waiting.jpeg",
         )
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and service.health()["state"] != "degraded":
+        while time.monotonic() < deadline and service.health.snapshot()["state"] != "degraded":
             time.sleep(0.1)
-        health = service.health()
+        health = service.health.snapshot()
         assert health["state"] == "degraded" and "MinFreeDiskMb" in health["reason"]
         time.sleep(1.0)
         assert (config.inbox.path / "waiting.jpeg").is_file()  # never deleted, never taken
@@ -429,7 +429,7 @@ def test_full_outbox_leaves_new_scans_in_the_inbox_until_the_broker_is_back(
         done = service.journal.counts()["done"]
         assert 2 <= done <= 2 + config.workers  # the limit is checked per worker
         assert len(list(config.inbox.path.iterdir())) == len(sources) - done
-        assert "MaxOutboxMessages" in service.health()["reason"]
+        assert "MaxOutboxMessages" in service.health.snapshot()["reason"]
         broker.start()
         sub = Subscriber(broker, config.mqtt.results_topic)
         try:

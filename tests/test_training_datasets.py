@@ -412,7 +412,7 @@ def test_export_evaluate_and_package_use_the_runs_data_and_spec(
     bundle = load_bundle(package_bundle(run, tmp_path / "bundle"))
     assert bundle.labels == ["0_normal", "1_abnormal"] and bundle.positive_label == "1_abnormal"
     assert bundle.preprocessing == run_spec(run)
-    assert bundle.manifest["input"]["shape"] == ["batch", 3, 64, 64]
+    assert bundle.manifest.input.shape == ["batch", 3, 64, 64]
     assert "Clinical Center" in bundle.intended_use["population"]
     card = (tmp_path / "bundle" / MODEL_CARD_NAME).read_text()
     assert "`[batch, 3, 64, 64]`" in card and "NIH ChestX-ray14" in card

@@ -61,7 +61,7 @@ def tiny_kermany_run(shared_data: Path, tmp_path_factory: pytest.TempPathFactory
 def test_card_lists_each_target_as_met_or_missed(tiny_kermany_run: Path, tmp_path: Path) -> None:
     run = tiny_kermany_run
     bundle = load_bundle(package_bundle(run, tmp_path / "bundle"))
-    assert [a["backend"] for a in bundle.manifest["artifacts"]] == ["onnxruntime"]  # no TFLite in this run
+    assert bundle.backends == ["onnxruntime"]  # no TFLite in this run
     card = (tmp_path / "bundle" / MODEL_CARD_NAME).read_text(encoding="utf-8")
     section = card[card.index("## Targets") : card.index("## Limitations")]
 

@@ -1080,7 +1080,7 @@ def build_report(
         if manifest_rows
         else ""
     )
-    recorded = bundle.manifest.get("metrics", {}).get("test") if split == "test" else None
+    recorded = bundle.manifest.metrics.get("test") if split == "test" else None
     ctx: dict[str, Any] = {
         "bundle_name": bundle.name,
         "bundle_version": bundle.version,
@@ -1101,7 +1101,7 @@ def build_report(
         "data_fingerprint": data_fingerprint(cases),
         "manifest_note": manifest_note,
         "threshold": threshold,
-        "threshold_method": bundle.manifest["operating_point"].get("method", "operating point"),
+        "threshold_method": bundle.manifest.operating_point.method or "operating point",
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
         "code_version": _code_version(),
         "software": _software(),

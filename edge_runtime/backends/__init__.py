@@ -6,12 +6,11 @@ lazily, so a box without LiteRT still runs ONNX models.
 
 from __future__ import annotations
 
-import importlib
-
 from ..errors import BackendError
+from ..plugins import load_plugin
 from .base import Backend
 
-__all__ = ["Backend", "create_backend", "register_backend"]
+__all__ = ["Backend", "available_backends", "create_backend", "register_backend"]
 
 _REGISTRY: dict[str, str] = {
     "onnxruntime": "edge_runtime.backends.onnx:OnnxRuntimeBackend",
@@ -24,6 +23,11 @@ def register_backend(name: str, target: str) -> None:
     _REGISTRY[name] = target
 
 
+def available_backends() -> list[str]:
+    """Names that ``Model.Backend`` may take (registered, not necessarily installed)."""
+    return sorted(_REGISTRY)
+
+
 def create_backend(name: str, *, threads: int = 1) -> Backend:
     """Instantiate the backend registered as ``name``."""
     try:
@@ -33,10 +37,9 @@ def create_backend(name: str, *, threads: int = 1) -> Backend:
             f"Unknown backend {name!r}; available: {', '.join(sorted(_REGISTRY))}.",
             action="Set Model.Backend to one of the available backends.",
         ) from None
-    module_name, _, class_name = target.partition(":")
     try:
-        module = importlib.import_module(module_name)
+        backend_class = load_plugin(target)
     except ImportError as exc:
         raise BackendError(f"Backend {name!r} cannot be imported: {exc}") from exc
-    backend: Backend = getattr(module, class_name)(threads=threads)
+    backend: Backend = backend_class(threads=threads)
     return backend

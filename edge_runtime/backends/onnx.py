@@ -8,6 +8,7 @@ import numpy as np
 
 from ..bundle import ModelBundle
 from ..errors import BackendError, ModelBundleError
+from ..manifest import ONNX_MODEL_ID_KEY
 
 __all__ = ["OnnxRuntimeBackend"]
 
@@ -68,7 +69,7 @@ class OnnxRuntimeBackend:
                 f"preprocessing produces {['batch', *want]}.",
                 action="Repackage the bundle so its preprocessing matches the model.",
             )
-        output_name = bundle.manifest["output"].get("name")
+        output_name = bundle.manifest.output.name
         outputs = [o.name for o in session.get_outputs()]
         if output_name and output_name != outputs[0]:
             raise ModelBundleError(
@@ -76,6 +77,15 @@ class OnnxRuntimeBackend:
                 f"{output_name!r}.",
                 action="Repackage the bundle so the manifest describes this model.",
             )
+        if artifact.model_id is not None:
+            carried = session.get_modelmeta().custom_metadata_map.get(ONNX_MODEL_ID_KEY)
+            if carried != artifact.model_id:
+                raise ModelBundleError(
+                    f"{artifact.path} is not the model its manifest describes: the file carries model "
+                    f"id {(carried or 'none')[:12]}…, the manifest {artifact.model_id[:12]}…. A model file "
+                    "from another bundle was copied in.",
+                    action="Redeploy the model component so model and manifest come from the same build.",
+                )
         self._session = session
         self._input_name = declared.name
 

@@ -1,10 +1,10 @@
-"""Publish stage: the journal's outbox -> MQTT (paho-mqtt 2).
+"""The MQTT sink: results and the box's status to the hospital's broker (paho-mqtt 2).
 
 A result is already committed to the journal's outbox before it reaches this
-module. The publisher hands outbox messages to paho at QoS 1 and marks each
-one delivered only in paho's ``on_publish`` callback, i.e. when the broker
-has sent PUBACK. paho keeps handed-over messages across reconnects and
-re-sends them; after a process restart the outbox re-sends whatever was never
+module. The drainer hands outbox messages to paho at QoS 1 and marks each
+one delivered only when paho's ``on_publish`` callback says the broker has
+sent PUBACK. paho keeps handed-over messages across reconnects and re-sends
+them; after a process restart the outbox re-sends whatever was never
 acknowledged. Subscribers therefore see every result at least once and drop
 repeats by ``message_id``.
 
@@ -16,21 +16,22 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from .config import MqttConfig
-from .errors import ConfigError
-from .journal import Journal, OutboxMessage
-from .results import build_status
+from ..config import MqttConfig, RuntimeConfig
+from ..errors import ConfigError, PublishError
+from ..journal import Delivery, OutboxMessage
+from ..results import build_status
+from .base import Acknowledge
 
-__all__ = ["MqttPublisher", "build_tls_context"]
+__all__ = ["MqttSink", "build_tls_context", "from_config"]
 
 log = logging.getLogger(__name__)
 
@@ -84,23 +85,27 @@ def build_tls_context(config: MqttConfig) -> ssl.SSLContext:
     return context
 
 
-class MqttPublisher:
-    """Owns the MQTT connection and drains the journal's outbox."""
+def from_config(config: RuntimeConfig, ipc: Any = None) -> MqttSink | None:
+    return MqttSink(config.mqtt) if config.mqtt.enabled else None
+
+
+class MqttSink:
+    """Owns the MQTT connection: results from the outbox, the retained status, the last will."""
+
+    name = "mqtt"
 
     def __init__(
         self,
         config: MqttConfig,
-        journal: Journal,
         *,
         model_info: dict[str, Any] | None = None,
         max_in_flight: int = 100,
-        sink: str = "mqtt",
+        backlog: Callable[[], int] | None = None,
     ) -> None:
         self.config = config
-        self.sink = sink
-        self.journal = journal
         self.model_info = model_info or {}
-        self.max_in_flight = max_in_flight
+        #: How many results wait in the outbox (said in the log after a reconnect).
+        self.backlog = backlog
         self._client = mqtt.Client(
             callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
             client_id=config.client_id,
@@ -119,21 +124,14 @@ class MqttPublisher:
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_connect_fail = self._on_connect_fail
+        self._client.on_publish = self._on_publish
         self._failures = 0
         self.last_refusal: str | None = None
         self._lost_at: float | None = None
-        self._client.on_publish = self._on_publish
-        self._acks: queue.SimpleQueue[int] = queue.SimpleQueue()
-        # Only the drain thread touches these two:
-        self._in_flight: dict[int, OutboxMessage] = {}  # paho mid -> message
-        self._handed_seq = 0  # highest outbox seq handed to paho in this process
-        self._wake = threading.Event()
-        self._stop = threading.Event()
+        self._acknowledge: Acknowledge = lambda token: None
         self._connected = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.delivered_count = 0
-        self.on_delivered: Any = None  # optional callback(OutboxMessage, latency_s)
-        self._handed_at: dict[int, float] = {}
+        self._stopping = threading.Event()
+        self._started = False
 
     # -- paho callbacks (network thread) ---------------------------------------------
     def _on_connect(
@@ -163,15 +161,15 @@ class MqttPublisher:
         reason = None
         if self._lost_at is not None:
             outage = time.monotonic() - self._lost_at
+            queued = f"{self.backlog()} results" if self.backlog is not None else "results"
             reason = (
-                f"reconnected after {outage:.0f} s without the broker; "
-                f"{self.journal.outbox_pending()} results queued meanwhile are "
+                f"reconnected after {outage:.0f} s without the broker; {queued} queued meanwhile are "
                 "being delivered"
             )
             log.info("MQTT %s", reason)
             self._lost_at = None
         self.publish_status("online", reason=reason)
-        self._wake.set()
+        self._acknowledge(-1)  # wake the drainer: it may send again
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         self._failures += 1
@@ -191,7 +189,7 @@ class MqttPublisher:
         self._connected.clear()
         if self._lost_at is None:
             self._lost_at = time.monotonic()
-        if not self._stop.is_set():
+        if not self._stopping.is_set():
             log.warning(
                 "MQTT connection to %s:%s lost (%s); reconnecting with back-off",
                 self.config.host,
@@ -200,18 +198,25 @@ class MqttPublisher:
             )
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
-        # Runs inside paho's message mutex: only hand the ack to the drain thread
-        # (taking our own locks here could deadlock against publish()).
-        self._acks.put(mid)
-        self._wake.set()
+        # Runs inside paho's message mutex: the drainer only queues the token.
+        self._acknowledge(mid)
 
-    # -- public API --------------------------------------------------------------------
+    # -- Sink --------------------------------------------------------------------------
+    def delivery(self, config: RuntimeConfig, result: dict[str, Any], payload: str) -> Delivery | None:
+        return Delivery(self.name, config.mqtt.results_topic, payload, config.mqtt.qos)
+
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
 
-    def start(self) -> None:
+    def ready(self) -> bool:
+        return self.connected
+
+    def start(self, acknowledge: Acknowledge | None = None) -> None:
         """Connect in the background; the service runs even while the broker is down."""
+        if acknowledge is not None:
+            self._acknowledge = acknowledge
+        self._started = True
         host, port = self.config.host, self.config.port
         try:
             # One synchronous attempt first, so that a TLS or DNS problem is reported in
@@ -240,15 +245,17 @@ class MqttPublisher:
             log.debug("first connect attempt: %s", exc)
             self._client.connect_async(host, port, keepalive=self.config.keepalive_seconds)
         self._client.loop_start()
-        self._thread = threading.Thread(target=self._drain_loop, name="outbox", daemon=True)
-        self._thread.start()
 
     def wait_connected(self, timeout_s: float) -> bool:
         return self._connected.wait(timeout_s)
 
-    def notify(self) -> None:
-        """Tell the drain loop that the outbox has something new."""
-        self._wake.set()
+    def send(self, message: OutboxMessage) -> int:
+        # paho keeps a QoS 1 message it has accepted and re-sends it after a reconnect,
+        # so once handed over it is the drainer's until its PUBACK.
+        info = self._client.publish(message.topic, message.payload, qos=message.qos)
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            raise PublishError(f"paho refused the message: {mqtt.error_string(info.rc)}")
+        return int(info.mid)
 
     def publish_status(
         self,
@@ -267,19 +274,12 @@ class MqttPublisher:
         )
         return self._client.publish(self.config.status_topic, json.dumps(status), qos=1, retain=True)
 
-    def stop(self, timeout_s: float = 5.0) -> None:
-        """Drain what can be drained within ``timeout_s``, say offline, disconnect."""
+    def stop(self, timeout_s: float = 2.0) -> None:
+        """Say offline (retained), disconnect."""
+        if not self._started:
+            return
+        self._stopping.set()
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and self.connected:
-            pending = self.journal.pending_messages(self.sink, self._handed_seq, limit=1)
-            if not self._in_flight and not pending:
-                break
-            self._wake.set()
-            time.sleep(0.05)
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=2)
         if self.connected:
             info = self.publish_status("offline", reason="service stopped")
             try:
@@ -288,68 +288,3 @@ class MqttPublisher:
                 log.warning("offline status could not be published before disconnect")
         self._client.disconnect()
         self._client.loop_stop()
-
-    # -- outbox drain (own thread) ---------------------------------------------------
-    def _drain_loop(self) -> None:
-        while not self._stop.is_set():
-            self._wake.wait(timeout=1.0)
-            self._wake.clear()
-            try:
-                self._process_acks()
-                if self.connected:
-                    self._hand_over()
-            except Exception:
-                log.exception("outbox drain failed; will retry")
-                time.sleep(1.0)
-        self._process_acks()
-
-    def _process_acks(self) -> None:
-        acked: list[tuple[OutboxMessage, float]] = []
-        while True:
-            try:
-                mid = self._acks.get_nowait()
-            except queue.Empty:
-                break
-            message = self._in_flight.pop(mid, None)
-            handed_at = self._handed_at.pop(mid, None)
-            if message is None:
-                continue  # a status message
-            latency = time.perf_counter() - handed_at if handed_at else 0.0
-            acked.append((message, latency))
-        if not acked:
-            return
-        # One transaction (one fsync) for every PUBACK that arrived meanwhile.
-        self.journal.mark_delivered(*(message.seq for message, _ in acked))
-        for message, latency in acked:
-            self.delivered_count += 1
-            log.info(
-                "published %s",
-                message.message_id[:16],
-                extra={
-                    "event": "published",
-                    "fields": {
-                        "message_id": message.message_id,
-                        "seq": message.seq,
-                        "puback_ms": round(latency * 1000, 2),
-                    },
-                },
-            )
-            if self.on_delivered is not None:
-                self.on_delivered(message, latency)
-
-    def _hand_over(self) -> None:
-        while not self._stop.is_set() and self.connected:
-            room = self.max_in_flight - len(self._in_flight)
-            if room <= 0:
-                return
-            batch = self.journal.pending_messages(self.sink, self._handed_seq, limit=room)
-            if not batch:
-                return
-            for message in batch:
-                # paho keeps a QoS 1 message it has accepted and re-sends it after a
-                # reconnect, so once handed over it is tracked until its PUBACK.
-                info = self._client.publish(message.topic, message.payload, qos=message.qos)
-                self._in_flight[info.mid] = message
-                self._handed_at[info.mid] = time.perf_counter()
-                self._handed_seq = max(self._handed_seq, message.seq)
-            self._process_acks()

@@ -1,4 +1,4 @@
-"""Ingest stage: the watched inbox folder.
+"""The inbox source: a watched folder that devices (or storescp) write scans into.
 
 A file is handed on only once it is complete:
 
@@ -18,31 +18,23 @@ from __future__ import annotations
 import heapq
 import logging
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import InboxConfig
+from ..config import InboxConfig, RuntimeConfig
+from .base import ScanItem
 
 if TYPE_CHECKING:  # watchdog is imported lazily (rescans still work without it)
     from watchdog.observers.api import BaseObserver
 
-__all__ = ["InboxWatcher", "ReadyFile"]
+__all__ = ["InboxSource", "from_config", "unique_target"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(order=True)
-class ReadyFile:
-    """A complete inbox file, ordered oldest first."""
-
-    mtime: float
-    path: Path = field(compare=True)
-    size_bytes: int = field(compare=False, default=0)
-    ready_at: float = field(compare=False, default=0.0)
 
 
 @dataclass
@@ -53,18 +45,41 @@ class _Candidate:
     complete: bool = False
 
 
-class InboxWatcher:
-    """Watches ``config.path`` and calls ``on_ready(ReadyFile)`` for each complete file.
+def from_config(config: RuntimeConfig) -> InboxSource:
+    return InboxSource(config.inbox)
+
+
+def unique_target(folder: Path, name: str, same: Callable[[Path], bool] | None = None) -> Path:
+    """A free name for ``name`` in ``folder`` (``stem.N.suffix``), never overwriting a file.
+
+    ``same(error_file)`` says an earlier, interrupted move of this very input
+    left that error file: then its name is reused, so a crash does not
+    duplicate the file.
+    """
+    target = folder / name
+    n = 1
+    while target.exists() or (folder / f"{target.name}.error.json").exists():
+        if same is not None and same(folder / f"{target.name}.error.json"):
+            return target
+        target = folder / f"{Path(name).stem}.{n}{Path(name).suffix}"
+        n += 1
+    return target
+
+
+class InboxSource:
+    """Watches ``config.path`` and calls ``on_ready(ScanItem)`` for each complete file.
 
     A path is handed on at most once until :meth:`release` is called for it
     (the worker calls that after recording the file's outcome), so a file
     being processed is not picked up again by the next rescan.
     """
 
-    def __init__(self, config: InboxConfig, on_ready: Callable[[ReadyFile], None]) -> None:
+    name = "inbox"
+
+    def __init__(self, config: InboxConfig) -> None:
         self.config = config
         self.root = config.path.resolve()
-        self.on_ready = on_ready
+        self.on_ready: Callable[[ScanItem], None] = lambda item: None
         excluded = [config.quarantine_path]
         if config.processed_path is not None:
             excluded.append(config.processed_path)
@@ -79,8 +94,12 @@ class InboxWatcher:
         self._last_rescan = 0.0
 
     # -- lifecycle ---------------------------------------------------------------------
-    def start(self) -> None:
+    def start(self, on_ready: Callable[[ScanItem], None]) -> None:
+        self.on_ready = on_ready
         self.root.mkdir(parents=True, exist_ok=True)
+        self.config.quarantine_path.mkdir(parents=True, exist_ok=True)
+        if self.config.processed_path is not None:
+            self.config.processed_path.mkdir(parents=True, exist_ok=True)
         if self.config.use_inotify:
             self._start_observer()
         self._thread = threading.Thread(target=self._loop, name="inbox", daemon=True)
@@ -102,11 +121,22 @@ class InboxWatcher:
         if self._thread is not None:
             self._thread.join(timeout=5)
 
-    def release(self, path: Path) -> None:
-        """The outcome of ``path`` is recorded; a new file of that name is new work."""
+    def release(self, item: ScanItem) -> None:
+        """The outcome of ``item`` is recorded (or it waits); a file of that name is new work."""
         with self._lock:
-            self._claimed.discard(path)
-            self._candidates.pop(path, None)
+            self._claimed.discard(item.path)
+            self._candidates.pop(item.path, None)
+
+    def dispose(self, item: ScanItem) -> None:
+        """Delete the file, or move it to ``Inbox.ProcessedPath`` when one is set."""
+        processed = self.config.processed_path
+        try:
+            if processed is None:
+                item.path.unlink()
+            else:
+                shutil.move(str(item.path), unique_target(processed, item.path.name))
+        except FileNotFoundError:
+            pass
 
     # -- discovery ---------------------------------------------------------------------
     def _start_observer(self) -> None:
@@ -176,9 +206,9 @@ class InboxWatcher:
                         self._candidates[path] = _Candidate(-1, -1, time.monotonic())
 
     # -- settle check ------------------------------------------------------------------
-    def _check_candidates(self) -> list[ReadyFile]:
+    def _check_candidates(self) -> list[ScanItem]:
         now = time.monotonic()
-        ready: list[ReadyFile] = []
+        ready: list[ScanItem] = []
         with self._lock:
             items = list(self._candidates.items())
         for path, cand in items:
@@ -192,7 +222,7 @@ class InboxWatcher:
                 log.warning("cannot stat %s: %s", path.name, exc)
                 continue
             if cand.complete:
-                ready.append(ReadyFile(st.st_mtime, path, st.st_size, now))
+                ready.append(ScanItem(st.st_mtime, path, st.st_size, now, self.name))
                 continue
             if st.st_size != cand.size or st.st_mtime_ns != cand.mtime_ns:
                 cand.size, cand.mtime_ns, cand.stable_since = st.st_size, st.st_mtime_ns, now
@@ -201,7 +231,7 @@ class InboxWatcher:
             # pauses are longer than our polling interval.
             age = time.time() - st.st_mtime
             if now - cand.stable_since >= self.config.settle_seconds and (age >= self.config.settle_seconds):
-                ready.append(ReadyFile(st.st_mtime, path, st.st_size, now))
+                ready.append(ScanItem(st.st_mtime, path, st.st_size, now, self.name))
         with self._lock:
             for item in ready:
                 self._candidates.pop(item.path, None)

@@ -1,0 +1,179 @@
+"""Health: counters, the last error, and the heartbeat that reports them.
+
+One snapshot feeds three readers: the health file (``edge-runtime health``,
+systemd or the nucleus' health check), the retained MQTT status topic
+(hospital systems), and the retained health report in AWS IoT Core (the
+fleet's operators and the release pipeline's canary check). None of them
+carries a file name or a header value: scans are named by reference only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .config import RuntimeConfig
+from .results import build_status, utc_now
+
+__all__ = ["COUNTERS", "Health"]
+
+log = logging.getLogger(__name__)
+
+#: What the counters count (since start): scans received, with a result, quarantined, repeats.
+COUNTERS = ("received", "processed", "quarantined", "duplicates")
+
+
+class Health:
+    """Thread-safe counters and state; a heartbeat thread publishes snapshots."""
+
+    def __init__(
+        self,
+        config: Callable[[], RuntimeConfig],
+        *,
+        outbox_pending: Callable[[], int],
+        queued: Callable[[], int],
+        model: Callable[[], dict[str, Any]],
+        mqtt: Any = None,
+        ipc: Any = None,
+    ) -> None:
+        self._config = config
+        self._outbox_pending = outbox_pending
+        self._queued = queued
+        self._model = model
+        #: The MQTT sink (retained status topic), when MQTT is on.
+        self.mqtt = mqtt
+        self.ipc = ipc
+        self.counters = dict.fromkeys(COUNTERS, 0)
+        self._lock = threading.Lock()
+        #: The latest error an admin should see: a scan reference and an error code, never a name.
+        self.last_error: str | None = None
+        #: Why new scans wait in the inbox (back-pressure), or None.
+        self.blocked_reason: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def count(self, key: str) -> None:
+        with self._lock:
+            self.counters[key] += 1
+
+    def report_error(self, text: str) -> None:
+        """A new last error: on the status topic now, not only at the next heartbeat."""
+        self.last_error = text
+        self.publish_status()
+
+    def set_blocked(self, reason: str | None) -> None:
+        """Intake stopped (reason) or resumed (None); said in the log and on the status topic."""
+        if reason == self.blocked_reason:
+            return
+        self.blocked_reason = reason
+        if reason:
+            log.warning("not taking new scans: %s; they wait in the inbox", reason)
+        else:
+            log.info("taking new scans again")
+        self.publish_status()
+
+    # -- snapshot ----------------------------------------------------------------------
+    def snapshot(self) -> dict[str, Any]:
+        """For the heartbeat, the health file and ``edge-runtime health``."""
+        config = self._config()
+        with self._lock:
+            counters = dict(self.counters)
+        counters["queued"] = self._queued()
+        counters["outbox_pending"] = self._outbox_pending()
+        mqtt_connected = bool(self.mqtt is not None and self.mqtt.connected)
+        state, reason = "online", None
+        if self.blocked_reason:
+            state, reason = "degraded", f"not taking new scans: {self.blocked_reason}"
+        elif self.mqtt is not None and not mqtt_connected:
+            state, reason = "degraded", "MQTT broker not reachable; results kept in the journal"
+        elif self.last_error and self.last_error.startswith("configuration update rejected"):
+            state, reason = "degraded", self.last_error
+        return {
+            "state": state,
+            "reason": reason,
+            "timestamp_utc": utc_now(),
+            "mqtt_connected": mqtt_connected,
+            "model": self._model(),
+            "counters": counters,
+            "last_error": self.last_error,
+            "runtime_version": __version__,
+            "heartbeat_seconds": config.health.heartbeat_seconds,
+        }
+
+    # -- reporting ---------------------------------------------------------------------
+    def publish_status(self, snapshot: dict[str, Any] | None = None) -> None:
+        """The retained MQTT status, now (when connected; the heartbeat repeats it anyway)."""
+        if self.mqtt is None or not self.mqtt.connected:
+            return
+        snapshot = snapshot or self.snapshot()
+        self.mqtt.publish_status(
+            snapshot["state"], snapshot["reason"], snapshot["counters"], snapshot["last_error"]
+        )
+
+    def write_file(self, snapshot: dict[str, Any]) -> None:
+        path: Path = self._config().health.file
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(snapshot, indent=2) + "\n", encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.warning("cannot write health file %s: %s", path, exc)
+
+    def report_to_cloud(self, snapshot: dict[str, Any]) -> None:
+        """The health report for the fleet's operators and the release pipeline's canary check.
+
+        Retained on ``<Greengrass.StatusTopic>/<thing name>`` in AWS IoT Core: the
+        model version this box runs, the conformance check it ran on it, the
+        counters. Like the local status, it carries no scan identifier.
+        """
+        topic = self._config().greengrass.status_topic
+        thing = os.environ.get("AWS_IOT_THING_NAME", "")
+        if self.ipc is None or not topic or not thing:
+            return
+        report = build_status(
+            snapshot["state"],
+            thing,
+            reason=snapshot["reason"],
+            model=snapshot["model"],
+            counters=snapshot["counters"],
+        )
+        try:
+            self.ipc.publish_iot_core(f"{topic}/{thing}", json.dumps(report), 1, retain=True)
+        except Exception as exc:  # the report is best effort; scans go on
+            log.warning("cannot publish the health report to AWS IoT Core: %s", exc)
+
+    # -- heartbeat ---------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="heartbeat", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        last_beat = float("-inf")
+        while not self._stop.is_set():
+            if time.monotonic() - last_beat >= self._config().health.heartbeat_seconds:
+                last_beat = time.monotonic()
+                try:
+                    snapshot = self.snapshot()
+                    self.write_file(snapshot)
+                    self.publish_status(snapshot)
+                    self.report_to_cloud(snapshot)
+                except Exception:
+                    log.exception("heartbeat failed")
+            self._stop.wait(0.5)
+
+    def stop(self, reason: str = "service stopped") -> None:
+        """Stop the heartbeat and leave an ``offline`` health file behind."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+        snapshot = self.snapshot()
+        snapshot.update(state="offline", reason=reason)
+        self.write_file(snapshot)

@@ -1,0 +1,181 @@
+"""Outcomes: the one place where what happened to a scan becomes journal records and files.
+
+Three endings, each first committed to the journal and only then done to
+the file, so a crash between the two is finished on the next start:
+
+* **result**: the result and one outbox row per sink, in one transaction;
+  then the source disposes of the file (deleted, or moved to ``processed/``);
+* **duplicate**: the content (or SOP instance) already has a result: the file
+  is disposed of, nothing is published again;
+* **quarantine**: ``quarantine/NAME`` plus ``NAME.error.json`` saying what
+  failed and what to do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import EdgeRuntimeError
+from .health import Health
+from .journal import Delivery, InputRecord, Journal
+from .logs import event
+from .results import scan_ref, utc_now
+from .sources.base import ScanItem
+from .sources.inbox import unique_target
+
+__all__ = ["OutcomeRecorder"]
+
+log = logging.getLogger(__name__)
+
+
+class OutcomeRecorder:
+    """Records each scan's outcome (journal first, then the file) and counts it."""
+
+    def __init__(
+        self,
+        journal: Journal,
+        health: Health,
+        *,
+        quarantine_dir: Path,
+        dispose: Callable[[ScanItem], None],
+        notify_sinks: Callable[[], None],
+    ) -> None:
+        self.journal = journal
+        self.health = health
+        self.quarantine_dir = quarantine_dir
+        self._dispose = dispose
+        self._notify_sinks = notify_sinks
+
+    def result(
+        self,
+        item: ScanItem,
+        sha256: str,
+        input_id: int,
+        result: dict[str, Any],
+        deliveries: Sequence[Delivery],
+    ) -> None:
+        """Commit a result and its outbox rows, then let the source dispose of the file."""
+        path = item.path
+        created = self.journal.record_result(input_id, result, deliveries)
+        if not created and deliveries:
+            # Same message id as an earlier result: the same SOP Instance UID sent again
+            # with different bytes (e.g. another transfer syntax). Published once only.
+            self.health.count("duplicates")
+            event(
+                log,
+                "duplicate",
+                "%s repeats an earlier instance (%s); result not published again",
+                path.name,
+                result["input"].get("sop_instance_uid"),
+                file=path.name,
+                sha256=sha256[:16],
+                message_id=result["message_id"],
+            )
+        self.health.count("processed")
+        self._notify_sinks()
+        self._dispose(item)
+
+    def already_done(self, item: ScanItem, sha256: str, record: InputRecord, *, duplicate: bool) -> None:
+        """The content already has a committed result: only the file is left to clean up."""
+        self.health.count("duplicates")
+        what = "duplicate of" if duplicate else "already processed as"
+        event(
+            log,
+            "duplicate",
+            "%s is a %s %s; not processed again",
+            item.path.name,
+            what,
+            record.file_name,
+            file=item.path.name,
+            sha256=sha256[:16],
+            original=record.file_name,
+            message_id=record.message_id,
+        )
+        self._dispose(item)
+
+    def failure(
+        self, item: ScanItem, sha256: str, record: InputRecord, exc: EdgeRuntimeError, max_attempts: int
+    ) -> None:
+        """An operational fault (not the file's): count it; quarantine after ``max_attempts``."""
+        path = item.path
+        failures = self.journal.record_failure(record.id)
+        # No file name or free text on the status topic: the reference and the error's code.
+        log.error(
+            "attempt %d/%d on %s failed: %s (%s)", failures, max_attempts, path.name, exc.message, exc.action
+        )
+        self.health.report_error(f"{scan_ref(sha256, path.name)}: {exc.code} (details in the service log)")
+        if failures >= max_attempts:
+            self.quarantine(
+                item,
+                sha256,
+                record.id,
+                record.attempts,
+                {
+                    "code": "processing_failed_repeatedly",
+                    "error": f"{path.name} failed {failures} times without a usable result; "
+                    f"last error: {exc.message}",
+                    "action": exc.action,
+                },
+            )
+
+    def quarantine(
+        self, item: ScanItem, sha256: str, input_id: int, attempts: int, error: dict[str, str]
+    ) -> None:
+        """Record the verdict in the journal, then move the file and write its error file."""
+        document = {
+            "file": item.path.name,
+            "sha256": sha256,
+            **error,
+            "attempts": attempts,
+            "quarantined_utc": utc_now(),
+            "runtime_version": __version__,
+        }
+        self.journal.record_quarantine(input_id, document)
+        self.move_to_quarantine(item, document)
+
+    def move_to_quarantine(self, item: ScanItem, error: dict[str, Any]) -> None:
+        """The file side of a quarantine (also finishes one that a crash interrupted)."""
+        path = item.path
+        sha256 = error.get("sha256")
+        target = unique_target(self.quarantine_dir, path.name, lambda f: _same_input(f, sha256))
+        error_file = target.with_name(target.name + ".error.json")
+        tmp = error_file.with_name(error_file.name + ".tmp")
+        tmp.write_text(json.dumps(error, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, error_file)
+        with contextlib.suppress(FileNotFoundError):
+            shutil.move(str(path), target)
+        self.health.count("quarantined")
+        event(
+            log,
+            "quarantined",
+            "quarantined %s: %s",
+            path.name,
+            error.get("error"),
+            level=logging.WARNING,
+            file=path.name,
+            sha256=str(sha256 or "")[:16],
+            code=error.get("code"),
+            reason=error.get("error"),
+            action=error.get("action"),
+            moved_to=str(target),
+        )
+        self.health.report_error(
+            f"{scan_ref(str(sha256 or ''), path.name)}: {error.get('code')} "
+            "(details in the quarantine error file)"
+        )
+
+
+def _same_input(error_file: Path, sha256: str | None) -> bool:
+    """An earlier, interrupted quarantine of this very input left this error file."""
+    try:
+        return sha256 is not None and json.loads(error_file.read_text())["sha256"] == sha256
+    except (OSError, ValueError, KeyError, TypeError):
+        return False

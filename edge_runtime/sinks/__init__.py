@@ -1,0 +1,39 @@
+"""Sinks: where committed results go, each drained from the outbox by one drainer.
+
+A sink is one module with a factory ``(config, ipc) -> Sink | None`` (None:
+not used in this configuration) and one line in :data:`SINKS`. The outbox
+row for every sink is written in the result's own transaction, so a sink
+that is down (broker outage, nucleus restart) only delays its results.
+DICOM SR and FHIR sinks go here next.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..config import RuntimeConfig
+from ..plugins import load_plugin
+from .base import Acknowledge, Sink
+from .drainer import OutboxDrainer
+
+if TYPE_CHECKING:
+    from ..greengrass import GreengrassIpc
+
+__all__ = ["SINKS", "Acknowledge", "OutboxDrainer", "Sink", "create_sinks"]
+
+#: name (the outbox's sink column) -> "module:factory".
+SINKS: dict[str, str] = {
+    "mqtt": "edge_runtime.sinks.mqtt:from_config",
+    "ipc-local": "edge_runtime.sinks.greengrass:local_from_config",
+    "ipc-iotcore": "edge_runtime.sinks.greengrass:iot_core_from_config",
+}
+
+
+def create_sinks(config: RuntimeConfig, ipc: GreengrassIpc | None) -> list[Sink]:
+    """The sinks this configuration uses, in registry order."""
+    sinks: list[Sink] = []
+    for target in SINKS.values():
+        sink = load_plugin(target)(config, ipc)
+        if sink is not None:
+            sinks.append(sink)
+    return sinks

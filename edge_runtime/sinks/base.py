@@ -1,0 +1,53 @@
+"""What a sink is: where committed results go, drained from the journal's outbox."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from ..config import RuntimeConfig
+from ..journal import Delivery, OutboxMessage
+
+__all__ = ["Acknowledge", "Sink"]
+
+#: Called by a sink (from any thread) with the token ``send`` returned, once the far end
+#: confirmed it. A token no message has (-1) only wakes the drainer: the far end is back.
+Acknowledge = Callable[[int], None]
+
+
+class Sink(Protocol):
+    """One destination for results (an MQTT broker, the Greengrass nucleus, ...).
+
+    The outbox row is written in the same transaction as the result, so a
+    sink never loses one: :class:`~edge_runtime.sinks.drainer.OutboxDrainer`
+    hands rows to :meth:`send` while :meth:`ready`, and marks a row delivered
+    only once the sink says the far end has it.
+    """
+
+    #: The outbox's sink column: stable, because undelivered rows outlive a restart.
+    name: str
+
+    def delivery(self, config: RuntimeConfig, result: dict[str, Any], payload: str) -> Delivery | None:
+        """The outbox row for one result (topic, payload, QoS); None: not for this sink.
+
+        ``config`` is the running configuration (topics may change live);
+        ``payload`` the result as compact JSON, which most sinks send as is.
+        """
+
+    def start(self, acknowledge: Acknowledge) -> None:
+        """Connect (in the background: results wait in the outbox while the far end is down)."""
+
+    def ready(self) -> bool:
+        """Whether :meth:`send` may be called now (connected)."""
+
+    def send(self, message: OutboxMessage) -> int | None:
+        """Hand one message over.
+
+        Returns None when the far end has confirmed it already (a request/response
+        protocol), or a token that the sink passes to ``acknowledge`` once it
+        confirms (MQTT's PUBACK). Raises :class:`~edge_runtime.errors.PublishError`
+        when the message was not taken; it is offered again after a back-off.
+        """
+
+    def stop(self, timeout_s: float) -> None:
+        """Say goodbye (e.g. an offline status) and disconnect."""

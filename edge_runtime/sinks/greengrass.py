@@ -1,0 +1,106 @@
+"""Greengrass sinks: results to local pub/sub and, without identifiers, to AWS IoT Core.
+
+IPC publishes are request/response: the nucleus' reply is the confirmation,
+after which the drainer marks the message delivered. Errors are retried
+with back-off by the drainer; messages are never dropped.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+from ..config import RuntimeConfig
+from ..greengrass import GreengrassIpc
+from ..journal import Delivery, OutboxMessage
+from .base import Acknowledge
+
+__all__ = [
+    "CLOUD_INPUT_FIELDS",
+    "IotCoreSink",
+    "LocalPubSubSink",
+    "cloud_payload",
+    "iot_core_from_config",
+    "local_from_config",
+]
+
+#: Input fields that may leave the hospital: none identifies the patient or the study.
+CLOUD_INPUT_FIELDS = (
+    "kind",
+    "decoder",
+    "modality",
+    "body_part_examined",
+    "view_position",
+    "rows",
+    "columns",
+    "bits_stored",
+    "photometric_interpretation",
+)
+
+
+def cloud_payload(result: dict[str, Any]) -> dict[str, Any]:
+    """The result without patient or study identifiers, file names or content hashes.
+
+    The ``message_id`` stays: it is a one-way hash that lets the cloud drop
+    repeats, and lets the hospital (which has the full message) join the two.
+    """
+    redacted = copy.deepcopy(result)
+    redacted["input"] = {k: v for k, v in result["input"].items() if k in CLOUD_INPUT_FIELDS}
+    redacted["runtime"] = {"version": result["runtime"]["version"]}
+    return redacted
+
+
+class _IpcSink:
+    """Shared by both IPC sinks: always ready (the nucleus is local); send waits for its reply."""
+
+    name = ""
+
+    def __init__(self, ipc: GreengrassIpc) -> None:
+        self.ipc = ipc
+
+    def start(self, acknowledge: Acknowledge) -> None:
+        """Nothing to connect: the IPC client is connected when the service starts."""
+
+    def ready(self) -> bool:
+        return True
+
+    def stop(self, timeout_s: float) -> None:
+        """The IPC client is closed by the service, after every sink has stopped."""
+
+
+class LocalPubSubSink(_IpcSink):
+    """Greengrass local pub/sub (``PublishToTopic``): other components and the MQTT bridge."""
+
+    name = "ipc-local"
+
+    def delivery(self, config: RuntimeConfig, result: dict[str, Any], payload: str) -> Delivery | None:
+        topic = config.greengrass.local_topic
+        return Delivery(self.name, topic, payload, 1) if topic else None
+
+    def send(self, message: OutboxMessage) -> None:
+        self.ipc.publish_local(message.topic, message.payload)
+
+
+class IotCoreSink(_IpcSink):
+    """AWS IoT Core through the nucleus (``PublishToIoTCore``, QoS 1), identifiers removed."""
+
+    name = "ipc-iotcore"
+
+    def delivery(self, config: RuntimeConfig, result: dict[str, Any], payload: str) -> Delivery | None:
+        topic = config.greengrass.iot_core_topic
+        if not topic:
+            return None
+        cloud = json.dumps(cloud_payload(result), separators=(",", ":"), sort_keys=True)
+        return Delivery(self.name, topic, cloud, 1)
+
+    def send(self, message: OutboxMessage) -> None:
+        self.ipc.publish_iot_core(message.topic, message.payload, message.qos)
+
+
+def local_from_config(config: RuntimeConfig, ipc: GreengrassIpc | None) -> LocalPubSubSink | None:
+    return LocalPubSubSink(ipc) if ipc is not None else None
+
+
+def iot_core_from_config(config: RuntimeConfig, ipc: GreengrassIpc | None) -> IotCoreSink | None:
+    return IotCoreSink(ipc) if ipc is not None else None

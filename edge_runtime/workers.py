@@ -1,0 +1,216 @@
+"""Workers: take scans from the sources, run them through the stages, record the outcome.
+
+Per scan::
+
+    source hands a complete file  -> hashed -> journal.admit
+      -> decode -> preprocess -> infer           (pipeline.ScanAnalyzer)
+      -> outcome recorded                        (outcomes.OutcomeRecorder)
+      -> the sinks' drainers send it             (sinks.OutboxDrainer)
+
+A bad scan is quarantined and the workers carry on. A fault of the box itself
+(backend crash, unexpected bug) leaves the file where it is for another
+attempt; after ``Journal.MaxAttempts`` tries it is quarantined too, so one
+poisonous file cannot loop forever. Before a worker takes a scan, the
+back-pressure gate checks disk space and outbox depth: when either is short,
+scans wait at their source.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .config import RuntimeConfig
+from .errors import EdgeRuntimeError, InputError
+from .health import Health
+from .journal import Journal
+from .logs import event
+from .outcomes import OutcomeRecorder
+from .pipeline import ScanAnalyzer, file_sha256
+from .sinks import Sink
+from .sources import ScanItem, Source
+
+__all__ = ["WorkerPool", "intake_blocked"]
+
+log = logging.getLogger(__name__)
+
+#: Starts without an outcome (the process died mid-scan) tolerated per Journal.MaxAttempts.
+INTERRUPTIONS_PER_ATTEMPT = 5
+_STOP = ScanItem(float("inf"), Path("/"), 0, 0.0, "")
+
+
+def intake_blocked(config: RuntimeConfig, journal: Journal) -> str | None:
+    """Why new scans must wait at their source (disk space, outbox depth), or None."""
+    journal_cfg = config.journal
+    for folder in (journal.path.parent, config.inbox.path):
+        try:
+            free_mb = shutil.disk_usage(folder).free / (1024 * 1024)
+        except OSError:
+            continue
+        if free_mb < journal_cfg.min_free_disk_mb:
+            return (
+                f"only {free_mb:.0f} MB free on the disk of {folder} (minimum "
+                f"Journal.MinFreeDiskMb = {journal_cfg.min_free_disk_mb} MB)"
+            )
+    pending = journal.outbox_pending()
+    if pending >= journal_cfg.max_outbox_messages:
+        return (
+            f"{pending} results are waiting for the MQTT broker (limit "
+            f"Journal.MaxOutboxMessages = {journal_cfg.max_outbox_messages})"
+        )
+    return None
+
+
+class WorkerPool:
+    """``workers`` threads over one priority queue (oldest scan first)."""
+
+    def __init__(
+        self,
+        *,
+        config: Callable[[], RuntimeConfig],
+        analyzer: Callable[[], ScanAnalyzer],
+        journal: Journal,
+        sources: dict[str, Source],
+        sinks: Callable[[], list[Sink]],
+        recorder: OutcomeRecorder,
+        health: Health,
+    ) -> None:
+        self._config = config
+        self._analyzer = analyzer
+        self.journal = journal
+        self.sources = sources
+        self._sinks = sinks
+        self.recorder = recorder
+        self.health = health
+        self.queue: queue.PriorityQueue[ScanItem] = queue.PriorityQueue()
+        self._threads: list[threading.Thread] = []
+        self._stopping = threading.Event()
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def start(self, workers: int) -> None:
+        for i in range(workers):
+            thread = threading.Thread(target=self._work, name=f"worker-{i}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def offer(self, item: ScanItem) -> None:
+        """A source found a complete scan (called on the source's thread)."""
+        if not self._stopping.is_set() and self._gate(item):
+            self.queue.put(item)
+
+    def stop(self, deadline: float) -> None:
+        """Finish scans in progress; queued ones stay at their source for the next start."""
+        self._stopping.set()
+        while True:
+            try:
+                self.queue.get_nowait()
+            except queue.Empty:
+                break
+        for _ in self._threads:
+            self.queue.put(_STOP)
+        for thread in self._threads:
+            thread.join(timeout=max(0.1, deadline - time.monotonic()))
+
+    # -- per scan ----------------------------------------------------------------------
+    def _gate(self, item: ScanItem) -> bool:
+        """False leaves the scan at its source for a later offer.
+
+        Checked when a scan is offered and again when a worker takes it, so the
+        outbox exceeds Journal.MaxOutboxMessages by at most the number of workers.
+        """
+        blocked = intake_blocked(self._config(), self.journal)
+        self.health.set_blocked(blocked)
+        if blocked:
+            self.sources[item.source].release(item)
+            return False
+        return True
+
+    def _work(self) -> None:
+        try:
+            self._analyzer().warm_up()
+        except Exception:
+            log.exception("could not start the decoder process in advance; it starts on demand")
+        while True:
+            item = self.queue.get()
+            if item is _STOP:
+                return
+            if not self._gate(item):
+                continue
+            try:
+                self.handle(item)
+            except Exception:
+                # Never let one scan kill a worker: log it, retry on a later offer.
+                log.exception("unexpected error while handling %s; it will be retried", item.path.name)
+            finally:
+                self.sources[item.source].release(item)
+
+    def handle(self, item: ScanItem) -> None:
+        """One scan from hash to recorded outcome."""
+        path = item.path
+        queue_ms = (time.monotonic() - item.ready_at) * 1000
+        t0 = time.perf_counter()
+        try:
+            sha256 = file_sha256(path)
+            size = path.stat().st_size
+        except FileNotFoundError:
+            log.info("%s disappeared from the inbox before it was read", path.name)
+            return
+        hash_ms = (time.perf_counter() - t0) * 1000
+        self.health.count("received")
+        event(
+            log,
+            "received",
+            "received %s (%d bytes)",
+            path.name,
+            size,
+            file=path.name,
+            sha256=sha256[:16],
+            size_bytes=size,
+            queue_ms=round(queue_ms, 2),
+        )
+        admission = self.journal.admit(sha256, path, size)
+        record = admission.record
+        if admission.action == "finish_done":
+            self.recorder.already_done(item, sha256, record, duplicate=admission.duplicate)
+            return
+        if admission.action == "finish_quarantine":
+            self.recorder.move_to_quarantine(item, record.error or {})
+            return
+        config = self._config()
+        max_attempts = config.journal.max_attempts
+        if record.attempts > max_attempts * INTERRUPTIONS_PER_ATTEMPT:
+            # Started this often and never finished: the service died each time (power,
+            # OOM killer, a crash in the inference engine). Stop the loop.
+            interrupted = record.attempts - 1
+            self.recorder.quarantine(
+                item,
+                sha256,
+                record.id,
+                interrupted,
+                {
+                    "code": "processing_interrupted_repeatedly",
+                    "error": f"Processing {path.name} was interrupted {interrupted} times (the "
+                    "service stopped or crashed while working on it).",
+                    "action": "Check the service log and the system journal for crashes or the "
+                    "OOM killer; resend the scan once fixed.",
+                },
+            )
+            return
+        try:
+            outcome = self._analyzer().analyze(path, sha256, {"queue": queue_ms, "hash": hash_ms})
+        except InputError as exc:
+            self.recorder.quarantine(item, sha256, record.id, record.attempts, exc.to_dict())
+            return
+        except EdgeRuntimeError as exc:
+            self.recorder.failure(item, sha256, record, exc, max_attempts)
+            return
+        result = outcome.result
+        payload = json.dumps(result, separators=(",", ":"), sort_keys=True)
+        deliveries = [d for s in self._sinks() if (d := s.delivery(config, result, payload)) is not None]
+        self.recorder.result(item, sha256, record.id, result, deliveries)
