@@ -464,7 +464,7 @@ class Journal:
                 "refused: %s Its files were moved aside, not deleted: %s. Results not yet delivered "
                 "in the old journal (%s) are NOT sent.",
                 self.path,
-                exc.message,
+                exc.message.removeprefix("The service will not start: "),
                 ", ".join(dst.name for _, dst in moved) or "none",
                 "an unknown number: it cannot be read" if pending is None else pending,
             )
