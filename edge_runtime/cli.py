@@ -1,7 +1,8 @@
 """``edge-runtime`` command line.
 
-Exit codes: 0 success, 1 a file could not be processed (``process``), 2 bad
-configuration or model bundle (the message says what to fix).
+Exit codes: 0 success, 1 a file could not be processed (``process``) or the
+journal is refused (``journal check``), 2 bad configuration, model bundle or
+journal at start (the message says what to fix).
 """
 
 from __future__ import annotations
@@ -11,12 +12,16 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .bundle import default_bundle_path, load_bundle
 from .config import ENV_PREFIX, load_config
-from .errors import ConfigError, EdgeRuntimeError, InputError
+from .errors import ConfigError, EdgeRuntimeError, InputError, JournalError
 from .logs import configure_logging
+
+if TYPE_CHECKING:
+    from .journal import JournalReport
 
 __all__ = ["main"]
 
@@ -40,6 +45,8 @@ configuration:
 
 examples:
   edge-runtime run --config edge.yaml
+  edge-runtime journal check --config edge.yaml
+  edge-runtime journal backup --config edge.yaml /mnt/backup/
   edge-runtime process scan.dcm IM-0001.jpeg
   edge-runtime model info
   mosquitto_sub -t 'healthdiag/edge/#' -v      # watch results and status
@@ -75,6 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
         "SIGTERM; scans in progress are finished first.",
     )
     _add_config_arg(run)
+    run.add_argument(
+        "--new-journal",
+        action="store_true",
+        help="start over with a new, empty journal when the existing one is refused (missing, "
+        "empty, replaced or damaged): its files are moved aside to NAME.old-<UTC time> (never "
+        "deleted) and a WARNING is logged; results not yet delivered in it are NOT sent. Restore "
+        "a backup instead if you have one. A healthy journal is kept (the flag is then ignored).",
+    )
 
     process = sub.add_parser(
         "process",
@@ -104,6 +119,48 @@ def build_parser() -> argparse.ArgumentParser:
         "is fresh (younger than three heartbeats), 1 otherwise, with the reason.",
     )
     _add_config_arg(health)
+
+    journal = sub.add_parser(
+        "journal",
+        help="check or back up the results journal",
+        description="The journal (Journal.Path, default state/journal.sqlite3) holds every "
+        "scan's outcome and the results not yet delivered. Its id is kept inside it and in "
+        "journal.id beside it; the service refuses to start when they disagree or the journal "
+        "is missing, empty or damaged, instead of silently losing undelivered results.",
+    )
+    journal_sub = journal.add_subparsers(dest="journal_command", metavar="SUBCOMMAND", required=True)
+    jcheck = journal_sub.add_parser(
+        "check",
+        help="check integrity and id, print counts (safe while the service runs)",
+        description="Run SQLite's integrity check on the journal, compare its id with journal.id "
+        "and print the counts: done, quarantined, results awaiting delivery (per sink). Only "
+        "reads; safe while the service runs. Exit status 0 healthy, 1 the journal would be "
+        "refused at start (the reason and what to do are printed), 2 bad configuration.",
+    )
+    jbackup = journal_sub.add_parser(
+        "backup",
+        help="copy the journal with SQLite's online backup (safe while the service runs)",
+        description="Copy the journal to DEST with SQLite's online backup API: one consistent "
+        "snapshot, taken without stopping the service. The copy is integrity-checked, written as "
+        "DEST.part and renamed when complete; it carries the journal's id, so it can be restored "
+        "in place (stop the service, copy it over Journal.Path, start). An existing DEST file is "
+        "never overwritten. Exit status 0 done, 1 failed (the reason is printed).",
+    )
+    jbackup.add_argument(
+        "dest",
+        type=Path,
+        metavar="DEST",
+        help="backup file, or an existing folder (the file is then named <journal>-<UTC time>.sqlite3)",
+    )
+    for jparser in (jcheck, jbackup):
+        _add_config_arg(jparser)
+        jparser.add_argument(
+            "--journal",
+            type=Path,
+            metavar="FILE",
+            help="journal file (default: Journal.Path of the configuration); e.g. a backup to check",
+        )
+        jparser.add_argument("--json", action="store_true", help="print the report as JSON")
 
     model = sub.add_parser("model", help="model bundle tools")
     model_sub = model.add_subparsers(dest="model_command", metavar="SUBCOMMAND", required=True)
@@ -172,6 +229,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     configure_logging(config.logging.level, config.logging.format)
     if ipc is not None:
         logging.getLogger("edge_runtime").info("configuration read from the Greengrass nucleus over IPC")
+    if args.new_journal:
+        from .journal import Journal
+
+        # Start over before the service opens the journal: a refused journal is moved aside
+        # and a new one created (and logged), which the service then opens as healthy.
+        Journal(config.journal.path, start_new=True).close()
     service = EdgeService(config, ipc=ipc)
     service.run_forever()
     return 0
@@ -235,6 +298,50 @@ def _cmd_health(args: argparse.Namespace) -> int:
     if snapshot.get("state") != "online":
         print(f"degraded: {snapshot.get('reason')}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _print_journal_report(report: JournalReport, heading: str) -> None:
+    from .journal import id_path_for
+
+    counts = report.counts
+    id_name = id_path_for(report.path).name
+    if report.id_file:
+        id_line = f"{report.journal_id} (matches {id_name})"
+    elif report.journal_id:
+        id_line = (
+            f"{report.journal_id} (no {id_name} beside it: a backup copy, or the service has not "
+            "started since the upgrade; it adopts the journal at start)"
+        )
+    else:
+        id_line = "none yet (the service writes one at its next start)"
+    sinks = ", ".join(f"{sink} {n}" for sink, n in report.pending_by_sink.items())
+    print(f"{heading}: {report.path} ({report.size_bytes} bytes)")
+    print(f"  id:                {id_line}")
+    print(f"  done:              {counts['done']}")
+    print(f"  quarantined:       {counts['quarantined']}")
+    print(f"  in progress:       {counts['queued'] + counts['processing']} (redone at the next start)")
+    print(f"  awaiting delivery: {counts['outbox_pending']}" + (f" ({sinks})" if sinks else ""))
+
+
+def _cmd_journal(args: argparse.Namespace) -> int:
+    from .journal import backup_journal, check_journal
+
+    path = args.journal or load_config(args.config).journal.path
+    try:
+        if args.journal_command == "check":
+            report = check_journal(path)
+            heading = "journal healthy"
+        else:
+            report = backup_journal(path, args.dest)
+            heading = f"backup of {Path(path).absolute()} written"
+    except JournalError as exc:
+        print(f"error: {exc.message}\n→ {exc.action}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        _print_journal_report(report, heading)
     return 0
 
 
@@ -330,6 +437,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_config_check(args)
         if args.command == "health":
             return _cmd_health(args)
+        if args.command == "journal":
+            return _cmd_journal(args)
         if args.command == "model" and args.model_command == "verify":
             return _cmd_model_verify(args)
         if args.command == "model":

@@ -23,6 +23,7 @@ The tree::
     ├── BackendError           inference engine failed to load or run
     ├── PublishError           a sink (MQTT, Greengrass IPC) did not take a message
     └── JournalError           the on-disk journal cannot be read or written
+        └── JournalIntegrityError   journal missing, empty, replaced or damaged: start refused
 
 ``InputError`` subclasses are the only ones the service turns into a
 quarantine record; everything else is an operational fault of the box itself.
@@ -45,6 +46,7 @@ __all__ = [
     "IncompleteInput",
     "InputError",
     "JournalError",
+    "JournalIntegrityError",
     "ModelBundleError",
     "NotAnImage",
     "OutsideIntendedUse",
@@ -199,7 +201,27 @@ class PublishError(EdgeRuntimeError):
 
 
 class JournalError(EdgeRuntimeError):
-    """The SQLite journal could not be opened, read or written."""
+    """The SQLite journal could not be opened, read or written.
+
+    The journal module sets an ``action`` that matches the cause (disk full,
+    permissions, a lock, an I/O error); this default is for the rest.
+    """
 
     code = "journal_failed"
-    action = "Check free disk space and permissions of the journal folder."
+    action = "Run 'edge-runtime journal check' for a diagnosis; the service log has the SQLite error."
+
+
+class JournalIntegrityError(JournalError):
+    """The journal is not the one this box wrote: missing, empty, replaced or damaged.
+
+    Starting anyway would silently drop the results it still had to deliver, so the
+    service refuses; the admin restores a backup or starts over explicitly.
+    """
+
+    code = "journal_integrity"
+    action = (
+        "Stop the service. Restore the journal from your latest backup (made with 'edge-runtime "
+        "journal backup') and start again; or start over with 'edge-runtime run --new-journal', "
+        "which moves the old files aside (nothing is deleted): results not yet delivered in them "
+        "are then NOT sent."
+    )
