@@ -154,7 +154,7 @@ def test_write_manifest_refuses_what_the_edge_would_refuse(tmp_path: Path):
     bundle_dir = make_tiny_bundle(tmp_path / "w")
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
     manifest["artifacts"][0]["file"] = "missing.onnx"
-    with pytest.raises(ModelBundleError, match="model file 'missing.onnx' has no sha256"):
+    with pytest.raises(ModelBundleError, match=r"model file 'missing\.onnx' has no sha256"):
         write_manifest(bundle_dir, manifest)
 
 
