@@ -38,7 +38,7 @@ from .bundle import ModelArtifact, ModelBundle
 from .cpu import CpuSummary, cpu_summary
 from .errors import ModelBundleError
 from .preprocess import preprocess
-from .results import scores_to_probabilities
+from .results import positive_index, scores_to_probabilities
 
 __all__ = [
     "ConformanceError",
@@ -258,7 +258,7 @@ def check_conformance(
     drift_allowed = float(section.get("max_drift", allowed)) if built is not None else allowed
     cut = bundle.threshold if threshold is None else threshold
     labels = bundle.labels
-    positive = 0 if len(labels) == 1 else labels.index(bundle.positive_label)
+    positive = positive_index(labels, bundle.positive_label)
     spec = bundle.preprocessing
     batch = np.empty((1, *spec.sample_shape), dtype=np.float32)
     rows = []

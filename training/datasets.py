@@ -75,6 +75,7 @@ import numpy as np
 from edge_runtime.preprocess import PreprocessSpec
 
 from .data import _IMAGE_SUFFIXES, Item, label_counts, patient_id, split_by_patient
+from .run_files import SPLIT_NAME, SUMMARY_NAME
 
 __all__ = [
     "KINDS",
@@ -99,8 +100,7 @@ logger = logging.getLogger(__name__)
 FOLDERS, NPZ, NIH_SUBSET = "folders", "pneumoniamnist", "nih-subset"
 KINDS = (FOLDERS, NPZ, NIH_SUBSET)
 #: Written by ``training.train`` into the run folder.
-SPLIT_FILE = "split.json"
-_SUMMARY_FILE = "train_summary.json"  # training.train.SUMMARY_NAME (not imported: it needs torch)
+SPLIT_FILE = SPLIT_NAME
 SPLIT_FORMAT = 2
 DEFAULT_SEED = 2018
 DEFAULT_VAL_FRACTION = 0.15
@@ -691,7 +691,7 @@ def run_spec(run_dir: str | Path) -> PreprocessSpec:
         recorded = json.loads(split.read_text(encoding="utf-8")).get("spec")
         if recorded:
             return PreprocessSpec.from_dict(recorded)
-    summary = run / _SUMMARY_FILE
+    summary = run / SUMMARY_NAME
     if summary.is_file():
         recorded = json.loads(summary.read_text(encoding="utf-8")).get("config", {}).get("spec")
         if recorded:

@@ -273,49 +273,34 @@ def predict_cases(
     threads: int = 2,
     batch_size: int = 32,
 ) -> np.ndarray:
-    """P(positive) for every case, through the edge's decode and preprocess and ONNX Runtime.
+    """P(positive) for every case, through the edge's decode, preprocess and ONNX Runtime backend.
 
-    ``bundle`` supplies the
-    preprocessing spec, input name, output activation and positive label, so
-    an FP32 file is run exactly like the bundle's INT8 one. A model whose
-    input does not match the manifest is refused rather than fed wrong tensors.
+    ``bundle`` supplies the preprocessing spec, input name, output activation
+    and positive label, so an FP32 file is run exactly like the bundle's INT8
+    one (:mod:`training.scoring`). The bundle's own model is loaded as the
+    service loads it; a model whose input does not match the manifest is
+    refused (:class:`~edge_runtime.errors.ModelBundleError`) rather than fed wrong tensors.
     """
-    import onnxruntime as ort
-
     from edge_runtime.decode import decode_file
     from edge_runtime.preprocess import preprocess
-    from edge_runtime.results import scores_to_probabilities
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-    inputs = session.get_inputs()
-    if len(inputs) != 1 or inputs[0].name != bundle.input_name:
-        raise ValueError(
-            f"{model_path} has inputs {[i.name for i in inputs]}; the manifest feeds one named "
-            f"{bundle.input_name!r}."
-        )
-    want = list(bundle.preprocessing.sample_shape)
-    if list(inputs[0].shape)[1:] != want:
-        raise ValueError(
-            f"{model_path} expects {inputs[0].shape}; the manifest's preprocessing gives {want}."
-        )
+    from .scoring import OutputHead, bundle_scorer, file_scorer
+
     spec = bundle.preprocessing
-    positive = bundle.labels.index(bundle.positive_label)
-    activation = bundle.output_activation
+    if Path(model_path).resolve() == bundle.artifact("onnxruntime").path.resolve():
+        scorer = bundle_scorer(bundle, threads=threads)
+    else:
+        head = OutputHead.from_bundle(bundle)
+        scorer = file_scorer(model_path, spec, head, threads, input_name=bundle.input_name, output_name=None)
     batch = np.empty((batch_size, *spec.sample_shape), dtype=np.float32)
     probs = np.empty(len(cases), dtype=np.float64)
-    for start in range(0, len(cases), batch_size):
-        chunk = cases[start : start + batch_size]
-        for i, case in enumerate(chunk):
-            pixels = case.image if case.image is not None else decode_file(case.path).pixels
-            preprocess(pixels, spec, out=batch[i])
-        raw = session.run(None, {inputs[0].name: batch[: len(chunk)]})[0]
-        for i, row in enumerate(raw):
-            probs[start + i] = scores_to_probabilities(row, activation)[positive]
+    with scorer:
+        for start in range(0, len(cases), batch_size):
+            chunk = cases[start : start + batch_size]
+            for i, case in enumerate(chunk):
+                pixels = case.image if case.image is not None else decode_file(case.path).pixels
+                preprocess(pixels, spec, out=batch[i])
+            probs[start : start + len(chunk)] = scorer(batch[: len(chunk)], batch_size)
     return probs
 
 

@@ -29,11 +29,17 @@ from edge_runtime.preprocess import PreprocessSpec
 from .conformance_set import CONFORMANCE_NAME, build_reference_set, conformance_section, measure_backends
 from .datasets import FOLDERS, NIH_SUBSET, NPZ, SPLIT_FILE, read_split, run_spec
 from .evaluate import expected_calibration_error
-from .export import EXPORT_SUMMARY, INT8_NAME, RECIPES
-from .models import CALIBRATION_NAME
-from .report import EVALUATION_NAME
-from .tflite_export import EXPORT_SUMMARY_NAME as TFLITE_EXPORT_SUMMARY
-from .train import SUMMARY_NAME
+from .export import RECIPES
+from .run_files import (
+    CALIBRATION_NAME,
+    EVALUATION_NAME,
+    EXPORT_SUMMARY,
+    INT8_NAME,
+    SUMMARY_NAME,
+    TEST_PREDICTIONS,
+    TFLITE_EXPORT_SUMMARY,
+    TFLITE_NAME,
+)
 
 __all__ = [
     "BUNDLE_FILES",
@@ -46,9 +52,7 @@ __all__ = [
 ]
 
 MODEL_CARD_NAME = "MODEL_CARD.md"
-#: Written by ``training/tflite_env.sh export --out RUN/model.int8.tflite``; shipped when present.
-TFLITE_NAME = "model.int8.tflite"
-TEST_PREDICTIONS_NAME = "test_predictions.npz"
+TEST_PREDICTIONS_NAME = TEST_PREDICTIONS
 BUNDLE_FILES = (INT8_NAME, TFLITE_NAME, MODEL_CARD_NAME, MANIFEST_NAME, CONFORMANCE_NAME)
 
 #: The training issue's targets on the official Kermany test split, for the INT8 model the edge runs.

@@ -54,13 +54,9 @@ from .data import (
 from .datasets import items_from_split, open_dataset, read_split, spec_for_size, split_matches, write_split
 from .evaluate import roc_auc
 from .models import StagedModel, build_model, default_cut, staged_view
+from .run_files import CHECKPOINT_NAME, RESUME_NAME, SPLIT_NAME, SUMMARY_NAME
 
 __all__ = ["TrainConfig", "load_checkpoint", "seed_everything", "train"]
-
-CHECKPOINT_NAME = "checkpoint.pt"
-RESUME_NAME = "stage2_resume.pt"
-SPLIT_NAME = "split.json"
-SUMMARY_NAME = "train_summary.json"
 
 
 @dataclass
