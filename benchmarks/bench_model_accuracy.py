@@ -13,7 +13,11 @@ same run, for the INT8-vs-FP32 AUC drop.
 The 624 test images were never used to train the model or choose its
 threshold, so this is the number to quote.
 
-Usage: python benchmarks/bench_model_accuracy.py [--data ../shared/data] [--bundle DIR]
+P(positive) comes from :mod:`training.scoring`, the scoring path of training
+and its reports: the manifest's positive label and output activation, the
+FP32 file loaded by the same ONNX Runtime backend.
+
+Usage: python -m benchmarks.bench_model_accuracy [--data ../shared/data] [--bundle DIR]
        [--fp32 runs/<run>/model.fp32.onnx]
 """
 
@@ -26,20 +30,19 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from edge_runtime.backends import create_backend  # noqa: E402
-from edge_runtime.bundle import default_bundle_path, load_bundle  # noqa: E402
-from edge_runtime.decode import decode_file  # noqa: E402
-from edge_runtime.preprocess import preprocess  # noqa: E402
-from training.evaluate import (  # noqa: E402
+from edge_runtime.bundle import ModelBundle, default_bundle_path, load_bundle
+from edge_runtime.decode import decode_file
+from edge_runtime.preprocess import preprocess
+from training.evaluate import (
     binary_metrics,
     bootstrap_auc_ci,
     roc_auc,
     sensitivity_at_specificity,
     wilson_interval,
 )
+from training.scoring import OutputHead, bundle_scorer, file_scorer
+
+REPO = Path(__file__).resolve().parents[1]
 
 KERMANY_TEST = Path("cxr/kermany_pneumonia_224/test")
 
@@ -81,16 +84,14 @@ def main() -> int:
 
     bundle = load_bundle(args.bundle)
     spec = bundle.preprocessing
-    positive = bundle.labels.index(bundle.positive_label)
-    backend = create_backend("onnxruntime", threads=args.threads)
-    backend.load(bundle)
+    scorer = bundle_scorer(bundle, threads=args.threads)
 
     files: list[tuple[Path, int]] = []
     for name in ("NORMAL", "PNEUMONIA"):
         label = 1 if name == bundle.positive_label else 0
         files += [(p, label) for p in sorted((test_dir / name).glob("*.jpeg"))]
     # Warm-up: first-run allocations are not part of steady-state throughput.
-    backend.infer(preprocess(decode_file(files[0][0]).pixels, spec)[None])
+    scorer(preprocess(decode_file(files[0][0]).pixels, spec)[None])
 
     y = np.empty(len(files), dtype=np.int64)
     p = np.empty(len(files), dtype=np.float64)
@@ -104,12 +105,12 @@ def main() -> int:
         sample = preprocess(pixels, spec)
         t2 = time.perf_counter()
         samples.append(sample)
-        out = backend.infer(sample[None])
+        p_positive = scorer(sample[None])[0]
         t3 = time.perf_counter()
-        y[i], p[i] = label, float(out[0, positive])
+        y[i], p[i] = label, p_positive
         t_decode, t_pre, t_infer = t_decode + t1 - t0, t_pre + t2 - t1, t_infer + t3 - t2
     elapsed = time.perf_counter() - start
-    backend.close()
+    scorer.close()
 
     m = binary_metrics(y, p, bundle.threshold)
     lo, hi = bootstrap_auc_ci(y, p, n_boot=args.bootstrap, seed=0)
@@ -138,11 +139,11 @@ def _ci(k: int, n: int) -> str:
 
 
 def _targets(
-    args: argparse.Namespace, bundle: object, y: np.ndarray, p: np.ndarray, m: dict, x: np.ndarray
+    args: argparse.Namespace, bundle: ModelBundle, y: np.ndarray, p: np.ndarray, m: dict, x: np.ndarray
 ) -> None:
     """Print the training issue's targets for the INT8 model the edge runs, PASS or MISS."""
     sens_at_90, spec_at = sensitivity_at_specificity(y, p, 0.90)
-    size_mb = bundle.artifact("onnxruntime").path.stat().st_size / 1e6  # type: ignore[attr-defined]
+    size_mb = bundle.artifact("onnxruntime").path.stat().st_size / 1e6
     rows = [
         ("AUC >= 0.975", m["auc"] >= 0.975, f"{m['auc']:.4f}"),
         ("accuracy >= 0.935 at the manifest threshold", m["accuracy"] >= 0.935, f"{m['accuracy']:.4f}"),
@@ -154,16 +155,14 @@ def _targets(
         ("INT8 ONNX <= 5 MB", size_mb <= 5.0, f"{size_mb:.2f} MB"),
     ]
     if args.fp32 is not None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = args.threads
-        session = ort.InferenceSession(str(args.fp32), options, providers=["CPUExecutionProvider"])
-        name = session.get_inputs()[0].name
-        positive = bundle.labels.index(bundle.positive_label)  # type: ignore[attr-defined]
-        p_fp32 = np.concatenate(
-            [session.run(None, {name: x[i : i + 32]})[0][:, positive] for i in range(0, len(x), 32)]
-        )
+        # The FP32 twin has no bundle: the same backend loads it with the bundle's input name,
+        # preprocessing and head, so only the weights differ.
+        head = OutputHead.from_bundle(bundle)
+        spec = bundle.preprocessing
+        with file_scorer(
+            args.fp32, spec, head, args.threads, input_name=bundle.input_name, output_name=None
+        ) as scorer:
+            p_fp32 = scorer(x)
         auc_fp32 = roc_auc(y, p_fp32)
         drop = auc_fp32 - m["auc"]
         print(f"FP32 AUC   {auc_fp32:.4f}  ({args.fp32}, same tensors); INT8 - FP32 = {-drop:+.4f}")

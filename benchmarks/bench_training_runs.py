@@ -10,7 +10,10 @@ accuracy, sensitivity and specificity, the INT8-vs-FP32 AUC difference (both
 measured here on the same tensors), and how long training took on the
 machine that ran it (from ``train_summary.json``, with its CPU count).
 
-Usage: python benchmarks/bench_training_runs.py runs/default runs/pmnist runs/nih64
+Both models are scored by :mod:`training.scoring` (the edge's ONNX Runtime
+backend, P(positive) read with the head the run's manifest will carry).
+
+Usage: python -m benchmarks.bench_training_runs runs/default runs/pmnist runs/nih64
 """
 
 from __future__ import annotations
@@ -22,13 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from training.data import CXRDataset  # noqa: E402
-from training.datasets import items_from_split, read_split, run_spec  # noqa: E402
-from training.evaluate import binary_metrics, bootstrap_auc_ci, roc_auc  # noqa: E402
-from training.export import FP32_NAME, INT8_NAME, ort_session, predict_onnx  # noqa: E402
+from training.data import CXRDataset
+from training.datasets import items_from_split, read_split, run_spec
+from training.evaluate import binary_metrics, bootstrap_auc_ci, roc_auc
+from training.run_files import EVALUATION_NAME, FP32_NAME, INT8_NAME, SUMMARY_NAME
+from training.scoring import run_head, score_file
 
 
 def parse_args() -> argparse.Namespace:
@@ -42,15 +43,17 @@ def parse_args() -> argparse.Namespace:
 def score(run: Path, threads: int, n_boot: int) -> dict[str, object]:
     """Measure one run: INT8 and FP32 on its test split at its validation threshold."""
     spec = run_spec(run)
-    dataset = items_from_split(read_split(run))
-    evaluation = json.loads((run / "evaluation.json").read_text(encoding="utf-8"))
-    summary = json.loads((run / "train_summary.json").read_text(encoding="utf-8"))
+    split = read_split(run)
+    dataset = items_from_split(split)
+    head = run_head(split)
+    evaluation = json.loads((run / EVALUATION_NAME).read_text(encoding="utf-8"))
+    summary = json.loads((run / SUMMARY_NAME).read_text(encoding="utf-8"))
     threshold = float(evaluation["threshold"])
     test = CXRDataset(list(dataset.test), spec)
     x = np.stack([test.sample(i) for i in range(len(test))])
     y = test.labels
-    p_int8 = predict_onnx(ort_session(run / INT8_NAME, threads), x)[:, 1]
-    p_fp32 = predict_onnx(ort_session(run / FP32_NAME, threads), x)[:, 1]
+    p_int8 = score_file(run / INT8_NAME, x, spec, head, threads)
+    p_fp32 = score_file(run / FP32_NAME, x, spec, head, threads)
     m = binary_metrics(y, p_int8, threshold)
     lo, hi = bootstrap_auc_ci(y, p_int8, n_boot=n_boot, seed=0)
     seconds = summary["seconds"]["total"]
@@ -74,7 +77,7 @@ def score(run: Path, threads: int, n_boot: int) -> dict[str, object]:
 
 def main() -> int:
     args = parse_args()
-    missing = [str(r) for r in args.runs if not (r / "evaluation.json").is_file()]
+    missing = [str(r) for r in args.runs if not (r / EVALUATION_NAME).is_file()]
     if missing:
         print(
             f"not a finished run (no evaluation.json): {', '.join(missing)}; run "

@@ -38,7 +38,7 @@ from .bundle import ModelArtifact, ModelBundle
 from .cpu import CpuSummary, cpu_summary
 from .errors import ConformanceError, ModelBundleError
 from .preprocess import preprocess
-from .results import scores_to_probabilities
+from .results import positive_index, scores_to_probabilities
 
 __all__ = [
     "ConformanceReport",
@@ -247,7 +247,7 @@ def check_conformance(
     drift_allowed = allowed if built is None or section.max_drift is None else section.max_drift
     cut = bundle.threshold if threshold is None else threshold
     labels = bundle.labels
-    positive = 0 if len(labels) == 1 else labels.index(bundle.positive_label)
+    positive = positive_index(labels, bundle.positive_label)
     spec = bundle.preprocessing
     batch = np.empty((1, *spec.sample_shape), dtype=np.float32)
     rows = []

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import socket
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
@@ -28,6 +29,8 @@ __all__ = [
     "input_identity",
     "load_schema",
     "message_id",
+    "positive_index",
+    "positive_probabilities",
     "scan_ref",
     "scores_to_probabilities",
     "utc_now",
@@ -77,6 +80,25 @@ def scores_to_probabilities(raw: np.ndarray, activation: str) -> np.ndarray:
     return probs
 
 
+def positive_index(labels: Sequence[str], positive_label: str) -> int:
+    """Which output column is P(positive): the only one of a one-label model, else the label's."""
+    return 0 if len(labels) == 1 else list(labels).index(positive_label)
+
+
+def positive_probabilities(
+    raw: np.ndarray, *, labels: Sequence[str], positive_label: str, activation: str
+) -> np.ndarray:
+    """P(positive) for each row of a backend's raw ``(N, K)`` output, as :func:`build_result` states it.
+
+    Training, its reports and the benchmarks score through this, with the
+    manifest's labels and activation, so the numbers they publish are the
+    ones a box computes (not a hard-coded column of a softmax).
+    """
+    rows = np.asarray(raw).reshape(len(raw), -1)
+    index = positive_index(labels, positive_label)
+    return np.array([scores_to_probabilities(row, activation)[index] for row in rows], dtype=np.float64)
+
+
 #: Extensions kept in a published scan name; anything else a sender typed is dropped.
 _SAFE_SUFFIXES = (".dcm", ".dicom", ".png", ".jpg", ".jpeg")
 
@@ -111,7 +133,7 @@ def build_result(
     # Nine significant digits keep every distinct float32 output distinct (its spacing near 1 is
     # 6e-8), so subscribers can rank results; six decimals used to tie confident outputs at 1.0.
     probs = {label: float(f"{float(p):.9g}") for label, p in zip(labels, probabilities, strict=True)}
-    p_positive = probs[labels[0]] if len(labels) == 1 else probs[positive_label]
+    p_positive = probs[labels[positive_index(labels, positive_label)]]
     positive = p_positive >= threshold
     if len(labels) == 2:
         negative = next(label for label in labels if label != positive_label)

@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 import pytest
+from sklearn import metrics as sk_metrics
+from sklearn.calibration import calibration_curve
 
 from training.evaluate import (
     average_precision,
@@ -99,12 +101,11 @@ def test_bootstrap_ci_brackets_the_estimate_and_is_reproducible() -> None:
 
 
 def test_auc_matches_scikit_learn_with_ties() -> None:
-    metrics = pytest.importorskip("sklearn.metrics")
     rng = np.random.default_rng(3)
     for _ in range(20):
         y = np.r_[0, 1, rng.integers(0, 2, 50)]
         p = rng.integers(0, 6, y.size) / 5  # many ties
-        assert roc_auc(y, p) == pytest.approx(metrics.roc_auc_score(y, p))
+        assert roc_auc(y, p) == pytest.approx(sk_metrics.roc_auc_score(y, p))
 
 
 # --- Curves, predictive values, calibration, subgroups (used by training/evaluation_report.py) ---
@@ -168,12 +169,11 @@ def test_precision_recall_curve_and_average_precision_by_hand() -> None:
 
 
 def test_average_precision_matches_scikit_learn_with_ties() -> None:
-    metrics = pytest.importorskip("sklearn.metrics")
     rng = np.random.default_rng(5)
     for _ in range(20):
         y = np.r_[0, 1, rng.integers(0, 2, 40)]
         p = rng.integers(0, 6, y.size) / 5
-        assert average_precision(y, p) == pytest.approx(metrics.average_precision_score(y, p))
+        assert average_precision(y, p) == pytest.approx(sk_metrics.average_precision_score(y, p))
 
 
 # Six cases in three of the 15 bins (bin k = [k/15, (k+1)/15), the last one closed):
@@ -247,3 +247,16 @@ def test_sensitivity_at_specificity_reads_the_roc_curve() -> None:
     assert sensitivity_at_specificity(y, p, 0.75) == (1.0, 0.75)
     assert sensitivity_at_specificity(y, p, 0.9) == (0.75, 1.0)
     assert sensitivity_at_specificity(y, p, 1.0) == (0.75, 1.0)
+
+
+def test_reliability_bins_agree_with_scikit_learn_off_the_edges() -> None:
+    # scikit-learn closes its bins on the right and drops empty ones; away from the edges the
+    # filled bins must hold the same mean prediction and observed rate as ours.
+    rng = np.random.default_rng(7)
+    y = rng.integers(0, 2, 300)
+    p = rng.uniform(0.001, 0.999, 300)
+    bins = reliability_bins(y, p, n_bins=10)
+    filled = bins["count"] > 0
+    observed, predicted = calibration_curve(y, p, n_bins=10, strategy="uniform")
+    assert bins["observed_rate"][filled].tolist() == pytest.approx(observed.tolist())
+    assert bins["mean_predicted"][filled].tolist() == pytest.approx(predicted.tolist())

@@ -8,20 +8,23 @@ decoder (:func:`edge_runtime.decode.decode_file`) and preprocessing
 exactly the tensors it will see on the device.
 
 Modules, in pipeline order:
-    datasets: recognise a dataset path, carve patient-disjoint validation,
-        record the split in ``split.json`` (``prepare``).
+    run_files: the names of the files in a run folder (torch-free).
+    datasets: one reader per dataset kind, a registry, patient-disjoint
+        splitting and the split in ``split.json`` (``prepare``).
     data: items, augmentation, the dataset and in-memory caches.
     models / architectures: the model registry (``build_model``) and the cut
         points used to fine-tune the last blocks on cached activations.
     train: staged transfer learning sized for a 2-core CPU, resumable (``train``).
     export: ONNX export (``export``) and INT8 static quantization (``quantize``).
+    scoring: P(positive) through the edge's backend and the manifest's head.
     report / evaluate: threshold on validation, test metrics (``evaluate``).
-    package: the model bundle (model, manifest, model card with targets) (``package``).
+    manifest / model_card / card_sections / package: the model bundle (``package``).
     evaluation_report: the Markdown + PNG report (``evaluate-report``).
     tflite_export: the LiteRT INT8 route, in its own environment.
     cli: ``python -m training <command>``; ``pipeline`` runs them in order.
 
-Only ``data``, ``datasets`` and ``evaluate`` are importable without torch, so benchmarks
+``data``, ``datasets``, ``evaluate``, ``run_files``, ``scoring``, ``report`` and
+``evaluation_report`` import without torch, so benchmarks
 and tools that run next to the edge code can reuse them.
 """
 

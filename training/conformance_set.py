@@ -38,7 +38,10 @@ from edge_runtime.cpu import cpu_summary
 from edge_runtime.preprocess import PreprocessSpec, preprocess
 
 from .data import CXRDataset
-from .export import FP32_NAME, _stack, load_split, ort_session, predict_onnx
+from .datasets import read_split
+from .export import _stack, load_split
+from .run_files import FP32_NAME
+from .scoring import file_scorer, run_head
 
 __all__ = [
     "CONFORMANCE_NAME",
@@ -91,8 +94,8 @@ def build_reference_set(
         picks.extend(rng.choice(members, size=min(share, members.size), replace=False).tolist())
     picks.sort()
     x = _stack(dataset, picks, "reference pool")
-    session = ort_session(run / FP32_NAME)
-    p = predict_onnx(session, x)[:, 1]
+    scorer = file_scorer(run / FP32_NAME, spec, run_head(read_split(run)))
+    p = scorer(x)
     chosen: list[int] = []
     for label in np.unique(labels):
         rows = [i for i, index in enumerate(picks) if labels[index] == label]
@@ -103,7 +106,8 @@ def build_reference_set(
     rebuilt = np.stack([preprocess(img.astype(np.float32) / np.float32(255.0), spec) for img in images])
     if spec.quantize_8bit and not np.array_equal(rebuilt, x[chosen]):
         raise RuntimeError("a stored reference image does not rebuild its input tensor exactly")
-    reference = predict_onnx(session, rebuilt)[:, 1].astype(np.float32)
+    reference = scorer(rebuilt).astype(np.float32)
+    scorer.close()
     return {
         "images": images,
         "labels": np.asarray([labels[picks[i]] for i in chosen], dtype=np.int8),

@@ -1,7 +1,12 @@
-"""Binary classification metrics and the operating threshold, in plain numpy.
+"""Binary classification metrics and the operating threshold.
 
-Pure numpy on purpose: the benchmark that runs beside the edge code imports
-this module and must not need torch or scikit-learn. Convention everywhere:
+Curves and areas (ROC, AUC, precision-recall, average precision) come from
+scikit-learn, so the numbers we publish are the ones anyone can recompute
+with the standard library of the field; what scikit-learn has no equivalent
+for (the threshold rule, bootstrap and Wilson intervals, sensitivity at a
+specificity, reliability bins with counts, ECE, temperature scaling) stays
+here, in numpy. No torch: the benchmarks that run beside the edge code
+import this module. Convention everywhere:
 ``y`` is 1 for the positive class (PNEUMONIA), ``p`` is the model's
 probability of the positive class, and a case is called positive when
 ``p >= threshold``.
@@ -13,6 +18,7 @@ import math
 from typing import Any
 
 import numpy as np
+from sklearn import metrics as _sk
 
 __all__ = [
     "average_precision",
@@ -45,20 +51,6 @@ def _as_arrays(y: Any, p: Any) -> tuple[np.ndarray, np.ndarray]:
     return y_arr, p_arr
 
 
-def _average_ranks(values: np.ndarray) -> np.ndarray:
-    """1-based ranks with ties sharing their mean rank (as in Mann-Whitney U)."""
-    order = np.argsort(values, kind="mergesort")
-    sorted_values = values[order]
-    # Start index of each run of equal values, and the run each position belongs to.
-    starts = np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1]])
-    ends = np.r_[starts[1:], values.size]
-    run_rank = (starts + ends + 1) / 2.0  # mean of 1-based ranks starts+1 .. ends
-    run_of_position = np.repeat(np.arange(starts.size), ends - starts)
-    ranks = np.empty(values.size, dtype=np.float64)
-    ranks[order] = run_rank[run_of_position]
-    return ranks
-
-
 def roc_auc(y: Any, p: Any) -> float:
     """Area under the ROC curve (probability a positive outranks a negative; ties count 1/2).
 
@@ -70,9 +62,7 @@ def roc_auc(y: Any, p: Any) -> float:
     n_neg = int(y_arr.size - n_pos)
     if n_pos == 0 or n_neg == 0:
         raise ValueError("AUC needs both classes; got only one.")
-    ranks = _average_ranks(p_arr)
-    u = ranks[y_arr == 1].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
+    return float(_sk.roc_auc_score(y_arr, p_arr))
 
 
 def confusion(y: Any, p: Any, threshold: float) -> dict[str, int]:
@@ -204,21 +194,6 @@ def predictive_values(y: Any, p: Any, threshold: float) -> dict[str, float]:
     }
 
 
-def _descending_counts(y: Any, p: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
-    """Cumulative TP and FP when every distinct score in turn is the threshold (highest first).
-
-    Tied scores are one step, because ``p >= threshold`` calls them together.
-    """
-    y_arr, p_arr = _as_arrays(y, p)
-    order = np.argsort(-p_arr, kind="mergesort")
-    p_sorted, y_sorted = p_arr[order], y_arr[order]
-    last_of_run = np.r_[np.flatnonzero(p_sorted[1:] != p_sorted[:-1]), p_sorted.size - 1]
-    tps = np.cumsum(y_sorted)[last_of_run]
-    fps = (last_of_run + 1) - tps
-    n_pos = int(y_arr.sum())
-    return tps, fps, p_sorted[last_of_run], n_pos, int(y_arr.size - n_pos)
-
-
 def roc_curve(y: Any, p: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(fpr, tpr, thresholds)`` of the ROC curve, one point per distinct score.
 
@@ -231,14 +206,13 @@ def roc_curve(y: Any, p: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     Raises:
         ValueError: when only one class is present.
     """
-    tps, fps, thresholds, n_pos, n_neg = _descending_counts(y, p)
-    if n_pos == 0 or n_neg == 0:
+    y_arr, p_arr = _as_arrays(y, p)
+    if y_arr.all() or not y_arr.any():
         raise ValueError("A ROC curve needs both classes; got only one.")
-    return (
-        np.r_[0.0, fps / n_neg],
-        np.r_[0.0, tps / n_pos],
-        np.r_[np.inf, thresholds],
-    )
+    # drop_intermediate=False keeps one point per distinct score (the default drops collinear
+    # ones), so every threshold the model can be run at is on the curve.
+    fpr, tpr, thresholds = _sk.roc_curve(y_arr, p_arr, drop_intermediate=False)
+    return fpr.astype(np.float64), tpr.astype(np.float64), thresholds.astype(np.float64)
 
 
 def sensitivity_at_specificity(y: Any, p: Any, min_specificity: float) -> tuple[float, float]:
@@ -267,20 +241,28 @@ def precision_recall_curve(y: Any, p: Any) -> tuple[np.ndarray, np.ndarray, np.n
     Raises:
         ValueError: when there is no positive case (recall undefined).
     """
-    tps, fps, thresholds, n_pos, _ = _descending_counts(y, p)
-    if n_pos == 0:
+    y_arr, p_arr = _as_arrays(y, p)
+    if not y_arr.any():
         raise ValueError("A precision-recall curve needs at least one positive case.")
-    return tps / (tps + fps), tps / n_pos, thresholds
+    precision, recall, thresholds = _sk.precision_recall_curve(y_arr, p_arr)
+    # scikit-learn orders by rising threshold and appends (precision 1, recall 0) with no
+    # threshold; drop that point and reverse, so index k is the k-th highest threshold.
+    return precision[:-1][::-1].copy(), recall[:-1][::-1].copy(), thresholds[::-1].copy()
 
 
 def average_precision(y: Any, p: Any) -> float:
     """Area under the step-wise PR curve: ``sum_k (R_k - R_{k-1}) * P_k`` with ``R_0 = 0``.
 
-    The same definition as scikit-learn's ``average_precision_score``
-    (no interpolation), so the number can be compared with published ones.
+    This is scikit-learn's ``average_precision_score`` (no interpolation), so
+    the number can be compared with published ones.
+
+    Raises:
+        ValueError: when there is no positive case (recall undefined).
     """
-    precision, recall, _ = precision_recall_curve(y, p)
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+    y_arr, p_arr = _as_arrays(y, p)
+    if not y_arr.any():
+        raise ValueError("Average precision needs at least one positive case.")
+    return float(_sk.average_precision_score(y_arr, p_arr))
 
 
 def reliability_bins(y: Any, p: Any, n_bins: int = 15) -> dict[str, np.ndarray]:
@@ -291,6 +273,10 @@ def reliability_bins(y: Any, p: Any, n_bins: int = 15) -> dict[str, np.ndarray]:
     positive-class probability (mean predicted P(pneumonia) vs the observed
     fraction of pneumonia), not of the top-label confidence: the edge
     publishes P(pneumonia), and this is what a reader of that number needs.
+
+    Ours rather than ``sklearn.calibration.calibration_curve``: that one
+    returns only the filled bins, without their counts (which the report
+    prints and ECE weighs by), and closes its bins on the right.
 
     Returns:
         ``edges`` (``n_bins + 1``), and per bin ``count``, ``mean_predicted``

@@ -14,6 +14,10 @@ activations for every convolution, calibrated on ~200 *training* images
 preprocessed with the shared spec (never validation or test images, which
 judge the result); the tiny classifier and the softmax stay FP32 (see
 :func:`quantize_int8`).
+
+Why one module over 500 lines: for now it holds both the export and the quantize
+stage. The natural seam is quantization (recipes, :func:`quantize_int8`,
+:func:`correct_biases`) into its own module; not yet done (issue 13).
 """
 
 from __future__ import annotations
@@ -56,7 +60,9 @@ from .models import (
     predict_logits,
     predict_torch,
 )
-from .train import SPLIT_NAME, load_checkpoint
+from .run_files import EXPORT_SUMMARY, FP32_NAME, INT8_NAME, SPLIT_NAME, VAL_PREDICTIONS
+from .scoring import INPUT_NAME, OUTPUT_NAME, file_scorer, run_head
+from .train import load_checkpoint
 
 __all__ = [
     "DEFAULT_RECIPE",
@@ -81,12 +87,6 @@ __all__ = [
     "val_tensors",
 ]
 
-FP32_NAME = "model.fp32.onnx"
-INT8_NAME = "model.int8.onnx"
-EXPORT_SUMMARY = "export_summary.json"
-VAL_PREDICTIONS = "val_predictions.npz"
-INPUT_NAME = "input"
-OUTPUT_NAME = "probabilities"
 _KEEP_FLOAT_OPS = ("Gemm", "Softmax")
 
 
@@ -215,6 +215,8 @@ def _with_outputs(model: onnx.ModelProto, names: Sequence[str], x: np.ndarray) -
     exposed.graph.output.extend(
         onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in present
     )
+    # Not a scoring path (training.scoring is): this runs a copy of the graph with intermediate
+    # tensors exposed as outputs, from bytes, which no model bundle or backend ever holds.
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
     options.log_severity_level = 3
@@ -358,7 +360,13 @@ def integer_ranges(int8_path: str | Path) -> dict[str, Any]:
 
 
 def ort_session(path: str | Path, threads: int = 2) -> ort.InferenceSession:
-    """A CPU session set up like the edge's (no thread spinning: it slows 2 threads)."""
+    """A bare CPU session set up like the edge's (no thread spinning: it slows 2 threads).
+
+    Not a scoring path: P(positive) in training, its reports and the
+    benchmarks comes from :mod:`training.scoring` (the edge's backend). This
+    stays for callers that inspect the exported graph's session or want every
+    output column (the export tests, ``benchmarks/bench_quantization.py``).
+    """
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -367,7 +375,7 @@ def ort_session(path: str | Path, threads: int = 2) -> ort.InferenceSession:
 
 
 def predict_onnx(session: ort.InferenceSession, samples: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    """``(N, classes)`` probabilities of an exported model."""
+    """``(N, classes)`` probabilities of an exported model (see :func:`ort_session`)."""
     outs = [
         session.run([OUTPUT_NAME], {INPUT_NAME: samples[i : i + batch_size]})[0]
         for i in range(0, len(samples), batch_size)
@@ -476,8 +484,10 @@ def run_fp32_export(
     if calibration is None:
         (run / CALIBRATION_NAME).unlink(missing_ok=True)
     fp32_path = export_onnx(model, run / FP32_NAME, spec)
-    p_torch = predict_torch(model, val_x)[:, 1]
-    p_fp32 = predict_onnx(ort_session(fp32_path, threads), val_x)[:, 1]
+    head = run_head(read_split(run))
+    p_torch = head.positive(predict_torch(model, val_x))
+    with file_scorer(fp32_path, spec, head, threads) as scorer:
+        p_fp32 = scorer(val_x)
     np.savez(run / VAL_PREDICTIONS, y=y, torch=p_torch, fp32=p_fp32)
     summary = _update_summary(
         run,
@@ -545,14 +555,16 @@ def run_quantize(
         p_torch, p_fp32 = saved["torch"], saved["fp32"]
         if not np.array_equal(saved["y"], y):
             raise ValueError(f"{predictions} does not belong to this run's validation split; re-run export.")
-    p_int8 = predict_onnx(ort_session(int8_path, threads), val_x)[:, 1]
+    head = run_head(read_split(run))
+    with file_scorer(int8_path, spec, head, threads) as scorer:
+        p_int8 = scorer(val_x)
     np.savez(predictions, y=y, torch=p_torch, fp32=p_fp32, int8=p_int8)
     previous = json.loads((run / EXPORT_SUMMARY).read_text(encoding="utf-8"))
     cross_cpu: dict[str, Any] | None = None
     if emulate_images > 0 and emulator() is not None:
         subset = val_x[:emulate_images]
         t0 = time.monotonic()
-        p_emulated = predict_emulated(int8_path, subset)[:, 1]
+        p_emulated = head.positive(predict_emulated(int8_path, subset))
         cross_cpu = {
             "cpu": AVX2_ONLY_CPU,
             "images": len(subset),

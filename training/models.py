@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .architectures import ARCHITECTURES, Architecture, StagedNet
+from .run_files import CALIBRATION_NAME
 
 __all__ = [
     "CALIBRATION_NAME",
@@ -433,9 +434,6 @@ class ProbabilityModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.model(x), dim=1)
-
-
-CALIBRATION_NAME = "calibration.json"
 
 
 def apply_temperature(model: nn.Module, temperature: float) -> nn.Module:

@@ -7,7 +7,8 @@ default model; see :mod:`training.datasets` for the others) scored, once, at
 that fixed threshold. Nothing computed from the test split flows back into a choice.
 
 Test images go through the edge path exactly: ``decode_file`` ->
-``preprocess`` -> onnxruntime, as in ``benchmarks/bench_model_accuracy.py``.
+``preprocess`` -> the edge's ONNX Runtime backend (:mod:`training.scoring`), as in
+``benchmarks/bench_model_accuracy.py``.
 """
 
 from __future__ import annotations
@@ -25,20 +26,11 @@ from edge_runtime.preprocess import PreprocessSpec
 
 from .data import CXRDataset, Item, label_counts
 from .datasets import Dataset, items_from_split, read_split, run_spec
-from .evaluate import binary_metrics, bootstrap_auc_ci, choose_threshold
-from .export import (
-    FP32_NAME,
-    INT8_NAME,
-    VAL_PREDICTIONS,
-    compare_predictions,
-    ort_session,
-    predict_onnx,
-)
+from .evaluate import binary_metrics, bootstrap_auc_ci, choose_threshold, compare_predictions
+from .run_files import EVALUATION_NAME, FP32_NAME, INT8_NAME, TEST_PREDICTIONS, VAL_PREDICTIONS
+from .scoring import OutputHead, file_scorer, run_head
 
 __all__ = ["EVALUATION_NAME", "predict_items", "run_evaluation"]
-
-EVALUATION_NAME = "evaluation.json"
-TEST_PREDICTIONS = "test_predictions.npz"
 
 
 def predict_items(
@@ -48,15 +40,19 @@ def predict_items(
     threads: int = 2,
     batch_size: int = 32,
     desc: str = "predict",
+    head: OutputHead | None = None,
 ) -> np.ndarray:
-    """P(positive) of an ONNX model for image files, through the edge decode+preprocess."""
-    session = ort_session(model_path, threads)
+    """P(positive) of an ONNX model for image files, through the edge decode, preprocess and backend.
+
+    ``head`` says how to read the output (the run's :func:`~training.scoring.run_head`);
+    it defaults to the first pipeline's (``NORMAL``/``PNEUMONIA``).
+    """
     dataset = CXRDataset(items, spec)
     probs = []
-    for start in tqdm(range(0, len(dataset), batch_size), desc=desc, unit="batch", leave=False):
-        idx = range(start, min(len(dataset), start + batch_size))
-        batch = np.stack([dataset.sample(i) for i in idx])
-        probs.append(predict_onnx(session, batch, batch_size)[:, 1])
+    with file_scorer(model_path, spec, head or run_head(None), threads) as scorer:
+        for start in tqdm(range(0, len(dataset), batch_size), desc=desc, unit="batch", leave=False):
+            idx = range(start, min(len(dataset), start + batch_size))
+            probs.append(scorer(np.stack([dataset.sample(i) for i in idx]), batch_size))
     return np.concatenate(probs)
 
 
@@ -89,7 +85,9 @@ def run_evaluation(
     t_start = time.monotonic()
     run = Path(run_dir)
     spec = spec or run_spec(run)
-    dataset = items_from_split(read_split(run), root=data_root)
+    split = read_split(run)
+    dataset = items_from_split(split, root=data_root)
+    head = run_head(split)
     val = np.load(run / VAL_PREDICTIONS)
     y_val = val["y"]
     threshold = choose_threshold(y_val, val["int8"], min_sensitivity)
@@ -105,8 +103,8 @@ def run_evaluation(
     if not test_items:
         raise ValueError(f"The run's data {dataset.root} have no test split to evaluate on.")
     y_test = np.array([item.label for item in test_items])
-    p_int8 = predict_items(run / INT8_NAME, test_items, spec, threads, desc="test INT8")
-    p_fp32 = predict_items(run / FP32_NAME, test_items, spec, threads, desc="test FP32")
+    p_int8 = predict_items(run / INT8_NAME, test_items, spec, threads, desc="test INT8", head=head)
+    p_fp32 = predict_items(run / FP32_NAME, test_items, spec, threads, desc="test FP32", head=head)
     np.savez(run / TEST_PREDICTIONS, y=y_test, int8=p_int8, fp32=p_fp32)
     test_int8 = binary_metrics(y_test, p_int8, threshold)
     lo, hi = bootstrap_auc_ci(y_test, p_int8, n_boot=2000, seed=0)

@@ -22,6 +22,10 @@ momentum of 0.01, so running statistics would lag the weights badly.
 
 The validation split is patient-disjoint and carved from the official
 training split; the official test split is never touched here.
+
+Why one module over 500 lines: both stages share the image cache, the frozen-front
+activations, the timing probe and the resumable state; split apart they would pass
+all of it back and forth. (Issue 13 leaves a split at the stage-1/stage-2 seam open.)
 """
 
 from __future__ import annotations
@@ -54,13 +58,9 @@ from .data import (
 from .datasets import items_from_split, open_dataset, read_split, spec_for_size, split_matches, write_split
 from .evaluate import roc_auc
 from .models import StagedModel, build_model, default_cut, staged_view
+from .run_files import CHECKPOINT_NAME, RESUME_NAME, SPLIT_NAME, SUMMARY_NAME
 
 __all__ = ["TrainConfig", "load_checkpoint", "seed_everything", "train"]
-
-CHECKPOINT_NAME = "checkpoint.pt"
-RESUME_NAME = "stage2_resume.pt"
-SPLIT_NAME = "split.json"
-SUMMARY_NAME = "train_summary.json"
 
 
 @dataclass

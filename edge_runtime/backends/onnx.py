@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -25,11 +27,43 @@ class OnnxRuntimeBackend:
         self._lock = threading.Lock()
 
     def load(self, bundle: ModelBundle) -> None:
+        artifact = bundle.artifact(self.name)
+        self.load_model(
+            artifact.path,
+            input_name=bundle.input_name,
+            sample_shape=bundle.preprocessing.sample_shape,
+            output_name=bundle.manifest.output.name,
+            model_id=artifact.model_id,
+        )
+
+    def load_model(
+        self,
+        path: str | Path,
+        *,
+        input_name: str,
+        sample_shape: Sequence[int] | None = None,
+        output_name: str | None = None,
+        model_id: str | None = None,
+    ) -> None:
+        """Load a model file that has no bundle yet, with the checks :meth:`load` makes.
+
+        Training scores its FP32 and freshly quantized files before a manifest
+        exists; going through here runs them with the same session options and
+        input checks as the device, instead of a second ONNX Runtime set-up.
+
+        Args:
+            path: The ``.onnx`` file.
+            input_name: The one input the model must declare (the manifest's ``input.name``).
+            sample_shape: One sample's shape without the batch axis (the preprocessing's);
+                checked when given.
+            output_name: The first output's name, checked when given.
+            model_id: The id the file's metadata must carry (the manifest's), checked when given.
+        """
         try:
             import onnxruntime as ort
         except ImportError as exc:  # pragma: no cover - onnxruntime is a core dependency
             raise BackendError("ONNX Runtime is not installed.", action="pip install onnxruntime") from exc
-        artifact = bundle.artifact(self.name)
+        model_path = Path(path)
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
@@ -39,50 +73,45 @@ class OnnxRuntimeBackend:
         options.log_severity_level = 3
         try:
             session = ort.InferenceSession(
-                str(artifact.path), sess_options=options, providers=["CPUExecutionProvider"]
+                str(model_path), sess_options=options, providers=["CPUExecutionProvider"]
             )
         except Exception as exc:
             raise ModelBundleError(
-                f"ONNX Runtime cannot load {artifact.path}: {exc}",
+                f"ONNX Runtime cannot load {model_path}: {exc}",
                 action="The model file is damaged or needs a newer ONNX Runtime; redeploy it.",
             ) from exc
         inputs = session.get_inputs()
         if len(inputs) != 1:
-            raise ModelBundleError(
-                f"{artifact.path} has {len(inputs)} inputs; the runtime feeds exactly one."
-            )
+            raise ModelBundleError(f"{model_path} has {len(inputs)} inputs; the runtime feeds exactly one.")
         declared = inputs[0]
-        if declared.name != bundle.input_name:
+        if declared.name != input_name:
             raise ModelBundleError(
-                f"{artifact.path} names its input {declared.name!r}, but the manifest says "
-                f"{bundle.input_name!r}."
+                f"{model_path} names its input {declared.name!r}, but the manifest says {input_name!r}."
             )
         if declared.type != "tensor(float)":
             raise ModelBundleError(
-                f"{artifact.path} expects input type {declared.type}; the runtime feeds float32."
+                f"{model_path} expects input type {declared.type}; the runtime feeds float32."
             )
         model_shape = list(declared.shape)
-        want = list(bundle.preprocessing.sample_shape)
+        want = list(sample_shape) if sample_shape is not None else model_shape[1:]
         if len(model_shape) != 4 or [d for d in model_shape[1:]] != want:
             raise ModelBundleError(
-                f"{artifact.path} expects input shape {model_shape}, but the manifest's "
+                f"{model_path} expects input shape {model_shape}, but the manifest's "
                 f"preprocessing produces {['batch', *want]}.",
                 action="Repackage the bundle so its preprocessing matches the model.",
             )
-        output_name = bundle.manifest.output.name
         outputs = [o.name for o in session.get_outputs()]
         if output_name and output_name != outputs[0]:
             raise ModelBundleError(
-                f"{artifact.path} names its first output {outputs[0]!r}, but the manifest says "
-                f"{output_name!r}.",
+                f"{model_path} names its first output {outputs[0]!r}, but the manifest says {output_name!r}.",
                 action="Repackage the bundle so the manifest describes this model.",
             )
-        if artifact.model_id is not None:
+        if model_id is not None:
             carried = session.get_modelmeta().custom_metadata_map.get(ONNX_MODEL_ID_KEY)
-            if carried != artifact.model_id:
+            if carried != model_id:
                 raise ModelBundleError(
-                    f"{artifact.path} is not the model its manifest describes: the file carries model "
-                    f"id {(carried or 'none')[:12]}…, the manifest {artifact.model_id[:12]}…. A model file "
+                    f"{model_path} is not the model its manifest describes: the file carries model "
+                    f"id {(carried or 'none')[:12]}…, the manifest {model_id[:12]}…. A model file "
                     "from another bundle was copied in.",
                     action="Redeploy the model component so model and manifest come from the same build.",
                 )

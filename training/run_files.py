@@ -1,0 +1,43 @@
+"""The names of the files in a training run folder (``python -m training pipeline --out RUN``).
+
+One torch-free module, so that the readers of a run (the dataset split
+reader, packaging, the reports, the benchmarks, the TFLite exporter in its
+own virtual environment) name the same files as the stages that write them
+without importing the stages, several of which need torch.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CALIBRATION_NAME",
+    "CHECKPOINT_NAME",
+    "EVALUATION_NAME",
+    "EXPORT_SUMMARY",
+    "FP32_NAME",
+    "INT8_NAME",
+    "RESUME_NAME",
+    "SPLIT_NAME",
+    "SUMMARY_NAME",
+    "TEST_PREDICTIONS",
+    "TFLITE_EXPORT_SUMMARY",
+    "TFLITE_NAME",
+    "VAL_PREDICTIONS",
+]
+
+#: ``train``: the best stage-2 checkpoint, the resumable state, the split and the summary.
+CHECKPOINT_NAME = "checkpoint.pt"
+RESUME_NAME = "stage2_resume.pt"
+SPLIT_NAME = "split.json"
+SUMMARY_NAME = "train_summary.json"
+#: ``export``: the temperature fitted on validation, the ONNX models and their validation scores.
+CALIBRATION_NAME = "calibration.json"
+FP32_NAME = "model.fp32.onnx"
+INT8_NAME = "model.int8.onnx"
+EXPORT_SUMMARY = "export_summary.json"
+VAL_PREDICTIONS = "val_predictions.npz"
+#: ``evaluate``: the operating point, the test metrics and the test P(positive).
+EVALUATION_NAME = "evaluation.json"
+TEST_PREDICTIONS = "test_predictions.npz"
+#: ``training/tflite_env.sh export --out RUN/model.int8.tflite``; shipped when present.
+TFLITE_NAME = "model.int8.tflite"
+TFLITE_EXPORT_SUMMARY = "tflite_export_summary.json"
