@@ -62,6 +62,13 @@ def test_card_lists_each_target_as_met_or_missed(tiny_kermany_run: Path, tmp_pat
     run = tiny_kermany_run
     bundle = load_bundle(package_bundle(run, tmp_path / "bundle"))
     assert bundle.backends == ["onnxruntime"]  # no TFLite in this run
+    # The model file carries the id its manifest entry records (checked by the backend at load).
+    import onnxruntime as ort
+
+    artifact = bundle.artifact("onnxruntime")
+    session = ort.InferenceSession(str(artifact.path), providers=["CPUExecutionProvider"])
+    assert artifact.model_id is not None
+    assert session.get_modelmeta().custom_metadata_map["healthdiag.model_id"] == artifact.model_id
     card = (tmp_path / "bundle" / MODEL_CARD_NAME).read_text(encoding="utf-8")
     section = card[card.index("## Targets") : card.index("## Limitations")]
 

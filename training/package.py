@@ -28,6 +28,7 @@ from .conformance_set import CONFORMANCE_NAME, build_reference_set, conformance_
 from .datasets import SPLIT_FILE, read_split, run_spec
 from .manifest import DataCard, build_manifest, calibration_section, data_card
 from .model_card import MODEL_CARD_NAME, render_model_card
+from .model_id import stamp_onnx_model_id
 from .run_files import (
     EVALUATION_NAME,
     EXPORT_SUMMARY,
@@ -86,6 +87,9 @@ def package_bundle(run_dir: str | Path, bundle_dir: str | Path, version: str = "
         (bundle / name).unlink(missing_ok=True)
     shutil.copyfile(run / INT8_NAME, bundle / INT8_NAME)
     manifest = build_manifest(train_summary, export_summary, evaluation, spec, version, split)
+    # The ONNX file and its manifest entry carry the same id: a model file from another build
+    # is refused at load even if someone rewrites its hash in the manifest.
+    manifest["artifacts"][0]["model_id"] = stamp_onnx_model_id(bundle / INT8_NAME)
     calibration = calibration_section(run)
     if calibration:
         manifest["calibration"] = calibration
