@@ -112,6 +112,9 @@ CREATE TABLE IF NOT EXISTS outbox (
 CREATE INDEX IF NOT EXISTS outbox_pending ON outbox(sink, delivered_utc, seq);
 -- Only undelivered rows: keeps the depth check before every scan cheap as history grows.
 CREATE INDEX IF NOT EXISTS outbox_undelivered ON outbox(seq) WHERE delivered_utc IS NULL;
+-- Results by SOP Instance UID: a different image under a UID already seen supersedes it.
+CREATE INDEX IF NOT EXISTS inputs_sop_instance
+    ON inputs(json_extract(result_json, '$.input.sop_instance_uid')) WHERE result_json IS NOT NULL;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 _SCHEMA_VERSION = "1"
@@ -418,6 +421,16 @@ class Journal:
             (sha256,),
         )
         return self._record(rows[0]) if rows else None
+
+    def earlier_result_of_instance(self, sop_instance_uid: str, message_id: str) -> str | None:
+        """The newest other result for the same SOP Instance UID (a different image), or None."""
+        rows = self._query(
+            "SELECT message_id FROM inputs WHERE result_json IS NOT NULL AND state='done' "
+            "AND message_id != ? AND json_extract(result_json, '$.input.sop_instance_uid') = ? "
+            "ORDER BY updated_utc DESC, id DESC LIMIT 1",
+            (message_id, sop_instance_uid),
+        )
+        return str(rows[0][0]) if rows else None
 
     def result_of(self, sha256: str) -> dict[str, Any] | None:
         rows = self._query("SELECT result_json FROM inputs WHERE sha256=?", (sha256,))

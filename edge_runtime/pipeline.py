@@ -26,7 +26,7 @@ from .errors import EdgeRuntimeError, UnsupportedImage
 from .intake import IntakePolicy
 from .logs import event
 from .preprocess import preprocess
-from .results import build_result, scores_to_probabilities
+from .results import build_result, pixels_digest, scores_to_probabilities
 from .sandbox import DecodeSandbox
 
 __all__ = ["ScanAnalyzer", "ScanOutcome", "file_sha256"]
@@ -251,6 +251,7 @@ class ScanAnalyzer:
             positive_label=self.bundle.positive_label,
             threshold=self.threshold,
             timings_ms=timings,
+            pixels_sha256=pixels_digest(decoded.pixels) if meta.get("sop_instance_uid") else None,
         )
         finding = result["findings"][0]
         event(

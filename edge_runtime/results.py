@@ -29,6 +29,7 @@ __all__ = [
     "input_identity",
     "load_schema",
     "message_id",
+    "pixels_digest",
     "positive_index",
     "positive_probabilities",
     "scan_ref",
@@ -51,10 +52,26 @@ def load_schema(name: str = "result-v1") -> dict[str, Any]:
     return schema
 
 
-def input_identity(sha256: str, metadata: dict[str, Any]) -> str:
-    """DICOM instances are identified by SOP Instance UID, other files by content."""
+def input_identity(sha256: str, metadata: dict[str, Any], pixels_sha256: str | None = None) -> str:
+    """What makes two inputs the same scan (and so one result, one ``message_id``).
+
+    A DICOM instance is the same only if its SOP Instance UID *and* its decoded
+    pixels match: the same image re-sent in another (lossless) transfer syntax
+    is a repeat, but a different image under a UID already seen is a new
+    result, never silently dropped. Other files are identified by content.
+    """
     sop = metadata.get("sop_instance_uid")
-    return f"sop:{sop}" if sop else f"sha256:{sha256}"
+    if not sop:
+        return f"sha256:{sha256}"
+    return f"sop:{sop}|pixels:{pixels_sha256}" if pixels_sha256 else f"sop:{sop}"
+
+
+def pixels_digest(pixels: np.ndarray) -> str:
+    """sha256 of a decoded image (shape, dtype and values): equal for one image in any lossless syntax."""
+    array = np.ascontiguousarray(pixels)
+    digest = hashlib.sha256(f"{array.shape}|{array.dtype.str}|".encode())
+    digest.update(array.tobytes())
+    return digest.hexdigest()
 
 
 def message_id(identity: str, model_name: str, model_version: str) -> str:
@@ -128,6 +145,7 @@ def build_result(
     positive_label: str,
     threshold: float,
     timings_ms: dict[str, float],
+    pixels_sha256: str | None = None,
 ) -> dict[str, Any]:
     """Assemble one schema-valid result message."""
     # Nine significant digits keep every distinct float32 output distinct (its spacing near 1 is
@@ -140,7 +158,7 @@ def build_result(
         decided = positive_label if positive else negative
     else:
         decided = positive_label if positive else f"not {positive_label}"
-    identity = input_identity(sha256, metadata)
+    identity = input_identity(sha256, metadata, pixels_sha256)
     return {
         "schema_version": RESULT_SCHEMA_VERSION,
         "message_type": "result",

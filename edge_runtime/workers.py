@@ -211,6 +211,25 @@ class WorkerPool:
             self.recorder.failure(item, sha256, record, exc, max_attempts)
             return
         result = outcome.result
+        sop_uid = result["input"].get("sop_instance_uid")
+        earlier = self.journal.earlier_result_of_instance(sop_uid, result["message_id"]) if sop_uid else None
+        if earlier:
+            # Never silently dropped: published with its own id, naming the result it replaces.
+            result["supersedes"] = earlier
+            event(
+                log,
+                "supersedes",
+                "%s carries SOP Instance UID %s like an earlier, different image; published as a new "
+                "result that supersedes %s",
+                path.name,
+                sop_uid,
+                earlier[:16],
+                level=logging.WARNING,
+                file=path.name,
+                sha256=sha256[:16],
+                message_id=result["message_id"],
+                supersedes=earlier,
+            )
         payload = json.dumps(result, separators=(",", ":"), sort_keys=True)
         deliveries = [d for s in self._sinks() if (d := s.delivery(config, result, payload)) is not None]
         self.recorder.result(item, sha256, record.id, result, deliveries)

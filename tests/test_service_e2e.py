@@ -489,3 +489,30 @@ def test_operational_failures_are_retried_then_quarantined(
     error = json.loads(error_file.read_text())
     assert error["code"] == "processing_failed_repeatedly"
     assert "engine down" in error["error"] and error["attempts"] == 3
+
+
+def test_a_different_image_under_a_known_sop_instance_uid_supersedes_the_first(
+    shared_data, tiny_bundle, running, subscriber_factory, tmp_path
+):
+    """Issue 14, item 1: the second image was inferred, then never published (same message_id)."""
+    import numpy as np
+    import pydicom
+
+    service, config = running(tiny_bundle)
+    sub = subscriber_factory(config.mqtt.results_topic)
+    ds = pydicom.dcmread(shared_data / SIIM)
+    ds.decompress(generate_instance_uid=False)
+    ds.save_as(tmp_path / "first.dcm")
+    pixels = ds.pixel_array
+    ds.PixelData = (np.iinfo(pixels.dtype).max - pixels).astype(pixels.dtype).tobytes()  # another image
+    ds.save_as(tmp_path / "second.dcm")
+    drop(tmp_path / "first.dcm", config.inbox.path, "first.dcm")
+    (first,) = sub.wait_for(lambda ps: len(ps) >= 1, timeout_s=20)
+    drop(tmp_path / "second.dcm", config.inbox.path, "second.dcm")
+    results = sub.wait_for(lambda ps: len(ps) >= 2, timeout_s=20)
+    second = results[1]
+    assert second["input"]["sop_instance_uid"] == first["input"]["sop_instance_uid"]
+    assert second["message_id"] != first["message_id"]
+    assert second["supersedes"] == first["message_id"] and "supersedes" not in first
+    jsonschema.Draft202012Validator(load_schema("result-v1")).validate(second)
+    assert service.counters["duplicates"] == 0 and service.counters["processed"] == 2
