@@ -92,6 +92,17 @@ class InboxConfig(_Section):
         (".part", ".tmp", ".error.json", ".swp"),
         description="Files being written by senders (storescp writes NAME.part, then renames).",
     )
+    symlinks: Literal["refuse", "inside-inbox"] = Field(
+        "refuse",
+        description="Symbolic links in the inbox: 'refuse' quarantines them unread; 'inside-inbox' "
+        "follows a link only to a regular file inside the inbox.",
+    )
+    max_file_mb: int = Field(
+        1024, ge=1, le=65536, description="Larger files are quarantined unread (a guard, like MaxPixels)."
+    )
+    read_timeout_seconds: float = Field(
+        60.0, gt=0.0, le=3600.0, description="Reading (hashing) one file must finish within this."
+    )
 
     @field_validator("processed_path", mode="before")
     @classmethod
@@ -284,6 +295,14 @@ class HealthConfig(_Section):
     """Heartbeat on the status topic and a local health file for ops and Greengrass."""
 
     heartbeat_seconds: float = Field(30.0, ge=1.0, le=3600.0)
+    watchdog_seconds: float = Field(
+        0.0,
+        ge=0.0,
+        le=86400.0,
+        description="A worker on one scan longer than this makes the service 'degraded' (and "
+        "'edge-runtime health' fail); 0 = automatic: Inbox.ReadTimeoutSeconds + 3 x "
+        "Decode.TimeoutSeconds, at least 120 s.",
+    )
     file: Path = Field(
         Path("state/health.json"), description="Rewritten every heartbeat; read by 'edge-runtime health'."
     )

@@ -17,6 +17,10 @@ The tree::
     │   ├── OutsideIntendedUse      header says it is not what the model is for
     │   ├── DecodeTimeout           the decoder hung on it (stopped after a limit)
     │   ├── DecodeCrashed           the decoder died or ran out of memory on it
+    │   ├── NotARegularFile         a FIFO, device or socket (never opened)
+    │   ├── SymlinkRefused          a link (never followed unless configured)
+    │   ├── UnreadableFile          the service user may not read it
+    │   ├── FileTooLarge            over Inbox.MaxFileMb or too slow to read
     │   └── ImageTooLarge           dimensions exceed the configured cap
     ├── ModelBundleError       model bundle missing, tampered or inconsistent
     │   └── ConformanceError        the model answers differently on this CPU
@@ -42,15 +46,19 @@ __all__ = [
     "DecodeCrashed",
     "DecodeTimeout",
     "EdgeRuntimeError",
+    "FileTooLarge",
     "ImageTooLarge",
     "IncompleteInput",
     "InputError",
     "JournalError",
     "JournalIntegrityError",
     "ModelBundleError",
+    "NotARegularFile",
     "NotAnImage",
     "OutsideIntendedUse",
     "PublishError",
+    "SymlinkRefused",
+    "UnreadableFile",
     "UnsupportedImage",
     "UnsupportedTransferSyntax",
 ]
@@ -152,6 +160,46 @@ class DecodeCrashed(InputError):
     action = (
         "The file crashed the decoder or needed more memory than Decode.MemoryLimitMb allows. "
         "Resend it; if it is a valid (very large) scan, raise Decode.MemoryLimitMb."
+    )
+
+
+class NotARegularFile(InputError):
+    """A FIFO, device, socket or folder in the inbox: never opened for reading."""
+
+    code = "not_a_regular_file"
+    action = (
+        "Only regular files belong in the inbox. Remove this entry from quarantine; if a program "
+        "creates pipes or devices in the inbox, point it elsewhere."
+    )
+
+
+class SymlinkRefused(InputError):
+    """A symbolic link in the inbox: not followed, so no file outside the inbox is ever read."""
+
+    code = "symlink_refused"
+    action = (
+        "Copy the scan itself into the inbox instead of linking to it. To follow links that stay "
+        "inside the inbox, set Inbox.Symlinks to inside-inbox."
+    )
+
+
+class UnreadableFile(InputError):
+    """The service user may not read the file (permissions)."""
+
+    code = "file_unreadable"
+    action = (
+        "Give the service's user read access to files the sender writes (e.g. the sender's umask or a "
+        "shared group), then move the file from quarantine back into the inbox."
+    )
+
+
+class FileTooLarge(InputError):
+    """The file is larger than Inbox.MaxFileMb or could not be read within Inbox.ReadTimeoutSeconds."""
+
+    code = "file_too_large"
+    action = (
+        "No chest radiograph is this large: check what was sent. If such files are expected, raise "
+        "Inbox.MaxFileMb / Inbox.ReadTimeoutSeconds."
     )
 
 

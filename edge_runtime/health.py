@@ -40,6 +40,7 @@ class Health:
         outbox_pending: Callable[[], int],
         queued: Callable[[], int],
         model: Callable[[], dict[str, Any]],
+        stalled: Callable[[], str | None] = lambda: None,
         mqtt: Any = None,
         ipc: Any = None,
     ) -> None:
@@ -47,6 +48,8 @@ class Health:
         self._outbox_pending = outbox_pending
         self._queued = queued
         self._model = model
+        #: The watchdog: why a worker makes no progress, or None.
+        self._stalled = stalled
         #: The MQTT sink (retained status topic), when MQTT is on.
         self.mqtt = mqtt
         self.ipc = ipc
@@ -89,7 +92,10 @@ class Health:
         counters["outbox_pending"] = self._outbox_pending()
         mqtt_connected = bool(self.mqtt is not None and self.mqtt.connected)
         state, reason = "online", None
-        if self.blocked_reason:
+        stalled = self._stalled()
+        if stalled:
+            state, reason = "degraded", f"a worker is stuck: {stalled}"
+        elif self.blocked_reason:
             state, reason = "degraded", f"not taking new scans: {self.blocked_reason}"
         elif self.mqtt is not None and not mqtt_connected:
             state, reason = "degraded", "MQTT broker not reachable; results kept in the journal"

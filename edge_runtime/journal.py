@@ -66,6 +66,7 @@ from .journal_integrity import (
     write_id_file,
 )
 from .results import utc_now
+from .sources.files import display_name
 
 __all__ = [
     "Admission",
@@ -325,6 +326,8 @@ class Journal:
         incremented in the same transaction (one fsync per scan saved); the record
         returned carries the new attempt number.
         """
+        # Names as text SQLite accepts: a sender may write names that are not UTF-8.
+        name, where = display_name(path.name), display_name(str(path))
         now = utc_now()
         with self._tx() as db:
             row = db.execute(
@@ -335,14 +338,12 @@ class Journal:
                 cur = db.execute(
                     "INSERT INTO inputs(sha256, file_name, path, size_bytes, state, attempts, "
                     "received_utc, updated_utc) VALUES (?, ?, ?, ?, 'processing', 1, ?, ?)",
-                    (sha256, path.name, str(path), size_bytes, now, now),
+                    (sha256, name, where, size_bytes, now, now),
                 )
-                record = InputRecord(
-                    cur.lastrowid or 0, sha256, path.name, str(path), "processing", 1, None, None
-                )
+                record = InputRecord(cur.lastrowid or 0, sha256, name, where, "processing", 1, None, None)
                 return Admission("process", record, duplicate=False)
             record = self._record(row)
-            duplicate = record.path != str(path)
+            duplicate = record.path != where
             if record.state == "done":
                 return Admission("finish_done", record, duplicate)
             if record.state == "quarantined":

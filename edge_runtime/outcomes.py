@@ -14,10 +14,12 @@ the file, so a crash between the two is finished on the next start:
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
 import shutil
+import stat
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from .journal import Delivery, InputRecord, Journal
 from .logs import event
 from .results import scan_ref, utc_now
 from .sources.base import ScanItem
+from .sources.files import display_name, file_key, safe_file_name
 from .sources.inbox import unique_target
 
 __all__ = ["OutcomeRecorder"]
@@ -126,13 +129,33 @@ class OutcomeRecorder:
                 },
             )
 
+    def refuse_unread(self, item: ScanItem, error: dict[str, str], attempts: int = 1) -> None:
+        """Quarantine a file that was not (or could not be) read: a FIFO, a link, an unreadable file.
+
+        It has no content hash, so the journal records it under :func:`file_key` (name, inode,
+        mtime): still exactly one quarantine record, whatever happens next.
+        """
+        key = file_key(item.path)
+        admission = self.journal.admit(key, item.path, 0)
+        if admission.action == "finish_quarantine":
+            self.move_to_quarantine(item, admission.record.error or {})
+            return
+        self.quarantine(item, key, admission.record.id, attempts, error, content_hash=False)
+
     def quarantine(
-        self, item: ScanItem, sha256: str, input_id: int, attempts: int, error: dict[str, str]
+        self,
+        item: ScanItem,
+        sha256: str,
+        input_id: int,
+        attempts: int,
+        error: dict[str, str],
+        *,
+        content_hash: bool = True,
     ) -> None:
         """Record the verdict in the journal, then move the file and write its error file."""
         document = {
-            "file": item.path.name,
-            "sha256": sha256,
+            "file": display_name(item.path.name),
+            "sha256" if content_hash else "file_key": sha256,
             **error,
             "attempts": attempts,
             "quarantined_utc": utc_now(),
@@ -145,13 +168,15 @@ class OutcomeRecorder:
         """The file side of a quarantine (also finishes one that a crash interrupted)."""
         path = item.path
         sha256 = error.get("sha256")
-        target = unique_target(self.quarantine_dir, path.name, lambda f: _same_input(f, sha256))
+        key = sha256 or error.get("file_key")
+        # A short printable name: the original may be too long for ".error.json" or not UTF-8.
+        target = unique_target(self.quarantine_dir, safe_file_name(path.name), lambda f: _same_input(f, key))
         error_file = target.with_name(target.name + ".error.json")
         tmp = error_file.with_name(error_file.name + ".tmp")
         tmp.write_text(json.dumps(error, indent=2) + "\n", encoding="utf-8")
         os.replace(tmp, error_file)
         with contextlib.suppress(FileNotFoundError):
-            shutil.move(str(path), target)
+            _move(path, target)
         self.health.count("quarantined")
         event(
             log,
@@ -173,9 +198,29 @@ class OutcomeRecorder:
         )
 
 
-def _same_input(error_file: Path, sha256: str | None) -> bool:
+def _move(path: Path, target: Path) -> None:
+    """Move without opening: a rename never follows a link or blocks on a FIFO.
+
+    Across disks (EXDEV) a regular file or a link is moved by ``shutil.move`` (which
+    re-creates a link, never copying what it points to); a FIFO or device cannot be
+    copied, so it is removed from the inbox (its error file says what it was).
+    """
+    try:
+        os.rename(path, target)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        mode = os.lstat(path).st_mode
+        if stat.S_ISREG(mode) or stat.S_ISLNK(mode):
+            shutil.move(str(path), target)
+        else:
+            path.unlink()
+
+
+def _same_input(error_file: Path, key: str | None) -> bool:
     """An earlier, interrupted quarantine of this very input left this error file."""
     try:
-        return sha256 is not None and json.loads(error_file.read_text())["sha256"] == sha256
-    except (OSError, ValueError, KeyError, TypeError):
+        document = json.loads(error_file.read_text())
+        return key is not None and key in (document.get("sha256"), document.get("file_key"))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False

@@ -38,6 +38,17 @@ STOP_TIMEOUT_S = 4.0
 _OLD_MODEL_GRACE_S = 30.0
 
 
+def watchdog_limit(config: RuntimeConfig) -> float:
+    """How long one scan may take before the watchdog reports the worker stuck.
+
+    Reading and decoding have their own limits (after which the file is
+    quarantined); a worker past both, with margin, is not progressing.
+    """
+    if config.health.watchdog_seconds:
+        return config.health.watchdog_seconds
+    return max(120.0, config.inbox.read_timeout_seconds + 3 * config.decode.timeout_seconds)
+
+
 class EdgeService:
     """Wires the stages together. ``start()``, then ``stop()`` (or ``run_forever()``)."""
 
@@ -57,6 +68,7 @@ class EdgeService:
             outbox_pending=self.journal.outbox_pending,
             queued=lambda: self.workers.queue.qsize(),
             model=lambda: self.analyzer.status_model(),
+            stalled=lambda: self.workers.stalled(watchdog_limit(self.config)),
             mqtt=self.mqtt,
             ipc=ipc,
         )

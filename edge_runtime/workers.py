@@ -32,9 +32,10 @@ from .health import Health
 from .journal import Journal
 from .logs import event
 from .outcomes import OutcomeRecorder
-from .pipeline import ScanAnalyzer, file_sha256
+from .pipeline import ScanAnalyzer
 from .sinks import Sink
 from .sources import ScanItem, Source
+from .sources.files import display_name, read_scan
 
 __all__ = ["WorkerPool", "intake_blocked"]
 
@@ -91,6 +92,12 @@ class WorkerPool:
         self.queue: queue.PriorityQueue[ScanItem] = queue.PriorityQueue()
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
+        #: worker thread name -> (scan, time.monotonic() when it started on it): for the watchdog.
+        self._busy: dict[str, tuple[ScanItem, float]] = {}
+        #: Unexpected errors per file (before the journal could count them), by (path, size, mtime).
+        self._errors: dict[tuple[Path, int, float], int] = {}
+        #: Files given up on (even quarantine failed), with the stat they had: not offered again.
+        self._parked: dict[Path, tuple[int, float]] = {}
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self, workers: int) -> None:
@@ -101,8 +108,21 @@ class WorkerPool:
 
     def offer(self, item: ScanItem) -> None:
         """A source found a complete scan (called on the source's thread)."""
+        if self._parked.get(item.path) == (item.size_bytes, item.mtime):
+            return  # reported once already; offered again only once it changes
         if not self._stopping.is_set() and self._gate(item):
             self.queue.put(item)
+
+    def stalled(self, limit_s: float) -> str | None:
+        """The watchdog's finding: a worker on one scan for longer than ``limit_s``, or None."""
+        now = time.monotonic()
+        for name, (_item, since) in list(self._busy.items()):
+            if now - since > limit_s:
+                return (
+                    f"{name} has worked on one scan for {now - since:.0f} s (limit {limit_s:.0f} s) "
+                    "without finishing; scans queue behind it"
+                )
+        return None
 
     def stop(self, deadline: float) -> None:
         """Finish scans in progress; queued ones stay at their source for the next start."""
@@ -142,13 +162,50 @@ class WorkerPool:
                 return
             if not self._gate(item):
                 continue
+            name = threading.current_thread().name
+            self._busy[name] = (item, time.monotonic())
             try:
                 self.handle(item)
-            except Exception:
-                # Never let one scan kill a worker: log it, retry on a later offer.
-                log.exception("unexpected error while handling %s; it will be retried", item.path.name)
+            except Exception as exc:
+                # Never let one scan kill a worker: count it, retry on a later offer, end it after
+                # Journal.MaxAttempts (even when the journal could not record the attempt).
+                self._unexpected(item, exc)
             finally:
+                self._busy.pop(name, None)
                 self.sources[item.source].release(item)
+
+    def _unexpected(self, item: ScanItem, exc: Exception) -> None:
+        key = (item.path, item.size_bytes, item.mtime)
+        self._errors[key] = count = self._errors.get(key, 0) + 1
+        max_attempts = self._config().journal.max_attempts
+        name = display_name(item.path.name)
+        log.error(
+            "unexpected error while handling %s (attempt %d/%d): %s: %s",
+            name,
+            count,
+            max_attempts,
+            type(exc).__name__,
+            exc,
+            exc_info=exc,
+        )
+        if count < max_attempts:
+            return
+        self._errors.pop(key, None)
+        error = {
+            "code": "processing_failed_repeatedly",
+            "error": f"Handling {name} failed {count} times with an unexpected error "
+            f"({type(exc).__name__}: {exc}).",
+            "action": "This is a fault of the runtime, not necessarily of the file: send the service "
+            "log with this error file to support; resend the scan once fixed.",
+        }
+        try:
+            self.recorder.refuse_unread(item, error, attempts=count)
+        except Exception as again:
+            # Even the quarantine failed (e.g. the quarantine folder is not writable): stop
+            # offering this file until it changes, and say so where the admin looks.
+            self._parked[item.path] = (item.size_bytes, item.mtime)
+            log.error("cannot quarantine %s either (%s); it stays in the inbox, set aside", name, again)
+            self.health.report_error(f"a scan could not be quarantined: {type(again).__name__}")
 
     def handle(self, item: ScanItem) -> None:
         """One scan from hash to recorded outcome."""
@@ -156,11 +213,15 @@ class WorkerPool:
         queue_ms = (time.monotonic() - item.ready_at) * 1000
         t0 = time.perf_counter()
         try:
-            sha256 = file_sha256(path)
-            size = path.stat().st_size
+            scan = read_scan(path, self._config().inbox)
         except FileNotFoundError:
-            log.info("%s disappeared from the inbox before it was read", path.name)
+            log.info("%s disappeared from the inbox before it was read", display_name(path.name))
             return
+        except InputError as exc:  # a FIFO, a link, unreadable, too large: refused unread
+            self.health.count("received")
+            self.recorder.refuse_unread(item, exc.to_dict())
+            return
+        sha256, size = scan.sha256, scan.size_bytes
         hash_ms = (time.perf_counter() - t0) * 1000
         self.health.count("received")
         event(

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from ..config import InboxConfig, RuntimeConfig
 from .base import ScanItem
+from .files import display_name, safe_file_name
 
 if TYPE_CHECKING:  # watchdog is imported lazily (rescans still work without it)
     from watchdog.observers.api import BaseObserver
@@ -134,7 +135,7 @@ class InboxSource:
             if processed is None:
                 item.path.unlink()
             else:
-                shutil.move(str(item.path), unique_target(processed, item.path.name))
+                shutil.move(str(item.path), unique_target(processed, safe_file_name(item.path.name)))
         except FileNotFoundError:
             pass
 
@@ -213,13 +214,13 @@ class InboxSource:
             items = list(self._candidates.items())
         for path, cand in items:
             try:
-                st = path.stat()
+                st = path.lstat()  # the entry itself: a link or FIFO is refused by the worker, unread
             except FileNotFoundError:
                 with self._lock:
                     self._candidates.pop(path, None)
                 continue
             except OSError as exc:
-                log.warning("cannot stat %s: %s", path.name, exc)
+                log.warning("cannot stat %s: %s", display_name(path.name), exc)
                 continue
             if cand.complete:
                 ready.append(ScanItem(st.st_mtime, path, st.st_size, now, self.name))
