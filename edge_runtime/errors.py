@@ -24,6 +24,7 @@ The tree::
     │   └── ImageTooLarge           dimensions exceed the configured cap
     ├── ModelBundleError       model bundle missing, tampered or inconsistent
     │   └── ConformanceError        the model answers differently on this CPU
+    ├── DecoderFault           our own decoding code failed (a bug; retried, then quarantined)
     ├── BackendError           inference engine failed to load or run
     ├── PublishError           a sink (MQTT, Greengrass IPC) did not take a message
     └── JournalError           the on-disk journal cannot be read or written
@@ -45,6 +46,7 @@ __all__ = [
     "CorruptImage",
     "DecodeCrashed",
     "DecodeTimeout",
+    "DecoderFault",
     "EdgeRuntimeError",
     "FileTooLarge",
     "ImageTooLarge",
@@ -228,6 +230,16 @@ class ConformanceError(ModelBundleError):
         "Do not use this model on this box: deploy a model version whose conformance check passes "
         "on this CPU (the model's release notes list the CPUs it was checked on), or choose another "
         "backend in Model.Backend. The previous model stays active."
+    )
+
+
+class DecoderFault(EdgeRuntimeError):
+    """The runtime's own decoding code raised an unexpected error: a bug, not the file's fault."""
+
+    code = "decoder_fault"
+    action = (
+        "A fault of the runtime: send the service log (it has the error) to support. The scan is "
+        "tried again and quarantined after Journal.MaxAttempts; resend it once the runtime is fixed."
     )
 
 

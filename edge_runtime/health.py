@@ -97,6 +97,8 @@ class Health:
             state, reason = "degraded", f"a worker is stuck: {stalled}"
         elif self.blocked_reason:
             state, reason = "degraded", f"not taking new scans: {self.blocked_reason}"
+        elif self.mqtt is not None and self.mqtt.problem:
+            state, reason = "degraded", f"{self.mqtt.problem}; results kept in the journal"
         elif self.mqtt is not None and not mqtt_connected:
             state, reason = "degraded", "MQTT broker not reachable; results kept in the journal"
         elif self.last_error and self.last_error.startswith("configuration update rejected"):
@@ -108,7 +110,7 @@ class Health:
             "mqtt_connected": mqtt_connected,
             "model": self._model(),
             "counters": counters,
-            "last_error": self.last_error,
+            "last_error": self.last_error or (self.mqtt.problem if self.mqtt is not None else None),
             "runtime_version": __version__,
             "heartbeat_seconds": config.health.heartbeat_seconds,
         }

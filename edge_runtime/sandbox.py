@@ -34,7 +34,7 @@ from typing import Any
 
 from . import decode as decode_stage
 from .decode import DecodedImage, DecodeLimits, decode_file
-from .errors import CorruptImage, DecodeCrashed, DecodeTimeout, InputError
+from .errors import CorruptImage, DecodeCrashed, DecoderFault, DecodeTimeout, InputError
 
 __all__ = ["DecodeSandbox"]
 
@@ -58,6 +58,24 @@ def _error_class(name: str) -> type[InputError]:
             _ERRORS[cls.__name__] = cls
             pending.extend(cls.__subclasses__())
     return _ERRORS.get(name, InputError)
+
+
+_PACKAGE_DIR = str(Path(__file__).resolve().parent)
+
+
+def _raised_in_our_code(exc: BaseException) -> bool:
+    """Whether the innermost frame of ``exc`` is in this package (our bug) or a library (bad data).
+
+    A library that chokes on a damaged file (pydicom, OpenCV, a JPEG codec) says the file
+    is corrupt; an error raised by our own code is a fault of the runtime, retried and
+    reported as such instead of blaming the file.
+    """
+    tb = exc.__traceback__
+    last = None
+    while tb is not None:
+        last = tb
+        tb = tb.tb_next
+    return last is not None and str(Path(last.tb_frame.f_code.co_filename).resolve()).startswith(_PACKAGE_DIR)
 
 
 def _child_main(conn: Connection, registry: dict[str, str], memory_bytes: int) -> None:
@@ -84,7 +102,7 @@ def _child_main(conn: Connection, registry: dict[str, str], memory_bytes: int) -
         except MemoryError:
             reply = ("memory", "")
         except Exception as exc:
-            reply = ("error", f"{type(exc).__name__}: {exc}")
+            reply = ("error", f"{type(exc).__name__}: {exc}", _raised_in_our_code(exc))
         try:
             conn.send(reply)
         except MemoryError:
@@ -168,6 +186,11 @@ class DecodeSandbox:
                 raise DecodeCrashed(
                     f"Decoding {path.name} needed more than "
                     f"{self.memory_bytes // (1024 * 1024)} MB (Decode.MemoryLimitMb)."
+                )
+            if kind == "error" and reply[2]:
+                raise DecoderFault(
+                    f"The runtime's own decoder code failed on {path.name}: {reply[1]}. This is a "
+                    "fault of the runtime, not necessarily of the file."
                 )
             if kind == "error":
                 raise CorruptImage(f"The decoder failed on {path.name}: {reply[1]}")

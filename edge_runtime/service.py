@@ -61,7 +61,6 @@ class EdgeService:
         self.journal = journal or Journal(config.journal.path)
         self.sinks = create_sinks(config, ipc)
         self.mqtt = next((s for s in self.sinks if isinstance(s, MqttSink)), None)
-        self.drainers = [OutboxDrainer(self.journal, sink) for sink in self.sinks]
         self.sources = create_sources(config)
         self.health = Health(
             lambda: self.config,
@@ -72,6 +71,9 @@ class EdgeService:
             mqtt=self.mqtt,
             ipc=ipc,
         )
+        self.drainers = [
+            OutboxDrainer(self.journal, sink, on_error=self.health.report_error) for sink in self.sinks
+        ]
         if self.mqtt is not None:
             self.mqtt.model_info = self.analyzer.status_model()
             self.mqtt.backlog = self.journal.outbox_pending

@@ -188,3 +188,26 @@ def test_health_report_is_retained_in_iot_core_per_thing(nucleus_service, tmp_pa
     assert {"received", "processed", "quarantined"} <= set(report["counters"])
     text = json.dumps(report)
     assert str(tmp_path) not in text and "inbox" not in text  # no paths, no file names
+
+
+def test_access_denied_by_the_nucleus_is_named_and_the_result_kept(
+    shared_data: Path, nucleus_service, tmp_path: Path
+):
+    """An UnauthorizedError used to be retried silently for ever; now the status says what to fix."""
+    nucleus, service = nucleus_service
+    nucleus.inject_error(
+        "PublishToIoTCore", "UnauthorizedError", "not authorized to publish to this topic", times=2
+    )
+    drop(
+        shared_data / "cxr/kermany_pneumonia_224/test/NORMAL/IM-0001-0001.jpeg",
+        service.config.inbox.path,
+        "a.jpeg",
+    )
+    nucleus.wait_until(lambda: "ipc-iotcore delivery failing" in (service.last_error or ""), timeout=20)
+    assert "UnauthorizedError" in service.last_error
+    assert "retrying; results kept" in service.last_error
+    # Retried with back-off; once the policy allows it, the result goes out, exactly once.
+    nucleus.wait_until(lambda: len(nucleus.calls_for("PublishToIoTCore")) >= 3, timeout=20)
+    nucleus.wait_until(lambda: service.journal.counts()["outbox_pending"] == 0, timeout=20)
+    results = [c for c in nucleus.calls_for("PublishToIoTCore") if "results" in c["topicName"]]
+    assert len(results) == 3  # two refused, one accepted

@@ -122,9 +122,8 @@ def broker_factory(tmp_path: Path, mosquitto):  # `mosquitto` skips when it is n
 
 
 def _publisher(tmp_path: Path, broker: Broker, **mqtt) -> MqttSink:
-    config = RuntimeConfig.from_mapping(
-        {"Mqtt": {"Host": "127.0.0.1", "Port": broker.port, "ClientId": f"sec-{time.monotonic_ns()}", **mqtt}}
-    )
+    mqtt.setdefault("ClientId", f"sec-{time.monotonic_ns()}")
+    config = RuntimeConfig.from_mapping({"Mqtt": {"Host": "127.0.0.1", "Port": broker.port, **mqtt}})
     return MqttSink(config.mqtt)
 
 
@@ -178,10 +177,34 @@ def test_username_and_password(broker_factory, tmp_path: Path, caplog):
     secret.write_text("s3cret\n")
     assert _connects(_publisher(tmp_path, broker, Username="edge", PasswordFile=str(secret)))
     assert _connects(_publisher(tmp_path, broker, Username="edge", Password="s3cret"))
+    wrong = _publisher(tmp_path, broker, Username="edge", Password="wrong")
     with caplog.at_level(logging.ERROR, logger="edge_runtime.sinks.mqtt"):
-        assert not _connects(_publisher(tmp_path, broker, Username="edge", Password="wrong"), timeout_s=2)
+        assert not _connects(wrong, timeout_s=2)
     assert "authentication failed for user 'edge'" in caplog.text
     assert "timed out" not in caplog.text
+    # The status says so too (it said "broker not reachable" with no last_error).
+    assert wrong.problem is not None and "rejected our credentials" in wrong.problem
+    assert "Mqtt.Username" in wrong.problem
+
+
+def test_two_boxes_with_one_client_id_are_named_as_the_cause(broker_factory, tmp_path: Path, caplog):
+    """They took the session from each other every second with only 'lost (Unspecified error)'."""
+    broker = broker_factory("")
+    boxes = [_publisher(tmp_path, broker, ClientId="ward-3-box") for _ in range(2)]
+    with caplog.at_level(logging.ERROR, logger="edge_runtime.sinks.mqtt"):
+        for box in boxes:
+            box.start()
+        try:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not any(box.problem for box in boxes):
+                time.sleep(0.1)
+            problems = [box.problem for box in boxes if box.problem]
+        finally:
+            for box in boxes:
+                box.stop(timeout_s=1)
+    assert problems, "a ClientId takeover went unnamed"
+    assert "same Mqtt.ClientId (ward-3-box)" in problems[0]
+    assert "same Mqtt.ClientId" in caplog.text
 
 
 def test_missing_or_bad_certificate_stops_start_up_naming_the_file(pki: Path, tmp_path: Path):

@@ -74,3 +74,23 @@ def test_hang_memory_and_crash_are_contained(misbehaving_plugins, shared_data: P
         assert sandbox.restarts == 3
     finally:
         sandbox.close()
+
+
+def test_a_bug_of_ours_is_not_blamed_on_the_file(misbehaving_plugins, tmp_path: Path):
+    """It used to be 'corrupt image, resend' whatever failed in the decoder child."""
+    from edge_runtime.errors import DecoderFault, InputError
+
+    decode_stage.register_decoder("buggy", "plugins.misbehaving:BuggyDecoder", first=True)
+    decode_stage.register_decoder("choking", "plugins.misbehaving:ChokingLibraryDecoder", first=True)
+    (tmp_path / "bug.dcm").write_bytes(b"BUGGY\n" + b"x" * 100)
+    (tmp_path / "choke.dcm").write_bytes(b"CHOKE\n{not json")
+    sandbox = DecodeSandbox(timeout_s=30)
+    try:
+        with pytest.raises(DecoderFault, match="fault of the runtime") as info:
+            sandbox.decode(tmp_path / "bug.dcm", DecodeLimits())
+        assert not isinstance(info.value, InputError)  # retried, then quarantined as our failure
+        assert "support" in info.value.action
+        with pytest.raises(CorruptImage, match="JSONDecodeError"):
+            sandbox.decode(tmp_path / "choke.dcm", DecodeLimits())
+    finally:
+        sandbox.close()

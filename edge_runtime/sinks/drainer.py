@@ -38,12 +38,15 @@ class OutboxDrainer:
         *,
         max_in_flight: int = 100,
         on_delivered: Callable[[OutboxMessage, float], None] | None = None,
+        on_error: Callable[[str], None] | None = None,
     ) -> None:
         self.journal = journal
         self.sink = sink
         self.max_in_flight = max_in_flight
         #: Optional callback(message, seconds from hand-over to confirmation), e.g. for benchmarks.
         self.on_delivered = on_delivered
+        #: Told (once per run of failures) what keeps this sink from delivering, for the status.
+        self.on_error = on_error
         self.delivered_count = 0
         self._acks: queue.SimpleQueue[int] = queue.SimpleQueue()
         # Only the drain thread touches these:
@@ -102,7 +105,12 @@ class OutboxDrainer:
                 backoff = RETRY_FIRST_S
             except Exception as exc:
                 reason = exc.message if isinstance(exc, PublishError) else f"{type(exc).__name__}: {exc}"
-                log.warning("%s delivery failed (%s); retrying in %.1f s", self.sink.name, reason, backoff)
+                action = exc.action if isinstance(exc, PublishError) else PublishError.action
+                log.warning(
+                    "%s delivery failed (%s); retrying in %.1f s. %s", self.sink.name, reason, backoff, action
+                )
+                if backoff == RETRY_FIRST_S and self.on_error is not None:
+                    self.on_error(f"{self.sink.name} delivery failing: {reason} (retrying; results kept)")
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, RETRY_MAX_S)
                 self._wake.set()

@@ -85,6 +85,12 @@ def build_tls_context(config: MqttConfig) -> ssl.SSLContext:
     return context
 
 
+#: A session shorter than this counts towards a suspected ClientId takeover ...
+_SHORT_SESSION_S = 3.0
+#: ... once this many happen in a row.
+_TAKEOVER_SESSIONS = 3
+
+
 def from_config(config: RuntimeConfig, ipc: Any = None) -> MqttSink | None:
     return MqttSink(config.mqtt) if config.mqtt.enabled else None
 
@@ -127,7 +133,12 @@ class MqttSink:
         self._client.on_publish = self._on_publish
         self._failures = 0
         self.last_refusal: str | None = None
+        #: Why the broker is not reachable, in words, for the status reason and last_error
+        #: (authentication, TLS, a ClientId taken over); None while connected or unknown.
+        self._problem: str | None = None
         self._lost_at: float | None = None
+        self._connected_at = 0.0
+        self._short_sessions = 0
         self._acknowledge: Acknowledge = lambda token: None
         self._connected = threading.Event()
         self._stopping = threading.Event()
@@ -140,6 +151,10 @@ class MqttSink:
         if reason.is_failure:
             self.last_refusal = str(reason)
             if reason.value in (4, 5, 134, 135):  # bad user name or password / not authorized
+                self._problem = (
+                    f"MQTT broker rejected our credentials ({reason}): check Mqtt.Username and "
+                    "Mqtt.Password/PasswordFile"
+                )
                 log.error(
                     "MQTT broker %s:%s rejected our credentials (%s): authentication failed for "
                     "user %r. Check Mqtt.Username and Mqtt.Password/PasswordFile against the "
@@ -150,11 +165,15 @@ class MqttSink:
                     self.config.username,
                 )
             else:
+                self._problem = f"MQTT broker refused the connection: {reason}"
                 log.error(
                     "MQTT broker %s:%s refused the connection: %s", self.config.host, self.config.port, reason
                 )
             return
         self.last_refusal = None
+        self._connected_at = time.monotonic()
+        if self._short_sessions < _TAKEOVER_SESSIONS:
+            self._problem = None
         log.info("MQTT connected to %s:%s as %s", self.config.host, self.config.port, self.config.client_id)
         self._connected.set()
         self._failures = 0
@@ -186,7 +205,23 @@ class MqttSink:
     def _on_disconnect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any
     ) -> None:
+        was_connected = self._connected.is_set()
         self._connected.clear()
+        if was_connected and not self._stopping.is_set():
+            # The broker closing each new session at once is what a second client with our
+            # ClientId causes (each connect takes the session over from the other box).
+            if time.monotonic() - self._connected_at < _SHORT_SESSION_S:
+                self._short_sessions += 1
+            else:
+                self._short_sessions = 0
+            if self._short_sessions >= _TAKEOVER_SESSIONS:
+                self._problem = (
+                    f"the broker closed {self._short_sessions} sessions in a row right after they "
+                    f"opened: another client probably uses the same Mqtt.ClientId "
+                    f"({self.config.client_id}); give every box its own"
+                )
+                if self._short_sessions == _TAKEOVER_SESSIONS:
+                    log.error("MQTT %s", self._problem)
         if self._lost_at is None:
             self._lost_at = time.monotonic()
         if not self._stopping.is_set():
@@ -206,6 +241,13 @@ class MqttSink:
         return Delivery(self.name, config.mqtt.results_topic, payload, config.mqtt.qos)
 
     @property
+    def problem(self) -> str | None:
+        """What keeps us from the broker, in words; None once a session has lasted a while."""
+        if self.connected and time.monotonic() - self._connected_at >= _SHORT_SESSION_S:
+            return None
+        return self._problem
+
+    @property
     def connected(self) -> bool:
         return self._connected.is_set()
 
@@ -223,6 +265,10 @@ class MqttSink:
             # words at start-up; afterwards paho's loop reconnects with back-off.
             self._client.connect(host, port, keepalive=self.config.keepalive_seconds)
         except ssl.SSLCertVerificationError as exc:
+            self._problem = (
+                f"TLS verification of the MQTT broker failed ({exc.verify_message or exc}): check "
+                "Mqtt.Host and Mqtt.Tls.CaFile"
+            )
             log.error(
                 "TLS verification of the MQTT broker %s:%s failed: %s. Check that Mqtt.Host "
                 "matches the broker certificate and Mqtt.Tls.CaFile is the CA that signed it.",
@@ -232,6 +278,7 @@ class MqttSink:
             )
             self._client.connect_async(host, port, keepalive=self.config.keepalive_seconds)
         except ssl.SSLError as exc:
+            self._problem = f"TLS handshake with the MQTT broker failed ({exc.reason or exc})"
             log.error(
                 "TLS handshake with the MQTT broker %s:%s failed: %s. If the broker "
                 "requires a client certificate, set Mqtt.Tls.CertFile/KeyFile.",

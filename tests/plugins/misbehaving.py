@@ -45,3 +45,33 @@ class CrashingDecoder:
     def decode(self, path: Path, limits: DecodeLimits) -> DecodedImage:
         ctypes.string_at(0)  # segfault, as a buggy C decoder would
         raise AssertionError("unreachable")
+
+
+class BuggyDecoder:
+    """Fails inside the runtime's own code (a bug of ours), not on the file's content."""
+
+    name = "buggy"
+
+    def sniff(self, head: bytes, path: Path) -> bool:
+        return head.startswith(b"BUGGY\n")
+
+    def decode(self, path: Path, limits: DecodeLimits) -> DecodedImage:
+        from edge_runtime.results import scan_ref
+
+        scan_ref(None)  # type: ignore[arg-type]  # TypeError raised in edge_runtime/results.py
+        raise AssertionError("unreachable")
+
+
+class ChokingLibraryDecoder:
+    """Fails the way a third-party library chokes on damaged data."""
+
+    name = "choking"
+
+    def sniff(self, head: bytes, path: Path) -> bool:
+        return head.startswith(b"CHOKE\n")
+
+    def decode(self, path: Path, limits: DecodeLimits) -> DecodedImage:
+        import json
+
+        json.loads(path.read_bytes()[6:])  # JSONDecodeError raised inside the json library
+        raise AssertionError("unreachable")
