@@ -491,8 +491,9 @@ def _gate(args: argparse.Namespace) -> int:
     from .gate import evaluate_gate
 
     try:
-        candidate = load_bundle(args.bundle).manifest
-        production = load_bundle(args.production).manifest if args.production else None
+        # The gate reads manifests as JSON dicts (as the pipeline's entry point does).
+        candidate = load_bundle(args.bundle).manifest.to_json_dict()
+        production = load_bundle(args.production).manifest.to_json_dict() if args.production else None
     except ModelBundleError as exc:
         raise ReleaseError(exc.message, exc.action) from None
     verdict = evaluate_gate(candidate, load_config(None, args.config).gate, production)
