@@ -43,10 +43,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import boto3
 from botocore.exceptions import BotoCoreError, ClientError
+
+if TYPE_CHECKING:
+    from edge_runtime.signing import BundleTrust
 
 __all__ = [
     "MODEL_COMPONENT",
@@ -197,12 +200,22 @@ def _existing_recipe(clients: Clients, version: str) -> str | None:
     return recipe.decode("utf-8") if isinstance(recipe, bytes) else str(recipe)
 
 
-def publish(clients: Clients, bundle_dir: Path, bucket: str) -> dict[str, Any]:
-    """Upload the bundle and create its component version (idempotent for identical content)."""
+def publish(
+    clients: Clients, bundle_dir: Path, bucket: str, trust: BundleTrust | None = None
+) -> dict[str, Any]:
+    """Upload the bundle and create its component version (idempotent for identical content).
+
+    ``trust``: the signers the build's verification believes (the pipeline's
+    KMS key for a bundle it has just signed); None: the configured trust.
+    """
+    from edge_runtime.signing import BundleTrust, trusting
+
     build = _components_build()
     with tempfile.TemporaryDirectory(prefix="release-") as tmp:
         try:
-            zip_path, version = build.build_model_artifact(Path(bundle_dir), Path(tmp))
+            # components/build.py verifies with load_bundle's default trust; it takes no trust argument.
+            with trusting(trust or BundleTrust.configured()):
+                zip_path, version = build.build_model_artifact(Path(bundle_dir), Path(tmp))
         except build.BuildError as exc:
             raise ReleaseError(str(exc), "Fix or re-package the bundle, then publish again.") from None
         recipe = build.render_recipe(MODEL_COMPONENT, version, bucket)
@@ -478,8 +491,9 @@ def _gate(args: argparse.Namespace) -> int:
     from .gate import evaluate_gate
 
     try:
-        candidate = load_bundle(args.bundle).manifest
-        production = load_bundle(args.production).manifest if args.production else None
+        # The gate reads manifests as JSON dicts (as the pipeline's entry point does).
+        candidate = load_bundle(args.bundle).manifest.to_json_dict()
+        production = load_bundle(args.production).manifest.to_json_dict() if args.production else None
     except ModelBundleError as exc:
         raise ReleaseError(exc.message, exc.action) from None
     verdict = evaluate_gate(candidate, load_config(None, args.config).gate, production)

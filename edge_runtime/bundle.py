@@ -3,9 +3,10 @@
 The manifest (:class:`~edge_runtime.manifest.Manifest`) is the contract
 between training and the edge: which labels the model predicts, what its
 input looks like, how to preprocess, at which threshold to decide, and the
-sha256 of every file. Loading refuses a bundle
-whose files do not match their hashes, so a half-copied or tampered model can
-never run on a patient's scan.
+sha256 of every file. Loading first checks the manifest's signature
+(:mod:`edge_runtime.signing`) against the trusted keys, then refuses a bundle
+whose files do not match their hashes, so neither a half-copied nor a
+tampered model (hashes rewritten included) can run on a patient's scan.
 
 ``write_manifest`` is used by ``training/`` to produce bundles; the edge only
 reads them.
@@ -24,10 +25,13 @@ from typing import Any
 from .errors import ModelBundleError
 from .manifest import BUNDLE_FORMAT, Manifest, parse_manifest
 from .preprocess import PreprocessSpec
+from .signing import NOT_CHECKED, SIGNATURE_NAME, BundleTrust, SignatureCheck, verify_manifest_signature
 
 __all__ = [
     "BUNDLE_FORMAT",
     "MANIFEST_NAME",
+    "SIGNATURE_NAME",
+    "BundleTrust",
     "ModelArtifact",
     "ModelBundle",
     "default_bundle_path",
@@ -74,6 +78,8 @@ class ModelBundle:
     path: Path
     manifest: Manifest
     preprocessing: PreprocessSpec
+    #: Who signed the manifest; unverified only where Model.RequireSignature is false.
+    signature: SignatureCheck = NOT_CHECKED
 
     @property
     def name(self) -> str:
@@ -136,29 +142,50 @@ class ModelBundle:
         )
 
 
-def _read_manifest(bundle_dir: Path) -> Manifest:
+def _read_manifest_bytes(bundle_dir: Path) -> bytes:
     manifest_path = bundle_dir / MANIFEST_NAME
     if not bundle_dir.is_dir():
         raise ModelBundleError(f"Model bundle folder {bundle_dir} does not exist.")
     if not manifest_path.is_file():
         raise ModelBundleError(f"Model bundle {bundle_dir} has no {MANIFEST_NAME}.")
     try:
-        data = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+        return manifest_path.read_bytes()
+    except OSError as exc:
+        raise ModelBundleError(f"Cannot read {manifest_path}: {exc}.") from exc
+
+
+def _parse_manifest(data_bytes: bytes, manifest_path: Path) -> Manifest:
+    try:
+        data = json.loads(data_bytes.decode("utf-8"))
+    except ValueError as exc:
         raise ModelBundleError(f"Cannot read {manifest_path}: {exc}.") from exc
     if not isinstance(data, dict):
         raise ModelBundleError(f"{manifest_path} must hold a JSON object.")
     return parse_manifest(data, str(manifest_path))
 
 
-def load_bundle(bundle_dir: str | Path, *, verify_hashes: bool = True) -> ModelBundle:
-    """Read and verify a model bundle.
+def load_bundle(
+    bundle_dir: str | Path, *, verify_hashes: bool = True, trust: BundleTrust | None = None
+) -> ModelBundle:
+    """Read and verify a model bundle: signature first, then every file's hash.
+
+    The manifest is read once; the signature is checked over those bytes and
+    the same bytes are parsed, so the manifest cannot change between the check
+    and its use.
+
+    Args:
+        trust: the signers to believe. None: :meth:`BundleTrust.configured`
+            (the defaults, i.e. the bundled models' key, plus
+            ``EDGE_RUNTIME__MODEL__TRUSTED_KEYS`` / ``..._REQUIRE_SIGNATURE``).
 
     Raises:
-        ModelBundleError: naming the file that is missing or altered.
+        ModelBundleError: unsigned or not signed by a trusted key (unless the
+            trust allows it), or naming the file that is missing or altered.
     """
     path = Path(bundle_dir).resolve()
-    manifest = _read_manifest(path)
+    raw = _read_manifest_bytes(path)
+    signature = verify_manifest_signature(path, raw, BundleTrust.configured() if trust is None else trust)
+    manifest = _parse_manifest(raw, path / MANIFEST_NAME)
     if verify_hashes:
         for name, expected in manifest.files.items():
             file_path = path / name
@@ -173,14 +200,18 @@ def load_bundle(bundle_dir: str | Path, *, verify_hashes: bool = True) -> ModelB
                     f"expected {expected[:12]}…. The file was altered or only partly copied.",
                     action="Redeploy the model component so the bundle is copied again intact.",
                 )
-    return ModelBundle(path=path, manifest=manifest, preprocessing=manifest.preprocessing_spec)
+    return ModelBundle(
+        path=path, manifest=manifest, preprocessing=manifest.preprocessing_spec, signature=signature
+    )
 
 
 def write_manifest(bundle_dir: str | Path, manifest: dict[str, Any]) -> Path:
     """Complete ``manifest`` with file hashes, validate it as :class:`Manifest`, write it.
 
-    Every regular file in the folder except the manifest is hashed, so the
-    model card and any label files are protected too. The keys are written
+    Every regular file in the folder except the manifest and its signature
+    (which signs the manifest, so cannot be listed in it) is hashed, so the
+    model card and any label files are protected too. Writing the manifest
+    invalidates an existing signature: sign after the last call. The keys are written
     in the order given (the file is for people too).
     """
     path = Path(bundle_dir)
@@ -190,9 +221,11 @@ def write_manifest(bundle_dir: str | Path, manifest: dict[str, Any]) -> Path:
     data["files"] = {
         p.relative_to(path).as_posix(): sha256_file(p)
         for p in sorted(path.rglob("*"))
-        if p.is_file() and p.name != MANIFEST_NAME
+        if p.is_file() and p.name not in (MANIFEST_NAME, SIGNATURE_NAME)
     }
     out = path / MANIFEST_NAME
     parse_manifest(data, str(out))
+    # A signature of the previous manifest would only make the new one look tampered with.
+    (path / SIGNATURE_NAME).unlink(missing_ok=True)
     out.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     return out

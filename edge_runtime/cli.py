@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import __version__
-from .bundle import default_bundle_path, load_bundle
+from .bundle import BundleTrust, default_bundle_path, load_bundle
 from .config import ENV_PREFIX, load_config
 from .errors import ConfigError, EdgeRuntimeError, InputError, JournalError
 from .logs import configure_logging
@@ -167,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     info = model_sub.add_parser(
         "info",
         help="verify a model bundle and describe it",
-        description="Verify the bundle's file hashes and print its manifest summary.",
+        description="Verify the bundle's signature (against Model.TrustedKeys) and file hashes, "
+        "and print who signed it and its manifest summary.",
     )
     info.add_argument(
         "bundle",
@@ -346,17 +347,24 @@ def _cmd_journal(args: argparse.Namespace) -> int:
 
 
 def _cmd_model_info(args: argparse.Namespace) -> int:
-    bundle_dir = args.bundle
-    if bundle_dir is None:
-        config = load_config(args.config)
-        bundle_dir = config.model.bundle_path or default_bundle_path()
-    bundle = load_bundle(bundle_dir)
+    config = load_config(args.config)
+    bundle_dir = args.bundle or config.model.bundle_path or default_bundle_path()
+    bundle = load_bundle(bundle_dir, trust=BundleTrust.from_config(config.model))
     if args.json:
         print(json.dumps(bundle.manifest.to_json_dict(), indent=2))
         return 0
     m = bundle.manifest
     spec = bundle.preprocessing
-    print(f"bundle:        {bundle.path}  (all {len(m.files)} file hashes verified)")
+    sig = bundle.signature
+    if sig.verified:
+        signed = f"signed by trusted key {sig.signer}; all {len(m.files)} file hashes verified"
+    else:
+        signed = (
+            f"NOT AUTHENTICATED: {sig.reason}; {len(m.files)} file hashes match a manifest nobody "
+            "vouches for (Model.RequireSignature is false)"
+        )
+    print(f"bundle:        {bundle.path}")
+    print(f"signature:     {signed}")
     print(f"model:         {bundle.name} {bundle.version}")
     print(f"labels:        {', '.join(bundle.labels)} (positive: {bundle.positive_label})")
     for art in m.artifacts:
@@ -396,7 +404,7 @@ def _cmd_model_verify(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     bundle_dir = args.bundle or config.model.bundle_path or default_bundle_path()
-    bundle = load_bundle(bundle_dir)
+    bundle = load_bundle(bundle_dir, trust=BundleTrust.from_config(config.model))
     backends = bundle.backends if args.backend == "all" else [args.backend or config.model.backend]
     failed = False
     reports = []

@@ -154,6 +154,27 @@ class ModelConfig(_Section):
     threshold: float | None = Field(
         None, ge=0.0, le=1.0, description="Override the bundle's operating point (rarely wise)."
     )
+    trusted_keys: tuple[str, ...] = Field(
+        default_factory=lambda: (str(_bundled_models_key()),),
+        description="Public keys (ECDSA P-256) whose signature on a bundle's manifest.json is "
+        "believed: each a PEM file path or the PEM text itself. Default: the key of the models "
+        "shipped in the package. Production: list only your release pipeline's key.",
+    )
+    require_signature: bool = Field(
+        True,
+        description="Refuse bundles not signed by a trusted key. false is for development "
+        "only: such bundles then load with a warning and status says 'not verified'.",
+    )
+
+    @field_validator("trusted_keys")
+    @classmethod
+    def _loadable_keys(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        # Checked at start-up, so a typo in a key path is a config error, not a refused model later.
+        from .signing import load_public_key
+
+        for entry in value:
+            load_public_key(entry)  # ValueError names the entry
+        return value
 
     @field_validator("backend")
     @classmethod
@@ -169,6 +190,12 @@ class ModelConfig(_Section):
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
         return None if value in ("", None) else value
+
+
+def _bundled_models_key() -> Path:
+    from .signing import bundled_models_key_path
+
+    return bundled_models_key_path()
 
 
 class TlsConfig(_Section):
@@ -436,7 +463,15 @@ _RESTART_MQTT_KEYS = (
     "KeepaliveSeconds",
 )
 #: Keys whose change means loading (and verifying) the model anew.
-_RELOAD_MODEL = ("Model.BundlePath", "Model.Backend", "Model.Threads", "Decode", "Intake")
+_RELOAD_MODEL = (
+    "Model.BundlePath",
+    "Model.Backend",
+    "Model.Threads",
+    "Model.TrustedKeys",
+    "Model.RequireSignature",
+    "Decode",
+    "Intake",
+)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from .backends import Backend, create_backend
-from .bundle import ModelBundle, default_bundle_path, load_bundle, sha256_file
+from .bundle import BundleTrust, ModelBundle, default_bundle_path, load_bundle, sha256_file
 from .config import RuntimeConfig
 from .conformance import ConformanceReport, check_conformance, enforce, require_cpu_support
 from .decode import DecodedImage, DecodeLimits, decode_file
@@ -96,8 +96,10 @@ class ScanAnalyzer:
         isolate: bool = False,
         decode_timeout_s: float = 30.0,
         decode_memory_mb: int = 2048,
+        trust: BundleTrust | None = None,
     ) -> ScanAnalyzer:
-        bundle = load_bundle(path)
+        """Load, authenticate and conformance-check a bundle (``trust`` None: the configured trust)."""
+        bundle = load_bundle(path, trust=trust)
         require_cpu_support(bundle.artifact(backend_name))
         backend = create_backend(backend_name, threads=threads)
         backend.load(bundle)
@@ -153,6 +155,7 @@ class ScanAnalyzer:
             isolate=config.decode.isolate,
             decode_timeout_s=config.decode.timeout_seconds,
             decode_memory_mb=config.decode.memory_limit_mb,
+            trust=BundleTrust.from_config(config.model),
         )
 
     def _buffer(self) -> np.ndarray:
@@ -282,6 +285,7 @@ class ScanAnalyzer:
             "name": self.bundle.name,
             "version": self.bundle.version,
             "backend": self.backend.name,
+            "signature": self.bundle.signature.status,
         }
         if self.conformance is not None:
             summary = self.conformance.summary()

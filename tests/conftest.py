@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -16,8 +18,31 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 
+from edge_runtime.signing import bundled_models_key_path, generate_signing_key
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+# -- bundle signing ------------------------------------------------------------------------
+# One P-256 key for the whole session (generated here, never committed) signs every tiny
+# bundle, as `training package --signing-key` would. The session's configured trust is the
+# bundled models' key plus this one, set the way a site sets it (EDGE_RUNTIME__MODEL__TRUSTED_KEYS),
+# so load_bundle() and the service subprocesses believe tiny bundles while unsigned and
+# tampered ones are still refused. Tests about signing pass their own BundleTrust.
+_KEY_DIR = Path(tempfile.mkdtemp(prefix="healthdiag-test-keys-"))
+atexit.register(shutil.rmtree, _KEY_DIR, ignore_errors=True)
+TEST_SIGNING_KEY, TEST_PUBLIC_KEY, TEST_KEY_FINGERPRINT = generate_signing_key(_KEY_DIR, "test-signing")
+#: Model.TrustedKeys for tests that build their configuration as a mapping (no environment).
+TEST_TRUSTED_KEYS = [str(bundled_models_key_path()), str(TEST_PUBLIC_KEY)]
+os.environ["EDGE_RUNTIME__MODEL__TRUSTED_KEYS"] = json.dumps(TEST_TRUSTED_KEYS)
+
+
+def sign_bundle(folder: Path, key: Path = TEST_SIGNING_KEY) -> Path:
+    """Sign ``folder``'s manifest as it is now (after a test rewrote it on purpose)."""
+    from edge_runtime.signing import load_private_key, sign_manifest
+
+    sign_manifest(folder, load_private_key(key))
+    return folder
 
 
 @pytest.fixture(scope="session")
@@ -160,6 +185,7 @@ def make_tiny_bundle(
     conformance: bool = False,
     drift: float = 0.0,
     margin: float = 0.02,
+    signed: bool = True,
 ) -> Path:
     """A real (tiny) ONNX classifier bundle: mean intensity -> 2-class softmax.
 
@@ -168,7 +194,8 @@ def make_tiny_bundle(
     ``conformance`` it carries a reference set of 8 grey levels whose
     references ONNX Runtime computes here; ``drift`` is taken off the last
     (brightest) reference, as if this CPU computed that much differently
-    from the build machine.
+    from the build machine. ``signed``: signed with the session's test key
+    (trusted by the session's configuration), else no ``manifest.sig.json``.
     """
     import onnx
     from onnx import TensorProto, helper
@@ -239,7 +266,22 @@ def make_tiny_bundle(
             "intended_use": {"modalities": ["CR", "DX"], "body_parts": ["CHEST"]},
         },
     )
-    return folder
+    return sign_bundle(folder) if signed else folder
+
+
+def tamper_like_the_probe(bundle: Path) -> None:
+    """Issue 14's probe: flip a model byte, rewrite its hash, set the threshold to 0 (everyone positive)."""
+    model = bundle / "model.onnx"
+    data = bytearray(model.read_bytes())
+    data[-1] ^= 0x01
+    model.write_bytes(bytes(data))
+    path = bundle / "manifest.json"
+    manifest = json.loads(path.read_text())
+    from edge_runtime.bundle import sha256_file
+
+    manifest["files"]["model.onnx"] = sha256_file(model)
+    manifest["operating_point"]["threshold"] = 0.0
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 @pytest.fixture()

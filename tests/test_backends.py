@@ -7,6 +7,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from conftest import sign_bundle
 
 from edge_runtime.backends import create_backend
 from edge_runtime.bundle import load_bundle, write_manifest
@@ -48,6 +49,7 @@ def test_litert_backend_runs_a_real_int8_model(shared_data: Path, tmp_path: Path
             "operating_point": {"threshold": 0.5, "method": "n/a"},
         },
     )
+    sign_bundle(bundle_dir)
     backend = create_backend("litert", threads=1)
     backend.load(load_bundle(bundle_dir))
     bgr = cv2.imread(str(coral / "cat.bmp"))

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Broker, Subscriber, published_name
+from conftest import TEST_TRUSTED_KEYS, Broker, Subscriber, published_name
 
 from edge_runtime.config import RuntimeConfig
 from edge_runtime.service import EdgeService
@@ -27,7 +27,7 @@ def test_mosquitto_stopped_mid_run_and_restarted(
                 "SettleSeconds": 0.2,
                 "RescanIntervalSeconds": 0.5,
             },
-            "Model": {"BundlePath": str(tiny_bundle)},
+            "Model": {"BundlePath": str(tiny_bundle), "TrustedKeys": TEST_TRUSTED_KEYS},
             "Mqtt": {
                 "Host": broker.host,
                 "Port": broker.port,

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import make_tiny_bundle
+from conftest import make_tiny_bundle, sign_bundle
 
 from edge_runtime.backends import create_backend
 from edge_runtime.bundle import load_bundle
@@ -40,6 +40,7 @@ def test_missing_file_and_missing_manifest(tiny_bundle: Path, tmp_path: Path):
 
 
 def _rewrite_manifest(bundle: Path, **changes) -> None:
+    """Change manifest values and sign the result: a trusted signer's faulty manifest is still refused."""
     path = bundle / "manifest.json"
     manifest = json.loads(path.read_text())
     for dotted, value in changes.items():
@@ -49,6 +50,7 @@ def _rewrite_manifest(bundle: Path, **changes) -> None:
             node = node[key]
         node[leaf] = value
     path.write_text(json.dumps(manifest))
+    sign_bundle(bundle)
 
 
 def test_manifest_input_that_disagrees_with_the_model_is_refused(tmp_path: Path):
@@ -170,7 +172,7 @@ def test_model_file_from_another_build_is_refused_even_with_its_hash_rewritten(t
     assert stamp_onnx_model_id(model_path) == model_id  # repackaging keeps the id
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
     manifest["artifacts"][0]["model_id"] = model_id
-    write_manifest(bundle_dir, manifest)
+    sign_bundle(Path(write_manifest(bundle_dir, manifest)).parent)
     create_backend("onnxruntime").load(load_bundle(bundle_dir))  # belongs together: loads
 
     other = onnx.load(str(model_path))  # another build of the same graph
@@ -178,6 +180,7 @@ def test_model_file_from_another_build_is_refused_even_with_its_hash_rewritten(t
     onnx.save(other, str(model_path))
     manifest["files"]["model.onnx"] = sha256_file(model_path)  # hash rewritten to match
     (bundle_dir / "manifest.json").write_text(json.dumps(manifest))
+    sign_bundle(bundle_dir)  # even by a trusted signer (a packaging mistake, not an attacker)
     with pytest.raises(ModelBundleError, match="is not the model its manifest describes") as info:
         create_backend("onnxruntime").load(load_bundle(bundle_dir))
     assert "Redeploy" in info.value.action

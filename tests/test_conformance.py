@@ -15,7 +15,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-from conftest import make_tiny_bundle
+from conftest import make_tiny_bundle, sign_bundle
 
 from edge_runtime.backends import create_backend
 from edge_runtime.bundle import load_bundle
@@ -115,6 +115,7 @@ def test_a_model_restricted_to_vnni_is_refused_elsewhere(tmp_path: Path) -> None
     others = [dot for dot in ("vnni", "vpmaddubsw", "arm-dot") if dot != here]
     manifest["artifacts"][0]["requires_int8_dot"] = others
     (bundle_dir / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    sign_bundle(bundle_dir)  # re-signed, as packaging would
     bundle = load_bundle(bundle_dir)
     with pytest.raises(ConformanceError, match=f"uses {here}"):
         require_cpu_support(bundle.artifact("onnxruntime"))
@@ -122,6 +123,7 @@ def test_a_model_restricted_to_vnni_is_refused_elsewhere(tmp_path: Path) -> None
         ScanAnalyzer.from_bundle_path(bundle_dir)
     manifest["artifacts"][0]["requires_int8_dot"] = [here]
     (bundle_dir / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    sign_bundle(bundle_dir)  # re-signed, as packaging would
     require_cpu_support(load_bundle(bundle_dir).artifact("onnxruntime"))  # allowed here
 
 
@@ -130,5 +132,6 @@ def test_a_reference_set_missing_from_files_is_refused(tmp_path: Path) -> None:
     manifest = json.loads((bundle_dir / "manifest.json").read_text(encoding="utf-8"))
     del manifest["files"]["conformance.npz"]
     (bundle_dir / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    sign_bundle(bundle_dir)  # re-signed, as packaging would
     with pytest.raises(ModelBundleError, match="reference-set file"):
         load_bundle(bundle_dir)

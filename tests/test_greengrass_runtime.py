@@ -13,7 +13,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-from conftest import make_tiny_bundle
+from conftest import TEST_PUBLIC_KEY, make_tiny_bundle, tamper_like_the_probe
 from ggipc import FakeNucleus
 
 from edge_runtime.greengrass import GreengrassIpc
@@ -36,7 +36,14 @@ def component_configuration(tmp_path: Path, bundle: Path) -> dict:
             "SettleSeconds": 0.2,
             "RescanIntervalSeconds": 0.5,
         },
-        "Model": {"BundlePath": str(bundle), "Backend": "onnxruntime", "Threshold": ""},
+        "Model": {
+            "BundlePath": str(bundle),
+            "Backend": "onnxruntime",
+            "Threshold": "",
+            # A Greengrass configuration carries the key's PEM text: it cannot ship files.
+            "TrustedKeys": [TEST_PUBLIC_KEY.read_text()],
+            "RequireSignature": True,
+        },
         "Mqtt": {"Enabled": False},
         "Journal": {"Path": str(tmp_path / "journal.sqlite3")},
         "Greengrass": {
@@ -155,6 +162,14 @@ def test_model_hot_swap_rejects_a_bad_bundle_and_takes_a_good_one(
     nucleus.set_configuration(COMPONENT, ["Model", "BundlePath"], str(tampered))
     nucleus.wait_until(lambda: "model bundle rejected" in (service.last_error or ""))
     assert "does not match its manifest" in service.last_error
+    # Issue 14's probe: a model byte flipped, its hash rewritten, threshold 0 (every scan
+    # positive). The hashes agree; the signature does not: refused before anything runs.
+    probed = make_tiny_bundle(tmp_path / "probed", version="0.0.4")
+    tamper_like_the_probe(probed)
+    nucleus.set_configuration(COMPONENT, ["Model", "BundlePath"], str(probed))
+    nucleus.wait_until(lambda: "altered after signing" in (service.last_error or ""))
+    assert "model bundle rejected" in service.last_error
+    assert service.analyzer.bundle.version == "0.0.1" and service.analyzer.threshold == 0.5
     # Intact files, but this CPU does not reproduce the bundle's reference answers: refused alike.
     drifted = make_tiny_bundle(tmp_path / "drifted", version="0.0.3", conformance=True, drift=0.3)
     nucleus.set_configuration(COMPONENT, ["Model", "BundlePath"], str(drifted))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-from conftest import published_name
+from conftest import TEST_TRUSTED_KEYS, published_name
 
 from edge_runtime.config import RuntimeConfig
 from edge_runtime.results import load_schema
@@ -31,7 +31,7 @@ def make_config(tmp_path: Path, broker, bundle: Path, decode: dict | None = None
                 "RescanIntervalSeconds": 0.5,
                 **inbox,
             },
-            "Model": {"BundlePath": str(bundle)},
+            "Model": {"BundlePath": str(bundle), "TrustedKeys": TEST_TRUSTED_KEYS},
             "Mqtt": {
                 "Host": broker.host,
                 "Port": broker.port,

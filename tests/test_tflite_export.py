@@ -21,6 +21,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from conftest import sign_bundle
 
 from edge_runtime.bundle import default_bundle_path, load_bundle, write_manifest
 from edge_runtime.decode import decode_file
@@ -123,6 +124,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict:
         {"file": "model.int8.tflite", "backend": "litert", "quantization": summary["quantization"]}
     ]
     write_manifest(bundle_dir, manifest)
+    sign_bundle(bundle_dir)
     return {"summary": summary, "bundle": bundle_dir, "model": model, "data": data, "out": out}
 
 

@@ -72,3 +72,20 @@ def test_quantize_before_export_says_what_to_run(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["quantize", "--out", str(tmp_path)])
     assert "python -m training export --out" in str(exit_info.value)
+
+
+def test_keygen_writes_a_private_key_only_its_owner_can_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from edge_runtime.signing import load_private_key, load_public_key, public_key_fingerprint
+    from training.cli import main
+
+    assert main(["keygen", str(tmp_path / "keys"), "--name", "site"]) == 0
+    out = capsys.readouterr().out
+    private, public = tmp_path / "keys" / "site.pem", tmp_path / "keys" / "site.pub.pem"
+    assert private.stat().st_mode & 0o777 == 0o600
+    fingerprint = public_key_fingerprint(load_public_key(public))
+    assert f"fingerprint: {fingerprint}" in out
+    assert public_key_fingerprint(load_private_key(private).public_key()) == fingerprint
+    with pytest.raises(SystemExit, match="refusing to overwrite"):
+        main(["keygen", str(tmp_path / "keys"), "--name", "site"])

@@ -389,6 +389,8 @@ def test_export_evaluate_and_package_use_the_runs_data_and_spec(
 ) -> None:
     """The later stages take the 64 px spec, the classes and the test split from the run, not Kermany's."""
     pytest.importorskip("onnxruntime")
+    from conftest import TEST_SIGNING_KEY
+
     from edge_runtime.bundle import load_bundle
     from training.cli import main
     from training.export import EXPORT_SUMMARY, VAL_PREDICTIONS
@@ -409,7 +411,7 @@ def test_export_evaluate_and_package_use_the_runs_data_and_spec(
     dataset = items_from_split(run)
     assert evaluation["test"]["counts"] == {"0_normal": 100, "1_abnormal": 100}
     assert np.load(run / TEST_PREDICTIONS)["y"].tolist() == [i.label for i in dataset.test]
-    bundle = load_bundle(package_bundle(run, tmp_path / "bundle"))
+    bundle = load_bundle(package_bundle(run, tmp_path / "bundle", signing_key=TEST_SIGNING_KEY))
     assert bundle.labels == ["0_normal", "1_abnormal"] and bundle.positive_label == "1_abnormal"
     assert bundle.preprocessing == run_spec(run)
     assert bundle.manifest.input.shape == ["batch", 3, 64, 64]

@@ -18,8 +18,12 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
-from edge_runtime.bundle import load_bundle
+from conftest import TEST_KEY_FINGERPRINT, TEST_PUBLIC_KEY, TEST_SIGNING_KEY
+
+from edge_runtime.bundle import BundleTrust, load_bundle
+from edge_runtime.errors import ModelBundleError
 from edge_runtime.preprocess import PreprocessSpec
+from edge_runtime.signing import SIGNATURE_NAME
 from training.evaluate import roc_auc, sensitivity_at_specificity
 from training.export import run_export
 from training.package import MODEL_CARD_NAME, TARGETS, TEST_PREDICTIONS_NAME, package_bundle
@@ -60,8 +64,9 @@ def tiny_kermany_run(shared_data: Path, tmp_path_factory: pytest.TempPathFactory
 
 def test_card_lists_each_target_as_met_or_missed(tiny_kermany_run: Path, tmp_path: Path) -> None:
     run = tiny_kermany_run
-    bundle = load_bundle(package_bundle(run, tmp_path / "bundle"))
+    bundle = load_bundle(package_bundle(run, tmp_path / "bundle", signing_key=TEST_SIGNING_KEY))
     assert bundle.backends == ["onnxruntime"]  # no TFLite in this run
+    assert bundle.signature.verified and bundle.signature.signer == TEST_KEY_FINGERPRINT
     # The model file carries the id its manifest entry records (checked by the backend at load).
     import onnxruntime as ort
 
@@ -94,3 +99,27 @@ def test_card_lists_each_target_as_met_or_missed(tiny_kermany_run: Path, tmp_pat
     assert f"| {auc:.4f} |" in section
     met = sum(expected.values())
     assert f"meets {met} of the {len(expected)} targets" in section
+
+
+def test_package_signs_with_signing_key_and_says_when_it_cannot(
+    tiny_kermany_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from training.cli import main
+
+    signed = tmp_path / "signed"
+    argv = ["package", "--out", str(tiny_kermany_run), "--bundle", str(signed), "--version", "0.3.1"]
+    assert main([*argv, "--signing-key", str(TEST_SIGNING_KEY)]) == 0
+    assert f"signed by key {TEST_KEY_FINGERPRINT}" in capsys.readouterr().out
+    only_that_key = BundleTrust.from_entries([TEST_PUBLIC_KEY])  # what a box trusting it checks
+    assert load_bundle(signed, trust=only_that_key).signature.verified
+    assert SIGNATURE_NAME not in json.loads((signed / "manifest.json").read_text())["files"]
+
+    unsigned = tmp_path / "unsigned"
+    assert main(["package", "--out", str(tiny_kermany_run), "--bundle", str(unsigned)]) == 0
+    captured = capsys.readouterr()
+    assert "no --signing-key" in captured.err and "RequireSignature is false" in captured.err
+    assert "UNSIGNED" in captured.out and not (unsigned / SIGNATURE_NAME).exists()
+    with pytest.raises(ModelBundleError, match="not signed"):
+        load_bundle(unsigned, trust=only_that_key)
+    development = BundleTrust.from_entries([TEST_PUBLIC_KEY], require_signature=False)
+    assert load_bundle(unsigned, trust=development).signature.status == "not verified"

@@ -177,6 +177,14 @@ def _add_bundle(p: argparse.ArgumentParser) -> None:
         help="bundle folder to (re)write (default: %(default)s)",
     )
     p.add_argument("--version", default="0.1.0", help="bundle version (default: %(default)s)")
+    p.add_argument(
+        "--signing-key",
+        type=Path,
+        default=None,
+        metavar="KEY.pem",
+        help="P-256 private key (python -m training keygen) that signs the manifest; without it the "
+        "bundle is unsigned and loads only where Model.RequireSignature is false",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -284,6 +292,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("package", help="write model.int8.onnx, MODEL_CARD.md and manifest.json")
     _add_run(p)
     _add_bundle(p)
+
+    p = sub.add_parser(
+        "keygen",
+        help="write a P-256 key pair for signing bundles (development; production signs in KMS)",
+        description="Write DIR/NAME.pem (private, mode 0600: keep it out of the repository) and "
+        "DIR/NAME.pub.pem, and print the key fingerprint. Boxes that should run bundles signed "
+        "with it list the .pub.pem file (or its text) in Model.TrustedKeys.",
+    )
+    p.add_argument("dir", type=Path, help="folder for the key pair")
+    p.add_argument("--name", default="bundle-signing", help="file name stem (default: %(default)s)")
 
     from .evaluation_report import add_report_parser
 
@@ -399,7 +417,25 @@ def _evaluate(args: argparse.Namespace) -> None:
 def _package(args: argparse.Namespace) -> None:
     from .package import package_bundle
 
-    package_bundle(args.out, args.bundle, version=args.version)
+    if args.signing_key is None:
+        print(
+            "warning: no --signing-key: the bundle will be unsigned and will only load where "
+            "Model.RequireSignature is false (development boxes).",
+            file=sys.stderr,
+        )
+    package_bundle(args.out, args.bundle, version=args.version, signing_key=args.signing_key)
+
+
+def _keygen(args: argparse.Namespace) -> None:
+    from edge_runtime.signing import generate_signing_key
+
+    try:
+        private, public, fingerprint = generate_signing_key(args.dir, args.name)
+    except FileExistsError as exc:
+        raise SystemExit(f"error: {exc.filename} exists; refusing to overwrite a signing key") from None
+    print(f"private key: {private} (mode 0600; never commit it)")
+    print(f"public key:  {public} (list it in Model.TrustedKeys)")
+    print(f"fingerprint: {fingerprint}")
 
 
 def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
@@ -461,6 +497,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit status."""
     args = parse_args(argv)
     start = time.monotonic()
+    if args.command == "keygen":
+        _keygen(args)
+        return 0
     if args.command == "prepare":
         _prepare(args)
     if args.command in ("train", "pipeline"):

@@ -10,6 +10,9 @@ on (dataset, class names, intended population) come from the run too: its
 the Kermany/EfficientNet-Lite0 text of the default bundle is one case of it.
 The bundle is re-read with :func:`edge_runtime.bundle.load_bundle` at the
 end, so a bundle the edge would refuse is never left behind silently.
+With a signing key the final manifest is signed (``manifest.sig.json``,
+:mod:`edge_runtime.signing`); without one the bundle loads only where
+``Model.RequireSignature`` is false.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime.bundle import MANIFEST_NAME, load_bundle, write_manifest
+from edge_runtime.bundle import MANIFEST_NAME, BundleTrust, load_bundle, write_manifest
+from edge_runtime.signing import SIGNATURE_NAME, load_private_key, sign_manifest
 
 from .card_sections import TARGETS, conformance_text, files_section, targets_section
 from .conformance_set import CONFORMANCE_NAME, build_reference_set, conformance_section, measure_backends
@@ -52,7 +56,7 @@ __all__ = [
 ]
 
 TEST_PREDICTIONS_NAME = TEST_PREDICTIONS
-BUNDLE_FILES = (INT8_NAME, TFLITE_NAME, MODEL_CARD_NAME, MANIFEST_NAME, CONFORMANCE_NAME)
+BUNDLE_FILES = (INT8_NAME, TFLITE_NAME, MODEL_CARD_NAME, MANIFEST_NAME, SIGNATURE_NAME, CONFORMANCE_NAME)
 
 
 def _read(run: Path, name: str) -> dict[str, Any]:
@@ -62,14 +66,28 @@ def _read(run: Path, name: str) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def package_bundle(run_dir: str | Path, bundle_dir: str | Path, version: str = "0.1.0") -> Path:
+def package_bundle(
+    run_dir: str | Path,
+    bundle_dir: str | Path,
+    version: str = "0.1.0",
+    signing_key: str | Path | None = None,
+) -> Path:
     """Assemble the bundle folder from a finished run and verify it with the edge loader.
 
     Only the bundle's own files are replaced; any other file in the folder
     would be hashed into the manifest and shipped, so it is refused instead.
+    ``signing_key`` (a P-256 PEM private key, ``python -m training keygen``)
+    signs the final manifest; the bundle is then verified against that key's
+    public half, exactly as a box that trusts it would.
     """
     run = Path(run_dir)
     bundle = Path(bundle_dir)
+    private_key = load_private_key(signing_key) if signing_key is not None else None  # fail early
+    # The packager's own files: believed if signed by its key; unsigned only for development.
+    if private_key is not None:
+        trust = BundleTrust.from_public_keys([private_key.public_key()])
+    else:
+        trust = BundleTrust(require_signature=False)
     train_summary = _read(run, SUMMARY_NAME)
     export_summary = _read(run, EXPORT_SUMMARY)
     evaluation = _read(run, EVALUATION_NAME)
@@ -109,7 +127,9 @@ def package_bundle(run_dir: str | Path, bundle_dir: str | Path, version: str = "
         "decision_margin": 1.0,
     }
     write_manifest(bundle, manifest)
-    outputs = measure_backends(load_bundle(bundle))
+    if private_key is not None:
+        sign_manifest(bundle, private_key)
+    outputs = measure_backends(load_bundle(bundle, trust=trust))
     np.savez_compressed(
         bundle / CONFORMANCE_NAME, **refs, **{f"expected_{name}": p for name, p in outputs.items()}
     )
@@ -131,6 +151,15 @@ def package_bundle(run_dir: str | Path, bundle_dir: str | Path, version: str = "
     card = card.replace("\n## Limitations", extra + "\n## Limitations", 1)
     (bundle / MODEL_CARD_NAME).write_text(card, encoding="utf-8")
     path = write_manifest(bundle, manifest)
-    loaded = load_bundle(bundle)
-    print(f"bundle {loaded.name} {loaded.version} written to {bundle} ({path.name} verified)")
+    if private_key is not None:
+        sign_manifest(bundle, private_key)
+    loaded = load_bundle(bundle, trust=trust)
+    if loaded.signature.verified:
+        signed = f"signed by key {loaded.signature.signer}"
+    else:
+        signed = (
+            "UNSIGNED: it loads only where Model.RequireSignature is false; "
+            "pass --signing-key KEY.pem to sign it"
+        )
+    print(f"bundle {loaded.name} {loaded.version} written to {bundle} ({path.name} verified, {signed})")
     return bundle

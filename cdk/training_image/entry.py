@@ -4,8 +4,9 @@
    the candidate bundle under ``/opt/ml/model`` (SageMaker uploads it to
    ``candidates/`` in the artifact bucket);
 2. :func:`release_candidate`: the gate against the model the fleet group runs
-   now, and, only if it passed, the manifest signature and
-   ``cdk.release.publish``; the verdict goes to
+   now, and, only if it passed, the manifest signature (KMS, written into the
+   bundle as ``manifest.sig.json`` and checked with the runtime's own
+   verifier) and ``cdk.release.publish``; the verdict goes to
    ``releases/<job>/verdict.json`` in the records bucket, where the state
    machine reads it.
 
@@ -29,11 +30,17 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from edge_runtime.bundle import MANIFEST_NAME, load_bundle
+from edge_runtime.signing import BundleTrust, public_key_fingerprint, write_signature
+
 from ..config import load_config
 from ..gate import evaluate_gate
 from ..release import MODEL_COMPONENT, Clients, deployed_versions, publish
 
-__all__ = ["main", "release_candidate"]
+__all__ = ["main", "release_candidate", "sign_bundle_with_kms"]
 
 ML = Path("/opt/ml")
 
@@ -62,6 +69,30 @@ def _provenance(run_dir: Path | None) -> dict[str, Any]:
     return out
 
 
+def sign_bundle_with_kms(kms: Any, key_id: str, bundle_dir: Path) -> tuple[str, str, BundleTrust]:
+    """Sign ``manifest.json`` with the KMS key, write ``manifest.sig.json``, verify it as a box would.
+
+    KMS signs the sha256 of the manifest (``MessageType=DIGEST``): ECDSA P-256
+    over the manifest's bytes, which is what the runtime checks. Returns the
+    base64 signature, the key fingerprint and a trust of that key alone (for
+    publishing).
+    """
+    manifest = (bundle_dir / MANIFEST_NAME).read_bytes()
+    signature = kms.sign(
+        KeyId=key_id,
+        Message=hashlib.sha256(manifest).digest(),
+        MessageType="DIGEST",
+        SigningAlgorithm="ECDSA_SHA_256",
+    )["Signature"]
+    public = serialization.load_der_public_key(kms.get_public_key(KeyId=key_id)["PublicKey"])
+    if not isinstance(public, ec.EllipticCurvePublicKey):
+        raise ValueError(f"KMS key {key_id} is not an ECC_NIST_P256 signing key")
+    write_signature(bundle_dir, signature, public)
+    trust = BundleTrust.from_public_keys([public])
+    load_bundle(bundle_dir, trust=trust)  # the runtime's own check, before anything is published
+    return base64.b64encode(signature).decode(), public_key_fingerprint(public), trust
+
+
 def release_candidate(
     clients: Clients, bundle_dir: Path, env: dict[str, str], release: str, run_dir: Path | None = None
 ) -> dict[str, Any]:
@@ -78,16 +109,14 @@ def release_candidate(
         **_provenance(run_dir),
     }
     if verdict.passed:
-        digest = hashlib.sha256((bundle_dir / "manifest.json").read_bytes()).digest()
-        signature = clients.kms.sign(
-            KeyId=env["HEALTHDIAG_SIGNING_KEY"],
-            Message=digest,
-            MessageType="DIGEST",
-            SigningAlgorithm="ECDSA_SHA_256",
-        )["Signature"]
+        digest = hashlib.sha256((bundle_dir / MANIFEST_NAME).read_bytes()).digest()
+        signature, fingerprint, trust = sign_bundle_with_kms(
+            clients.kms, env["HEALTHDIAG_SIGNING_KEY"], bundle_dir
+        )
         record["manifest_sha256"] = digest.hex()
-        record["manifest_signature"] = base64.b64encode(signature).decode()
-        record["publish"] = publish(clients, bundle_dir, artifact_bucket)
+        record["manifest_signature"] = signature
+        record["signing_key_fingerprint"] = fingerprint
+        record["publish"] = publish(clients, bundle_dir, artifact_bucket, trust=trust)
         # The state machine merges this into the groups' deployments (SDK member names).
         record["component"] = {MODEL_COMPONENT: {"ComponentVersion": candidate["version"]}}
     clients.s3.put_object(
