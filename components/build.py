@@ -305,6 +305,7 @@ def build_model_artifact(bundle_dir: Path, staging: Path) -> tuple[Path, str]:
         sys.path.insert(0, str(REPO_ROOT))
     from edge_runtime.bundle import MANIFEST_NAME, load_bundle
     from edge_runtime.errors import ModelBundleError
+    from edge_runtime.signing import SIGNATURE_NAME
 
     if not (bundle_dir / MANIFEST_NAME).is_file():
         raise BuildError(
@@ -316,6 +317,8 @@ def build_model_artifact(bundle_dir: Path, staging: Path) -> tuple[Path, str]:
     except ModelBundleError as exc:
         raise BuildError(f"Model bundle {bundle_dir} failed verification: {exc}") from None
     names = [MANIFEST_NAME, *bundle.manifest.files]
+    if (bundle.path / SIGNATURE_NAME).is_file():
+        names.append(SIGNATURE_NAME)  # the manifest's signature: devices refuse a bundle without it
     if "MODEL_CARD.md" not in names:
         print(f"warning: {bundle_dir} has no MODEL_CARD.md; ship one with every model.", file=sys.stderr)
     zip_path = write_zip(staging / MODEL_ARTIFACT, [(bundle.path / n, n) for n in names])

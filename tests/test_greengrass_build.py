@@ -151,10 +151,10 @@ def test_runtime_artifact_is_the_project_wheel(build_dir: Path) -> None:
     assert "edge-runtime = edge_runtime.cli:main" in entry_points
 
 
-def _xfail_unless_signature_shipped(bundle_dir: Path) -> None:
-    """The runtime refuses a bundle without manifest.sig.json; build.py must zip it (issue 14, item 7)."""
-    if (bundle_dir / "manifest.json").is_file() and not (bundle_dir / SIGNATURE_NAME).is_file():
-        pytest.xfail("components/build.py does not put manifest.sig.json into the model zip yet")
+def _assert_signature_shipped(bundle_dir: Path) -> None:
+    """The runtime refuses a bundle without manifest.sig.json: build.py zips it (issue 14, item 7)."""
+    assert (bundle_dir / "manifest.json").is_file()
+    assert (bundle_dir / SIGNATURE_NAME).is_file(), "the model zip lacks the manifest's signature"
 
 
 def test_model_zip_unpacks_to_the_runtime_bundle_path(build_dir: Path, tmp_path: Path) -> None:
@@ -165,7 +165,7 @@ def test_model_zip_unpacks_to_the_runtime_bundle_path(build_dir: Path, tmp_path:
     runtime = read_recipe(build_dir / "recipes" / RUNTIME_RECIPE)
     bundle_path = runtime["ComponentConfiguration"]["DefaultConfiguration"]["Model"]["BundlePath"]
     assert bundle_path == f"{BUNDLE_VARIABLE}/pneumonia-cxr"
-    _xfail_unless_signature_shipped(decompressed / zip_path.stem)
+    _assert_signature_shipped(decompressed / zip_path.stem)
     bundle = load_bundle(bundle_path.replace(BUNDLE_VARIABLE, str(decompressed)))
     assert bundle.version == "0.1.0"
 
@@ -204,7 +204,9 @@ def test_default_bundle_sets_the_model_version(tmp_path: Path) -> None:
     result = run_build("--out", out, "--component", MODEL, "--no-validate")
     assert result.returncode == 0, result.stderr
     zip_path = out / "artifacts" / MODEL / manifest["version"] / "pneumonia-cxr.zip"
-    assert sorted(zipfile.ZipFile(zip_path).namelist()) == sorted(["manifest.json", *manifest["files"]])
+    # The manifest, every file it lists, and the manifest's signature (which it cannot list).
+    expected = sorted(["manifest.json", SIGNATURE_NAME, *manifest["files"]])
+    assert sorted(zipfile.ZipFile(zip_path).namelist()) == expected
     assert (out / "recipes" / f"{MODEL}-{manifest['version']}.yaml").is_file()
 
 
@@ -392,7 +394,7 @@ def test_run_script_hands_the_configuration_to_the_runtime(
     recipe_trust = BundleTrust.from_config(loaded.model)
     assert recipe_trust.require_signature
     assert recipe_trust.fingerprints == [public_key_fingerprint(load_public_key(bundled_models_key_path()))]
-    _xfail_unless_signature_shipped(loaded.model.bundle_path)
+    _assert_signature_shipped(loaded.model.bundle_path)
     load_bundle(loaded.model.bundle_path)  # (a tiny bundle signed with the session's test key)
 
 

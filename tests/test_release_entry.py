@@ -197,8 +197,7 @@ def test_a_passing_candidate_is_signed_published_and_recorded(
     key = f"{MODEL_COMPONENT}/{version}/pneumonia-cxr.zip"
     with zipfile.ZipFile(io.BytesIO(clients.s3.get_object(Bucket=BUCKET, Key=key)["Body"].read())) as z:
         shipped = {name: z.read(name) for name in z.namelist()}
-    if SIGNATURE_NAME not in shipped:  # the device would refuse this zip: see the issue 14 report
-        pytest.xfail("components/build.py does not put manifest.sig.json into the model zip yet")
+    assert SIGNATURE_NAME in shipped, "the device would refuse a model zip without its signature"
     assert shipped[SIGNATURE_NAME] == (bundle / SIGNATURE_NAME).read_bytes()
 
 
