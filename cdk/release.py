@@ -23,6 +23,11 @@ Greengrass v2 sets:
 * ``rollback --group G``: deploy the highest published version below the one
   the group runs now.
 * ``list [--group G ...]``: published versions, and which one each group runs.
+* ``trust --group G --kms-key ARN``: once per fleet, before its first signed
+  release: put the public half of the pipeline's signing key into the runtime
+  component's ``Model.TrustedKeys`` (a merge into the group's deployment, keeping
+  everything else), so the boxes accept bundles the pipeline signed. Without it
+  they trust only the key the runtime ships with and refuse the fleet's models.
 * ``gate --bundle DIR [--production DIR]``: the release pipeline's evaluation
   gate (:mod:`cdk.gate`) with the stack's thresholds; run it before ``publish``.
 
@@ -63,10 +68,12 @@ __all__ = [
     "publish",
     "rollback",
     "status",
+    "trust_signing_key",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL_COMPONENT = "com.healthdiag.model.PneumoniaCXR"
+RUNTIME_COMPONENT = "com.healthdiag.EdgeInference"
 DEPLOYMENT_TAG = "healthdiag-release"
 _SHA_METADATA = "sha256"
 
@@ -370,6 +377,67 @@ def deploy(
     }
 
 
+def trust_signing_key(
+    clients: Clients, group: str, key_id: str, *, keep_bundled_key: bool = False
+) -> dict[str, Any]:
+    """Make ``group``'s runtime trust the KMS key that signs released bundles.
+
+    The public key (KMS ``GetPublicKey``, an ECC_NIST_P256 key) is merged into
+    the runtime component's ``configurationUpdate`` as ``Model.TrustedKeys``
+    (inline PEM) with ``Model.RequireSignature: true``; every other component
+    and setting of the group's deployment is kept. Production boxes should
+    trust only this key: ``keep_bundled_key`` also keeps the key of the models
+    bundled inside the runtime (development fleets).
+    """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from edge_runtime.signing import bundled_models_key_path, load_public_key, public_key_fingerprint
+
+    public = serialization.load_der_public_key(clients.kms.get_public_key(KeyId=key_id)["PublicKey"])
+    if not (isinstance(public, ec.EllipticCurvePublicKey) and public.curve.name == "secp256r1"):
+        raise ReleaseError(
+            f"KMS key {key_id} is not an ECC_NIST_P256 key; bundles are signed with ECDSA P-256.",
+            "Pass the pipeline's signing key (the artifacts stack's SigningKey output).",
+        )
+    pem = public.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode()
+    keys = [pem]
+    if keep_bundled_key:
+        keys.append(bundled_models_key_path().read_text(encoding="utf-8"))
+    target_arn = _group_arn(clients, group)
+    current = _current_deployment(clients, target_arn) or {}
+    components = {name: dict(spec) for name, spec in current.get("components", {}).items()}
+    if RUNTIME_COMPONENT not in components:
+        raise ReleaseError(
+            f"The deployment of {group!r} has no {RUNTIME_COMPONENT}, so there is no runtime to configure.",
+            "Deploy the runtime component to the group first (components/build.py and the README's "
+            "Greengrass section), then run 'trust' again.",
+        )
+    runtime = components[RUNTIME_COMPONENT]
+    update = dict(runtime.get("configurationUpdate") or {})
+    merge = json.loads(update.get("merge") or "{}")
+    merge.setdefault("Model", {}).update({"TrustedKeys": keys, "RequireSignature": True})
+    update["merge"] = json.dumps(merge, separators=(",", ":"), sort_keys=True)
+    runtime["configurationUpdate"] = update
+    fingerprint = public_key_fingerprint(load_public_key(pem))
+    rollout = Rollout()
+    created = clients.greengrass.create_deployment(
+        targetArn=target_arn,
+        deploymentName=f"{group}: trust signing key {fingerprint[:12]}",
+        components=components,
+        iotJobConfiguration=rollout.iot_job_configuration(),
+        deploymentPolicies=rollout.deployment_policies(),
+        tags={DEPLOYMENT_TAG: f"trust {fingerprint[:16]}"},
+    )
+    return {
+        "group": group,
+        "trusted_fingerprints": [public_key_fingerprint(load_public_key(k)) for k in keys],
+        "deploymentId": created["deploymentId"],
+    }
+
+
 def _version_key(text: str) -> tuple[int, ...]:
     core = text.split("-", 1)[0].split("+", 1)[0]
     return tuple(int(part) for part in core.split("."))
@@ -468,6 +536,14 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("rollback", help="deploy the previous published version to a group")
     p.add_argument("--group", required=True)
     p.add_argument("--other-group", action="append", default=[], metavar="GROUP")
+    p = sub.add_parser("trust", help="make a group's runtime trust the pipeline's bundle-signing key")
+    p.add_argument("--group", required=True)
+    p.add_argument("--kms-key", required=True, help="the signing key's ARN or id (artifacts stack output)")
+    p.add_argument(
+        "--keep-bundled-key",
+        action="store_true",
+        help="also trust the key of the models bundled in the runtime (development fleets only)",
+    )
     p = sub.add_parser("status", help="a group's deployment and its devices' progress")
     p.add_argument("--group", required=True)
     p = sub.add_parser("list", help="published model versions and what each group runs")
@@ -518,6 +594,10 @@ def main(argv: Sequence[str] | None = None, clients: Clients | None = None) -> i
             result = rollback(clients, args.group, other_groups=args.other_group)
         elif args.command == "status":
             result = status(clients, args.group)
+        elif args.command == "trust":
+            result = trust_signing_key(
+                clients, args.group, args.kms_key, keep_bundled_key=args.keep_bundled_key
+            )
         else:
             result = {"versions": list_versions(clients), "groups": deployed_versions(clients, args.group)}
     except ReleaseError as exc:

@@ -32,6 +32,7 @@ from cdk.release import (  # noqa: E402
     publish,
     rollback,
     status,
+    trust_signing_key,
 )
 
 REGION = "eu-west-1"
@@ -332,3 +333,67 @@ def test_cli_says_what_to_do_and_exits_1(
     assert main(["status", "--group", "nowhere"], clients=clients) == 1
     err = capsys.readouterr().err
     assert "Thing group 'nowhere' does not exist" in err and "→" in err
+
+
+def test_trust_puts_the_pipeline_signing_key_into_the_group_runtime_config(
+    aws: tuple[Clients, Stubber],
+) -> None:
+    """Fleet boxes trust only the runtime's own key by default: KMS-signed bundles need this once."""
+    from edge_runtime.signing import public_key_fingerprint
+
+    clients, stub = aws
+    clients.kms = boto3.client("kms", region_name=REGION)
+    key_id = clients.kms.create_key(KeySpec="ECC_NIST_P256", KeyUsage="SIGN_VERIFY")["KeyMetadata"]["KeyId"]
+    canary = _group(clients, "canary", ["box-1"])
+    _stub_current(stub, canary, "0.2.0")
+    stub.add_response("create_deployment", {"deploymentId": "dep-trust"}, None)
+    result = trust_signing_key(clients, "canary", key_id)
+    assert result["deploymentId"] == "dep-trust"
+    (fingerprint,) = result["trusted_fingerprints"]
+    der = clients.kms.get_public_key(KeyId=key_id)["PublicKey"]
+    from cryptography.hazmat.primitives import serialization
+
+    assert fingerprint == public_key_fingerprint(serialization.load_der_public_key(der))
+
+
+def test_trust_merges_only_the_model_keys_and_keeps_the_rest(aws: tuple[Clients, Stubber]) -> None:
+    import json as _json
+
+    from cryptography.hazmat.primitives import serialization
+
+    clients, stub = aws
+    clients.kms = boto3.client("kms", region_name=REGION)
+    key_id = clients.kms.create_key(KeySpec="ECC_NIST_P256", KeyUsage="SIGN_VERIFY")["KeyMetadata"]["KeyId"]
+    pem = (
+        serialization.load_der_public_key(clients.kms.get_public_key(KeyId=key_id)["PublicKey"])
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    canary = _group(clients, "canary", ["box-1"])
+    _stub_current(stub, canary, "0.2.0")
+    merged = {"Model": {"RequireSignature": True, "TrustedKeys": [pem]}, "Mqtt": {"Enabled": False}}
+    merge = _json.dumps(merged, separators=(",", ":"), sort_keys=True)
+    stub.add_response(
+        "create_deployment",
+        {"deploymentId": "dep-trust"},
+        {
+            "targetArn": canary,
+            "deploymentName": ANY,
+            "components": {
+                RUNTIME: {
+                    "componentVersion": "0.1.0",
+                    "configurationUpdate": {
+                        "merge": _json.dumps(merged, separators=(",", ":"), sort_keys=True)
+                    },
+                },
+                MODEL_COMPONENT: {"componentVersion": "0.2.0"},
+            },
+            "iotJobConfiguration": ANY,
+            "deploymentPolicies": ANY,
+            "tags": ANY,
+        },
+    )
+    trust_signing_key(clients, "canary", key_id)
+    rsa = clients.kms.create_key(KeySpec="RSA_2048", KeyUsage="SIGN_VERIFY")["KeyMetadata"]["KeyId"]
+    with pytest.raises(ReleaseError, match="ECDSA P-256"):
+        trust_signing_key(clients, "canary", rsa)
