@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -11,9 +12,16 @@ import numpy as np
 import pytest
 from pixels_reference import DISPLAY_REFERENCE, PIXEL_REFERENCE
 
+from edge_runtime import decode as decode_stage
 from edge_runtime.decode import DecodeLimits, decode_file
 from edge_runtime.decode.raster import image_dimensions
-from edge_runtime.errors import CorruptImage, ImageTooLarge, NotAnImage, UnsupportedImage
+from edge_runtime.errors import (
+    CorruptImage,
+    ImageTooLarge,
+    NotAnImage,
+    UnsupportedImage,
+    UnsupportedTransferSyntax,
+)
 
 SIIM = "dicom/siim_torchxrayvision/1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
 
@@ -176,6 +184,34 @@ def test_errors_name_the_file_and_the_problem(shared_data, tmp_path: Path):
             decode_file(tmp_path / name)
         assert name in str(info.value)
         assert info.value.action
+
+
+@pytest.fixture
+def refusing_plugin_first() -> Iterator[None]:
+    """A plugin that claims every DICOM file and fails, ahead of the real ones."""
+    saved = decode_stage.registered_decoders()
+    decode_stage.register_decoder("refusing", "plugins.refusing:RefusingDicomDecoder", first=True)
+    yield
+    decode_stage.use_registry(saved)
+
+
+def test_next_decoder_is_tried_when_one_fails(shared_data, refusing_plugin_first):
+    image = decode_file(shared_data / SIIM)
+    assert image.decoder == "dicom" and image.pixels.shape == (1024, 1024)
+
+
+def test_one_error_names_every_decoder_failure(shared_data, tmp_path: Path, refusing_plugin_first):
+    rg1 = (shared_data / "dicom/pydicom_data/RG1_UNCR.dcm").read_bytes()
+    (tmp_path / "cut.dcm").write_bytes(rg1[:5000])
+    # The first plugin's class, code and advice; every plugin's reason.
+    with pytest.raises(UnsupportedTransferSyntax) as info:
+        decode_file(tmp_path / "cut.dcm")
+    message = info.value.message
+    assert "cut.dcm" in message
+    assert "refusing: Cannot decode cut.dcm: this plugin needs libexample" in message
+    assert "dicom: " in message and "pixel data" in message
+    assert info.value.action == "Install libexample."
+    assert info.value.to_dict()["code"] == "unsupported_transfer_syntax"
 
 
 def test_pixel_cap_is_checked_before_decoding(shared_data):
