@@ -8,7 +8,7 @@ pipe transfer, reported separately for one file). Prints p50/p95 per file
 and a table comparing every file to its lossless reference in display
 units (after the VOI window; 1.0 = full grey range).
 
-Usage: python benchmarks/bench_decode.py [--repeats 7] [--data ../shared/data]
+Usage (from the repository root): python -m benchmarks.bench_decode [--repeats 7] [--data ../shared/data]
 """
 
 from __future__ import annotations
@@ -21,11 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from edge_runtime.decode import DecodeLimits, decode_file
+from edge_runtime.sandbox import DecodeSandbox
 
-from edge_runtime.decode import DecodeLimits, decode_file  # noqa: E402
-from edge_runtime.sandbox import DecodeSandbox  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 REFERENCES = {"RG1": "pydicom_data/RG1_UNCR.dcm", "RG2": "wg04/RG2_JPLL", "RG3": "wg04/RG3_JPLL"}
 

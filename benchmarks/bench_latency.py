@@ -13,7 +13,7 @@ Copies differ only where identity lives (bytes after the JPEG end marker, a
 new SOP Instance UID), so nothing is skipped as a duplicate. Files are
 prepared outside the timed loop. Starts its own Mosquitto on a free port.
 
-Usage: python benchmarks/bench_latency.py [--repeats 20] [--data ../shared/data]
+Usage (from the repository root): python -m benchmarks.bench_latency [--repeats 20] [--data ../shared/data]
 """
 
 from __future__ import annotations
@@ -31,11 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from edge_runtime.config import RuntimeConfig
+from edge_runtime.service import EdgeService
 
-from edge_runtime.config import RuntimeConfig  # noqa: E402
-from edge_runtime.service import EdgeService  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 SIIM = "dicom/siim_torchxrayvision/1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
 INPUTS = {

@@ -12,7 +12,7 @@
    started and the time until every one is acknowledged (PUBACK) is measured
    with the real publisher and a real Mosquitto.
 
-Usage: python benchmarks/bench_outbox.py [--n 2000] [--backlog 500]
+Usage (from the repository root): python -m benchmarks.bench_outbox [--n 2000] [--backlog 500]
 """
 
 from __future__ import annotations
@@ -28,13 +28,12 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from edge_runtime.config import MqttConfig
+from edge_runtime.journal import Delivery, Journal
+from edge_runtime.sinks import OutboxDrainer
+from edge_runtime.sinks.mqtt import MqttSink
 
-from edge_runtime.config import MqttConfig  # noqa: E402
-from edge_runtime.journal import Delivery, Journal  # noqa: E402
-from edge_runtime.sinks import OutboxDrainer  # noqa: E402
-from edge_runtime.sinks.mqtt import MqttSink  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def fake_result(i: int) -> dict:

@@ -5,7 +5,7 @@ does one step the release pipeline also does, with clear errors for the traps
 Greengrass v2 sets:
 
 * ``publish --bundle DIR --bucket B``: verify the bundle with the runtime's
-  own loader, zip it exactly as ``components/build.py`` does, upload it to
+  own loader, zip it exactly as ``components.build`` does, upload it to
   ``s3://B/<component>/<version>/pneumonia-cxr.zip`` and create the model
   component version from the recipe the same code renders. Component versions
   are immutable (a second create answers 409 ConflictException): publishing a
@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
-import importlib.util
 import json
 import sys
 import tempfile
@@ -79,16 +78,10 @@ _SHA_METADATA = "sha256"
 
 
 def _components_build() -> ModuleType:
-    """``components/build.py``: the one place recipes and artifacts are made (a script folder)."""
-    name = "healthdiag_gg_build"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "components" / "build.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    """:mod:`components.build`: the one place recipes and artifacts are made (imported on use)."""
+    import components.build
+
+    return components.build
 
 
 class ReleaseError(Exception):

@@ -30,7 +30,7 @@ exactly as in its recipe. The recipe templates in ``recipes/`` carry ``{COMPONEN
   into ``{artifacts:decompressedPath}/pneumonia-cxr/``, which is the runtime's ``Model.BundlePath``.
 
 Zips are reproducible (sorted entries, fixed timestamps), so an unchanged input gives the same digest.
-The build ends by running ``components/validate.py`` on its output.
+The build ends by running :mod:`components.validate` on its output.
 
 ``--component NAME --gdk-layout`` is what each ``components/<Name>/gdk-config.json`` runs for
 ``gdk component build`` (custom build system): one component, recipe written as ``recipe.yaml``.
@@ -52,7 +52,13 @@ import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
+
+if not __package__:
+    # Run by path, as the GDK's custom build command does (``python3 ../build.py`` from
+    # components/<Name>/): make the repository importable, as ``python -m`` from its root would.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from components import validate
 
 COMPONENTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = COMPONENTS_DIR.parent
@@ -99,22 +105,6 @@ class BuiltComponent:
     version: str
     recipe: Path
     artifacts: tuple[Path, ...]
-
-
-def _load_validator() -> ModuleType:
-    """``components/validate.py`` as a module (``components/`` is a folder of scripts, not a package)."""
-    name = "healthdiag_gg_validate"
-    if name in sys.modules:  # already loaded (e.g. by the tests): share one copy of its classes
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, COMPONENTS_DIR / "validate.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the class is created
-    spec.loader.exec_module(module)
-    return module
-
-
-validate = _load_validator()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -301,8 +291,6 @@ def build_runtime_artifact(
 
 def build_model_artifact(bundle_dir: Path, staging: Path) -> tuple[Path, str]:
     """Verify the bundle with the runtime's loader and zip it; returns the zip and the bundle version."""
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
     from edge_runtime.bundle import MANIFEST_NAME, load_bundle
     from edge_runtime.errors import ModelBundleError
     from edge_runtime.signing import SIGNATURE_NAME
@@ -424,20 +412,20 @@ def build(
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python components/build.py",
+        prog="python -m components.build",
         description="Build the Greengrass components com.healthdiag.EdgeInference (runtime) and "
         "com.healthdiag.model.PneumoniaCXR (model) into OUT/recipes/<Name>-<Version>.yaml and "
         "OUT/artifacts/<Name>/<Version>/<file>, the layout 'greengrass-cli deployment create "
         "--recipeDir OUT/recipes --artifactDir OUT/artifacts' reads, then validate the result.",
         epilog="""\
 examples:
-  python components/build.py                         # both components, wheels for this machine
-  python components/build.py --no-deps-wheels        # fast: only this project's wheel (not installable
+  python -m components.build                         # both components, wheels for this machine
+  python -m components.build --no-deps-wheels        # fast: only this project's wheel (not installable
                                                      # offline on a device; for tests and layout checks)
-  python components/build.py --platform manylinux_2_28_aarch64 --python-version 3.11
+  python -m components.build --platform manylinux_2_28_aarch64 --python-version 3.11
                                                      # wheels for a 64-bit ARM device (glibc >= 2.28)
                                                      # with Python 3.11
-  python components/build.py --bundle /path/to/bundle --component com.healthdiag.model.PneumoniaCXR
+  python -m components.build --bundle /path/to/bundle --component com.healthdiag.model.PneumoniaCXR
 
 The device installs the runtime offline from the shipped wheels, so they must match its CPU
 architecture, glibc and Python minor version (binary wheels only). With only --platform

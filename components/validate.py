@@ -27,7 +27,8 @@ Two kinds of checks:
      files are zip archives; no unreferenced file or recipe-less artifact folder lies around;
    * every dependency's version requirement (npm style, as Greengrass reads it:
      ``>=0.1.0 <0.2.0``, ``^0.1.0``, ``~0.1.0``, ``0.1.x``, ``1.2.3 - 1.4``, ``||``) is satisfied by
-     the version of that component in the same build;
+     the version of that component in the same build (``semantic_version.NpmSpec``, plus npm's
+     pre-release rule where NpmSpec is looser);
    * for the runtime component, the ``DefaultConfiguration`` keys (minus ``accessControl``) equal
      ``RuntimeConfig().to_pascal_dict()``'s keys, recursively, and ``RuntimeConfig`` accepts the
      values; every ``EDGE_RUNTIME__...`` Setenv names a real setting and takes its value from the
@@ -36,7 +37,7 @@ Two kinds of checks:
      unquoted YAML date (PyYAML-based tools such as the GDK read it as a date), component versions
      are semantic versions, no duplicate name/version, no wildcard IPC grant in ``accessControl``.
 
-Usage: ``python components/validate.py [greengrass-build]`` (exit 1 when anything is wrong).
+Usage: ``python -m components.validate [greengrass-build]`` (exit 1 when anything is wrong).
 """
 
 from __future__ import annotations
@@ -48,13 +49,15 @@ import re
 import sys
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import semantic_version
 import yaml
 from jsonschema import Draft7Validator
 from jsonschema.exceptions import ValidationError, best_match
+from semantic_version import Version
 
 __all__ = [
     "ENV_PREFIX",
@@ -183,8 +186,6 @@ def load_schemas(schema_dir: Path) -> dict[str, dict[str, Any]]:
 
 def runtime_config_keys() -> dict[str, Any]:
     """``RuntimeConfig().to_pascal_dict()``: the configuration the runtime component must expose."""
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
     from edge_runtime.config import RuntimeConfig
 
     return RuntimeConfig().to_pascal_dict()
@@ -260,164 +261,57 @@ def _walk_nulls(value: Any, path: str) -> Iterator[str]:
 # --------------------------------------------------------------------------------------------------
 # Semantic versions and npm-style requirements (what Greengrass uses for VersionRequirement)
 
-_VERSION = re.compile(
-    r"^v?(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
-    r"(?:-([0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*))?(?:\+[0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*)?$"
-)
-_PARTIAL = re.compile(
-    r"^[vV=]?(\*|[xX]|0|[1-9]\d*)(?:\.(\*|[xX]|0|[1-9]\d*)(?:\.(\*|[xX]|0|[1-9]\d*)"
-    r"(?:-([0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*))?(?:\+[0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*)?)?)?$"
-)
-_COMPARATOR = re.compile(r"^(<=|>=|<|>|=|\^|~>|~)?(.+)$")
-
-
-@dataclass(frozen=True)
-class Version:
-    """A semantic version; ordering follows semver 2.0 precedence (build metadata ignored)."""
-
-    major: int
-    minor: int
-    patch: int
-    prerelease: tuple[int | str, ...] = field(default=())
-
-    @property
-    def key(self) -> tuple[Any, ...]:
-        pre = tuple((0, p, "") if isinstance(p, int) else (1, 0, p) for p in self.prerelease)
-        return (self.major, self.minor, self.patch, 0 if self.prerelease else 1, pre)
-
-    def __str__(self) -> str:
-        core = f"{self.major}.{self.minor}.{self.patch}"
-        return core + ("-" + ".".join(str(p) for p in self.prerelease) if self.prerelease else "")
-
-
-def _prerelease(text: str | None) -> tuple[int | str, ...]:
-    if not text:
-        return ()
-    return tuple(int(p) if p.isdigit() else p for p in text.split("."))
+# npm allows blanks between an operator and its version (">= 1.0.0"); NpmSpec does not.
+_OPERATOR_BLANK = re.compile(r"(<=|>=|<|>|=|\^|~>|~)\s+")
+# NpmSpec reads "1.x.3" as "1.x"; npm rejects a number after a wildcard, and so do we.
+_WILDCARD_THEN_NUMBER = re.compile(r"(?:^|[\s=<>^~])[vV]?\d+\.[xX*]\.\d")
+_PRERELEASE_CORE = re.compile(r"(\d+)\.(\d+)\.(\d+)-[0-9A-Za-z.-]+")
 
 
 def parse_version(text: str) -> Version:
-    """Parse ``MAJOR.MINOR.PATCH[-pre][+build]``.
+    """Parse ``MAJOR.MINOR.PATCH[-pre][+build]`` with ``semantic_version``.
 
     Raises:
         ValueError: when ``text`` is not a semantic version (Greengrass rejects those too).
     """
-    match = _VERSION.match(str(text).strip())
-    if not match:
-        raise ValueError(f"{text!r} is not a semantic version (MAJOR.MINOR.PATCH)")
-    major, minor, patch, pre = match.groups()
-    return Version(int(major), int(minor), int(patch), _prerelease(pre))
+    try:
+        return Version(str(text).strip())
+    except ValueError as exc:
+        raise ValueError(f"{text!r} is not a semantic version (MAJOR.MINOR.PATCH): {exc}") from exc
 
 
-Comparator = tuple[str, Version]
-
-
-def _partial(text: str) -> tuple[int | None, int | None, int | None, tuple[int | str, ...]]:
-    match = _PARTIAL.match(text)
-    if not match:
-        raise ValueError(f"{text!r} is not a version or version range")
-    parts = [None if p is None or p in ("*", "x", "X") else int(p) for p in match.groups()[:3]]
-    if any(parts[i] is None and parts[i + 1] is not None for i in range(2)):
-        raise ValueError(f"{text!r}: a wildcard can only be followed by wildcards")
-    return parts[0], parts[1], parts[2], _prerelease(match.group(4))
-
-
-def _expand(op: str, text: str) -> list[Comparator]:
-    """Desugar one npm comparator (``^1.2``, ``~1``, ``>1.2``, ``1.x``) into plain comparisons."""
-    major, minor, patch, pre = _partial(text)
-    if major is None:
-        return [] if op in ("", "=", ">=", "<=", "^", "~", "~>") else [("<", Version(0, 0, 0, (0,)))]
-    if op in ("", "="):
-        if minor is None:
-            return [(">=", Version(major, 0, 0)), ("<", Version(major + 1, 0, 0))]
-        if patch is None:
-            return [(">=", Version(major, minor, 0)), ("<", Version(major, minor + 1, 0))]
-        return [("=", Version(major, minor, patch, pre))]
-    if op == "^":
-        low = Version(major, minor or 0, patch or 0, pre)
-        if major > 0 or minor is None:
-            high = Version(major + 1, 0, 0)
-        elif minor > 0 or patch is None:
-            high = Version(0, minor + 1, 0)
-        else:
-            high = Version(0, 0, patch + 1)
-        return [(">=", low), ("<", high)]
-    if op in ("~", "~>"):
-        low = Version(major, minor or 0, patch or 0, pre)
-        high = Version(major + 1, 0, 0) if minor is None else Version(major, minor + 1, 0)
-        return [(">=", low), ("<", high)]
-    if op == ">":
-        if minor is None:
-            return [(">=", Version(major + 1, 0, 0))]
-        if patch is None:
-            return [(">=", Version(major, minor + 1, 0))]
-        return [(">", Version(major, minor, patch, pre))]
-    if op == ">=":
-        return [(">=", Version(major, minor or 0, patch or 0, pre))]
-    if op == "<":
-        return [("<", Version(major, minor or 0, patch or 0, pre))]
-    # op == "<="
-    if minor is None:
-        return [("<", Version(major + 1, 0, 0))]
-    if patch is None:
-        return [("<", Version(major, minor + 1, 0))]
-    return [("<=", Version(major, minor, patch, pre))]
-
-
-def parse_requirement(requirement: str) -> list[list[Comparator]]:
-    """Parse an npm-style range into alternatives (``||``) of comparator sets (all must hold).
+def parse_requirement(requirement: str) -> semantic_version.NpmSpec:
+    """Parse an npm-style range (what Greengrass reads as ``VersionRequirement``).
 
     Raises:
         ValueError: saying which part of the requirement is not understood.
     """
-    alternatives: list[list[Comparator]] = []
-    for alternative in str(requirement).split("||"):
-        text = alternative.strip()
-        hyphen = re.fullmatch(r"(\S+)\s+-\s+(\S+)", text)
-        comparators: list[Comparator] = []
-        if hyphen:
-            low, high = hyphen.groups()
-            major, minor, patch, pre = _partial(low)
-            if major is not None:
-                comparators.append((">=", Version(major, minor or 0, patch or 0, pre)))
-            comparators += _expand("<=", high)
-        else:
-            text = re.sub(r"(<=|>=|<|>|=|\^|~>|~)\s+", r"\1", text)
-            for token in text.split():
-                match = _COMPARATOR.match(token)
-                if not match:  # pragma: no cover - the pattern matches any non-empty token
-                    raise ValueError(f"cannot read {token!r}")
-                comparators += _expand(match.group(1) or "", match.group(2))
-        alternatives.append(comparators)
-    return alternatives
-
-
-def _holds(version: Version, op: str, bound: Version) -> bool:
-    a, b = version.key, bound.key
-    return {"=": a == b, "<": a < b, "<=": a <= b, ">": a > b, ">=": a >= b}[op]
+    text = _OPERATOR_BLANK.sub(r"\1", str(requirement).strip())
+    if _WILDCARD_THEN_NUMBER.search(text):
+        raise ValueError(f"{requirement!r}: a wildcard can only be followed by wildcards")
+    return semantic_version.NpmSpec(text)
 
 
 def satisfies(version: str | Version, requirement: str) -> bool:
     """Whether ``version`` meets an npm-style ``requirement``, as Greengrass resolves dependencies.
 
-    A pre-release version only matches a comparator set that names a pre-release of the same
+    A pre-release version only matches when the requirement names a pre-release of the same
     ``MAJOR.MINOR.PATCH`` (npm's rule), so ``>=0.1.0`` does not pull in ``0.2.0-beta``.
+    ``NpmSpec`` applies that rule to ``>=`` but lets ``0.2.0-beta.1`` satisfy ``<0.2.0``, hence the
+    extra check (npm applies it per ``||`` alternative; here it is per requirement, which is
+    stricter only for mixed requirements such as ``<0.2.0 || >=0.2.0-rc.1``).
 
     Raises:
         ValueError: if either argument cannot be parsed.
     """
     parsed = version if isinstance(version, Version) else parse_version(version)
-    for comparators in parse_requirement(requirement):
-        if not all(_holds(parsed, op, bound) for op, bound in comparators):
-            continue
-        if parsed.prerelease and not any(
-            bound.prerelease
-            and (bound.major, bound.minor, bound.patch) == (parsed.major, parsed.minor, parsed.patch)
-            for _, bound in comparators
-        ):
-            continue
-        return True
-    return False
+    if parsed not in parse_requirement(requirement):
+        return False
+    if parsed.prerelease:
+        core = (parsed.major, parsed.minor, parsed.patch)
+        named = {tuple(int(n) for n in m.groups()) for m in _PRERELEASE_CORE.finditer(str(requirement))}
+        return core in named
+    return True
 
 
 # --------------------------------------------------------------------------------------------------
@@ -713,8 +607,6 @@ def runtime_config_error(config: Mapping[str, Any]) -> str | None:
     Recipe variables stay unresolved strings here; that is fine for the path and name settings
     that use them, and every other value must already be one the runtime accepts at start-up.
     """
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
     from edge_runtime.config import RuntimeConfig
     from edge_runtime.errors import ConfigError
 
@@ -781,7 +673,7 @@ def _setenv_problems(recipe: _Recipe, expected: Mapping[str, Any]) -> list[Probl
 
 def _access_problems(recipe: _Recipe) -> list[Problem]:
     access = get_key(recipe.default_configuration, ACCESS_CONTROL)
-    problems = []
+    problems: list[Problem] = []
     if not isinstance(access, Mapping):
         return problems
     for service, policies in access.items():
@@ -898,7 +790,12 @@ def validate_build(
     recipes_dir = build_dir / "recipes"
     if not recipes_dir.is_dir():
         return [
-            Problem("(build)", str(recipes_dir), "no recipes folder: run components/build.py first", "layout")
+            Problem(
+                "(build)",
+                str(recipes_dir),
+                "no recipes folder: run components/build.py first",
+                "layout",
+            )
         ]
     files = sorted(p for p in recipes_dir.iterdir() if p.suffix in RECIPE_SUFFIXES and p.is_file())
     if not files:
@@ -925,7 +822,7 @@ def validate_build(
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python components/validate.py",
+        prog="python -m components.validate",
         description="Check a Greengrass build folder (recipes/ + artifacts/<Name>/<Version>/) against "
         "both official recipe schemas and the project's own rules: recipe variables resolve, artifact "
         "files exist, dependency ranges are met, the runtime's configuration keys match RuntimeConfig.",

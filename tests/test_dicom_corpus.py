@@ -4,6 +4,12 @@ Lossless encodings of one image must give identical arrays; lossy ones must
 stay within a stated tolerance of their lossless twin (in display units,
 i.e. after the VOI window, where 1.0 is the full grey range):
 mean absolute difference < 0.005 and 99th percentile < 0.02.
+
+Every transfer syntax in the corpus also has files with known pixel values at
+fixed coordinates in ``tests/pixels_reference.py``: the decoder's stored
+values (before Modality LUT and VOI) and, for some files, the display values.
+That module says where each value came from (dcmtk, an uncompressed twin,
+GDCM: never our own decoder) and why each tolerance is what it is.
 """
 
 from __future__ import annotations
@@ -14,8 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pixels_reference import DISPLAY_REFERENCE, PIXEL_REFERENCE
 
-from edge_runtime.decode import decode_file
+from edge_runtime.decode import DecodeLimits, decode_file
+from edge_runtime.decode.dicom import DicomDecoder
 
 REPO = Path(__file__).resolve().parents[1]
 INVENTORY = REPO.parent / "shared" / "data" / "dicom" / "INVENTORY.tsv"
@@ -89,3 +97,49 @@ def test_lossy_encodings_stay_close_to_their_lossless_twin(shared_data, lossy):
     diff = np.abs(decode_file(shared_data / "dicom" / lossy).pixels - reference)
     assert float(diff.mean()) < 0.005
     assert float(np.percentile(diff, 99)) < 0.02
+
+
+def _row(rel: str) -> dict[str, str]:
+    return next(row for row in ROWS if row["file"] == rel)
+
+
+def test_every_transfer_syntax_has_reference_values():
+    if not ROWS:
+        pytest.skip(f"corpus inventory not found at {INVENTORY}")
+    in_corpus = {row["transfer_syntax"] for row in ROWS}
+    covered = {_row(rel)["transfer_syntax"] for rel in PIXEL_REFERENCE}
+    assert in_corpus - covered == set()
+
+
+@pytest.mark.parametrize("rel", PIXEL_REFERENCE)
+def test_stored_values_match_reference(shared_data, rel):
+    ref = PIXEL_REFERENCE[rel]
+    _needs_dcmtk(rel)
+    frame = DicomDecoder().decode_stored(shared_data / "dicom" / rel, DecodeLimits())
+    arr = frame.values
+    assert arr.shape == ref["shape"]
+    # The dtype follows from the header (PS3.5 8.1.1), as listed in the inventory.
+    # Byte order is not compared: pydicom hands Explicit VR Big Endian back as '>i2'.
+    row = _row(rel)
+    if frame.photometric.startswith("MONO"):
+        kind = "i" if row["pixel_rep"] == "1" else "u"
+        assert (arr.dtype.kind, arr.dtype.itemsize) == (kind, int(row["bits_alloc"]) // 8)
+    tol = ref.get("tol", 0)
+    for point, expected in ref["values"].items():
+        got = np.asarray(arr[point], dtype=np.int64)
+        assert np.all(np.abs(got - np.asarray(expected)) <= tol), (point, got.tolist(), expected)
+    if "near" in ref:
+        # ISO 14495-1: near-lossless keeps every sample within NEAR of the original.
+        original = PIXEL_REFERENCE[ref["lossless_twin"]]["values"]
+        for point, value in original.items():
+            assert isinstance(value, int)
+            assert abs(int(arr[point]) - value) <= ref["near"], point
+
+
+@pytest.mark.parametrize("rel", DISPLAY_REFERENCE)
+def test_display_values_match_dcmtk(shared_data, rel):
+    label, grey_levels = DISPLAY_REFERENCE[rel]
+    px = decode_file(shared_data / "dicom" / rel).pixels
+    for point, level in grey_levels.items():
+        # dcmtk rounds to 8 bits (0.5/255) and windows in its own arithmetic (1/255 more).
+        assert abs(float(px[point]) - level / 255) <= 1.5 / 255, (label, point, float(px[point]) * 255)

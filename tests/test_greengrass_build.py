@@ -10,7 +10,6 @@ The build runs with --no-deps-wheels and a tiny bundle, so it stays fast and off
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -20,7 +19,6 @@ import sys
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -28,6 +26,7 @@ import yaml
 from conftest import make_tiny_bundle
 from jsonschema import Draft7Validator
 
+from components import validate
 from edge_runtime.bundle import BundleTrust, load_bundle
 from edge_runtime.config import RuntimeConfig
 from edge_runtime.greengrass import resolve_recipe_variables
@@ -48,21 +47,6 @@ MODEL = "com.healthdiag.model.PneumoniaCXR"
 RUNTIME_RECIPE = f"{RUNTIME}-0.1.0.yaml"
 MODEL_RECIPE = f"{MODEL}-0.1.0.yaml"
 BUNDLE_VARIABLE = f"{{{MODEL}:artifacts:decompressedPath}}"
-
-
-def _load_validate() -> ModuleType:
-    name = "healthdiag_gg_validate"  # the name build.py uses too: one copy of the module
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "components" / "validate.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-validate = _load_validate()
 
 
 def run_build(*args: str | Path) -> subprocess.CompletedProcess[str]:
@@ -232,14 +216,26 @@ def test_help_explains_the_options() -> None:
         assert text in result.stdout
 
 
+def test_build_and_validate_run_as_modules() -> None:
+    """``python -m components.build`` / ``components.validate`` from the repository root."""
+    for module in ("components.build", "components.validate"):
+        result = subprocess.run(
+            [sys.executable, "-m", module, "--help"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        assert f"usage: python -m {module}" in result.stdout
+
+
 def test_version_skew_is_reported() -> None:
     """A foreign --platform can make pip pick old releases; the build must say so."""
-    spec = importlib.util.spec_from_file_location("healthdiag_gg_build", BUILD)
-    assert spec is not None and spec.loader is not None
-    build = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = build
-    spec.loader.exec_module(build)
     import onnxruntime
+
+    from components import build
 
     old = "onnxruntime-1.16.3-cp311-cp311-manylinux_2_17_aarch64.manylinux2014_aarch64.whl"
     current = f"onnxruntime-{onnxruntime.__version__}-cp311-cp311-manylinux_2_28_aarch64.whl"

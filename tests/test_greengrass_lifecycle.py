@@ -223,20 +223,6 @@ def _set_tree_mode(path: Path, file_mode: int) -> None:
 # Helpers
 
 
-def _load_validate() -> Any:
-    name = "healthdiag_gg_validate"  # the name build.py and the other tests use: one copy
-    if name in sys.modules:
-        return sys.modules[name]
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "components" / "validate.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def _package_index_unreachable(pip_output: str) -> bool:
     """Did pip fail for lack of network (not for a missing wheel)? Ask the index for numpy."""
     if any(marker in pip_output for marker in NETWORK_ERRORS):
@@ -362,7 +348,8 @@ class _OpenedFiles:
 def test_build_install_run_update_stop_like_the_nucleus(
     shared_data: Path, mosquitto: Any, tmp_path: Path
 ) -> None:
-    validate = _load_validate()
+    from components import validate
+
     architecture = ARCHITECTURES.get(platform.machine().lower())
     if architecture is None:
         pytest.skip(f"the recipes have no manifest for this CPU ({platform.machine()})")

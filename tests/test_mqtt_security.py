@@ -7,6 +7,7 @@ client certificate with ``openssl``, and a password file with
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import shutil
@@ -143,6 +144,13 @@ def test_tls_with_server_verification(pki: Path, broker_factory, tmp_path: Path)
     assert not _connects(plain, timeout_s=2)
 
 
+# paho-mqtt 2.2's Client._ssl_wrap_socket does not close its SSLSocket when do_handshake()
+# raises (here on purpose: an untrusted CA), so each failed attempt leaves one for the garbage
+# collector, which reports it as unclosed. Not ours to close; gc.collect() below keeps the
+# report inside this test, so the ignore covers nothing else.
+@pytest.mark.filterwarnings(
+    "ignore:Exception ignored in. <ssl.SSLSocket:pytest.PytestUnraisableExceptionWarning"
+)
 def test_tls_with_an_untrusted_ca_is_reported_as_verification_failure(
     pki: Path, broker_factory, tmp_path: Path, caplog
 ):
@@ -152,6 +160,7 @@ def test_tls_with_an_untrusted_ca_is_reported_as_verification_failure(
         assert not _connects(wrong, timeout_s=2)
     assert "TLS verification of the MQTT broker" in caplog.text
     assert "CaFile" in caplog.text
+    gc.collect()
 
 
 def test_mutual_tls(pki: Path, broker_factory, tmp_path: Path, caplog):

@@ -5,8 +5,11 @@ imported lazily, so a missing optional package only disables its plugin::
 
     register_decoder("dicom", "edge_runtime.decode.dicom:DicomDecoder")
 
-:func:`decode_file` reads the first bytes once, asks each available plugin
-in order whether it recognises the file, and hands it to the first that does.
+:func:`decode_file` reads the first bytes once and tries, in order, every
+available plugin that recognises the file. The first success wins. When all
+of them fail, one error names each plugin's failure (as pydicom's pixel
+decoders do), so an admin sees e.g. that pydicom needed a missing package
+*and* the dcmtk fallback rejected the file, not just the last message.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import importlib
 import logging
 from pathlib import Path
 
-from ..errors import CorruptImage, IncompleteInput, NotAnImage
+from ..errors import CorruptImage, ImageTooLarge, IncompleteInput, InputError, NotAnImage
 from .base import DecodedImage, DecodeLimits, Decoder
 
 __all__ = [
@@ -101,11 +104,40 @@ def decode_file(path: str | Path, limits: DecodeLimits | None = None) -> Decoded
     if not head:
         raise CorruptImage(f"{path.name} is empty (0 bytes).")
     decoders = available_decoders()
+    failures: list[tuple[Decoder, InputError]] = []
     for decoder in decoders:
-        if decoder.sniff(head, path):
+        if not decoder.sniff(head, path):
+            continue
+        try:
             return decoder.decode(path, limits)
+        except (ImageTooLarge, IncompleteInput):
+            # A policy limit or a vanished file: another plugin would not do better.
+            raise
+        except InputError as exc:
+            log.info("decoder %s failed on %s: %s", decoder.name, path.name, exc.message)
+            failures.append((decoder, exc))
+    if failures:
+        raise _all_failed(path, failures)
     names = ", ".join(d.name for d in decoders)
     raise NotAnImage(
         f"{path.name} is neither DICOM (no 'DICM' marker at byte 128) nor a PNG/JPEG image "
         f"(decoders tried: {names})."
     )
+
+
+def _all_failed(path: Path, failures: list[tuple[Decoder, InputError]]) -> InputError:
+    """One error for every plugin that claimed ``path`` and failed.
+
+    A single failure is returned unchanged. With several, the error keeps the
+    class, code and advice of the first (preferred) plugin's failure, so
+    quarantine records and their codes stay as they were, and its message
+    lists every plugin's reason.
+    """
+    first = failures[0][1]
+    if len(failures) == 1:
+        return first
+    reasons = "\n".join(f"  {decoder.name}: {exc.message}" for decoder, exc in failures)
+    error = type(first)(f"Cannot decode {path.name}; every decoder that recognised it failed:\n{reasons}")
+    error.action = first.action
+    error.__cause__ = first
+    return error

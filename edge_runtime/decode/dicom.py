@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ from ..errors import (
 )
 from .base import DecodedImage, DecodeLimits
 
-__all__ = ["DicomDecoder"]
+__all__ = ["DicomDecoder", "StoredFrame"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,26 @@ def _looks_like_legacy(head: bytes) -> bool:
     group = int.from_bytes(head[0:2], "little")
     element = int.from_bytes(head[2:4], "little")
     return group in _LEGACY_FIRST_GROUPS and element < 0x0100
+
+
+@dataclass(frozen=True)
+class StoredFrame:
+    """One frame's stored values and what is needed to display them.
+
+    Attributes:
+        values: The pixel array as pydicom (or the dcmtk fallback) returns it:
+            stored values, or RGB for colour images; no grey-scale transform.
+        dataset: The pydicom dataset (for the Modality LUT and VOI modules).
+        photometric: Photometric Interpretation, stripped.
+        decoder: ``dicom`` or ``dicom+<dcmtk tool>``.
+        metadata: As in :class:`DecodedImage`.
+    """
+
+    values: np.ndarray
+    dataset: Any
+    photometric: str
+    decoder: str
+    metadata: dict[str, Any]
 
 
 class DicomDecoder:
@@ -95,6 +116,16 @@ class DicomDecoder:
         return ds
 
     def decode(self, path: Path, limits: DecodeLimits) -> DecodedImage:
+        frame = self.decode_stored(path, limits)
+        grey = _to_display_grey(frame.values, frame.dataset, frame.photometric)
+        return DecodedImage(pixels=grey, kind="dicom", decoder=frame.decoder, metadata=frame.metadata)
+
+    def decode_stored(self, path: Path, limits: DecodeLimits) -> StoredFrame:
+        """The first frame as decoded, before the Modality LUT, VOI and inversion.
+
+        Exposed so that tests can compare the decoders' output with reference
+        values obtained elsewhere (dcmtk), and for diagnostics.
+        """
         ds = self._read(path)
         metadata = _metadata(ds)
         sop_class = str(ds.get("SOPClassUID", "") or ds.file_meta.get("MediaStorageSOPClassUID", ""))
@@ -145,8 +176,9 @@ class DicomDecoder:
                 exc.message.splitlines()[0],
                 tool,
             )
-        grey = _to_display_grey(arr, ds, photometric)
-        return DecodedImage(pixels=grey, kind="dicom", decoder=decoder_name, metadata=metadata)
+        return StoredFrame(
+            values=arr, dataset=ds, photometric=photometric, decoder=decoder_name, metadata=metadata
+        )
 
 
 # Storage SOP classes under 1.2.840.10008.5.1.4.1.1. that carry no pixel data (PS3.4 B.5):
@@ -291,10 +323,7 @@ def _to_display_grey(arr: np.ndarray, ds: Any, photometric: str) -> np.ndarray:
         bits = int(lut.LUTDescriptor[2]) if "LUTDescriptor" in lut else 16
         grey = out.astype(np.float32) / float(2**bits - 1)
     elif "WindowCenter" in ds and "WindowWidth" in ds:
-        center = _first_value(ds.WindowCenter)
-        width = max(_first_value(ds.WindowWidth), 1.0)
-        function = str(ds.get("VOILUTFunction", "LINEAR")).upper()
-        grey = _window(values, center, width, function)
+        grey = _window(values, ds)
     else:
         lo, hi = float(values.min()), float(values.max())
         grey = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
@@ -311,15 +340,32 @@ def _first_value(value: Any) -> float:
         return float(value)
 
 
-def _window(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
-    """VOI windowing scaled to [0, 1] (PS3.3 C.11.2.1.2)."""
-    if function == "SIGMOID":
-        return (1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))).astype(np.float32)
-    if function == "LINEAR_EXACT":
-        return ((values - center) / width + 0.5).astype(np.float32)
-    if width <= 1.0:
-        return (values > center - 0.5).astype(np.float32)
-    return ((values - (center - 0.5)) / (width - 1.0) + 0.5).astype(np.float32)
+def _window(values: np.ndarray, ds: Any) -> np.ndarray:
+    """The first VOI window (PS3.3 C.11.2.1.2) with pydicom, scaled to [0, 1].
+
+    ``apply_windowing`` maps onto the range the Modality LUT module allows
+    (PS3.3 C.11.1.1.1), which depends on Bits Stored, the pixel sign and the
+    rescale. Rather than repeat that rule here, the range is read back from
+    pydicom by windowing two values far outside the window: LINEAR and
+    LINEAR_EXACT clip them to the ends exactly, SIGMOID comes within 1e-80.
+    """
+    from pydicom.pixels import apply_windowing
+
+    # A width under 1 is invalid for LINEAR (pydicom raises); such files exist,
+    # and earlier releases treated them as width 1 (a threshold at the centre).
+    width = _first_value(ds.WindowWidth)
+    if width < 1.0:
+        log.info("window width %s is under 1; using 1", width)
+        ds.WindowWidth = 1.0
+        width = 1.0
+    center = _first_value(ds.WindowCenter)
+    # SIGMOID: exp() overflows to inf far below the centre, which correctly gives 0.
+    with np.errstate(over="ignore"):
+        out = apply_windowing(values, ds, index=0)
+        lo, hi = apply_windowing(np.array([center - 50 * width, center + 50 * width]), ds, index=0)
+    if hi <= lo:
+        return np.zeros(values.shape, dtype=np.float32)
+    return ((out - lo) / (hi - lo)).astype(np.float32)
 
 
 def _metadata(ds: Any) -> dict[str, Any]:
