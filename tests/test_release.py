@@ -382,9 +382,7 @@ def test_trust_merges_only_the_model_keys_and_keeps_the_rest(aws: tuple[Clients,
             "components": {
                 RUNTIME: {
                     "componentVersion": "0.1.0",
-                    "configurationUpdate": {
-                        "merge": _json.dumps(merged, separators=(",", ":"), sort_keys=True)
-                    },
+                    "configurationUpdate": {"merge": merge},
                 },
                 MODEL_COMPONENT: {"componentVersion": "0.2.0"},
             },
