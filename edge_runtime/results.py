@@ -94,7 +94,8 @@ def scores_to_probabilities(raw: np.ndarray, activation: str) -> np.ndarray:
         # results ranked instead of tied at 1.0.
         small = int(np.argmin(probs))
         probs[1 - small] = 1.0 - probs[small]
-    return probs
+    result: np.ndarray = probs
+    return result
 
 
 def positive_index(labels: Sequence[str], positive_label: str) -> int:

@@ -24,7 +24,7 @@ def load_interpreter_class() -> Any:
         from ai_edge_litert.interpreter import Interpreter
     except ImportError:
         try:
-            from tflite_runtime.interpreter import Interpreter  # type: ignore[no-redef]
+            from tflite_runtime.interpreter import Interpreter
         except (ImportError, SystemError) as exc:
             raise BackendError(
                 "Neither ai-edge-litert nor tflite-runtime is installed.",
@@ -113,7 +113,8 @@ class LiteRtBackend:
         if np.issubdtype(out.dtype, np.integer):
             scale, zero = self._output["quantization"]
             out = (out.astype(np.float32) - zero) * scale
-        return out.reshape(out.shape[0], -1).astype(np.float32)
+        rows: np.ndarray = out.reshape(out.shape[0], -1).astype(np.float32)
+        return rows
 
     def close(self) -> None:
         self._interpreter = None

@@ -216,7 +216,7 @@ def _is_image_storage(sop_class: str) -> bool:
 
 
 def _check_decoder_available(ds: Any, path: Path) -> None:
-    from pydicom.pixels import get_decoder
+    from pydicom.pixels.decoders.base import get_decoder
 
     tsyntax = ds.file_meta.TransferSyntaxUID
     try:
@@ -237,7 +237,7 @@ def _check_decoder_available(ds: Any, path: Path) -> None:
 
 
 def _first_frame(ds: Any, path: Path, frames: int) -> np.ndarray:
-    from pydicom.pixels import pixel_array
+    from pydicom.pixels.utils import pixel_array
 
     try:
         with warnings.catch_warnings():
@@ -300,7 +300,7 @@ def _dcmtk_fallback(ds: Any, path: Path, frames: int) -> tuple[np.ndarray, str] 
 
 
 def _to_display_grey(arr: np.ndarray, ds: Any, photometric: str) -> np.ndarray:
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
 
     if photometric in _COLOUR:
         if arr.ndim != 3 or arr.shape[-1] != 3:
@@ -308,7 +308,8 @@ def _to_display_grey(arr: np.ndarray, ds: Any, photometric: str) -> np.ndarray:
         rgb = arr.astype(np.float32)
         luma = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
         max_value = float(2 ** int(ds.get("BitsStored", 8)) - 1)
-        return np.clip(luma / max_value, 0.0, 1.0).astype(np.float32)
+        colour_grey: np.ndarray = np.clip(luma / max_value, 0.0, 1.0).astype(np.float32)
+        return colour_grey
 
     if arr.ndim != 2:
         raise UnsupportedImage(f"Expected a single grey frame, got pixel array shape {arr.shape}.")
@@ -349,7 +350,7 @@ def _window(values: np.ndarray, ds: Any) -> np.ndarray:
     pydicom by windowing two values far outside the window: LINEAR and
     LINEAR_EXACT clip them to the ends exactly, SIGMOID comes within 1e-80.
     """
-    from pydicom.pixels import apply_windowing
+    from pydicom.pixels.processing import apply_windowing
 
     # A width under 1 is invalid for LINEAR (pydicom raises); such files exist,
     # and earlier releases treated them as width 1 (a threshold at the centre).
@@ -365,7 +366,8 @@ def _window(values: np.ndarray, ds: Any) -> np.ndarray:
         lo, hi = apply_windowing(np.array([center - 50 * width, center + 50 * width]), ds, index=0)
     if hi <= lo:
         return np.zeros(values.shape, dtype=np.float32)
-    return ((out - lo) / (hi - lo)).astype(np.float32)
+    scaled: np.ndarray = ((out - lo) / (hi - lo)).astype(np.float32)
+    return scaled
 
 
 def _metadata(ds: Any) -> dict[str, Any]:

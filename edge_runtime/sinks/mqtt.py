@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
 from ..config import MqttConfig, RuntimeConfig
 from ..errors import ConfigError, PublishError
@@ -113,7 +114,7 @@ class MqttSink:
         #: How many results wait in the outbox (said in the log after a reconnect).
         self.backlog = backlog
         self._client = mqtt.Client(
-            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+            callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=config.client_id,
             protocol=mqtt.MQTTv311,
             clean_session=True,
