@@ -33,6 +33,10 @@ Greengrass v2 sets:
 
 The CDK app (the rest of ``cdk/``, planned) runs the same functions in its
 pipeline. Not for diagnostic use: the model is a research model.
+
+Why one module over 500 lines: one command line, one function per release step, sharing the
+AWS clients and the deployment read/merge/write (``revise_deployment``); ``trust`` lives in
+:mod:`cdk.trust`.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ import hashlib
 import json
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -65,9 +69,9 @@ __all__ = [
     "list_versions",
     "main",
     "publish",
+    "revise_deployment",
     "rollback",
     "status",
-    "trust_signing_key",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -316,6 +320,37 @@ def deployed_versions(clients: Clients, groups: Sequence[str]) -> dict[str, str 
     return out
 
 
+def revise_deployment(
+    clients: Clients,
+    group: str,
+    change: Callable[[dict[str, dict[str, Any]]], None],
+    *,
+    name: str,
+    tag: str,
+    rollout: Rollout | None = None,
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, Any]]:
+    """Read ``group``'s deployment, let ``change`` edit its components, deploy the result.
+
+    A thing group has one deployment and a new one replaces it, so every
+    revision starts from the current set and keeps what it does not change.
+    Returns the current deployment, the deployed components and the AWS answer.
+    """
+    rollout = rollout or Rollout()
+    target_arn = _group_arn(clients, group)
+    current = _current_deployment(clients, target_arn) or {}
+    components = {key: dict(spec) for key, spec in current.get("components", {}).items()}
+    change(components)
+    created = clients.greengrass.create_deployment(
+        targetArn=target_arn,
+        deploymentName=name,
+        components=components,
+        iotJobConfiguration=rollout.iot_job_configuration(),
+        deploymentPolicies=rollout.deployment_policies(),
+        tags={DEPLOYMENT_TAG: tag[:256]},
+    )
+    return current, components, dict(created)
+
+
 def deploy(
     clients: Clients,
     group: str,
@@ -347,17 +382,13 @@ def deploy(
                 "Keep canary and fleet groups disjoint (remove the devices from one group), or deploy "
                 "the same version to both.",
             )
-    target_arn = _group_arn(clients, group)
-    current = _current_deployment(clients, target_arn) or {}
-    components = {name: dict(spec) for name, spec in current.get("components", {}).items()}
-    components[MODEL_COMPONENT] = {"componentVersion": version}
-    created = clients.greengrass.create_deployment(
-        targetArn=target_arn,
-        deploymentName=f"{group}: {MODEL_COMPONENT} {version}",
-        components=components,
-        iotJobConfiguration=rollout.iot_job_configuration(),
-        deploymentPolicies=rollout.deployment_policies(),
-        tags={DEPLOYMENT_TAG: (reason or f"deploy {version}")[:256]},
+    current, components, created = revise_deployment(
+        clients,
+        group,
+        lambda components: components.update({MODEL_COMPONENT: {"componentVersion": version}}),
+        name=f"{group}: {MODEL_COMPONENT} {version}",
+        tag=reason or f"deploy {version}",
+        rollout=rollout,
     )
     previous = current.get("components", {}).get(MODEL_COMPONENT, {}).get("componentVersion")
     return {
@@ -367,67 +398,6 @@ def deploy(
         "deploymentId": created["deploymentId"],
         "iotJobId": created.get("iotJobId"),
         "components": sorted(components),
-    }
-
-
-def trust_signing_key(
-    clients: Clients, group: str, key_id: str, *, keep_bundled_key: bool = False
-) -> dict[str, Any]:
-    """Make ``group``'s runtime trust the KMS key that signs released bundles.
-
-    The public key (KMS ``GetPublicKey``, an ECC_NIST_P256 key) is merged into
-    the runtime component's ``configurationUpdate`` as ``Model.TrustedKeys``
-    (inline PEM) with ``Model.RequireSignature: true``; every other component
-    and setting of the group's deployment is kept. Production boxes should
-    trust only this key: ``keep_bundled_key`` also keeps the key of the models
-    bundled inside the runtime (development fleets).
-    """
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    from edge_runtime.signing import bundled_models_key_path, load_public_key, public_key_fingerprint
-
-    public = serialization.load_der_public_key(clients.kms.get_public_key(KeyId=key_id)["PublicKey"])
-    if not (isinstance(public, ec.EllipticCurvePublicKey) and public.curve.name == "secp256r1"):
-        raise ReleaseError(
-            f"KMS key {key_id} is not an ECC_NIST_P256 key; bundles are signed with ECDSA P-256.",
-            "Pass the pipeline's signing key (the artifacts stack's SigningKey output).",
-        )
-    pem = public.public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    ).decode()
-    keys = [pem]
-    if keep_bundled_key:
-        keys.append(bundled_models_key_path().read_text(encoding="utf-8"))
-    target_arn = _group_arn(clients, group)
-    current = _current_deployment(clients, target_arn) or {}
-    components = {name: dict(spec) for name, spec in current.get("components", {}).items()}
-    if RUNTIME_COMPONENT not in components:
-        raise ReleaseError(
-            f"The deployment of {group!r} has no {RUNTIME_COMPONENT}, so there is no runtime to configure.",
-            "Deploy the runtime component to the group first (components/build.py and the README's "
-            "Greengrass section), then run 'trust' again.",
-        )
-    runtime = components[RUNTIME_COMPONENT]
-    update = dict(runtime.get("configurationUpdate") or {})
-    merge = json.loads(update.get("merge") or "{}")
-    merge.setdefault("Model", {}).update({"TrustedKeys": keys, "RequireSignature": True})
-    update["merge"] = json.dumps(merge, separators=(",", ":"), sort_keys=True)
-    runtime["configurationUpdate"] = update
-    fingerprint = public_key_fingerprint(load_public_key(pem))
-    rollout = Rollout()
-    created = clients.greengrass.create_deployment(
-        targetArn=target_arn,
-        deploymentName=f"{group}: trust signing key {fingerprint[:12]}",
-        components=components,
-        iotJobConfiguration=rollout.iot_job_configuration(),
-        deploymentPolicies=rollout.deployment_policies(),
-        tags={DEPLOYMENT_TAG: f"trust {fingerprint[:16]}"},
-    )
-    return {
-        "group": group,
-        "trusted_fingerprints": [public_key_fingerprint(load_public_key(k)) for k in keys],
-        "deploymentId": created["deploymentId"],
     }
 
 
@@ -588,6 +558,8 @@ def main(argv: Sequence[str] | None = None, clients: Clients | None = None) -> i
         elif args.command == "status":
             result = status(clients, args.group)
         elif args.command == "trust":
+            from .trust import trust_signing_key
+
             result = trust_signing_key(
                 clients, args.group, args.kms_key, keep_bundled_key=args.keep_bundled_key
             )

@@ -34,6 +34,10 @@ The build ends by running :mod:`components.validate` on its output.
 
 ``--component NAME --gdk-layout`` is what each ``components/<Name>/gdk-config.json`` runs for
 ``gdk component build`` (custom build system): one component, recipe written as ``recipe.yaml``.
+
+Why one module over 500 lines: it is the one place recipes, artifacts and their names are
+made (the point of the module); the wheel, model and recipe steps are separate functions that
+share the build folder's layout.
 """
 
 from __future__ import annotations

@@ -16,11 +16,12 @@ import time
 from typing import Any
 
 from . import __version__
-from .config import RuntimeConfig, diff_config
+from .config import RuntimeConfig
 from .errors import EdgeRuntimeError
 from .greengrass import GreengrassIpc, config_update_handler
 from .health import Health
 from .journal import Journal
+from .live_config import diff_config
 from .outcomes import OutcomeRecorder
 from .pipeline import ScanAnalyzer
 from .sinks import OutboxDrainer, create_sinks

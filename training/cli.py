@@ -10,6 +10,9 @@
 The stages communicate only through files in the run folder (checkpoint,
 ``split.json``, ONNX models, JSON summaries), so any stage can be re-run on
 its own, e.g. to re-package after editing the model card template.
+
+Why one module over 500 lines: each subcommand's arguments and help text sit beside the
+others so ``--help`` stays consistent; the work itself is in the stage modules.
 """
 
 from __future__ import annotations

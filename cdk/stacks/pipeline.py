@@ -31,6 +31,9 @@ Every outcome is written to the records bucket (Object Lock) as
 
 The canary's device reports are read as the runtime publishes them
 (``edge_runtime.service``: retained, per thing, every heartbeat).
+
+Why one module over 500 lines: the state machine is one definition; its states refer to each
+other by name, so reading it in one file is how an ops engineer follows a release.
 """
 
 from __future__ import annotations
