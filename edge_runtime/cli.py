@@ -227,7 +227,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
             )
     else:
         config = load_config(args.config)
-    configure_logging(config.logging.level, config.logging.format)
+    configure_logging(
+        config.logging.level, config.logging.format, redact_names=not config.privacy.log_file_names
+    )
     if ipc is not None:
         logging.getLogger("edge_runtime").info("configuration read from the Greengrass nucleus over IPC")
     if args.new_journal:
@@ -246,7 +248,7 @@ def _cmd_process(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     configure_logging("WARNING", config.logging.format)
-    analyzer = ScanAnalyzer.from_config(config)
+    analyzer = ScanAnalyzer.from_config(config, create_reference_key=False)
     failures = 0
     for path in args.files:
         try:

@@ -48,6 +48,7 @@ __all__ = [
     "LoggingConfig",
     "ModelConfig",
     "MqttConfig",
+    "PrivacyConfig",
     "RuntimeConfig",
     "TlsConfig",
     "load_config",
@@ -337,6 +338,29 @@ class LoggingConfig(_Section):
     format: Literal["json", "text"] = "json"
 
 
+class PrivacyConfig(_Section):
+    """What may name a scan outside the process (file names carry patient names)."""
+
+    publish_file_names: bool = Field(
+        False,
+        description="Results on the hospital broker carry the original file name instead of the "
+        "scan reference (for sites that want names on their LAN; never sent to AWS IoT Core).",
+    )
+    log_file_names: bool = Field(
+        False, description="Logs name files; by default they carry scan references (logs may leave the box)."
+    )
+    reference_key_file: Path | None = Field(
+        None,
+        description="Key of the scan references (created on first start); empty = reference.key "
+        "beside the journal.",
+    )
+
+    @field_validator("reference_key_file", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if value in ("", None) else value
+
+
 class RuntimeConfig(_Section):
     """Everything the edge runtime can be told. Built once at start-up."""
 
@@ -349,7 +373,13 @@ class RuntimeConfig(_Section):
     greengrass: GreengrassConfig = Field(default_factory=GreengrassConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     workers: int = Field(0, ge=0, le=64, description="Scan workers; 0 = one per CPU core.")
+
+    @property
+    def reference_key_path(self) -> Path:
+        """Where the scan-reference key lives (beside the journal unless configured)."""
+        return self.privacy.reference_key_file or self.journal.path.parent / "reference.key"
 
     @property
     def effective_workers(self) -> int:

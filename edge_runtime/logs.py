@@ -20,6 +20,8 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
+from .privacy import REDACTOR
+
 __all__ = ["configure_logging", "escape_control", "event"]
 
 _RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message"}
@@ -36,12 +38,12 @@ class JsonFormatter(logging.Formatter):
         event = getattr(record, "event", None)
         if event:
             data["event"] = event
-        data["msg"] = record.getMessage()
+        data["msg"] = REDACTOR.scrub(record.getMessage())
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
-            data.update(fields)
+            data.update({k: REDACTOR.scrub(v) if isinstance(v, str) else v for k, v in fields.items()})
         if record.exc_info:
-            data["exception"] = self.formatException(record.exc_info)
+            data["exception"] = REDACTOR.scrub(self.formatException(record.exc_info))
         return json.dumps(data, default=str)
 
 
@@ -70,7 +72,7 @@ class TextFormatter(logging.Formatter):
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict) and fields:
             line += " " + " ".join(f"{k}={escape_control(str(v))}" for k, v in fields.items())
-        return line
+        return REDACTOR.scrub(line)
 
 
 def _drop_paho_retry_chatter(record: logging.LogRecord) -> bool:
@@ -78,8 +80,13 @@ def _drop_paho_retry_chatter(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Client is not connected")
 
 
-def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
-    """Configure the root logger once, for the CLI (never call from library code)."""
+def configure_logging(level: str = "INFO", fmt: str = "json", *, redact_names: bool = True) -> None:
+    """Configure the root logger once, for the CLI (never call from library code).
+
+    ``redact_names``: scans' file names are written as their references
+    (``Privacy.LogFileNames`` false, the default), because logs may leave the box.
+    """
+    REDACTOR.enabled = redact_names
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()

@@ -29,7 +29,8 @@ from .errors import EdgeRuntimeError
 from .health import Health
 from .journal import Delivery, InputRecord, Journal
 from .logs import event
-from .results import scan_ref, utc_now
+from .privacy import scan_ref
+from .results import utc_now
 from .sources.base import ScanItem
 from .sources.files import display_name, file_key, safe_file_name
 from .sources.inbox import unique_target
@@ -50,12 +51,17 @@ class OutcomeRecorder:
         quarantine_dir: Path,
         dispose: Callable[[ScanItem], None],
         notify_sinks: Callable[[], None],
+        reference_key: bytes | None = None,
+        log_reasons: bool = False,
     ) -> None:
         self.journal = journal
         self.health = health
         self.quarantine_dir = quarantine_dir
         self._dispose = dispose
         self._notify_sinks = notify_sinks
+        self.reference_key = reference_key
+        #: Log the error's text (it may quote header values); otherwise its code, and the file says more.
+        self.log_reasons = log_reasons
 
     def result(
         self,
@@ -114,7 +120,7 @@ class OutcomeRecorder:
         log.error(
             "attempt %d/%d on %s failed: %s (%s)", failures, max_attempts, path.name, exc.message, exc.action
         )
-        self.health.report_error(f"{scan_ref(sha256, path.name)}: {exc.code} (details in the service log)")
+        self.health.report_error(f"{self.ref(sha256, path.name)}: {exc.code} (details in the service log)")
         if failures >= max_attempts:
             self.quarantine(
                 item,
@@ -155,6 +161,7 @@ class OutcomeRecorder:
         """Record the verdict in the journal, then move the file and write its error file."""
         document = {
             "file": display_name(item.path.name),
+            "ref": self.ref(sha256, item.path.name),
             "sha256" if content_hash else "file_key": sha256,
             **error,
             "attempts": attempts,
@@ -183,19 +190,23 @@ class OutcomeRecorder:
             "quarantined",
             "quarantined %s: %s",
             path.name,
-            error.get("error"),
+            error.get("error") if self.log_reasons else f"{error.get('code')} (see its error file)",
             level=logging.WARNING,
             file=path.name,
             sha256=str(sha256 or "")[:16],
             code=error.get("code"),
-            reason=error.get("error"),
+            reason=error.get("error") if self.log_reasons else None,
             action=error.get("action"),
             moved_to=str(target),
         )
         self.health.report_error(
-            f"{scan_ref(str(sha256 or ''), path.name)}: {error.get('code')} "
+            f"{error.get('ref') or self.ref(str(key or ''), path.name)}: {error.get('code')} "
             "(details in the quarantine error file)"
         )
+
+    def ref(self, sha256: str, file_name: str) -> str:
+        """The scan's keyed reference (what status, results and logs call it)."""
+        return scan_ref(sha256, file_name, key=self.reference_key)
 
 
 def _move(path: Path, target: Path) -> None:

@@ -26,8 +26,10 @@ from .errors import EdgeRuntimeError, UnsupportedImage
 from .intake import IntakePolicy
 from .logs import event
 from .preprocess import preprocess
+from .privacy import load_or_create_key, scan_ref
 from .results import build_result, pixels_digest, scores_to_probabilities
 from .sandbox import DecodeSandbox
+from .sources.files import display_name
 
 __all__ = ["ScanAnalyzer", "ScanOutcome", "file_sha256"]
 
@@ -81,6 +83,10 @@ class ScanAnalyzer:
         self._local = threading.local()
         #: The conformance check run when this model was loaded (None: the bundle has no set).
         self.conformance: ConformanceReport | None = None
+        #: The box's scan-reference key (None: unkeyed references, outside the service).
+        self.reference_key: bytes | None = None
+        #: Results name the file itself (Privacy.PublishFileNames) instead of its reference.
+        self.publish_file_names = False
 
     @classmethod
     def from_bundle_path(
@@ -142,9 +148,13 @@ class ScanAnalyzer:
         return analyzer
 
     @classmethod
-    def from_config(cls, config: RuntimeConfig) -> ScanAnalyzer:
-        """The analyzer a configuration describes (loads and verifies the model bundle)."""
-        return cls.from_bundle_path(
+    def from_config(cls, config: RuntimeConfig, *, create_reference_key: bool = True) -> ScanAnalyzer:
+        """The analyzer a configuration describes (loads and verifies the model bundle).
+
+        ``create_reference_key`` False (``edge-runtime process``): use the box's
+        reference key if it exists, never create one (unkeyed references then).
+        """
+        analyzer = cls.from_bundle_path(
             config.model.bundle_path or default_bundle_path(),
             config.model.backend,
             threads=config.model.threads,
@@ -157,6 +167,10 @@ class ScanAnalyzer:
             decode_memory_mb=config.decode.memory_limit_mb,
             trust=BundleTrust.from_config(config.model),
         )
+        if create_reference_key or config.reference_key_path.is_file():
+            analyzer.reference_key = load_or_create_key(config.reference_key_path)
+        analyzer.publish_file_names = config.privacy.publish_file_names
+        return analyzer
 
     def _buffer(self) -> np.ndarray:
         buf = getattr(self._local, "buf", None)
@@ -243,7 +257,9 @@ class ScanAnalyzer:
         probs = scores_to_probabilities(raw[0], self.bundle.output_activation)
         timings["total"] = timings.get("queue", 0.0) + (time.perf_counter() - t0) * 1000
         result = build_result(
-            file_name=path.name,
+            file_name=display_name(path.name)
+            if self.publish_file_names
+            else scan_ref(sha256, path.name, key=self.reference_key),
             sha256=sha256,
             kind=decoded.kind,
             decoder=decoded.decoder,

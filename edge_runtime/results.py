@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import socket
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,7 +32,7 @@ __all__ = [
     "pixels_digest",
     "positive_index",
     "positive_probabilities",
-    "scan_ref",
+    "public_metadata",
     "scores_to_probabilities",
     "utc_now",
 ]
@@ -117,20 +117,24 @@ def positive_probabilities(
     return np.array([scores_to_probabilities(row, activation)[index] for row in rows], dtype=np.float64)
 
 
-#: Extensions kept in a published scan name; anything else a sender typed is dropped.
-_SAFE_SUFFIXES = (".dcm", ".dicom", ".png", ".jpg", ".jpeg")
+#: Header fields of VR CS (code strings): only values that are codes are published.
+_CODE_FIELDS = ("modality", "body_part_examined", "view_position", "photometric_interpretation")
+_CODE = re.compile(r"^[A-Z0-9 _]{1,16}$")
 
 
-def scan_ref(sha256: str, file_name: str = "") -> str:
-    """The name a scan goes by outside the box: ``scan-<16 hex of its sha256><.ext>``.
+def public_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
+    """Header metadata fit to publish: a code-string field holding free text is set to None.
 
-    Senders name files after patients (``DOE_JOHN_MRN123.dcm``), so the name
-    they gave never leaves the process: results, the status topic and IoT Core
-    carry this content-derived reference instead, and the service log and the
-    quarantine error file on the box keep the original for the admin.
+    Such fields are codes (``CHEST``, ``PA``); a modality that fills one with free
+    text ("LEFT KNEE of SMITH JANE") may be writing a name into it, so the value
+    stays on the box (the intake check still reads it).
     """
-    suffix = Path(file_name).suffix.lower() if file_name else ""
-    return f"scan-{sha256[:16] or 'unhashed'}{suffix if suffix in _SAFE_SUFFIXES else ''}"
+    public = dict(metadata)
+    for key in _CODE_FIELDS:
+        value = public.get(key)
+        if value is not None and not _CODE.match(str(value)):
+            public[key] = None
+    return public
 
 
 def build_result(
@@ -148,7 +152,13 @@ def build_result(
     timings_ms: dict[str, float],
     pixels_sha256: str | None = None,
 ) -> dict[str, Any]:
-    """Assemble one schema-valid result message."""
+    """Assemble one schema-valid result message.
+
+    ``file_name`` is what the result calls the input: its keyed reference
+    (:func:`edge_runtime.privacy.scan_ref`) unless the site publishes names.
+    Header values that should be DICOM codes but are free text are left out
+    (:func:`public_metadata`).
+    """
     # Nine significant digits keep every distinct float32 output distinct (its spacing near 1 is
     # 6e-8), so subscribers can rank results; six decimals used to tie confident outputs at 1.0.
     probs = {label: float(f"{float(p):.9g}") for label, p in zip(labels, probabilities, strict=True)}
@@ -168,11 +178,11 @@ def build_result(
         "not_for_diagnostic_use": True,
         "input": {
             "kind": kind,
-            "file_name": scan_ref(sha256, file_name),
+            "file_name": file_name,
             "sha256": sha256,
             "decoder": decoder,
         }
-        | metadata,
+        | public_metadata(metadata),
         "model": dict(model),
         "findings": [
             {

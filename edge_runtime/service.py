@@ -84,6 +84,8 @@ class EdgeService:
             quarantine_dir=config.inbox.quarantine_path,
             dispose=lambda item: self.sources[item.source].dispose(item),
             notify_sinks=self._notify_sinks,
+            reference_key=self.analyzer.reference_key,
+            log_reasons=config.privacy.log_file_names,
         )
         self.workers = WorkerPool(
             config=lambda: self.config,

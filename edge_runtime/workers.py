@@ -33,9 +33,10 @@ from .journal import Journal
 from .logs import event
 from .outcomes import OutcomeRecorder
 from .pipeline import ScanAnalyzer
+from .privacy import REDACTOR
 from .sinks import Sink
 from .sources import ScanItem, Source
-from .sources.files import display_name, read_scan
+from .sources.files import display_name, file_key, read_scan
 
 __all__ = ["WorkerPool", "intake_blocked"]
 
@@ -164,6 +165,8 @@ class WorkerPool:
                 continue
             name = threading.current_thread().name
             self._busy[name] = (item, time.monotonic())
+            # Until it is hashed, the file is called by a reference to its name; then by its scan's.
+            REDACTOR.register(item.path.name, self.recorder.ref(file_key(item.path), item.path.name))
             try:
                 self.handle(item)
             except Exception as exc:
@@ -173,6 +176,7 @@ class WorkerPool:
             finally:
                 self._busy.pop(name, None)
                 self.sources[item.source].release(item)
+                REDACTOR.forget(item.path.name)
 
     def _unexpected(self, item: ScanItem, exc: Exception) -> None:
         key = (item.path, item.size_bytes, item.mtime)
@@ -222,6 +226,7 @@ class WorkerPool:
             self.recorder.refuse_unread(item, exc.to_dict())
             return
         sha256, size = scan.sha256, scan.size_bytes
+        REDACTOR.register(path.name, self.recorder.ref(sha256, path.name))
         hash_ms = (time.perf_counter() - t0) * 1000
         self.health.count("received")
         event(

@@ -299,9 +299,15 @@ def default_bundle() -> Path:
     return path
 
 
-def published_name(src: Path, name: str = "") -> str:
-    """The ``input.file_name`` a result carries for ``src`` dropped as ``name`` (never ``name`` itself)."""
-    from edge_runtime.bundle import sha256_file
-    from edge_runtime.results import scan_ref
+def published_name(src: Path, name: str = "", config=None, key_file: Path | None = None) -> str:
+    """The ``input.file_name`` a result carries for ``src`` dropped as ``name`` (never ``name`` itself).
 
-    return scan_ref(sha256_file(src), name or src.name)
+    The reference is keyed with the box's key: the one of ``config`` (or ``key_file``),
+    which the service created at start; without either, the unkeyed form.
+    """
+    from edge_runtime.bundle import sha256_file
+    from edge_runtime.privacy import load_or_create_key, scan_ref
+
+    path = key_file or (config.reference_key_path if config is not None else None)
+    key = load_or_create_key(path) if path is not None else None
+    return scan_ref(sha256_file(src), name or src.name, key=key)

@@ -68,7 +68,7 @@ def test_mosquitto_stopped_mid_run_and_restarted(
             timeout_s=60,
         )
         names = {p["input"]["file_name"] for p in seen if p.get("message_type") == "result"}
-        assert names >= {published_name(s) for s in during + after}
+        assert names >= {published_name(s, config=config) for s in during + after}
         statuses = [p for p in seen if p.get("message_type") == "status"]
         assert any("reconnected after" in (p.get("reason") or "") for p in statuses)
         deadline = time.monotonic() + 10

@@ -37,7 +37,12 @@ def test_process_prints_one_valid_result_per_file_and_fails_only_on_failure(
 ):
     import os
 
-    env = dict(os.environ, EDGE_RUNTIME__MODEL__BUNDLE_PATH=str(tiny_bundle))
+    env = dict(
+        os.environ,
+        EDGE_RUNTIME__MODEL__BUNDLE_PATH=str(tiny_bundle),
+        # No box key there: 'process' uses one only where a service created it, never makes one.
+        EDGE_RUNTIME__JOURNAL__PATH=str(tmp_path / "state" / "journal.sqlite3"),
+    )
     good = [shared_data / SIIM, shared_data / "cxr/kermany_pneumonia_224/test/NORMAL/IM-0001-0001.jpeg"]
     out = run_cli("process", *map(str, good), env=env)
     assert out.returncode == 0, out.stderr

@@ -301,9 +301,9 @@ def _wait(
         time.sleep(0.1)
 
 
-def _mqtt_result(sub: Subscriber, source: Path, name: str) -> dict[str, Any] | None:
-    """The result for ``source`` dropped as ``name`` (results name scans by content, not by file name)."""
-    published = published_name(source, name)
+def _mqtt_result(sub: Subscriber, source: Path, name: str, key_file: Path) -> dict[str, Any] | None:
+    """The result for ``source`` dropped as ``name`` (results name scans by a keyed reference)."""
+    published = published_name(source, name, key_file=key_file)
     return next((r for r in sub.results() if r["input"].get("file_name") == published), None)
 
 
@@ -413,6 +413,7 @@ def test_build_install_run_update_stop_like_the_nucleus(
     assert VAR_LIB not in json.dumps(configuration)
     configuration["Mqtt"].update(Host=mosquitto.host, Port=mosquitto.port)
     configuration["Health"]["HeartbeatSeconds"] = 1.0
+    key_file = Path(configuration["Journal"]["Path"]).parent / "reference.key"  # made by the service
     gg.configurations[RUNTIME] = configuration
     gg.configurations[MODEL] = (
         recipes[MODEL].get("ComponentConfiguration", {}).get("DefaultConfiguration", {})
@@ -510,7 +511,7 @@ def test_build_install_run_update_stop_like_the_nucleus(
         ]
         for name in first:
             result = _wait(
-                lambda n=name: _mqtt_result(subscriber, first[n], n),
+                lambda n=name: _mqtt_result(subscriber, first[n], n, key_file),
                 120,
                 f"the MQTT result for {name}",
                 proc,
@@ -535,7 +536,7 @@ def test_build_install_run_update_stop_like_the_nucleus(
             assert call["topic"] == configuration["Greengrass"]["LocalTopic"]
             assert _granted(local_grants, call["topic"]), "published outside the accessControl grant"
             assert call["publishMessage"]["jsonMessage"]["message"] == result
-        siim = _mqtt_result(subscriber, shared_data / SIIM, next(iter(first)))
+        siim = _mqtt_result(subscriber, shared_data / SIIM, next(iter(first)), key_file)
         assert siim["input"]["kind"] == "dicom" and siim["input"]["sop_instance_uid"].startswith("1.2.276")
         # Greengrass.IotCoreTopic is "" by default: no result goes to AWS IoT Core, only the box's
         # retained health report on <StatusTopic>/<thing name>.
@@ -556,7 +557,11 @@ def test_build_install_run_update_stop_like_the_nucleus(
         source = shared_data / KERMANY / "IM-0003-0001.jpeg"
         _drop(source, inbox, name)
         after = _wait(
-            lambda: _mqtt_result(subscriber, source, name), 120, f"the MQTT result for {name}", proc, log
+            lambda: _mqtt_result(subscriber, source, name, key_file),
+            120,
+            f"the MQTT result for {name}",
+            proc,
+            log,
         )
         assert after["findings"][0]["threshold"] == 0.0 and after["decision"]["positive"] is True
         _wait(lambda: _ipc_result(nucleus, after["message_id"]), 30, f"PublishToTopic for {name}", proc, log)

@@ -226,3 +226,21 @@ def test_access_denied_by_the_nucleus_is_named_and_the_result_kept(
     nucleus.wait_until(lambda: service.journal.counts()["outbox_pending"] == 0, timeout=20)
     results = [c for c in nucleus.calls_for("PublishToIoTCore") if "results" in c["topicName"]]
     assert len(results) == 3  # two refused, one accepted
+
+
+def test_no_patient_identifier_reaches_the_nucleus(shared_data: Path, nucleus_service, tmp_path: Path):
+    """Local pub/sub, IoT Core results and the retained IoT Core health report, searched for them."""
+    import pydicom
+
+    nucleus, service = nucleus_service
+    ds = pydicom.dcmread(shared_data / SIIM)
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate = "DOE^JOHN", "MRN123456", "19700101"
+    ds.save_as(tmp_path / "patient.dcm")
+    drop(tmp_path / "patient.dcm", service.config.inbox.path, "DOE_JOHN_MRN123456_19700101.dcm")
+    wait_results(nucleus, 1)
+    nucleus.wait_until(lambda: len(nucleus.calls_for("PublishToIoTCore")) >= 2, timeout=20)
+    sent = json.dumps(
+        [call for op in ("PublishToTopic", "PublishToIoTCore") for call in nucleus.calls_for(op)], default=str
+    )
+    for identifier in ("DOE", "JOHN", "MRN123456", "19700101"):
+        assert identifier not in sent, f"{identifier} reached the Greengrass nucleus"

@@ -61,7 +61,7 @@ def test_fifos_and_device_links_do_not_stall_the_workers(
         drop(shared_data / JPEG, inbox, "after.jpeg")
         (result,) = sub.wait_for(lambda ps: len(ps) >= 1, timeout_s=15)
         assert time.monotonic() - dropped < 10
-        assert result["input"]["file_name"] == published_name(shared_data / JPEG, "after.jpeg")
+        assert result["input"]["file_name"] == published_name(shared_data / JPEG, "after.jpeg", config)
         _wait(lambda: len(_errors(config.inbox.quarantine_path)) >= 3)
         errors = _errors(config.inbox.quarantine_path)
         assert errors["pipe1.dcm"]["code"] == errors["pipe2.dcm"]["code"] == "not_a_regular_file"
@@ -89,7 +89,7 @@ def test_symlinks_are_not_followed_out_of_the_inbox(
         os.symlink(inbox / ".store" / "real.jpeg", inbox / "inside-link.jpeg")
         os.symlink(outside, inbox / "outside-link.jpeg")
         (result,) = sub.wait_for(lambda ps: len(ps) >= 1, timeout_s=20)
-        assert result["input"]["file_name"] == published_name(shared_data / JPEG, "inside-link.jpeg")
+        assert result["input"]["file_name"] == published_name(shared_data / JPEG, "inside-link.jpeg", config)
         _wait(lambda: service.journal.counts()["quarantined"] >= 1)
         errors = _errors(config.inbox.quarantine_path)
         assert set(errors) == {"outside-link.jpeg"}
@@ -117,7 +117,7 @@ def test_odd_names_end_published_or_quarantined_not_retried_for_ever(
         data = (shared_data / JPEG).read_bytes()
         (inbox / long_name).write_bytes(data[: len(data) // 2])
         (result,) = sub.wait_for(lambda ps: len(ps) >= 1, timeout_s=20)
-        assert result["input"]["file_name"] == published_name(shared_data / JPEG, "x.jpeg")
+        assert result["input"]["file_name"] == published_name(shared_data / JPEG, "x.jpeg", config)
         _wait(lambda: not list(inbox.iterdir()))
         assert list(inbox.iterdir()) == []
         (error_file,) = config.inbox.quarantine_path.glob("*.error.json")

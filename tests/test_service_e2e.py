@@ -95,13 +95,13 @@ def test_real_scans_get_one_valid_result_each(
     results = sub.results()
     # The names the sender gave never leave the process; each scan goes by a content reference.
     assert sorted(r["input"]["file_name"] for r in results) == sorted(
-        published_name(src, name) for name, src in files.items()
+        published_name(src, name, config=config) for name, src in files.items()
     )
     for result in results:
         RESULT_VALIDATOR.validate(result)
         assert result["not_for_diagnostic_use"] is True
         assert result["model"]["name"] == "pneumonia-cxr"
-    got = {name: by_file(results)[published_name(src, name)] for name, src in files.items()}
+    got = {name: by_file(results)[published_name(src, name, config=config)] for name, src in files.items()}
     # Each message carries the model's own decision: the same probabilities and decision
     # as the one-shot path (the bundled model run directly on the same file).
     from edge_runtime.pipeline import ScanAnalyzer
@@ -169,7 +169,7 @@ def test_part_file_written_slowly_then_renamed_is_read_once(
     assert time.monotonic() - t_rename < 4.0
     time.sleep(0.5)
     assert [r["input"]["file_name"] for r in sub.results()] == [
-        published_name(shared_data / "dicom/pydicom_data/RG1_UNCR.dcm", "study.dcm")
+        published_name(shared_data / "dicom/pydicom_data/RG1_UNCR.dcm", "study.dcm", config=config)
     ]
     assert list(config.inbox.quarantine_path.iterdir()) == []
 
@@ -201,7 +201,7 @@ def test_bad_inputs_are_quarantined_and_good_ones_keep_flowing(
     while time.monotonic() < deadline and len(list(quarantine.glob("*.error.json"))) < 4:
         time.sleep(0.1)
     assert sorted(r["input"]["file_name"] for r in sub.results()) == sorted(
-        published_name(src, name) for name, src in good.items()
+        published_name(src, name, config=config) for name, src in good.items()
     )
     for name in bad:
         error_file = config.inbox.quarantine_path / f"{name}.error.json"
@@ -245,7 +245,7 @@ def test_restart_with_queued_files_gives_exactly_one_result_each(
     finally:
         service.stop()
     names = [r["input"]["file_name"] for r in sub.results()]
-    assert sorted(set(names)) == sorted(published_name(s) for s in sources)
+    assert sorted(set(names)) == sorted(published_name(s, config=config) for s in sources)
     assert len(names) == len(sources), f"repeats: {len(names) - len(set(names))}"
     assert list(config.inbox.path.iterdir()) == []
 
@@ -268,7 +268,9 @@ def test_patient_names_in_file_names_never_leave_the_process(
     assert error_file.exists()  # the admin on the box still sees the original name
     sub.wait_for(lambda ps: any("last_error" in p for p in ps if p["message_type"] == "status"), timeout_s=30)
     (result,) = sub.results()
-    assert result["input"]["file_name"] == published_name(shared_data / SIIM, "DOE_JOHN_MRN123.dcm")
+    assert result["input"]["file_name"] == published_name(
+        shared_data / SIIM, "DOE_JOHN_MRN123.dcm", config=config
+    )
     text = json.dumps([payload for _, payload, _ in sub.messages])
     for identifier in ("DOE", "JOHN", "MRN123", "SMITH", "JANE", "MRN456", "KNEE"):
         assert identifier not in text, f"{identifier} reached MQTT"
@@ -285,7 +287,9 @@ def test_same_content_twice_is_processed_once(shared_data, tiny_bundle, running,
     while time.monotonic() < deadline and any(config.inbox.path.iterdir()):
         time.sleep(0.1)
     time.sleep(0.5)
-    assert [r["input"]["file_name"] for r in sub.results()] == [published_name(src, "first.jpeg")]
+    assert [r["input"]["file_name"] for r in sub.results()] == [
+        published_name(src, "first.jpeg", config=config)
+    ]
     assert service.counters["duplicates"] == 1
 
 
@@ -316,7 +320,9 @@ def test_results_survive_a_broker_that_is_down_at_start(
         try:
             sub.wait_for(lambda ps: len(ps) >= 1, timeout_s=45)
             assert sub.results()[0]["input"]["file_name"] == published_name(
-                shared_data / "cxr/kermany_pneumonia_224/test/NORMAL/IM-0006-0001.jpeg", "offline.jpeg"
+                shared_data / "cxr/kermany_pneumonia_224/test/NORMAL/IM-0006-0001.jpeg",
+                "offline.jpeg",
+                config=config,
             )
             deadline = time.monotonic() + 5
             while time.monotonic() < deadline and service.journal.counts()["outbox_pending"]:
@@ -348,7 +354,7 @@ def test_same_sop_instance_in_two_transfer_syntaxes_is_published_once(
         time.sleep(0.1)
     time.sleep(0.5)
     assert [r["input"]["file_name"] for r in sub.results()] == [
-        published_name(shared_data / SIIM, "as_jpeg.dcm")
+        published_name(shared_data / SIIM, "as_jpeg.dcm", config=config)
     ]
     assert service.counters["duplicates"] == 1
 
@@ -373,7 +379,7 @@ def test_a_hanging_decoder_is_stopped_and_the_file_quarantined(
             time.sleep(0.1)
         assert json.loads(error_file.read_text())["code"] == "decode_timeout"
         assert [r["input"]["file_name"] for r in sub.results()] == [
-            published_name(shared_data / SIIM, "after.dcm")
+            published_name(shared_data / SIIM, "after.dcm", config=config)
         ]
     finally:
         decode_stage.use_registry(saved)

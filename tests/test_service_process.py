@@ -45,7 +45,9 @@ def test_run_command_processes_a_drop_and_stops_cleanly_on_sigterm(
         results = sub.wait_for(lambda ps: any(p["message_type"] == "result" for p in ps), timeout_s=30)
         result = next(p for p in results if p["message_type"] == "result")
         jsonschema.Draft202012Validator(load_schema("result-v1")).validate(result)
-        assert result["input"]["file_name"] == published_name(src, "scan.jpeg")
+        assert result["input"]["file_name"] == published_name(
+            src, "scan.jpeg", key_file=tmp_path / "state" / "reference.key"
+        )
         # The heartbeat carries counters on the retained status topic ...
         beat = sub.wait_for(
             lambda ps: any(p.get("counters", {}).get("processed") == 1 for p in ps), timeout_s=10

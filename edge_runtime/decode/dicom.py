@@ -93,6 +93,9 @@ class DicomDecoder:
         from pydicom.errors import InvalidDicomError
         from pydicom.uid import ImplicitVRLittleEndian
 
+        # pydicom's value-validation warnings quote the offending header value, and a name
+        # typed into a code field would reach the log that way: we judge values ourselves.
+        pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:

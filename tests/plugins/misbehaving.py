@@ -56,9 +56,9 @@ class BuggyDecoder:
         return head.startswith(b"BUGGY\n")
 
     def decode(self, path: Path, limits: DecodeLimits) -> DecodedImage:
-        from edge_runtime.results import scan_ref
+        from edge_runtime.privacy import scan_ref
 
-        scan_ref(None)  # type: ignore[arg-type]  # TypeError raised in edge_runtime/results.py
+        scan_ref(None, key=None)  # type: ignore[arg-type]  # TypeError raised in edge_runtime/privacy.py
         raise AssertionError("unreachable")
 
 

@@ -1,0 +1,117 @@
+"""No patient identifier leaves the process: keyed scan references, and names kept out of logs.
+
+Senders name files after patients (``DOE_JOHN_MRN123.dcm``), so a file name
+never goes on the wire. A scan is named outside the box by a **reference**,
+``scan-<16 hex>.<ext>``: an HMAC-SHA256 of its content hash under a key that
+is created on the box and never leaves it (``reference.key`` beside the
+journal; back it up with the journal so references stay stable). Nobody
+without the key can compute or invert it, yet it is stable across restarts
+and re-sends, so the admin can match a status line or a subscriber's
+complaint to a file with ``grep`` in the service log and the quarantine
+error files, which carry both.
+
+The log is the other way out (Greengrass ships component logs to CloudWatch
+when configured): :class:`NameRedactor` replaces the names of the scans in
+flight with their references in every log record, unless
+``Privacy.LogFileNames`` allows names (a site whose logs stay on the box).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+import threading
+from pathlib import Path
+
+from .errors import ConfigError
+
+__all__ = ["REDACTOR", "NameRedactor", "load_or_create_key", "scan_ref"]
+
+#: Extensions kept in a published scan name; anything else a sender typed is dropped.
+_SAFE_SUFFIXES = (".dcm", ".dicom", ".png", ".jpg", ".jpeg")
+
+
+def load_or_create_key(path: Path) -> bytes:
+    """The box's reference key (32 random bytes, hex in a 0600 file), created on first use."""
+    try:
+        text = path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        key = secrets.token_hex(32)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process created it meanwhile
+            return load_or_create_key(path)
+        with os.fdopen(fd, "w", encoding="ascii") as fh:
+            fh.write(key + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        return bytes.fromhex(key)
+    except OSError as exc:
+        raise ConfigError(
+            f"Cannot read the scan-reference key {path}: {exc.strerror}.",
+            action="Give the service user read access to it (it is created 0600 by the service).",
+        ) from exc
+    try:
+        key_bytes = bytes.fromhex(text)
+    except ValueError:
+        key_bytes = b""
+    if len(key_bytes) < 16:
+        raise ConfigError(
+            f"The scan-reference key {path} is not a key (expected 64 hex digits).",
+            action="Restore it from the journal's backup, or delete it to start new references "
+            "(earlier references can then no longer be matched to files).",
+        )
+    return key_bytes
+
+
+def scan_ref(sha256: str, file_name: str = "", *, key: bytes | None) -> str:
+    """The name a scan goes by outside the box: ``scan-<16 hex><.ext>``.
+
+    With the box's key (always, in the service) the hex is a keyed hash of the
+    content hash; without one (``edge-runtime process`` on a workstation, tests
+    of single stages) it is the content hash's first 16 digits.
+    """
+    suffix = Path(file_name).suffix.lower() if file_name else ""
+    digest = hmac.new(key, sha256.encode(), hashlib.sha256).hexdigest() if key else sha256
+    return f"scan-{digest[:16] or 'unhashed'}{suffix if suffix in _SAFE_SUFFIXES else ''}"
+
+
+class NameRedactor:
+    """Replaces the file names of scans in flight with their references in log text."""
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self._names: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def register(self, name: str, ref: str) -> None:
+        """From now on ``name`` (and its escaped form) is written as ``ref``."""
+        if not name:
+            return
+        escaped = os.fsencode(name).decode("utf-8", "backslashreplace")
+        with self._lock:
+            self._names[name] = ref
+            self._names[escaped] = ref
+
+    def forget(self, name: str) -> None:
+        escaped = os.fsencode(name).decode("utf-8", "backslashreplace")
+        with self._lock:
+            self._names.pop(name, None)
+            self._names.pop(escaped, None)
+
+    def scrub(self, text: str) -> str:
+        if not self.enabled or not self._names:
+            return text
+        with self._lock:
+            names = sorted(self._names.items(), key=lambda kv: -len(kv[0]))
+        for name, ref in names:
+            if name in text:
+                text = text.replace(name, ref)
+        return text
+
+
+#: The process's redactor: the workers register names, the log formatters scrub with it.
+REDACTOR = NameRedactor()
