@@ -395,6 +395,7 @@ def test_low_disk_keeps_new_scans_waiting_in_the_inbox(
     service = EdgeService(config)
     service.start()
     try:
+        assert service.mqtt is not None and service.mqtt.wait_connected(10)  # degraded for this reason only
         drop(
             shared_data / "cxr/kermany_pneumonia_224/test/NORMAL/IM-0007-0001.jpeg",
             config.inbox.path,
