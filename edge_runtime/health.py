@@ -120,7 +120,9 @@ class Health:
         """The retained MQTT status, now (when connected; the heartbeat repeats it anyway)."""
         if self.mqtt is None or not self.mqtt.connected:
             return
-        snapshot = snapshot or self.snapshot()
+        if snapshot is None or not snapshot["mqtt_connected"]:
+            # Taken before the broker came back: it would say "not reachable" over the connection.
+            snapshot = self.snapshot()
         self.mqtt.publish_status(
             snapshot["state"], snapshot["reason"], snapshot["counters"], snapshot["last_error"]
         )
