@@ -89,8 +89,9 @@ class OutcomeRecorder:
                 message_id=result["message_id"],
             )
         self.health.count("processed")
-        self._notify_sinks()
+        # The file goes first: once a subscriber has the result, its inbox file is gone.
         self._dispose(item)
+        self._notify_sinks()
 
     def already_done(self, item: ScanItem, sha256: str, record: InputRecord, *, duplicate: bool) -> None:
         """The content already has a committed result: only the file is left to clean up."""
