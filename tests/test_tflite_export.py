@@ -119,7 +119,11 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict:
     bundle_dir.mkdir()
     (bundle_dir / "model.int8.tflite").write_bytes(out.read_bytes())
     # Not its reference set: that belongs to the shipped model, not to this one.
-    manifest = {k: v for k, v in shipped.manifest.items() if k not in ("files", "created_utc", "conformance")}
+    manifest = {
+        k: v
+        for k, v in shipped.manifest.to_json_dict().items()
+        if k not in ("files", "created_utc", "conformance")
+    }
     manifest["artifacts"] = [
         {"file": "model.int8.tflite", "backend": "litert", "quantization": summary["quantization"]}
     ]

@@ -50,7 +50,9 @@ setup() {
     # 3. What training.tflite_export imports from this repository:
     #    training.models -> efficientnet_lite_pytorch; edge_runtime.decode/preprocess -> numpy, cv2.
     #    (The Kermany images are JPEG; pydicom is only imported when a DICOM file is decoded.)
-    pip_install efficientnet-lite-pytorch opencv-python-headless
+    #    edge_runtime.bundle also checks signatures (cryptography) and validates manifests (pydantic);
+    #    training.evaluate scores with scikit-learn.
+    pip_install efficientnet-lite-pytorch opencv-python-headless cryptography scikit-learn
     "$VENV/bin/python" - <<'EOF'
 import importlib.metadata as md
 for name in ("torch", "litert-torch", "ai-edge-quantizer", "ai-edge-litert", "numpy",

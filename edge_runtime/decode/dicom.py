@@ -147,9 +147,9 @@ class DicomDecoder:
                 f"{path.name} has no pixel data (SOP Class {sop_class or 'unknown'}: e.g. a "
                 "structured report or presentation state), so there is nothing to analyse."
             )
-        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        rows, cols = _int_tag(ds, "Rows", 0) or 0, _int_tag(ds, "Columns", 0) or 0
+        frames = _int_tag(ds, "NumberOfFrames", 1) or 1
+        samples = _int_tag(ds, "SamplesPerPixel", 1) or 1
         if rows * cols * frames * samples > limits.max_pixels:
             raise ImageTooLarge(
                 f"{path.name} declares {frames} frame(s) of {rows}x{cols}x{samples} "
@@ -310,7 +310,7 @@ def _to_display_grey(arr: np.ndarray, ds: Any, photometric: str) -> np.ndarray:
             raise UnsupportedImage(f"Colour image with unexpected shape {arr.shape}.")
         rgb = arr.astype(np.float32)
         luma = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
-        max_value = float(2 ** int(ds.get("BitsStored", 8)) - 1)
+        max_value = float(2 ** (_int_tag(ds, "BitsStored", 8) or 8) - 1)
         colour_grey: np.ndarray = np.clip(luma / max_value, 0.0, 1.0).astype(np.float32)
         return colour_grey
 
@@ -373,6 +373,19 @@ def _window(values: np.ndarray, ds: Any) -> np.ndarray:
     return scaled
 
 
+def _int_tag(ds: Any, keyword: str, default: int | None) -> int | None:
+    """An integer header value, or ``default`` when it is absent, empty or not a number.
+
+    Damaged files carry empty or garbled values in required tags; the caller
+    decides whether that makes the image unusable (a typed error), never int(None).
+    """
+    try:
+        value = ds.get(keyword)
+        return default if value is None or value == "" else int(value)
+    except (TypeError, ValueError, OverflowError):
+        return default
+
+
 def _metadata(ds: Any) -> dict[str, Any]:
     """Identifiers and acquisition facts. Deliberately no patient name/ID/birth date."""
 
@@ -390,10 +403,10 @@ def _metadata(ds: Any) -> dict[str, Any]:
         "view_position": text("ViewPosition"),
         "photometric_interpretation": text("PhotometricInterpretation"),
         "transfer_syntax_uid": str(ds.file_meta.get("TransferSyntaxUID", "")) or None,
-        "rows": int(ds.Rows) if "Rows" in ds else None,
-        "columns": int(ds.Columns) if "Columns" in ds else None,
-        "number_of_frames": int(ds.get("NumberOfFrames", 1) or 1),
-        "bits_stored": int(ds.BitsStored) if "BitsStored" in ds else None,
+        "rows": _int_tag(ds, "Rows", None),
+        "columns": _int_tag(ds, "Columns", None),
+        "number_of_frames": _int_tag(ds, "NumberOfFrames", 1) or 1,
+        "bits_stored": _int_tag(ds, "BitsStored", None),
     }
     spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
     if spacing is not None:
