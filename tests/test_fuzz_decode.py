@@ -25,7 +25,12 @@ from edge_runtime.decode import DecodeLimits
 from edge_runtime.errors import InputError
 from edge_runtime.sandbox import DecodeSandbox
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    # Hypothesis warns that a falsifying example's repr is large; as an error that warning
+    # would hide the failure it is reporting.
+    pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisWarning"),
+]
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"

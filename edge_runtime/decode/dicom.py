@@ -21,6 +21,7 @@ libjpeg rejects ("scan start must be zero") but dcmtk accepts with a warning.
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import subprocess
 import tempfile
@@ -327,7 +328,14 @@ def _to_display_grey(arr: np.ndarray, ds: Any, photometric: str) -> np.ndarray:
         bits = int(lut.LUTDescriptor[2]) if "LUTDescriptor" in lut else 16
         grey = out.astype(np.float32) / float(2**bits - 1)
     elif "WindowCenter" in ds and "WindowWidth" in ds:
-        grey = _window(values, ds)
+        try:
+            grey = _window(values, ds)
+        except (ValueError, TypeError, OverflowError, IndexError) as exc:
+            # Damaged Window Center/Width: the image cannot be shown as the modality meant.
+            raise CorruptImage(
+                f"The VOI window (Window Center/Width) in the DICOM header is damaged "
+                f"({type(exc).__name__}: {exc})."
+            ) from exc
     else:
         lo, hi = float(values.min()), float(values.max())
         grey = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
@@ -339,9 +347,12 @@ def _to_display_grey(arr: np.ndarray, ds: Any, photometric: str) -> np.ndarray:
 
 def _first_value(value: Any) -> float:
     try:
-        return float(value[0])
+        number = float(value[0])
     except TypeError:
-        return float(value)
+        number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{number} is not a finite number")
+    return number
 
 
 def _window(values: np.ndarray, ds: Any) -> np.ndarray:
