@@ -22,11 +22,12 @@ import os
 import socket
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -55,6 +56,8 @@ __all__ = [
 ]
 
 ENV_PREFIX = "EDGE_RUNTIME__"
+#: Optional settings: an empty string (how a recipe or an environment variable says "unset") is None.
+EMPTY_IS_NONE = BeforeValidator(lambda value: None if value in ("", None) else value)
 
 
 class _Section(BaseModel):
@@ -74,7 +77,7 @@ class InboxConfig(_Section):
     quarantine_path: Path = Field(
         Path("quarantine"), description="Bad inputs are moved here with a NAME.error.json."
     )
-    processed_path: Path | None = Field(
+    processed_path: Annotated[Path | None, EMPTY_IS_NONE] = Field(
         None,
         description="If set, finished scans are moved here; if empty they are deleted once "
         "their result is recorded in the journal.",
@@ -101,11 +104,6 @@ class InboxConfig(_Section):
     read_timeout_seconds: float = Field(
         60.0, gt=0.0, le=3600.0, description="Reading (hashing) one file must finish within this."
     )
-
-    @field_validator("processed_path", mode="before")
-    @classmethod
-    def _empty_is_none(cls, value: Any) -> Any:
-        return None if value in ("", None) else value
 
 
 class DecodeConfig(_Section):
@@ -141,7 +139,7 @@ class IntakeConfig(_Section):
 class ModelConfig(_Section):
     """Which model bundle to run, and on what."""
 
-    bundle_path: Path | None = Field(
+    bundle_path: Annotated[Path | None, EMPTY_IS_NONE] = Field(
         None, description="Model bundle folder; empty means the bundled default model."
     )
     backend: str = Field(
@@ -149,7 +147,7 @@ class ModelConfig(_Section):
         description="Inference engine: a name registered in edge_runtime.backends (onnxruntime, litert).",
     )
     threads: int = Field(1, ge=1, le=64, description="Intra-op threads per inference session.")
-    threshold: float | None = Field(
+    threshold: Annotated[float | None, EMPTY_IS_NONE] = Field(
         None, ge=0.0, le=1.0, description="Override the bundle's operating point (rarely wise)."
     )
     trusted_keys: tuple[str, ...] = Field(
@@ -184,11 +182,6 @@ class ModelConfig(_Section):
             raise ValueError(f"unknown backend {value!r}; available: {', '.join(available_backends())}")
         return value
 
-    @field_validator("bundle_path", "threshold", mode="before")
-    @classmethod
-    def _empty_is_none(cls, value: Any) -> Any:
-        return None if value in ("", None) else value
-
 
 def _bundled_models_key() -> Path:
     from .signing import bundled_models_key_path
@@ -200,14 +193,15 @@ class TlsConfig(_Section):
     """TLS to the broker: server verification, optionally a client certificate (mutual TLS)."""
 
     enabled: bool = False
-    ca_file: Path | None = Field(None, description="CA bundle that signed the broker's certificate.")
-    cert_file: Path | None = Field(None, description="Client certificate (PEM) for mutual TLS.")
-    key_file: Path | None = Field(None, description="Private key (PEM) of the client certificate.")
-
-    @field_validator("ca_file", "cert_file", "key_file", mode="before")
-    @classmethod
-    def _empty_is_none(cls, value: Any) -> Any:
-        return None if value in ("", None) else value
+    ca_file: Annotated[Path | None, EMPTY_IS_NONE] = Field(
+        None, description="CA bundle that signed the broker's certificate."
+    )
+    cert_file: Annotated[Path | None, EMPTY_IS_NONE] = Field(
+        None, description="Client certificate (PEM) for mutual TLS."
+    )
+    key_file: Annotated[Path | None, EMPTY_IS_NONE] = Field(
+        None, description="Private key (PEM) of the client certificate."
+    )
 
     @model_validator(mode="after")
     def _pairs(self) -> TlsConfig:
@@ -235,15 +229,14 @@ class MqttConfig(_Section):
     qos: Literal[0, 1, 2] = 1
     keepalive_seconds: int = Field(30, ge=5, le=3600)
     connect_timeout_seconds: float = Field(10.0, gt=0)
-    username: str | None = None
-    password: str | None = Field(None, description="Prefer PasswordFile: keeps it out of configs.")
-    password_file: Path | None = Field(None, description="File whose first line is the password.")
+    username: Annotated[str | None, EMPTY_IS_NONE] = None
+    password: Annotated[str | None, EMPTY_IS_NONE] = Field(
+        None, description="Prefer PasswordFile: keeps it out of configs."
+    )
+    password_file: Annotated[Path | None, EMPTY_IS_NONE] = Field(
+        None, description="File whose first line is the password."
+    )
     tls: TlsConfig = Field(default_factory=TlsConfig)
-
-    @field_validator("username", "password", "password_file", mode="before")
-    @classmethod
-    def _empty_is_none(cls, value: Any) -> Any:
-        return None if value in ("", None) else value
 
     @model_validator(mode="after")
     def _one_password(self) -> MqttConfig:
@@ -349,16 +342,11 @@ class PrivacyConfig(_Section):
     log_file_names: bool = Field(
         False, description="Logs name files; by default they carry scan references (logs may leave the box)."
     )
-    reference_key_file: Path | None = Field(
+    reference_key_file: Annotated[Path | None, EMPTY_IS_NONE] = Field(
         None,
         description="Key of the scan references (created on first start); empty = reference.key "
         "beside the journal.",
     )
-
-    @field_validator("reference_key_file", mode="before")
-    @classmethod
-    def _empty_is_none(cls, value: Any) -> Any:
-        return None if value in ("", None) else value
 
 
 class RuntimeConfig(_Section):

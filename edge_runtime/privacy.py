@@ -85,6 +85,8 @@ class NameRedactor:
     def __init__(self) -> None:
         self.enabled = False
         self._names: dict[str, str] = {}
+        #: Longest name first (a name may contain another); rebuilt on change, not per log record.
+        self._ordered: tuple[tuple[str, str], ...] = ()
         self._lock = threading.Lock()
 
     def register(self, name: str, ref: str) -> None:
@@ -95,19 +97,22 @@ class NameRedactor:
         with self._lock:
             self._names[name] = ref
             self._names[escaped] = ref
+            self._reorder()
 
     def forget(self, name: str) -> None:
         escaped = os.fsencode(name).decode("utf-8", "backslashreplace")
         with self._lock:
             self._names.pop(name, None)
             self._names.pop(escaped, None)
+            self._reorder()
+
+    def _reorder(self) -> None:
+        self._ordered = tuple(sorted(self._names.items(), key=lambda kv: -len(kv[0])))
 
     def scrub(self, text: str) -> str:
-        if not self.enabled or not self._names:
+        if not self.enabled:
             return text
-        with self._lock:
-            names = sorted(self._names.items(), key=lambda kv: -len(kv[0]))
-        for name, ref in names:
+        for name, ref in self._ordered:  # an immutable snapshot: no lock on the logging path
             if name in text:
                 text = text.replace(name, ref)
         return text
