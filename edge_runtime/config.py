@@ -19,6 +19,7 @@ Sources, later ones win:
 from __future__ import annotations
 
 import os
+import re
 import socket
 from collections.abc import Mapping
 from pathlib import Path
@@ -41,6 +42,8 @@ from .errors import ConfigError
 __all__ = [
     "ENV_PREFIX",
     "DecodeConfig",
+    "DicomConfig",
+    "DicomNodeConfig",
     "GreengrassConfig",
     "HealthConfig",
     "InboxConfig",
@@ -50,6 +53,7 @@ __all__ = [
     "ModelConfig",
     "MqttConfig",
     "PrivacyConfig",
+    "ReportsConfig",
     "RuntimeConfig",
     "TlsConfig",
     "load_config",
@@ -349,6 +353,101 @@ class PrivacyConfig(_Section):
     )
 
 
+_AE_TITLE = r"^[ -\[\]-~]{1,16}$"  # printable ASCII without backslash, 1-16 characters
+
+
+class DicomNodeConfig(_Section):
+    """A DICOM node results are sent to by C-STORE (e.g. the PACS); an empty Host = off."""
+
+    host: str = Field("", description="PACS host name or address; empty = do not send.")
+    port: int = Field(104, ge=1, le=65535)
+    ae_title: str = Field("PACS", pattern=_AE_TITLE, description="The PACS's AE title (called AE).")
+    timeout_seconds: float = Field(30.0, gt=0, le=3600, description="Association and DIMSE timeout.")
+
+
+class DicomConfig(_Section):
+    """The DICOM network receiver (C-STORE SCP) and the PACS node that gets our reports."""
+
+    enabled: bool = Field(False, description="Receive scans by DICOM C-STORE (C-ECHO answered too).")
+    ae_title: str = Field("HEALTHDIAG", pattern=_AE_TITLE, description="Our AE title (called AE).")
+    # Modalities connect over the hospital network; the allow-lists below narrow who may send.
+    bind_address: str = Field(
+        "0.0.0.0",  # noqa: S104
+        min_length=1,
+        description="Address the receiver listens on.",
+    )
+    port: int = Field(11112, ge=1, le=65535)
+    allowed_calling_ae_titles: tuple[str, ...] = Field(
+        (), description="Calling AE titles allowed to send; empty = any (then restrict AllowedAddresses)."
+    )
+    allowed_addresses: tuple[str, ...] = Field(
+        (), description="Peer addresses or networks (CIDR) allowed to connect; empty = any."
+    )
+    max_associations: int = Field(4, ge=1, le=64, description="Concurrent associations accepted.")
+    max_object_mb: int = Field(
+        1024, ge=1, le=65536, description="A larger object is refused (C-STORE failure status)."
+    )
+    spool_path: Path = Field(
+        Path("state/dicom-spool"),
+        description="Received objects are written here (fsynced) before success is returned.",
+    )
+    store: DicomNodeConfig = Field(default_factory=DicomNodeConfig)
+
+    @field_validator("allowed_calling_ae_titles")
+    @classmethod
+    def _ae_titles(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for title in value:
+            if not re.match(_AE_TITLE, title):
+                raise ValueError(f"{title!r} is not an AE title (1-16 printable characters, no backslash)")
+        return value
+
+
+class ReportsConfig(_Section):
+    """Reports beside the MQTT result: DICOM SR, FHIR, heat-map; urgent findings first."""
+
+    path: Path = Field(
+        Path("reports"),
+        description="Folder for the per-result files (SR, heat-map PNG and Secondary Capture, FHIR).",
+    )
+    dicom_sr: bool = Field(True, description="Write a DICOM SR (TID 1500) for each DICOM scan.")
+    fhir: bool = Field(True, description="Write a FHIR DiagnosticReport for each DICOM scan.")
+    heatmap: bool = Field(
+        True, description="Write the class-activation heat-map (PNG and DICOM Secondary Capture)."
+    )
+    uid_root: str = Field(
+        "2.25",
+        pattern=r"^[0-9]+(\.[0-9]+)*$",
+        max_length=40,
+        description="Root of the UIDs of the objects we create ('2.25' = UUID-derived UIDs).",
+    )
+    fhir_topic: str = Field(
+        "", description="MQTT topic for FHIR reports; empty = <TopicPrefix>/fhir (set Fhir false to stop)."
+    )
+    fhir_endpoint: str = Field(
+        "", description="FHIR server base URL the reports are sent to (transaction Bundle); empty = off."
+    )
+    fhir_token_file: Annotated[Path | None, EMPTY_IS_NONE] = Field(
+        None, description="File whose first line is a bearer token for the FHIR server."
+    )
+    urgent_threshold: Annotated[float | None, EMPTY_IS_NONE] = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="A positive finding with P >= this is urgent: also published on the priority "
+        "topic and flagged in SR/FHIR; empty = the model's operating threshold.",
+    )
+    priority_topic: str = Field(
+        "", description="MQTT topic for urgent results; empty = <TopicPrefix>/results/urgent."
+    )
+
+    @field_validator("fhir_topic", "priority_topic")
+    @classmethod
+    def _no_wildcards(cls, value: str) -> str:
+        if any(ch in value for ch in "#+"):
+            raise ValueError("a publish topic must not contain '#' or '+'")
+        return value
+
+
 class RuntimeConfig(_Section):
     """Everything the edge runtime can be told. Built once at start-up."""
 
@@ -362,6 +461,8 @@ class RuntimeConfig(_Section):
     health: HealthConfig = Field(default_factory=HealthConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    dicom: DicomConfig = Field(default_factory=DicomConfig)
+    reports: ReportsConfig = Field(default_factory=ReportsConfig)
     workers: int = Field(0, ge=0, le=64, description="Scan workers; 0 = one per CPU core.")
 
     @property
