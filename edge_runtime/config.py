@@ -440,6 +440,13 @@ class ReportsConfig(_Section):
         "", description="MQTT topic for urgent results; empty = <TopicPrefix>/results/urgent."
     )
 
+    @field_validator("fhir_endpoint")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if value and not value.startswith(("https://", "http://")):
+            raise ValueError("must be the FHIR server's base URL, https://... (or http:// on a test LAN)")
+        return value
+
     @field_validator("fhir_topic", "priority_topic")
     @classmethod
     def _no_wildcards(cls, value: str) -> str:

@@ -15,8 +15,10 @@ from .config import RuntimeConfig
 
 __all__ = ["ConfigChange", "diff_config"]
 
-#: Sections whose change needs a restart (open files, threads).
-_RESTART_SECTIONS = ("Inbox", "Journal", "Workers")
+#: Sections whose change needs a restart (open files, threads, the DICOM listener and PACS sink).
+_RESTART_SECTIONS = ("Inbox", "Journal", "Workers", "Dicom")
+#: Other keys that decide which sinks exist (a restart); the rest of Reports applies live.
+_RESTART_KEYS = ("Reports.FhirEndpoint",)
 #: Mqtt keys that belong to the connection (a restart); topics and QoS change live.
 _RESTART_MQTT_KEYS = (
     "Enabled",
@@ -59,6 +61,7 @@ def diff_config(old: RuntimeConfig, new: RuntimeConfig) -> ConfigChange:
         k
         for k in changed
         if k.split(".")[0] in _RESTART_SECTIONS
+        or k in _RESTART_KEYS
         or (k.startswith("Mqtt.") and k.split(".")[1] in _RESTART_MQTT_KEYS)
     ]
     effective = new.model_copy(
@@ -66,6 +69,8 @@ def diff_config(old: RuntimeConfig, new: RuntimeConfig) -> ConfigChange:
             "inbox": old.inbox,
             "journal": old.journal,
             "workers": old.workers,
+            "dicom": old.dicom,
+            "reports": new.reports.model_copy(update={"fhir_endpoint": old.reports.fhir_endpoint}),
             "mqtt": old.mqtt.model_copy(update={"topic_prefix": new.mqtt.topic_prefix, "qos": new.mqtt.qos}),
         }
     )

@@ -45,6 +45,10 @@ def file_sha256(path: Path) -> str:
 class ScanOutcome:
     result: dict[str, Any]
     timings_ms: dict[str, float]
+    #: The positive class' activation map on the model's grid, [0, 1]; None without a CAM output.
+    heatmap: np.ndarray | None = None
+    #: The decoded 2-D image (the heat-map is drawn over it); None when there is no heat-map.
+    image: np.ndarray | None = None
 
 
 class ScanAnalyzer:

@@ -34,6 +34,7 @@ from .logs import event
 from .outcomes import OutcomeRecorder
 from .pipeline import ScanAnalyzer
 from .privacy import REDACTOR
+from .reports.writer import ReportWriter
 from .sinks import Sink
 from .sources import ScanItem, Source
 from .sources.files import display_name, file_key, read_scan
@@ -296,6 +297,13 @@ class WorkerPool:
                 message_id=result["message_id"],
                 supersedes=earlier,
             )
+        t_reports = time.perf_counter()
+        links = ReportWriter(config.reports).write(result, path, image=outcome.image, heatmap=outcome.heatmap)
+        if links is not None:
+            result["reports"] = links
+            if "error" in links:
+                self.health.report_error(f"{result['message_id'][:16]}: {links['error']}")
+        result["timings_ms"]["reports"] = round((time.perf_counter() - t_reports) * 1000, 3)
         payload = json.dumps(result, separators=(",", ":"), sort_keys=True)
         deliveries = [d for s in self._sinks() if (d := s.delivery(config, result, payload)) is not None]
         self.recorder.result(item, sha256, record.id, result, deliveries)

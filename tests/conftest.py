@@ -124,6 +124,8 @@ class Subscriber:
 
     def __init__(self, broker: Broker, topic: str) -> None:
         self.messages: list[tuple[str, dict, bool]] = []
+        self.urgent: list[dict] = []
+        self.fhir: list[dict] = []
         self._cond = threading.Condition()
         self.client = mqtt.Client(
             callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-sub-{time.monotonic_ns()}"
@@ -139,8 +141,27 @@ class Subscriber:
 
     def _on_message(self, client, userdata, msg) -> None:
         with self._cond:
-            self.messages.append((msg.topic, json.loads(msg.payload), bool(msg.retain)))
+            entry = (msg.topic, json.loads(msg.payload), bool(msg.retain))
+            # The priority and FHIR topics repeat a result in other forms: kept apart, so a
+            # test counting results on <prefix>/# sees each result once.
+            if msg.topic.endswith("/results/urgent"):
+                self.urgent.append(entry[1])
+            elif msg.topic.endswith("/fhir"):
+                self.fhir.append(entry[1])
+            else:
+                self.messages.append(entry)
             self._cond.notify_all()
+
+    def wait_for_list(self, name: str, count: int, timeout_s: float = 30.0) -> list[dict]:
+        """Wait until ``urgent`` or ``fhir`` holds ``count`` payloads."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while len(getattr(self, name)) < count:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"{name}: saw {len(getattr(self, name))} of {count}")
+                self._cond.wait(remaining)
+            return list(getattr(self, name))
 
     def wait_for(self, predicate, timeout_s: float = 30.0) -> list[dict]:
         """Wait until ``predicate(payloads)`` is true; returns the payloads seen."""

@@ -1,10 +1,10 @@
 """Sinks: where committed results go, each drained from the outbox by one drainer.
 
 A sink is one module with a factory ``(config, ipc) -> Sink | None`` (None:
-not used in this configuration) and one line in :data:`SINKS`. The outbox
+not used in this configuration; a list when one connection serves several
+outbox sinks, like the MQTT topics) and one line in :data:`SINKS`. The outbox
 row for every sink is written in the result's own transaction, so a sink
 that is down (broker outage, nucleus restart) only delays its results.
-DICOM SR and FHIR sinks go here next.
 """
 
 from __future__ import annotations
@@ -21,11 +21,13 @@ if TYPE_CHECKING:
 
 __all__ = ["SINKS", "Acknowledge", "OutboxDrainer", "Sink", "create_sinks"]
 
-#: name (the outbox's sink column) -> "module:factory".
+#: name -> "module:factory"; each sink's ``name`` is its outbox column (mqtt: also mqtt-urgent, mqtt-fhir).
 SINKS: dict[str, str] = {
     "mqtt": "edge_runtime.sinks.mqtt:from_config",
     "ipc-local": "edge_runtime.sinks.greengrass:local_from_config",
     "ipc-iotcore": "edge_runtime.sinks.greengrass:iot_core_from_config",
+    "dicom-store": "edge_runtime.sinks.dicom_store:from_config",
+    "fhir-http": "edge_runtime.sinks.fhir_http:from_config",
 }
 
 
@@ -33,7 +35,9 @@ def create_sinks(config: RuntimeConfig, ipc: GreengrassIpc | None) -> list[Sink]
     """The sinks this configuration uses, in registry order."""
     sinks: list[Sink] = []
     for target in SINKS.values():
-        sink = load_plugin(target)(config, ipc)
-        if sink is not None:
-            sinks.append(sink)
+        made = load_plugin(target)(config, ipc)
+        if isinstance(made, list):
+            sinks.extend(made)
+        elif made is not None:
+            sinks.append(made)
     return sinks

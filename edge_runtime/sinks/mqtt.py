@@ -30,9 +30,9 @@ from ..config import MqttConfig, RuntimeConfig
 from ..errors import ConfigError, PublishError
 from ..journal import Delivery, OutboxMessage
 from ..results import build_status
-from .base import Acknowledge
+from .base import Acknowledge, Sink
 
-__all__ = ["MqttSink", "build_tls_context", "from_config"]
+__all__ = ["MqttSink", "MqttTopicSink", "build_tls_context", "fhir_topic", "from_config", "priority_topic"]
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +92,75 @@ _SHORT_SESSION_S = 3.0
 _TAKEOVER_SESSIONS = 3
 
 
-def from_config(config: RuntimeConfig, ipc: Any = None) -> MqttSink | None:
-    return MqttSink(config.mqtt) if config.mqtt.enabled else None
+def from_config(config: RuntimeConfig, ipc: Any = None) -> list[Sink]:
+    """The broker connection and its two extra topics (urgent results, FHIR reports)."""
+    if not config.mqtt.enabled:
+        return []
+    broker = MqttSink(config.mqtt)
+    return [
+        broker,
+        MqttTopicSink(broker, "mqtt-urgent", _urgent_row),
+        MqttTopicSink(broker, "mqtt-fhir", _fhir_row),
+    ]
+
+
+def priority_topic(config: RuntimeConfig) -> str:
+    return config.reports.priority_topic or f"{config.mqtt.results_topic}/urgent"
+
+
+def fhir_topic(config: RuntimeConfig) -> str:
+    return config.reports.fhir_topic or f"{config.mqtt.topic_prefix}/fhir"
+
+
+def _urgent_row(config: RuntimeConfig, result: dict[str, Any], payload: str) -> tuple[str, str] | None:
+    """Urgent results again, on the priority topic a worklist watches to move a study up."""
+    return (priority_topic(config), payload) if result.get("priority") == "urgent" else None
+
+
+def _fhir_row(config: RuntimeConfig, result: dict[str, Any], payload: str) -> tuple[str, str] | None:
+    """The result's FHIR Bundle (written by reports.writer beside the SR) on its own topic."""
+    reports = result.get("reports") or {}
+    if not config.reports.fhir or "fhir" not in reports:
+        return None
+    bundle = (config.reports.path / reports["folder"] / reports["fhir"]).read_text(encoding="utf-8")
+    return fhir_topic(config), bundle
+
+
+class MqttTopicSink:
+    """Another topic on the same broker connection, with its own outbox rows and drainer.
+
+    Each row in the outbox is one (message, sink); a result that also goes to
+    the priority topic or as FHIR needs rows of its own, so that each is
+    delivered (and retried) on its own. Acknowledgements are paho message ids,
+    unique among the messages in flight on the one connection, so the broker's
+    PUBACKs are handed to every drainer and each takes its own.
+    """
+
+    def __init__(
+        self,
+        broker: MqttSink,
+        name: str,
+        row: Callable[[RuntimeConfig, dict[str, Any], str], tuple[str, str] | None],
+    ) -> None:
+        self.broker = broker
+        self.name = name
+        self._row = row
+
+    def delivery(self, config: RuntimeConfig, result: dict[str, Any], payload: str) -> Delivery | None:
+        row = self._row(config, result, payload)
+        return None if row is None else Delivery(self.name, row[0], row[1], config.mqtt.qos)
+
+    def start(self, acknowledge: Acknowledge) -> None:
+        self.broker.add_listener(acknowledge)
+
+    def ready(self) -> bool:
+        return self.broker.ready()
+
+    def send(self, message: OutboxMessage) -> int:
+        return self.broker.send(message)
+
+    def stop(self, timeout_s: float) -> None:
+        """The broker connection is closed by the ``mqtt`` sink."""
 
 
 class MqttSink:
@@ -140,7 +207,7 @@ class MqttSink:
         self._lost_at: float | None = None
         self._connected_at = 0.0
         self._short_sessions = 0
-        self._acknowledge: Acknowledge = lambda token: None
+        self._listeners: list[Acknowledge] = []
         self._connected = threading.Event()
         self._stopping = threading.Event()
         self._started = False
@@ -189,7 +256,7 @@ class MqttSink:
             log.info("MQTT %s", reason)
             self._lost_at = None
         self.publish_status("online", reason=reason)
-        self._acknowledge(-1)  # wake the drainer: it may send again
+        self._broadcast(-1)  # wake the drainers: they may send again
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         self._failures += 1
@@ -234,8 +301,16 @@ class MqttSink:
             )
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
-        # Runs inside paho's message mutex: the drainer only queues the token.
-        self._acknowledge(mid)
+        # Runs inside paho's message mutex: the drainers only queue the token.
+        self._broadcast(mid)
+
+    def _broadcast(self, token: int) -> None:
+        for listener in self._listeners:
+            listener(token)
+
+    def add_listener(self, acknowledge: Acknowledge) -> None:
+        """Another drainer (of a topic on this connection) wants the PUBACKs."""
+        self._listeners.append(acknowledge)
 
     # -- Sink --------------------------------------------------------------------------
     def delivery(self, config: RuntimeConfig, result: dict[str, Any], payload: str) -> Delivery | None:
@@ -258,7 +333,7 @@ class MqttSink:
     def start(self, acknowledge: Acknowledge | None = None) -> None:
         """Connect in the background; the service runs even while the broker is down."""
         if acknowledge is not None:
-            self._acknowledge = acknowledge
+            self.add_listener(acknowledge)
         self._started = True
         host, port = self.config.host, self.config.port
         try:

@@ -1,0 +1,179 @@
+"""Writes one result's reports (heat-map, Secondary Capture, SR, FHIR) before the result is committed.
+
+Order matters for the delivery contract: the files are written (each to a
+temporary name, fsynced, renamed, then the folder fsynced) *before* the
+result and its outbox rows are committed, so every file a result links to
+exists, and the sinks that send them (PACS, FHIR server) read them from
+here, however long an outage lasts. The folder is named by the result's
+``message_id``: analysing the same scan again (after a crash before the
+commit) rewrites the same files with the same UIDs, so nothing is doubled.
+
+A report that cannot be built (an odd header highdicom refuses) does not
+cost the scan its result: the result says why in ``reports.error`` and the
+status' ``last_error`` names it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+
+from ..config import ReportsConfig
+from ..logs import event
+from ..sources.files import open_admitted
+
+__all__ = ["ReportWriter", "is_urgent", "read_source_header"]
+
+log = logging.getLogger(__name__)
+
+
+def is_urgent(result: dict[str, Any], urgent_threshold: float | None) -> bool:
+    """A positive finding at or above the urgent threshold (None: the model's operating threshold)."""
+    finding = result["findings"][0]
+    threshold = finding["threshold"] if urgent_threshold is None else urgent_threshold
+    return bool(finding["positive"]) and float(finding["probability"]) >= float(threshold)
+
+
+def read_source_header(path: Path) -> Dataset:
+    """The scan's DICOM header (no pixels), read through the same safe opener as the scan itself."""
+    with open_admitted(path) as handle:
+        return pydicom.dcmread(handle, stop_before_pixels=True)
+
+
+@dataclass(frozen=True)
+class _File:
+    name: str
+    data: bytes
+
+
+def _dicom_bytes(dataset: Dataset) -> bytes:
+    from io import BytesIO
+
+    buffer = BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _dicom_ref(name: str, dataset: Dataset) -> dict[str, str]:
+    return {
+        "file": name,
+        "sop_instance_uid": str(dataset.SOPInstanceUID),
+        "series_instance_uid": str(dataset.SeriesInstanceUID),
+    }
+
+
+class ReportWriter:
+    """Builds and writes the reports of one result into ``Reports.Path/<message_id>/``."""
+
+    def __init__(self, config: ReportsConfig) -> None:
+        self.config = config
+
+    @property
+    def enabled(self) -> bool:
+        return self.config.dicom_sr or self.config.fhir or self.config.heatmap
+
+    def folder(self, message_id: str) -> Path:
+        return self.config.path / message_id
+
+    def write(
+        self,
+        result: dict[str, Any],
+        source: Path,
+        *,
+        image: np.ndarray | None,
+        heatmap: np.ndarray | None,
+    ) -> dict[str, Any] | None:
+        """Write what applies to this result; returns the result's ``reports`` links (or None).
+
+        Sets ``result["priority"]`` too: the SR and FHIR report carry it.
+        """
+        urgent = is_urgent(result, self.config.urgent_threshold)
+        result["priority"] = "urgent" if urgent else "routine"
+        if not self.enabled:
+            return None
+        message_id = result["message_id"]
+        links: dict[str, Any] = {"folder": message_id}
+        files: list[_File] = []
+        try:
+            header = read_source_header(source) if result["input"]["kind"] == "dicom" else None
+            secondary: Dataset | None = None
+            if self.config.heatmap and heatmap is not None and image is not None:
+                from . import heatmap as heat
+
+                rgb = heat.overlay(image, heatmap)
+                files.append(_File("heatmap.png", heat.png_bytes(rgb)))
+                links["heatmap_png"] = "heatmap.png"
+                if header is not None:
+                    secondary = heat.secondary_capture(
+                        header,
+                        rgb,
+                        uid_root=self.config.uid_root,
+                        message_id=message_id,
+                        model=result["model"],
+                    )
+                    files.append(_File("heatmap.dcm", _dicom_bytes(secondary)))
+                    links["heatmap_dicom"] = _dicom_ref("heatmap.dcm", secondary)
+            if header is not None and (self.config.dicom_sr or self.config.fhir):
+                from .fhir import fhir_from_sr
+                from .sr import build_sr
+
+                sr = build_sr(result, header, uid_root=self.config.uid_root, urgent=urgent, heatmap=secondary)
+                if self.config.dicom_sr:
+                    files.append(_File("sr.dcm", _dicom_bytes(sr)))
+                    links["sr"] = _dicom_ref("sr.dcm", sr)
+                if self.config.fhir:
+                    bundle = fhir_from_sr(sr, result)
+                    files.append(_File("fhir.json", json.dumps(bundle, sort_keys=True).encode()))
+                    links["fhir"] = "fhir.json"
+        except Exception as exc:  # a report must never cost the scan its result
+            reason = f"{type(exc).__name__}: {exc}"
+            log.error(
+                "reports for %s not written (%s); the result is published without them. If this "
+                "repeats, send the log line to support with the scan's reference.",
+                message_id[:16],
+                reason,
+            )
+            return {"folder": message_id, "error": f"reports not written: {reason}"[:500]}
+        if not files:
+            return None
+        self._write_files(self.folder(message_id), files)
+        event(
+            log,
+            "reports",
+            "reports for %s written: %s",
+            message_id[:16],
+            ", ".join(f.name for f in files),
+            message_id=message_id,
+            files=[f.name for f in files],
+            priority=result["priority"],
+        )
+        return links
+
+    @staticmethod
+    def _write_files(folder: Path, files: list[_File]) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        for item in files:
+            fd, temp = tempfile.mkstemp(prefix=f".{item.name}.", suffix=".part", dir=folder)
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(item.data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(temp, folder / item.name)
+            except BaseException:
+                Path(temp).unlink(missing_ok=True)
+                raise
+        directory = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)

@@ -1,0 +1,254 @@
+"""Reports reach every sink once: SR to a real PACS (dcmtk storescp), FHIR to a FHIR endpoint and
+its MQTT topic, urgent results on the priority topic; through outages and restarts."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import jsonschema
+import pydicom
+import pytest
+from conftest import TEST_TRUSTED_KEYS, free_port, wait_for_port
+
+from edge_runtime.config import RuntimeConfig
+from edge_runtime.results import load_schema
+from edge_runtime.service import EdgeService
+
+RESULT_VALIDATOR = jsonschema.Draft202012Validator(load_schema("result-v1"))
+KERMANY = "cxr/kermany_pneumonia_224/test"
+NORMAL_JPEG = f"{KERMANY}/NORMAL/IM-0001-0001.jpeg"
+PNEUMONIA_JPEG = f"{KERMANY}/PNEUMONIA/person1_virus_6.jpeg"
+#: A chest CR (PA) the bundled model's intended use admits.
+CHEST_DICOM = "dicom/siim_torchxrayvision/1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
+
+
+def make_config(tmp_path: Path, broker, bundle: Path, **sections) -> RuntimeConfig:
+    data = {
+        "Inbox": {
+            "Path": str(tmp_path / "inbox"),
+            "QuarantinePath": str(tmp_path / "quarantine"),
+            "SettleSeconds": 0.2,
+            "RescanIntervalSeconds": 0.5,
+        },
+        "Model": {"BundlePath": str(bundle), "TrustedKeys": TEST_TRUSTED_KEYS},
+        "Mqtt": {
+            "Host": broker.host,
+            "Port": broker.port,
+            "ClientId": f"edge-{tmp_path.name}",
+            "TopicPrefix": f"test/{tmp_path.name}",
+        },
+        "Journal": {"Path": str(tmp_path / "state" / "journal.sqlite3")},
+        "Reports": {"Path": str(tmp_path / "reports")},
+        "Workers": 1,
+    }
+    for section, values in sections.items():
+        data.setdefault(section, {}).update(values)
+    return RuntimeConfig.from_mapping(data)
+
+
+def drop(src: Path, inbox: Path, name: str) -> None:
+    inbox.mkdir(parents=True, exist_ok=True)
+    part = inbox / f"{name}.part"
+    shutil.copyfile(src, part)
+    part.rename(inbox / name)
+
+
+def test_urgent_positive_is_also_on_the_priority_topic(
+    shared_data, default_bundle, mosquitto, subscriber_factory, tmp_path
+):
+    config = make_config(tmp_path, mosquitto, default_bundle)
+    sub = subscriber_factory(f"{config.mqtt.topic_prefix}/#")
+    service = EdgeService(config)
+    service.start()
+    try:
+        drop(shared_data / NORMAL_JPEG, config.inbox.path, "a.jpeg")
+        drop(shared_data / PNEUMONIA_JPEG, config.inbox.path, "b.jpeg")
+        sub.wait_for(lambda ps: len([p for p in ps if p.get("message_type") == "result"]) >= 2)
+        results = sub.results()
+        for result in results:
+            RESULT_VALIDATOR.validate(result)
+        urgent = [r for r in results if r["priority"] == "urgent"]
+        routine = [r for r in results if r["priority"] == "routine"]
+        assert [r["findings"][0]["positive"] for r in urgent] == [True]
+        assert [r["findings"][0]["positive"] for r in routine] == [False]
+        # The priority topic carries the urgent one only, the same message (same id).
+        assert [m["message_id"] for m in sub.wait_for_list("urgent", 1)] == [urgent[0]["message_id"]]
+        time.sleep(0.5)
+        assert len(sub.urgent) == 1
+        # A PNG/JPEG has no study: no SR or FHIR for it.
+        assert sub.fhir == []
+        assert all("sr" not in (r.get("reports") or {}) for r in results)
+    finally:
+        service.stop()
+
+
+class FhirEndpoint(http.server.ThreadingHTTPServer):
+    """A FHIR server's transaction endpoint: validates each Bundle with fhir.resources and keeps it.
+
+    No FHIR server runs here (they are Java services); this one answers the way
+    one does (a transaction-response Bundle, or an OperationOutcome when told to fail).
+    """
+
+    def __init__(self) -> None:
+        self.received: list[dict] = []
+        self.fail_next = 0
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if outer.fail_next > 0:
+                    outer.fail_next -= 1
+                    self._reply(
+                        503,
+                        {
+                            "resourceType": "OperationOutcome",
+                            "issue": [
+                                {
+                                    "severity": "error",
+                                    "code": "transient",
+                                    "diagnostics": "database restarting",
+                                }
+                            ],
+                        },
+                    )
+                    return
+                from fhir.resources.bundle import Bundle
+
+                bundle = Bundle.model_validate_json(body)
+                outer.received.append(json.loads(body))
+                entries = [{"response": {"status": "200 OK"}} for _ in bundle.entry or []]
+                self._reply(200, {"resourceType": "Bundle", "type": "transaction-response", "entry": entries})
+
+            def _reply(self, status: int, payload: dict) -> None:
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/fhir+json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/fhir"
+
+    def close(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+class StoreScp:
+    """dcmtk's storescp: the PACS node."""
+
+    def __init__(self, folder: Path, port: int) -> None:
+        self.folder, self.port = folder, port
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            ["storescp", "-aet", "PACS", "-od", str(self.folder), "-su", "", "+B", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for_port(self.port)
+
+    def stored(self) -> list[pydicom.Dataset]:
+        return [pydicom.dcmread(p) for p in sorted(self.folder.rglob("*")) if p.is_file()]
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=5)
+            self.proc = None
+
+
+def _wait(predicate, timeout_s: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.1)
+
+
+@pytest.mark.skipif(shutil.which("storescp") is None, reason="dcmtk is not installed (apt-get install dcmtk)")
+def test_dicom_scan_reaches_pacs_fhir_and_mqtt_once_through_outages(
+    shared_data, default_bundle, mosquitto, subscriber_factory, tmp_path
+):
+    pacs_port = free_port()
+    pacs = StoreScp(tmp_path / "pacs", pacs_port)
+    fhir = FhirEndpoint()
+    fhir.fail_next = 2  # the FHIR server answers 503 twice: retried, delivered once
+    config = make_config(
+        tmp_path,
+        mosquitto,
+        default_bundle,
+        Dicom={"Store": {"Host": "127.0.0.1", "Port": pacs_port, "AeTitle": "PACS", "TimeoutSeconds": 5}},
+        Reports={"FhirEndpoint": fhir.url},
+    )
+    sub = subscriber_factory(f"{config.mqtt.topic_prefix}/#")
+    service = EdgeService(config)
+    service.start()
+    try:
+        drop(shared_data / CHEST_DICOM, config.inbox.path, "chest.dcm")
+        sub.wait_for(lambda ps: any(p.get("message_type") == "result" for p in ps))
+        (result,) = sub.results()
+        RESULT_VALIDATOR.validate(result)
+        reports = result["reports"]
+        assert "error" not in reports, reports
+        folder = config.reports.path / reports["folder"]
+        sr = pydicom.dcmread(folder / reports["sr"]["file"])
+        assert sr.SOPInstanceUID == reports["sr"]["sop_instance_uid"]
+        source = pydicom.dcmread(shared_data / CHEST_DICOM, stop_before_pixels=True)
+        assert sr.StudyInstanceUID == source.StudyInstanceUID
+        dump = subprocess.run(["dsrdump", str(folder / "sr.dcm")], capture_output=True, text=True, check=True)
+        assert "NOT FOR DIAGNOSTIC USE" in dump.stdout.upper()
+        # FHIR on its MQTT topic: the same bundle that was written, no patient identifiers in it.
+        (bundle,) = sub.wait_for_list("fhir", 1)
+        assert bundle == json.loads((folder / reports["fhir"]).read_text())
+        text = json.dumps(bundle)
+        for value in (
+            source.get("PatientID"),
+            str(source.get("PatientName", "")),
+            source.get("PatientBirthDate"),
+        ):
+            if value:
+                assert str(value) not in text
+        # The PACS was down: the SR waits in the outbox, then goes once it is up.
+        time.sleep(1.0)
+        assert service.journal.outbox_pending() >= 1
+        pacs.start()
+        _wait(lambda: len(pacs.stored()) >= 1, what="the SR at the PACS")
+        _wait(lambda: len(fhir.received) == 1, what="the FHIR bundle at the server")
+        stored = pacs.stored()
+        assert [d.SOPInstanceUID for d in stored] == [reports["sr"]["sop_instance_uid"]] or {
+            d.SOPInstanceUID for d in stored
+        } == {reports["sr"]["sop_instance_uid"], reports.get("heatmap_dicom", {}).get("sop_instance_uid")}
+        assert fhir.received[0] == bundle
+    finally:
+        service.stop()
+    # A restart sends nothing again (everything was confirmed).
+    service = EdgeService(config)
+    service.start()
+    try:
+        time.sleep(2.0)
+        assert len(fhir.received) == 1
+        assert len(sub.results()) == 1 and len(sub.fhir) == 1
+    finally:
+        service.stop()
+        pacs.stop()
+        fhir.close()
+    assert len({d.SOPInstanceUID for d in pacs.stored()}) == len(pacs.stored())
