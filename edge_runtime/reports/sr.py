@@ -66,7 +66,7 @@ import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from pydicom.valuerep import DA, TM
+from pydicom.valuerep import DA, TM, format_number_as_ds
 
 from ..errors import EdgeRuntimeError
 from .uids import derived_uid
@@ -174,6 +174,12 @@ def _evidence_header(source: Dataset) -> Dataset:
     for keyword in _TYPE2_FROM_SOURCE:
         if keyword not in header:
             setattr(header, keyword, "")
+    for keyword in ("PatientName", "ReferringPhysicianName"):
+        name = str(header.get(keyword) or "")
+        if name and "^" not in name:
+            # The same name in DICOM (trailing empty components may be dropped), but highdicom
+            # warns about a one-component name, quoting it: a patient's name in the service log.
+            setattr(header, keyword, f"{name}^")
     return header
 
 
@@ -197,6 +203,11 @@ def _library_view(image: Dataset) -> Dataset:
         view.PatientOrientation = orientation
         view.ImagerPixelSpacing = spacing
     return view
+
+
+def _ds(value: float) -> float:
+    """``value`` as a DICOM DS (16 characters) stores it, so the SR in memory reads as the SR on disk."""
+    return float(format_number_as_ds(float(value)))
 
 
 def _clip_lo(text: str) -> str:
@@ -253,8 +264,8 @@ def build_sr(
         evaluation[0].ObservationUID = derived_uid(uid_root, message_id, f"sr-observation-{index}")
         priority = hd.sr.QualitativeEvaluation(name=PRIORITY, value=URGENT if urgent else ROUTINE)
         measurements = [
-            hd.sr.Measurement(name=PROBABILITY, value=float(finding["probability"]), unit=NO_UNITS),
-            hd.sr.Measurement(name=THRESHOLD, value=float(finding["threshold"]), unit=NO_UNITS),
+            hd.sr.Measurement(name=PROBABILITY, value=_ds(finding["probability"]), unit=NO_UNITS),
+            hd.sr.Measurement(name=THRESHOLD, value=_ds(finding["threshold"]), unit=NO_UNITS),
         ]
         group = hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(
