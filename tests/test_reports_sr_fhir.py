@@ -30,7 +30,7 @@ from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pynetdicom import AE
-from pynetdicom.sop_class import Comprehensive3DSRStorage  # type: ignore[attr-defined]
+from pynetdicom.sop_class import Comprehensive3DSRStorage
 
 from edge_runtime.reports.fhir import MESSAGE_ID_SYSTEM, fhir_from_sr
 from edge_runtime.reports.sr import (
@@ -306,7 +306,25 @@ def test_a_header_without_uids_is_a_report_error_naming_what_is_missing(
         setattr(broken, keyword, source.get(keyword))
     with pytest.raises(ReportSourceError, match="StudyInstanceUID, SeriesInstanceUID") as info:
         build_sr(analysed, broken, uid_root=ROOT, urgent=False)
-    assert info.value.code == "report_source_invalid" and "result was published" in info.value.action
+    assert info.value.code == "report_source_invalid" and "modality" in info.value.action
+
+
+def _corpus(shared_data: Path) -> list[str]:
+    rows = (shared_data / "dicom" / "INVENTORY.tsv").read_text().splitlines()[1:]
+    return [row.split("\t")[0] for row in rows]
+
+
+def test_every_dicom_header_of_the_corpus_gets_an_sr_and_fhir(
+    shared_data: Path, analysed: dict[str, Any]
+) -> None:
+    """Legacy, de-identified, MR/CT/SC headers: no crash and no warning (warnings are errors here)."""
+    for name in _corpus(shared_data):
+        header = pydicom.dcmread(shared_data / "dicom" / name, stop_before_pixels=True, force=True)
+        sr = build_sr(analysed, header, uid_root=ROOT, urgent=False)
+        summary = sr_summary(sr)
+        assert summary["study_instance_uid"] == header.StudyInstanceUID, name
+        (observation,) = _resources(fhir_from_sr(sr, analysed), "Observation")
+        assert observation["partOf"][0]["identifier"]["value"] == f"urn:oid:{header.StudyInstanceUID}"
 
 
 def test_labels_without_a_snomed_concept_use_the_private_scheme() -> None:

@@ -93,10 +93,7 @@ class FhirReportError(EdgeRuntimeError):
     """The FHIR resources built from an SR failed FHIR validation (a defect, not a site problem)."""
 
     code = "fhir_report_invalid"
-    action = (
-        "The result and its DICOM SR were still written; send the service log to HealthDiag "
-        "support (this is a defect in edge-runtime)."
-    )
+    action = "This is a defect in edge-runtime: send the service log to HealthDiag support."
 
 
 def _system(scheme: str) -> str:

@@ -76,8 +76,14 @@ __all__ = [
     "FINDING_CODES",
     "MANUFACTURER",
     "SR_SERIES_NUMBER",
+    "ReportSourceError",
     "build_sr",
+    "children",
+    "coded",
+    "device_observer_uid",
     "finding_code",
+    "group_summary",
+    "measurement_groups",
     "sr_summary",
 ]
 
@@ -137,8 +143,8 @@ class ReportSourceError(EdgeRuntimeError):
 
     code = "report_source_invalid"
     action = (
-        "The scan's result was published; only its DICOM report was not written. "
-        "Check that the modality fills Study, Series and SOP Instance UIDs."
+        "Check that the modality fills Study, Series and SOP Instance UIDs in its images: "
+        "a report cannot reference an image without them."
     )
 
 
@@ -224,9 +230,11 @@ def build_sr(
 ) -> Dataset:
     """The Comprehensive 3D SR of one result (see the module docstring for its content).
 
-    ``source`` is the scan's DICOM header (read with ``stop_before_pixels``);
+    ``source`` is the scan's DICOM header (read with ``stop_before_pixels``; it
+    is not changed); ``urgent`` the caller's triage decision (a positive finding
+    above ``Reports.UrgentThreshold``), written as the Priority evaluation;
     ``heatmap`` the heat-map Secondary Capture, referenced as the visual
-    explanation and recorded as evidence. The returned dataset is ready for
+    explanation and in the image library, and recorded as evidence. The returned dataset is ready for
     ``dcmwrite(..., enforce_file_format=True)`` or C-STORE.
 
     Raises:
