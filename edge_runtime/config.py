@@ -405,9 +405,10 @@ class DicomConfig(_Section):
 class ReportsConfig(_Section):
     """Reports beside the MQTT result: DICOM SR, FHIR, heat-map; urgent findings first."""
 
-    path: Path = Field(
-        Path("reports"),
-        description="Folder for the per-result files (SR, heat-map PNG and Secondary Capture, FHIR).",
+    path: Annotated[Path | None, EMPTY_IS_NONE] = Field(
+        None,
+        description="Folder for the per-result files (SR, heat-map PNG and Secondary Capture, FHIR); "
+        "empty = reports/ beside the journal.",
     )
     dicom_sr: bool = Field(True, description="Write a DICOM SR (TID 1500) for each DICOM scan.")
     fhir: bool = Field(True, description="Write a FHIR DiagnosticReport for each DICOM scan.")
@@ -476,6 +477,11 @@ class RuntimeConfig(_Section):
     def reference_key_path(self) -> Path:
         """Where the scan-reference key lives (beside the journal unless configured)."""
         return self.privacy.reference_key_file or self.journal.path.parent / "reference.key"
+
+    @property
+    def reports_path(self) -> Path:
+        """Where each result's report files go (beside the journal unless configured)."""
+        return self.reports.path or self.journal.path.parent / "reports"
 
     @property
     def effective_workers(self) -> int:

@@ -298,7 +298,9 @@ class WorkerPool:
                 supersedes=earlier,
             )
         t_reports = time.perf_counter()
-        links = ReportWriter(config.reports).write(result, path, image=outcome.image, heatmap=outcome.heatmap)
+        links = ReportWriter(config.reports, config.reports_path).write(
+            result, path, image=outcome.image, heatmap=outcome.heatmap
+        )
         if links is not None:
             result["reports"] = links
             if "error" in links:

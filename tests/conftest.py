@@ -53,6 +53,16 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+def dcmtk(tool: str) -> str:
+    """dcmtk's binary (pynetdicom installs Python apps of the same names earlier on PATH)."""
+    for candidate in (f"/usr/bin/{tool}", shutil.which(tool)):
+        if candidate and Path(candidate).is_file():
+            done = subprocess.run([candidate, "--version"], capture_output=True, text=True, check=False)
+            if "dcmtk" in (done.stdout + done.stderr).lower():
+                return candidate
+    pytest.skip(f"dcmtk's {tool} is not installed (apt-get install dcmtk)")
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -186,7 +186,9 @@ def test_probe_truncated_journal_refuses_start_then_restore_or_start_over(
     finally:
         _stop(proc)
     assert list((box / "inbox").iterdir()) == []  # the scans are gone: only the journal has them
-    assert check_journal(journal).counts["outbox_pending"] == 5
+    # Five results wait for the broker, each twice: the tiny model calls them positive (urgent),
+    # so each also has a row for the priority topic.
+    assert check_journal(journal).counts["outbox_pending"] == 10
     backup = run_cli("journal", "backup", str(tmp_path / "journal-backup.sqlite3"), cwd=box, env=env)
     assert backup.returncode == 0, backup.stderr
 

@@ -91,7 +91,8 @@ def test_no_identifier_in_any_message_status_health_file_or_log_line(
     key = load_or_create_key(config.reference_key_path)
     assert result["input"]["file_name"] == scan_ref(result["input"]["sha256"], "x.dcm", key=key)
     assert result["input"]["body_part_examined"] == "CHEST"
-    wire = json.dumps([payload for _, payload, _ in sub.messages])
+    # Every topic: results, status, the priority topic and the FHIR reports.
+    wire = json.dumps([payload for _, payload, _ in sub.messages] + sub.urgent + sub.fhir)
     health = config.health.file.read_text(encoding="utf-8")
     logs = {kind: stream.getvalue() for kind, stream in captured_logs.items()}
     assert "quarantined" in logs["json"] and "inferred" in logs["text"]  # the logs did say what happened

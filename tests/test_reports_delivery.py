@@ -13,8 +13,7 @@ from pathlib import Path
 
 import jsonschema
 import pydicom
-import pytest
-from conftest import TEST_TRUSTED_KEYS, free_port, wait_for_port
+from conftest import TEST_TRUSTED_KEYS, dcmtk, free_port, wait_for_port
 
 from edge_runtime.config import RuntimeConfig
 from edge_runtime.results import load_schema
@@ -160,7 +159,7 @@ class StoreScp:
     def start(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            ["storescp", "-aet", "PACS", "-od", str(self.folder), "-su", "", "+B", str(self.port)],
+            [dcmtk("storescp"), "-aet", "PACS", "-od", str(self.folder), str(self.port)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -184,10 +183,10 @@ def _wait(predicate, timeout_s: float = 30.0, what: str = "condition") -> None:
         time.sleep(0.1)
 
 
-@pytest.mark.skipif(shutil.which("storescp") is None, reason="dcmtk is not installed (apt-get install dcmtk)")
 def test_dicom_scan_reaches_pacs_fhir_and_mqtt_once_through_outages(
     shared_data, default_bundle, mosquitto, subscriber_factory, tmp_path
 ):
+    dcmtk("storescp")  # skips without dcmtk
     pacs_port = free_port()
     pacs = StoreScp(tmp_path / "pacs", pacs_port)
     fhir = FhirEndpoint()
@@ -209,12 +208,14 @@ def test_dicom_scan_reaches_pacs_fhir_and_mqtt_once_through_outages(
         RESULT_VALIDATOR.validate(result)
         reports = result["reports"]
         assert "error" not in reports, reports
-        folder = config.reports.path / reports["folder"]
+        folder = config.reports_path / reports["folder"]
         sr = pydicom.dcmread(folder / reports["sr"]["file"])
         assert sr.SOPInstanceUID == reports["sr"]["sop_instance_uid"]
         source = pydicom.dcmread(shared_data / CHEST_DICOM, stop_before_pixels=True)
         assert sr.StudyInstanceUID == source.StudyInstanceUID
-        dump = subprocess.run(["dsrdump", str(folder / "sr.dcm")], capture_output=True, text=True, check=True)
+        dump = subprocess.run(
+            [dcmtk("dsrdump"), str(folder / "sr.dcm")], capture_output=True, text=True, check=True
+        )
         assert "NOT FOR DIAGNOSTIC USE" in dump.stdout.upper()
         # FHIR on its MQTT topic: the same bundle that was written, no patient identifiers in it.
         (bundle,) = sub.wait_for_list("fhir", 1)

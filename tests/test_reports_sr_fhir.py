@@ -24,7 +24,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from conftest import free_port, wait_for_port
+from conftest import dcmtk, free_port, wait_for_port
 from fhir.resources import get_fhir_model_class
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
@@ -48,16 +48,6 @@ RG1 = "dicom/pydicom_data/RG1_UNCR.dcm"
 LEGACY_CR = "dicom/fo_dicom_via_dcmfx/CR-MONO1-10-chest.dcm"
 ROOT = "2.25"
 _INPUT_FIELDS = ("kind", "file_name", "sha256", "decoder")
-
-
-def _dcmtk(tool: str) -> str:
-    """dcmtk's binary (pynetdicom installs Python apps of the same names earlier on PATH)."""
-    for candidate in (f"/usr/bin/{tool}", shutil.which(tool)):
-        if candidate and Path(candidate).is_file():
-            done = subprocess.run([candidate, "--version"], capture_output=True, text=True, check=False)
-            if "dcmtk" in (done.stdout + done.stderr).lower():
-                return candidate
-    pytest.skip(f"dcmtk's {tool} is not installed (apt-get install dcmtk)")
 
 
 def _num(dump: str, concept: str) -> float:
@@ -195,7 +185,7 @@ def test_the_sr_says_what_the_result_says(analysed: dict[str, Any], source: Data
 def test_dsrdump_reads_the_sr_with_finding_probability_model_and_caution(
     positive: dict[str, Any], negative: dict[str, Any], source: Dataset, tmp_path: Path, urgent: bool
 ) -> None:
-    dsrdump = _dcmtk("dsrdump")
+    dsrdump = dcmtk("dsrdump")
     result = positive if urgent else negative
     path = _write(build_sr(result, source, uid_root=ROOT, urgent=urgent), tmp_path / "sr.dcm")
     done = subprocess.run(
@@ -229,7 +219,7 @@ def test_dciodvfy_finds_no_error_in_the_sr(analysed: dict[str, Any], source: Dat
 def test_a_real_scp_accepts_the_sr_and_stores_it_unchanged(
     analysed: dict[str, Any], source: Dataset, tmp_path: Path
 ) -> None:
-    storescp = _dcmtk("storescp")
+    storescp = dcmtk("storescp")
     store = tmp_path / "pacs"
     store.mkdir()
     port = free_port()
@@ -287,7 +277,7 @@ def test_the_source_header_is_not_changed(analysed: dict[str, Any], shared_data:
 def test_a_legacy_header_without_patient_id_or_birth_date_still_gets_an_sr(
     shared_data: Path, analysed: dict[str, Any], tmp_path: Path
 ) -> None:
-    dsrdump = _dcmtk("dsrdump")
+    dsrdump = dcmtk("dsrdump")
     legacy = pydicom.dcmread(shared_data / LEGACY_CR, stop_before_pixels=True, force=True)
     assert "PatientID" not in legacy and "PatientBirthDate" not in legacy
     result = dict(analysed, input=dict(analysed["input"], sop_instance_uid=str(legacy.SOPInstanceUID)))
@@ -419,7 +409,7 @@ def test_fhir_carries_no_patient_identifier(
 def test_the_heatmap_is_referenced_by_the_sr_and_the_fhir_report(
     analysed: dict[str, Any], source: Dataset, heatmap: Dataset, tmp_path: Path
 ) -> None:
-    dsrdump = _dcmtk("dsrdump")
+    dsrdump = dcmtk("dsrdump")
     sr = build_sr(analysed, source, uid_root=ROOT, urgent=False, heatmap=heatmap)
     summary = sr_summary(sr)
     assert summary["visual_explanation"] == {

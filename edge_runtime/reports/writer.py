@@ -74,15 +74,17 @@ def _dicom_ref(name: str, dataset: Dataset) -> dict[str, str]:
 class ReportWriter:
     """Builds and writes the reports of one result into ``Reports.Path/<message_id>/``."""
 
-    def __init__(self, config: ReportsConfig) -> None:
+    def __init__(self, config: ReportsConfig, path: Path) -> None:
         self.config = config
+        #: ``RuntimeConfig.reports_path``: one folder per result below it.
+        self.path = path
 
     @property
     def enabled(self) -> bool:
         return self.config.dicom_sr or self.config.fhir or self.config.heatmap
 
     def folder(self, message_id: str) -> Path:
-        return self.config.path / message_id
+        return self.path / message_id
 
     def write(
         self,

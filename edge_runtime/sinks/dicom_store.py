@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -70,13 +71,23 @@ class DicomStoreSink:
         config = self._config
         node = config.dicom.store
         row = json.loads(message.payload)
-        folder = config.reports.path / row["folder"]
+        folder = config.reports_path / row["folder"]
         datasets = [_read(folder / name) for name in row["files"]]
         ae = AE(ae_title=config.dicom.ae_title)
         for dataset in datasets:
             ae.add_requested_context(dataset.SOPClassUID, dataset.file_meta.TransferSyntaxUID)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = node.timeout_seconds
         where = f"{node.ae_title} at {node.host}:{node.port}"
+        try:
+            # pynetdicom leaks its socket when the connection is refused (and logs two ERROR
+            # lines per try): a PACS that is down is found out here first, cleanly.
+            socket.create_connection((node.host, node.port), timeout=node.timeout_seconds).close()
+        except OSError as exc:
+            raise PublishError(
+                f"PACS {where} could not be reached ({exc.strerror or exc})",
+                action="Check Dicom.Store (host, port) and that the PACS is running; reports are "
+                "kept and sent once it is reachable.",
+            ) from exc
         assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)
         if not assoc.is_established:
             reason = "rejected the association" if assoc.is_rejected else "could not be reached"

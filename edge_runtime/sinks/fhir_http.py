@@ -62,7 +62,7 @@ class FhirHttpSink:
         reports = result.get("reports") or {}
         if not config.reports.fhir_endpoint or "fhir" not in reports:
             return None
-        bundle = (config.reports.path / reports["folder"] / reports["fhir"]).read_text(encoding="utf-8")
+        bundle = (config.reports_path / reports["folder"] / reports["fhir"]).read_text(encoding="utf-8")
         return Delivery(self.name, config.reports.fhir_endpoint, bundle, 1)
 
     def start(self, acknowledge: Acknowledge) -> None:

@@ -122,7 +122,7 @@ def _fhir_row(config: RuntimeConfig, result: dict[str, Any], payload: str) -> tu
     reports = result.get("reports") or {}
     if not config.reports.fhir or "fhir" not in reports:
         return None
-    bundle = (config.reports.path / reports["folder"] / reports["fhir"]).read_text(encoding="utf-8")
+    bundle = (config.reports_path / reports["folder"] / reports["fhir"]).read_text(encoding="utf-8")
     return fhir_topic(config), bundle
 
 
