@@ -48,6 +48,7 @@ __all__ = [
     "DecodeTimeout",
     "DecoderFault",
     "EdgeRuntimeError",
+    "FhirReportError",
     "FileTooLarge",
     "ImageTooLarge",
     "IncompleteInput",
@@ -59,6 +60,8 @@ __all__ = [
     "NotAnImage",
     "OutsideIntendedUse",
     "PublishError",
+    "ReportError",
+    "ReportSourceError",
     "SymlinkRefused",
     "UnreadableFile",
     "UnsupportedImage",
@@ -258,6 +261,30 @@ class PublishError(EdgeRuntimeError):
         "Check that the MQTT broker (or the Greengrass nucleus) is running and reachable with the "
         "configured settings; results wait in the journal meanwhile."
     )
+
+
+class ReportError(EdgeRuntimeError):
+    """A report (SR, FHIR, heat-map) could not be built; the result is still published without it."""
+
+    code = "report_failed"
+    action = "The result was published without this report; send the service log to HealthDiag support."
+
+
+class ReportSourceError(ReportError):
+    """The scan's DICOM header lacks what a report about it must reference."""
+
+    code = "report_source_invalid"
+    action = (
+        "Check that the modality fills Study, Series and SOP Instance UIDs in its images: "
+        "a report cannot reference an image without them."
+    )
+
+
+class FhirReportError(ReportError):
+    """The FHIR resources built from an SR failed FHIR validation (a defect, not a site problem)."""
+
+    code = "fhir_report_invalid"
+    action = "This is a defect in edge-runtime: send the service log to HealthDiag support."
 
 
 class JournalError(EdgeRuntimeError):

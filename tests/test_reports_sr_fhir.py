@@ -32,11 +32,11 @@ from pydicom.filewriter import write_dataset
 from pynetdicom import AE
 from pynetdicom.sop_class import Comprehensive3DSRStorage
 
+from edge_runtime.errors import ReportSourceError
 from edge_runtime.reports.fhir import MESSAGE_ID_SYSTEM, fhir_from_sr
 from edge_runtime.reports.sr import (
     CAUTION,
     MANUFACTURER,
-    ReportSourceError,
     build_sr,
     finding_code,
     sr_summary,

@@ -59,7 +59,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
-from ..errors import EdgeRuntimeError
+from ..errors import FhirReportError
 from .sr import (
     ALGORITHM_PARAMETERS,
     PRIORITY,
@@ -70,7 +70,7 @@ from .sr import (
     measurement_groups,
 )
 
-__all__ = ["FHIR_SYSTEMS", "MESSAGE_ID_SYSTEM", "FhirReportError", "fhir_from_sr"]
+__all__ = ["FHIR_SYSTEMS", "MESSAGE_ID_SYSTEM", "fhir_from_sr"]
 
 #: DICOM coding scheme designators as FHIR code system URIs (HL7 DICOM SR IG; terminology.hl7.org).
 FHIR_SYSTEMS = {
@@ -87,13 +87,6 @@ _IDENTIFIER_TYPE = "http://hl7.org/fhir/uv/dicom-sr/CodeSystem/dicom-identifier-
 _INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
 _ACT_PRIORITY = "http://terminology.hl7.org/CodeSystem/v3-ActPriority"
 _URGENT_TAG = {"system": _ACT_PRIORITY, "code": "UR", "display": "urgent"}
-
-
-class FhirReportError(EdgeRuntimeError):
-    """The FHIR resources built from an SR failed FHIR validation (a defect, not a site problem)."""
-
-    code = "fhir_report_invalid"
-    action = "This is a defect in edge-runtime: send the service log to HealthDiag support."
 
 
 def _system(scheme: str) -> str:

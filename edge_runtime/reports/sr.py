@@ -68,7 +68,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.valuerep import DA, TM, format_number_as_ds
 
-from ..errors import EdgeRuntimeError
+from ..errors import ReportSourceError
 from .uids import derived_uid
 
 __all__ = [
@@ -76,7 +76,6 @@ __all__ = [
     "FINDING_CODES",
     "MANUFACTURER",
     "SR_SERIES_NUMBER",
-    "ReportSourceError",
     "build_sr",
     "children",
     "coded",
@@ -136,16 +135,6 @@ _TYPE2_FROM_SOURCE = (
 )
 _REQUIRED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
 _MAX_LO = 64
-
-
-class ReportSourceError(EdgeRuntimeError):
-    """The scan's DICOM header lacks what a report about it must reference."""
-
-    code = "report_source_invalid"
-    action = (
-        "Check that the modality fills Study, Series and SOP Instance UIDs in its images: "
-        "a report cannot reference an image without them."
-    )
 
 
 def finding_code(label: str) -> Code:

@@ -28,6 +28,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from ..config import ReportsConfig
+from ..errors import EdgeRuntimeError, ReportError
 from ..logs import event
 from ..sources.files import open_admitted
 
@@ -137,12 +138,15 @@ class ReportWriter:
                     files.append(_File("fhir.json", json.dumps(bundle, sort_keys=True).encode()))
                     links["fhir"] = "fhir.json"
         except Exception as exc:  # a report must never cost the scan its result
-            reason = f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, EdgeRuntimeError):
+                reason, action = exc.message, exc.action
+            else:
+                reason, action = f"{type(exc).__name__}: {exc}", ReportError.action
             log.error(
-                "reports for %s not written (%s); the result is published without them. If this "
-                "repeats, send the log line to support with the scan's reference.",
+                "reports for %s not written (%s); the result is published without them. %s",
                 message_id[:16],
                 reason,
+                action,
             )
             return {"folder": message_id, "error": f"reports not written: {reason}"[:500]}
         if not files:
