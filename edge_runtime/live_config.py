@@ -60,12 +60,15 @@ def diff_config(old: RuntimeConfig, new: RuntimeConfig) -> ConfigChange:
         for k in changed
         if k.split(".")[0] in _RESTART_SECTIONS
         or (k.startswith("Mqtt.") and k.split(".")[1] in _RESTART_MQTT_KEYS)
+        # The DICOM receiver's port, titles and allow-lists are bound when it starts listening.
+        or (k.startswith("Dicom.") and not k.startswith("Dicom.Store."))
     ]
     effective = new.model_copy(
         update={
             "inbox": old.inbox,
             "journal": old.journal,
             "workers": old.workers,
+            "dicom": old.dicom.model_copy(update={"store": new.dicom.store}),
             "mqtt": old.mqtt.model_copy(update={"topic_prefix": new.mqtt.topic_prefix, "qos": new.mqtt.qos}),
         }
     )

@@ -467,3 +467,24 @@ def test_killed_right_after_acknowledging_still_publishes_once(
     log = ReceiptLog(tmp_path / "state" / "journal.sqlite3")
     assert [r.sop_instance_uid for r in log.recent()] == [uid]
     log.close()
+
+
+def test_receiver_settings_wait_for_a_restart_but_the_pacs_node_applies_live():
+    """The receiver binds its port and policy when it starts; a live update must not pretend otherwise."""
+    from edge_runtime.live_config import diff_config
+
+    old = RuntimeConfig.from_mapping({"Dicom": {"Enabled": True}})
+    new = RuntimeConfig.from_mapping(
+        {
+            "Dicom": {
+                "Enabled": True,
+                "Port": 11113,
+                "AllowedAddresses": ["10.0.0.0/8"],
+                "Store": {"Host": "pacs"},
+            }
+        }
+    )
+    change = diff_config(old, new)
+    assert sorted(change.needs_restart) == ["Dicom.AllowedAddresses", "Dicom.Port"]
+    assert change.effective.dicom.port == 11112 and change.effective.dicom.allowed_addresses == ()
+    assert change.effective.dicom.store.host == "pacs"
