@@ -10,6 +10,10 @@ It is what makes the service restartable without losing or repeating work:
   marks its input done, and marked delivered only when the broker has
   acknowledged it (PUBACK). Undelivered messages are re-sent after a
   reconnect or a restart, in order.
+* ``receipts``: one row per object the DICOM receiver acknowledged (file name,
+  content hash, SOP Instance UID, calling AE, peer, size, time; no patient
+  data), committed before the sender is told success
+  (:class:`ReceiptLog`, the receiver's own connection).
 
 An inbox file is removed only after its outcome is committed here, so a
 crash at any point either leaves the file in the inbox (and it is picked up
@@ -75,6 +79,8 @@ __all__ = [
     "Journal",
     "JournalReport",
     "OutboxMessage",
+    "Receipt",
+    "ReceiptLog",
     "backup_journal",
     "check_journal",
     "id_path_for",
@@ -82,7 +88,24 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_SCHEMA = """
+_RECEIPTS_SCHEMA = """
+-- One row per object the DICOM receiver acknowledged (written before it said success).
+-- Who sent what, when: no patient data (the UIDs name the image, not the person).
+CREATE TABLE IF NOT EXISTS receipts (
+    id                  INTEGER PRIMARY KEY,
+    file_name           TEXT NOT NULL,
+    sha256              TEXT NOT NULL,
+    sop_instance_uid    TEXT NOT NULL,
+    sop_class_uid       TEXT NOT NULL,
+    transfer_syntax_uid TEXT NOT NULL,
+    calling_ae          TEXT NOT NULL,
+    peer_address        TEXT NOT NULL,
+    size_bytes          INTEGER NOT NULL,
+    received_utc        TEXT NOT NULL
+);
+"""
+_SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS inputs (
     id            INTEGER PRIMARY KEY,
     sha256        TEXT NOT NULL UNIQUE,
@@ -118,6 +141,8 @@ CREATE INDEX IF NOT EXISTS inputs_sop_instance
     ON inputs(json_extract(result_json, '$.input.sop_instance_uid')) WHERE result_json IS NOT NULL;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+    + _RECEIPTS_SCHEMA
+)
 _SCHEMA_VERSION = "1"
 
 
@@ -471,3 +496,85 @@ class Journal:
                 "UPDATE outbox SET delivered_utc=? WHERE seq=? AND delivered_utc IS NULL",
                 [(now, seq) for seq in seqs],
             )
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """An object the DICOM receiver stored in its spool folder and acknowledged."""
+
+    file_name: str
+    sha256: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    calling_ae: str
+    peer_address: str
+    size_bytes: int
+    received_utc: str = ""
+
+
+class ReceiptLog:
+    """The DICOM receiver's own connection to the journal, for its ``receipts`` table.
+
+    A second connection rather than the service's :class:`Journal` object, so a
+    source needs only the journal's path (sources are built from the
+    configuration alone). WAL lets its one-row commits interleave with the
+    workers' transactions (each waits for the other's write lock, up to the
+    connection timeout); ``synchronous=FULL`` because a receipt is written
+    before the sender is told the object is safe. The journal must already
+    exist (the service opens and checks it first): a missing one is an error,
+    never silently created.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path).absolute()
+        self._lock = threading.Lock()
+        try:
+            self._db = connect(self.path, create=False)
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_RECEIPTS_SCHEMA)
+        except (sqlite3.Error, OSError) as exc:
+            raise translate_error(exc, self.path, "Opening the journal for DICOM receipts") from exc
+
+    def record(self, receipt: Receipt) -> Receipt:
+        """Commit one receipt (fsynced); returns it with its time."""
+        stored = replace(receipt, received_utc=receipt.received_utc or utc_now())
+        with self._lock:
+            try:
+                self._db.execute(
+                    "INSERT INTO receipts(file_name, sha256, sop_instance_uid, sop_class_uid, "
+                    "transfer_syntax_uid, calling_ae, peer_address, size_bytes, received_utc) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        stored.file_name,
+                        stored.sha256,
+                        stored.sop_instance_uid,
+                        stored.sop_class_uid,
+                        stored.transfer_syntax_uid,
+                        stored.calling_ae,
+                        stored.peer_address,
+                        stored.size_bytes,
+                        stored.received_utc,
+                    ),
+                )
+            except sqlite3.Error as exc:
+                raise translate_error(exc, self.path, "Recording a DICOM receipt") from exc
+        return stored
+
+    def recent(self, limit: int = 100) -> list[Receipt]:
+        """The newest receipts, newest first (for status and tests)."""
+        with self._lock:
+            try:
+                rows = self._db.execute(
+                    "SELECT file_name, sha256, sop_instance_uid, sop_class_uid, transfer_syntax_uid, "
+                    "calling_ae, peer_address, size_bytes, received_utc FROM receipts "
+                    "ORDER BY id DESC LIMIT ?",
+                    (limit,),
+                ).fetchall()
+            except sqlite3.Error as exc:
+                raise translate_error(exc, self.path, "Reading DICOM receipts") from exc
+        return [Receipt(*row) for row in rows]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

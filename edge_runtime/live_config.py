@@ -15,10 +15,10 @@ from .config import RuntimeConfig
 
 __all__ = ["ConfigChange", "diff_config"]
 
-#: Sections whose change needs a restart (open files, threads, the DICOM listener and PACS sink).
-_RESTART_SECTIONS = ("Inbox", "Journal", "Workers", "Dicom")
-#: Other keys that decide which sinks exist (a restart); the rest of Reports applies live.
-_RESTART_KEYS = ("Reports.FhirEndpoint",)
+#: Sections whose change needs a restart (open files, threads).
+_RESTART_SECTIONS = ("Inbox", "Journal", "Workers")
+#: Other keys that decide which sinks exist (a restart); the rest of Reports and Dicom.Store apply live.
+_RESTART_KEYS = ("Reports.FhirEndpoint", "Dicom.Store.Host")
 #: Mqtt keys that belong to the connection (a restart); topics and QoS change live.
 _RESTART_MQTT_KEYS = (
     "Enabled",
@@ -63,13 +63,17 @@ def diff_config(old: RuntimeConfig, new: RuntimeConfig) -> ConfigChange:
         if k.split(".")[0] in _RESTART_SECTIONS
         or k in _RESTART_KEYS
         or (k.startswith("Mqtt.") and k.split(".")[1] in _RESTART_MQTT_KEYS)
+        # The DICOM receiver's port, titles and allow-lists are bound when it starts listening.
+        or (k.startswith("Dicom.") and not k.startswith("Dicom.Store."))
     ]
     effective = new.model_copy(
         update={
             "inbox": old.inbox,
             "journal": old.journal,
             "workers": old.workers,
-            "dicom": old.dicom,
+            "dicom": old.dicom.model_copy(
+                update={"store": new.dicom.store.model_copy(update={"host": old.dicom.store.host})}
+            ),
             "reports": new.reports.model_copy(update={"fhir_endpoint": old.reports.fhir_endpoint}),
             "mqtt": old.mqtt.model_copy(update={"topic_prefix": new.mqtt.topic_prefix, "qos": new.mqtt.qos}),
         }

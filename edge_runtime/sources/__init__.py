@@ -2,8 +2,8 @@
 
 A source is one module with a ``from_config(config) -> Source | None``
 factory (None: switched off in this configuration) and one line in
-:data:`SOURCES`. The inbox watcher is the first; a DICOM network receiver
-(C-STORE SCP) goes here next.
+:data:`SOURCES`. The inbox watcher is the first; the DICOM network receiver
+(C-STORE SCP, ``dicom_scp``) feeds the same pipeline through its spool folder.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ __all__ = ["SOURCES", "ScanItem", "Source", "create_sources"]
 #: name -> "module:factory"; the factory takes the RuntimeConfig.
 SOURCES: dict[str, str] = {
     "inbox": "edge_runtime.sources.inbox:from_config",
+    "dicom": "edge_runtime.sources.dicom_scp:from_config",
 }
 
 
