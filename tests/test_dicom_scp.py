@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import TEST_TRUSTED_KEYS, free_port, make_tiny_bundle, wait_for_port
+from conftest import TEST_TRUSTED_KEYS, dcmtk, free_port, make_tiny_bundle, wait_for_port
 from pydicom.uid import generate_uid
 
 from edge_runtime.config import RuntimeConfig
@@ -35,16 +34,6 @@ CHEST_LARGE = "dicom/pydicom_data/RG1_UNCR.dcm"  # CR chest, Explicit VR LE, 7.2
 AE = "HEALTHDIAG"
 SENDERS = ("MODALITY1", "MODALITY2", "MODALITY3")
 MAX_OBJECT_MB = 5  # RG1_UNCR (7.2 MB) is over it; every other file here is under
-
-
-def dcmtk(tool: str) -> str:
-    """dcmtk's own binary: on this box ``storescu`` on PATH may be pynetdicom's app of that name."""
-    for candidate in (f"/usr/bin/{tool}", shutil.which(tool)):
-        if candidate and os.path.exists(candidate):
-            out = subprocess.run([candidate, "--version"], capture_output=True, text=True, check=False)
-            if "dcmtk" in (out.stdout + out.stderr).lower():
-                return candidate
-    pytest.skip(f"dcmtk {tool} is not installed (apt-get install dcmtk)")
 
 
 def storescu(

@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import cv2
 import jsonschema
 import pydicom
 from conftest import TEST_TRUSTED_KEYS, dcmtk, free_port, wait_for_port
@@ -183,11 +184,39 @@ def _wait(predicate, timeout_s: float = 30.0, what: str = "condition") -> None:
         time.sleep(0.1)
 
 
-def test_dicom_scan_reaches_pacs_fhir_and_mqtt_once_through_outages(
+def chest_dicom_from_jpeg(src: Path, dst: Path) -> Path:
+    """A paediatric chest radiograph (Kermany JPEG) as the CR a modality would send, with a patient."""
+    pixels = cv2.imread(str(src), cv2.IMREAD_GRAYSCALE)
+    ds = pydicom.Dataset()
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.SOPClassUID = pydicom.uid.ComputedRadiographyImageStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = (
+        "DOE^JOHN",
+        "MRN123456",
+        "20190101",
+        "M",
+    )
+    ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID = "20261130", "080000", "A1", "1"
+    ds.ReferringPhysicianName, ds.SeriesNumber, ds.InstanceNumber = "", 1, 1
+    ds.Modality, ds.BodyPartExamined, ds.ViewPosition = "CR", "CHEST", "AP"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(dst, enforce_file_format=True)
+    return dst
+
+
+def test_study_sent_by_storescu_reaches_mqtt_pacs_fhir_once_with_heatmap_and_priority(
     shared_data, default_bundle, mosquitto, subscriber_factory, tmp_path
 ):
-    dcmtk("storescp")  # skips without dcmtk
-    pacs_port = free_port()
+    """The issue's "done when": storescu -> result, SR at a real PACS, FHIR, heat-map, urgent first;
+    the PACS is down at first and the FHIR server fails twice; a restart sends nothing again."""
+    pacs_port, scp_port = free_port(), free_port()
     pacs = StoreScp(tmp_path / "pacs", pacs_port)
     fhir = FhirEndpoint()
     fhir.fail_next = 2  # the FHIR server answers 503 twice: retried, delivered once
@@ -195,50 +224,83 @@ def test_dicom_scan_reaches_pacs_fhir_and_mqtt_once_through_outages(
         tmp_path,
         mosquitto,
         default_bundle,
-        Dicom={"Store": {"Host": "127.0.0.1", "Port": pacs_port, "AeTitle": "PACS", "TimeoutSeconds": 5}},
+        Dicom={
+            "Enabled": True,
+            "BindAddress": "127.0.0.1",
+            "Port": scp_port,
+            "SpoolPath": str(tmp_path / "spool"),
+            "Store": {"Host": "127.0.0.1", "Port": pacs_port, "AeTitle": "PACS", "TimeoutSeconds": 5},
+        },
         Reports={"FhirEndpoint": fhir.url},
     )
+    studies = {
+        "normal": shared_data / CHEST_DICOM,
+        "pneumonia": chest_dicom_from_jpeg(shared_data / PNEUMONIA_JPEG, tmp_path / "pneumonia.dcm"),
+    }
+    sources = {name: pydicom.dcmread(path, stop_before_pixels=True) for name, path in studies.items()}
     sub = subscriber_factory(f"{config.mqtt.topic_prefix}/#")
     service = EdgeService(config)
     service.start()
     try:
-        drop(shared_data / CHEST_DICOM, config.inbox.path, "chest.dcm")
-        sub.wait_for(lambda ps: any(p.get("message_type") == "result" for p in ps))
-        (result,) = sub.results()
-        RESULT_VALIDATOR.validate(result)
-        reports = result["reports"]
-        assert "error" not in reports, reports
-        folder = config.reports_path / reports["folder"]
-        sr = pydicom.dcmread(folder / reports["sr"]["file"])
-        assert sr.SOPInstanceUID == reports["sr"]["sop_instance_uid"]
-        source = pydicom.dcmread(shared_data / CHEST_DICOM, stop_before_pixels=True)
-        assert sr.StudyInstanceUID == source.StudyInstanceUID
-        dump = subprocess.run(
-            [dcmtk("dsrdump"), str(folder / "sr.dcm")], capture_output=True, text=True, check=True
+        wait_for_port(scp_port)
+        sent = subprocess.run(
+            [dcmtk("storescu"), "-aet", "MODALITY", "-aec", config.dicom.ae_title, "127.0.0.1", str(scp_port)]
+            + [str(p) for p in studies.values()],
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
-        assert "NOT FOR DIAGNOSTIC USE" in dump.stdout.upper()
-        # FHIR on its MQTT topic: the same bundle that was written, no patient identifiers in it.
-        (bundle,) = sub.wait_for_list("fhir", 1)
-        assert bundle == json.loads((folder / reports["fhir"]).read_text())
-        text = json.dumps(bundle)
-        for value in (
-            source.get("PatientID"),
-            str(source.get("PatientName", "")),
-            source.get("PatientBirthDate"),
-        ):
-            if value:
-                assert str(value) not in text
-        # The PACS was down: the SR waits in the outbox, then goes once it is up.
-        time.sleep(1.0)
-        assert service.journal.outbox_pending() >= 1
+        assert sent.returncode == 0, sent.stderr
+        sub.wait_for(lambda ps: len([p for p in ps if p.get("message_type") == "result"]) >= 2)
+        by_sop = {r["input"]["sop_instance_uid"]: r for r in sub.results()}
+        results = {name: by_sop[str(ds.SOPInstanceUID)] for name, ds in sources.items()}
+        for result in results.values():
+            RESULT_VALIDATOR.validate(result)
+            assert "error" not in result["reports"], result["reports"]
+        assert results["pneumonia"]["priority"] == "urgent" and results["normal"]["priority"] == "routine"
+        # Urgent first: the positive is on the priority topic too, the other is not.
+        urgent = sub.wait_for_list("urgent", 1)
+        assert [u["message_id"] for u in urgent] == [results["pneumonia"]["message_id"]]
+        for name, result in results.items():
+            reports, source = result["reports"], sources[name]
+            folder = config.reports_path / reports["folder"]
+            sr = pydicom.dcmread(folder / reports["sr"]["file"])
+            assert sr.SOPInstanceUID == reports["sr"]["sop_instance_uid"]
+            assert sr.StudyInstanceUID == source.StudyInstanceUID
+            dump = subprocess.run(
+                [dcmtk("dsrdump"), str(folder / "sr.dcm")], capture_output=True, text=True, check=True
+            ).stdout
+            assert "NOT FOR DIAGNOSTIC USE" in dump.upper()
+            assert ("Urgent" in dump) == (name == "pneumonia")
+            # The heat-map: a PNG and a Secondary Capture that the SR references.
+            png = cv2.imread(str(folder / reports["heatmap_png"]))
+            assert png is not None and png.ndim == 3
+            heat = pydicom.dcmread(folder / reports["heatmap_dicom"]["file"])
+            assert heat.SOPInstanceUID == reports["heatmap_dicom"]["sop_instance_uid"]
+            assert heat.StudyInstanceUID == source.StudyInstanceUID
+            assert str(heat.SOPInstanceUID) in dump
+        # FHIR on its topic: the bundles that were written, without the patient's identifiers.
+        bundles = sub.wait_for_list("fhir", 2)
+        written = [
+            json.loads((config.reports_path / r["reports"]["folder"] / "fhir.json").read_text())
+            for r in results.values()
+        ]
+        assert sorted(map(json.dumps, bundles)) == sorted(map(json.dumps, written))
+        text = json.dumps(bundles)
+        for identifier in ("DOE", "MRN123456", "20190101", str(sources["normal"].get("PatientID") or "DOE")):
+            assert identifier not in text
+        # The PACS was down: the SRs and heat-maps wait in the outbox, then go once it is up.
+        assert len(service.journal.pending_messages("dicom-store")) == 2
         pacs.start()
-        _wait(lambda: len(pacs.stored()) >= 1, what="the SR at the PACS")
-        _wait(lambda: len(fhir.received) == 1, what="the FHIR bundle at the server")
-        stored = pacs.stored()
-        assert [d.SOPInstanceUID for d in stored] == [reports["sr"]["sop_instance_uid"]] or {
-            d.SOPInstanceUID for d in stored
-        } == {reports["sr"]["sop_instance_uid"], reports.get("heatmap_dicom", {}).get("sop_instance_uid")}
-        assert fhir.received[0] == bundle
+        expected = {
+            r["reports"][k]["sop_instance_uid"] for r in results.values() for k in ("sr", "heatmap_dicom")
+        }
+        _wait(
+            lambda: {str(d.SOPInstanceUID) for d in pacs.stored()} == expected,
+            what="SR and heat-maps at the PACS",
+        )
+        _wait(lambda: len(fhir.received) == 2, what="the FHIR bundles at the server")
+        assert sorted(map(json.dumps, fhir.received)) == sorted(map(json.dumps, written))
     finally:
         service.stop()
     # A restart sends nothing again (everything was confirmed).
@@ -246,10 +308,10 @@ def test_dicom_scan_reaches_pacs_fhir_and_mqtt_once_through_outages(
     service.start()
     try:
         time.sleep(2.0)
-        assert len(fhir.received) == 1
-        assert len(sub.results()) == 1 and len(sub.fhir) == 1
+        assert len(fhir.received) == 2 and len(sub.results()) == 2 and len(sub.fhir) == 2
+        assert len(sub.urgent) == 1
     finally:
         service.stop()
         pacs.stop()
         fhir.close()
-    assert len({d.SOPInstanceUID for d in pacs.stored()}) == len(pacs.stored())
+    assert len(pacs.stored()) == 4  # each object stored once
