@@ -14,7 +14,9 @@ process, as a modality is):
    receiver's delayed ACK (about 40 ms on Linux), so both are shown: the
    difference is the sender's socket setting, not the receiver.
 2. **End-to-end latency** from ``storescu`` start to the result arriving at a
-   real MQTT subscriber, for an uncompressed (Explicit VR LE, 7.2 MB) and a
+   real MQTT subscriber, to the SR (and heat-map) stored at a real C-STORE SCP
+   (pynetdicom, in this process) acting as the PACS, and to the FHIR report on
+   its MQTT topic, for an uncompressed (Explicit VR LE, 7.2 MB) and a
    JPEG 2000 lossless (4.3 MB) copy of the same 1955x1841 chest CR (WG04 RG1),
    one at a time (no queueing), through the whole service with the given
    model (default: the bundled one). Each copy has a new SOP Instance UID so
@@ -129,10 +131,13 @@ def associations_per_second(
 
 
 class ResultWaiter:
-    """A real MQTT subscriber: when each result (by SOP Instance UID) arrived."""
+    """A real MQTT subscriber: when each result (by SOP Instance UID) and each FHIR report arrived."""
 
     def __init__(self, port: int, topic: str) -> None:
         self.arrived: dict[str, float] = {}
+        #: (arrival, payload text) of every FHIR Bundle on the FHIR topic.
+        self.fhir: list[tuple[float, str]] = []
+        self.results: dict[str, dict] = {}
         self.cond = threading.Condition()
         self.client = mqtt.Client(
             callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id="bench-sub"
@@ -148,10 +153,14 @@ class ResultWaiter:
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         now = time.perf_counter()
-        payload = json.loads(msg.payload)
-        uid = payload.get("input", {}).get("sop_instance_uid")
         with self.cond:
-            self.arrived.setdefault(uid, now)
+            if msg.topic.endswith("/fhir"):
+                self.fhir.append((now, msg.payload.decode()))
+            elif msg.topic.endswith("/results"):
+                payload = json.loads(msg.payload)
+                uid = payload.get("input", {}).get("sop_instance_uid")
+                self.arrived.setdefault(uid, now)
+                self.results.setdefault(uid, payload)
             self.cond.notify_all()
 
     def wait(self, uid: str, timeout_s: float = 60.0) -> float:
@@ -160,17 +169,64 @@ class ResultWaiter:
                 raise SystemExit(f"no result for {uid} within {timeout_s:.0f} s")
             return self.arrived[uid]
 
+    def wait_fhir(self, message_id: str, timeout_s: float = 60.0) -> float:
+        """When the FHIR Bundle of the result ``message_id`` arrived (its ids derive from it)."""
+
+        def found() -> float | None:
+            return next((t for t, text in self.fhir if message_id in text), None)
+
+        with self.cond:
+            if not self.cond.wait_for(lambda: found() is not None, timeout=timeout_s):
+                raise SystemExit(f"no FHIR report for {message_id[:16]} within {timeout_s:.0f} s")
+            return found() or 0.0
+
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
 
 
+class Pacs:
+    """A real C-STORE SCP (pynetdicom, in this process): when each instance was stored."""
+
+    def __init__(self) -> None:
+        from pynetdicom import AE as AppEntity
+        from pynetdicom import StoragePresentationContexts, evt
+
+        self.stored: dict[str, float] = {}
+        self.cond = threading.Condition()
+        self.port = free_port()
+        ae = AppEntity(ae_title="PACS")
+        ae.supported_contexts = StoragePresentationContexts
+        self.server = ae.start_server(
+            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
+        )
+
+    def _on_store(self, event: object) -> int:
+        uid = str(event.request.AffectedSOPInstanceUID)  # type: ignore[attr-defined]
+        with self.cond:
+            self.stored.setdefault(uid, time.perf_counter())
+            self.cond.notify_all()
+        return 0x0000
+
+    def wait(self, uid: str, timeout_s: float = 60.0) -> float:
+        with self.cond:
+            if not self.cond.wait_for(lambda: uid in self.stored, timeout=timeout_s):
+                raise SystemExit(f"the SR {uid} did not reach the PACS within {timeout_s:.0f} s")
+            return self.stored[uid]
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
 def latency(
     binary: str, data: Path, tmp: Path, broker_port: int, repeats: int, workers: int, bundle: Path | None
-) -> list[tuple[str, float, float]]:
+) -> list[tuple[str, str, float, float]]:
+    """(input, what arrived, p50 ms, p95 ms) from storescu start to the MQTT result, the SR stored at
+    the PACS and the FHIR report on its topic."""
     import pydicom
 
     port = free_port()
+    pacs = Pacs()
     config = RuntimeConfig.from_mapping(
         {
             "Inbox": {"Path": str(tmp / "inbox"), "QuarantinePath": str(tmp / "q")},
@@ -180,6 +236,7 @@ def latency(
                 "BindAddress": "127.0.0.1",
                 "Port": port,
                 "SpoolPath": str(tmp / "spool"),
+                "Store": {"Host": "127.0.0.1", "Port": pacs.port, "AeTitle": "PACS"},
             },
             "Mqtt": {"Host": "127.0.0.1", "Port": broker_port, "ClientId": "bench-scp"},
             "Journal": {"Path": str(tmp / "state" / "journal.sqlite3")},
@@ -191,7 +248,7 @@ def latency(
     service.start()
     assert service.mqtt is not None
     service.mqtt.wait_connected(10)
-    waiter = ResultWaiter(broker_port, config.mqtt.results_topic)
+    waiter = ResultWaiter(broker_port, f"{config.mqtt.topic_prefix}/#")
     b = service.analyzer.bundle
     print(f"model {b.name} {b.version} ({service.analyzer.backend.name}), {workers} workers\n")
     rows = []
@@ -199,17 +256,27 @@ def latency(
         for label, (rel, options) in LATENCY_INPUTS.items():
             copies = make_copies(data / rel, tmp / "staging" / Path(rel).stem, repeats + 1)
             uids = [str(pydicom.dcmread(c, stop_before_pixels=True).SOPInstanceUID) for c in copies]
-            times = []
+            times: dict[str, list[float]] = {
+                "MQTT result": [],
+                "SR stored at the PACS": [],
+                "FHIR report": [],
+            }
             for i, (copy, uid) in enumerate(zip(copies, uids, strict=True)):
                 t0 = time.perf_counter()
                 send(binary, port, copy, options)
                 arrived = waiter.wait(uid)
+                result = waiter.results[uid]
+                stored = pacs.wait(result["reports"]["sr"]["sop_instance_uid"])
+                fhir = waiter.wait_fhir(result["message_id"])
                 if i:  # the first is a warm-up
-                    times.append((arrived - t0) * 1000)
-            rows.append((label, pct(times, 50), pct(times, 95)))
+                    times["MQTT result"].append((arrived - t0) * 1000)
+                    times["SR stored at the PACS"].append((stored - t0) * 1000)
+                    times["FHIR report"].append((fhir - t0) * 1000)
+            rows += [(label, what, pct(ms, 50), pct(ms, 95)) for what, ms in times.items()]
     finally:
         waiter.close()
         service.stop()
+        pacs.close()
     return rows
 
 
@@ -254,11 +321,13 @@ def main() -> int:
         finally:
             broker.terminate()
             broker.wait(5)
-        header = f"{'storescu start -> MQTT result, chest CR 1955x1841':52s} {'p50 ms':>8s} {'p95 ms':>8s}"
+        header = (
+            f"{'storescu start -> ..., chest CR 1955x1841':38s} {'arrival':24s} {'p50 ms':>8s} {'p95 ms':>8s}"
+        )
         print(header)
         print("-" * len(header))
-        for label, p50, p95 in rows:
-            print(f"{label:52s} {p50:8.1f} {p95:8.1f}")
+        for label, what, p50, p95 in rows:
+            print(f"{label:38s} {what:24s} {p50:8.1f} {p95:8.1f}")
         print(f"\n({args.repeats} sends per input after one warm-up, one at a time; np {np.__version__})")
     return 0
 
