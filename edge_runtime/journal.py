@@ -470,6 +470,13 @@ class Journal:
         counts["outbox_pending"] = self.outbox_pending()
         return counts
 
+    def results_awaiting_delivery(self) -> int:
+        """Results with an undelivered row for at least one sink (a result has a row per sink)."""
+        (pending,) = self._query("SELECT COUNT(DISTINCT message_id) FROM outbox WHERE delivered_utc IS NULL")[
+            0
+        ]
+        return int(pending)
+
     def outbox_pending(self) -> int:
         """Undelivered outbox rows, all sinks (the partial index makes this O(pending))."""
         (pending,) = self._query("SELECT COUNT(*) FROM outbox WHERE delivered_utc IS NULL")[0]

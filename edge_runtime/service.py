@@ -131,7 +131,7 @@ class EdgeService:
             counts["done"],
             counts["quarantined"],
             requeued,
-            counts["outbox_pending"],
+            self.journal.results_awaiting_delivery(),
         )
         # Sources first (they create their folders), so that "online" means ready for scans;
         # results made before a sink connects wait in the outbox.

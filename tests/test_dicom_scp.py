@@ -459,21 +459,27 @@ def test_killed_right_after_acknowledging_still_publishes_once(
 
 
 def test_receiver_settings_wait_for_a_restart_but_the_pacs_node_applies_live():
-    """The receiver binds its port and policy when it starts; a live update must not pretend otherwise."""
+    """The receiver binds its port and policy when it starts; a live update must not pretend otherwise.
+
+    The PACS node's port and AE title apply to the next send; switching the PACS sink on or off
+    (its Host) creates or removes a sink, so that waits for a restart too.
+    """
     from edge_runtime.live_config import diff_config
 
-    old = RuntimeConfig.from_mapping({"Dicom": {"Enabled": True}})
+    old = RuntimeConfig.from_mapping({"Dicom": {"Enabled": True, "Store": {"Host": "pacs"}}})
     new = RuntimeConfig.from_mapping(
         {
             "Dicom": {
                 "Enabled": True,
                 "Port": 11113,
                 "AllowedAddresses": ["10.0.0.0/8"],
-                "Store": {"Host": "pacs"},
+                "Store": {"Host": "pacs", "Port": 11112, "AeTitle": "ARCHIVE"},
             }
         }
     )
     change = diff_config(old, new)
     assert sorted(change.needs_restart) == ["Dicom.AllowedAddresses", "Dicom.Port"]
     assert change.effective.dicom.port == 11112 and change.effective.dicom.allowed_addresses == ()
-    assert change.effective.dicom.store.host == "pacs"
+    assert (change.effective.dicom.store.port, change.effective.dicom.store.ae_title) == (11112, "ARCHIVE")
+    moved = diff_config(old, RuntimeConfig.from_mapping({"Dicom": {"Enabled": True, "Store": {"Host": ""}}}))
+    assert moved.needs_restart == ["Dicom.Store.Host"] and moved.effective.dicom.store.host == "pacs"
