@@ -186,9 +186,9 @@ class ConformanceReport:
         heat = ""
         if self.heat_checked:
             heat = (
-                f"; heat-map: max normalised difference from FP32 {self.heat_max_diff or 0.0:.4f} "
+                f"; heat-map: max difference from FP32 as drawn {self.heat_max_diff or 0.0:.4f} "
                 f"(allowed {self.heat_max_diff_allowed}), max drift "
-                f"{self.heat_max_drift or 0.0:.4f} (allowed {self.heat_max_drift_allowed})"
+                f"{self.heat_max_drift or 0.0:.2e} (allowed {self.heat_max_drift_allowed})"
             )
         return (
             f"conformance check {verdict} for model {self.model} {self.version} on backend "
@@ -202,16 +202,24 @@ class ConformanceReport:
 
     def table(self) -> str:
         """A fixed-width table, one line per reference image, for ``edge-runtime model verify``."""
+        heat = self.heat_checked
         lines = [
             f"{'#':>3s} {'image':30s} {'label':>5s} {'p_fp32':>8s} {'p_built':>8s} {'p_here':>8s} "
             f"{'drift':>8s} {'|dp32|':>7s} {'decision':>8s} {'':4s}"
+            + (f" {'heat_drift':>10s} {'heat_dfp32':>10s}" if heat else "")
         ]
         for row in self.rows:
             decision = "same" if row.decision_matches else ("margin" if row.near_threshold else "DIFF")
+            heat_cells = ""
+            if heat:
+                heat_cells = "".join(
+                    f" {value:10.3e}" if value is not None else f" {'-':>10s}"
+                    for value in (row.heat_drift, row.heat_diff)
+                )
             lines.append(
                 f"{row.index:3d} {row.source[:30]:30s} {row.label:5d} {row.reference:8.5f} "
                 f"{row.expected:8.5f} {row.output:8.5f} {row.drift:8.5f} {row.abs_diff:7.4f} "
-                f"{decision:>8s} {'ok' if row.ok else 'FAIL':4s}"
+                f"{decision:>8s} {'ok' if row.ok else 'FAIL':4s}{heat_cells}"
             )
         return "\n".join(lines)
 
