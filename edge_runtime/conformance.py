@@ -17,6 +17,14 @@ Greengrass deployment, the selected backend runs them here:
 * **decisions** at the operating point must match the build machine's,
   except for references within ``decision_margin`` of the threshold.
 
+Where the model also computes a heat-map (``output.heatmap``) and the set
+holds reference maps (``cam_reference``, FP32; ``cam_expected_<backend>``),
+the map of every reference image is checked the same way, from the same
+engine run: the positive-class map as it is drawn (:func:`normalised_heat`,
+compared by :func:`heat_difference`) may drift from the build machine by at most
+``heatmap_max_drift`` and differ from FP32 by at most ``heatmap_max_abs_diff``.
+Raw logit maps are not compared: what a reader sees is the normalised map.
+
 A bundle without per-backend outputs is compared with FP32 only. On failure
 the bundle is refused exactly like a hash mismatch (:class:`ConformanceError`
 is a :class:`ModelBundleError`): the old model stays, and the log and status
@@ -41,10 +49,14 @@ from .preprocess import preprocess
 from .results import positive_index, scores_to_probabilities
 
 __all__ = [
+    "HEAT_RANGE_FLOOR",
     "ConformanceReport",
     "ConformanceRow",
     "check_conformance",
     "enforce",
+    "heat_difference",
+    "normalised_heat",
+    "positive_map",
     "reference_inputs",
     "require_cpu_support",
     "verify_backend",
@@ -70,6 +82,10 @@ class ConformanceRow:
     near_threshold: bool
     decision_matches: bool
     ok: bool
+    #: Normalised positive-class heat-map difference from FP32 / from the build machine's
+    #: map of the same backend (None: no heat-map checked, see :func:`heat_difference`).
+    heat_diff: float | None = None
+    heat_drift: float | None = None
 
 
 @dataclass(frozen=True)
@@ -87,10 +103,27 @@ class ConformanceReport:
     decision_margin: float
     rows: tuple[ConformanceRow, ...]
     seconds: float
+    #: Allowed heat-map differences (None: the heat-map was not checked).
+    heat_max_diff_allowed: float | None = None
+    heat_max_drift_allowed: float | None = None
 
     @property
     def passed(self) -> bool:
         return all(row.ok for row in self.rows)
+
+    @property
+    def heat_checked(self) -> bool:
+        return any(row.heat_diff is not None for row in self.rows)
+
+    @property
+    def heat_max_diff(self) -> float | None:
+        values = [row.heat_diff for row in self.rows if row.heat_diff is not None]
+        return max(values) if values else None
+
+    @property
+    def heat_max_drift(self) -> float | None:
+        values = [row.heat_drift for row in self.rows if row.heat_drift is not None]
+        return max(values) if values else None
 
     @property
     def worst(self) -> ConformanceRow:
@@ -129,6 +162,20 @@ class ConformanceReport:
             },
             "cpu_int8_features": list(self.cpu.get("int8_features", [])),
             "seconds": round(self.seconds, 3),
+            **self._heat_summary(),
+        }
+
+    def _heat_summary(self) -> dict[str, Any]:
+        if not self.heat_checked:
+            return {}
+        diff, drift = self.heat_max_diff, self.heat_max_drift
+        return {
+            "heatmap": {
+                "max_diff": None if diff is None else round(diff, 6),
+                "max_diff_allowed": self.heat_max_diff_allowed,
+                "max_drift": None if drift is None else round(drift, 6),
+                "max_drift_allowed": self.heat_max_drift_allowed,
+            }
         }
 
     def explain(self) -> str:
@@ -136,6 +183,13 @@ class ConformanceReport:
         worst = self.worst
         features = ", ".join(self.cpu.get("int8_features", [])) or "none"
         verdict = "passed" if self.passed else "FAILED"
+        heat = ""
+        if self.heat_checked:
+            heat = (
+                f"; heat-map: max difference from FP32 as drawn {self.heat_max_diff or 0.0:.4f} "
+                f"(allowed {self.heat_max_diff_allowed}), max drift "
+                f"{self.heat_max_drift or 0.0:.2e} (allowed {self.heat_max_drift_allowed})"
+            )
         return (
             f"conformance check {verdict} for model {self.model} {self.version} on backend "
             f"{self.backend} ({self.quantization}) on this CPU ({self.cpu.get('model')}; INT8 features: "
@@ -143,21 +197,29 @@ class ConformanceReport:
             f"{self.max_drift:.4f} (allowed {self.max_drift_allowed:.4f}), max |p - p_fp32| "
             f"{self.max_abs_diff:.4f} (allowed {self.max_abs_diff_allowed:.4f}), "
             f"{self.decisions_differing} decision(s) differ; worst {worst.source}: built "
-            f"{worst.expected:.4f}, FP32 {worst.reference:.4f}, here {worst.output:.4f}"
+            f"{worst.expected:.4f}, FP32 {worst.reference:.4f}, here {worst.output:.4f}{heat}"
         )
 
     def table(self) -> str:
         """A fixed-width table, one line per reference image, for ``edge-runtime model verify``."""
+        heat = self.heat_checked
         lines = [
             f"{'#':>3s} {'image':30s} {'label':>5s} {'p_fp32':>8s} {'p_built':>8s} {'p_here':>8s} "
             f"{'drift':>8s} {'|dp32|':>7s} {'decision':>8s} {'':4s}"
+            + (f" {'heat_drift':>10s} {'heat_dfp32':>10s}" if heat else "")
         ]
         for row in self.rows:
             decision = "same" if row.decision_matches else ("margin" if row.near_threshold else "DIFF")
+            heat_cells = ""
+            if heat:
+                heat_cells = "".join(
+                    f" {value:10.3e}" if value is not None else f" {'-':>10s}"
+                    for value in (row.heat_drift, row.heat_diff)
+                )
             lines.append(
                 f"{row.index:3d} {row.source[:30]:30s} {row.label:5d} {row.reference:8.5f} "
                 f"{row.expected:8.5f} {row.output:8.5f} {row.drift:8.5f} {row.abs_diff:7.4f} "
-                f"{decision:>8s} {'ok' if row.ok else 'FAIL':4s}"
+                f"{decision:>8s} {'ok' if row.ok else 'FAIL':4s}{heat_cells}"
             )
         return "\n".join(lines)
 
@@ -207,7 +269,7 @@ def reference_inputs(bundle: ModelBundle) -> dict[str, np.ndarray] | None:
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {key: data[key] for key in ("images", "labels", "reference", "sources")}
-            arrays.update({key: data[key] for key in data.files if key.startswith("expected_")})
+            arrays.update({key: data[key] for key in data.files if key.startswith(("expected_", "cam_"))})
     except (OSError, KeyError, ValueError) as exc:
         raise ModelBundleError(
             f"Model bundle {bundle.path}: conformance set {path.name} is unreadable: {exc}."
@@ -216,6 +278,48 @@ def reference_inputs(bundle: ModelBundle) -> dict[str, np.ndarray] | None:
     if n == 0 or any(len(a) != n for a in arrays.values()):
         raise ModelBundleError(f"Model bundle {bundle.path}: conformance set {path.name} is inconsistent.")
     return arrays
+
+
+#: A map's contrast is never taken as less than one logit: a nearly flat map says "nowhere in
+#: particular", and stretching its float rounding to full scale would draw (and compare) noise.
+HEAT_RANGE_FLOOR = 1.0
+
+
+def positive_map(cam: np.ndarray, positive: int) -> np.ndarray:
+    """One image's ``(K, h, w)`` class-activation map -> the positive class's evidence ``(h, w)``.
+
+    The positive class's logit map minus the mean of the others': with a
+    softmax only differences of logits matter, and for two classes its mean
+    over the grid is the logit margin that decides the probability.
+    """
+    maps = np.asarray(cam, dtype=np.float64)
+    others = np.delete(maps, positive, axis=0)
+    evidence: np.ndarray = maps[positive] - others.mean(axis=0) if others.shape[0] else maps[positive]
+    return evidence
+
+
+def normalised_heat(cam: np.ndarray, positive: int) -> np.ndarray:
+    """The positive-class evidence scaled to [0, 1] as it is drawn: ``(m - min) / max(range, 1)``.
+
+    Where the model's evidence for the positive class is highest *relative to
+    the rest of this image* (Zhou et al. 2016 scale each map the same way);
+    it does not say whether the finding is present, the probability does.
+    """
+    evidence = positive_map(cam, positive)
+    low = float(evidence.min())
+    scale = max(float(evidence.max()) - low, HEAT_RANGE_FLOOR)
+    heat: np.ndarray = ((evidence - low) / scale).astype(np.float32)
+    return heat
+
+
+def heat_difference(cam: np.ndarray, reference: np.ndarray, positive: int) -> float:
+    """Largest difference between two maps as drawn (:func:`normalised_heat`), 0..1.
+
+    Raw logits are not compared: an INT8 model shifts all of an image's logits
+    together (median per-image correlation with FP32 0.998 for 0.3.0) and a
+    shift does not change the picture; 0.05 means 5 % of the colour scale.
+    """
+    return float(np.abs(normalised_heat(cam, positive) - normalised_heat(reference, positive)).max())
 
 
 def _as_unit_grey(image: np.ndarray) -> np.ndarray:
@@ -249,18 +353,32 @@ def check_conformance(
     labels = bundle.labels
     positive = positive_index(labels, bundle.positive_label)
     spec = bundle.preprocessing
+    cam_reference = refs.get("cam_reference")
+    cam_built = refs.get(f"cam_expected_{backend.name}")
+    heat_allowed = section.heatmap_max_abs_diff if cam_reference is not None else None
+    heat_drift_allowed = section.heatmap_max_drift if cam_built is not None else heat_allowed
     batch = np.empty((1, *spec.sample_shape), dtype=np.float32)
     rows = []
     t0 = time.perf_counter()
     for i, image in enumerate(refs["images"]):
         preprocess(_as_unit_grey(image), spec, out=batch[0])
-        raw = backend.infer(batch)
-        p = float(scores_to_probabilities(raw[0], bundle.output_activation)[positive])
+        out = backend.infer_outputs(batch)
+        p = float(scores_to_probabilities(out.scores[0], bundle.output_activation)[positive])
         ref = float(refs["reference"][i])
         expected = float(built[i]) if built is not None else ref
         diff, drift = abs(p - ref), abs(p - expected)
         near = abs(expected - cut) <= margin
         same = (p >= cut) == (expected >= cut)
+        heat_diff = heat_drift = None
+        heat_ok = True
+        if out.heatmap is not None and cam_reference is not None:
+            heat_diff = heat_difference(out.heatmap[0], cam_reference[i], positive)
+            heat_drift = heat_difference(
+                out.heatmap[0], cam_built[i] if cam_built is not None else cam_reference[i], positive
+            )
+            heat_ok = (heat_allowed is None or heat_diff <= heat_allowed) and (
+                heat_drift_allowed is None or heat_drift <= heat_drift_allowed
+            )
         rows.append(
             ConformanceRow(
                 index=i,
@@ -273,9 +391,12 @@ def check_conformance(
                 drift=drift,
                 near_threshold=near,
                 decision_matches=same,
-                ok=diff <= allowed and drift <= drift_allowed and (same or near),
+                ok=diff <= allowed and drift <= drift_allowed and (same or near) and heat_ok,
+                heat_diff=heat_diff,
+                heat_drift=heat_drift,
             )
         )
+    heat_checked = any(row.heat_diff is not None for row in rows)
     artifact = bundle.artifact(backend.name)
     return ConformanceReport(
         model=bundle.name,
@@ -289,6 +410,8 @@ def check_conformance(
         decision_margin=margin,
         rows=tuple(rows),
         seconds=time.perf_counter() - t0,
+        heat_max_diff_allowed=heat_allowed if heat_checked else None,
+        heat_max_drift_allowed=heat_drift_allowed if heat_checked else None,
     )
 
 

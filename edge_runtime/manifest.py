@@ -21,6 +21,7 @@ __all__ = [
     "BUNDLE_FORMAT",
     "Artifact",
     "ConformanceSpec",
+    "HeatmapSpec",
     "InputSpec",
     "IntendedUse",
     "Manifest",
@@ -57,6 +58,9 @@ class Artifact(_Strict):
     #: Written into the model file's own metadata too, so a model and a manifest that do not
     #: belong together are refused (ONNX: ``healthdiag.model_id`` in metadata_props).
     model_id: str | None = Field(None, pattern=_SHA256)
+    #: This file computes the heat-map output named in ``output.heatmap`` (bundles before 0.3.0
+    #: and converters that could not carry it: False, and results have no heat-map).
+    heatmap: bool = False
 
 
 class InputSpec(_Strict):
@@ -66,10 +70,24 @@ class InputSpec(_Strict):
     layout: Literal["NCHW", "NHWC"] = "NCHW"
 
 
+class HeatmapSpec(_Strict):
+    """A second model output that says where the model looked, computed in the same run.
+
+    ``class-activation``: ``[batch, classes, h, w]`` per-class logit maps of the
+    last convolutional features weighted by the classifier (their spatial mean
+    is the logits), on the model's own coarse grid; the edge upsamples them.
+    """
+
+    name: str = Field(min_length=1)
+    kind: Literal["class-activation"] = "class-activation"
+
+
 class OutputSpec(_Strict):
     name: str | None = None
     #: What turns the model's output into probabilities (``none``: it outputs them).
     activation: Literal["softmax", "sigmoid", "none"] = "none"
+    #: The heat-map output, if the model files have one (see ``Artifact.heatmap``).
+    heatmap: HeatmapSpec | None = None
 
 
 class OperatingPoint(_Described):
@@ -95,6 +113,11 @@ class ConformanceSpec(_Described):
     #: Allowed |p - p_build| for the same backend (None: max_abs_diff applies).
     max_drift: float | None = Field(None, ge=0.0, le=1.0)
     images: int | None = None
+    #: Heat-map checks (where the set holds reference maps, ``cam_*``): largest difference of
+    #: the normalised positive-class map (see :func:`edge_runtime.conformance.heat_difference`)
+    #: from the same backend on the build machine, and from the FP32 model.
+    heatmap_max_drift: float | None = Field(None, ge=0.0, le=1.0)
+    heatmap_max_abs_diff: float | None = Field(None, ge=0.0, le=1.0)
 
 
 class Manifest(_Strict):
@@ -144,6 +167,8 @@ class Manifest(_Strict):
                     raise ValueError(f"model file {artifact.file!r} has no sha256 in 'files'")
             if self.conformance is not None and self.conformance.file not in self.files:
                 raise ValueError("'conformance' must name a reference-set file listed in 'files'")
+        if self.output.heatmap is None and any(a.heatmap for a in self.artifacts):
+            raise ValueError("an artifact says it has a heat-map, but 'output.heatmap' names none")
         sample = list(self.preprocessing_spec.sample_shape)
         if len(self.input.shape) == 4 and list(self.input.shape[1:]) != sample:
             raise ValueError(
@@ -159,6 +184,15 @@ class Manifest(_Strict):
     @property
     def threshold(self) -> float:
         return self.operating_point.threshold
+
+    def heatmap_output(self, backend: str) -> str | None:
+        """The heat-map output's name in ``backend``'s model file, or None when it has none."""
+        if self.output.heatmap is None:
+            return None
+        for artifact in self.artifacts:
+            if artifact.backend == backend:
+                return self.output.heatmap.name if artifact.heatmap else None
+        return None
 
     def to_json_dict(self) -> dict[str, Any]:
         """As written to ``manifest.json`` (documentation keys kept, unset optional keys left out)."""

@@ -27,6 +27,7 @@ from .intake import IntakePolicy
 from .logs import event
 from .preprocess import preprocess
 from .privacy import load_or_create_key, scan_ref
+from .reports.heatmap import positive_heat
 from .results import build_result, pixels_digest, scores_to_probabilities
 from .sandbox import DecodeSandbox
 from .sources.files import display_name
@@ -45,9 +46,10 @@ def file_sha256(path: Path) -> str:
 class ScanOutcome:
     result: dict[str, Any]
     timings_ms: dict[str, float]
-    #: The positive class' activation map on the model's grid, [0, 1]; None without a CAM output.
+    #: :func:`~edge_runtime.reports.heatmap.positive_heat` of the model's class-activation map,
+    #: ``(h, w)`` float32 in [0, 1] on the model's grid; None when the model has no heat-map output.
     heatmap: np.ndarray | None = None
-    #: The decoded 2-D image (the heat-map is drawn over it); None when there is no heat-map.
+    #: The decoded 2-D pixels ([0, 1]) the overlay is drawn on; None exactly when ``heatmap`` is.
     image: np.ndarray | None = None
 
 
@@ -256,9 +258,14 @@ class ScanAnalyzer:
         timings["preprocess"] = (time.perf_counter() - t_pre) * 1000
 
         t_inf = time.perf_counter()
-        raw = self.backend.infer(buf)
+        outputs = self.backend.infer_outputs(buf)  # one engine run: scores and, if any, the heat-map
         timings["infer"] = (time.perf_counter() - t_inf) * 1000
-        probs = scores_to_probabilities(raw[0], self.bundle.output_activation)
+        probs = scores_to_probabilities(outputs.scores[0], self.bundle.output_activation)
+        heat = (
+            None
+            if outputs.heatmap is None
+            else positive_heat(outputs.heatmap[0], self.bundle.labels, self.bundle.positive_label)
+        )
         timings["total"] = timings.get("queue", 0.0) + (time.perf_counter() - t0) * 1000
         result = build_result(
             file_name=display_name(path.name)
@@ -293,7 +300,12 @@ class ScanAnalyzer:
             preprocess_ms=round(timings["preprocess"], 2),
             duration_ms=round(timings["infer"], 2),
         )
-        return ScanOutcome(result=result, timings_ms=timings)
+        return ScanOutcome(
+            result=result,
+            timings_ms=timings,
+            heatmap=heat,
+            image=decoded.pixels if heat is not None else None,
+        )
 
     def status_model(self) -> dict[str, Any]:
         """The model as status messages and the health file name it, with its conformance check.

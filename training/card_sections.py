@@ -54,7 +54,31 @@ Measured where this bundle was built ({cpu["model"]}, INT8 features: {", ".join(
 |---|---|---|---|
 {rows}
 
+{_heat_text(section)}
 Reference images: {section["source"]}
+"""
+
+
+def _heat_text(section: dict[str, Any]) -> str:
+    """The heat-map part of the conformance text (empty when the set has no reference maps)."""
+    heat = section.get("build", {}).get("heatmaps")
+    if not heat:
+        return ""
+    rows = "\n".join(
+        f"| `{name}` | {h['max']:.4f} | {h['mean']:.4f} | `{h['worst_image']}` |" for name, h in heat.items()
+    )
+    grid = "x".join(str(n) for n in section["build"].get("heatmap_grid", []))
+    return f"""
+The heat-map (class-activation map, output `cam`: the classifier's weights applied at each cell of
+the last convolutional features, a {grid} grid here, computed in the same run as the probability;
+the device upsamples it onto the image) of every reference image is checked from the same
+run: its positive-class map as drawn (scaled to [0, 1]) may move at most
+**{section["heatmap_max_drift"]}** from the build machine's and differ from FP32 by at most
+**{section["heatmap_max_abs_diff"]}**. Measured here (max |difference| from the FP32 map as drawn):
+
+| backend | max | mean | worst image |
+|---|---|---|---|
+{rows}
 """
 
 
@@ -131,14 +155,22 @@ def files_section(manifest: dict[str, Any], tflite: dict[str, Any] | None) -> st
     how = f"{recipe.summary}; " if recipe else ""
     rows = [
         f"| `{INT8_NAME}` | `onnxruntime` (default) | `{label}`: static, QDQ, per-channel; {how}"
-        "calibrated on training images; classifier + softmax kept FP32 |"
+        "calibrated on training images; classifier + softmax kept FP32"
+        + (
+            "; heat-map output `cam` (its 1x1 convolution kept FP32)"
+            if manifest["artifacts"][0].get("heatmap")
+            else ""
+        )
+        + " |"
     ]
     text = ""
     if tflite is not None:
         rows.append(
             f"| `{TFLITE_NAME}` | `litert` | ai-edge-quantizer `{tflite['quantization']}` (INT8 weights and "
             f"activations, calibrated on {tflite['calibration_images']} training images); classifier + "
-            "softmax kept float |"
+            "softmax kept float"
+            + ("" if manifest["artifacts"][-1].get("heatmap") else "; **no heat-map output**")
+            + " |"
         )
         agree = tflite["int8_vs_torch"]
         same = _pct(agree["decision_agreement"])

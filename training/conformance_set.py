@@ -22,6 +22,12 @@ is ``2 x`` the largest ``|p_backend - p_fp32|`` any shipped backend shows
 here, plus 0.01, at least 0.02. A build whose own backends differ from FP32
 by more than ``MAX_BUILD_DIFF`` is refused: such a model is not fit to
 ship.
+
+Where the export has a heat-map output (``cam``), the set also holds the FP32
+model's maps of the same images (``cam_reference``) and each shipped
+backend's maps on the build machine (``cam_expected_<backend>``, only for
+backends whose file computes one), and the manifest gets heat-map
+tolerances (see :func:`heat_tolerances`).
 """
 
 from __future__ import annotations
@@ -32,24 +38,29 @@ from typing import Any
 
 import numpy as np
 
+from edge_runtime.backends.onnx import OnnxRuntimeBackend
 from edge_runtime.bundle import ModelBundle
-from edge_runtime.conformance import verify_backend
+from edge_runtime.conformance import heat_difference, verify_backend
 from edge_runtime.cpu import cpu_summary
 from edge_runtime.preprocess import PreprocessSpec, preprocess
 
 from .data import CXRDataset
 from .datasets import read_split
-from .export import _stack, load_split
+from .export import _stack, heatmap_output, load_split
 from .run_files import FP32_NAME
-from .scoring import file_scorer, run_head
+from .scoring import INPUT_NAME, file_scorer, run_head
 
 __all__ = [
     "CONFORMANCE_NAME",
+    "HEAT_MAX_DRIFT",
     "MAX_BUILD_DIFF",
     "MAX_DRIFT",
     "build_reference_set",
     "conformance_section",
+    "heat_build_diffs",
+    "heat_tolerances",
     "measure_backends",
+    "measure_heatmaps",
     "tolerance_for",
 ]
 
@@ -63,6 +74,11 @@ MAX_BUILD_DIFF = 0.25
 #: AVX2-only CPU); 0.05 leaves room for float rounding in the float head and requantization of
 #: other kernels (ARM, other XNNPACK paths) while catching the 0.5-0.75 moves of saturating kernels.
 MAX_DRIFT = 0.05
+#: Largest normalised heat-map difference (:func:`edge_runtime.conformance.heat_difference`) a box
+#: may show against the same backend on the build machine: 5 % of the reference map's contrast.
+#: The INT8 trunk computes the same integers on every CPU (``u8s8-rr``); the map's float 1x1
+#: convolution differs by rounding only (measured on an emulated AVX2-only CPU: see the card).
+HEAT_MAX_DRIFT = 0.05
 
 
 def _grey_from_tensor(sample: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
@@ -108,17 +124,83 @@ def build_reference_set(
         raise RuntimeError("a stored reference image does not rebuild its input tensor exactly")
     reference = scorer(rebuilt).astype(np.float32)
     scorer.close()
-    return {
+    refs = {
         "images": images,
         "labels": np.asarray([labels[picks[i]] for i in chosen], dtype=np.int8),
         "reference": reference,
         "sources": np.asarray([Path(train_items[picks[i]].path).name for i in chosen], dtype="<U64"),
     }
+    heatmap = heatmap_output(run / FP32_NAME)
+    if heatmap is not None:
+        engine = OnnxRuntimeBackend(threads=2)
+        engine.load_model(
+            run / FP32_NAME,
+            input_name=INPUT_NAME,
+            sample_shape=spec.sample_shape,
+            heatmap_name=heatmap["name"],
+        )
+        maps = [engine.infer_outputs(rebuilt[i : i + 1]).heatmap for i in range(len(rebuilt))]
+        engine.close()
+        refs["cam_reference"] = np.concatenate([m for m in maps if m is not None]).astype(np.float32)
+    return refs
 
 
 def tolerance_for(build_diff: float) -> float:
     """The manifest's ``max_abs_diff`` from the worst backend-vs-FP32 difference on the build machine."""
     return max(0.02, math.ceil((2.0 * build_diff + 0.01) * 100) / 100)
+
+
+def heat_tolerances(heat_diffs: dict[str, float]) -> dict[str, float]:
+    """The manifest's heat-map tolerances from each backend's worst difference from FP32 here."""
+    worst = max(heat_diffs.values(), default=0.0)
+    return {
+        "heatmap_max_drift": HEAT_MAX_DRIFT,
+        "heatmap_max_abs_diff": min(1.0, math.ceil((2.0 * worst + 0.05) * 100) / 100),
+    }
+
+
+def measure_heatmaps(bundle: ModelBundle, refs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Each shipped backend's heat-maps of the reference images, here (backends with one only)."""
+    from edge_runtime.backends import create_backend
+    from edge_runtime.preprocess import preprocess as edge_preprocess
+
+    maps: dict[str, np.ndarray] = {}
+    spec = bundle.preprocessing
+    for name in bundle.backends:
+        if bundle.manifest.heatmap_output(name) is None:
+            continue
+        engine = create_backend(name, threads=2)
+        engine.load(bundle)
+        batch = np.empty((1, *spec.sample_shape), dtype=np.float32)
+        rows = []
+        for image in refs["images"]:
+            edge_preprocess(image.astype(np.float32) / np.float32(255.0), spec, out=batch[0])
+            heat = engine.infer_outputs(batch).heatmap
+            assert heat is not None  # the manifest says this file has one
+            rows.append(heat[0])
+        engine.close()
+        maps[name] = np.stack(rows).astype(np.float32)
+    return maps
+
+
+def heat_build_diffs(
+    maps: dict[str, np.ndarray], refs: dict[str, np.ndarray], positive: int
+) -> dict[str, dict[str, Any]]:
+    """Per backend: max/mean normalised heat-map difference from FP32 on the build machine."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, cams in maps.items():
+        diffs = np.asarray(
+            [
+                heat_difference(cam, ref, positive)
+                for cam, ref in zip(cams, refs["cam_reference"], strict=True)
+            ]
+        )
+        out[name] = {
+            "max": round(float(diffs.max()), 6),
+            "mean": round(float(diffs.mean()), 6),
+            "worst_image": str(refs["sources"][int(diffs.argmax())]),
+        }
+    return out
 
 
 def measure_backends(bundle: ModelBundle) -> dict[str, np.ndarray]:

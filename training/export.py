@@ -55,10 +55,13 @@ from .emulation import AVX2_ONLY_CPU, emulator, predict_emulated
 from .evaluate import compare_predictions, expected_calibration_error, fit_temperature, log_loss
 from .models import (
     CALIBRATION_NAME,
+    CAM_NAME,
+    ClassActivationModel,
     ProbabilityModel,
     apply_temperature,
     predict_logits,
     predict_torch,
+    supports_cam,
 )
 from .run_files import EXPORT_SUMMARY, FP32_NAME, INT8_NAME, SPLIT_NAME, VAL_PREDICTIONS
 from .scoring import INPUT_NAME, OUTPUT_NAME, file_scorer, run_head
@@ -75,6 +78,7 @@ __all__ = [
     "compare_predictions",
     "correct_biases",
     "export_onnx",
+    "heatmap_output",
     "integer_ranges",
     "load_split",
     "ort_session",
@@ -90,21 +94,30 @@ __all__ = [
 _KEEP_FLOAT_OPS = ("Gemm", "Softmax")
 
 
-def export_onnx(model: nn.Module, path: str | Path, spec: PreprocessSpec, opset: int = 17) -> Path:
-    """Export ``model`` (logits) to an FP32 ONNX file that outputs probabilities.
+def export_onnx(
+    model: nn.Module, path: str | Path, spec: PreprocessSpec, opset: int = 17, heatmap: bool = True
+) -> Path:
+    """Export ``model`` (logits) to an FP32 ONNX file that outputs probabilities (and a heat-map).
 
     Args:
         model: Trained classifier returning logits.
         path: Destination ``.onnx``.
         spec: Preprocessing spec; fixes the non-batch input dimensions.
         opset: ONNX opset (17: what the edge's onnxruntime floor supports).
+        heatmap: Add the second output ``cam`` (``[batch, classes, h, w]`` logit maps of the
+            last convolutional features, :class:`~training.models.ClassActivationModel`) when
+            the architecture allows it (one linear layer after global pooling). The first
+            output, ``probabilities``, is the same either way.
 
     Returns:
         ``path``, holding a checked, shape-inferred, constant-folded graph
         with a dynamic batch axis.
     """
     path = Path(path)
-    wrapped = ProbabilityModel(model.to(memory_format=torch.contiguous_format)).eval()
+    model = model.to(memory_format=torch.contiguous_format)
+    with_cam = heatmap and supports_cam(model)
+    wrapped: nn.Module = (ClassActivationModel(model) if with_cam else ProbabilityModel(model)).eval()
+    outputs = [OUTPUT_NAME, CAM_NAME] if with_cam else [OUTPUT_NAME]
     dummy = torch.zeros((2, *spec.sample_shape), dtype=torch.float32)
     raw = path.with_suffix(".raw.onnx")
     with warnings.catch_warnings():
@@ -117,10 +130,10 @@ def export_onnx(model: nn.Module, path: str | Path, spec: PreprocessSpec, opset:
             (dummy,),
             str(raw),
             input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
+            output_names=outputs,
             opset_version=opset,
             dynamo=False,
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            dynamic_axes={INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in outputs}},
             do_constant_folding=True,
         )
     quant_pre_process(str(raw), str(path))
@@ -128,6 +141,16 @@ def export_onnx(model: nn.Module, path: str | Path, spec: PreprocessSpec, opset:
     graph = onnx.load(str(path))
     onnx.checker.check_model(graph, full_check=True)
     return path
+
+
+def heatmap_output(path: str | Path) -> dict[str, Any] | None:
+    """The exported file's heat-map output as the manifest names it (None: it has none)."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    for output in graph.output:
+        if output.name == CAM_NAME:
+            dims = [d.dim_value or d.dim_param for d in output.type.tensor_type.shape.dim]
+            return {"name": CAM_NAME, "kind": "class-activation", "shape": dims}
+    return None
 
 
 class _ArrayReader(CalibrationDataReader):
@@ -291,7 +314,9 @@ def quantize_int8(
     bundles up to 0.1.1 used and differs by CPU.
 
     The classifier (``Gemm``) and the ``Softmax`` stay FP32 (a 1280x2 layer,
-    10 KB). Quantizing them puts the logits and probabilities on an 8-bit
+    10 KB), and so does the heat-map's 1x1 convolution (the classifier's
+    weights applied at every location of the dequantized last features; it
+    is as small). Quantizing the classifier puts the logits and probabilities on an 8-bit
     grid: every confident case then shares one of a handful of output values,
     the ranking between them is lost, and in the first run this cut the
     validation AUC from 0.999 (FP32) to 0.994 and left a threshold of
@@ -307,7 +332,9 @@ def quantize_int8(
         raise ValueError(f"unknown quantization recipe {recipe!r}; known: {', '.join(RECIPES)}")
     chosen = RECIPES[recipe]
     graph = onnx.load(str(fp32_path))
-    keep_float = [node.name for node in graph.graph.node if node.op_type in _KEEP_FLOAT_OPS]
+    keep_float = [
+        node.name for node in graph.graph.node if node.op_type in _KEEP_FLOAT_OPS or CAM_NAME in node.output
+    ]
     quantize_static(
         str(fp32_path),
         str(int8_path),
@@ -484,6 +511,7 @@ def run_fp32_export(
     if calibration is None:
         (run / CALIBRATION_NAME).unlink(missing_ok=True)
     fp32_path = export_onnx(model, run / FP32_NAME, spec)
+    heatmap = heatmap_output(fp32_path)
     head = run_head(read_split(run))
     p_torch = head.positive(predict_torch(model, val_x))
     with file_scorer(fp32_path, spec, head, threads) as scorer:
@@ -496,6 +524,7 @@ def run_fp32_export(
             "checkpoint_cut": ckpt.get("cut"),
             "temperature": calibration["temperature"] if calibration else 1.0,
             "sizes_bytes": {"fp32": fp32_path.stat().st_size},
+            "heatmap": heatmap,
             "val_n": int(y.size),
             "fp32_vs_torch": compare_predictions(p_torch, p_fp32, 0.5),
             "seconds": {"export": time.monotonic() - t_start},

@@ -173,7 +173,18 @@ def _onnx_artifact(export_summary: dict[str, Any]) -> dict[str, Any]:
     recipe = RECIPES.get(str(export_summary.get("quantization_recipe")))
     if recipe is not None and recipe.trusted_int8_dot:
         artifact["requires_int8_dot"] = list(recipe.trusted_int8_dot)
+    if export_summary.get("heatmap"):
+        artifact["heatmap"] = True
     return artifact
+
+
+def _output(export_summary: dict[str, Any], activation: str) -> dict[str, Any]:
+    """The manifest's ``output``: the probabilities, and the heat-map output if the export has one."""
+    output: dict[str, Any] = {"name": OUTPUT_NAME, "activation": activation}
+    heatmap = export_summary.get("heatmap")
+    if heatmap:
+        output["heatmap"] = {"name": heatmap["name"], "kind": heatmap["kind"]}
+    return output
 
 
 def _fp32_auc(evaluation: dict[str, Any]) -> dict[str, float]:
@@ -233,7 +244,7 @@ def build_manifest(
             "dtype": spec.dtype,
             "layout": spec.layout,
         },
-        "output": {"name": OUTPUT_NAME, "activation": head.activation},
+        "output": _output(export_summary, head.activation),
         "preprocessing": spec.to_dict(),
         "operating_point": {
             "threshold": evaluation["threshold"],

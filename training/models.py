@@ -34,7 +34,9 @@ from .run_files import CALIBRATION_NAME
 
 __all__ = [
     "CALIBRATION_NAME",
+    "CAM_NAME",
     "BlockStages",
+    "ClassActivationModel",
     "EfficientNetStages",
     "ModelEntry",
     "ProbabilityModel",
@@ -49,6 +51,7 @@ __all__ = [
     "read_temperature",
     "register_model",
     "staged_view",
+    "supports_cam",
 ]
 
 
@@ -434,6 +437,97 @@ class ProbabilityModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.model(x), dim=1)
+
+
+#: The exported graph's second output: per-class logit maps of the last convolutional features.
+CAM_NAME = "cam"
+
+
+def _feature_split(
+    model: nn.Module,
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor], nn.Linear] | None:
+    """``(features, head, classifier)`` with ``model(x) == head(features(x))``, or None.
+
+    ``features`` is the last convolutional feature map, the tensor the network
+    global-average-pools; ``head`` pools it and applies the classifier with
+    the very operators the network's own ``forward`` uses (so the exported
+    probabilities do not change by a bit). None where the classifier after
+    pooling is not one linear layer (VGG's and MobileNetV3's MLPs): there a
+    class-activation map is not a decomposition of the logits.
+    """
+    if hasattr(model, "extract_features") and hasattr(model, "_fc"):  # EfficientNet-Lite
+
+        def head(f: torch.Tensor) -> torch.Tensor:
+            pooled = model._avg_pooling(f).view(f.size(0), -1)
+            return model._fc(model._dropout(pooled))
+
+        return model.extract_features, head, model._fc
+    if not isinstance(model, StagedNet):
+        return None
+    linear = model.final_linear()
+    name = type(model).__name__
+    last_conv: Callable[[torch.Tensor], torch.Tensor]
+    if name == "ResNet":
+        last_conv = nn.Identity()
+    elif name == "DenseNet":
+
+        def last_conv(h: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.relu(model.features.norm5(h))
+
+    elif name == "MobileNetV2":
+        last_conv = model.features[-1]
+    else:
+        return None
+
+    def features(x: torch.Tensor) -> torch.Tensor:
+        h = model.stem(x)
+        for block in model.blocks():
+            h = block(h)
+        return last_conv(h)
+
+    def pooled_head(f: torch.Tensor) -> torch.Tensor:
+        pooled = torch.flatten(torch.nn.functional.adaptive_avg_pool2d(f, 1), 1)
+        return model.classify(pooled)
+
+    return features, pooled_head, linear
+
+
+def supports_cam(model: nn.Module) -> bool:
+    """Whether :class:`ClassActivationModel` can wrap ``model`` (one linear layer after pooling)."""
+    return _feature_split(model) is not None
+
+
+class ClassActivationModel(nn.Module):
+    """The export wrapper with a heat-map: ``x -> (probabilities, cam)``, one trunk pass.
+
+    ``cam[n, k] = W[k] . F[n, :, i, j] + b[k]`` for the last convolutional
+    features ``F`` (before global pooling) and the final linear layer
+    ``(W, b)`` (Zhou et al., CVPR 2016, "class activation mapping"), as a
+    1x1 convolution inside the graph: the device gets the map from the same
+    inference run, with no gradients. Since pooling is a mean and the head is
+    linear, ``mean_ij cam[n, k] == logits[n, k]``, the logits the softmax reads
+    (with the temperature folded into ``(W, b)``, they are the calibrated
+    logits, i.e. raw logits / T). Probabilities come from the network's own
+    pooling and classifier on the same ``F``, unchanged.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        split = _feature_split(model)
+        if split is None:
+            raise ValueError(
+                f"{type(model).__name__} has no single linear classifier after global pooling: "
+                "a class-activation map does not decompose its logits"
+            )
+        self.model = model
+        self._features, self._head, self._linear = split
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self._features(x)
+        probabilities = torch.softmax(self._head(f), dim=1)
+        weight = self._linear.weight[:, :, None, None]
+        cam = torch.nn.functional.conv2d(f, weight, self._linear.bias)
+        return probabilities, cam
 
 
 def apply_temperature(model: nn.Module, temperature: float) -> nn.Module:

@@ -25,10 +25,20 @@ from typing import Any
 import numpy as np
 
 from edge_runtime.bundle import MANIFEST_NAME, BundleTrust, load_bundle, write_manifest
+from edge_runtime.conformance import verify_backend
+from edge_runtime.results import positive_index
 from edge_runtime.signing import SIGNATURE_NAME, load_private_key, sign_manifest
 
 from .card_sections import TARGETS, conformance_text, files_section, targets_section
-from .conformance_set import CONFORMANCE_NAME, build_reference_set, conformance_section, measure_backends
+from .conformance_set import (
+    CONFORMANCE_NAME,
+    build_reference_set,
+    conformance_section,
+    heat_build_diffs,
+    heat_tolerances,
+    measure_backends,
+    measure_heatmaps,
+)
 from .datasets import SPLIT_FILE, read_split, run_spec
 from .manifest import DataCard, build_manifest, calibration_section, data_card
 from .model_card import MODEL_CARD_NAME, render_model_card
@@ -129,9 +139,14 @@ def package_bundle(
     write_manifest(bundle, manifest)
     if private_key is not None:
         sign_manifest(bundle, private_key)
-    outputs = measure_backends(load_bundle(bundle, trust=trust))
+    provisional = load_bundle(bundle, trust=trust)
+    outputs = measure_backends(provisional)
+    maps = measure_heatmaps(provisional, refs) if "cam_reference" in refs else {}
     np.savez_compressed(
-        bundle / CONFORMANCE_NAME, **refs, **{f"expected_{name}": p for name, p in outputs.items()}
+        bundle / CONFORMANCE_NAME,
+        **refs,
+        **{f"expected_{name}": p for name, p in outputs.items()},
+        **{f"cam_expected_{name}": m for name, m in maps.items()},
     )
     card_data = data_card(split)
     credit = (
@@ -141,6 +156,18 @@ def package_bundle(
         f"{card_data.citation}"
     )
     manifest["conformance"] = conformance_section(refs, outputs, credit)
+    if maps:
+        positive = positive_index(manifest["labels"], manifest["positive_label"])
+        heat = heat_build_diffs(maps, refs, positive)
+        manifest["conformance"].update(heat_tolerances({k: v["max"] for k, v in heat.items()}))
+        manifest["conformance"]["build"]["heatmaps"] = heat
+        manifest["conformance"]["build"]["heatmap_grid"] = list(refs["cam_reference"].shape[2:])
+        manifest["conformance"]["heatmap_rule"] = (
+            "positive-class map (its logit map minus the others' mean) scaled to [0, 1] as drawn "
+            "(minus its minimum, divided by its range, at least 1 logit): max |difference| from "
+            "the build machine's map of the same backend <= heatmap_max_drift; from the FP32 map "
+            "<= 2 x the largest such difference of any shipped backend here + 0.05"
+        )
     card = render_model_card(
         manifest, evaluation, split=split, config=train_summary["config"], bundle_dir=bundle_dir
     )
@@ -154,6 +181,10 @@ def package_bundle(
     if private_key is not None:
         sign_manifest(bundle, private_key)
     loaded = load_bundle(bundle, trust=trust)
+    for name in loaded.backends:  # the finished bundle passes its own check here, as on a box
+        report = verify_backend(loaded, name)
+        if report is not None and not report.passed:
+            raise RuntimeError(f"the packaged bundle fails its own conformance check: {report.explain()}")
     if loaded.signature.verified:
         signed = f"signed by key {loaded.signature.signer}"
     else:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from ..errors import BackendError
 from ..plugins import load_plugin
-from .base import Backend
+from .base import Backend, BackendOutput
 
-__all__ = ["Backend", "available_backends", "create_backend", "register_backend"]
+__all__ = ["Backend", "BackendOutput", "available_backends", "create_backend", "register_backend"]
 
 _REGISTRY: dict[str, str] = {
     "onnxruntime": "edge_runtime.backends.onnx:OnnxRuntimeBackend",

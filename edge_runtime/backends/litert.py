@@ -3,7 +3,9 @@
 Imports ``ai_edge_litert`` and falls back to ``tflite_runtime`` (older
 boxes). Integer-quantized inputs and outputs are (de)quantized here with the
 model's own scale and zero point, and an NCHW batch is transposed when the
-model wants NHWC, so bundles can share one preprocessing spec.
+model wants NHWC, so bundles can share one preprocessing spec. A heat-map
+output (converters name outputs by position, so it is the one rank-4 output)
+comes back in the spec's NCHW order, ``[N, K, h, w]``, like ONNX Runtime's.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 
 from ..bundle import ModelBundle
 from ..errors import BackendError, ModelBundleError
+from .base import BackendOutput
 
 __all__ = ["LiteRtBackend", "load_interpreter_class"]
 
@@ -43,6 +46,8 @@ class LiteRtBackend:
         self._interpreter: Any = None
         self._input: dict[str, Any] = {}
         self._output: dict[str, Any] = {}
+        self._heatmap: dict[str, Any] | None = None
+        self._wants_heatmap = False
         self._transpose = False
         self._batch = 0
         self._dynamic_batch = False
@@ -76,28 +81,61 @@ class LiteRtBackend:
             )
         self._interpreter = interpreter
         self._input = inputs[0]
-        self._output = interpreter.get_output_details()[0]
+        self._wants_heatmap = bundle.manifest.heatmap_output(self.name) is not None
+        self._pick_outputs(str(artifact.path))
         self._batch = shape[0]
         signature = inputs[0].get("shape_signature", inputs[0]["shape"])
         self._dynamic_batch = int(signature[0]) == -1
 
+    def _pick_outputs(self, source: str) -> None:
+        """The scores output (rank 2) and, where the manifest names a heat-map, the rank-4 one."""
+        details = self._interpreter.get_output_details()
+        scores = [d for d in details if len(d["shape"]) == 2]
+        maps = [d for d in details if len(d["shape"]) == 4]
+        self._output = scores[0] if scores else details[0]
+        self._heatmap = None
+        if self._wants_heatmap:
+            if len(maps) != 1:
+                raise ModelBundleError(
+                    f"{source} has {len(maps)} rank-4 outputs; its manifest says it computes a "
+                    "heat-map, which is exactly one [batch, h, w, classes] or [batch, classes, h, w] output.",
+                    action="Repackage the bundle so the manifest describes this model.",
+                )
+            self._heatmap = maps[0]
+
     def infer(self, batch: np.ndarray) -> np.ndarray:
+        return self.infer_outputs(batch).scores
+
+    def infer_outputs(self, batch: np.ndarray) -> BackendOutput:
+        """One interpreter run per sample (or per batch): the scores and the heat-map if any."""
         if self._interpreter is None:
             raise BackendError("infer() called before load().")
         if self._transpose:
             batch = np.ascontiguousarray(batch.transpose(0, 2, 3, 1))
         with self._lock:  # a LiteRT interpreter is not re-entrant
             if self._dynamic_batch:
-                return self._run(batch)
-            # Fixed-batch models (most converted ones) run one sample at a time.
-            return np.concatenate([self._run(batch[i : i + 1]) for i in range(batch.shape[0])])
+                runs = [self._run(batch)]
+            else:
+                # Fixed-batch models (most converted ones) run one sample at a time.
+                runs = [self._run(batch[i : i + 1]) for i in range(batch.shape[0])]
+        scores = np.concatenate([r[0] for r in runs])
+        if self._heatmap is None:
+            return BackendOutput(scores)
+        return BackendOutput(scores, np.concatenate([r[1] for r in runs if r[1] is not None]))
 
-    def _run(self, batch: np.ndarray) -> np.ndarray:
+    def _read(self, detail: dict[str, Any]) -> np.ndarray:
+        out = self._interpreter.get_tensor(detail["index"]).copy()
+        if np.issubdtype(out.dtype, np.integer):
+            scale, zero = detail["quantization"]
+            out = (out.astype(np.float32) - zero) * scale
+        return np.asarray(out, dtype=np.float32)
+
+    def _run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         if batch.shape[0] != self._batch:
             self._interpreter.resize_tensor_input(self._input["index"], list(batch.shape))
             self._interpreter.allocate_tensors()
             self._input = self._interpreter.get_input_details()[0]
-            self._output = self._interpreter.get_output_details()[0]
+            self._pick_outputs("the LiteRT model")
             self._batch = batch.shape[0]
         dtype = self._input["dtype"]
         if np.issubdtype(dtype, np.integer):
@@ -107,14 +145,14 @@ class LiteRtBackend:
         try:
             self._interpreter.set_tensor(self._input["index"], batch)
             self._interpreter.invoke()
-            out = self._interpreter.get_tensor(self._output["index"]).copy()
+            out = self._read(self._output)
+            heat = self._read(self._heatmap) if self._heatmap is not None else None
         except Exception as exc:
             raise BackendError(f"LiteRT inference failed: {exc}") from exc
-        if np.issubdtype(out.dtype, np.integer):
-            scale, zero = self._output["quantization"]
-            out = (out.astype(np.float32) - zero) * scale
-        rows: np.ndarray = out.reshape(out.shape[0], -1).astype(np.float32)
-        return rows
+        rows: np.ndarray = out.reshape(out.shape[0], -1)
+        if heat is not None and self._transpose:
+            heat = np.ascontiguousarray(heat.transpose(0, 3, 1, 2))  # NHWC model: back to N, K, h, w
+        return rows, heat
 
     def close(self) -> None:
         self._interpreter = None

@@ -11,6 +11,7 @@ import numpy as np
 from ..bundle import ModelBundle
 from ..errors import BackendError, ModelBundleError
 from ..manifest import ONNX_MODEL_ID_KEY
+from .base import BackendOutput
 
 __all__ = ["OnnxRuntimeBackend"]
 
@@ -24,6 +25,8 @@ class OnnxRuntimeBackend:
         self.threads = threads
         self._session = None
         self._input_name = ""
+        self._outputs: list[str] = []
+        self._heatmap_name: str | None = None
         self._lock = threading.Lock()
 
     def load(self, bundle: ModelBundle) -> None:
@@ -34,6 +37,8 @@ class OnnxRuntimeBackend:
             sample_shape=bundle.preprocessing.sample_shape,
             output_name=bundle.manifest.output.name,
             model_id=artifact.model_id,
+            heatmap_name=bundle.manifest.heatmap_output(self.name),
+            classes=len(bundle.labels),
         )
 
     def load_model(
@@ -44,6 +49,8 @@ class OnnxRuntimeBackend:
         sample_shape: Sequence[int] | None = None,
         output_name: str | None = None,
         model_id: str | None = None,
+        heatmap_name: str | None = None,
+        classes: int | None = None,
     ) -> None:
         """Load a model file that has no bundle yet, with the checks :meth:`load` makes.
 
@@ -58,6 +65,9 @@ class OnnxRuntimeBackend:
                 checked when given.
             output_name: The first output's name, checked when given.
             model_id: The id the file's metadata must carry (the manifest's), checked when given.
+            heatmap_name: The heat-map output the manifest names for this file (``[batch,
+                classes, h, w]``), checked and returned by :meth:`infer_outputs`; None: not used.
+            classes: The manifest's class count, checked against the heat-map's second axis.
         """
         try:
             import onnxruntime as ort
@@ -115,19 +125,45 @@ class OnnxRuntimeBackend:
                     "from another bundle was copied in.",
                     action="Redeploy the model component so model and manifest come from the same build.",
                 )
+        heatmap: str | None = None
+        if heatmap_name is not None:
+            shapes = {o.name: list(o.shape) for o in session.get_outputs()}
+            shape = shapes.get(heatmap_name)
+            if shape is None:
+                raise ModelBundleError(
+                    f"{model_path} has no output {heatmap_name!r}, the heat-map its manifest names "
+                    f"(outputs: {', '.join(outputs)}).",
+                    action="Repackage the bundle so the manifest describes this model.",
+                )
+            if len(shape) != 4 or (classes is not None and shape[1] != classes):
+                raise ModelBundleError(
+                    f"{model_path} output {heatmap_name!r} has shape {shape}; a heat-map is "
+                    f"[batch, {classes if classes is not None else 'classes'}, h, w].",
+                    action="Repackage the bundle so the manifest describes this model.",
+                )
+            heatmap = heatmap_name
         self._session = session
         self._input_name = declared.name
+        self._outputs = [outputs[0], heatmap] if heatmap else [outputs[0]]
+        self._heatmap_name = heatmap
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
+        return self.infer_outputs(batch).scores
+
+    def infer_outputs(self, batch: np.ndarray) -> BackendOutput:
+        """One session run: the first output and, if the manifest names one, the heat-map."""
         if self._session is None:
             raise BackendError("infer() called before load().")
         if batch.dtype != np.float32:
             raise BackendError(f"Backend input must be float32, got {batch.dtype}.")
         try:
-            outputs = self._session.run(None, {self._input_name: batch})
+            outputs = self._session.run(self._outputs, {self._input_name: batch})
         except Exception as exc:
             raise BackendError(f"ONNX Runtime inference failed: {exc}") from exc
-        return np.asarray(outputs[0], dtype=np.float32)
+        scores = np.asarray(outputs[0], dtype=np.float32)
+        if self._heatmap_name is None:
+            return BackendOutput(scores)
+        return BackendOutput(scores, np.asarray(outputs[1], dtype=np.float32))
 
     def close(self) -> None:
         self._session = None

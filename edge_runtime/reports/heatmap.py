@@ -1,0 +1,206 @@
+"""The heat-map a reader can see: the model's class-activation map on the image, as PNG and DICOM.
+
+The model computes the map itself, in the same run as the probability (the
+bundle's ``output.heatmap``, see :mod:`edge_runtime.backends.base`): the
+classifier's weights applied at each cell of the last convolutional
+features, a coarse grid (3x3 for the 96 px bundled model). Here it is turned
+into pixels a radiologist can look at:
+
+* :func:`positive_heat` -- the positive class's evidence, scaled to [0, 1] as
+  drawn (:func:`edge_runtime.conformance.normalised_heat`, the same scaling the
+  conformance check compares, so what is checked is what is shown);
+* :func:`overlay` -- upsampled onto the image (which the model saw whole,
+  stretched to its input, so the grid covers the whole image) and blended in
+  a colour map, with "NOT FOR DIAGNOSTIC USE" burned in;
+* :func:`png_bytes` -- a PNG for the result's link;
+* :func:`secondary_capture` -- a DICOM Secondary Capture (highdicom) in the
+  source's patient and study, with UIDs derived from the result's
+  ``message_id`` (:func:`~edge_runtime.reports.uids.derived_uid`), so a
+  redelivered result produces the same object and a PACS keeps it once.
+
+Nothing here writes files (``reports.writer`` does) and nothing here
+imports torch. The map says where the evidence for the positive class is
+strongest *relative to the rest of this image*; it does not say that the
+finding is present (the probability does) and it is not a segmentation.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import cv2
+import numpy as np
+
+from ..conformance import normalised_heat
+from ..results import positive_index
+from .uids import derived_uid
+
+if TYPE_CHECKING:
+    import pydicom
+
+__all__ = ["CAUTION", "overlay", "png_bytes", "positive_heat", "secondary_capture"]
+
+#: Burned into every overlay (and so the Secondary Capture says BurnedInAnnotation YES).
+CAUTION = "NOT FOR DIAGNOSTIC USE"
+#: Largest blend weight of the colour map: the hottest cell still shows the anatomy under it.
+_MAX_ALPHA = 0.5
+
+
+def positive_heat(cam: np.ndarray, labels: list[str], positive_label: str) -> np.ndarray:
+    """One scan's ``(K, h, w)`` class-activation map -> ``(h, w)`` float32 in [0, 1].
+
+    The positive class's logit map minus the others' mean, minus its minimum,
+    divided by its range (never less than one logit, so a flat map stays dark
+    instead of stretching rounding noise to full colour).
+    """
+    maps = np.asarray(cam)
+    if maps.ndim != 3 or maps.shape[0] != len(labels):
+        raise ValueError(f"a class-activation map is (classes={len(labels)}, h, w), got {maps.shape}")
+    return normalised_heat(maps, positive_index(labels, positive_label))
+
+
+def _fit(image: np.ndarray, max_side: int) -> np.ndarray:
+    """The image as float32 [0, 1], shrunk (area filter) so its longer side is at most ``max_side``."""
+    grey = np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0)
+    if grey.ndim != 2:
+        raise ValueError(f"overlay needs a 2-D grey image, got shape {grey.shape}")
+    rows, cols = grey.shape
+    scale = min(1.0, max_side / max(rows, cols))
+    if scale < 1.0:
+        size = (max(1, round(cols * scale)), max(1, round(rows * scale)))
+        grey = np.asarray(cv2.resize(grey, size, interpolation=cv2.INTER_AREA), dtype=np.float32)
+    return grey
+
+
+def overlay(image: np.ndarray, heat: np.ndarray, max_side: int = 1024) -> np.ndarray:
+    """The heat-map over the image: ``(rows, cols, 3)`` RGB uint8, longer side <= ``max_side``.
+
+    ``image`` is the decoded scan (2-D float, [0, 1], 1 = bright); ``heat`` the
+    :func:`positive_heat` grid. The grid is upsampled with bicubic
+    interpolation over the whole image (the model saw it stretched to its
+    square input), coloured with the JET map and blended with a weight
+    proportional to the heat, so cold regions show the plain radiograph.
+    """
+    grey = _fit(image, max_side)
+    rows, cols = grey.shape
+    grid = np.clip(np.asarray(heat, dtype=np.float32), 0.0, 1.0)
+    if grid.ndim != 2:
+        raise ValueError(f"heat must be a 2-D grid, got shape {grid.shape}")
+    up = np.clip(cv2.resize(grid, (cols, rows), interpolation=cv2.INTER_CUBIC), 0.0, 1.0)
+    colour = cv2.applyColorMap(np.rint(up * 255.0).astype(np.uint8), cv2.COLORMAP_JET)
+    colour = cv2.cvtColor(colour, cv2.COLOR_BGR2RGB).astype(np.float32)
+    base = np.repeat((grey * 255.0)[..., None], 3, axis=2)
+    alpha = (_MAX_ALPHA * up)[..., None]
+    rgb: np.ndarray = np.rint(base * (1.0 - alpha) + colour * alpha).clip(0, 255).astype(np.uint8)
+    _caption(rgb)
+    return rgb
+
+
+def _caption(rgb: np.ndarray) -> None:
+    """Burn the caution into the top-left corner, white on a dark band, scaled to the image."""
+    rows, cols = rgb.shape[:2]
+    scale = max(0.3, min(cols, rows) / 700.0)
+    thickness = max(1, round(scale * 1.5))
+    (width, height), base = cv2.getTextSize(CAUTION, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
+    pad = max(2, height // 3)
+    cv2.rectangle(rgb, (0, 0), (min(cols - 1, width + 2 * pad), height + base + 2 * pad), (0, 0, 0), -1)
+    cv2.putText(
+        rgb,
+        CAUTION,
+        (pad, pad + height),
+        cv2.FONT_HERSHEY_SIMPLEX,
+        scale,
+        (255, 255, 255),
+        thickness,
+        cv2.LINE_AA,
+    )
+
+
+def png_bytes(rgb: np.ndarray) -> bytes:
+    """PNG of an RGB uint8 image (lossless, so the file is the overlay that was computed)."""
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"png_bytes needs (rows, cols, 3) uint8 RGB, got {rgb.shape} {rgb.dtype}")
+    ok, encoded = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise ValueError("OpenCV could not encode the overlay as PNG")
+    return encoded.tobytes()
+
+
+def _orientation(source: pydicom.Dataset) -> tuple[str, str]:
+    """The source's Patient Orientation, else the display convention of a frontal chest film.
+
+    A PA or AP chest radiograph is read with the patient's right on the
+    viewer's left and the head up: rows run to the patient's left (``L``),
+    columns to the feet (``F``). The overlay keeps the source's geometry.
+    """
+    value = source.get("PatientOrientation")
+    if value is not None and len(value) == 2 and all(str(v) for v in value):
+        return str(value[0]), str(value[1])
+    return "L", "F"
+
+
+def _sc_image(hd: Any, source: pydicom.Dataset, rgb: np.ndarray, uid_root: str, message_id: str) -> Any:
+    """highdicom's SC image in the source's patient and study, with the derived UIDs."""
+    return hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=source,
+        pixel_array=np.ascontiguousarray(rgb),
+        photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+        bits_allocated=8,
+        coordinate_system=hd.CoordinateSystemNames.PATIENT,
+        series_instance_uid=derived_uid(uid_root, message_id, "heatmap-series"),
+        series_number=9901,
+        sop_instance_uid=derived_uid(uid_root, message_id, "heatmap-instance"),
+        instance_number=1,
+        manufacturer="HealthDiag",
+        patient_orientation=_orientation(source),
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+    )
+
+
+def secondary_capture(
+    source: pydicom.Dataset,
+    rgb: np.ndarray,
+    *,
+    uid_root: str,
+    message_id: str,
+    model: dict[str, str],
+) -> pydicom.Dataset:
+    """The overlay as a DICOM Secondary Capture in the source's patient and study.
+
+    Patient and study attributes are copied from ``source`` (the scan's
+    header; it stays inside the hospital, like the scan). Series and SOP
+    Instance UIDs derive from ``message_id`` (roles ``heatmap-series`` and
+    ``heatmap-instance``); the model's name, version and sha256 are in the
+    series description, the derivation description and the software
+    versions, and the source image is referenced (Source Image Sequence).
+    """
+    import highdicom as hd
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence as DicomSequence
+
+    name, version = model.get("name", "model"), model.get("version", "")
+    sha = model.get("sha256", "")
+    with warnings.catch_warnings():
+        # highdicom warns about person names with one component; hospitals' headers hold them
+        # (and pseudonymised ones), and they are copied as they are, not composed here.
+        warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
+        sc = _sc_image(hd, source, rgb, uid_root, message_id)
+    sc.SeriesDescription = f"AI heat-map {name} {version} - {CAUTION}"[:64]
+    sc.ManufacturerModelName = name[:64]
+    sc.SoftwareVersions = "\\".join(v[:64] for v in (version, f"sha256:{sha[:56]}") if v)
+    sc.BurnedInAnnotation = "YES"
+    # Type 2C in General Series (paired body parts); a chest is not paired, so usually empty.
+    sc.Laterality = str(source.get("Laterality", "") or "")
+    sc.ImageType = ["DERIVED", "SECONDARY"]
+    sc.DerivationDescription = (
+        f"Class-activation map of model {name} {version} (sha256 {sha}) over the source image. {CAUTION}."
+    )[:1024]
+    sc.ImageComments = f"{CAUTION}. Where the model's evidence for its finding is strongest in this image."
+    if "SOPInstanceUID" in source and "SOPClassUID" in source:
+        reference = Dataset()
+        reference.ReferencedSOPClassUID = source.SOPClassUID
+        reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
+        sc.SourceImageSequence = DicomSequence([reference])
+    dataset: pydicom.Dataset = sc
+    return dataset
