@@ -110,13 +110,13 @@ class ReportWriter:
             header = read_source_header(source) if result["input"]["kind"] == "dicom" else None
             secondary: Dataset | None = None
             if self.config.heatmap and heatmap is not None and image is not None:
-                from . import heatmap as heat
+                from .heatmap import overlay, png_bytes, secondary_capture
 
-                rgb = heat.overlay(image, heatmap)
-                files.append(_File("heatmap.png", heat.png_bytes(rgb)))
+                rgb = overlay(image, heatmap)
+                files.append(_File("heatmap.png", png_bytes(rgb)))
                 links["heatmap_png"] = "heatmap.png"
                 if header is not None:
-                    secondary = heat.secondary_capture(
+                    secondary = secondary_capture(
                         header,
                         rgb,
                         uid_root=self.config.uid_root,
