@@ -24,6 +24,8 @@ RESULT_VALIDATOR = jsonschema.Draft202012Validator(load_schema("result-v1"))
 KERMANY = "cxr/kermany_pneumonia_224/test"
 NORMAL_JPEG = f"{KERMANY}/NORMAL/IM-0001-0001.jpeg"
 PNEUMONIA_JPEG = f"{KERMANY}/PNEUMONIA/person1_virus_6.jpeg"
+#: The same chest CR (PA), as a modality sends it uncompressed.
+CHEST_UNCOMPRESSED = "dicom/derived/siim_cxr_explicit_le.dcm"
 #: A chest CR (PA) the bundled model's intended use admits.
 CHEST_DICOM = "dicom/siim_torchxrayvision/1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
 
@@ -234,7 +236,7 @@ def test_study_sent_by_storescu_reaches_mqtt_pacs_fhir_once_with_heatmap_and_pri
         Reports={"FhirEndpoint": fhir.url},
     )
     studies = {
-        "normal": shared_data / CHEST_DICOM,
+        "normal": shared_data / CHEST_UNCOMPRESSED,
         "pneumonia": chest_dicom_from_jpeg(shared_data / PNEUMONIA_JPEG, tmp_path / "pneumonia.dcm"),
     }
     sources = {name: pydicom.dcmread(path, stop_before_pixels=True) for name, path in studies.items()}
@@ -278,7 +280,7 @@ def test_study_sent_by_storescu_reaches_mqtt_pacs_fhir_once_with_heatmap_and_pri
             heat = pydicom.dcmread(folder / reports["heatmap_dicom"]["file"])
             assert heat.SOPInstanceUID == reports["heatmap_dicom"]["sop_instance_uid"]
             assert heat.StudyInstanceUID == source.StudyInstanceUID
-            assert str(heat.SOPInstanceUID) in dump
+            assert str(heat.SOPInstanceUID) in str(sr)  # the SR references it
         # FHIR on its topic: the bundles that were written, without the patient's identifiers.
         bundles = sub.wait_for_list("fhir", 2)
         written = [
