@@ -19,13 +19,13 @@ import cv2
 import numpy as np
 import pydicom
 import pytest
+from conftest import make_tiny_bundle
 
 from edge_runtime.backends import BackendOutput, create_backend
 from edge_runtime.bundle import BundleTrust, load_bundle
 from edge_runtime.conformance import check_conformance, heat_difference, normalised_heat
 from edge_runtime.pipeline import ScanAnalyzer
 from edge_runtime.reports.heatmap import CAUTION, overlay, png_bytes, positive_heat, secondary_capture
-from tests.conftest import make_tiny_bundle
 
 SIIM_CR = "dicom/siim_torchxrayvision/1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
 
@@ -63,6 +63,9 @@ def test_exported_cam_is_the_torch_cam_and_averages_to_the_logits(tmp_path: Path
     without = export_onnx(model, tmp_path / "plain.onnx", spec, heatmap=False)
     session = ort.InferenceSession(str(with_map), providers=["CPUExecutionProvider"])
     assert [o.name for o in session.get_outputs()] == ["probabilities", "cam"]
+    import onnx
+
+    assert onnx.load(str(with_map)).graph.node[-1].op_type == "Softmax"  # softmax still inside, last
     probabilities, cam = session.run(None, {"input": x.numpy()})
     plain = ort.InferenceSession(str(without), providers=["CPUExecutionProvider"])
     (p_plain,) = plain.run(None, {"input": x.numpy()})
@@ -168,23 +171,82 @@ def test_conformance_covers_the_heatmap_and_fails_when_it_moves(default_bundle: 
         backend.close()
 
 
-def test_litert_artifact_without_a_map_says_so_and_still_scores(default_bundle: Path) -> None:
+def _maps(bundle_dir: Path, backend_name: str, trust: BundleTrust | None = None) -> np.ndarray | None:
+    """The backend's raw heat-maps of the bundle's reference images (None: it has none)."""
+    from edge_runtime.conformance import reference_inputs
+    from edge_runtime.preprocess import preprocess
+
+    bundle = load_bundle(bundle_dir, trust=trust)
+    refs = reference_inputs(bundle)
+    assert refs is not None
+    backend = create_backend(backend_name)
+    backend.load(bundle)
+    try:
+        maps = []
+        for image in refs["images"]:
+            x = preprocess(image.astype(np.float32) / np.float32(255.0), bundle.preprocessing)[None]
+            out = backend.infer_outputs(x)
+            if out.heatmap is None:
+                return None
+            maps.append(out.heatmap[0])
+        return np.stack(maps)
+    finally:
+        backend.close()
+
+
+def test_backend_parity_onnx_vs_litert_on_the_heatmap(default_bundle: Path) -> None:
+    """Both INT8 backends draw the same map within the conformance tolerance, in the same layout."""
     pytest.importorskip("ai_edge_litert", reason="ai-edge-litert is not installed")
     bundle = load_bundle(default_bundle)
-    if "litert" not in bundle.backends:
-        pytest.skip("the bundled model has no LiteRT file")
-    # 0.3.0 ships the LiteRT file of 0.2.0 (no map): the manifest says so per artifact.
-    assert bundle.manifest.heatmap_output("litert") is None
+    if bundle.manifest.heatmap_output("litert") is None:
+        pytest.skip("the bundled LiteRT file has no heat-map")
+    onnx_maps, litert_maps = _maps(default_bundle, "onnxruntime"), _maps(default_bundle, "litert")
+    assert onnx_maps is not None and litert_maps is not None
+    assert onnx_maps.shape == litert_maps.shape == (len(onnx_maps), 2, 3, 3)  # NCHW from both
+    positive = bundle.labels.index(bundle.positive_label)
+    between = [heat_difference(a, b, positive) for a, b in zip(litert_maps, onnx_maps, strict=True)]
+    section = bundle.manifest.conformance
+    assert section is not None and section.heatmap_max_abs_diff is not None
+    # Each is within its FP32 tolerance, so they are within twice of each other; in practice:
+    assert max(between) <= section.heatmap_max_abs_diff
+    assert float(np.median(between)) <= 0.15
+    # Same hottest cell for most images (the maps agree where the evidence is).
+    same_peak = [
+        normalised_heat(a, positive).argmax() == normalised_heat(b, positive).argmax()
+        for a, b in zip(litert_maps, onnx_maps, strict=True)
+    ]
+    assert np.mean(same_peak) >= 0.75
     backend = create_backend("litert")
     backend.load(bundle)
     try:
         report = check_conformance(bundle, backend)
-        assert report is not None and report.passed and not report.heat_checked
-        batch = np.zeros((1, *bundle.preprocessing.sample_shape), dtype=np.float32)
-        out = backend.infer_outputs(batch)
-        assert out.heatmap is None and out.scores.shape == (1, 2)
+        assert report is not None and report.passed and report.heat_checked, (
+            report.explain() if report else ""
+        )
     finally:
         backend.close()
+
+
+def test_artifact_without_a_map_scores_and_returns_none(default_bundle: Path, tmp_path: Path) -> None:
+    """A bundle whose LiteRT file is marked without a map (as a converter that cannot carry it)."""
+    import json
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(default_bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    for artifact in manifest["artifacts"]:
+        artifact["heatmap"] = False
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    (copy / "manifest.sig.json").unlink()
+    unsigned = BundleTrust(require_signature=False)
+    assert load_bundle(copy, trust=unsigned).manifest.heatmap_output("onnxruntime") is None
+    assert _maps(copy, "onnxruntime", unsigned) is None
+    analyzer = ScanAnalyzer.from_bundle_path(copy, "onnxruntime", trust=unsigned)
+    try:
+        assert analyzer.conformance is not None and analyzer.conformance.passed
+        assert not analyzer.conformance.heat_checked  # the set has maps, this file has none
+    finally:
+        analyzer.close()
 
 
 def test_bundle_without_a_heatmap_still_works(tmp_path: Path, shared_data: Path) -> None:
@@ -212,7 +274,8 @@ def test_manifest_refuses_an_artifact_heatmap_without_an_output(default_bundle: 
     del data["output"]["heatmap"]
     with pytest.raises(ModelBundleError, match="heat-map"):
         parse_manifest(data, "manifest.json")
-    data["artifacts"][0].pop("heatmap")
+    for artifact in data["artifacts"]:
+        artifact.pop("heatmap", None)  # a 0.2.0-style manifest: loads, no heat-map
     assert parse_manifest(data, "manifest.json").heatmap_output("onnxruntime") is None
 
 

@@ -465,7 +465,8 @@ def test_operational_failures_are_retried_then_quarantined(
     service, config = running(tiny_bundle)
     sub = subscriber_factory(config.mqtt.results_topic)
     calls = {"n": 0}
-    real_infer = service.analyzer.backend.infer
+    # The pipeline runs the engine once per scan through infer_outputs (scores and heat-map).
+    real_infer = service.analyzer.backend.infer_outputs
 
     def flaky(batch):
         calls["n"] += 1
@@ -473,7 +474,7 @@ def test_operational_failures_are_retried_then_quarantined(
             raise BackendError("simulated engine fault")
         return real_infer(batch)
 
-    service.analyzer.backend.infer = flaky
+    service.analyzer.backend.infer_outputs = flaky
     drop(
         shared_data / "cxr/kermany_pneumonia_224/test/NORMAL/IM-0010-0001.jpeg",
         config.inbox.path,
@@ -485,7 +486,7 @@ def test_operational_failures_are_retried_then_quarantined(
     def broken(batch):
         raise BackendError("engine down")
 
-    service.analyzer.backend.infer = broken
+    service.analyzer.backend.infer_outputs = broken
     drop(
         shared_data / "cxr/kermany_pneumonia_224/test/NORMAL/IM-0011-0001.jpeg",
         config.inbox.path,

@@ -169,7 +169,11 @@ def files_section(manifest: dict[str, Any], tflite: dict[str, Any] | None) -> st
             f"| `{TFLITE_NAME}` | `litert` | ai-edge-quantizer `{tflite['quantization']}` (INT8 weights and "
             f"activations, calibrated on {tflite['calibration_images']} training images); classifier + "
             "softmax kept float"
-            + ("" if manifest["artifacts"][-1].get("heatmap") else "; **no heat-map output**")
+            + (
+                "; heat-map output (its 1x1 convolution kept float)"
+                if manifest["artifacts"][-1].get("heatmap")
+                else "; **no heat-map output**"
+            )
             + " |"
         )
         agree = tflite["int8_vs_torch"]

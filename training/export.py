@@ -139,6 +139,14 @@ def export_onnx(
     quant_pre_process(str(raw), str(path))
     raw.unlink()
     graph = onnx.load(str(path))
+    nodes = list(graph.graph.node)
+    last = next(n for n in nodes if OUTPUT_NAME in n.output)
+    if nodes[-1] is not last:
+        # Keep the graph ending in the softmax, as without the map: nothing consumes the
+        # probabilities, so moving their producer last keeps the order topological.
+        del graph.graph.node[:]
+        graph.graph.node.extend([n for n in nodes if n is not last] + [last])
+        onnx.save(graph, str(path))
     onnx.checker.check_model(graph, full_check=True)
     return path
 

@@ -524,9 +524,10 @@ class ClassActivationModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f = self._features(x)
-        probabilities = torch.softmax(self._head(f), dim=1)
+        # The map first, so the exported graph still ends in the softmax (as without the map).
         weight = self._linear.weight[:, :, None, None]
         cam = torch.nn.functional.conv2d(f, weight, self._linear.bias)
+        probabilities = torch.softmax(self._head(f), dim=1)
         return probabilities, cam
 
 

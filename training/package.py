@@ -124,9 +124,10 @@ def package_bundle(
     tflite = _read(run, TFLITE_EXPORT_SUMMARY) if (run / TFLITE_NAME).is_file() else None
     if tflite is not None:
         shutil.copyfile(run / TFLITE_NAME, bundle / TFLITE_NAME)
-        manifest["artifacts"].append(
-            {"file": TFLITE_NAME, "backend": "litert", "quantization": tflite["quantization"]}
-        )
+        entry = {"file": TFLITE_NAME, "backend": "litert", "quantization": tflite["quantization"]}
+        if tflite.get("heatmap") and manifest["output"].get("heatmap"):
+            entry["heatmap"] = True
+        manifest["artifacts"].append(entry)
     # The reference set, then each backend measured on it here through the edge's own check;
     # their outputs are stored beside the FP32 references so every box can be held to them.
     refs = build_reference_set(run, spec)

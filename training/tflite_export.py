@@ -63,6 +63,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 import sys
 import time
 import warnings
@@ -81,7 +82,15 @@ from edge_runtime.preprocess import PreprocessSpec, preprocess
 from .data import Item
 from .datasets import items_from_split, open_dataset, read_split, run_spec
 from .evaluate import compare_predictions, roc_auc
-from .models import ProbabilityModel, apply_temperature, build_model, predict_torch, read_temperature
+from .models import (
+    ClassActivationModel,
+    ProbabilityModel,
+    apply_temperature,
+    build_model,
+    predict_torch,
+    read_temperature,
+    supports_cam,
+)
 from .run_files import EVALUATION_NAME, SPLIT_NAME, SUMMARY_NAME, TFLITE_EXPORT_SUMMARY
 
 __all__ = [
@@ -94,6 +103,7 @@ __all__ = [
     "load_samples",
     "main",
     "predict_tflite",
+    "predict_tflite_outputs",
     "quantize_int8",
     "run_export",
     "saturated_biases",
@@ -120,17 +130,24 @@ def load_model(checkpoint: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     return model.eval(), ckpt
 
 
-def convert_float(model: nn.Module, spec: PreprocessSpec, path: str | Path) -> Path:
+def convert_float(model: nn.Module, spec: PreprocessSpec, path: str | Path, heatmap: bool = True) -> Path:
     """Convert ``model`` (logits, NCHW) to a float ``.tflite`` with NHWC input, probabilities out.
 
     The batch size is fixed at 1 (the edge's LiteRT backend runs a fixed-batch
-    model one sample at a time).
+    model one sample at a time). With ``heatmap`` (and an architecture that
+    allows it) the model has a second output, the class-activation map of
+    :class:`~training.models.ClassActivationModel`, channel-last
+    (``[1, h, w, classes]``; the edge's LiteRT backend hands it on as
+    ``[1, classes, h, w]``, like ONNX Runtime's).
     """
     import litert_torch
 
     if spec.layout != "NCHW":
         raise ValueError(f"the PyTorch model takes NCHW; the spec's layout is {spec.layout}.")
-    wrapped = litert_torch.to_channel_last_io(ProbabilityModel(model).eval(), args=[0])
+    if heatmap and supports_cam(model):
+        wrapped = litert_torch.to_channel_last_io(ClassActivationModel(model).eval(), args=[0], outputs=[1])
+    else:
+        wrapped = litert_torch.to_channel_last_io(ProbabilityModel(model).eval(), args=[0])
     sample = torch.zeros((1, spec.height, spec.width, spec.channels), dtype=torch.float32)
     path = Path(path)
     # The converter reports progress on stdout, which carries the CLI's JSON summary.
@@ -257,6 +274,14 @@ def quantize_int8(
             quant.update_quantization_recipe(
                 regex=".*", operation_name=op, algorithm_key=recipe.AlgorithmName.NO_QUANTIZE
             )
+        # The heat-map's 1x1 convolution (the classifier's weights at each cell) stays float too,
+        # as in the ONNX export: it is as small as the classifier.
+        for tensor in _heatmap_tensors(float_path):
+            quant.update_quantization_recipe(
+                regex=re.escape(tensor),
+                operation_name=qtyping.TFLOperationName.CONV_2D,
+                algorithm_key=recipe.AlgorithmName.NO_QUANTIZE,
+            )
     input_name = _input_name(float_path)
     samples = [{input_name: calibration[i : i + 1]} for i in range(len(calibration))]
     result = quant.calibrate({_SIGNATURE: samples}, num_threads=threads)
@@ -300,6 +325,12 @@ def input_range(spec: PreprocessSpec) -> tuple[float, float]:
     return float(ends.min()), float(ends.max())
 
 
+def _heatmap_tensors(model_path: str | Path) -> list[str]:
+    """Names of the graph outputs that are heat-maps (rank 4), produced by a CONV_2D."""
+    (_, subgraph), _ = _ops(Path(model_path))
+    return [_name(subgraph.tensors[i]) for i in subgraph.outputs if len(subgraph.tensors[i].shape) == 4]
+
+
 def _input_tensor_name(model_path: str | Path) -> str:
     (_, subgraph), _ = _ops(Path(model_path))
     return _name(subgraph.tensors[subgraph.inputs[0]])
@@ -317,13 +348,22 @@ def _input_name(model_path: str | Path) -> str:
 
 def predict_tflite(model_path: str | Path, samples: np.ndarray, threads: int = 2) -> np.ndarray:
     """``(N, classes)`` outputs of a .tflite on NHWC float samples, (de)quantizing int I/O."""
+    return predict_tflite_outputs(model_path, samples, threads)[0]
+
+
+def predict_tflite_outputs(
+    model_path: str | Path, samples: np.ndarray, threads: int = 2
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(N, classes)`` outputs and, if the model has one, the ``(N, classes, h, w)`` heat-map."""
     from ai_edge_litert.interpreter import Interpreter
 
     interpreter = Interpreter(model_path=str(model_path), num_threads=threads)
     interpreter.allocate_tensors()
     inp = interpreter.get_input_details()[0]
-    out = interpreter.get_output_details()[0]
-    rows = []
+    details = interpreter.get_output_details()
+    out = next(d for d in details if len(d["shape"]) == 2)
+    maps = [d for d in details if len(d["shape"]) == 4]
+    rows, heat_rows = [], []
     for i in range(len(samples)):
         x = samples[i : i + 1]
         if np.issubdtype(inp["dtype"], np.integer):
@@ -332,12 +372,19 @@ def predict_tflite(model_path: str | Path, samples: np.ndarray, threads: int = 2
             x = np.clip(np.rint(x / scale + zero), info.min, info.max).astype(inp["dtype"])
         interpreter.set_tensor(inp["index"], np.ascontiguousarray(x))
         interpreter.invoke()
-        y = interpreter.get_tensor(out["index"]).copy()
-        if np.issubdtype(y.dtype, np.integer):
-            scale, zero = out["quantization"]
-            y = (y.astype(np.float32) - zero) * scale
-        rows.append(y.reshape(1, -1).astype(np.float32))
-    return np.concatenate(rows)
+        y = _dequantized(interpreter, out)
+        rows.append(y.reshape(1, -1))
+        if maps:
+            heat_rows.append(_dequantized(interpreter, maps[0]).transpose(0, 3, 1, 2))
+    return np.concatenate(rows), (np.concatenate(heat_rows) if heat_rows else None)
+
+
+def _dequantized(interpreter: Any, detail: dict[str, Any]) -> np.ndarray:
+    y = interpreter.get_tensor(detail["index"]).copy()
+    if np.issubdtype(y.dtype, np.integer):
+        scale, zero = detail["quantization"]
+        y = (y.astype(np.float32) - zero) * scale
+    return np.asarray(y, dtype=np.float32)
 
 
 def _run_spec(checkpoint: str | Path) -> PreprocessSpec | None:
@@ -400,6 +447,25 @@ def _nhwc(samples: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     if spec.layout == "NHWC":
         return samples
     return np.ascontiguousarray(samples.transpose(0, 2, 3, 1))
+
+
+def _heatmap_check(model: nn.Module, val: np.ndarray, cam_int8: np.ndarray, positive: int) -> dict[str, Any]:
+    """The INT8 model's maps against PyTorch's (FP32), as drawn (``edge_runtime.conformance``)."""
+    from edge_runtime.conformance import heat_difference
+
+    with torch.no_grad():
+        maps = [
+            ClassActivationModel(model)(torch.from_numpy(val[i : i + 64]))[1].numpy()
+            for i in range(0, len(val), 64)
+        ]
+    reference = np.concatenate(maps)
+    diffs = np.asarray([heat_difference(c, r, positive) for c, r in zip(cam_int8, reference, strict=True)])
+    return {
+        "name": "cam",
+        "kind": "class-activation",
+        "shape": [1, *cam_int8.shape[1:]],
+        "int8_vs_torch_as_drawn": {"max": float(diffs.max()), "mean": float(diffs.mean())},
+    }
 
 
 def run_export(
@@ -486,8 +552,10 @@ def run_export(
     p_torch = predict_torch(model, val if spec.layout == "NCHW" else val.transpose(0, 3, 1, 2))[:, positive]
     p_float = predict_tflite(float_path, _nhwc(val, spec), threads)[:, positive]
     t1 = time.monotonic()
-    p_int8 = predict_tflite(out, _nhwc(val, spec), threads)[:, positive]
+    scores_int8, cam_int8 = predict_tflite_outputs(out, _nhwc(val, spec), threads)
+    p_int8 = scores_int8[:, positive]
     t_int8 = time.monotonic() - t1
+    heatmap = _heatmap_check(model, val, cam_int8, positive) if cam_int8 is not None else None
     t_check = time.monotonic() - t0
     if not keep_float:
         float_path.unlink(missing_ok=True)
@@ -510,6 +578,7 @@ def run_export(
         "int8_vs_torch": compare_predictions(p_torch, p_int8, threshold),
         "int8_vs_torch_at_0.5": compare_predictions(p_torch, p_int8, 0.5),
         "float_tflite_vs_torch": compare_predictions(p_torch, p_float, threshold),
+        "heatmap": heatmap,
         "seconds": {
             "convert": t_convert,
             "quantize": t_quant,
