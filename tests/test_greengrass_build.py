@@ -27,6 +27,7 @@ from conftest import make_tiny_bundle
 from jsonschema import Draft7Validator
 
 from components import validate
+from edge_runtime import __version__
 from edge_runtime.bundle import BundleTrust, load_bundle
 from edge_runtime.config import RuntimeConfig
 from edge_runtime.greengrass import resolve_recipe_variables
@@ -44,7 +45,9 @@ SCHEMA_DIR = SHARED_GREENGRASS / "schemas"
 SAMPLE_RECIPES = SHARED_GREENGRASS / "recipes"
 RUNTIME = "com.healthdiag.EdgeInference"
 MODEL = "com.healthdiag.model.PneumoniaCXR"
-RUNTIME_RECIPE = f"{RUNTIME}-0.1.0.yaml"
+#: The runtime component is versioned like the package (pyproject.toml).
+RUNTIME_VERSION = __version__
+RUNTIME_RECIPE = f"{RUNTIME}-{RUNTIME_VERSION}.yaml"
 MODEL_RECIPE = f"{MODEL}-0.1.0.yaml"
 BUNDLE_VARIABLE = f"{{{MODEL}:artifacts:decompressedPath}}"
 
@@ -106,7 +109,10 @@ def test_build_produces_the_greengrass_cli_layout(build_dir: Path) -> None:
         for p in (build_dir / "artifacts").rglob("*")
         if p.is_file()
     )
-    assert files == [f"{RUNTIME}/0.1.0/edge-runtime-wheels.zip", f"{MODEL}/0.1.0/pneumonia-cxr.zip"]
+    assert files == [
+        f"{RUNTIME}/{RUNTIME_VERSION}/edge-runtime-wheels.zip",
+        f"{MODEL}/0.1.0/pneumonia-cxr.zip",
+    ]
     for recipe_file in (build_dir / "recipes").iterdir():
         recipe = read_recipe(recipe_file)
         name, version = recipe["ComponentName"], recipe["ComponentVersion"]
@@ -125,12 +131,14 @@ def test_build_produces_the_greengrass_cli_layout(build_dir: Path) -> None:
 
 
 def test_runtime_artifact_is_the_project_wheel(build_dir: Path) -> None:
-    archive = zipfile.ZipFile(build_dir / "artifacts" / RUNTIME / "0.1.0" / "edge-runtime-wheels.zip")
-    assert archive.namelist() == ["healthdiag_edge-0.1.0-py3-none-any.whl"]  # flat: --find-links DIR
-    with archive.open("healthdiag_edge-0.1.0-py3-none-any.whl") as raw:
+    archive = zipfile.ZipFile(build_dir / "artifacts" / RUNTIME / RUNTIME_VERSION / "edge-runtime-wheels.zip")
+    assert archive.namelist() == [
+        f"healthdiag_edge-{RUNTIME_VERSION}-py3-none-any.whl"
+    ]  # flat: --find-links DIR
+    with archive.open(f"healthdiag_edge-{RUNTIME_VERSION}-py3-none-any.whl") as raw:
         wheel = zipfile.ZipFile(raw)
         names = wheel.namelist()
-        entry_points = wheel.read("healthdiag_edge-0.1.0.dist-info/entry_points.txt").decode()
+        entry_points = wheel.read(f"healthdiag_edge-{RUNTIME_VERSION}.dist-info/entry_points.txt").decode()
     assert "edge_runtime/config.py" in names
     assert "edge-runtime = edge_runtime.cli:main" in entry_points
 
@@ -512,7 +520,7 @@ BREAKAGES: dict[str, tuple[Callable[[Path], None], str, str, list[str]]] = {
         ["mqttproxy", "every IPC operation"],
     ),
     "stale-artifact": (
-        lambda b: (b / "artifacts" / RUNTIME / "0.1.0" / "old.whl").write_bytes(b""),
+        lambda b: (b / "artifacts" / RUNTIME / RUNTIME_VERSION / "old.whl").write_bytes(b""),
         RUNTIME_RECIPE,
         "artifact",
         ["old.whl", "not referenced"],
