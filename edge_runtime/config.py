@@ -415,6 +415,12 @@ class ReportsConfig(_Section):
     heatmap: bool = Field(
         True, description="Write the class-activation heat-map (PNG and DICOM Secondary Capture)."
     )
+    keep_days: float = Field(
+        30.0,
+        ge=0.0,
+        description="Remove a result's report folder this many days after it was written, once every "
+        "sink has it; 0 = keep for ever.",
+    )
     uid_root: str = Field(
         "2.25",
         pattern=r"^[0-9]+(\.[0-9]+)*$",

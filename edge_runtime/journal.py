@@ -470,6 +470,11 @@ class Journal:
         counts["outbox_pending"] = self.outbox_pending()
         return counts
 
+    def undelivered_message_ids(self) -> set[str]:
+        """Results with a row some sink has not confirmed yet (their report files are still needed)."""
+        rows = self._query("SELECT DISTINCT message_id FROM outbox WHERE delivered_utc IS NULL")
+        return {str(row[0]) for row in rows}
+
     def results_awaiting_delivery(self) -> int:
         """Results with an undelivered row for at least one sink (a result has a row per sink)."""
         (pending,) = self._query("SELECT COUNT(DISTINCT message_id) FROM outbox WHERE delivered_utc IS NULL")[

@@ -24,6 +24,7 @@ from .journal import Journal
 from .live_config import diff_config
 from .outcomes import OutcomeRecorder
 from .pipeline import ScanAnalyzer
+from .reports.retention import ReportRetention
 from .sinks import OutboxDrainer, create_sinks
 from .sinks.mqtt import MqttSink
 from .sources import create_sources
@@ -96,6 +97,7 @@ class EdgeService:
             recorder=recorder,
             health=self.health,
         )
+        self.retention = ReportRetention(lambda: self.config, self.journal)
         self._config_lock = threading.Lock()
         self._stopping = threading.Event()
         self._stopped = threading.Event()
@@ -141,6 +143,7 @@ class EdgeService:
         for drainer in self.drainers:
             drainer.start()
         self.health.start()
+        self.retention.start()
         if self.ipc is not None:
             self.ipc.subscribe_to_config_updates(
                 config_update_handler(self.ipc, self.apply_config, self._reject_config)
@@ -163,6 +166,7 @@ class EdgeService:
             drainer.stop(timeout_s=max(1.0, deadline - time.monotonic()))
         if self.ipc is not None:
             self.ipc.close()
+        self.retention.stop()
         self.health.stop()
         self.analyzer.close()
         self.journal.close()

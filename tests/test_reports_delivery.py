@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
 import shutil
 import subprocess
 import threading
@@ -317,3 +318,22 @@ def test_study_sent_by_storescu_reaches_mqtt_pacs_fhir_once_with_heatmap_and_pri
         pacs.stop()
         fhir.close()
     assert len(pacs.stored()) == 4  # each object stored once
+
+
+def test_old_report_folders_go_once_every_sink_has_them(tmp_path):
+    from edge_runtime.reports.retention import prune_reports
+
+    now = time.time()
+    root = tmp_path / "reports"
+    ages = {"a" * 64: 40, "b" * 64: 40, "c" * 64: 5}  # days
+    for name, days in ages.items():
+        folder = root / name
+        folder.mkdir(parents=True)
+        (folder / "sr.dcm").write_bytes(b"x")
+        old = now - days * 86400
+        os.utime(folder, (old, old))
+    # "b" is old but its PACS row is still undelivered: kept; "c" is recent: kept.
+    assert prune_reports(root, 30, {"b" * 64}, now=now) == 1
+    assert sorted(p.name for p in root.iterdir()) == ["b" * 64, "c" * 64]
+    assert prune_reports(root, 0, set(), now=now) == 0  # KeepDays 0: kept for ever
+    assert len(list(root.iterdir())) == 2
