@@ -19,8 +19,19 @@ An inbox file is removed only after its outcome is committed here, so a
 crash at any point either leaves the file in the inbox (and it is picked up
 again) or leaves a committed outcome (and the leftover file is cleaned up).
 WAL mode keeps readers and the single writer from blocking each other; every
-write is one short transaction with ``synchronous=FULL`` so a committed
-outcome survives a power cut.
+write is one short transaction. **Group sync:** transactions commit with
+``synchronous=NORMAL`` (their pages are written to the WAL, which survives a
+crash of the process), and a transaction that must survive a power cut
+(a result with its outbox rows, a quarantine verdict, a requeue) then waits in
+:meth:`Journal._sync` for an ``fsync`` of the WAL file, *outside* the lock:
+one fsync covers every commit written before it, so workers finishing at the
+same time share it and nobody waits behind another's disk flush. That is
+exactly what ``synchronous=FULL`` does (fsync the WAL after the commit), only
+shared; the file is removed from the inbox only after it returns. Two writes
+skip the wait and become durable with the next fsync: ``admit`` (marking a
+scan ``processing``: lost only to a power cut, which also leaves the scan in
+the inbox to be admitted again) and ``mark_delivered`` (lost only to a power
+cut: the result is sent again, which the at-least-once contract allows).
 
 **Identity.** Each journal has an id (a UUID), stored twice: in its ``meta``
 table and in an id file beside it (``journal.sqlite3`` -> ``journal.id``).
@@ -46,6 +57,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 import threading
 import uuid
@@ -285,11 +297,21 @@ class Journal:
                     self.journal_id = found.file_id
         except (sqlite3.Error, OSError) as exc:
             raise translate_error(exc, self.path, "Opening the journal") from exc
+        if durable:
+            # From here on durability comes from Journal._sync: one shared fsync of the WAL.
+            self._db.execute("PRAGMA synchronous=NORMAL")
         self._lock = threading.Lock()
+        self._durable = durable
+        self._wal_path = self.path.with_name(self.path.name + "-wal")
+        #: Commits made (under ``_lock``) and commits known durable (under ``_sync_lock``).
+        self._commits = 0
+        self._synced = 0
+        self._sync_lock = threading.Lock()
 
     def _configure(self, durable: bool) -> None:
         """Connection settings and schema (idempotent: also brings older journals up to date)."""
         self._db.execute("PRAGMA journal_mode=WAL")
+        # FULL while the journal is set up (schema, id); NORMAL once it runs (see _tx, _sync).
         self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'OFF'}")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
@@ -300,7 +322,12 @@ class Journal:
 
     # -- plumbing ----------------------------------------------------------------------
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """One transaction; ``durable``: on disk (fsynced) when the block returns.
+
+        ``durable=False`` commits are crash-safe (the WAL is written) and become
+        power-cut safe with the next durable commit's fsync.
+        """
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
@@ -315,6 +342,40 @@ class Journal:
                     raise
             except sqlite3.Error as exc:
                 raise translate_error(exc, self.path, "Writing to the journal") from exc
+            self._commits += 1
+            commit = self._commits
+        if durable:
+            self._sync(commit)
+
+    def _sync(self, commit: int) -> None:
+        """Return once commit number ``commit`` (and every one before it) is on disk.
+
+        What ``synchronous=FULL`` does after each commit (fsync the WAL file), done outside
+        the journal's lock and shared: a thread that finds its commit already covered by
+        another thread's fsync returns at once. The WAL header is synced by SQLite itself
+        when the WAL is reused after a checkpoint (``synchronous=NORMAL``), and a checkpoint
+        fsyncs the WAL before copying it, so the WAL file is the one place to flush.
+        """
+        if not self._durable:
+            return
+        with self._sync_lock:
+            if self._synced >= commit:
+                return
+            # Every commit counted so far has written its WAL frames (COMMIT returned).
+            covered = self._commits
+            try:
+                try:
+                    fd = os.open(self._wal_path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                except FileNotFoundError:
+                    # No WAL (checkpointed and removed): the pages are in the database file.
+                    fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                raise translate_error(exc, self.path, "Writing to the journal") from exc
+            self._synced = max(self._synced, covered)
 
     def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
@@ -354,7 +415,9 @@ class Journal:
         # Names as text SQLite accepts: a sender may write names that are not UTF-8.
         name, where = display_name(path.name), display_name(str(path))
         now = utc_now()
-        with self._tx() as db:
+        # Not waited for on disk: a power cut loses at most this 'processing' mark (and an
+        # attempt count), and the scan is still in the inbox to be admitted again.
+        with self._tx(durable=False) as db:
             row = db.execute(
                 f"SELECT {self._COLUMNS} FROM inputs WHERE sha256 = ?",  # noqa: S608 - a constant column list
                 (sha256,),
@@ -503,7 +566,9 @@ class Journal:
         if not seqs:
             return
         now = utc_now()
-        with self._tx() as db:
+        # Not waited for on disk: a power cut can only lose the mark, and the message is then
+        # sent again (at least once; subscribers drop repeats by message_id).
+        with self._tx(durable=False) as db:
             db.executemany(
                 "UPDATE outbox SET delivered_utc=? WHERE seq=? AND delivered_utc IS NULL",
                 [(now, seq) for seq in seqs],

@@ -350,3 +350,46 @@ def test_backup_while_a_writer_runs_is_consistent_and_restores_in_place(tmp_path
     # A backup never overwrites an existing file.
     with pytest.raises(JournalError, match="already exists"):
         backup_journal(path, dest)
+
+
+def test_group_sync_fsyncs_the_wal_before_a_result_returns(tmp_path: Path, monkeypatch):
+    """A result (and a quarantine) is on disk when record_* returns: the WAL was fsynced after its
+    commit. admit and mark_delivered do not wait; the next durable commit's fsync covers them."""
+    import edge_runtime.journal as journal_module
+
+    journal = Journal(tmp_path / "j.sqlite3")
+    wal = os.path.realpath(tmp_path / "j.sqlite3-wal")
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.path.realpath(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(journal_module.os, "fsync", fsync)
+    admission = journal.admit("a" * 64, tmp_path / "in" / "a.jpeg", 1)
+    assert synced == []  # not waited for
+    created = journal.record_result(admission.record.id, _result("m1"), _to("mqtt"))
+    assert synced == [wal]
+    journal.mark_delivered(*(m.seq for m in created))
+    assert synced == [wal]
+    other = journal.admit("b" * 64, tmp_path / "in" / "b.jpeg", 1)
+    journal.record_quarantine(other.record.id, {"code": "x"})
+    assert synced == [wal, wal]
+    # Concurrent durable commits share fsyncs: never more fsyncs than commits, every one covered.
+    synced.clear()
+    ids = [journal.admit(f"{i:064x}", tmp_path / "in" / f"{i}.jpeg", 1).record.id for i in range(40)]
+    threads = [
+        threading.Thread(target=journal.record_result, args=(ids[i], _result(f"c{i}"), _to("mqtt")))
+        for i in range(40)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert 1 <= len(synced) <= 40 and set(synced) == {wal}
+    assert journal._synced == journal._commits
+    journal.close()
+    reopened = Journal(tmp_path / "j.sqlite3")
+    assert reopened.counts()["done"] == 41 and reopened.outbox_pending() == 40
+    reopened.close()

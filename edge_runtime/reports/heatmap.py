@@ -62,15 +62,30 @@ def positive_heat(cam: np.ndarray, labels: list[str], positive_label: str) -> np
 
 def _fit(image: np.ndarray, max_side: int) -> np.ndarray:
     """The image as float32 [0, 1], shrunk (area filter) so its longer side is at most ``max_side``."""
-    grey = np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0)
+    grey = np.asarray(image, dtype=np.float32)
     if grey.ndim != 2:
         raise ValueError(f"overlay needs a 2-D grey image, got shape {grey.shape}")
+    # Decoders deliver [0, 1] already: clip (a full-size copy) only when something is outside.
+    if grey.size and not (float(grey.min()) >= 0.0 and float(grey.max()) <= 1.0):
+        grey = np.clip(grey, 0.0, 1.0)
     rows, cols = grey.shape
     scale = min(1.0, max_side / max(rows, cols))
     if scale < 1.0:
         size = (max(1, round(cols * scale)), max(1, round(rows * scale)))
         grey = np.asarray(cv2.resize(grey, size, interpolation=cv2.INTER_AREA), dtype=np.float32)
     return grey
+
+
+_JET_RGB: np.ndarray | None = None
+
+
+def _jet_rgb() -> np.ndarray:
+    """OpenCV's JET colour map as a ``(3, 256)`` float32 table, one row per RGB channel."""
+    global _JET_RGB
+    if _JET_RGB is None:
+        bgr = cv2.applyColorMap(np.arange(256, dtype=np.uint8).reshape(-1, 1), cv2.COLORMAP_JET)
+        _JET_RGB = np.ascontiguousarray(bgr.reshape(256, 3)[:, ::-1].T, dtype=np.float32)
+    return _JET_RGB
 
 
 def overlay(image: np.ndarray, heat: np.ndarray, max_side: int = 1024) -> np.ndarray:
@@ -87,12 +102,26 @@ def overlay(image: np.ndarray, heat: np.ndarray, max_side: int = 1024) -> np.nda
     grid = np.clip(np.asarray(heat, dtype=np.float32), 0.0, 1.0)
     if grid.ndim != 2:
         raise ValueError(f"heat must be a 2-D grid, got shape {grid.shape}")
-    up = np.clip(cv2.resize(grid, (cols, rows), interpolation=cv2.INTER_CUBIC), 0.0, 1.0)
-    colour = cv2.applyColorMap(np.rint(up * 255.0).astype(np.uint8), cv2.COLORMAP_JET)
-    colour = cv2.cvtColor(colour, cv2.COLOR_BGR2RGB).astype(np.float32)
-    base = np.repeat((grey * 255.0)[..., None], 3, axis=2)
-    alpha = (_MAX_ALPHA * up)[..., None]
-    rgb: np.ndarray = np.rint(base * (1.0 - alpha) + colour * alpha).clip(0, 255).astype(np.uint8)
+    up = np.asarray(cv2.resize(grid, (cols, rows), interpolation=cv2.INTER_CUBIC), dtype=np.float32)
+    np.clip(up, 0.0, 1.0, out=up)
+    # rgb = rint(grey*255 * (1 - alpha) + jet(rint(up*255)) * alpha), alpha = MAX_ALPHA*up, all in
+    # float32, computed a channel at a time in place: the same operations in the same order as a
+    # whole-image expression (so the same pixels), without its full-size temporaries.
+    scaled = np.multiply(up, np.float32(255.0))
+    np.rint(scaled, out=scaled)
+    index = scaled.astype(np.uint8)
+    alpha = np.multiply(up, np.float32(_MAX_ALPHA))
+    base = np.multiply(grey, np.float32(255.0))
+    np.multiply(base, np.subtract(np.float32(1.0), alpha), out=base)
+    rgb = np.empty((rows, cols, 3), dtype=np.uint8)
+    plane = scaled  # reused as the per-channel buffer
+    for channel, table in enumerate(_jet_rgb()):
+        np.take(table, index, out=plane)
+        np.multiply(plane, alpha, out=plane)
+        np.add(base, plane, out=plane)
+        np.rint(plane, out=plane)
+        np.clip(plane, 0.0, 255.0, out=plane)
+        rgb[..., channel] = plane
     _caption(rgb)
     return rgb
 

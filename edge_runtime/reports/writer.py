@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,20 +167,44 @@ class ReportWriter:
 
     @staticmethod
     def _write_files(folder: Path, files: list[_File]) -> None:
+        """Write ``files`` into ``folder`` durably: each under a temporary name, fsynced, renamed.
+
+        The fsyncs (each file's, and the parent's for a new folder) are issued together on
+        :data:`_FSYNC_POOL`: a disk flushes concurrent ones in one journal commit, so four
+        files cost about one flush instead of four. Only when every one has returned are
+        the files renamed into place and the folder fsynced.
+        """
+        created = not folder.is_dir()
         folder.mkdir(parents=True, exist_ok=True)
-        for item in files:
-            fd, temp = tempfile.mkstemp(prefix=f".{item.name}.", suffix=".part", dir=folder)
-            try:
-                with os.fdopen(fd, "wb") as handle:
-                    handle.write(item.data)
-                    handle.flush()
-                    os.fsync(handle.fileno())
+        temps: list[tuple[str, _File]] = []
+        fds: list[int] = []
+        try:
+            for item in files:
+                fd, temp = tempfile.mkstemp(prefix=f".{item.name}.", suffix=".part", dir=folder)
+                fds.append(fd)
+                temps.append((temp, item))
+                view = memoryview(item.data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            if created:
+                fds.append(os.open(folder.parent, os.O_RDONLY))
+            for done in [_FSYNC_POOL.submit(os.fsync, fd) for fd in fds]:
+                done.result()
+            for temp, item in temps:
                 os.replace(temp, folder / item.name)
-            except BaseException:
+        except BaseException:
+            for temp, _ in temps:
                 Path(temp).unlink(missing_ok=True)
-                raise
+            raise
+        finally:
+            for fd in fds:
+                os.close(fd)
         directory = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(directory)
         finally:
             os.close(directory)
+
+
+#: Runs the report files' fsyncs side by side (see ReportWriter._write_files).
+_FSYNC_POOL = ThreadPoolExecutor(max_workers=6, thread_name_prefix="reports-fsync")
