@@ -415,6 +415,13 @@ class ReportsConfig(_Section):
     heatmap: bool = Field(
         True, description="Write the class-activation heat-map (PNG and DICOM Secondary Capture)."
     )
+    heatmap_max_side: int = Field(
+        512,
+        ge=64,
+        le=4096,
+        description="Longer side of the heat-map images in pixels (the map itself is the model's coarse "
+        "grid; the full-resolution scan is in the PACS).",
+    )
     keep_days: float = Field(
         30.0,
         ge=0.0,

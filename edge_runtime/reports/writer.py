@@ -22,16 +22,17 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pydicom
-from pydicom.dataset import Dataset
 
 from ..config import ReportsConfig
 from ..errors import EdgeRuntimeError, ReportError
 from ..logs import event
 from ..sources.files import open_admitted
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 __all__ = ["ReportWriter", "is_urgent", "read_source_header"]
 
@@ -47,6 +48,8 @@ def is_urgent(result: dict[str, Any], urgent_threshold: float | None) -> bool:
 
 def read_source_header(path: Path) -> Dataset:
     """The scan's DICOM header (no pixels), read through the same safe opener as the scan itself."""
+    import pydicom  # imported when used: a service without DICOM input starts faster
+
     with open_admitted(path) as handle:
         return pydicom.dcmread(handle, stop_before_pixels=True)
 
@@ -113,7 +116,7 @@ class ReportWriter:
             if self.config.heatmap and heatmap is not None and image is not None:
                 from .heatmap import overlay, png_bytes, secondary_capture
 
-                rgb = overlay(image, heatmap)
+                rgb = overlay(image, heatmap, max_side=self.config.heatmap_max_side)
                 files.append(_File("heatmap.png", png_bytes(rgb)))
                 links["heatmap_png"] = "heatmap.png"
                 if header is not None:

@@ -20,15 +20,15 @@ import json
 import logging
 import socket
 from pathlib import Path
-from typing import Any
-
-import pydicom
-from pynetdicom import AE
+from typing import TYPE_CHECKING, Any
 
 from ..config import RuntimeConfig
 from ..errors import PublishError
 from ..journal import Delivery, OutboxMessage
 from .base import Acknowledge
+
+if TYPE_CHECKING:
+    import pydicom
 
 __all__ = ["DicomStoreSink", "from_config"]
 
@@ -68,6 +68,8 @@ class DicomStoreSink:
         return True
 
     def send(self, message: OutboxMessage) -> None:
+        from pynetdicom import AE  # imported when used: the service starts without it otherwise
+
         config = self._config
         node = config.dicom.store
         row = json.loads(message.payload)
@@ -115,6 +117,8 @@ class DicomStoreSink:
 
 
 def _read(path: Path) -> pydicom.Dataset:
+    import pydicom
+
     try:
         return pydicom.dcmread(path)
     except (OSError, pydicom.errors.InvalidDicomError) as exc:
