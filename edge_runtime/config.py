@@ -1,5 +1,8 @@
 """The one typed configuration object, :class:`RuntimeConfig`.
 
+Why one module over 500 lines: it is the one typed configuration (every section,
+its validation and its description, which the recipe and ``config check`` show).
+
 Keys are PascalCase in files, in the environment and (later) in the
 Greengrass recipe's ``DefaultConfiguration``; Python code sees snake_case
 attributes. The mapping is a single alias generator, so a recipe key and a

@@ -1,15 +1,18 @@
 """The SQLite journal that runs beside the pipeline.
 
+Why one module over 500 lines: every writer of the one SQLite file (inputs, outbox,
+the DICOM receiver's receipts) shares its schema, its lock and its group sync.
+
 It is what makes the service restartable without losing or repeating work:
 
 * ``inputs``: one row per distinct input (keyed by content sha256) with its
   state (``queued`` -> ``processing`` -> ``done`` | ``quarantined``),
   attempts, result and error.
-* ``outbox``: every result message, one row per sink (``mqtt``, Greengrass
-  ``ipc-local``, ``ipc-iotcore``), committed *in the same transaction* that
-  marks its input done, and marked delivered only when the broker has
-  acknowledged it (PUBACK). Undelivered messages are re-sent after a
-  reconnect or a restart, in order.
+* ``outbox``: every result message, one row per sink (``mqtt``, ``mqtt-urgent``,
+  ``mqtt-fhir``, Greengrass ``ipc-local``, ``ipc-iotcore``, ``dicom-store``,
+  ``fhir-http``), committed *in the same transaction* that marks its input
+  done, and marked delivered only when the sink confirms it (PUBACK, a reply).
+  Undelivered messages are re-sent after a reconnect or a restart, in order.
 * ``receipts``: one row per object the DICOM receiver acknowledged (file name,
   content hash, SOP Instance UID, calling AE, peer, size, time; no patient
   data), committed before the sender is told success
