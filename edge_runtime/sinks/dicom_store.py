@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +50,10 @@ class DicomStoreSink:
     def __init__(self, config: RuntimeConfig) -> None:
         #: The running configuration; each new result brings the live one (Dicom.Store may change).
         self._config = config
+        # pynetdicom logs each refused or failed association as ERROR lines of its own; the
+        # drainer logs one WARNING saying what failed and what to check, and retries.
+        for name in ("pynetdicom.acse", "pynetdicom.transport"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
 
     def delivery(self, config: RuntimeConfig, result: dict[str, Any], payload: str) -> Delivery | None:
         self._config = config
@@ -80,17 +84,11 @@ class DicomStoreSink:
             ae.add_requested_context(dataset.SOPClassUID, dataset.file_meta.TransferSyntaxUID)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = node.timeout_seconds
         where = f"{node.ae_title} at {node.host}:{node.port}"
-        try:
-            # pynetdicom leaks its socket when the connection is refused (and logs two ERROR
-            # lines per try): a PACS that is down is found out here first, cleanly.
-            socket.create_connection((node.host, node.port), timeout=node.timeout_seconds).close()
-        except OSError as exc:
-            raise PublishError(
-                f"PACS {where} could not be reached ({exc.strerror or exc})",
-                action="Check Dicom.Store (host, port) and that the PACS is running; reports are "
-                "kept and sent once it is reachable.",
-            ) from exc
-        assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)
+        with warnings.catch_warnings():
+            # When the PACS refuses the connection, pynetdicom drops its socket unclosed and
+            # CPython closes it with a ResourceWarning: nothing leaks, and we say why below.
+            warnings.simplefilter("ignore", ResourceWarning)
+            assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)
         if not assoc.is_established:
             reason = "rejected the association" if assoc.is_rejected else "could not be reached"
             raise PublishError(
