@@ -94,19 +94,38 @@ def _child_main(conn: Connection, registry: dict[str, str], memory_bytes: int) -
             conn.send(("pong",))
             continue
         path, max_pixels = request
-        try:
-            image = decode_file(Path(path), DecodeLimits(max_pixels=max_pixels))
-            reply: tuple[Any, ...] = ("ok", image)
-        except InputError as exc:
-            reply = ("input_error", type(exc).__name__, exc.message, exc.action)
-        except MemoryError:
-            reply = ("memory", "")
-        except Exception as exc:
-            reply = ("error", f"{type(exc).__name__}: {exc}", _raised_in_our_code(exc))
+        reply = _decode_reply(Path(path), max_pixels)
         try:
             conn.send(reply)
         except MemoryError:
             conn.send(("memory", ""))
+        # The image was pickled into the pipe; without it the decoder's working memory (a
+        # full-resolution float image and the libraries' buffers) goes back to the system:
+        # about 150 -> 70 MB per idle child after a 1955x1841 CR.
+        del reply
+        _release_memory()
+
+
+def _decode_reply(path: Path, max_pixels: int) -> tuple[Any, ...]:
+    """The child's answer for one file: the image, or the error as plain values."""
+    try:
+        return ("ok", decode_file(path, DecodeLimits(max_pixels=max_pixels)))
+    except InputError as exc:
+        return ("input_error", type(exc).__name__, exc.message, exc.action)
+    except MemoryError:
+        return ("memory", "")
+    except Exception as exc:
+        return ("error", f"{type(exc).__name__}: {exc}", _raised_in_our_code(exc))
+
+
+def _release_memory() -> None:
+    """Hand the heap freed by the last decode back to the system (glibc keeps it otherwise)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class DecodeSandbox:
