@@ -113,14 +113,27 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument(
+        "--dicom",
+        type=Path,
+        default=None,
+        help="instead of the JPEGs: N copies of this DICOM file, each with its own SOP Instance UID "
+        "(relative to --data, e.g. dicom/pydicom_data/RG1_UNCR.dcm)",
+    )
     args = parser.parse_args()
     folder = args.data / "cxr/kermany_pneumonia_224/test/PNEUMONIA"
     if not folder.is_dir():
         raise SystemExit(f"test images not found at {folder}")
     sources = sorted(folder.glob("*.jpeg"))[: args.n]
+    what = "Kermany JPEGs"
     port = _free_port()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
+        if args.dicom is not None:
+            from benchmarks.bench_latency import make_copies
+
+            sources = make_copies(args.data / args.dicom, root / "copies", args.n)
+            what = f"copies of {args.dicom.name}"
         (root / "mosquitto.conf").write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n")
         broker = subprocess.Popen(
             ["mosquitto", "-c", str(root / "mosquitto.conf")],
@@ -140,9 +153,7 @@ def main() -> int:
             broker.wait(5)
     cpu = cpu_summary()
     print(f"\nCPU: {cpu.get('model')} ({', '.join(cpu.get('int8_features', []))}), {os.cpu_count()} cores")
-    print(
-        f"{len(sources)} Kermany JPEGs a round, {args.workers} workers, real Mosquitto, {args.rounds} rounds"
-    )
+    print(f"{len(sources)} {what} a round, {args.workers} workers, real Mosquitto, {args.rounds} rounds")
     medians = {label: statistics.median(values) for label, values in rates.items()}
     for label, value in medians.items():
         print(f"  {label:40s} median {value:6.1f} scans/s")

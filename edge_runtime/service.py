@@ -24,6 +24,7 @@ from .journal import Journal
 from .live_config import diff_config
 from .outcomes import OutcomeRecorder
 from .pipeline import ScanAnalyzer
+from .reports.processes import ReportProcesses
 from .reports.retention import ReportRetention
 from .sinks import OutboxDrainer, create_sinks
 from .sinks.mqtt import MqttSink
@@ -79,6 +80,7 @@ class EdgeService:
         if self.mqtt is not None:
             self.mqtt.model_info = self.analyzer.status_model()
             self.mqtt.backlog = self.journal.outbox_pending
+        self.reports = ReportProcesses(config.effective_workers)
         recorder = OutcomeRecorder(
             self.journal,
             self.health,
@@ -96,6 +98,7 @@ class EdgeService:
             sinks=lambda: self.sinks,
             recorder=recorder,
             health=self.health,
+            reports=self.reports,
         )
         self.retention = ReportRetention(lambda: self.config, self.journal)
         self._config_lock = threading.Lock()
@@ -143,6 +146,7 @@ class EdgeService:
         for drainer in self.drainers:
             drainer.start()
         self.health.start()
+        self.reports.start()
         self.retention.start()
         if self.ipc is not None:
             self.ipc.subscribe_to_config_updates(
@@ -167,6 +171,7 @@ class EdgeService:
         if self.ipc is not None:
             self.ipc.close()
         self.retention.stop()
+        self.reports.close()
         self.health.stop()
         self.analyzer.close()
         self.journal.close()

@@ -34,7 +34,7 @@ from .logs import event
 from .outcomes import OutcomeRecorder
 from .pipeline import ScanAnalyzer
 from .privacy import REDACTOR
-from .reports.writer import ReportWriter
+from .reports.processes import ReportProcesses
 from .sinks import Sink
 from .sources import ScanItem, Source
 from .sources.files import display_name, file_key, read_scan
@@ -83,6 +83,7 @@ class WorkerPool:
         sinks: Callable[[], list[Sink]],
         recorder: OutcomeRecorder,
         health: Health,
+        reports: ReportProcesses,
     ) -> None:
         self._config = config
         self._analyzer = analyzer
@@ -91,6 +92,8 @@ class WorkerPool:
         self._sinks = sinks
         self.recorder = recorder
         self.health = health
+        #: Builds each result's reports (SR, FHIR, heat-map) in a child process.
+        self.reports = reports
         self.queue: queue.PriorityQueue[ScanItem] = queue.PriorityQueue()
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
@@ -298,9 +301,7 @@ class WorkerPool:
                 supersedes=earlier,
             )
         t_reports = time.perf_counter()
-        links = ReportWriter(config.reports, config.reports_path).write(
-            result, path, image=outcome.image, heatmap=outcome.heatmap
-        )
+        links = self.reports.write(config, result, path, image=outcome.image, heatmap=outcome.heatmap)
         if links is not None:
             result["reports"] = links
             if "error" in links:

@@ -39,7 +39,7 @@ from .uids import derived_uid
 if TYPE_CHECKING:
     import pydicom
 
-__all__ = ["CAUTION", "overlay", "png_bytes", "positive_heat", "secondary_capture"]
+__all__ = ["CAUTION", "fit_image", "overlay", "png_bytes", "positive_heat", "secondary_capture"]
 
 #: Burned into every overlay (and so the Secondary Capture says BurnedInAnnotation YES).
 CAUTION = "NOT FOR DIAGNOSTIC USE"
@@ -60,7 +60,7 @@ def positive_heat(cam: np.ndarray, labels: list[str], positive_label: str) -> np
     return normalised_heat(maps, positive_index(labels, positive_label))
 
 
-def _fit(image: np.ndarray, max_side: int) -> np.ndarray:
+def fit_image(image: np.ndarray, max_side: int) -> np.ndarray:
     """The image as float32 [0, 1], shrunk (area filter) so its longer side is at most ``max_side``."""
     grey = np.asarray(image, dtype=np.float32)
     if grey.ndim != 2:
@@ -97,7 +97,7 @@ def overlay(image: np.ndarray, heat: np.ndarray, max_side: int = 1024) -> np.nda
     square input), coloured with the JET map and blended with a weight
     proportional to the heat, so cold regions show the plain radiograph.
     """
-    grey = _fit(image, max_side)
+    grey = fit_image(image, max_side)
     rows, cols = grey.shape
     grid = np.clip(np.asarray(heat, dtype=np.float32), 0.0, 1.0)
     if grid.ndim != 2:

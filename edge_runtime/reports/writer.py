@@ -34,7 +34,7 @@ from ..sources.files import open_admitted
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
 
-__all__ = ["ReportWriter", "is_urgent", "read_source_header"]
+__all__ = ["ReportOutcome", "ReportWriter", "is_urgent", "log_outcome", "prioritize", "read_source_header"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,48 @@ def read_source_header(path: Path) -> Dataset:
 
     with open_admitted(path) as handle:
         return pydicom.dcmread(handle, stop_before_pixels=True)
+
+
+@dataclass(frozen=True)
+class ReportOutcome:
+    """What building one result's reports came to (plain values: it crosses a process boundary)."""
+
+    #: The result's ``reports`` links; with an ``error`` key when they could not be built.
+    links: dict[str, Any] | None
+    #: The files written.
+    files: list[str]
+    #: What the admin should do, when ``links`` says ``error``.
+    action: str | None
+
+
+def prioritize(result: dict[str, Any], urgent_threshold: float | None) -> None:
+    """Set ``result["priority"]``: the SR, the FHIR report and the priority topic follow it."""
+    result["priority"] = "urgent" if is_urgent(result, urgent_threshold) else "routine"
+
+
+def log_outcome(result: dict[str, Any], outcome: ReportOutcome) -> dict[str, Any] | None:
+    """Say what happened to a result's reports (in the service's log); returns its links."""
+    links = outcome.links
+    message_id = result["message_id"]
+    if links is not None and "error" in links:
+        log.error(
+            "%s for %s; the result is published without them. %s",
+            links["error"],
+            message_id[:16],
+            outcome.action or ReportError.action,
+        )
+    elif outcome.files:
+        event(
+            log,
+            "reports",
+            "reports for %s written: %s",
+            message_id[:16],
+            ", ".join(outcome.files),
+            message_id=message_id,
+            files=outcome.files,
+            priority=result["priority"],
+        )
+    return links
 
 
 @dataclass(frozen=True)
@@ -99,15 +141,28 @@ class ReportWriter:
         image: np.ndarray | None,
         heatmap: np.ndarray | None,
     ) -> dict[str, Any] | None:
-        """Write what applies to this result; returns the result's ``reports`` links (or None).
+        """Write what applies to this result, in this process; returns its ``reports`` links (or None).
 
-        Sets ``result["priority"]`` too: the SR and FHIR report carry it.
+        Sets ``result["priority"]`` too: the SR and FHIR report carry it. The
+        service builds reports in child processes instead (:mod:`.processes`),
+        which run this same :meth:`build`.
         """
-        urgent = is_urgent(result, self.config.urgent_threshold)
-        result["priority"] = "urgent" if urgent else "routine"
+        prioritize(result, self.config.urgent_threshold)
         if not self.enabled:
             return None
+        return log_outcome(result, self.build(result, source, image=image, heatmap=heatmap))
+
+    def build(
+        self,
+        result: dict[str, Any],
+        source: Path,
+        *,
+        image: np.ndarray | None,
+        heatmap: np.ndarray | None,
+    ) -> ReportOutcome:
+        """Build and write the files of a result whose ``priority`` is set; logs nothing."""
         message_id = result["message_id"]
+        urgent = result.get("priority") == "urgent"
         links: dict[str, Any] = {"folder": message_id}
         files: list[_File] = []
         try:
@@ -146,27 +201,13 @@ class ReportWriter:
                 reason, action = exc.message, exc.action
             else:
                 reason, action = f"{type(exc).__name__}: {exc}", ReportError.action
-            log.error(
-                "reports for %s not written (%s); the result is published without them. %s",
-                message_id[:16],
-                reason,
-                action,
+            return ReportOutcome(
+                {"folder": message_id, "error": f"reports not written: {reason}"[:500]}, [], action
             )
-            return {"folder": message_id, "error": f"reports not written: {reason}"[:500]}
         if not files:
-            return None
+            return ReportOutcome(None, [], None)
         self._write_files(self.folder(message_id), files)
-        event(
-            log,
-            "reports",
-            "reports for %s written: %s",
-            message_id[:16],
-            ", ".join(f.name for f in files),
-            message_id=message_id,
-            files=[f.name for f in files],
-            priority=result["priority"],
-        )
-        return links
+        return ReportOutcome(links, [f.name for f in files], None)
 
     @staticmethod
     def _write_files(folder: Path, files: list[_File]) -> None:

@@ -1,0 +1,171 @@
+"""Builds each result's reports in a child process, beside the workers instead of behind the GIL.
+
+A DICOM scan's reports are about 75 ms of pure Python (highdicom building and
+copying the SR's content tree, pydicom writing the SR and the Secondary
+Capture, the PNG): in the service process the two workers took turns at the
+GIL for it, so reports, not decoding, set the pace of a busy box. Here one
+child per worker (forkserver, like the decoders) runs
+:meth:`~edge_runtime.reports.writer.ReportWriter.build` and writes the files;
+the worker waits for it (the files must exist before the result is
+committed), while the other worker's decode, inference and journal work go
+on in the parent.
+
+Only DICOM scans' reports go to a child (an SR, a Secondary Capture, FHIR);
+a PNG or JPEG gets only the heat-map PNG, a few ms, built in the worker. Only
+small things cross: the result, the source's path (the child reads the
+header itself), the image already shrunk to the heat-map size and the 3x3
+map. The child logs nothing; the parent logs what it reports. If a child dies
+or hangs (``REPORT_TIMEOUT_S``), the pool is replaced and the result is
+published with ``reports.error`` saying so: a report never costs a result.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import threading
+import time
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config import ReportsConfig, RuntimeConfig
+from .writer import ReportOutcome, ReportWriter, log_outcome, prioritize
+
+__all__ = ["REPORT_TIMEOUT_S", "ReportProcesses"]
+
+log = logging.getLogger(__name__)
+
+#: A result's reports taking longer than this are given up (the child is replaced).
+REPORT_TIMEOUT_S = 120.0
+
+_CTX = mp.get_context("forkserver")
+
+
+def _build(
+    config: ReportsConfig,
+    path: Path,
+    result: dict[str, Any],
+    source: Path,
+    image: np.ndarray | None,
+    heatmap: np.ndarray | None,
+) -> ReportOutcome:
+    """In the child: the same build the service would run in-process."""
+    return ReportWriter(config, path).build(result, source, image=image, heatmap=heatmap)
+
+
+def _follow_the_service(service_pid: int) -> None:
+    """In the child: exit when the service is gone (killed with SIGKILL, or by the OOM killer).
+
+    A pool's children wait on a queue whose other end they hold themselves, so
+    they would not notice; an orphan would hold memory and the service's log
+    stream for ever.
+    """
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(service_pid, 0)
+            except ProcessLookupError:
+                os._exit(0)
+            except PermissionError:  # alive (another user's process would be a reused pid)
+                pass
+
+    threading.Thread(target=watch, name="follow-service", daemon=True).start()
+
+
+def _warm_up() -> None:
+    """In the child: import the report libraries before the first result needs them."""
+    from . import fhir, heatmap, sr  # noqa: F401
+
+
+class ReportProcesses:
+    """``processes`` report children, shared by the workers."""
+
+    def __init__(self, processes: int) -> None:
+        self._processes = max(1, processes)
+        self._lock = threading.Lock()
+        self._executor: ProcessPoolExecutor | None = None
+
+    def _pool(self) -> ProcessPoolExecutor:
+        with self._lock:
+            if self._executor is None:
+                self._executor = ProcessPoolExecutor(
+                    self._processes,
+                    mp_context=_CTX,
+                    initializer=_follow_the_service,
+                    initargs=(os.getpid(),),
+                )
+                for _ in range(self._processes):
+                    self._executor.submit(_warm_up)
+            return self._executor
+
+    def start(self) -> None:
+        """Start the children and let them import the report libraries (not waited for)."""
+        self._pool()
+
+    def _replace(self, broken: ProcessPoolExecutor) -> None:
+        with self._lock:
+            if self._executor is not broken:
+                return
+            self._executor = None
+        for process in list(getattr(broken, "_processes", {}).values()):
+            process.kill()  # a hung child: shutdown() alone would wait for it
+        broken.shutdown(wait=False, cancel_futures=True)
+
+    def write(
+        self,
+        config: RuntimeConfig,
+        result: dict[str, Any],
+        source: Path,
+        *,
+        image: np.ndarray | None,
+        heatmap: np.ndarray | None,
+    ) -> dict[str, Any] | None:
+        """Set the result's priority and write its reports; returns its ``reports`` links (or None)."""
+        reports = config.reports
+        prioritize(result, reports.urgent_threshold)
+        writer = ReportWriter(reports, config.reports_path)
+        if not writer.enabled:
+            return None
+        if result["input"]["kind"] != "dicom" or not (reports.dicom_sr or reports.fhir):
+            # Only a heat-map PNG (a few ms): sending it to a child would cost more than it saves.
+            return log_outcome(result, writer.build(result, source, image=image, heatmap=heatmap))
+        if image is not None and heatmap is not None and reports.heatmap:
+            from .heatmap import fit_image
+
+            image = fit_image(image, reports.heatmap_max_side)  # what the overlay draws on anyway
+        else:
+            image = None
+        pool = self._pool()
+        try:
+            future: Future[ReportOutcome] = pool.submit(
+                _build, reports, config.reports_path, result, source, image, heatmap
+            )
+            outcome = future.result(timeout=REPORT_TIMEOUT_S)
+        except (BrokenProcessPool, FutureTimeout) as exc:
+            self._replace(pool)
+            what = (
+                f"took longer than {REPORT_TIMEOUT_S:.0f} s"
+                if isinstance(exc, FutureTimeout)
+                else "stopped unexpectedly (crashed or killed)"
+            )
+            outcome = ReportOutcome(
+                {"folder": result["message_id"], "error": f"reports not written: the report process {what}"},
+                [],
+                "The result was published without its reports; if this repeats, send the service log "
+                "and the scan's reference to HealthDiag support.",
+            )
+        return log_outcome(result, outcome)
+
+    def close(self) -> None:
+        with self._lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
