@@ -80,7 +80,9 @@ class EdgeService:
         if self.mqtt is not None:
             self.mqtt.model_info = self.analyzer.status_model()
             self.mqtt.backlog = self.journal.outbox_pending
-        self.reports = ReportProcesses(config.effective_workers)
+        # One report child: as fast as one per worker here (0.99x on 2 cores) at half the memory
+        # (~225 MB RSS each, the report libraries).
+        self.reports = ReportProcesses(1)
         recorder = OutcomeRecorder(
             self.journal,
             self.health,

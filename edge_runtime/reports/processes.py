@@ -3,8 +3,8 @@
 A DICOM scan's reports are about 75 ms of pure Python (highdicom building and
 copying the SR's content tree, pydicom writing the SR and the Secondary
 Capture, the PNG): in the service process the two workers took turns at the
-GIL for it, so reports, not decoding, set the pace of a busy box. Here one
-child per worker (forkserver, like the decoders) runs
+GIL for it, so reports, not decoding, set the pace of a busy box. Here a
+child process (forkserver, like the decoders) runs
 :meth:`~edge_runtime.reports.writer.ReportWriter.build` and writes the files;
 the worker waits for it (the files must exist before the result is
 committed), while the other worker's decode, inference and journal work go
@@ -86,7 +86,7 @@ def _warm_up() -> None:
 
 
 class ReportProcesses:
-    """``processes`` report children, shared by the workers."""
+    """``processes`` report children, shared by the workers (the service uses one)."""
 
     def __init__(self, processes: int) -> None:
         self._processes = max(1, processes)
