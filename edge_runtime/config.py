@@ -60,11 +60,27 @@ __all__ = [
     "RuntimeConfig",
     "TlsConfig",
     "load_config",
+    "read_secret_file",
 ]
 
 ENV_PREFIX = "EDGE_RUNTIME__"
 #: Optional settings: an empty string (how a recipe or an environment variable says "unset") is None.
 EMPTY_IS_NONE = BeforeValidator(lambda value: None if value in ("", None) else value)
+
+
+def read_secret_file(path: Path, what: str, setting: str) -> str:
+    """The first line of a secret file (a password, a token): kept out of configs and recipes.
+
+    Raises:
+        ConfigError: naming the file, why it cannot be read, and the setting to fix.
+    """
+    try:
+        return path.read_text(encoding="utf-8").splitlines()[0]
+    except (OSError, IndexError) as exc:
+        raise ConfigError(
+            f"Cannot read the {what} from {path}: {getattr(exc, 'strerror', None) or 'the file is empty'}.",
+            action=f"Fix {setting} (the file's first line is the {what}).",
+        ) from exc
 
 
 class _Section(BaseModel):

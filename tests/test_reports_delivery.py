@@ -15,6 +15,7 @@ from pathlib import Path
 import cv2
 import jsonschema
 import pydicom
+import pytest
 from conftest import TEST_TRUSTED_KEYS, dcmtk, free_port, wait_for_port
 
 from edge_runtime.config import RuntimeConfig
@@ -100,12 +101,14 @@ class FhirEndpoint(http.server.ThreadingHTTPServer):
 
     def __init__(self) -> None:
         self.received: list[dict] = []
+        self.authorizations: list[str | None] = []
         self.fail_next = 0
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
+                outer.authorizations.append(self.headers.get("Authorization"))
                 if outer.fail_next > 0:
                     outer.fail_next -= 1
                     self._reply(
@@ -337,3 +340,32 @@ def test_old_report_folders_go_once_every_sink_has_them(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["b" * 64, "c" * 64]
     assert prune_reports(root, 0, set(), now=now) == 0  # KeepDays 0: kept for ever
     assert len(list(root.iterdir())) == 2
+
+
+def test_fhir_sink_sends_the_bearer_token_and_names_an_unreadable_token_file(tmp_path):
+    from edge_runtime.errors import PublishError
+    from edge_runtime.journal import OutboxMessage
+    from edge_runtime.sinks.fhir_http import FhirHttpSink
+
+    fhir = FhirEndpoint()
+    try:
+        token = tmp_path / "fhir.token"
+        token.write_text("s3cret-token\n")
+        bundle = {"resourceType": "Bundle", "type": "transaction", "entry": []}
+        message = OutboxMessage(1, "m" * 64, fhir.url, json.dumps(bundle), 1, "fhir-http")
+
+        def sink(token_file: Path) -> FhirHttpSink:
+            return FhirHttpSink(
+                RuntimeConfig.from_mapping(
+                    {"Reports": {"FhirEndpoint": fhir.url, "FhirTokenFile": str(token_file)}}
+                )
+            )
+
+        assert sink(token).send(message) is None  # the server's 200 is the confirmation
+        assert fhir.authorizations == ["Bearer s3cret-token"]
+        with pytest.raises(PublishError) as refused:
+            sink(tmp_path / "missing.token").send(message)
+        assert "Reports.FhirTokenFile" in refused.value.action and "missing.token" in refused.value.message
+        assert len(fhir.received) == 1  # nothing sent without the token
+    finally:
+        fhir.close()

@@ -18,7 +18,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from ..config import RuntimeConfig
+from ..config import RuntimeConfig, read_secret_file
 from ..errors import ConfigError, PublishError
 from ..journal import Delivery, OutboxMessage
 from .base import Acknowledge
@@ -75,14 +75,7 @@ class FhirHttpSink:
         path = self._config.reports.fhir_token_file
         if path is None:
             return None
-        try:
-            return path.read_text(encoding="utf-8").splitlines()[0].strip()
-        except (OSError, IndexError) as exc:
-            raise ConfigError(
-                f"Cannot read the FHIR bearer token from {path}: "
-                f"{getattr(exc, 'strerror', None) or 'the file is empty'}.",
-                action="Fix Reports.FhirTokenFile (its first line is the token).",
-            ) from exc
+        return read_secret_file(path, "FHIR bearer token", "Reports.FhirTokenFile").strip()
 
     def send(self, message: OutboxMessage) -> None:
         headers = {"Content-Type": _FHIR_JSON, "Accept": _FHIR_JSON}

@@ -26,7 +26,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from ..config import MqttConfig, RuntimeConfig
+from ..config import MqttConfig, RuntimeConfig, read_secret_file
 from ..errors import ConfigError, PublishError
 from ..journal import Delivery, OutboxMessage
 from ..results import build_status
@@ -40,14 +40,7 @@ log = logging.getLogger(__name__)
 def _read_password(config: MqttConfig) -> str | None:
     if config.password_file is None:
         return config.password
-    try:
-        return config.password_file.read_text(encoding="utf-8").splitlines()[0]
-    except (OSError, IndexError) as exc:
-        raise ConfigError(
-            f"Cannot read the MQTT password from {config.password_file}: "
-            f"{getattr(exc, 'strerror', None) or 'the file is empty'}.",
-            action="Fix Mqtt.PasswordFile (the file's first line is the password).",
-        ) from exc
+    return read_secret_file(config.password_file, "MQTT password", "Mqtt.PasswordFile")
 
 
 def build_tls_context(config: MqttConfig) -> ssl.SSLContext:
