@@ -30,6 +30,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -66,6 +67,16 @@ __all__ = [
 ENV_PREFIX = "EDGE_RUNTIME__"
 #: Optional settings: an empty string (how a recipe or an environment variable says "unset") is None.
 EMPTY_IS_NONE = BeforeValidator(lambda value: None if value in ("", None) else value)
+
+
+def _publish_topic(value: str) -> str:
+    if any(ch in value for ch in "#+"):
+        raise ValueError("a publish topic must not contain '#' or '+'")
+    return value
+
+
+#: A topic we publish to (empty: off): MQTT wildcards there would be a mistake, refused at start-up.
+PublishTopic = Annotated[str, AfterValidator(_publish_topic)]
 
 
 def read_secret_file(path: Path, what: str, setting: str) -> str:
@@ -307,29 +318,22 @@ class JournalConfig(_Section):
 class GreengrassConfig(_Section):
     """Extra result sinks through the Greengrass nucleus (used only when it started us)."""
 
-    local_topic: str = Field(
+    local_topic: PublishTopic = Field(
         "healthdiag/edge/results",
         description="Greengrass local pub/sub topic for results (PublishToTopic); empty = off.",
     )
-    iot_core_topic: str = Field(
+    iot_core_topic: PublishTopic = Field(
         "",
         description="AWS IoT Core topic for de-identified results (PublishToIoTCore, QoS 1); "
         "empty = off. Identifiers of the scan never leave the box.",
     )
-    status_topic: str = Field(
+    status_topic: PublishTopic = Field(
         "healthdiag/edge/status",
         description="AWS IoT Core topic prefix for this box's health report: every heartbeat the "
         "status (model version, its conformance check, counters; no scan identifiers) is published "
         "retained to <prefix>/<thing name>, where the release pipeline's canary check reads it; "
         "empty = off.",
     )
-
-    @field_validator("local_topic", "iot_core_topic", "status_topic")
-    @classmethod
-    def _no_wildcards(cls, value: str) -> str:
-        if any(ch in value for ch in "#+"):
-            raise ValueError("a publish topic must not contain '#' or '+'")
-        return value
 
 
 class HealthConfig(_Section):
@@ -453,7 +457,7 @@ class ReportsConfig(_Section):
         max_length=40,
         description="Root of the UIDs of the objects we create ('2.25' = UUID-derived UIDs).",
     )
-    fhir_topic: str = Field(
+    fhir_topic: PublishTopic = Field(
         "", description="MQTT topic for FHIR reports; empty = <TopicPrefix>/fhir (set Fhir false to stop)."
     )
     fhir_endpoint: str = Field(
@@ -469,7 +473,7 @@ class ReportsConfig(_Section):
         description="A positive finding with P >= this is urgent: also published on the priority "
         "topic and flagged in SR/FHIR; empty = the model's operating threshold.",
     )
-    priority_topic: str = Field(
+    priority_topic: PublishTopic = Field(
         "", description="MQTT topic for urgent results; empty = <TopicPrefix>/results/urgent."
     )
 
@@ -478,13 +482,6 @@ class ReportsConfig(_Section):
     def _http_url(cls, value: str) -> str:
         if value and not value.startswith(("https://", "http://")):
             raise ValueError("must be the FHIR server's base URL, https://... (or http:// on a test LAN)")
-        return value
-
-    @field_validator("fhir_topic", "priority_topic")
-    @classmethod
-    def _no_wildcards(cls, value: str) -> str:
-        if any(ch in value for ch in "#+"):
-            raise ValueError("a publish topic must not contain '#' or '+'")
         return value
 
 
