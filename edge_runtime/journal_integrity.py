@@ -7,6 +7,7 @@ wrote? See the *Identity* section of :mod:`edge_runtime.journal`'s docstring.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -17,6 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from .durable import fsync_dir
 from .errors import JournalError, JournalIntegrityError
 
 __all__ = [
@@ -114,17 +116,9 @@ def translate_error(exc: BaseException, path: Path, doing: str) -> JournalError:
 
 
 def _fsync_dir(folder: Path) -> None:
-    """Make a rename or a new file in ``folder`` survive a power cut."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    """:func:`~edge_runtime.durable.fsync_dir`, best effort: the file itself is already fsynced."""
+    with contextlib.suppress(OSError):
+        fsync_dir(folder)
 
 
 def write_id_file(id_path: Path, journal_id: str) -> None:

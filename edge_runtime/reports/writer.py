@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..config import ReportsConfig
+from ..durable import fsync_dir
 from ..errors import EdgeRuntimeError, ReportError
 from ..logs import event
 from ..sources.files import open_admitted
@@ -243,11 +244,7 @@ class ReportWriter:
         finally:
             for fd in fds:
                 os.close(fd)
-        directory = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        fsync_dir(folder)
 
 
 #: Runs the report files' fsyncs side by side (see ReportWriter._write_files).

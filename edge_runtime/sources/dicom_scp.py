@@ -43,17 +43,16 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import logging
-import os
 import secrets
 import shutil
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from io import BytesIO
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from ..config import DicomConfig, RuntimeConfig
+from ..durable import write_durably
 from ..errors import ConfigError, EdgeRuntimeError
 from ..journal import Receipt, ReceiptLog
 from ..privacy import load_or_create_key, scan_ref
@@ -463,7 +462,7 @@ class DicomScpSource:
         final = self.spool / name
         part = final.with_name(name + PART_SUFFIX)
         try:
-            _write_durably(part, final, meta, body)
+            write_durably(part, final, meta, body)
         except OSError as exc:
             part.unlink(missing_ok=True)
             log.error("DICOM object from %s could not be written to %s: %s", peer, self.spool, exc)
@@ -505,24 +504,3 @@ class DicomScpSource:
 
 class _Stopping(Exception):
     """The receiver was stopped while an object was being stored."""
-
-
-def _write_durably(part: Path, final: Path, meta: bytes, body: Any) -> None:
-    """Write ``part``, fsync it, rename it to ``final``, fsync the folder (the rename's durability)."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-    fd = os.open(part, flags, 0o640)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(meta)
-            fh.write(body)
-            fh.flush()
-            os.fsync(fh.fileno())
-    except BaseException:
-        part.unlink(missing_ok=True)
-        raise
-    os.rename(part, final)
-    folder = os.open(final.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
