@@ -1,4 +1,4 @@
-"""One scan through the stages: decode -> preprocess -> backend -> result.
+"""One scan through the stages: decode + preprocess (:mod:`.prepare`) -> backend -> result.
 
 :class:`ScanAnalyzer` holds the loaded model and is shared by all workers
 (ONNX Runtime sessions are thread-safe; each thread gets its own
@@ -19,16 +19,15 @@ import numpy as np
 
 from .backends import Backend, create_backend
 from .bundle import BundleTrust, ModelBundle, default_bundle_path, load_bundle, sha256_file
-from .config import RuntimeConfig
+from .config import ReportsConfig, RuntimeConfig
 from .conformance import ConformanceReport, check_conformance, enforce, require_cpu_support
-from .decode import DecodedImage, DecodeLimits, decode_file
-from .errors import EdgeRuntimeError, UnsupportedImage
+from .decode import DecodeLimits
 from .intake import IntakePolicy
 from .logs import event
-from .preprocess import preprocess
+from .prepare import PreparedScan, PrepareOptions, prepare_file
 from .privacy import load_or_create_key, scan_ref
 from .reports.heatmap import positive_heat
-from .results import build_result, pixels_digest, scores_to_probabilities
+from .results import build_result, scores_to_probabilities
 from .sandbox import DecodeSandbox
 from .sources.files import display_name
 
@@ -49,7 +48,8 @@ class ScanOutcome:
     #: :func:`~edge_runtime.reports.heatmap.positive_heat` of the model's class-activation map,
     #: ``(h, w)`` float32 in [0, 1] on the model's grid; None when the model has no heat-map output.
     heatmap: np.ndarray | None = None
-    #: The decoded 2-D pixels ([0, 1]) the overlay is drawn on; None exactly when ``heatmap`` is.
+    #: The decoded image as the overlay is drawn on it (2-D, [0, 1], longer side at most the
+    #: ``preview_side`` asked for); None when ``heatmap`` is, or when no preview was asked for.
     image: np.ndarray | None = None
 
 
@@ -87,6 +87,9 @@ class ScanAnalyzer:
             "preprocessing_sha256": bundle.preprocessing.sha256,
         }
         self._local = threading.local()
+        #: The heat-map preview's longer side when :meth:`analyze` is not told (Reports.HeatmapMaxSide).
+        self.preview_side = ReportsConfig().heatmap_max_side
+        self._has_heatmap = bundle.manifest.heatmap_output(backend.name) is not None
         #: The conformance check run when this model was loaded (None: the bundle has no set).
         self.conformance: ConformanceReport | None = None
         #: The box's scan-reference key (None: unkeyed references, outside the service).
@@ -176,14 +179,8 @@ class ScanAnalyzer:
         if create_reference_key or config.reference_key_path.is_file():
             analyzer.reference_key = load_or_create_key(config.reference_key_path)
         analyzer.publish_file_names = config.privacy.publish_file_names
+        analyzer.preview_side = config.reports.heatmap_max_side if config.reports.heatmap else 0
         return analyzer
-
-    def _buffer(self) -> np.ndarray:
-        buf = getattr(self._local, "buf", None)
-        if buf is None:
-            buf = np.empty((1, *self.bundle.preprocessing.sample_shape), dtype=np.float32)
-            self._local.buf = buf
-        return buf
 
     def _sandbox(self) -> DecodeSandbox:
         sandbox = getattr(self._local, "sandbox", None)
@@ -198,15 +195,26 @@ class ScanAnalyzer:
         if self.isolate:
             self._sandbox().warm_up()
 
-    def _decode(self, path: Path) -> DecodedImage:
+    def _prepare(self, path: Path, preview_side: int) -> PreparedScan:
+        options = PrepareOptions(
+            self.bundle.preprocessing, self.limits, preview_side if self._has_heatmap else 0
+        )
         if not self.isolate:
-            return decode_file(path, self.limits)
-        return self._sandbox().decode(path, self.limits)
+            return prepare_file(path, options)
+        return self._sandbox().prepare(path, options)
 
     def analyze(
-        self, path: Path, sha256: str | None = None, timings_ms: dict[str, float] | None = None
+        self,
+        path: Path,
+        sha256: str | None = None,
+        timings_ms: dict[str, float] | None = None,
+        *,
+        preview_side: int | None = None,
     ) -> ScanOutcome:
         """Decode, preprocess and infer one file.
+
+        ``preview_side``: the longer side of the image handed back for the heat-map
+        (0: none; None: :attr:`preview_side`).
 
         Raises:
             InputError: the file cannot be used (the caller quarantines it).
@@ -218,9 +226,13 @@ class ScanAnalyzer:
             sha256 = file_sha256(path)
             timings["hash"] = (time.perf_counter() - t0) * 1000
         t_decode = time.perf_counter()
-        decoded = self._decode(path)
-        timings["decode"] = (time.perf_counter() - t_decode) * 1000
-        meta = decoded.metadata
+        prepared = self._prepare(path, self.preview_side if preview_side is None else preview_side)
+        elapsed = (time.perf_counter() - t_decode) * 1000
+        # Where the decoder child ran preprocessing, "decode" is the rest of the round trip:
+        # decoding, hashing the pixels and the hand-over.
+        timings["preprocess"] = prepared.timings_ms["preprocess"]
+        timings["decode"] = max(0.0, elapsed - timings["preprocess"])
+        meta = prepared.metadata
         event(
             log,
             "decoded",
@@ -229,7 +241,7 @@ class ScanAnalyzer:
             timings["decode"],
             file=path.name,
             sha256=sha256[:16],
-            decoder=decoded.decoder,
+            decoder=prepared.decoder,
             rows=meta.get("rows"),
             columns=meta.get("columns"),
             modality=meta.get("modality"),
@@ -237,28 +249,11 @@ class ScanAnalyzer:
             duration_ms=round(timings["decode"], 2),
         )
         if self.policy is not None:
-            self.policy.check(path.name, decoded.kind, meta)
-
-        t_pre = time.perf_counter()
-        buf = self._buffer()
-        try:
-            preprocess(decoded.pixels, self.bundle.preprocessing, out=buf[0])
-        except EdgeRuntimeError:
-            raise
-        except Exception as exc:
-            log.error(
-                "preprocess failed for %s: shape=%s dtype=%s range=[%.3g, %.3g]",
-                path.name,
-                decoded.pixels.shape,
-                decoded.pixels.dtype,
-                float(np.min(decoded.pixels)),
-                float(np.max(decoded.pixels)),
-            )
-            raise UnsupportedImage(f"{path.name} cannot be preprocessed: {exc}") from exc
-        timings["preprocess"] = (time.perf_counter() - t_pre) * 1000
+            self.policy.check(path.name, prepared.kind, meta)
+        batch = prepared.sample_or_raise()[np.newaxis]  # the model's (1, ...) input, no copy
 
         t_inf = time.perf_counter()
-        outputs = self.backend.infer_outputs(buf)  # one engine run: scores and, if any, the heat-map
+        outputs = self.backend.infer_outputs(batch)  # one engine run: scores and, if any, the heat-map
         timings["infer"] = (time.perf_counter() - t_inf) * 1000
         probs = scores_to_probabilities(outputs.scores[0], self.bundle.output_activation)
         heat = (
@@ -272,8 +267,8 @@ class ScanAnalyzer:
             if self.publish_file_names
             else scan_ref(sha256, path.name, key=self.reference_key),
             sha256=sha256,
-            kind=decoded.kind,
-            decoder=decoded.decoder,
+            kind=prepared.kind,
+            decoder=prepared.decoder,
             metadata=meta,
             model=self.model_info,
             labels=self.bundle.labels,
@@ -281,7 +276,7 @@ class ScanAnalyzer:
             positive_label=self.bundle.positive_label,
             threshold=self.threshold,
             timings_ms=timings,
-            pixels_sha256=pixels_digest(decoded.pixels) if meta.get("sop_instance_uid") else None,
+            pixels_sha256=prepared.pixels_sha256,
         )
         finding = result["findings"][0]
         event(
@@ -304,7 +299,7 @@ class ScanAnalyzer:
             result=result,
             timings_ms=timings,
             heatmap=heat,
-            image=decoded.pixels if heat is not None else None,
+            image=prepared.preview if heat is not None else None,
         )
 
     def status_model(self) -> dict[str, Any]:

@@ -4,7 +4,9 @@ Decoders are large C libraries (libjpeg, OpenJPEG, CharLS, GDCM) fed with
 files from the network. A malformed file can make one spin forever, allocate
 without bound or crash the process. None of that may stop the service, so
 the service decodes in a :class:`DecodeSandbox`: a long-lived child process
-(one per worker) that
+(one per worker) that runs :func:`~edge_runtime.prepare.prepare_file` (decode,
+preprocess, hash the pixels, shrink the heat-map preview: only those small
+results come back, never the full-size image), and that
 
 * runs with ``RLIMIT_AS`` set to ``Decode.MemoryLimitMb``, so a runaway
   allocation fails inside the child (``MemoryError``) instead of waking the
@@ -33,8 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from . import decode as decode_stage
-from .decode import DecodedImage, DecodeLimits, decode_file
 from .errors import CorruptImage, DecodeCrashed, DecoderFault, DecodeTimeout, InputError
+from .prepare import PreparedScan, PrepareOptions, prepare_file
 
 __all__ = ["DecodeSandbox"]
 
@@ -42,7 +44,7 @@ log = logging.getLogger(__name__)
 
 _CTX = mp.get_context("forkserver")
 _CTX.set_forkserver_preload(
-    ["edge_runtime.decode", "edge_runtime.decode.dicom", "edge_runtime.decode.raster"]
+    ["edge_runtime.decode", "edge_runtime.decode.dicom", "edge_runtime.decode.raster", "edge_runtime.prepare"]
 )
 
 
@@ -93,23 +95,23 @@ def _child_main(conn: Connection, registry: dict[str, str], memory_bytes: int) -
         if request == "ping":
             conn.send(("pong",))
             continue
-        path, max_pixels = request
-        reply = _decode_reply(Path(path), max_pixels)
+        path, options = request
+        reply = _prepare_reply(Path(path), options)
         try:
             conn.send(reply)
         except MemoryError:
             conn.send(("memory", ""))
-        # The image was pickled into the pipe; without it the decoder's working memory (a
-        # full-resolution float image and the libraries' buffers) goes back to the system:
-        # about 150 -> 70 MB per idle child after a 1955x1841 CR.
+        # Without the reply, the decoder's working memory (a full-resolution float image and
+        # the libraries' buffers) goes back to the system: about 150 -> 70 MB per idle child
+        # after a 1955x1841 CR.
         del reply
         _release_memory()
 
 
-def _decode_reply(path: Path, max_pixels: int) -> tuple[Any, ...]:
-    """The child's answer for one file: the image, or the error as plain values."""
+def _prepare_reply(path: Path, options: PrepareOptions) -> tuple[Any, ...]:
+    """The child's answer for one file: the prepared scan, or the error as plain values."""
     try:
-        return ("ok", decode_file(path, DecodeLimits(max_pixels=max_pixels)))
+        return ("ok", prepare_file(path, options))
     except InputError as exc:
         return ("input_error", type(exc).__name__, exc.message, exc.action)
     except MemoryError:
@@ -169,14 +171,14 @@ class DecodeSandbox:
             if self._conn.poll(timeout_s):
                 self._conn.recv()
 
-    def decode(self, path: Path, limits: DecodeLimits) -> DecodedImage:
-        """Decode ``path`` in the child; raises the same InputErrors as in-process decoding."""
+    def prepare(self, path: Path, options: PrepareOptions) -> PreparedScan:
+        """:func:`~edge_runtime.prepare.prepare_file` in the child; raises the same InputErrors."""
         with self._lock:
             if self._proc is None or not self._proc.is_alive():
                 self._start()
             assert self._conn is not None
             try:
-                self._conn.send((str(path), limits.max_pixels))
+                self._conn.send((str(path), options))
                 ready = self._conn.poll(self.timeout_s)
                 reply = self._conn.recv() if ready else None
             except (EOFError, BrokenPipeError, ConnectionResetError, OSError):
@@ -195,8 +197,8 @@ class DecodeSandbox:
                 )
             kind = reply[0]
             if kind == "ok":
-                image: DecodedImage = reply[1]
-                return image
+                prepared: PreparedScan = reply[1]
+                return prepared
             if kind == "input_error":
                 raise _error_class(reply[1])(reply[2], action=reply[3])
             if kind == "memory":

@@ -273,7 +273,12 @@ class WorkerPool:
             )
             return
         try:
-            outcome = self._analyzer().analyze(path, sha256, {"queue": queue_ms, "hash": hash_ms})
+            outcome = self._analyzer().analyze(
+                path,
+                sha256,
+                {"queue": queue_ms, "hash": hash_ms},
+                preview_side=config.reports.heatmap_max_side if config.reports.heatmap else 0,
+            )
         except InputError as exc:
             self.recorder.quarantine(item, sha256, record.id, record.attempts, exc.to_dict())
             return

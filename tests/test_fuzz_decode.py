@@ -1,8 +1,9 @@
 """Fuzz the decode entry point with mutated real files (Hypothesis).
 
-Every mutated file must either decode to a sane image or raise one of the
-project's typed ``InputError``s: no other exception, no hang, no unbounded
-allocation. Decoding goes through the same :class:`DecodeSandbox` the
+Every mutated file must either become a sane prepared scan (decoded,
+preprocessed for the bundled model, its heat-map preview shrunk) or raise one
+of the project's typed ``InputError``s: no other exception, no hang, no
+unbounded allocation. It goes through the same :class:`DecodeSandbox` the
 service uses, because this fuzzer's first finding was a file on which GDCM
 calls ``abort()``: in-process, that kills the whole service; in the sandbox
 it becomes ``DecodeCrashed`` and the file is quarantined. The test also
@@ -21,8 +22,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from edge_runtime.bundle import default_bundle_path, load_bundle
 from edge_runtime.decode import DecodeLimits
 from edge_runtime.errors import InputError
+from edge_runtime.prepare import PrepareOptions
 from edge_runtime.sandbox import DecodeSandbox
 
 pytestmark = [
@@ -53,6 +56,8 @@ SEEDS = [
 ]
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "3000"))
 LIMITS = DecodeLimits(max_pixels=4_000_000)
+SPEC = load_bundle(default_bundle_path()).preprocessing
+OPTIONS = PrepareOptions(SPEC, LIMITS, preview_side=512)
 PER_EXAMPLE_TIMEOUT_S = 20
 
 
@@ -117,11 +122,14 @@ def test_mutated_real_files_never_escape_the_typed_errors(tmp_path_factory, sand
     path = tmp_path_factory.mktemp("fuzz") / "input.bin"
     path.write_bytes(data)
     try:
-        image = sandbox.decode(path, LIMITS)
+        prepared = sandbox.prepare(path, OPTIONS)
+        sample = prepared.sample_or_raise()
     except InputError as exc:
         assert exc.message and exc.action
         return
-    assert image.pixels.ndim == 2 and image.pixels.dtype == np.float32
-    assert image.pixels.size <= LIMITS.max_pixels
-    assert np.isfinite(image.pixels).all()
-    assert image.pixels.min() >= 0.0 and image.pixels.max() <= 1.0
+    assert len(prepared.shape) == 2 and int(np.prod(prepared.shape)) <= LIMITS.max_pixels
+    assert sample.shape == SPEC.sample_shape and sample.dtype == np.float32
+    assert np.isfinite(sample).all()
+    assert prepared.preview is not None and max(prepared.preview.shape) <= 512
+    assert np.isfinite(prepared.preview).all()
+    assert prepared.preview.min() >= 0.0 and prepared.preview.max() <= 1.0

@@ -1,4 +1,4 @@
-"""The decode sandbox survives decoders that hang, eat memory or crash."""
+"""The decode sandbox survives decoders that hang, eat memory or crash, and prepares scans as in-process."""
 
 from __future__ import annotations
 
@@ -9,9 +9,17 @@ import numpy as np
 import pytest
 
 from edge_runtime import decode as decode_stage
+from edge_runtime.bundle import default_bundle_path, load_bundle
 from edge_runtime.decode import DecodeLimits, decode_file
-from edge_runtime.errors import CorruptImage, DecodeCrashed, DecodeTimeout, NotAnImage
+from edge_runtime.errors import CorruptImage, DecodeCrashed, DecodeTimeout, NotAnImage, UnsupportedImage
+from edge_runtime.prepare import PrepareOptions, prepare_file
+from edge_runtime.preprocess import PreprocessSpec, preprocess
+from edge_runtime.reports.preview import fit_image
+from edge_runtime.results import pixels_digest
 from edge_runtime.sandbox import DecodeSandbox
+
+#: A small model input (what the sandbox computes is checked against the same calls in-process).
+OPTIONS = PrepareOptions(PreprocessSpec(height=32, width=32), DecodeLimits())
 
 SIIM = "dicom/siim_torchxrayvision/1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
 
@@ -26,14 +34,56 @@ def misbehaving_plugins():
     decode_stage.use_registry(saved)
 
 
-def test_sandbox_decodes_like_in_process(shared_data: Path):
+def test_sandbox_prepares_exactly_as_decode_then_preprocess(shared_data: Path):
+    """The child hands back the sample, digest and preview, bit-identical to the in-process calls."""
+    spec = load_bundle(default_bundle_path()).preprocessing
+    options = PrepareOptions(spec, DecodeLimits(), preview_side=512)
     sandbox = DecodeSandbox(timeout_s=30)
     try:
         for rel in (SIIM, "cxr/kermany_pneumonia_224/test/NORMAL/IM-0001-0001.jpeg"):
-            inside = sandbox.decode(shared_data / rel, DecodeLimits())
+            inside = sandbox.prepare(shared_data / rel, options)
             direct = decode_file(shared_data / rel)
-            assert np.array_equal(inside.pixels, direct.pixels)
+            assert inside.sample is not None and inside.sample.shape == spec.sample_shape
+            assert np.array_equal(inside.sample, preprocess(direct.pixels, spec))
+            assert inside.preview is not None and max(inside.preview.shape) <= 512
+            assert np.array_equal(inside.preview, fit_image(direct.pixels, 512))
+            assert inside.shape == direct.pixels.shape
             assert inside.metadata == direct.metadata
+            assert (inside.kind, inside.decoder) == (direct.kind, direct.decoder)
+            if direct.metadata.get("sop_instance_uid"):
+                assert inside.pixels_sha256 == pixels_digest(direct.pixels)
+            else:
+                assert inside.pixels_sha256 is None
+            in_process = prepare_file(shared_data / rel, options)
+            assert np.array_equal(in_process.sample, inside.sample)
+            assert in_process.pixels_sha256 == inside.pixels_sha256
+        no_preview = sandbox.prepare(shared_data / SIIM, PrepareOptions(spec, DecodeLimits()))
+        assert no_preview.preview is None and no_preview.sample is not None
+    finally:
+        sandbox.close()
+
+
+def test_a_preprocessing_failure_is_carried_back_then_raised(misbehaving_plugins, tmp_path: Path):
+    """Carried back, not raised in the child: the service checks the intake policy first."""
+    decode_stage.register_decoder("colour", "plugins.misbehaving:ColourDecoder", first=True)
+    decode_stage.register_decoder("text", "plugins.misbehaving:TextPixelsDecoder", first=True)
+    (tmp_path / "colour.bin").write_bytes(b"COLOUR\n" + b"x" * 100)
+    (tmp_path / "text.bin").write_bytes(b"TEXT\n" + b"x" * 100)
+    sandbox = DecodeSandbox(timeout_s=30)
+    try:
+        for prepared in (
+            sandbox.prepare(tmp_path / "colour.bin", OPTIONS),
+            prepare_file(tmp_path / "colour.bin", OPTIONS),
+        ):
+            assert prepared.sample is None and prepared.shape == (8, 8, 3)
+            with pytest.raises(UnsupportedImage, match="2-D grey image"):
+                prepared.sample_or_raise()
+        text = sandbox.prepare(tmp_path / "text.bin", OPTIONS)
+        with pytest.raises(
+            UnsupportedImage, match=r"text\.bin cannot be preprocessed: .*shape \(8, 8\), dtype object"
+        ):
+            text.sample_or_raise()
+        assert sandbox.restarts == 0
     finally:
         sandbox.close()
 
@@ -44,9 +94,9 @@ def test_typed_errors_cross_the_process_boundary(tmp_path: Path):
     sandbox = DecodeSandbox()
     try:
         with pytest.raises(NotAnImage, match=r"notes\.dcm"):
-            sandbox.decode(tmp_path / "notes.dcm", DecodeLimits())
+            sandbox.prepare(tmp_path / "notes.dcm", OPTIONS)
         with pytest.raises(CorruptImage, match="empty"):
-            sandbox.decode(tmp_path / "empty.png", DecodeLimits())
+            sandbox.prepare(tmp_path / "empty.png", OPTIONS)
         assert sandbox.restarts == 0
     finally:
         sandbox.close()
@@ -61,16 +111,16 @@ def test_hang_memory_and_crash_are_contained(misbehaving_plugins, shared_data: P
     try:
         t0 = time.monotonic()
         with pytest.raises(DecodeTimeout, match=r"hang\.bin"):
-            sandbox.decode(tmp_path / "hang.bin", DecodeLimits())
+            sandbox.prepare(tmp_path / "hang.bin", OPTIONS)
         assert time.monotonic() - t0 < 5
-        assert sandbox.decode(good, DecodeLimits()).pixels.shape == (224, 224)
+        assert sandbox.prepare(good, OPTIONS).shape == (224, 224)
         sandbox.timeout_s = 60  # filling 1 GB can be slow on a busy 2-core box
         with pytest.raises(DecodeCrashed, match="more than 1024 MB"):
-            sandbox.decode(tmp_path / "greedy.bin", DecodeLimits())
-        assert sandbox.decode(good, DecodeLimits()).pixels.shape == (224, 224)
+            sandbox.prepare(tmp_path / "greedy.bin", OPTIONS)
+        assert sandbox.prepare(good, OPTIONS).shape == (224, 224)
         with pytest.raises(DecodeCrashed, match="SIGSEGV"):
-            sandbox.decode(tmp_path / "crash.bin", DecodeLimits())
-        assert sandbox.decode(good, DecodeLimits()).pixels.shape == (224, 224)
+            sandbox.prepare(tmp_path / "crash.bin", OPTIONS)
+        assert sandbox.prepare(good, OPTIONS).shape == (224, 224)
         assert sandbox.restarts == 3
     finally:
         sandbox.close()
@@ -87,10 +137,10 @@ def test_a_bug_of_ours_is_not_blamed_on_the_file(misbehaving_plugins, tmp_path: 
     sandbox = DecodeSandbox(timeout_s=30)
     try:
         with pytest.raises(DecoderFault, match="fault of the runtime") as info:
-            sandbox.decode(tmp_path / "bug.dcm", DecodeLimits())
+            sandbox.prepare(tmp_path / "bug.dcm", OPTIONS)
         assert not isinstance(info.value, InputError)  # retried, then quarantined as our failure
         assert "support" in info.value.action
         with pytest.raises(CorruptImage, match="JSONDecodeError"):
-            sandbox.decode(tmp_path / "choke.dcm", DecodeLimits())
+            sandbox.prepare(tmp_path / "choke.dcm", OPTIONS)
     finally:
         sandbox.close()

@@ -34,6 +34,7 @@ import numpy as np
 
 from ..conformance import normalised_heat
 from ..results import positive_index
+from .preview import fit_image
 from .uids import derived_uid
 
 if TYPE_CHECKING:
@@ -58,22 +59,6 @@ def positive_heat(cam: np.ndarray, labels: list[str], positive_label: str) -> np
     if maps.ndim != 3 or maps.shape[0] != len(labels):
         raise ValueError(f"a class-activation map is (classes={len(labels)}, h, w), got {maps.shape}")
     return normalised_heat(maps, positive_index(labels, positive_label))
-
-
-def fit_image(image: np.ndarray, max_side: int) -> np.ndarray:
-    """The image as float32 [0, 1], shrunk (area filter) so its longer side is at most ``max_side``."""
-    grey = np.asarray(image, dtype=np.float32)
-    if grey.ndim != 2:
-        raise ValueError(f"overlay needs a 2-D grey image, got shape {grey.shape}")
-    # Decoders deliver [0, 1] already: clip (a full-size copy) only when something is outside.
-    if grey.size and not (float(grey.min()) >= 0.0 and float(grey.max()) <= 1.0):
-        grey = np.clip(grey, 0.0, 1.0)
-    rows, cols = grey.shape
-    scale = min(1.0, max_side / max(rows, cols))
-    if scale < 1.0:
-        size = (max(1, round(cols * scale)), max(1, round(rows * scale)))
-        grey = np.asarray(cv2.resize(grey, size, interpolation=cv2.INTER_AREA), dtype=np.float32)
-    return grey
 
 
 _JET_RGB: np.ndarray | None = None

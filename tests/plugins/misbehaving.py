@@ -75,3 +75,31 @@ class ChokingLibraryDecoder:
 
         json.loads(path.read_bytes()[6:])  # JSONDecodeError raised inside the json library
         raise AssertionError("unreachable")
+
+
+class ColourDecoder:
+    """Hands over a colour image, which preprocessing (2-D grey only) refuses."""
+
+    name = "colour"
+
+    def sniff(self, head: bytes, path: Path) -> bool:
+        return head.startswith(b"COLOUR\n")
+
+    def decode(self, path: Path, limits: DecodeLimits) -> DecodedImage:
+        import numpy as np
+
+        return DecodedImage(np.zeros((8, 8, 3), dtype=np.float32), "image", self.name)
+
+
+class TextPixelsDecoder:
+    """Hands over pixels no numeric code can use, so preprocessing fails inside numpy."""
+
+    name = "text-pixels"
+
+    def sniff(self, head: bytes, path: Path) -> bool:
+        return head.startswith(b"TEXT\n")
+
+    def decode(self, path: Path, limits: DecodeLimits) -> DecodedImage:
+        import numpy as np
+
+        return DecodedImage(np.full((8, 8), "grey", dtype=object), "image", self.name)

@@ -1,0 +1,146 @@
+"""Decode + preprocess in one step: a file becomes a :class:`PreparedScan`, never a full-size image.
+
+A 1955x1841 chest CR decodes to 14 MB of float32 pixels, but the rest of the
+pipeline needs very little of it: the model's input sample (96x96x3 for the
+bundled model), the hash of the decoded pixels (``message_id`` of a DICOM
+scan), and, for the heat-map, the image shrunk to ``Reports.HeatmapMaxSide``.
+:func:`prepare_file` computes exactly those, where the pixels are decoded.
+
+In the service that is the decoder child (:mod:`edge_runtime.sandbox`), so
+
+* the 14 MB image never crosses the pipe to the service (about 0.2 MB does),
+* preprocessing and hashing run in the decoder processes, on every core,
+  instead of in the service's workers, behind one GIL,
+* the service never holds a full-size image: its memory no longer grows with
+  the size of the scans in flight.
+
+The functions called are the same as before, in the same order, on the same
+pixels (:func:`~edge_runtime.decode.decode_file`,
+:func:`~edge_runtime.preprocess.preprocess`,
+:func:`~edge_runtime.results.pixels_digest`,
+:func:`~edge_runtime.reports.preview.fit_image`): the sample, the digest and
+the preview are bit-identical to those of the in-process path, which
+``edge-runtime process`` still takes.
+
+A preprocessing failure is carried back, not raised: the intake policy is
+checked first (in the service), as it was when preprocessing ran there, so a
+scan the model is not meant for is refused as such, whatever its pixels.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .decode import DecodeLimits, decode_file
+from .errors import EdgeRuntimeError, UnsupportedImage
+from .preprocess import PreprocessSpec, preprocess
+from .reports.preview import fit_image
+from .results import pixels_digest
+
+__all__ = ["PrepareOptions", "PreparedScan", "prepare_file"]
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    """What to compute besides the decode (small and picklable: sent with each file)."""
+
+    spec: PreprocessSpec
+    limits: DecodeLimits = field(default_factory=DecodeLimits)
+    #: Longer side of the heat-map preview; 0 = no preview (no heat-map output, or heat-maps off).
+    preview_side: int = 0
+
+
+@dataclass
+class PreparedScan:
+    """One decoded and preprocessed scan, without its full-size pixels.
+
+    Attributes:
+        kind: ``dicom`` or ``image``.
+        decoder: The plugin that decoded it.
+        metadata: The decoder's metadata (no patient identifiers, see DecodedImage).
+        shape: ``(rows, columns)`` of the decoded image.
+        sample: The model input, ``spec.sample_shape`` float32; None when
+            preprocessing failed (``preprocess_error`` says why).
+        preprocess_error: ``(message, action)`` of the UnsupportedImage to raise
+            once the intake policy has passed the scan.
+        pixels_sha256: :func:`~edge_runtime.results.pixels_digest` of the decoded
+            image, for scans with a SOP Instance UID (else None).
+        preview: The image as the heat-map overlay draws on it
+            (:func:`~edge_runtime.reports.preview.fit_image`), or None.
+        timings_ms: ``decode``, ``preprocess`` and ``digest`` as measured where they ran.
+    """
+
+    kind: str
+    decoder: str
+    metadata: dict[str, Any]
+    shape: tuple[int, ...]
+    sample: np.ndarray | None
+    preprocess_error: tuple[str, str | None] | None
+    pixels_sha256: str | None
+    preview: np.ndarray | None
+    timings_ms: dict[str, float]
+
+    def sample_or_raise(self) -> np.ndarray:
+        """The model input, or the UnsupportedImage preprocessing ended with."""
+        if self.sample is None:
+            message, action = self.preprocess_error or ("The image could not be preprocessed.", None)
+            raise UnsupportedImage(message, action=action)
+        return self.sample
+
+
+def prepare_file(path: Path, options: PrepareOptions) -> PreparedScan:
+    """Decode ``path`` and compute what the pipeline needs from its pixels.
+
+    Raises:
+        InputError: the file cannot be decoded (as :func:`~edge_runtime.decode.decode_file`).
+    """
+    t0 = time.perf_counter()
+    decoded = decode_file(path, options.limits)
+    t1 = time.perf_counter()
+    pixels = decoded.pixels
+    sample: np.ndarray | None = None
+    error: tuple[str, str | None] | None = None
+    try:
+        sample = preprocess(pixels, options.spec)
+    except EdgeRuntimeError as exc:
+        error = (exc.message, exc.action)
+    except Exception as exc:
+        error = (
+            f"{path.name} cannot be preprocessed: {exc} (decoded shape {pixels.shape}, "
+            f"dtype {pixels.dtype}{_value_range(pixels)}).",
+            None,
+        )
+    t2 = time.perf_counter()
+    digest = pixels_digest(pixels) if decoded.metadata.get("sop_instance_uid") else None
+    t3 = time.perf_counter()
+    preview = None
+    if options.preview_side > 0 and sample is not None:
+        preview = fit_image(pixels, options.preview_side)
+    return PreparedScan(
+        kind=decoded.kind,
+        decoder=decoded.decoder,
+        metadata=decoded.metadata,
+        shape=tuple(pixels.shape),
+        sample=sample,
+        preprocess_error=error,
+        pixels_sha256=digest,
+        preview=preview,
+        timings_ms={
+            "decode": (t1 - t0) * 1000,
+            "preprocess": (t2 - t1) * 1000,
+            "digest": (t3 - t2) * 1000,
+        },
+    )
+
+
+def _value_range(pixels: np.ndarray) -> str:
+    """``, range [lo, hi]`` for a diagnostic message ('' when the array has no values to show)."""
+    try:
+        return f", range [{float(np.min(pixels)):.3g}, {float(np.max(pixels)):.3g}]"
+    except (ValueError, TypeError):
+        return ""
