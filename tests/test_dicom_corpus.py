@@ -143,3 +143,49 @@ def test_display_values_match_dcmtk(shared_data, rel):
     for point, level in grey_levels.items():
         # dcmtk rounds to 8 bits (0.5/255) and windows in its own arithmetic (1/255 more).
         assert abs(float(px[point]) - level / 255) <= 1.5 / 255, (label, point, float(px[point]) * 255)
+
+
+def _rows_with_preferred_plugin() -> list[str]:
+    from edge_runtime.decode.dicom import PREFERRED_PLUGINS
+
+    syntaxes = {uid: f"({uid})" for uid in PREFERRED_PLUGINS}
+    return [r["file"] for r in ROWS if any(s in r["transfer_syntax"] for s in syntaxes.values())]
+
+
+@pytest.mark.parametrize("rel", _rows_with_preferred_plugin())
+def test_preferred_plugin_gives_pydicoms_pixels(shared_data, rel):
+    """A plugin is preferred for speed only: its pixels are those of pydicom's own first choice."""
+    import warnings
+
+    import pydicom
+    from pydicom.pixels import pixel_array
+    from pydicom.pixels.decoders.base import get_decoder
+
+    from edge_runtime.decode.dicom import PREFERRED_PLUGINS
+
+    path = shared_data / "dicom" / rel
+    ds = pydicom.dcmread(path)
+    syntax = ds.file_meta.TransferSyntaxUID
+    preferred = PREFERRED_PLUGINS[str(syntax)]
+    plugins = get_decoder(syntax).available_plugins
+    if preferred not in plugins:
+        pytest.skip(f"{preferred} is not installed: pydicom's order decodes {syntax.name}")
+    others = [p for p in plugins if p != preferred]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fast = pixel_array(path, decoding_plugin=preferred)
+        reference = None
+        for plugin in others:  # the first other plugin that can decode it is the reference
+            try:
+                reference = pixel_array(path, decoding_plugin=plugin)
+                break
+            except Exception:
+                continue
+    if reference is None:
+        pytest.skip(f"no other plugin decodes {rel} to compare with")
+    assert fast.dtype == reference.dtype and np.array_equal(fast, reference)
+    from edge_runtime.decode.dicom import _preferred_frame
+
+    taken = _preferred_frame(pydicom.dcmread(path), int(ds.get("NumberOfFrames", 1) or 1))
+    assert taken is not None, f"the runtime did not decode {rel} with {preferred}"
+    assert np.array_equal(taken, fast if fast.ndim == taken.ndim else fast[0])
