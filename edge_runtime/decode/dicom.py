@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -339,6 +340,18 @@ def _dcmtk_fallback(ds: Any, path: Path, frames: int) -> tuple[np.ndarray, str] 
     return arr, tool
 
 
+#: Rows converted to display grey at a time. The modality and VOI transforms work in
+#: float64 with several full-size temporaries (pydicom's windowing: ~30 MB each for a
+#: 1955x1841 CR, ~100 MB at the peak); a band of rows keeps them to a few MB. Every step
+#: is element-wise, so the pixels are exactly those of the whole image at once.
+_BAND_ROWS = 128
+
+
+def _bands(rows: int) -> Iterator[slice]:
+    for start in range(0, rows, _BAND_ROWS):
+        yield slice(start, min(start + _BAND_ROWS, rows))
+
+
 def _to_display_grey(arr: np.ndarray, ds: Any, photometric: str) -> np.ndarray:
     from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
 
@@ -353,19 +366,24 @@ def _to_display_grey(arr: np.ndarray, ds: Any, photometric: str) -> np.ndarray:
 
     if arr.ndim != 2:
         raise UnsupportedImage(f"Expected a single grey frame, got pixel array shape {arr.shape}.")
-    values = apply_modality_lut(arr, ds).astype(np.float32, copy=False)
-    grey: np.ndarray
+
+    def values(band: slice) -> np.ndarray:
+        return np.asarray(apply_modality_lut(arr[band], ds)).astype(np.float32, copy=False)
+
+    grey = np.empty(arr.shape, dtype=np.float32)
     if "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0:
         lut = ds.VOILUTSequence[0]
-        # The LUT is indexed by stored values after the modality transform; it
-        # wants integers (a float array makes pydicom guess).
-        lut_input = np.rint(values).astype(np.int64)
-        out = apply_voi_lut(lut_input, ds, prefer_lut=True)
         bits = int(lut.LUTDescriptor[2]) if "LUTDescriptor" in lut else 16
-        grey = out.astype(np.float32) / float(2**bits - 1)
+        for band in _bands(arr.shape[0]):
+            # The LUT is indexed by stored values after the modality transform; it
+            # wants integers (a float array makes pydicom guess).
+            out = apply_voi_lut(np.rint(values(band)).astype(np.int64), ds, prefer_lut=True)
+            grey[band] = out.astype(np.float32) / float(2**bits - 1)
     elif "WindowCenter" in ds and "WindowWidth" in ds:
         try:
-            grey = _window(values, ds)
+            window = _Window.of(ds)
+            for band in _bands(arr.shape[0]):
+                grey[band] = window.apply(values(band), ds)
         except (ValueError, TypeError, OverflowError, IndexError) as exc:
             # Damaged Window Center/Width: the image cannot be shown as the modality meant.
             raise CorruptImage(
@@ -373,12 +391,18 @@ def _to_display_grey(arr: np.ndarray, ds: Any, photometric: str) -> np.ndarray:
                 f"({type(exc).__name__}: {exc})."
             ) from exc
     else:
-        lo, hi = float(values.min()), float(values.max())
-        grey = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
-    grey = np.clip(grey, 0.0, 1.0).astype(np.float32, copy=False)
+        for band in _bands(arr.shape[0]):
+            grey[band] = values(band)
+        lo, hi = float(grey.min()), float(grey.max())
+        if hi > lo:
+            np.subtract(grey, lo, out=grey)
+            np.divide(grey, hi - lo, out=grey)
+        else:
+            grey.fill(0.0)
+    np.clip(grey, 0.0, 1.0, out=grey)
     if photometric == "MONOCHROME1":
-        grey = 1.0 - grey
-    return np.ascontiguousarray(grey, dtype=np.float32)
+        np.subtract(1.0, grey, out=grey)
+    return grey
 
 
 def _first_value(value: Any) -> float:
@@ -391,7 +415,8 @@ def _first_value(value: Any) -> float:
     return number
 
 
-def _window(values: np.ndarray, ds: Any) -> np.ndarray:
+@dataclass(frozen=True)
+class _Window:
     """The first VOI window (PS3.3 C.11.2.1.2) with pydicom, scaled to [0, 1].
 
     ``apply_windowing`` maps onto the range the Modality LUT module allows
@@ -400,24 +425,37 @@ def _window(values: np.ndarray, ds: Any) -> np.ndarray:
     pydicom by windowing two values far outside the window: LINEAR and
     LINEAR_EXACT clip them to the ends exactly, SIGMOID comes within 1e-80.
     """
-    from pydicom.pixels.processing import apply_windowing
 
-    # A width under 1 is invalid for LINEAR (pydicom raises); such files exist,
-    # and earlier releases treated them as width 1 (a threshold at the centre).
-    width = _first_value(ds.WindowWidth)
-    if width < 1.0:
-        log.info("window width %s is under 1; using 1", width)
-        ds.WindowWidth = 1.0
-        width = 1.0
-    center = _first_value(ds.WindowCenter)
-    # SIGMOID: exp() overflows to inf far below the centre, which correctly gives 0.
-    with np.errstate(over="ignore"):
-        out = apply_windowing(values, ds, index=0)
-        lo, hi = apply_windowing(np.array([center - 50 * width, center + 50 * width]), ds, index=0)
-    if hi <= lo:
-        return np.zeros(values.shape, dtype=np.float32)
-    scaled: np.ndarray = ((out - lo) / (hi - lo)).astype(np.float32)
-    return scaled
+    lo: float
+    hi: float
+
+    @classmethod
+    def of(cls, ds: Any) -> _Window:
+        from pydicom.pixels.processing import apply_windowing
+
+        # A width under 1 is invalid for LINEAR (pydicom raises); such files exist,
+        # and earlier releases treated them as width 1 (a threshold at the centre).
+        width = _first_value(ds.WindowWidth)
+        if width < 1.0:
+            log.info("window width %s is under 1; using 1", width)
+            ds.WindowWidth = 1.0
+            width = 1.0
+        center = _first_value(ds.WindowCenter)
+        with np.errstate(over="ignore"):
+            lo, hi = apply_windowing(np.array([center - 50 * width, center + 50 * width]), ds, index=0)
+        return cls(float(lo), float(hi))
+
+    def apply(self, values: np.ndarray, ds: Any) -> np.ndarray:
+        """``values`` (after the modality transform) windowed to [0, 1], float64."""
+        from pydicom.pixels.processing import apply_windowing
+
+        if self.hi <= self.lo:
+            return np.zeros(values.shape)
+        # SIGMOID: exp() overflows to inf far below the centre, which correctly gives 0.
+        with np.errstate(over="ignore"):
+            out = apply_windowing(values, ds, index=0)
+        scaled: np.ndarray = (out - self.lo) / (self.hi - self.lo)
+        return scaled
 
 
 def _int_tag(ds: Any, keyword: str, default: int | None) -> int | None:
