@@ -282,3 +282,37 @@ def test_unsupported_photometric_interpretation(shared_data, tmp_path: Path):
     with pytest.raises(UnsupportedImage, match="'HSV'") as info:
         decode_file(tmp_path / "hsv.dcm")
     assert "MONOCHROME1/2" in info.value.action
+
+
+def test_display_grey_in_bands_equals_the_whole_image_at_once(shared_data, tmp_path, monkeypatch):
+    """Bands keep the float64 temporaries small; every step is element-wise, so the pixels are the same.
+
+    Covers each path: the VOI LUT (vlut_04, mlut_18), the window (RG1, with a SIGMOID variant),
+    MONOCHROME1, and no window at all (min/max over the whole image, not per band).
+    """
+    import pydicom
+
+    from edge_runtime.decode import dicom
+
+    base = shared_data / "dicom"
+    files = [
+        base / "pydicom_data/vlut_04.dcm",
+        base / "pydicom_data/mlut_18.dcm",
+        base / "pydicom_data/RG1_UNCR.dcm",
+        base / "fo_dicom_via_dcmfx/CR-MONO1-10-chest.dcm",
+    ]
+    ds = pydicom.dcmread(base / "pydicom_data/RG1_UNCR.dcm")
+    ds.VOILUTFunction = "SIGMOID"
+    ds.save_as(tmp_path / "sigmoid.dcm")
+    ds = pydicom.dcmread(base / "pydicom_data/RG1_UNCR.dcm")
+    del ds.WindowCenter, ds.WindowWidth
+    ds.save_as(tmp_path / "no_window.dcm")
+    files += [tmp_path / "sigmoid.dcm", tmp_path / "no_window.dcm"]
+    for path in files:
+        monkeypatch.setattr(dicom, "_BAND_ROWS", 10**6)
+        whole = decode_file(path).pixels
+        monkeypatch.setattr(dicom, "_BAND_ROWS", 7)  # bands of every size, and a short last one
+        banded = decode_file(path).pixels
+        assert whole.shape == banded.shape and whole.shape[0] > 7, path.name
+        assert np.array_equal(whole, banded), path.name
+        assert whole.dtype == np.float32 and 0.0 <= whole.min() <= whole.max() <= 1.0
