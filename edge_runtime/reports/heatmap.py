@@ -32,7 +32,6 @@ from typing import TYPE_CHECKING, Any
 import cv2
 import numpy as np
 
-from ..conformance import normalised_heat
 from ..results import positive_index
 from .preview import fit_image
 from .uids import derived_uid
@@ -55,6 +54,10 @@ def positive_heat(cam: np.ndarray, labels: list[str], positive_label: str) -> np
     divided by its range (never less than one logit, so a flat map stays dark
     instead of stretching rounding noise to full colour).
     """
+    # Imported here, not at the top: the report child draws maps but never computes them, and
+    # this import would load the backends into it (ONNX Runtime, ~16 MB of its memory).
+    from ..conformance import normalised_heat
+
     maps = np.asarray(cam)
     if maps.ndim != 3 or maps.shape[0] != len(labels):
         raise ValueError(f"a class-activation map is (classes={len(labels)}, h, w), got {maps.shape}")
