@@ -11,9 +11,12 @@ One run, on this machine, measures (issue #16, item 1):
     a real Mosquitto, until every result has its PUBACK (the drainers'
     ``on_delivered``), scans/s. The service runs twice: with the default reports
     (heat-map PNG and Secondary Capture; for DICOM also SR and FHIR) and with
-    ``Reports.DicomSr/Fhir/Heatmap`` false. Floor and both services alternate
-    per round and kind (the order flips every round), so a busy moment of the
-    machine hurts all three; medians over the rounds and service / floor ratios
+    ``Reports.DicomSr/Fhir/Heatmap`` false. A second floor, *floor + reports*,
+    runs the service's own analysis and report build per file in the same pool
+    (in-process: no journal, decoder child or MQTT), so that the service with
+    reports can be compared with the same work done bare. Both floors and both
+    services alternate per round and kind (the order flips every round), so a
+    busy moment of the machine hurts all four; medians over the rounds and service / floor ratios
     are printed, with the mean per-scan stage times of both sides.
 (b) **single-scan latency**: one copy at a time, rename -> PUBACK (default
     service), p50/p95, next to the single-scan floor (decode + preprocess +
@@ -234,19 +237,30 @@ def _floor_init(
 ) -> None:
     from edge_runtime.backends import create_backend
     from edge_runtime.bundle import load_bundle
+    from edge_runtime.config import ReportsConfig
     from edge_runtime.decode import DecodeLimits
+    from edge_runtime.pipeline import ScanAnalyzer
+    from edge_runtime.reports.writer import ReportWriter
 
     bundle = load_bundle(bundle_path)
     backend = create_backend(backend_name, threads=threads)
     backend.load(bundle)
+    limits = DecodeLimits(max_pixels=max_pixels)
+    reports = Path(tempfile.mkdtemp(prefix="floor-reports-"))
     _FLOOR.update(
         spec=bundle.preprocessing,
         backend=backend,
         buf=np.empty((1, *bundle.preprocessing.sample_shape), dtype=np.float32),
-        limits=DecodeLimits(max_pixels=max_pixels),
+        limits=limits,
+        # The floor with reports: the service's own analysis (in this process, no decoder child)
+        # and report build, with the default Reports settings, but no journal, sandbox or MQTT.
+        analyzer=ScanAnalyzer(bundle, backend, limits=limits),
+        writer=ReportWriter(ReportsConfig(), reports),
+        reports=reports,
     )
     for path in warm:
         _floor_one(path)
+        _floor_with_reports_one(path)
     if ready is not None:
         with ready.get_lock():
             ready.value += 1
@@ -267,6 +281,21 @@ def _floor_one(path: str) -> tuple[float, float, float]:
     return t1 - t0, t2 - t1, t3 - t2
 
 
+def _floor_with_reports_one(path: str) -> tuple[float, float, float]:
+    """The service's analysis and its reports on one file, in-process: (analyze, reports, 0) seconds."""
+    from edge_runtime.reports.writer import prioritize
+
+    t0 = time.perf_counter()
+    outcome = _FLOOR["analyzer"].analyze(Path(path))
+    t1 = time.perf_counter()
+    result = outcome.result
+    prioritize(result, None)
+    _FLOOR["writer"].build(result, Path(path), image=outcome.image, heatmap=outcome.heatmap)
+    t2 = time.perf_counter()
+    shutil.rmtree(_FLOOR["reports"] / result["message_id"], ignore_errors=True)
+    return t1 - t0, t2 - t1, 0.0
+
+
 class FloorPool:
     """``workers`` processes (spawned: no inherited ONNX Runtime threads), each with its own session."""
 
@@ -280,9 +309,12 @@ class FloorPool:
                 raise BenchError("the floor pool did not start within 300 s")
             time.sleep(0.05)
 
-    def run(self, paths: list[Path]) -> tuple[float, list[tuple[float, float, float]]]:
+    def run(
+        self, paths: list[Path], *, reports: bool = False
+    ) -> tuple[float, list[tuple[float, float, float]]]:
+        one = _floor_with_reports_one if reports else _floor_one
         t0 = time.perf_counter()
-        stages = list(self.pool.imap_unordered(_floor_one, [str(p) for p in paths], chunksize=1))
+        stages = list(self.pool.imap_unordered(one, [str(p) for p in paths], chunksize=1))
         return time.perf_counter() - t0, stages
 
     def close(self) -> None:
@@ -762,33 +794,38 @@ def measure_throughput(
     services: dict[str, InProcessService],
     work: Path,
 ) -> dict[str, Any]:
-    say(f"\n(a) throughput: {args.rounds} rounds, order floor/service/service-no-reports flipped each round")
+    say(
+        f"\n(a) throughput: {args.rounds} rounds, order floor/floor-with-reports/service/"
+        "service-no-reports flipped each round"
+    )
     out: dict[str, Any] = {}
+    sides = ("floor", "floor_reports", "service", "service_no_reports")
     for key in kinds:
-        out[key] = {"n": n_for(args, key), "floor": [], "service": [], "service_no_reports": []}
+        out[key] = {"n": n_for(args, key), **{side: [] for side in sides}}
         out[key]["floor_stages_ms"] = []
+        out[key]["floor_reports_stages_ms"] = []
         out[key]["service_stages_ms"] = {"service": [], "service_no_reports": []}
     for r in range(args.rounds):
         for key in kinds:
             n = n_for(args, key)
-            order = ["floor", "service", "service_no_reports"]
+            order = list(sides)
             if r % 2:
                 order.reverse()
             line = []
             for which in order:
                 copies = maker.many(key, n)
-                if which == "floor":
+                if which in ("floor", "floor_reports"):
                     folder = work / "floor" / key
                     folder.mkdir(parents=True, exist_ok=True)
                     paths = []
                     for name, data, _ in copies:
                         (folder / name).write_bytes(data)
                         paths.append(folder / name)
-                    elapsed, stages = floor.run(paths)
+                    elapsed, stages = floor.run(paths, reports=which == "floor_reports")
                     for p in paths:
                         p.unlink()
-                    out[key]["floor"].append(n / elapsed)
-                    out[key]["floor_stages_ms"] += [[s * 1000 for s in st] for st in stages]
+                    out[key][which].append(n / elapsed)
+                    out[key][f"{which}_stages_ms"] += [[s * 1000 for s in st] for st in stages]
                 else:
                     drop = services[which].drop(copies, timeout_s=120 + 5 * n)
                     out[key][which].append(n / drop.elapsed)
@@ -799,10 +836,12 @@ def measure_throughput(
             say(f"  round {r + 1} {key:13s} " + "  ".join(line))
     for key in kinds:
         row = out[key]
-        for which in ("floor", "service", "service_no_reports"):
+        for which in sides:
             row[f"{which}_median"] = statistics.median(row[which])
         row["ratio"] = row["service_median"] / row["floor_median"]
         row["ratio_no_reports"] = row["service_no_reports_median"] / row["floor_median"]
+        # The service with its reports against the same work done without the service around it.
+        row["ratio_vs_floor_reports"] = row["service_median"] / row["floor_reports_median"]
     return out
 
 
@@ -818,15 +857,20 @@ def print_throughput(out: dict[str, Any], workers: int) -> None:
     )
     head = (
         f"{'input':30s} {'N':>4s} {'floor/s':>8s} {'service/s':>9s} {'ratio':>6s} "
-        f"{'no-reports/s':>12s} {'ratio':>6s}"
+        f"{'no-reports/s':>12s} {'ratio':>6s} {'floor+reports/s':>15s} {'service/it':>10s}"
     )
     say(head)
     say("-" * len(head))
     for key, row in out.items():
         say(
             f"{KIND[key].label:30s} {row['n']:4d} {row['floor_median']:8.1f} {row['service_median']:9.1f} "
-            f"{row['ratio']:6.2f} {row['service_no_reports_median']:12.1f} {row['ratio_no_reports']:6.2f}"
+            f"{row['ratio']:6.2f} {row['service_no_reports_median']:12.1f} {row['ratio_no_reports']:6.2f} "
+            f"{row['floor_reports_median']:15.1f} {row['ratio_vs_floor_reports']:10.2f}"
         )
+    say(
+        "(floor+reports: the same pool running the service's own analysis and report build per file, "
+        "in-process, with no journal, decoder child or MQTT; service/it = service / floor+reports)"
+    )
     say("\nper-scan stage means under load, ms (floor: in the pool; service: its own timings_ms)")
     head = (
         f"{'input':30s} {'side':12s} {'hash':>6s} {'decode':>7s} {'prep':>6s} {'infer':>6s} "
@@ -1274,7 +1318,8 @@ def print_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             row["ratio"],
             TARGET_RATIO,
             True,
-            f"{row['ratio']:.2f} (reports off: {row['ratio_no_reports']:.2f})",
+            f"{row['ratio']:.2f} (reports off: {row['ratio_no_reports']:.2f}; "
+            f"against the floor with reports: {row['ratio_vs_floor_reports']:.2f})",
         )
     for key, row in (results.get("latency") or {}).items():
         check(
@@ -1324,11 +1369,12 @@ def plot(results: dict[str, Any], path: Path, title: str) -> str:
         for i, (field, label) in enumerate(
             (
                 ("floor_median", "floor"),
+                ("floor_reports_median", "floor + reports"),
                 ("service_median", "service"),
                 ("service_no_reports_median", "no reports"),
             )
         ):
-            ax.bar(xs + (i - 1) * 0.27, [thr[k][field] for k in keys], 0.27, label=label)
+            ax.bar(xs + (i - 1.5) * 0.2, [thr[k][field] for k in keys], 0.2, label=label)
         for x, k in zip(xs, keys, strict=True):
             top = max(thr[k]["floor_median"], thr[k]["service_median"], thr[k]["service_no_reports_median"])
             ax.text(x, top * 1.05, f"{thr[k]['ratio']:.2f}", ha="center", va="bottom", fontsize=8)
