@@ -144,3 +144,28 @@ def test_a_bug_of_ours_is_not_blamed_on_the_file(misbehaving_plugins, tmp_path: 
             sandbox.prepare(tmp_path / "choke.dcm", OPTIONS)
     finally:
         sandbox.close()
+
+
+def test_the_heap_is_kept_through_a_burst_and_returned_when_idle(shared_data: Path):
+    """Pages stay between scans (no page faults for the next image), then go back once idle."""
+    from edge_runtime import sandbox as sandbox_module
+
+    def rss_mb(pid: int) -> float:
+        with open(f"/proc/{pid}/status") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS")) / 1024
+
+    sandbox = DecodeSandbox(timeout_s=60)
+    try:
+        chest = shared_data / "dicom/pydicom_data/RG1_UNCR.dcm"  # 1955x1841: ~30 MB of buffers
+        sandbox.prepare(chest, OPTIONS)
+        sandbox.prepare(chest, OPTIONS)
+        pid = sandbox._proc.pid
+        busy = rss_mb(pid)
+        deadline = time.monotonic() + sandbox_module.IDLE_TRIM_S + 10
+        idle = busy
+        while time.monotonic() < deadline and busy - idle < 15:
+            time.sleep(0.2)
+            idle = rss_mb(pid)
+        assert busy - idle >= 15, f"the idle child kept {idle:.0f} MB (busy: {busy:.0f} MB)"
+    finally:
+        sandbox.close()
