@@ -201,8 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument(
         "--backend",
         default=None,
-        help="backend to check (default: Model.Backend); 'all' checks every "
-        "backend the bundle has a model file for",
+        help="backend to check (default: Model.Backend); 'all' (and Model.Backend auto) checks "
+        "every backend the bundle has a model file for",
     )
     verify.add_argument("--json", action="store_true", help="print the reports as JSON")
     return parser
@@ -402,12 +402,15 @@ def _cmd_model_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_model_verify(args: argparse.Namespace) -> int:
+    from .backends import AUTO_BACKEND
     from .conformance import verify_backend
 
     config = load_config(args.config)
     bundle_dir = args.bundle or config.model.bundle_path or default_bundle_path()
     bundle = load_bundle(bundle_dir, trust=BundleTrust.from_config(config.model))
-    backends = bundle.backends if args.backend == "all" else [args.backend or config.model.backend]
+    wanted = args.backend or config.model.backend
+    # auto picks among all of them at start-up, so each is worth checking.
+    backends = bundle.backends if wanted in ("all", AUTO_BACKEND) else [wanted]
     failed = False
     reports = []
     for name in backends:

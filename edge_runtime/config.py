@@ -178,7 +178,9 @@ class ModelConfig(_Section):
     )
     backend: str = Field(
         "onnxruntime",
-        description="Inference engine: a name registered in edge_runtime.backends (onnxruntime, litert).",
+        description="Inference engine: a name registered in edge_runtime.backends (onnxruntime, "
+        "litert), or auto: the fastest engine of the bundle on this box that passes its "
+        "conformance check (timed at start-up; the choice is logged).",
     )
     threads: int = Field(1, ge=1, le=64, description="Intra-op threads per inference session.")
     threshold: Annotated[float | None, EMPTY_IS_NONE] = Field(
@@ -210,10 +212,11 @@ class ModelConfig(_Section):
     @classmethod
     def _registered_backend(cls, value: str) -> str:
         # Checked against the registry, not a fixed list, so a registered plugin can be chosen.
-        from .backends import available_backends
+        from .backends import AUTO_BACKEND, available_backends
 
-        if value not in available_backends():
-            raise ValueError(f"unknown backend {value!r}; available: {', '.join(available_backends())}")
+        if value != AUTO_BACKEND and value not in available_backends():
+            choices = ", ".join([*available_backends(), AUTO_BACKEND])
+            raise ValueError(f"unknown backend {value!r}; available: {choices}")
         return value
 
 

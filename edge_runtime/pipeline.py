@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from .backends import Backend, create_backend
+from .backend_choice import choose_backend
+from .backends import AUTO_BACKEND, Backend, create_backend
 from .bundle import BundleTrust, ModelBundle, default_bundle_path, load_bundle, sha256_file
 from .config import ReportsConfig, RuntimeConfig
 from .conformance import ConformanceReport, check_conformance, enforce, require_cpu_support
@@ -113,16 +114,23 @@ class ScanAnalyzer:
         decode_memory_mb: int = 2048,
         trust: BundleTrust | None = None,
     ) -> ScanAnalyzer:
-        """Load, authenticate and conformance-check a bundle (``trust`` None: the configured trust)."""
+        """Load, authenticate and conformance-check a bundle (``trust`` None: the configured trust).
+
+        ``backend_name`` ``auto``: the fastest engine that passes the check here
+        (:mod:`edge_runtime.backend_choice`).
+        """
         bundle = load_bundle(path, trust=trust)
-        require_cpu_support(bundle.artifact(backend_name))
-        backend = create_backend(backend_name, threads=threads)
-        backend.load(bundle)
-        try:
-            conformance = check_conformance(bundle, backend, threshold)
-        except Exception:
-            backend.close()
-            raise
+        if backend_name == AUTO_BACKEND:
+            backend, conformance, _ = choose_backend(bundle, threads=threads, threshold=threshold)
+        else:
+            require_cpu_support(bundle.artifact(backend_name))
+            backend = create_backend(backend_name, threads=threads)
+            backend.load(bundle)
+            try:
+                conformance = check_conformance(bundle, backend, threshold)
+            except Exception:
+                backend.close()
+                raise
         if conformance is None:
             log.warning(
                 "model %s %s has no conformance reference set (bundles before 0.2.0): its "

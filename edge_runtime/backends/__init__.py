@@ -10,7 +10,18 @@ from ..errors import BackendError
 from ..plugins import load_plugin
 from .base import Backend, BackendOutput
 
-__all__ = ["Backend", "BackendOutput", "available_backends", "create_backend", "register_backend"]
+__all__ = [
+    "AUTO_BACKEND",
+    "Backend",
+    "BackendOutput",
+    "available_backends",
+    "create_backend",
+    "register_backend",
+]
+
+#: ``Model.Backend`` value that lets the runtime pick the fastest conforming engine
+#: (:mod:`edge_runtime.backend_choice`); not an engine itself.
+AUTO_BACKEND = "auto"
 
 _REGISTRY: dict[str, str] = {
     "onnxruntime": "edge_runtime.backends.onnx:OnnxRuntimeBackend",
