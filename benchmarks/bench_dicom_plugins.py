@@ -77,7 +77,8 @@ def main() -> int:
         if not syntax.is_compressed:
             continue
         decoder = get_decoder(syntax)
-        plugins = list(decoder.available_plugins)
+        # available_plugins is sorted by name; _available keeps pydicom's order of preference.
+        plugins = list(getattr(decoder, "_available", None) or decoder.available_plugins)
         if len(plugins) < 2:
             continue
         data = path.read_bytes()

@@ -252,7 +252,7 @@ def _cmd_process(args: argparse.Namespace) -> int:
     failures = 0
     for path in args.files:
         try:
-            outcome = analyzer.analyze(path)
+            outcome = analyzer.analyze(path, preview_side=0)  # no reports here: no heat-map preview
         except InputError as exc:
             failures += 1
             print(json.dumps({"file": str(path), **exc.to_dict()}), file=sys.stderr)

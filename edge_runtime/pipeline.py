@@ -238,8 +238,8 @@ class ScanAnalyzer:
         elapsed = (time.perf_counter() - t_decode) * 1000
         # Where the decoder child ran preprocessing, "decode" is the rest of the round trip:
         # decoding, hashing the pixels and the hand-over.
+        timings["decode"] = max(0.0, elapsed - prepared.timings_ms["preprocess"])
         timings["preprocess"] = prepared.timings_ms["preprocess"]
-        timings["decode"] = max(0.0, elapsed - timings["preprocess"])
         meta = prepared.metadata
         event(
             log,

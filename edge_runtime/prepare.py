@@ -30,7 +30,7 @@ scan the model is not meant for is refused as such, whatever its pixels.
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,14 +105,23 @@ def prepare_file(path: Path, options: PrepareOptions) -> PreparedScan:
     decoded = decode_file(path, options.limits)
     t1 = time.perf_counter()
     pixels = decoded.pixels
+    wants_digest = bool(decoded.metadata.get("sop_instance_uid"))
     # The pixel hash (8 ms for a 1955x1841 CR) runs beside preprocessing and the preview:
     # hashlib and OpenCV release the GIL, so on two cores the scan is ready that much sooner.
-    with ThreadPoolExecutor(1, thread_name_prefix="pixels-digest") as hasher:
-        digest = hasher.submit(_timed_digest, pixels) if decoded.metadata.get("sop_instance_uid") else None
+    hasher = ThreadPoolExecutor(1, thread_name_prefix="pixels-digest") if wants_digest else None
+    digest: Future[tuple[str, float]] | None = None
+    try:
+        if hasher is not None:
+            try:
+                digest = hasher.submit(_timed_digest, pixels)
+            except RuntimeError:  # no thread to be had (the child's memory cap): hash inline below
+                digest = None
         sample: np.ndarray | None = None
         error: tuple[str, str | None] | None = None
         try:
             sample = preprocess(pixels, options.spec)
+        except MemoryError:
+            raise  # the decoder child's memory cap, not the file's fault: the sandbox says so
         except EdgeRuntimeError as exc:
             error = (exc.message, exc.action)
         except Exception as exc:
@@ -122,10 +131,16 @@ def prepare_file(path: Path, options: PrepareOptions) -> PreparedScan:
                 None,
             )
         t2 = time.perf_counter()
-        preview = None
-        if options.preview_side > 0 and sample is not None:
-            preview = fit_image(pixels, options.preview_side)
-        pixels_sha256, digest_ms = digest.result() if digest is not None else (None, 0.0)
+        preview = _preview(pixels, options.preview_side) if sample is not None else None
+        if digest is not None:
+            pixels_sha256, digest_ms = digest.result()
+        elif wants_digest:
+            pixels_sha256, digest_ms = _timed_digest(pixels)
+        else:
+            pixels_sha256, digest_ms = None, 0.0
+    finally:
+        if hasher is not None:
+            hasher.shutdown(wait=True)
     return PreparedScan(
         kind=decoded.kind,
         decoder=decoded.decoder,
@@ -141,6 +156,18 @@ def prepare_file(path: Path, options: PrepareOptions) -> PreparedScan:
             "digest": digest_ms,
         },
     )
+
+
+def _preview(pixels: np.ndarray, side: int) -> np.ndarray | None:
+    """The heat-map preview, or None: a preview that cannot be made costs the heat-map, not the scan."""
+    if side <= 0:
+        return None
+    try:
+        return fit_image(pixels, side)
+    except MemoryError:
+        raise
+    except Exception:
+        return None
 
 
 def _timed_digest(pixels: np.ndarray) -> tuple[str, float]:

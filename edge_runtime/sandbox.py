@@ -114,16 +114,24 @@ def _child_main(conn: Connection, registry: dict[str, str], memory_bytes: int) -
             _release_memory()
 
 
-def _prepare_reply(path: Path, options: PrepareOptions) -> tuple[Any, ...]:
-    """The child's answer for one file: the prepared scan, or the error as plain values."""
+def _prepare_reply(path: Path, options: PrepareOptions, *, retry: bool = True) -> tuple[Any, ...]:
+    """The child's answer for one file: the prepared scan, or the error as plain values.
+
+    Out of memory, the kept heap of the burst's earlier images is given back and the
+    file tried once more, so whether a file fits ``Decode.MemoryLimitMb`` does not
+    depend on the files before it.
+    """
     try:
         return ("ok", prepare_file(path, options))
     except InputError as exc:
         return ("input_error", type(exc).__name__, exc.message, exc.action)
     except MemoryError:
-        return ("memory", "")
+        if not retry:
+            return ("memory", "")
     except Exception as exc:
         return ("error", f"{type(exc).__name__}: {exc}", _raised_in_our_code(exc))
+    _release_memory()  # outside the except block: the failed attempt's frames are gone by now
+    return _prepare_reply(path, options, retry=False)
 
 
 def _keep_heap() -> None:

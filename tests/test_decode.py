@@ -287,8 +287,9 @@ def test_unsupported_photometric_interpretation(shared_data, tmp_path: Path):
 def test_display_grey_in_bands_equals_the_whole_image_at_once(shared_data, tmp_path, monkeypatch):
     """Bands keep the float64 temporaries small; every step is element-wise, so the pixels are the same.
 
-    Covers each path: the VOI LUT (vlut_04, mlut_18), the window (RG1, with a SIGMOID variant),
-    MONOCHROME1, and no window at all (min/max over the whole image, not per band).
+    Covers each path: the window (RG1, with a SIGMOID variant), MONOCHROME1, and no window at
+    all (min/max over the whole image, not per band); files with a lookup table (vlut_04,
+    mlut_18) take one band (pydicom unpacks the table per call) and must come out the same too.
     """
     import pydicom
 

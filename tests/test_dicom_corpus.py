@@ -161,16 +161,22 @@ def test_preferred_plugin_gives_pydicoms_pixels(shared_data, rel):
     from pydicom.pixels import pixel_array
     from pydicom.pixels.decoders.base import get_decoder
 
-    from edge_runtime.decode.dicom import PREFERRED_PLUGINS
+    from edge_runtime.decode.dicom import PREFERRED_PLUGINS, _preferred_frame
 
     path = shared_data / "dicom" / rel
     ds = pydicom.dcmread(path)
     syntax = ds.file_meta.TransferSyntaxUID
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if ds.PhotometricInterpretation not in ("MONOCHROME1", "MONOCHROME2"):
+        assert _preferred_frame(ds, frames) is None  # colour keeps pydicom's order
+        return
     preferred = PREFERRED_PLUGINS[str(syntax)]
-    plugins = get_decoder(syntax).available_plugins
-    if preferred not in plugins:
+    decoder = get_decoder(syntax)
+    if preferred not in decoder.available_plugins:
         pytest.skip(f"{preferred} is not installed: pydicom's order decodes {syntax.name}")
-    others = [p for p in plugins if p != preferred]
+    # pydicom's own order of preference (available_plugins is sorted by name).
+    order = getattr(decoder, "_available", None) or decoder.available_plugins
+    others = [p for p in order if p != preferred]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fast = pixel_array(path, decoding_plugin=preferred)
@@ -184,8 +190,6 @@ def test_preferred_plugin_gives_pydicoms_pixels(shared_data, rel):
     if reference is None:
         pytest.skip(f"no other plugin decodes {rel} to compare with")
     assert fast.dtype == reference.dtype and np.array_equal(fast, reference)
-    from edge_runtime.decode.dicom import _preferred_frame
-
-    taken = _preferred_frame(pydicom.dcmread(path), int(ds.get("NumberOfFrames", 1) or 1))
+    taken = _preferred_frame(pydicom.dcmread(path), frames)
     assert taken is not None, f"the runtime did not decode {rel} with {preferred}"
     assert np.array_equal(taken, fast if fast.ndim == taken.ndim else fast[0])

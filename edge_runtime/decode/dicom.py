@@ -26,10 +26,10 @@ import shutil
 import subprocess
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -245,20 +245,22 @@ def _check_decoder_available(ds: Any, path: Path) -> None:
 #: choice is faster and gave bit-identical pixels on every file of the shared corpus
 #: (``python -m benchmarks.bench_dicom_plugins`` measures both; numbers in
 #: docs/performance.md). The pixels are the result's identity (``message_id``) and the
-#: model's input, so a plugin that rounds differently is never preferred for speed.
-#: If the preferred plugin is missing or fails, pydicom's own order takes over.
+#: model's input, so a plugin that rounds differently is never preferred for speed. Only
+#: grey images take it (the corpus's colour evidence is one small file); if the preferred
+#: plugin is missing or fails, pydicom's own order takes over. RLE is not listed: pydicom
+#: already tries pylibjpeg-rle first.
 PREFERRED_PLUGINS: dict[str, str] = {
-    "1.2.840.10008.1.2.4.50": "pillow",  # JPEG baseline: libjpeg-turbo, ~0.27x GDCM's time
+    "1.2.840.10008.1.2.4.50": "pillow",  # JPEG baseline: libjpeg-turbo, ~0.3x GDCM's time
     "1.2.840.10008.1.2.4.80": "pyjpegls",  # JPEG-LS lossless: CharLS, ~0.7x GDCM's time
-    "1.2.840.10008.1.2.4.81": "pyjpegls",  # JPEG-LS near-lossless (decoding is exact)
-    "1.2.840.10008.1.2.5": "pylibjpeg",  # RLE lossless: pylibjpeg-rle, ~0.3x pydicom's numpy
+    "1.2.840.10008.1.2.4.81": "pyjpegls",  # JPEG-LS near-lossless (decoding is exact), ~0.6x
 }
+_GREY = ("MONOCHROME1", "MONOCHROME2")
 
 
 def _preferred_frame(ds: Any, frames: int) -> np.ndarray | None:
     """The first frame by the syntax's preferred plugin; None: no preference, or it failed."""
     plugin = PREFERRED_PLUGINS.get(str(ds.file_meta.TransferSyntaxUID))
-    if plugin is None:
+    if plugin is None or str(ds.get("PhotometricInterpretation", "")).strip() not in _GREY:
         return None
     from pydicom.pixels.decoders.base import get_decoder
     from pydicom.pixels.utils import pixel_array
@@ -347,9 +349,24 @@ def _dcmtk_fallback(ds: Any, path: Path, frames: int) -> tuple[np.ndarray, str] 
 _BAND_ROWS = 128
 
 
-def _bands(rows: int) -> Iterator[slice]:
-    for start in range(0, rows, _BAND_ROWS):
-        yield slice(start, min(start + _BAND_ROWS, rows))
+def _bands(rows: int, size: int) -> Iterator[slice]:
+    for start in range(0, rows, size):
+        yield slice(start, min(start + size, rows))
+
+
+_T = TypeVar("_T")
+
+
+def _damaged_window_is_corrupt(step: Callable[..., _T], *args: Any) -> _T:
+    """``step(*args)``, a VOI window step; a damaged Window Center/Width becomes CorruptImage."""
+    try:
+        return step(*args)
+    except (ValueError, TypeError, OverflowError, IndexError) as exc:
+        # The image cannot be shown as the modality meant.
+        raise CorruptImage(
+            f"The VOI window (Window Center/Width) in the DICOM header is damaged "
+            f"({type(exc).__name__}: {exc})."
+        ) from exc
 
 
 def _to_display_grey(arr: np.ndarray, ds: Any, photometric: str) -> np.ndarray:
@@ -370,28 +387,24 @@ def _to_display_grey(arr: np.ndarray, ds: Any, photometric: str) -> np.ndarray:
     def values(band: slice) -> np.ndarray:
         return np.asarray(apply_modality_lut(arr[band], ds)).astype(np.float32, copy=False)
 
+    voi_lut = "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0
+    # pydicom unpacks a lookup table's data on every call: a file with one takes a single band.
+    rows = arr.shape[0] if voi_lut or "ModalityLUTSequence" in ds else _BAND_ROWS
     grey = np.empty(arr.shape, dtype=np.float32)
-    if "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0:
+    if voi_lut:
         lut = ds.VOILUTSequence[0]
         bits = int(lut.LUTDescriptor[2]) if "LUTDescriptor" in lut else 16
-        for band in _bands(arr.shape[0]):
+        for band in _bands(arr.shape[0], rows):
             # The LUT is indexed by stored values after the modality transform; it
             # wants integers (a float array makes pydicom guess).
             out = apply_voi_lut(np.rint(values(band)).astype(np.int64), ds, prefer_lut=True)
             grey[band] = out.astype(np.float32) / float(2**bits - 1)
     elif "WindowCenter" in ds and "WindowWidth" in ds:
-        try:
-            window = _Window.of(ds)
-            for band in _bands(arr.shape[0]):
-                grey[band] = window.apply(values(band), ds)
-        except (ValueError, TypeError, OverflowError, IndexError) as exc:
-            # Damaged Window Center/Width: the image cannot be shown as the modality meant.
-            raise CorruptImage(
-                f"The VOI window (Window Center/Width) in the DICOM header is damaged "
-                f"({type(exc).__name__}: {exc})."
-            ) from exc
+        window = _damaged_window_is_corrupt(_Window.of, ds)
+        for band in _bands(arr.shape[0], rows):
+            grey[band] = _damaged_window_is_corrupt(window.apply, values(band), ds)
     else:
-        for band in _bands(arr.shape[0]):
+        for band in _bands(arr.shape[0], rows):
             grey[band] = values(band)
         lo, hi = float(grey.min()), float(grey.max())
         if hi > lo:
