@@ -65,6 +65,7 @@ import itertools
 import json
 import logging
 import multiprocessing as mp
+import multiprocessing.util as mp_util
 import os
 import platform
 import shutil
@@ -247,6 +248,8 @@ def _floor_init(
     backend.load(bundle)
     limits = DecodeLimits(max_pixels=max_pixels)
     reports = Path(tempfile.mkdtemp(prefix="floor-reports-"))
+    # Pool workers leave through os._exit (no atexit): multiprocessing's own finalizers do run.
+    mp_util.Finalize(None, shutil.rmtree, args=(reports,), kwargs={"ignore_errors": True}, exitpriority=10)
     _FLOOR.update(
         spec=bundle.preprocessing,
         backend=backend,
