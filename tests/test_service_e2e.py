@@ -198,7 +198,10 @@ def test_bad_inputs_are_quarantined_and_good_ones_keep_flowing(
     sub.wait_for(lambda ps: len(ps) >= 2, timeout_s=30)
     deadline = time.monotonic() + 15
     quarantine = config.inbox.quarantine_path
-    while time.monotonic() < deadline and len(list(quarantine.glob("*.error.json"))) < 4:
+    # Each error file is written just before its scan is moved out of the inbox: wait for both.
+    while time.monotonic() < deadline and (
+        len(list(quarantine.glob("*.error.json"))) < 4 or any(config.inbox.path.iterdir())
+    ):
         time.sleep(0.1)
     assert sorted(r["input"]["file_name"] for r in sub.results()) == sorted(
         published_name(src, name, config=config) for name, src in good.items()
