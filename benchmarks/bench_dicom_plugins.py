@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_runtime.cpu import cpu_summary
-from edge_runtime.decode.dicom import PREFERRED_PLUGINS
+from edge_runtime.decode.dicom import PREFERRED_PLUGINS, plugin_order
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,7 +55,6 @@ def main() -> int:
     import pydicom
     import pydicom.errors
     from pydicom.pixels import pixel_array
-    from pydicom.pixels.decoders.base import get_decoder
     from pydicom.uid import UID
 
     with open(dicom / "INVENTORY.tsv", newline="") as fh:
@@ -76,9 +75,7 @@ def main() -> int:
         syntax = ds.file_meta.TransferSyntaxUID
         if not syntax.is_compressed:
             continue
-        decoder = get_decoder(syntax)
-        # available_plugins is sorted by name; _available keeps pydicom's order of preference.
-        plugins = list(getattr(decoder, "_available", None) or decoder.available_plugins)
+        plugins = plugin_order(syntax)
         if len(plugins) < 2:
             continue
         data = path.read_bytes()

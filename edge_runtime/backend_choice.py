@@ -121,11 +121,11 @@ def choose_backend(
             raise
         if report is None or report.passed:
             chosen = (backend, report)
-        elif first_failure is None:
-            log.warning("Model.Backend auto: %s is not used: %s", name, report.explain())
-            first_failure = (backend, report)
+            continue
+        log.warning("Model.Backend auto: %s is not used: %s", name, report.explain())
+        if first_failure is None:
+            first_failure = (backend, report)  # kept: refused by the caller if none passes
         else:
-            log.warning("Model.Backend auto: %s is not used: %s", name, report.explain())
             backend.close()
     if chosen is None:
         assert first_failure is not None

@@ -161,7 +161,7 @@ def test_preferred_plugin_gives_pydicoms_pixels(shared_data, rel):
     from pydicom.pixels import pixel_array
     from pydicom.pixels.decoders.base import get_decoder
 
-    from edge_runtime.decode.dicom import PREFERRED_PLUGINS, _preferred_frame
+    from edge_runtime.decode.dicom import PREFERRED_PLUGINS, _preferred_frame, plugin_order
 
     path = shared_data / "dicom" / rel
     ds = pydicom.dcmread(path)
@@ -174,9 +174,7 @@ def test_preferred_plugin_gives_pydicoms_pixels(shared_data, rel):
     decoder = get_decoder(syntax)
     if preferred not in decoder.available_plugins:
         pytest.skip(f"{preferred} is not installed: pydicom's order decodes {syntax.name}")
-    # pydicom's own order of preference (available_plugins is sorted by name).
-    order = getattr(decoder, "_available", None) or decoder.available_plugins
-    others = [p for p in order if p != preferred]
+    others = [p for p in plugin_order(syntax) if p != preferred]  # pydicom's own order
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fast = pixel_array(path, decoding_plugin=preferred)

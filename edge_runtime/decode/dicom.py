@@ -42,7 +42,7 @@ from ..errors import (
 )
 from .base import DecodedImage, DecodeLimits
 
-__all__ = ["PREFERRED_PLUGINS", "DicomDecoder", "StoredFrame"]
+__all__ = ["PREFERRED_PLUGINS", "DicomDecoder", "StoredFrame", "plugin_order"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,8 @@ _DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 # Groups a legacy (pre-Part 10, no preamble) file may start with.
 _LEGACY_FIRST_GROUPS = (0x0002, 0x0008)
 _GREY = ("MONOCHROME1", "MONOCHROME2")
+
+
 _COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420")
 
 
@@ -254,7 +256,18 @@ PREFERRED_PLUGINS: dict[str, str] = {
     "1.2.840.10008.1.2.4.80": "pyjpegls",  # JPEG-LS lossless: CharLS, ~0.7x GDCM's time
     "1.2.840.10008.1.2.4.81": "pyjpegls",  # JPEG-LS near-lossless (decoding is exact), ~0.6x
 }
-_GREY = ("MONOCHROME1", "MONOCHROME2")
+
+
+def plugin_order(syntax: str) -> list[str]:
+    """pydicom's installed pixel plugins for ``syntax``, in the order it tries them.
+
+    ``available_plugins`` is sorted by name; the order of preference is only in the
+    decoder's ``_available``. The benchmark and the identity test compare with its first.
+    """
+    from pydicom.pixels.decoders.base import get_decoder
+
+    decoder = get_decoder(syntax)
+    return list(getattr(decoder, "_available", None) or decoder.available_plugins)
 
 
 def _preferred_frame(ds: Any, frames: int) -> np.ndarray | None:

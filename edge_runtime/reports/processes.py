@@ -137,12 +137,8 @@ class ReportProcesses:
         if result["input"]["kind"] != "dicom" or not (reports.dicom_sr or reports.fhir):
             # Only a heat-map PNG (a few ms): sending it to a child would cost more than it saves.
             return log_outcome(result, writer.build(result, source, image=image, heatmap=heatmap))
-        if image is not None and heatmap is not None and reports.heatmap:
-            from .heatmap import fit_image
-
-            image = fit_image(image, reports.heatmap_max_side)  # what the overlay draws on anyway
-        else:
-            image = None
+        if not reports.heatmap:
+            image = None  # nothing to draw: not worth pickling
         pool = self._pool()
         try:
             future: Future[ReportOutcome] = pool.submit(
