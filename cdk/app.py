@@ -15,6 +15,15 @@ import json
 import os
 from pathlib import Path
 
+# jsii, which runs aws-cdk-lib's JavaScript in Node.js, prints a 12-line banner on every synth when
+# the Node.js release is past (or near) the end of its support, and its Python side echoes that
+# banner as byte strings (b'!!  ...  !!'). Node 20 (end of life 2026-04-30; Debian 12 and CI run it)
+# synthesizes these stacks, so the banner is silenced for it here, before aws_cdk starts Node.js:
+# this covers `npx cdk synth` (cdk.json runs this module) and `python -m cdk.app` alike. A variable
+# already set in the environment wins; other Node.js releases still get jsii's warning.
+os.environ.setdefault("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", "20")
+os.environ.setdefault("JSII_SILENCE_WARNING_DEPRECATED_NODE_VERSION", "1")
+
 import aws_cdk as cdk
 from cdk_nag import AwsSolutionsChecks, HIPAASecurityChecks
 
@@ -48,7 +57,7 @@ def build_app(config: ReleaseConfig | None = None, outdir: str | None = None) ->
     pipeline = PipelineStack(
         app, f"{config.name_prefix}-pipeline", config=config, artifacts=artifacts, env=env
     )
-    pipeline.add_dependency(fleet, "deploys to the fleet stack's thing groups")
+    pipeline.add_stack_dependency(fleet, "deploys to the fleet stack's thing groups")
     cdk.Validations.of(app).add_plugins(
         AwsSolutionsChecks(app, verbose=True), HIPAASecurityChecks(app, verbose=True)
     )

@@ -19,9 +19,12 @@ exactly as in its recipe. The recipe templates in ``recipes/`` carry ``{COMPONEN
   device: by default for this machine's CPU and Python; for another device use ``--platform`` (binary
   wheels only, always) and ``--python-version``, e.g.
   ``--platform manylinux_2_28_aarch64 --python-version 3.11`` for a 64-bit ARM box with Python 3.11 and
-  glibc >= 2.28. Beware ``manylinux2014_aarch64`` alone: pip then silently picks *old* releases that
-  still shipped manylinux2014 wheels (onnxruntime 1.16 instead of 1.32), so the build warns whenever
-  a shipped wheel's version differs from the one installed here, where the tests ran.
+  glibc >= 2.28. A ``manylinux_2_Y`` tag reaches pip with every older manylinux tag it covers, down
+  to ``manylinux2014`` (:func:`pip_platform_tags`; pip expands tags only for its own machine), so
+  dependencies that ship only ``manylinux2014_aarch64`` wheels (watchdog) are found. Beware
+  ``manylinux2014_aarch64`` alone: pip then silently picks *old* releases that still shipped
+  manylinux2014 wheels (onnxruntime 1.16 instead of 1.32), so the build warns whenever a shipped
+  wheel's version differs from the one installed here, where the tests ran.
   The wheel is built from a scratch copy of the source tree, so stale files in ``build/`` can never
   leak into it.
 * Model (``com.healthdiag.model.PneumoniaCXR``): the bundle folder (default
@@ -47,13 +50,14 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import tomllib
 import zipfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,7 +98,7 @@ _NOT_SOURCE = {
     ".hypothesis",
 }
 
-__all__ = ["BuildError", "BuiltComponent", "build", "main"]
+__all__ = ["BuildError", "BuiltComponent", "build", "deploy_command", "main", "pip_platform_tags"]
 
 
 class BuildError(Exception):
@@ -235,6 +239,45 @@ def version_skew(wheel_names: Iterable[str]) -> list[str]:
     return warnings
 
 
+# PEP 600 / PEP 599: the oldest glibc each architecture's manylinux tags go down to, and the legacy
+# names of three glibc versions (manylinux2014 is manylinux_2_17, and so on).
+_MANYLINUX = re.compile(r"manylinux_2_(?P<minor>\d+)_(?P<arch>\w+)")
+_OLDEST_GLIBC_MINOR = {"x86_64": 5, "i686": 5}
+_OLDEST_GLIBC_MINOR_DEFAULT = 17  # aarch64, armv7l, ppc64le, s390x: manylinux2014 and later
+_LEGACY_MANYLINUX = {17: "manylinux2014", 12: "manylinux2010", 5: "manylinux1"}
+
+
+def pip_platform_tags(platforms: Iterable[str]) -> list[str]:
+    """The ``--platform`` tags to hand pip: each ``manylinux_2_Y_ARCH`` with every older one it covers.
+
+    pip expands a platform tag to the older tags it is compatible with only for the machine it runs
+    on (and for the legacy ``manylinux2014``/``manylinux2010`` names); a foreign
+    ``manylinux_2_28_aarch64`` matches only wheels tagged exactly so. Many projects ship aarch64
+    wheels only as ``manylinux2014_aarch64`` (``manylinux_2_17``), e.g. watchdog, and pip then
+    finds no distribution at all. A device with glibc 2.Y runs every ``manylinux_2_X`` wheel with
+    X <= Y (PEP 600), so this lists them newest first, as pip's own expansion does, with the legacy
+    aliases next to the versions they stand for. Other tags pass through; duplicates are dropped.
+
+    >>> pip_platform_tags(["manylinux_2_19_aarch64"])
+    ['manylinux_2_19_aarch64', 'manylinux_2_18_aarch64', 'manylinux_2_17_aarch64', 'manylinux2014_aarch64']
+    """
+    tags: list[str] = []
+    for platform in platforms:
+        match = _MANYLINUX.fullmatch(platform)
+        if match is None:
+            expanded = [platform]
+        else:
+            arch = match["arch"]
+            oldest = _OLDEST_GLIBC_MINOR.get(arch, _OLDEST_GLIBC_MINOR_DEFAULT)
+            expanded = []
+            for minor in range(int(match["minor"]), oldest - 1, -1):
+                expanded.append(f"manylinux_2_{minor}_{arch}")
+                if minor in _LEGACY_MANYLINUX:
+                    expanded.append(f"{_LEGACY_MANYLINUX[minor]}_{arch}")
+        tags += [tag for tag in expanded if tag not in tags]
+    return tags
+
+
 def build_runtime_artifact(
     staging: Path,
     *,
@@ -275,7 +318,7 @@ def build_runtime_artifact(
             "--dest",
             str(wheels),
         ]
-        for platform in platforms:
+        for platform in pip_platform_tags(platforms):
             command += ["--platform", platform]
         if python_version:
             command += ["--python-version", python_version]
@@ -411,6 +454,38 @@ def build(
 
 
 # --------------------------------------------------------------------------------------------------
+# Deploying the result
+
+#: The Greengrass CLI on a core device with the default root, ``/greengrass/v2``.
+GREENGRASS_CLI = "sudo /greengrass/v2/bin/greengrass-cli"
+#: The runtime's user and group on the device: only its Install step runs as root.
+RUNTIME_POSIX_USER = "ggc_user:ggc_group"
+
+
+def deploy_command(out: Path | str, versions: Mapping[str, str]) -> str:
+    """The ``greengrass-cli deployment create`` command for a build in ``out`` (as README.md shows it).
+
+    The model comes before the runtime that depends on it; the runtime runs as
+    :data:`RUNTIME_POSIX_USER`. The build prints this, and a test keeps the README's copy equal to
+    it, so the two cannot drift apart.
+
+    Args:
+        out: the build folder as the user named it (``--out``).
+        versions: component name -> version, for the components to deploy.
+    """
+    order = [MODEL, RUNTIME]
+    names = sorted(versions, key=lambda name: (order.index(name) if name in order else len(order), name))
+    lines = [
+        f"{GREENGRASS_CLI} deployment create",
+        f"--recipeDir {out}/recipes --artifactDir {out}/artifacts",
+        " ".join(f'--merge "{name}={versions[name]}"' for name in names),
+    ]
+    if RUNTIME in versions:
+        lines.append(f'--runWith "{RUNTIME}:posixUser={RUNTIME_POSIX_USER}"')
+    return " \\\n  ".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
 # Command line
 
 
@@ -428,7 +503,8 @@ examples:
                                                      # offline on a device; for tests and layout checks)
   python -m components.build --platform manylinux_2_28_aarch64 --python-version 3.11
                                                      # wheels for a 64-bit ARM device (glibc >= 2.28)
-                                                     # with Python 3.11
+                                                     # with Python 3.11 (manylinux_2_28 down to
+                                                     # manylinux2014 wheels)
   python -m components.build --bundle /path/to/bundle --component com.healthdiag.model.PneumoniaCXR
 
 The device installs the runtime offline from the shipped wheels, so they must match its CPU
@@ -480,7 +556,8 @@ when a shipped version differs from the one installed here.""",
         dest="platforms",
         default=[],
         metavar="TAG",
-        help="pip platform tag of the device, e.g. manylinux_2_28_aarch64 (repeatable)",
+        help="pip platform tag of the device, e.g. manylinux_2_28_aarch64 (repeatable; a manylinux_2_Y "
+        "tag also accepts wheels for every older glibc, down to manylinux2014)",
     )
     parser.add_argument(
         "--python-version",
@@ -555,11 +632,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {problem}", file=sys.stderr)
         if problems:
             return 1
-    merges = " ".join(f'--merge "{c.name}={c.version}"' for c in built)
-    print(
-        f"\nDeploy locally:\n  sudo /greengrass/v2/bin/greengrass-cli deployment create "
-        f"--recipeDir {args.out}/recipes --artifactDir {args.out}/artifacts {merges}"
-    )
+    print("\nDeploy locally, on the core device (see README.md):")
+    print(deploy_command(args.out, {c.name: c.version for c in built}))
     return 0
 
 
