@@ -3,6 +3,10 @@
 Exit codes: 0 success, 1 a file could not be processed (``process``) or the
 journal is refused (``journal check``), 2 bad configuration, model bundle or
 journal at start (the message says what to fix).
+
+Every error the runtime raises on purpose (a missing file, a bad setting, an
+engine not installed) is one message for the admin, ``error: ...`` and
+``→ what to do`` (``process``: one JSON line per file), not a traceback.
 """
 
 from __future__ import annotations
@@ -10,14 +14,24 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import stat
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .bundle import BundleTrust, default_bundle_path, load_bundle
 from .config import ENV_PREFIX, load_config
-from .errors import ConfigError, EdgeRuntimeError, InputError, JournalError
+from .errors import (
+    ConfigError,
+    EdgeRuntimeError,
+    EngineNotInstalled,
+    InputError,
+    JournalError,
+    NotARegularFile,
+    UnreadableFile,
+)
 from .logs import configure_logging
 
 if TYPE_CHECKING:
@@ -41,13 +55,15 @@ configuration:
 
   Any key can be overridden from the environment:
     {ENV_PREFIX}MQTT__PORT=8883  {ENV_PREFIX}INBOX__PATH=/data/inbox
-  Run 'edge-runtime config check' to see every key and its effective value.
+  Run 'edge-runtime config check -c FILE' to see every key and its effective
+  value (empty strings mean unset).
 
 examples:
   edge-runtime run --config edge.yaml
   edge-runtime journal check --config edge.yaml
   edge-runtime journal backup --config edge.yaml /mnt/backup/
   edge-runtime process scan.dcm IM-0001.jpeg
+  edge-runtime sample inbox/                   # two sample scans to try the service with
   edge-runtime model info
   mosquitto_sub -t 'healthdiag/edge/#' -v      # watch results and status
 """
@@ -95,21 +111,28 @@ def build_parser() -> argparse.ArgumentParser:
         "process",
         help="analyse files once and print one result JSON per line",
         description="Analyse the given files with the configured model and print one result "
-        "JSON per line on stdout (errors as JSON on stderr). Nothing is published, moved or "
-        "journaled. Exit status 1 if any file failed.",
+        "JSON per line on stdout. A file that cannot be analysed (missing, a folder, unreadable, "
+        "not an image, ...) gets one error JSON line on stderr (file, code, error, action) and "
+        "the others are still analysed. Nothing is published, moved or journaled. Exit status 1 "
+        "if any file failed.",
     )
     _add_config_arg(process)
-    process.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    process.add_argument(
+        "files", nargs="+", type=Path, metavar="FILE", help="scan files (DICOM, PNG, JPEG); not folders"
+    )
 
     config = sub.add_parser("config", help="configuration tools")
     config_sub = config.add_subparsers(dest="config_command", metavar="SUBCOMMAND", required=True)
     check = config_sub.add_parser(
         "check",
         help="validate a configuration and print the effective values",
-        description="Validate FILE (plus environment overrides) and print the effective "
-        "configuration as YAML, or list exactly which settings are wrong (exit status 2).",
+        description="Validate the configuration file (given as -c/--config FILE or as FILE; "
+        "none: the built-in defaults) plus environment overrides, and print the effective "
+        "configuration as YAML, every key with its value (an empty string means unset, as in the "
+        "file), or list exactly which settings are wrong (exit status 2).",
     )
-    check.add_argument("file", type=Path, nargs="?", metavar="FILE")
+    _add_config_arg(check)
+    check.add_argument("file", type=Path, nargs="?", metavar="FILE", help="the same as -c FILE")
 
     health = sub.add_parser(
         "health",
@@ -133,18 +156,21 @@ def build_parser() -> argparse.ArgumentParser:
         "check",
         help="check integrity and id, print counts (safe while the service runs)",
         description="Run SQLite's integrity check on the journal, compare its id with journal.id "
-        "and print the counts: done, quarantined, results awaiting delivery (per sink). Only "
-        "reads; safe while the service runs. Exit status 0 healthy, 1 the journal would be "
-        "refused at start (the reason and what to do are printed), 2 bad configuration.",
+        "and print the counts: done, quarantined, results awaiting delivery (per sink). Its size "
+        "counts the commits still in the NAME-wal file (about what a backup takes); the files on "
+        "disk are shown beside it. Only reads; safe while the service runs. Exit status 0 "
+        "healthy, 1 the journal would be refused at start (the reason and what to do are "
+        "printed), 2 bad configuration.",
     )
     jbackup = journal_sub.add_parser(
         "backup",
         help="copy the journal with SQLite's online backup (safe while the service runs)",
         description="Copy the journal to DEST with SQLite's online backup API: one consistent "
         "snapshot, taken without stopping the service. The copy is integrity-checked, written as "
-        "DEST.part and renamed when complete; it carries the journal's id, so it can be restored "
-        "in place (stop the service, copy it over Journal.Path, start). An existing DEST file is "
-        "never overwritten. Exit status 0 done, 1 failed (the reason is printed).",
+        "DEST.part and renamed when complete; it carries the journal's id inside it (a backup "
+        "has no .id file of its own, and needs none), so it can be restored in place (stop the "
+        "service, copy it over Journal.Path, start). An existing DEST file is never overwritten. "
+        "Exit status 0 done, 1 failed (the reason is printed).",
     )
     jbackup.add_argument(
         "dest",
@@ -161,6 +187,25 @@ def build_parser() -> argparse.ArgumentParser:
             help="journal file (default: Journal.Path of the configuration); e.g. a backup to check",
         )
         jparser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    sample = sub.add_parser(
+        "sample",
+        help="write two sample scans (a DICOM and a PNG) to try the service with",
+        description="Write two real chest X-rays from the model bundle's reference set to DEST: "
+        "the clearest pneumonia case as a DICOM (CR, made-up patient SAMPLE^PAEDIATRIC, age 3) "
+        "and the clearest normal case as a PNG, with the answer the model gave on the machine "
+        "that built it. The images are de-identified training images credited in the bundle's "
+        "model card. Each file is written as NAME.part and renamed when complete, so DEST may "
+        "be the service's inbox. Existing sample files are replaced.",
+    )
+    sample.add_argument("dest", type=Path, metavar="DEST", help="folder to write to, e.g. inbox/")
+    sample.add_argument(
+        "--bundle",
+        type=Path,
+        metavar="BUNDLE_DIR",
+        help="bundle whose reference images to use (default: Model.BundlePath, else the bundled model)",
+    )
+    _add_config_arg(sample)
 
     model = sub.add_parser("model", help="model bundle tools")
     model_sub = model.add_subparsers(dest="model_command", metavar="SUBCOMMAND", required=True)
@@ -187,8 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
         "reference probability recorded where the bundle was built: every |p - p_fp32| must be "
         "within the manifest's tolerance and every decision must match (except for references "
         "within the decision margin of the threshold). The service runs the same check whenever "
-        "it loads a model and refuses a model that fails it. Exit status: 0 passed, 1 failed, "
-        "2 the bundle cannot be loaded or has no reference set.",
+        "it loads a model and refuses a model that fails it. With --backend all (or Model.Backend "
+        "auto), every engine the bundle has a file for and that is installed here is checked; "
+        "one that is not installed (LiteRT is an optional extra: pip install '.[litert]') is "
+        "skipped with a line saying so. Exit status: 0 passed, 1 failed, 2 the bundle cannot be "
+        "loaded, has no reference set, or none of its engines is installed.",
     )
     verify.add_argument(
         "bundle",
@@ -202,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--backend",
         default=None,
         help="backend to check (default: Model.Backend); 'all' (and Model.Backend auto) checks "
-        "every backend the bundle has a model file for",
+        "every backend the bundle has a model file for that is installed here, and names the "
+        "ones skipped",
     )
     verify.add_argument("--json", action="store_true", help="print the reports as JSON")
     return parser
@@ -243,6 +292,50 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+class _MissingFile(InputError):
+    """A file named on the command line does not exist."""
+
+    code = "file_not_found"
+
+
+def _unreadable(path: Path, exc: OSError) -> InputError:
+    """What an admin should read when ``path`` (named on the command line) cannot be opened."""
+    if isinstance(exc, FileNotFoundError):
+        where = "" if path.is_absolute() else f" (looked for {path.absolute()})"
+        return _MissingFile(
+            f"{path} does not exist{where}; it was not analysed.",
+            action="Check the file name and folder; a relative path is taken from the current folder.",
+        )
+    if isinstance(exc, PermissionError):
+        return UnreadableFile(
+            f"{path} cannot be read by this user (uid {os.geteuid()}): {exc.strerror}.",
+            action="Run edge-runtime as a user who may read the file, or give this user read access.",
+        )
+    return UnreadableFile(
+        f"{path} cannot be read: {exc.strerror or exc}.",
+        action="Check the file and the disk it is on (system log), then try again.",
+    )
+
+
+def _refuse_before_reading(path: Path) -> InputError | None:
+    """Why ``path`` is not a scan file (missing, a folder, a pipe...), checked unopened; None if it may be."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        return _unreadable(path, exc)
+    if stat.S_ISDIR(mode):
+        return NotARegularFile(
+            f"{path} is a folder, not a file; nothing in it was analysed.",
+            action=f"Name the scan files themselves, e.g. edge-runtime process {path}/*",
+        )
+    if not stat.S_ISREG(mode):  # a FIFO would block the read for ever
+        return NotARegularFile(
+            f"{path} is not a regular file (a pipe, device or socket); it was not read.",
+            action="Name the scan files themselves (DICOM, PNG, JPEG).",
+        )
+    return None
+
+
 def _cmd_process(args: argparse.Namespace) -> int:
     from .pipeline import ScanAnalyzer
 
@@ -250,24 +343,59 @@ def _cmd_process(args: argparse.Namespace) -> int:
     configure_logging("WARNING", config.logging.format)
     analyzer = ScanAnalyzer.from_config(config, create_reference_key=False)
     failures = 0
-    for path in args.files:
-        try:
-            outcome = analyzer.analyze(path, preview_side=0)  # no reports here: no heat-map preview
-        except InputError as exc:
-            failures += 1
-            print(json.dumps({"file": str(path), **exc.to_dict()}), file=sys.stderr)
-            continue
-        print(json.dumps(outcome.result), flush=True)
-    analyzer.close()
+    try:
+        for path in args.files:
+            try:
+                refused = _refuse_before_reading(path)
+                if refused is not None:
+                    raise refused
+                try:
+                    outcome = analyzer.analyze(path, preview_side=0)  # no reports: no heat-map preview
+                except OSError as exc:  # removed or made unreadable since the check above
+                    raise _unreadable(path, exc) from exc
+            except InputError as exc:
+                failures += 1
+                print(json.dumps({"file": str(path), **exc.to_dict()}), file=sys.stderr, flush=True)
+                continue
+            print(json.dumps(outcome.result), flush=True)
+    finally:
+        analyzer.close()
     return 1 if failures else 0
+
+
+def _unset_as_empty(value: object) -> object:
+    """``None`` (unset) as ``""``, the spelling the configuration file and recipe use for it."""
+    if value is None:
+        return ""
+    if isinstance(value, dict):
+        return {key: _unset_as_empty(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_unset_as_empty(item) for item in value]
+    return value
 
 
 def _cmd_config_check(args: argparse.Namespace) -> int:
     import yaml
 
-    config = load_config(args.file)
-    print(f"# effective configuration ({args.file or 'defaults'} + environment): valid")
-    print(yaml.safe_dump(config.to_pascal_dict(), sort_keys=False), end="")
+    path = args.config or args.file
+    if args.config is not None and args.file is not None and args.config.absolute() != args.file.absolute():
+        raise ConfigError(
+            f"Two different configuration files were given: {args.config} (-c/--config) and "
+            f"{args.file} (FILE).",
+            action="Give the file once: edge-runtime config check -c FILE (or edge-runtime config "
+            "check FILE).",
+        )
+    config = load_config(path)
+
+    # Unset is written "" (the README's and the recipes' spelling), not PyYAML's ''.
+    dumper: Any = type("Dumper", (yaml.SafeDumper,), {})
+    dumper.add_representer(
+        str,
+        lambda d, text: d.represent_scalar("tag:yaml.org,2002:str", text, style='"' if text == "" else None),
+    )
+    print(f"# effective configuration ({path or 'defaults'} + environment): valid")
+    print('# "" = unset')
+    print(yaml.dump(_unset_as_empty(config.to_pascal_dict()), Dumper=dumper, sort_keys=False), end="")
     return 0
 
 
@@ -304,22 +432,37 @@ def _cmd_health(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_journal_report(report: JournalReport, heading: str) -> None:
+def _print_journal_report(report: JournalReport, heading: str, *, backup: bool = False) -> None:
     from .journal import id_path_for
 
     counts = report.counts
     id_name = id_path_for(report.path).name
     if report.id_file:
         id_line = f"{report.journal_id} (matches {id_name})"
+    elif backup and report.journal_id:
+        id_line = (
+            f"{report.journal_id} (stored inside the copy; a backup has no .id file of its own, "
+            "and needs none: restored over Journal.Path, it matches the journal.id there)"
+        )
     elif report.journal_id:
         id_line = (
-            f"{report.journal_id} (no {id_name} beside it: a backup copy, or the service has not "
-            "started since the upgrade; it adopts the journal at start)"
+            f"{report.journal_id} (no {id_name} beside it: normal for a backup copy; for the live "
+            "journal, after an upgrade from a version without ids or a restore, the service writes "
+            f"{id_name} at its next start. Nothing to do)"
         )
     else:
-        id_line = "none yet (the service writes one at its next start)"
+        id_line = (
+            "none yet (a journal from a version without ids: the service gives it one at its next "
+            "start. Nothing to do)"
+        )
     sinks = ", ".join(f"{sink} {n}" for sink, n in report.pending_by_sink.items())
-    print(f"{heading}: {report.path} ({report.size_bytes} bytes)")
+    size = f"{report.size_bytes} bytes"
+    if report.wal_bytes:
+        size += (
+            f"; on disk: {report.path.name} {report.file_bytes} bytes + {report.path.name}-wal "
+            f"{report.wal_bytes} bytes of recent commits, copied into it at SQLite's next checkpoint"
+        )
+    print(f"{heading}: {report.path} ({size})")
     print(f"  id:                {id_line}")
     print(f"  done:              {counts['done']}")
     print(f"  quarantined:       {counts['quarantined']}")
@@ -344,7 +487,7 @@ def _cmd_journal(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
-        _print_journal_report(report, heading)
+        _print_journal_report(report, heading, backup=args.journal_command == "backup")
     return 0
 
 
@@ -401,6 +544,21 @@ def _cmd_model_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from .samples import write_samples
+
+    config = load_config(args.config)
+    bundle_dir = args.bundle or config.model.bundle_path or default_bundle_path()
+    bundle = load_bundle(bundle_dir, trust=BundleTrust.from_config(config.model))
+    for sample in write_samples(bundle, args.dest):
+        print(
+            f"{sample.path}: labelled {sample.label} in the training data; expect "
+            f"P({bundle.positive_label}) = {sample.expected:.4f} from model {bundle.name} "
+            f"{bundle.version} (threshold {bundle.manifest.threshold:.4f})"
+        )
+    return 0
+
+
 def _cmd_model_verify(args: argparse.Namespace) -> int:
     from .backends import AUTO_BACKEND
     from .conformance import verify_backend
@@ -409,12 +567,27 @@ def _cmd_model_verify(args: argparse.Namespace) -> int:
     bundle_dir = args.bundle or config.model.bundle_path or default_bundle_path()
     bundle = load_bundle(bundle_dir, trust=BundleTrust.from_config(config.model))
     wanted = args.backend or config.model.backend
-    # auto picks among all of them at start-up, so each is worth checking.
-    backends = bundle.backends if wanted in ("all", AUTO_BACKEND) else [wanted]
+    # auto picks among all of them at start-up, so each installed one is worth checking; one
+    # that is not installed is skipped (auto skips it too), as a plain 'pip install .' leaves
+    # the optional engines out.
+    every = wanted in ("all", AUTO_BACKEND)
+    backends = list(dict.fromkeys(bundle.backends)) if every else [wanted]
     failed = False
     reports = []
+    skipped: list[str] = []
     for name in backends:
-        report = verify_backend(bundle, name, threads=config.model.threads)
+        try:
+            report = verify_backend(bundle, name, threads=config.model.threads)
+        except EngineNotInstalled as exc:
+            if not every:
+                raise
+            skipped.append(name)
+            print(
+                f"== {bundle.name} {bundle.version}, backend {name}: skipped. {exc.message}\n→ {exc.action}",
+                file=sys.stderr if args.json else sys.stdout,
+                flush=True,
+            )
+            continue
         if report is None:
             print(
                 f"error: model {bundle.name} {bundle.version} has no conformance reference set "
@@ -433,8 +606,18 @@ def _cmd_model_verify(args: argparse.Namespace) -> int:
             )
             print(report.table())
             print(report.explain())
+    if not reports:
+        raise EngineNotInstalled(
+            f"None of the engines model {bundle.name} {bundle.version} has a file for "
+            f"({', '.join(skipped)}) is installed here, so nothing could be checked.",
+            action="Reinstall the runtime with its dependencies (pip install '.' in its source "
+            "folder; add '.[litert]' for LiteRT).",
+        )
     if args.json:
         print(json.dumps([r.to_dict() for r in reports], indent=2))
+    elif skipped:
+        checked = ", ".join(r.backend for r in reports)
+        print(f"checked: {checked}; skipped (not installed here): {', '.join(skipped)}")
     return 1 if failed else 0
 
 
@@ -452,6 +635,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_health(args)
         if args.command == "journal":
             return _cmd_journal(args)
+        if args.command == "sample":
+            return _cmd_sample(args)
         if args.command == "model" and args.model_command == "verify":
             return _cmd_model_verify(args)
         if args.command == "model":

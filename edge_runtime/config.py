@@ -547,8 +547,24 @@ def _explain(exc: ValidationError, source: str) -> str:
 def _read_file(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            f"Cannot read configuration file {path}: it does not exist"
+            + ("." if path.is_absolute() else f" (looked for {path.absolute()})."),
+            action="Check the file name and folder (a relative path is taken from the current "
+            f"folder), or create the file; without --config the built-in defaults and {ENV_PREFIX}... "
+            "environment settings apply.",
+        ) from None
+    except IsADirectoryError:
+        raise ConfigError(
+            f"Cannot read configuration file {path}: it is a folder, not a file.",
+            action="Pass the configuration file itself, e.g. --config edge.yaml.",
+        ) from None
     except OSError as exc:
-        raise ConfigError(f"Cannot read configuration file {path}: {exc.strerror}.") from exc
+        raise ConfigError(
+            f"Cannot read configuration file {path}: {exc.strerror}.",
+            action=f"Make sure the user running edge-runtime can read {path}, then try again.",
+        ) from exc
     try:
         data = yaml.safe_load(text) if text.strip() else {}
     except yaml.YAMLError as exc:

@@ -26,6 +26,7 @@ The tree::
     │   └── ConformanceError        the model answers differently on this CPU
     ├── DecoderFault           our own decoding code failed (a bug; retried, then quarantined)
     ├── BackendError           inference engine failed to load or run
+    │   └── EngineNotInstalled      the engine's Python package is not installed here
     ├── PublishError           a sink (MQTT, Greengrass IPC) did not take a message
     └── JournalError           the on-disk journal cannot be read or written
         └── JournalIntegrityError   journal missing, empty, replaced or damaged: start refused
@@ -48,6 +49,7 @@ __all__ = [
     "DecodeTimeout",
     "DecoderFault",
     "EdgeRuntimeError",
+    "EngineNotInstalled",
     "FhirReportError",
     "FileTooLarge",
     "ImageTooLarge",
@@ -251,6 +253,12 @@ class BackendError(EdgeRuntimeError):
 
     code = "backend_failed"
     action = "Check that the inference engine named in Model.Backend is installed."
+
+
+class EngineNotInstalled(BackendError):
+    """The engine's Python package cannot be imported on this box (an optional extra not installed)."""
+
+    code = "backend_not_installed"
 
 
 class PublishError(EdgeRuntimeError):

@@ -305,12 +305,20 @@ class JournalReport:
 
     path: Path
     journal_id: str | None
-    #: False: no id file yet; the service adopts the journal at its next start.
+    #: False: no id file beside it (a backup copy; or the service adopts the journal at its
+    #: next start).
     id_file: bool
+    #: The database's size with everything committed, WAL included (page count x page size):
+    #: about what a backup of it takes. The main file alone can be far smaller while recent
+    #: commits still sit in ``NAME-wal``.
     size_bytes: int
     counts: dict[str, int]
     #: Undelivered outbox rows per sink (``mqtt``, ``ipc-local``, ``ipc-iotcore``).
     pending_by_sink: dict[str, int]
+    #: On disk: the main file, and the ``-wal`` file beside it (0: none; SQLite copies it
+    #: into the main file at checkpoints).
+    file_bytes: int = 0
+    wal_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -318,6 +326,8 @@ class JournalReport:
             "journal_id": self.journal_id,
             "id_file": self.id_file,
             "size_bytes": self.size_bytes,
+            "file_bytes": self.file_bytes,
+            "wal_bytes": self.wal_bytes,
             "counts": self.counts,
             "pending_by_sink": self.pending_by_sink,
         }
@@ -334,7 +344,22 @@ def _report(path: Path, db: sqlite3.Connection, journal_id: str | None, id_file:
         )
     }
     counts["outbox_pending"] = sum(pending.values())
-    return JournalReport(path, journal_id, id_file, path.stat().st_size, counts, pending)
+    (page_count,) = db.execute("PRAGMA page_count").fetchone()
+    (page_size,) = db.execute("PRAGMA page_size").fetchone()
+    try:
+        wal_bytes = Path(f"{path}-wal").stat().st_size
+    except FileNotFoundError:
+        wal_bytes = 0
+    return JournalReport(
+        path,
+        journal_id,
+        id_file,
+        int(page_count) * int(page_size),
+        counts,
+        pending,
+        file_bytes=path.stat().st_size,
+        wal_bytes=wal_bytes,
+    )
 
 
 def check_journal(path: str | Path) -> JournalReport:

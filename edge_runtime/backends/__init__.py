@@ -6,7 +6,7 @@ lazily, so a box without LiteRT still runs ONNX models.
 
 from __future__ import annotations
 
-from ..errors import BackendError
+from ..errors import BackendError, EngineNotInstalled
 from ..plugins import load_plugin
 from .base import Backend, BackendOutput
 
@@ -40,7 +40,13 @@ def available_backends() -> list[str]:
 
 
 def create_backend(name: str, *, threads: int = 1) -> Backend:
-    """Instantiate the backend registered as ``name``."""
+    """Instantiate the backend registered as ``name``.
+
+    Raises:
+        BackendError: ``name`` is not registered.
+        EngineNotInstalled: its module cannot be imported (engines whose package is
+            imported at :meth:`Backend.load` raise it there).
+    """
     try:
         target = _REGISTRY[name]
     except KeyError:
@@ -51,6 +57,10 @@ def create_backend(name: str, *, threads: int = 1) -> Backend:
     try:
         backend_class = load_plugin(target)
     except ImportError as exc:
-        raise BackendError(f"Backend {name!r} cannot be imported: {exc}") from exc
+        raise EngineNotInstalled(
+            f"Backend {name!r} cannot be imported: {exc}.",
+            action=f"Install the package that provides backend {name!r}, or set Model.Backend to "
+            "another engine.",
+        ) from exc
     backend: Backend = backend_class(threads=threads)
     return backend

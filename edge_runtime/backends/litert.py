@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..bundle import ModelBundle
-from ..errors import BackendError, ModelBundleError
+from ..errors import BackendError, EngineNotInstalled, ModelBundleError
 from .base import BackendOutput
 
 __all__ = ["LiteRtBackend", "load_interpreter_class"]
@@ -29,9 +29,12 @@ def load_interpreter_class() -> Any:
         try:
             from tflite_runtime.interpreter import Interpreter
         except (ImportError, SystemError) as exc:
-            raise BackendError(
-                "Neither ai-edge-litert nor tflite-runtime is installed.",
-                action="pip install ai-edge-litert (or set Model.Backend to onnxruntime).",
+            raise EngineNotInstalled(
+                "LiteRT is not installed here (neither ai-edge-litert nor tflite-runtime can be "
+                "imported); it is an optional extra of the runtime.",
+                # A plain ``pip install .`` leaves the ``litert`` extra out.
+                action="Install it with pip install '.[litert]' in the runtime's source folder (or "
+                "pip install ai-edge-litert), or set Model.Backend to onnxruntime.",
             ) from exc
     return Interpreter
 

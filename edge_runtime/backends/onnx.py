@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..bundle import ModelBundle
-from ..errors import BackendError, ModelBundleError
+from ..errors import BackendError, EngineNotInstalled, ModelBundleError
 from ..manifest import ONNX_MODEL_ID_KEY
 from .base import BackendOutput
 
@@ -72,7 +72,11 @@ class OnnxRuntimeBackend:
         try:
             import onnxruntime as ort
         except ImportError as exc:  # pragma: no cover - onnxruntime is a core dependency
-            raise BackendError("ONNX Runtime is not installed.", action="pip install onnxruntime") from exc
+            raise EngineNotInstalled(
+                f"ONNX Runtime (the onnxruntime package) cannot be imported here: {exc}.",
+                action="Reinstall the runtime with its dependencies (pip install '.' in its source "
+                "folder, or pip install onnxruntime).",
+            ) from exc
         model_path = Path(path)
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads
