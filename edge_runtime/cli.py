@@ -174,9 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     jbackup.add_argument(
         "dest",
-        type=Path,
         metavar="DEST",
-        help="backup file, or an existing folder (the file is then named <journal>-<UTC time>.sqlite3)",
+        help="backup file, or a folder: an existing one, or any path ending in / (created); the "
+        "file is then named <journal>-<UTC time>.sqlite3",
     )
     for jparser in (jcheck, jbackup):
         _add_config_arg(jparser)
@@ -363,6 +363,10 @@ def _cmd_process(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+#: What ``config check`` prints for a password that is set.
+_HIDDEN = "<set, not shown>"
+
+
 def _unset_as_empty(value: object) -> object:
     """``None`` (unset) as ``""``, the spelling the configuration file and recipe use for it."""
     if value is None:
@@ -395,7 +399,11 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
     )
     print(f"# effective configuration ({path or 'defaults'} + environment): valid")
     print('# "" = unset')
-    print(yaml.dump(_unset_as_empty(config.to_pascal_dict()), Dumper=dumper, sort_keys=False), end="")
+    shown = _unset_as_empty(config.to_pascal_dict())
+    mqtt = shown.get("Mqtt") if isinstance(shown, dict) else None
+    if isinstance(mqtt, dict) and mqtt.get("Password"):
+        mqtt["Password"] = _HIDDEN  # this output is pasted into tickets and chats
+    print(yaml.dump(shown, Dumper=dumper, sort_keys=False), end="")
     return 0
 
 

@@ -402,8 +402,10 @@ def backup_journal(path: str | Path, dest: str | Path) -> JournalReport:
     (``<stem>-<UTC stamp><suffix>`` inside it); an existing file is never
     overwritten.
     """
+    # "DEST/" names a folder even before it exists (pathlib drops the trailing slash).
+    as_folder = str(dest).endswith(("/", os.sep))
     path, dest = Path(path).absolute(), Path(dest).absolute()
-    if dest.is_dir():
+    if as_folder or dest.is_dir():
         dest = dest / f"{path.stem}-{_stamp()}{path.suffix}"
     if dest.exists():
         raise JournalError(

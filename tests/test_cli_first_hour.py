@@ -333,3 +333,23 @@ def test_backup_says_plainly_that_a_copy_has_no_id_file_of_its_own(tmp_path: Pat
     live = run_cli("journal", "check", "--journal", str(path))
     assert live.returncode == 0 and live.stderr == ""
     assert "the service writes journal.id at its next start. Nothing to do" in live.stdout
+
+
+def test_backup_to_a_folder_that_does_not_exist_yet_creates_it(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "journal.sqlite3"
+    _journal_with_results(path, 2).close()
+    dest = tmp_path / "backups"  # "backups/" as typed: a folder, not a file named backups
+    backed = run_cli("journal", "backup", "--journal", str(path), f"{dest}/")
+    assert backed.returncode == 0, backed.stderr
+    assert dest.is_dir()
+    (copy,) = dest.glob("journal-*.sqlite3")
+    assert check_journal(copy).journal_id == check_journal(path).journal_id
+
+
+def test_config_check_does_not_print_the_mqtt_password(tmp_path: Path) -> None:
+    config = tmp_path / "edge.yaml"
+    config.write_text("Mqtt: {Username: edge, Password: s3cret-Pa55}\n", encoding="utf-8")
+    done = run_cli("config", "check", "-c", str(config))
+    assert done.returncode == 0, done.stderr
+    assert "s3cret-Pa55" not in done.stdout
+    assert "Password: <set, not shown>" in done.stdout and "Username: edge" in done.stdout
