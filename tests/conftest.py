@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sysconfig
 import tempfile
 import threading
 import time
@@ -22,6 +23,19 @@ from edge_runtime.signing import bundled_models_key_path, generate_signing_key
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """This interpreter's scripts (cfn-lint, edge-runtime) first on PATH, as an activated venv has.
+
+    The README runs the suite as ``.venv/bin/python -m pytest``, without activating the venv;
+    tests and the processes they start look tools up on PATH.
+    """
+    scripts = sysconfig.get_path("scripts")
+    path = os.environ.get("PATH", "")
+    if scripts not in path.split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join([scripts, path]) if path else scripts
+
 
 # -- bundle signing ------------------------------------------------------------------------
 # One P-256 key for the whole session (generated here, never committed) signs every tiny
