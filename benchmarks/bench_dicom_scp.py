@@ -100,6 +100,8 @@ def associations_per_second(
                 "BindAddress": "127.0.0.1",
                 "Port": free_port(),
                 "MaxAssociations": max(4, concurrency),
+                # Every sender here is 127.0.0.1: let one host use every slot.
+                "MaxAssociationsPerPeer": max(4, concurrency),
                 "SpoolPath": str(root / "spool"),
             },
             "Journal": {"Path": str(root / "journal.sqlite3")},

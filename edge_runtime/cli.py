@@ -95,16 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Watch Inbox.Path, process each complete file once, publish results to "
         "<Mqtt.TopicPrefix>/results and a retained status to <Mqtt.TopicPrefix>/status. Bad "
         "files are moved to Inbox.QuarantinePath with NAME.error.json. Stop with Ctrl-C or "
-        "SIGTERM; scans in progress are finished first.",
+        "SIGTERM; scans in progress are finished first. Refused (exit status 2) while another "
+        "service runs with the same journal, and on the problems 'config check' reports.",
     )
     _add_config_arg(run)
     run.add_argument(
         "--new-journal",
         action="store_true",
         help="start over with a new, empty journal when the existing one is refused (missing, "
-        "empty, replaced or damaged): its files are moved aside to NAME.old-<UTC time> (never "
-        "deleted) and a WARNING is logged; results not yet delivered in it are NOT sent. Restore "
-        "a backup instead if you have one. A healthy journal is kept (the flag is then ignored).",
+        "empty, replaced or damaged): its files are moved aside to "
+        "NAME.old-<UTC time> (never deleted) and a WARNING is logged; results not yet delivered "
+        "in it are NOT sent. Restore a backup instead if you have one. A healthy journal is kept "
+        "(the flag is then ignored).",
     )
 
     process = sub.add_parser(
@@ -281,13 +283,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
     if ipc is not None:
         logging.getLogger("edge_runtime").info("configuration read from the Greengrass nucleus over IPC")
-    if args.new_journal:
-        from .journal import Journal
+    from .journal import InstanceLock, Journal
+    from .preflight import require_machine
 
-        # Start over before the service opens the journal: a refused journal is moved aside
-        # and a new one created (and logged), which the service then opens as healthy.
-        Journal(config.journal.path, start_new=True).close()
-    service = EdgeService(config, ipc=ipc)
+    # One service per journal, checked first: a second one is refused naming the first's PID,
+    # before it could trip over the first's port or broker session.
+    lock = InstanceLock(config.journal.path)
+    try:
+        # The same checks as 'config check', creating missing folders as the sources do.
+        require_machine(config, create=True)
+        # --new-journal: a refused journal is moved aside and a new one created (logged).
+        journal = Journal(config.journal.path, start_new=args.new_journal, lock=lock)
+    except BaseException:
+        lock.release()
+        raise
+    service = EdgeService(config, ipc=ipc, journal=journal)
     service.run_forever()
     return 0
 
@@ -390,6 +400,10 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
             "check FILE).",
         )
     config = load_config(path)
+    from .preflight import require_machine
+
+    # The start-up checks 'run' makes, creating nothing: folders writable, the DICOM port free.
+    require_machine(config, create=False)
 
     # Unset is written "" (the README's and the recipes' spelling), not PyYAML's ''.
     dumper: Any = type("Dumper", (yaml.SafeDumper,), {})

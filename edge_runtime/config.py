@@ -21,6 +21,7 @@ Sources, later ones win:
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import socket
@@ -35,11 +36,13 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
 )
 from pydantic.alias_generators import to_pascal
+from pydantic_core import PydanticCustomError
 
 from .errors import ConfigError
 
@@ -410,8 +413,29 @@ class DicomConfig(_Section):
         (), description="Peer addresses or networks (CIDR) allowed to connect; empty = any."
     )
     max_associations: int = Field(4, ge=1, le=64, description="Concurrent associations accepted.")
+    max_associations_per_peer: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="Concurrent connections from one address; one more is closed at connect. "
+        "0 = half of MaxAssociations (at least 1), so one host cannot take every slot.",
+    )
     max_object_mb: int = Field(
-        1024, ge=1, le=65536, description="A larger object is refused (C-STORE failure status)."
+        1024,
+        ge=1,
+        le=65536,
+        description="A larger object is refused (C-STORE failure status); what arrives past the "
+        "limit is not kept in memory.",
+    )
+    read_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="A connection must send its association request, and each PDU once begun, "
+        "within this time (and take each of our replies within it), or it is closed.",
+    )
+    idle_timeout_seconds: float = Field(
+        60.0, gt=0, le=86400, description="An association with no traffic this long is aborted."
     )
     spool_path: Path = Field(
         Path("state/dicom-spool"),
@@ -425,6 +449,41 @@ class DicomConfig(_Section):
         for title in value:
             if not re.match(_AE_TITLE, title):
                 raise ValueError(f"{title!r} is not an AE title (1-16 printable characters, no backslash)")
+        return value
+
+    @model_validator(mode="after")
+    def _per_peer_within_total(self) -> DicomConfig:
+        if self.max_associations_per_peer > self.max_associations:
+            raise ValueError(
+                f"MaxAssociationsPerPeer ({self.max_associations_per_peer}) is over MaxAssociations "
+                f"({self.max_associations}); lower it, or 0 for half of MaxAssociations"
+            )
+        return self
+
+    @property
+    def associations_per_peer(self) -> int:
+        """``MaxAssociationsPerPeer``, with 0 resolved to half of ``MaxAssociations`` (at least 1)."""
+        return self.max_associations_per_peer or max(1, self.max_associations // 2)
+
+    @field_validator("allowed_addresses")
+    @classmethod
+    def _addresses(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        # Parsed as the receiver parses them (a bare address is a /32 or /128), so a typo such as
+        # 10.0.0.0/33 is a configuration error at 'config check', not a refused start later.
+        bad = []
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry.strip(), strict=False)
+            except ValueError:
+                bad.append(entry)
+        if bad:
+            listed = ", ".join(repr(entry) for entry in bad)
+            what = "is not an IP address or network" if len(bad) == 1 else "are not IP addresses or networks"
+            raise ValueError(
+                f"{listed} {what}"
+                " (use addresses like 10.1.2.3 or CIDR networks like 10.1.2.0/24; the prefix length is at "
+                "most /32 for IPv4, /128 for IPv6)"
+            )
         return value
 
 
@@ -505,6 +564,13 @@ class RuntimeConfig(_Section):
     reports: ReportsConfig = Field(default_factory=ReportsConfig)
     workers: int = Field(0, ge=0, le=64, description="Scan workers; 0 = one per CPU core.")
 
+    @model_validator(mode="after")
+    def _spool_outside_inbox(self) -> RuntimeConfig:
+        problem = _spool_overlap(self.dicom.enabled, self.inbox.path, self.dicom.spool_path)
+        if problem:
+            raise PydanticCustomError("spool_in_inbox", problem)
+        return self
+
     @property
     def reference_key_path(self) -> Path:
         """Where the scan-reference key lives (beside the journal unless configured)."""
@@ -528,19 +594,73 @@ class RuntimeConfig(_Section):
         try:
             return cls.model_validate(dict(data))
         except ValidationError as exc:
-            raise ConfigError(_explain(exc, source)) from None
+            # Checks across sections run only once every section is valid; say them now too, so
+            # one 'config check' lists every problem.
+            errors = exc.errors()
+            extra = [] if any(not e["loc"] for e in errors) else _cross_section_problems(data)
+            raise ConfigError(_explain(exc, source, extra)) from None
 
 
-def _explain(exc: ValidationError, source: str) -> str:
+def _spool_overlap(enabled: bool, inbox: Path, spool: Path) -> str | None:
+    """Why ``Dicom.SpoolPath`` cannot be used with ``Inbox.Path`` (compared as ``run`` does), or None."""
+    if not enabled:
+        return None
+    inbox, spool = inbox.absolute(), spool.absolute()
+    if not (spool.is_relative_to(inbox) or inbox.is_relative_to(spool)):
+        return None
+    if spool == inbox:
+        how = "is the inbox"
+    else:
+        how = "is inside Inbox.Path" if spool.is_relative_to(inbox) else "contains Inbox.Path"
+    return (
+        f"Dicom.SpoolPath {spool} {how} ({inbox}): each received object would be taken by both "
+        "sources. Give Dicom.SpoolPath a folder of its own, outside the inbox "
+        "(default state/dicom-spool)"
+    )
+
+
+def _raw(data: Mapping[str, Any], section: str, key: str) -> Any:
+    """A raw setting as the file/environment spelt it (keys matched as the models match them)."""
+
+    def find(node: Any, name: str) -> Any:
+        if not isinstance(node, Mapping):
+            return None
+        flat = name.replace("_", "").lower()
+        return next((v for k, v in node.items() if str(k).replace("_", "").lower() == flat), None)
+
+    return find(find(data, section), key)
+
+
+def _cross_section_problems(data: Mapping[str, Any]) -> list[str]:
+    """The checks across sections, from the raw settings, for a configuration with other errors."""
+    try:
+        enabled = TypeAdapter(bool).validate_python(_raw(data, "Dicom", "Enabled") or False)
+        inbox = TypeAdapter(Path).validate_python(
+            _raw(data, "Inbox", "Path") or InboxConfig.model_fields["path"].default
+        )
+        spool = TypeAdapter(Path).validate_python(
+            _raw(data, "Dicom", "SpoolPath") or DicomConfig.model_fields["spool_path"].default
+        )
+    except ValidationError:
+        return []  # those settings are invalid themselves (and listed as such)
+    problem = _spool_overlap(enabled, inbox, spool)
+    return [problem] if problem else []
+
+
+def _explain(exc: ValidationError, source: str, extra: list[str] | None = None) -> str:
     lines = [f"Invalid {source}:"]
     for err in exc.errors():
-        where = ".".join(str(part) for part in err["loc"]) or "(top level)"
+        if not err["loc"]:  # a check across sections: its message names the settings
+            lines.append(f"  - {err['msg']}")
+            continue
+        where = ".".join(str(part) for part in err["loc"])
         if err["type"] == "extra_forbidden":
             lines.append(f"  - {where}: unknown setting (check spelling; keys are PascalCase)")
         else:
             got = err.get("input")
             shown = "" if isinstance(got, dict) else f" (got {got!r})"
             lines.append(f"  - {where}: {err['msg']}{shown}")
+    lines += [f"  - {problem}" for problem in extra or ()]
     return "\n".join(lines)
 
 

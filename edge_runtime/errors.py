@@ -21,26 +21,43 @@ The tree::
     │   ├── SymlinkRefused          a link (never followed unless configured)
     │   ├── UnreadableFile          the service user may not read it
     │   ├── FileTooLarge            over Inbox.MaxFileMb or too slow to read
-    │   └── ImageTooLarge           dimensions exceed the configured cap
+    │   ├── ImageTooLarge           dimensions exceed the configured cap
+    │   └── InvalidDicomUid         a Study/Series/SOP UID that is not a DICOM UID
     ├── ModelBundleError       model bundle missing, tampered or inconsistent
     │   └── ConformanceError        the model answers differently on this CPU
     ├── DecoderFault           our own decoding code failed (a bug; retried, then quarantined)
     ├── BackendError           inference engine failed to load or run
     │   └── EngineNotInstalled      the engine's Python package is not installed here
     ├── PublishError           a sink (MQTT, Greengrass IPC) did not take a message
+    ├── ReportError            a report (SR, FHIR, heat-map) could not be built; the result stands
+    │   ├── ReportSourceError       the header lacks a UID a report must reference
+    │   ├── FhirReportError         the FHIR resources failed validation
+    │   ├── ReportTimeout           the report process took too long
+    │   └── ReportProcessCrashed    the report process died
     └── JournalError           the on-disk journal cannot be read or written
-        └── JournalIntegrityError   journal missing, empty, replaced or damaged: start refused
+        ├── JournalIntegrityError   journal missing, empty, replaced or damaged: start refused
+        │   └── JournalLost             deleted or replaced while the service ran: writes refused
+        └── JournalInUse            another service instance holds the journal's lock
 
 ``InputError`` subclasses are the only ones the service turns into a
 quarantine record; everything else is an operational fault of the box itself.
 Errors of the libraries we use (paho, sqlite3, onnxruntime, the Greengrass
 IPC client) are translated into these where they cross into our code, so a
 caller catches one tree and an admin reads one kind of message.
+
+**What leaves the box.** An exception's text may quote what the input held (a
+header value can hold a patient's name; a library's message quotes it), so it
+goes only to the service log. Every message that leaves the process (the
+result's ``reports.error``, the status' ``last_error``, the health file, the
+IoT Core payloads) says the error's ``code`` and :func:`public_text` for it:
+a fixed, reviewed sentence from :data:`PUBLIC_TEXTS`, with no value in it.
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "PUBLIC_TEXTS",
+    "UNEXPECTED_ERROR",
     "BackendError",
     "ConfigError",
     "ConformanceError",
@@ -55,19 +72,26 @@ __all__ = [
     "ImageTooLarge",
     "IncompleteInput",
     "InputError",
+    "InvalidDicomUid",
     "JournalError",
+    "JournalInUse",
     "JournalIntegrityError",
+    "JournalLost",
     "ModelBundleError",
     "NotARegularFile",
     "NotAnImage",
     "OutsideIntendedUse",
     "PublishError",
     "ReportError",
+    "ReportProcessCrashed",
     "ReportSourceError",
+    "ReportTimeout",
     "SymlinkRefused",
     "UnreadableFile",
     "UnsupportedImage",
     "UnsupportedTransferSyntax",
+    "public_code",
+    "public_text",
 ]
 
 
@@ -220,6 +244,17 @@ class ImageTooLarge(InputError):
     )
 
 
+class InvalidDicomUid(InputError):
+    """A Study, Series, SOP Instance or SOP Class UID in the header is not a DICOM UID (PS3.5 §9.1)."""
+
+    code = "invalid_dicom_uid"
+    action = (
+        "The sending device writes UIDs that are not valid DICOM UIDs (digits and dots, no leading "
+        "zeros, at most 64 characters): results and reports could not be tied to the image. Have "
+        "the device's configuration corrected, then resend the scan."
+    )
+
+
 class ModelBundleError(EdgeRuntimeError):
     """The model bundle is missing, altered, or does not match its manifest."""
 
@@ -295,6 +330,23 @@ class FhirReportError(ReportError):
     action = "This is a defect in edge-runtime: send the service log to HealthDiag support."
 
 
+class ReportTimeout(ReportError):
+    """The report process took longer than its limit; replaced, the result published without reports."""
+
+    code = "report_timeout"
+    action = (
+        "The result was published without its reports; if this repeats, send the service log "
+        "and the scan's reference to HealthDiag support."
+    )
+
+
+class ReportProcessCrashed(ReportError):
+    """The report process died (crashed or killed); replaced, the result published without reports."""
+
+    code = "report_process_crashed"
+    action = ReportTimeout.action
+
+
 class JournalError(EdgeRuntimeError):
     """The SQLite journal could not be opened, read or written.
 
@@ -320,3 +372,101 @@ class JournalIntegrityError(JournalError):
         "which moves the old files aside (nothing is deleted): results not yet delivered in them "
         "are then NOT sent."
     )
+
+
+class JournalLost(JournalIntegrityError):
+    """The journal file (or its id file) was deleted or replaced while the service ran.
+
+    The service still holds the old file open, so SQLite would go on writing into a
+    file nobody can open again; every write that would let a scan leave its source
+    is refused instead, and intake is paused until the admin restarts the service.
+    """
+
+    code = "journal_lost"
+
+
+class JournalInUse(JournalError):
+    """Another edge-runtime service already runs with this journal (it holds the lock)."""
+
+    code = "journal_in_use"
+    action = (
+        "Stop the other service first (its PID is in the message), or give this one its own "
+        "Journal.Path and Mqtt.ClientId."
+    )
+
+
+#: Codes of errors that are not exceptions of this tree (a dict written by the workers) or not ours.
+UNEXPECTED_ERROR = "unexpected_error"
+
+#: The fixed text each code carries in messages that leave the process. Reviewed: no value from a
+#: scan, a file name, a configuration or an exception is ever formatted into one. Codes missing
+#: here fall back to their class's parent's text, then to :data:`UNEXPECTED_ERROR`'s.
+PUBLIC_TEXTS: dict[str, str] = {
+    "edge_runtime_error": "the edge runtime could not complete a step",
+    UNEXPECTED_ERROR: "an unexpected error occurred (a fault of the runtime)",
+    "config_invalid": "the configuration is invalid",
+    "input_invalid": "the scan cannot be processed; it was quarantined",
+    "input_incomplete": "the scan was still being written or was removed while it was read; "
+    "it was quarantined",
+    "not_an_image": "the file is neither DICOM nor a supported image format; it was quarantined",
+    "corrupt_image": "the image is damaged or truncated; it was quarantined",
+    "unsupported_transfer_syntax": "no installed decoder handles the scan's transfer syntax; "
+    "it was quarantined",
+    "unsupported_image": "the DICOM object is not an image the model can read; it was quarantined",
+    "outside_intended_use": "the scan's header puts it outside the model's intended use; it was not analysed",
+    "decode_timeout": "decoding the scan took too long; it was quarantined",
+    "decode_crashed": "the decoder crashed or ran out of memory on the scan; it was quarantined",
+    "not_a_regular_file": "a pipe, device or socket was in the inbox; it was quarantined unread",
+    "symlink_refused": "a symbolic link was in the inbox; it was quarantined unfollowed",
+    "file_unreadable": "the service may not read the file; it was quarantined",
+    "file_too_large": "the file is over the size or read-time limit; it was quarantined",
+    "image_too_large": "the image is over the pixel limit; it was quarantined",
+    "invalid_dicom_uid": "the scan's header carries a UID that is not a valid DICOM UID; it was quarantined",
+    "processing_failed_repeatedly": "the scan failed repeatedly without a result; it was quarantined",
+    "processing_interrupted_repeatedly": "the service stopped repeatedly while processing the scan; "
+    "it was quarantined",
+    "model_bundle_invalid": "the model bundle is missing, altered or inconsistent",
+    "model_conformance_failed": "the model computes different answers on this CPU",
+    "decoder_fault": "the runtime's decoding code failed (a fault of the runtime); the scan is tried again",
+    "backend_failed": "the inference engine failed; the scan is tried again",
+    "backend_not_installed": "the inference engine is not installed",
+    "publish_failed": "a sink did not take a message; it waits in the journal and is offered again",
+    "report_failed": "reports not written: building the SR, FHIR report or heat-map failed",
+    "report_source_invalid": "reports not written: the scan's header lacks a valid Study, Series or SOP "
+    "Instance UID a report must reference",
+    "fhir_report_invalid": "reports not written: the FHIR report failed validation (a fault of the runtime)",
+    "report_timeout": "reports not written: the report process took longer than its time limit",
+    "report_process_crashed": "reports not written: the report process stopped unexpectedly "
+    "(crashed or killed)",
+    "journal_failed": "the journal cannot be read or written",
+    "journal_integrity": "the journal is missing, replaced or damaged",
+}
+
+
+def _class_of(code: str) -> type[EdgeRuntimeError] | None:
+    pending: list[type[EdgeRuntimeError]] = [EdgeRuntimeError]
+    while pending:
+        cls = pending.pop()
+        if cls.code == code:
+            return cls
+        pending.extend(cls.__subclasses__())
+    return None
+
+
+def public_text(code: str) -> str:
+    """The fixed text for ``code`` in messages that leave the process (see :data:`PUBLIC_TEXTS`).
+
+    A code without its own text (a class added later) gets its nearest parent
+    class's text, so no code is ever published with free text.
+    """
+    text = PUBLIC_TEXTS.get(code)
+    cls = _class_of(code) if text is None else None
+    while text is None and cls is not None and cls is not EdgeRuntimeError:
+        cls = cls.__mro__[1]
+        text = PUBLIC_TEXTS.get(getattr(cls, "code", ""))
+    return text or PUBLIC_TEXTS[UNEXPECTED_ERROR]
+
+
+def public_code(exc: BaseException) -> str:
+    """The code published for ``exc``: its own when it is ours, else :data:`UNEXPECTED_ERROR`."""
+    return exc.code if isinstance(exc, EdgeRuntimeError) else UNEXPECTED_ERROR

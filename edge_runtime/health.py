@@ -4,7 +4,9 @@ One snapshot feeds three readers: the health file (``edge-runtime health``,
 systemd or the nucleus' health check), the retained MQTT status topic
 (hospital systems), and the retained health report in AWS IoT Core (the
 fleet's operators and the release pipeline's canary check). None of them
-carries a file name or a header value: scans are named by reference only.
+carries a file name or a header value: scans are named by reference only,
+and an error by its code and that code's fixed text
+(:func:`edge_runtime.errors.public_text`), never by an exception's text.
 """
 
 from __future__ import annotations
@@ -20,14 +22,24 @@ from typing import Any
 
 from . import __version__
 from .config import RuntimeConfig
+from .errors import public_text
 from .results import build_status, utc_now
 
-__all__ = ["COUNTERS", "Health"]
+__all__ = ["COUNTERS", "Health", "error_line"]
 
 log = logging.getLogger(__name__)
 
 #: What the counters count (since start): scans received, with a result, quarantined, repeats.
 COUNTERS = ("received", "processed", "quarantined", "duplicates")
+
+
+def error_line(subject: str, code: str, details: str = "the service log") -> str:
+    """``<subject>: <code>: <fixed text> (details in <details>)``: a last error fit to publish.
+
+    ``subject`` is a scan reference, a message id or a sink's name; the text is
+    the code's fixed one, so nothing the scan or an exception said is in it.
+    """
+    return f"{subject}: {code}: {public_text(code)} (details in {details})"
 
 
 class Health:
@@ -43,6 +55,7 @@ class Health:
         stalled: Callable[[], str | None] = lambda: None,
         mqtt: Any = None,
         ipc: Any = None,
+        journal_lost: Callable[[], str | None] = lambda: None,
     ) -> None:
         self._config = config
         self._outbox_pending = outbox_pending
@@ -50,6 +63,8 @@ class Health:
         self._model = model
         #: The watchdog: why a worker makes no progress, or None.
         self._stalled = stalled
+        #: The journal check, run at every snapshot (so every heartbeat): why it is lost, or None.
+        self._journal_lost = journal_lost
         #: The MQTT sink (retained status topic), when MQTT is on.
         self.mqtt = mqtt
         self.ipc = ipc
@@ -70,6 +85,10 @@ class Health:
         """A new last error: on the status topic now, not only at the next heartbeat."""
         self.last_error = text
         self.publish_status()
+
+    def report_code(self, subject: str, code: str, details: str = "the service log") -> None:
+        """A new last error named by its code and fixed text (:func:`error_line`)."""
+        self.report_error(error_line(subject, code, details))
 
     def set_blocked(self, reason: str | None) -> None:
         """Intake stopped (reason) or resumed (None); said in the log and on the status topic."""
@@ -93,7 +112,10 @@ class Health:
         mqtt_connected = bool(self.mqtt is not None and self.mqtt.connected)
         state, reason = "online", None
         stalled = self._stalled()
-        if stalled:
+        journal_lost = self._journal_lost()
+        if journal_lost:
+            state, reason = "degraded", journal_lost
+        elif stalled:
             state, reason = "degraded", f"a worker is stuck: {stalled}"
         elif self.blocked_reason:
             state, reason = "degraded", f"not taking new scans: {self.blocked_reason}"

@@ -43,13 +43,35 @@ truncated to 0 bytes, deleted, swapped for another box's, or damaged would be
 recreated empty at the next start and the results it still had to deliver
 would be lost without a word (issue 14). At open:
 
-* no journal, no id file: first start; both are created (logged);
+* no journal, no id file, no anchor: first start; all three are created (logged);
+* no journal, no id file, but an anchor: the journal's folder was deleted or
+  replaced (``rm -rf state``): refused like a missing journal. The anchor
+  (:func:`~edge_runtime.journal_integrity.anchor_path_for`, ``state.journal.id``
+  beside the ``state`` folder) is the memory that survives the folder: the rule
+  is "a journal existed here if its id file *or* its anchor says so". A genuine
+  first start has neither; an anchor that cannot be written (the folder's
+  parent is read-only) is logged as a WARNING and the id file alone is the
+  memory, as before;
 * journal without id file: upgraded from a version without ids, or a crash
   between creating the two; the journal is adopted (logged);
 * id file, but the journal is missing, empty, carries another id, or fails
   ``PRAGMA quick_check``: :class:`JournalIntegrityError`, start refused, unless
   the admin asked to start over (``start_new``, ``edge-runtime run
   --new-journal``): the old files are then moved aside, never deleted.
+
+**While it runs.** One service per journal: :class:`~edge_runtime.journal_integrity.InstanceLock`
+(``flock`` on ``journal.lock``, naming the holder's PID) is taken before the
+journal is opened. The open SQLite connection would go on writing into a
+journal file that was deleted or replaced under it (nobody could open those
+commits again), so before every write that lets a scan leave its source, and
+at every heartbeat, :meth:`Journal.verify_on_disk` checks that the journal and
+its id file at their paths are still the files opened at start (same device and
+inode). When not, the journal is *lost*: such writes raise
+:class:`~edge_runtime.errors.JournalLost` (the scan stays at its source), the
+service is told once (``on_lost``) and pauses intake, and
+:meth:`Journal.save_rescue_copy` writes what the connection still holds to
+``journal.rescued-<UTC time>.sqlite3``. Marking results delivered is still
+allowed (it only makes that copy more accurate).
 
 :func:`check_journal` and :func:`backup_journal` back ``edge-runtime journal
 check`` / ``backup``; both are safe while the service runs (WAL readers do not
@@ -64,16 +86,18 @@ import os
 import sqlite3
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import JournalIntegrityError
+from .errors import JournalError, JournalIntegrityError, JournalLost
 from .journal_integrity import (
     ID_KEY,
+    InstanceLock,
     JournalReport,
+    anchor_path_for,
     backup_journal,
     check_journal,
     connect,
@@ -81,7 +105,9 @@ from .journal_integrity import (
     inspect_journal,
     move_aside,
     pending_in,
+    rescue_path_for,
     translate_error,
+    write_anchor,
     write_id_file,
 )
 from .results import utc_now
@@ -91,6 +117,7 @@ __all__ = [
     "Admission",
     "Delivery",
     "InputRecord",
+    "InstanceLock",
     "Journal",
     "JournalReport",
     "OutboxMessage",
@@ -213,7 +240,14 @@ class Delivery:
 class Journal:
     """Thread-safe access to the journal database (one connection, one lock)."""
 
-    def __init__(self, path: str | Path, *, durable: bool = True, start_new: bool = False) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        durable: bool = True,
+        start_new: bool = False,
+        lock: InstanceLock | None = None,
+    ) -> None:
         """Open the journal, after checking it is the one this box wrote (or create it).
 
         Args:
@@ -226,14 +260,40 @@ class Journal:
                 undelivered results are not sent. A healthy journal is kept (and
                 the flag reported as ignored), so a flag left in a unit file can
                 never throw results away at every restart.
+            lock: the instance lock, when the caller took it earlier (``edge-runtime
+                run`` takes it before its start-up checks); else it is taken here.
+                Either way the journal owns it from here and :meth:`close` frees it.
 
         Raises:
+            JournalInUse: another service holds the journal's lock (its PID is named).
             JournalIntegrityError: missing, empty, replaced or damaged journal.
             JournalError: the journal cannot be opened (disk full, permissions, lock).
         """
         # Absolute, so every message names the file an admin can find.
         self.path = Path(path).absolute()
         self.id_path = id_path_for(self.path)
+        self._instance_lock = lock or InstanceLock(self.path)
+        try:
+            self._open(durable, start_new)
+        except BaseException:
+            self._instance_lock.release()
+            raise
+        #: Why the journal on disk is no longer the one open here (sticky), or None.
+        self.lost: str | None = None
+        #: Called once (on the thread that noticed) when the journal is found lost.
+        self.on_lost: Callable[[str], None] | None = None
+        self._lost_lock = threading.Lock()
+        self._identity = self._on_disk()
+        if not write_anchor(self.path, self.journal_id):
+            log.warning(
+                "cannot write %s (is %s writable for this user?): if the folder %s is ever deleted, "
+                "the next start cannot tell that from a first start and would begin an empty journal",
+                anchor_path_for(self.path),
+                self.path.parent.parent,
+                self.path.parent,
+            )
+
+    def _open(self, durable: bool, start_new: bool) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -246,13 +306,16 @@ class Journal:
             moved = move_aside(self.path)
             old = next((dst for src, dst in moved if src == self.path), None)
             pending = None if old is None else pending_in(old)
+            if moved:
+                kept = "Its files were moved aside, not deleted: " + ", ".join(dst.name for _, dst in moved)
+            else:
+                kept = "None of its files was left to move aside"
             log.warning(
                 "starting over with a new journal at %s, as asked (--new-journal); the old one was "
-                "refused: %s Its files were moved aside, not deleted: %s. Results not yet delivered "
-                "in the old journal (%s) are NOT sent.",
+                "refused: %s %s. Results not yet delivered in the old journal (%s) are NOT sent.",
                 self.path,
                 exc.message.removeprefix("The service will not start: "),
-                ", ".join(dst.name for _, dst in moved) or "none",
+                kept,
                 "an unknown number: it cannot be read" if pending is None else pending,
             )
             found = None
@@ -323,14 +386,114 @@ class Journal:
             (_SCHEMA_VERSION,),
         )
 
+    # -- still the journal on disk? ----------------------------------------------------
+    def _on_disk(self) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+        """(device, inode) of the journal file and of its id file at their paths; None: missing."""
+
+        def ident(path: Path) -> tuple[int, int] | None:
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                return None
+            except OSError:
+                # Unreadable now (permissions, a dying disk): not proof that it was replaced.
+                return (-1, -1)
+            return (st.st_dev, st.st_ino)
+
+        return ident(self.path), ident(self.id_path)
+
+    def _identity_problem(self) -> str | None:
+        journal, id_file = self._on_disk()
+        was_journal, was_id = self._identity
+        if journal is None or id_file is None:
+            if not self.path.parent.exists():
+                return f"its folder {self.path.parent} was deleted while the service ran"
+            missing = self.path if journal is None else self.id_path
+            return f"{missing} was deleted while the service ran"
+        if (-1, -1) in (journal, id_file):
+            return None
+        if journal != was_journal:
+            return f"{self.path} was replaced by another file while the service ran"
+        if id_file != was_id:
+            return f"{self.id_path} was replaced by another file while the service ran"
+        return None
+
+    def verify_on_disk(self) -> str | None:
+        """Why the journal at :attr:`path` is no longer the one open here; None while it is.
+
+        A deleted or replaced journal (or id file) is not refused by SQLite: the open
+        connection goes on writing into the old file, which nobody can open again.
+        Two ``stat`` calls (microseconds); called before each guarded write and at
+        every heartbeat. Once lost, always lost (until a restart): the first call
+        that notices calls :attr:`on_lost`.
+        """
+        if self.lost is not None:
+            return self.lost
+        problem = self._identity_problem()
+        if problem is None:
+            return None
+        with self._lost_lock:
+            first = self.lost is None
+            if first:
+                self.lost = problem
+        if first and self.on_lost is not None:
+            self.on_lost(problem)
+        return self.lost
+
+    def _refuse_if_lost(self) -> None:
+        problem = self.verify_on_disk()
+        if problem is not None:
+            raise JournalLost(
+                f"The journal {self.path} is lost: {problem}. Nothing more is recorded in it, so no "
+                "scan leaves the inbox or the DICOM spool until the service is restarted.",
+                action="Stop the service, then restore the journal as the ERROR line the service "
+                f"logged when it noticed says: move the copy it saved (NAME.rescued-<UTC time> beside "
+                f"{self.path.name}) or your latest backup to {self.path}, and start again.",
+            )
+
+    def save_rescue_copy(self, dest: Path | None = None) -> Path | None:
+        """Copy what the open connection still holds to ``dest`` (``NAME.rescued-<UTC time>.sqlite3``).
+
+        For a journal deleted under the running service: the copy has every
+        commit (its id inside), so moving it to :attr:`path` restores the journal
+        as it was (the id file is rewritten from it at the next start). Written
+        as ``….part``, integrity-checked, fsynced, renamed. None when it cannot be
+        written (the message says why in the log).
+        """
+        dest = dest or rescue_path_for(self.path)
+        part = dest.with_name(dest.name + ".part")
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            copy = sqlite3.connect(part, isolation_level=None)
+            try:
+                with self._lock:
+                    self._db.backup(copy)
+                copy.execute("PRAGMA journal_mode=DELETE")
+                problems = [str(row[0]) for row in copy.execute("PRAGMA integrity_check")]
+            finally:
+                copy.close()
+            if problems != ["ok"]:
+                raise JournalError(f"the copy failed SQLite's integrity check: {'; '.join(problems[:3])}")
+            with open(part, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(part, dest)
+        except (sqlite3.Error, OSError, JournalError) as exc:
+            log.error("could not save a copy of the lost journal %s to %s: %s", self.path, dest, exc)
+            return None
+        return dest
+
     # -- plumbing ----------------------------------------------------------------------
     @contextmanager
-    def _tx(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
+    def _tx(self, *, durable: bool = True, guard: bool = True) -> Iterator[sqlite3.Connection]:
         """One transaction; ``durable``: on disk (fsynced) when the block returns.
 
         ``durable=False`` commits are crash-safe (the WAL is written) and become
-        power-cut safe with the next durable commit's fsync.
+        power-cut safe with the next durable commit's fsync. ``guard``: refused
+        (:class:`~edge_runtime.errors.JournalLost`) once the journal on disk is no
+        longer this one (:meth:`verify_on_disk`).
         """
+        if guard:
+            self._refuse_if_lost()
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
@@ -404,8 +567,12 @@ class Journal:
     _COLUMNS = "id, sha256, file_name, path, state, attempts, message_id, error_json, failures"
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        """Close the connection and free the instance lock."""
+        try:
+            with self._lock:
+                self._db.close()
+        finally:
+            self._instance_lock.release()
 
     # -- inputs ------------------------------------------------------------------------
     def admit(self, sha256: str, path: Path, size_bytes: int) -> Admission:
@@ -570,8 +737,9 @@ class Journal:
             return
         now = utc_now()
         # Not waited for on disk: a power cut can only lose the mark, and the message is then
-        # sent again (at least once; subscribers drop repeats by message_id).
-        with self._tx(durable=False) as db:
+        # sent again (at least once; subscribers drop repeats by message_id). Allowed on a lost
+        # journal too: it only keeps the rescued copy from sending the message again.
+        with self._tx(durable=False, guard=False) as db:
             db.executemany(
                 "UPDATE outbox SET delivered_utc=? WHERE seq=? AND delivered_utc IS NULL",
                 [(now, seq) for seq in seqs],

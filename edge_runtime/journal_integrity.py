@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import sqlite3
@@ -19,19 +20,24 @@ from pathlib import Path
 from typing import Any
 
 from .durable import fsync_dir
-from .errors import JournalError, JournalIntegrityError
+from .errors import JournalError, JournalIntegrityError, JournalInUse
 
 __all__ = [
     "ID_KEY",
+    "InstanceLock",
     "JournalReport",
+    "anchor_path_for",
     "backup_journal",
     "check_journal",
     "connect",
     "id_path_for",
     "inspect_journal",
+    "lock_path_for",
     "move_aside",
     "pending_in",
+    "rescue_path_for",
     "translate_error",
+    "write_anchor",
     "write_id_file",
 ]
 
@@ -52,7 +58,78 @@ def id_path_for(path: str | Path) -> Path:
     return path.with_name(path.name + ".id") if path.suffix == ".id" else path.with_suffix(".id")
 
 
+def lock_path_for(path: str | Path) -> Path:
+    """The instance lock of a journal: ``journal.sqlite3`` -> ``journal.lock``, in the same folder."""
+    return id_path_for(path).with_suffix(".lock")
+
+
+def anchor_path_for(path: str | Path) -> Path | None:
+    """The journal's anchor: proof, outside its folder, that the journal once existed.
+
+    ``state/journal.sqlite3`` -> ``state.journal.id`` beside the ``state`` folder. It
+    holds the same id as ``journal.id``. The id file alone cannot tell a deleted
+    state folder (``rm -rf state``) from a first start, because it is deleted with
+    the folder; the anchor is not. Keyed on the folder's and the journal's names, so
+    pointing Journal.Path at a new folder or file is a first start there. None when
+    the journal's folder is the file system root (there is no outside).
+    """
+    path = Path(path).absolute()
+    folder = path.parent
+    if folder.parent == folder:
+        return None
+    return folder.parent / f"{folder.name}.{id_path_for(path).name}"
+
+
+def write_anchor(path: Path, journal_id: str) -> bool:
+    """Write the anchor of ``path`` (best effort: False when its folder is not writable)."""
+    anchor = anchor_path_for(path)
+    if anchor is None:
+        return False
+    try:
+        if _read_anchor(anchor) == journal_id:
+            return True
+        tmp = anchor.with_name(anchor.name + ".tmp")
+        tmp.write_text(f"{journal_id}\n{path}\n", encoding="utf-8")
+        os.replace(tmp, anchor)
+    except OSError:
+        return False
+    _fsync_dir(anchor.parent)
+    return True
+
+
+def _read_anchor(anchor: Path | None) -> str | None:
+    """The journal id an anchor records; None when there is none (or it is unreadable)."""
+    if anchor is None:
+        return None
+    try:
+        first = anchor.read_text(encoding="utf-8", errors="replace").split("\n", 1)[0].strip()
+        return str(uuid.UUID(first))
+    except (OSError, ValueError):
+        return None
+
+
+def rescue_path_for(path: Path) -> Path:
+    """Where the service saves its open copy of a journal deleted under it (named after the time)."""
+    return path.with_name(f"{path.stem}.rescued-{_stamp()}{path.suffix}")
+
+
+def _rescued_copies(path: Path) -> list[Path]:
+    try:
+        return sorted(path.parent.glob(f"{path.stem}.rescued-*{path.suffix}"))
+    except OSError:
+        return []
+
+
 def _restore_action(path: Path) -> str:
+    rescued = _rescued_copies(path)
+    if rescued:
+        newest = rescued[-1]
+        return (
+            f"Stop the service. The service that ran with it saved a copy when the journal disappeared: "
+            f"{newest}. Restore it with 'mv {newest} {path}' (or restore your latest backup made with "
+            "'edge-runtime journal backup') and start again; or start over with 'edge-runtime run "
+            "--new-journal' (nothing is deleted, but results not yet delivered are then NOT sent)."
+        )
     return (
         f"Stop the service. Restore {path.name} from your latest backup (made with 'edge-runtime "
         f"journal backup') to {path} and start again; or start over with 'edge-runtime run "
@@ -131,6 +208,70 @@ def write_id_file(id_path: Path, journal_id: str) -> None:
     _fsync_dir(id_path.parent)
 
 
+class InstanceLock:
+    """One service per journal: an exclusive ``flock`` on ``journal.lock``, held while it runs.
+
+    Two services on one journal would each take the other's scans and results and,
+    sharing ``Mqtt.ClientId``, knock each other off the broker. The lock is the
+    kernel's: it goes with the process (a ``kill -9`` or a crash frees it; a stale
+    file does not block), and the file holds the holder's PID so the refusal can
+    name it. Not inherited by child processes (the decoders start from a
+    forkserver, which gets no descriptors of ours).
+    """
+
+    def __init__(self, journal_path: str | Path) -> None:
+        """Take the lock (creating the journal's folder if needed).
+
+        Raises:
+            JournalInUse: another process holds it; the message names its PID.
+            JournalError: the lock file cannot be created (permissions, read-only disk).
+        """
+        journal = Path(journal_path).absolute()
+        self.path = lock_path_for(journal)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        except OSError as exc:
+            raise translate_error(exc, journal, "Creating the journal lock file") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = _holder(fd)
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise translate_error(exc, journal, "Locking the journal") from exc
+            who = f"PID {holder}" if holder else "its PID not written yet"
+            raise JournalInUse(
+                f"Another edge-runtime service ({who}) is already running with the journal {journal}: "
+                f"it holds {self.path}. A second one would share its scans, its results and its MQTT "
+                "client id (the two would knock each other off the broker), so this one does not start.",
+                action=(f"Nothing to do if that one should run (check: ps -p {holder}). " if holder else "")
+                + "To restart, stop that one first (systemctl stop, the Greengrass component, or "
+                + (f"kill {holder}" if holder else "kill its PID")
+                + "); to run a second service on this box, give it its own Journal.Path and Mqtt.ClientId.",
+            ) from None
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+        except OSError:
+            pass  # the lock is held; only the PID in the refusal of a second start is missing
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        """Give the lock up (closing the file frees it). Idempotent."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+
+def _holder(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", errors="replace").strip()
+        return int(text) if text else None
+    except (OSError, ValueError):
+        return None
+
+
 def _read_id_file(path: Path, id_path: Path) -> str | None:
     try:
         text = id_path.read_text(encoding="ascii", errors="replace").strip()
@@ -168,7 +309,8 @@ class _Found:
 def inspect_journal(path: Path, *, full: bool = False) -> _Found | None:
     """Check an existing journal against its id file without changing either.
 
-    Returns None when there is neither (a first start); raises
+    Returns None when there is neither and no anchor (:func:`anchor_path_for`)
+    says a journal was ever created there (a first start); raises
     JournalIntegrityError naming the file and what was found when the journal is
     missing, empty, not a database, damaged, not a journal, or another journal.
     ``full`` runs ``integrity_check`` (every index too) instead of ``quick_check``.
@@ -179,7 +321,17 @@ def inspect_journal(path: Path, *, full: bool = False) -> _Found | None:
         size = path.stat().st_size
     except FileNotFoundError:
         if file_id is None:
-            return None
+            anchor = anchor_path_for(path)
+            anchor_id = _read_anchor(anchor)
+            if anchor_id is None:
+                return None  # a first start: nothing says a journal ever was here
+            where = "is gone" if not path.parent.exists() else "holds neither"
+            raise _refuse(
+                path,
+                f"the journal {path} and its {id_path.name} are missing (the folder {path.parent} "
+                f"{where}), but {anchor} shows that journal {anchor_id} was created there: the "
+                "folder was deleted, emptied or replaced.",
+            ) from None
         raise _refuse(
             path,
             f"the journal {path} is missing, but {id_path.name} beside it shows that journal "

@@ -121,7 +121,7 @@ class OutcomeRecorder:
         log.error(
             "attempt %d/%d on %s failed: %s (%s)", failures, max_attempts, path.name, exc.message, exc.action
         )
-        self.health.report_error(f"{self.ref(sha256, path.name)}: {exc.code} (details in the service log)")
+        self.health.report_code(self.ref(sha256, path.name), exc.code)
         if failures >= max_attempts:
             self.quarantine(
                 item,
@@ -200,9 +200,10 @@ class OutcomeRecorder:
             action=error.get("action"),
             moved_to=str(target),
         )
-        self.health.report_error(
-            f"{error.get('ref') or self.ref(str(key or ''), path.name)}: {error.get('code')} "
-            "(details in the quarantine error file)"
+        self.health.report_code(
+            str(error.get("ref") or self.ref(str(key or ""), path.name)),
+            str(error.get("code") or "input_invalid"),
+            "the quarantine error file",
         )
 
     def ref(self, sha256: str, file_name: str) -> str:

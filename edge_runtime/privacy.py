@@ -14,6 +14,13 @@ The log is the other way out (Greengrass ships component logs to CloudWatch
 when configured): :class:`NameRedactor` replaces the names of the scans in
 flight with their references in every log record, unless
 ``Privacy.LogFileNames`` allows names (a site whose logs stay on the box).
+
+Exception texts are the third way: a library's message quotes the value it
+choked on, and a header value can be a patient's name typed into the wrong
+field. Such a text never goes on a wire (messages carry an error code and
+its fixed text, :func:`edge_runtime.errors.public_text`); before it is
+logged, :func:`scrub_header_values` replaces every value of the scan's
+header in it with the attribute's keyword, as the redactor replaces names.
 """
 
 from __future__ import annotations
@@ -23,11 +30,14 @@ import hmac
 import os
 import secrets
 import threading
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["REDACTOR", "NameRedactor", "load_or_create_key", "scan_ref"]
+__all__ = ["REDACTOR", "NameRedactor", "load_or_create_key", "scan_ref", "scrub_header_values"]
 
 #: Extensions kept in a published scan name; anything else a sender typed is dropped.
 _SAFE_SUFFIXES = (".dcm", ".dicom", ".png", ".jpg", ".jpeg")
@@ -120,3 +130,54 @@ class NameRedactor:
 
 #: The process's redactor: the workers register names, the log formatters scrub with it.
 REDACTOR = NameRedactor()
+
+
+#: Header values shorter than this are left in a scrubbed text: "M" or "1" would garble it.
+_MIN_SCRUBBED = 3
+
+
+def _header_values(dataset: Any) -> dict[str, str]:
+    """Every text value in ``dataset`` (nested too), with the keyword it belongs to."""
+    values: dict[str, str] = {}
+    for element in dataset:
+        if element.VR == "SQ":
+            for item in element.value or []:
+                for value, keyword in _header_values(item).items():
+                    values.setdefault(value, keyword)
+            continue
+        if element.VR in ("OB", "OW", "OF", "OD", "OL", "OV", "UN") or element.tag >> 16 == 0x7FE0:
+            continue
+        try:
+            raw = element.value
+        except Exception:  # noqa: S112  a value pydicom cannot even convert is not quoted either
+            continue
+        items = raw if isinstance(raw, Sequence) and not isinstance(raw, str | bytes) else [raw]
+        for item in items:
+            text = str(item).strip(" \x00")
+            keyword = element.keyword or str(element.tag)
+            for part in {text, *text.replace("=", "^").split("^")}:
+                if len(part.strip()) >= _MIN_SCRUBBED:
+                    values.setdefault(part.strip(), keyword)
+    return values
+
+
+def scrub_header_values(text: str, dataset: Any) -> str:
+    """``text`` with each value of ``dataset`` (a DICOM header) replaced by ``<Keyword>``.
+
+    For an exception's text before it is logged: a library's message quotes
+    the value it refused (``Unable to convert 'JOHANNA51' to 'DA'``), and the
+    value may be a name. Person names are also replaced by component, longest
+    value first, so a message quoting part of a name loses that part too.
+    """
+    if dataset is None or not text:
+        return text
+    try:
+        with warnings.catch_warnings():  # pydicom's warnings about a value quote it
+            warnings.simplefilter("ignore")
+            values = _header_values(dataset)
+    except Exception:  # scrubbing must never raise: a scrubbed text is logged on a failure path
+        return "<text withheld: the header could not be read to scrub it>"
+    for value in sorted(values, key=len, reverse=True):
+        if value in text:
+            text = text.replace(value, f"<{values[value]}>")
+    return text

@@ -19,13 +19,17 @@ from importlib import resources
 from typing import Any
 
 import numpy as np
+from pydicom import config as pydicom_config
+from pydicom.uid import UID
 
 from . import __version__
+from .errors import InvalidDicomUid
 
 __all__ = [
     "RESULT_SCHEMA_VERSION",
     "build_result",
     "build_status",
+    "check_uids",
     "input_identity",
     "load_schema",
     "message_id",
@@ -137,6 +141,44 @@ def public_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
     return public
 
 
+#: The header's UIDs a result names (and an SR references), with the attribute each comes from.
+_UID_FIELDS = {
+    "study_instance_uid": "StudyInstanceUID",
+    "series_instance_uid": "SeriesInstanceUID",
+    "sop_instance_uid": "SOPInstanceUID",
+    "sop_class_uid": "SOPClassUID",
+}
+
+
+def check_uids(file_name: str, metadata: dict[str, Any]) -> None:
+    """Refuse a scan whose header carries a UID that is not a DICOM UID (PS3.5 §9.1).
+
+    Refused, not replaced: a UID is the only thing that ties a result, its SR,
+    heat-map and FHIR report to the image in the PACS. Reports under a
+    replacement UID would point at an image that does not exist there (a PACS
+    would file them as a study of their own), and a subscriber would key the
+    result on an identifier nothing else carries; publishing the value as it
+    is puts whatever the sender wrote (``../../../../tmp/x``, a name) on the
+    wire and into an SR that DICOM tools reject. The scan is quarantined
+    instead, with :class:`~edge_runtime.errors.InvalidDicomUid` naming the
+    attribute (never its value), so the admin has the sending device fixed.
+
+    Raises:
+        InvalidDicomUid: one of the Study, Series, SOP Instance or SOP Class UIDs is invalid.
+    """
+    invalid = [
+        keyword
+        for key, keyword in _UID_FIELDS.items()
+        if metadata.get(key) is not None
+        and not UID(str(metadata[key]), validation_mode=pydicom_config.IGNORE).is_valid
+    ]
+    if invalid:
+        raise InvalidDicomUid(
+            f"{file_name} carries a {', '.join(invalid)} that is not a valid DICOM UID (digits and "
+            "dots, no leading zeros, at most 64 characters); it was not published."
+        )
+
+
 def build_result(
     *,
     file_name: str,
@@ -158,7 +200,11 @@ def build_result(
     (:func:`edge_runtime.privacy.scan_ref`) unless the site publishes names.
     Header values that should be DICOM codes but are free text are left out
     (:func:`public_metadata`).
+
+    Raises:
+        InvalidDicomUid: a DICOM scan's Study/Series/SOP UID is not a DICOM UID (:func:`check_uids`).
     """
+    check_uids(file_name, metadata)
     # Nine significant digits keep every distinct float32 output distinct (its spacing near 1 is
     # 6e-8), so subscribers can rank results; six decimals used to tie confident outputs at 1.0.
     probs = {label: float(f"{float(p):.9g}") for label, p in zip(labels, probabilities, strict=True)}

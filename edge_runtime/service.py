@@ -10,9 +10,11 @@ configuration updates from the Greengrass nucleus while scans keep flowing.
 from __future__ import annotations
 
 import logging
+import queue
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from . import __version__
@@ -60,8 +62,17 @@ class EdgeService:
     ) -> None:
         self.config = config
         self.ipc = ipc
-        self.analyzer = ScanAnalyzer.from_config(config)  # loads and verifies the model bundle
+        # The journal first: a second instance (its lock) or a lost journal is refused before
+        # anything else is created (the reference key, the model's processes).
         self.journal = journal or Journal(config.journal.path)
+        try:
+            self._build(config, ipc)
+        except BaseException:
+            self.journal.close()  # frees the instance lock too
+            raise
+
+    def _build(self, config: RuntimeConfig, ipc: GreengrassIpc | None) -> None:
+        self.analyzer = ScanAnalyzer.from_config(config)  # loads and verifies the model bundle
         self.sinks = create_sinks(config, ipc)
         self.mqtt = next((s for s in self.sinks if isinstance(s, MqttSink)), None)
         self.sources = create_sources(config)
@@ -73,7 +84,11 @@ class EdgeService:
             stalled=lambda: self.workers.stalled(watchdog_limit(self.config)),
             mqtt=self.mqtt,
             ipc=ipc,
+            journal_lost=self._journal_problem,
         )
+        self.journal.on_lost = self._journal_lost
+        #: The copy of a lost journal saved when it was noticed (refreshed at stop).
+        self._rescued: Path | None = None
         self.drainers = [
             OutboxDrainer(self.journal, sink, on_error=self.health.report_error) for sink in self.sinks
         ]
@@ -119,6 +134,78 @@ class EdgeService:
     def _notify_sinks(self) -> None:
         for drainer in self.drainers:
             drainer.notify()
+
+    # -- a journal lost while running --------------------------------------------------
+    def _journal_problem(self) -> str | None:
+        """For every health snapshot (so every heartbeat): the journal check, as status reason."""
+        problem = self.journal.verify_on_disk()
+        if problem is None:
+            return None
+        return (
+            f"journal lost: {problem}; no new scans are taken (they wait at their source) until "
+            "the service is restarted with the journal restored (see the ERROR in the service log)"
+        )
+
+    def _journal_lost(self, problem: str) -> None:
+        """Called once, on the thread that noticed (a heartbeat or a worker): pause elsewhere."""
+        threading.Thread(
+            target=self._pause_for_lost_journal, args=(problem,), name="journal-lost", daemon=True
+        ).start()
+
+    def _pause_for_lost_journal(self, problem: str) -> None:
+        """Stop intake, save what the open connection holds, and tell the admin what to do.
+
+        The sources stop (inbox files stay where they are, the DICOM receiver stops
+        listening so senders retry later), queued scans are handed back, and the
+        guarded journal writes already refuse anything that would let a scan leave
+        its source. Results already made are still delivered (their delivery marks
+        go to the saved copy at stop).
+        """
+        if self._stopping.is_set():
+            return
+        for source in self.sources.values():
+            try:
+                source.stop()
+            except Exception:
+                log.exception("stopping source %s after the journal was lost", source.name)
+        while True:
+            try:
+                item = self.workers.queue.get_nowait()
+            except queue.Empty:
+                break
+            self.sources[item.source].release(item)
+        path = self.journal.path
+        try:
+            pending = self.journal.results_awaiting_delivery()
+        except EdgeRuntimeError:
+            pending = -1
+        waiting = "an unknown number of" if pending < 0 else str(pending)
+        self._rescued = self.journal.save_rescue_copy()
+        if self._rescued is not None:
+            todo = (
+                f"The journal as this process still holds it ({waiting} results awaiting delivery) was "
+                f"saved to {self._rescued}. To recover: stop the service, run 'mv {self._rescued} "
+                f"{path}' (nothing else to restore: its id is inside it) and start it again"
+            )
+        else:
+            todo = (
+                f"No copy of it could be saved (see the error above), so its {waiting} results awaiting "
+                f"delivery are lost unless you restore your latest backup: stop the service, copy the "
+                f"backup (made with 'edge-runtime journal backup') to {path}, and start it again"
+            )
+        log.error(
+            "journal lost: %s. Intake is paused: no new scans are taken (inbox files stay in the "
+            "inbox, the DICOM receiver stopped listening and senders retry later) and nothing more "
+            "is recorded; the service stays up and reports 'degraded'. %s. Only if you mean to start "
+            "this box over: 'edge-runtime run --new-journal' (those results are then NOT sent).",
+            problem,
+            todo,
+        )
+        # A fixed text (details in the log), like every last error that leaves the box.
+        self.health.report_error(
+            "journal: journal_lost: the journal was deleted or replaced while the service ran; "
+            "intake paused (details in the service log)"
+        )
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
@@ -176,6 +263,9 @@ class EdgeService:
         self.reports.close()
         self.health.stop()
         self.analyzer.close()
+        if self._rescued is not None:
+            # Delivery marks made since it was saved: results sent meanwhile are not sent again.
+            self.journal.save_rescue_copy(self._rescued)
         self.journal.close()
         log.info("stopped")
         self._stopped.set()

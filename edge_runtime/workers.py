@@ -310,7 +310,7 @@ class WorkerPool:
         if links is not None:
             result["reports"] = links
             if "error" in links:
-                self.health.report_error(f"{result['message_id'][:16]}: {links['error']}")
+                self.health.report_code(result["message_id"][:16], links.get("error_code", "report_failed"))
         result["timings_ms"]["reports"] = round((time.perf_counter() - t_reports) * 1000, 3)
         payload = json.dumps(result, separators=(",", ":"), sort_keys=True)
         deliveries = [d for s in self._sinks() if (d := s.delivery(config, result, payload)) is not None]

@@ -128,7 +128,8 @@ def scp(tmp_path_factory, mosquitto) -> Iterator[tuple[EdgeService, RuntimeConfi
     """One service with the receiver on for the module (each test checks its own objects)."""
     root = tmp_path_factory.mktemp("scp")
     bundle = make_tiny_bundle(root / "bundle")
-    config = make_config(root, mosquitto, bundle, free_port())
+    # Every sender here is 127.0.0.1: let one address have every association (default: half).
+    config = make_config(root, mosquitto, bundle, free_port(), MaxAssociationsPerPeer=4)
     service = EdgeService(config)
     service.start()
     assert service.mqtt is not None and service.mqtt.wait_connected(10)
@@ -359,7 +360,11 @@ def test_addresses_outside_the_allowed_networks_are_rejected(shared_data, tmp_pa
 
 
 def test_associations_over_the_limit_are_refused_as_transient(shared_data, tmp_path, mosquitto, caplog):
-    """Dicom.MaxAssociations = 1: while one association is open, a second is refused (and logged)."""
+    """Dicom.MaxAssociations = 1: while one association is open, a second is refused (and logged).
+
+    The held association comes from 127.0.0.2, another host: a second one from the same host
+    would be closed at accept by Dicom.MaxAssociationsPerPeer (test_dicom_scp_hostile.py).
+    """
     from pynetdicom import AE as SCU
     from pynetdicom.sop_class import Verification
 
@@ -373,7 +378,7 @@ def test_associations_over_the_limit_are_refused_as_transient(shared_data, tmp_p
     scu = SCU(ae_title=SENDERS[0])
     scu.add_requested_context(Verification)
     try:
-        held = scu.associate("127.0.0.1", port, ae_title=AE)
+        held = scu.associate("127.0.0.1", port, ae_title=AE, bind_address=("127.0.0.2", 0))
         assert held.is_established
         with caplog.at_level(logging.WARNING, logger="edge_runtime.sources.dicom_scp"):
             second = storescu(port, shared_data / CHEST_UNCOMPRESSED, aet=SENDERS[1])

@@ -191,10 +191,24 @@ def secondary_capture(
     ``heatmap-instance``); the model's name, version and sha256 are in the
     series description, the derivation description and the software
     versions, and the source image is referenced (Source Image Sequence).
+    Header values invalid for their VR are normalised or left out first
+    (:func:`.header.clean_header`).
+
+    Raises:
+        ReportSourceError: the source's Study Instance UID is missing or not a DICOM UID.
     """
     import highdicom as hd
     from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence as DicomSequence
+
+    from ..errors import ReportSourceError
+    from .header import clean_header, is_valid_uid
+
+    source, _fixes = clean_header(source)
+    if not is_valid_uid(str(source.get("StudyInstanceUID") or "")):
+        raise ReportSourceError(
+            "cannot write the heat-map Secondary Capture: the scan's header has no valid StudyInstanceUID"
+        )
 
     name, version = model.get("name", "model"), model.get("version", "")
     sha = model.get("sha256", "")
@@ -214,7 +228,9 @@ def secondary_capture(
         f"Class-activation map of model {name} {version} (sha256 {sha}) over the source image. {CAUTION}."
     )[:1024]
     sc.ImageComments = f"{CAUTION}. Where the model's evidence for its finding is strongest in this image."
-    if "SOPInstanceUID" in source and "SOPClassUID" in source:
+    if is_valid_uid(str(source.get("SOPInstanceUID") or "")) and is_valid_uid(
+        str(source.get("SOPClassUID") or "")
+    ):
         reference = Dataset()
         reference.ReferencedSOPClassUID = source.SOPClassUID
         reference.ReferencedSOPInstanceUID = source.SOPInstanceUID

@@ -16,7 +16,8 @@ small things cross: the result, the source's path (the child reads the
 header itself), the image already shrunk to the heat-map size and the 3x3
 map. The child logs nothing; the parent logs what it reports. If a child dies
 or hangs (``REPORT_TIMEOUT_S``), the pool is replaced and the result is
-published with ``reports.error`` saying so: a report never costs a result.
+published with ``reports.error_code`` ``report_timeout`` or
+``report_process_crashed`` and its fixed text: a report never costs a result.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from typing import Any
 import numpy as np
 
 from ..config import ReportsConfig, RuntimeConfig
-from .writer import ReportOutcome, ReportWriter, log_outcome, prioritize
+from ..errors import ReportError, ReportProcessCrashed, ReportTimeout
+from .writer import ReportOutcome, ReportWriter, failed_outcome, log_outcome, prioritize
 
 __all__ = ["REPORT_TIMEOUT_S", "ReportProcesses"]
 
@@ -147,17 +149,12 @@ class ReportProcesses:
             outcome = future.result(timeout=REPORT_TIMEOUT_S)
         except (BrokenProcessPool, FutureTimeout) as exc:
             self._replace(pool)
-            what = (
-                f"took longer than {REPORT_TIMEOUT_S:.0f} s"
+            error: ReportError = (
+                ReportTimeout(f"the report process took longer than {REPORT_TIMEOUT_S:.0f} s")
                 if isinstance(exc, FutureTimeout)
-                else "stopped unexpectedly (crashed or killed)"
+                else ReportProcessCrashed("the report process stopped unexpectedly (crashed or killed)")
             )
-            outcome = ReportOutcome(
-                {"folder": result["message_id"], "error": f"reports not written: the report process {what}"},
-                [],
-                "The result was published without its reports; if this repeats, send the service log "
-                "and the scan's reference to HealthDiag support.",
-            )
+            outcome = failed_outcome(result["message_id"], error)
         return log_outcome(result, outcome)
 
     def close(self) -> None:

@@ -58,7 +58,6 @@ redelivery after a crash stores the same object, not a second report.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator
 from typing import Any
 
@@ -69,6 +68,7 @@ from pydicom.sr.coding import Code
 from pydicom.valuerep import DA, TM, format_number_as_ds
 
 from ..errors import ReportSourceError
+from .header import clean_header, is_valid_uid
 from .uids import derived_uid
 
 __all__ = [
@@ -151,21 +151,26 @@ def _dicom_datetime(timestamp_utc: str) -> tuple[str, str]:
 
 
 def _evidence_header(source: Dataset) -> Dataset:
-    """The source header as highdicom needs it: type-2 patient/study attributes present.
+    """The source header as highdicom needs it: every value valid, type-2 patient/study attributes present.
 
-    A copy, so the caller's dataset is not changed; pixel data is left out (the
-    SR references the image, it does not carry it).
+    A copy (:func:`.header.clean_header`), so the caller's dataset is not
+    changed; pixel data is left out (the SR references the image, it does not
+    carry it). Invalid values are normalised or left out, so an odd header
+    never costs the report; a missing or invalid UID does, since the SR could
+    not reference the image.
     """
-    missing = [k for k in _REQUIRED_UIDS if not source.get(k)]
-    if missing:
-        raise ReportSourceError(
-            f"cannot write a DICOM report: the scan's header has no {', '.join(missing)} "
-            f"(SOP Instance UID {source.get('SOPInstanceUID', 'unknown')})"
+    header, _fixes = clean_header(source)
+    missing = [k for k in _REQUIRED_UIDS if not header.get(k)]
+    invalid = [k for k in _REQUIRED_UIDS if header.get(k) and not is_valid_uid(str(header.get(k)))]
+    if missing or invalid:
+        sop = str(header.get("SOPInstanceUID") or "")
+        problems = ([f"no {', '.join(missing)}"] if missing else []) + (
+            [f"an invalid {', '.join(invalid)} (not a DICOM UID)"] if invalid else []
         )
-    header = Dataset()
-    for element in source:
-        if element.tag != 0x7FE00010:
-            header.add(copy.deepcopy(element))
+        raise ReportSourceError(
+            f"cannot write a DICOM report: the scan's header has {' and '.join(problems)} "
+            f"(SOP Instance UID {sop if is_valid_uid(sop) else 'unknown'})"
+        )
     for keyword in _TYPE2_FROM_SOURCE:
         if keyword not in header:
             setattr(header, keyword, "")

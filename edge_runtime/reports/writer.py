@@ -8,9 +8,16 @@ here, however long an outage lasts. The folder is named by the result's
 ``message_id``: analysing the same scan again (after a crash before the
 commit) rewrites the same files with the same UIDs, so nothing is doubled.
 
-A report that cannot be built (an odd header highdicom refuses) does not
-cost the scan its result: the result says why in ``reports.error`` and the
-status' ``last_error`` names it.
+Header values that are invalid for their VR (a birth date ``19510000``, a
+sex ``U``, a time ``10:30:00``) are normalised or left out before highdicom
+sees them (:mod:`.header`); the log names each such attribute and why, never
+its value. A report that still cannot be built does not cost the scan its
+result: the result carries ``reports.error_code`` and that code's fixed text
+in ``reports.error`` (:func:`edge_runtime.errors.public_text`), and the
+status' ``last_error`` names the code. The exception's own text goes only to
+the service log, with the header's values scrubbed out of it
+(:func:`edge_runtime.privacy.scrub_header_values`): a library's message
+quotes the value it refused, and that value may be a patient's name.
 """
 
 from __future__ import annotations
@@ -28,14 +35,23 @@ import numpy as np
 
 from ..config import ReportsConfig
 from ..durable import fsync_dir
-from ..errors import EdgeRuntimeError, ReportError
+from ..errors import EdgeRuntimeError, ReportError, public_text
 from ..logs import event
+from ..privacy import scrub_header_values
 from ..sources.files import open_admitted
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
 
-__all__ = ["ReportOutcome", "ReportWriter", "is_urgent", "log_outcome", "prioritize", "read_source_header"]
+__all__ = [
+    "ReportOutcome",
+    "ReportWriter",
+    "failed_outcome",
+    "is_urgent",
+    "log_outcome",
+    "prioritize",
+    "read_source_header",
+]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +81,38 @@ class ReportOutcome:
     files: list[str]
     #: What the admin should do, when ``links`` says ``error``.
     action: str | None
+    #: The exception's text with the header's values scrubbed out: for the service log only.
+    detail: str | None = None
+    #: Header attributes normalised or left out, with why (:class:`.header.HeaderFix`, no values).
+    header_fixes: tuple[str, ...] = ()
+
+
+def failed_outcome(
+    message_id: str,
+    exc: BaseException,
+    *,
+    header: Dataset | None = None,
+    header_fixes: tuple[str, ...] = (),
+) -> ReportOutcome:
+    """The outcome of reports that could not be built: a code and its fixed text, never ``exc``'s text.
+
+    ``reports.error`` is :func:`~edge_runtime.errors.public_text` of the code
+    (a :class:`~edge_runtime.errors.ReportError`'s own, else ``report_failed``); the
+    exception's text, with ``header``'s values scrubbed out, is the
+    ``detail`` the parent logs.
+    """
+    # Ours say which report failed and why; anything else (highdicom, pydicom, an I/O error) is
+    # "report_failed", with the details in the log.
+    code = exc.code if isinstance(exc, ReportError) else ReportError.code
+    action = exc.action if isinstance(exc, EdgeRuntimeError) else ReportError.action
+    detail = scrub_header_values(f"{type(exc).__name__}: {exc}", header)[:2000]
+    return ReportOutcome(
+        {"folder": message_id, "error": public_text(code), "error_code": code},
+        [],
+        action,
+        detail=detail,
+        header_fixes=header_fixes,
+    )
 
 
 def prioritize(result: dict[str, Any], urgent_threshold: float | None) -> None:
@@ -76,11 +124,23 @@ def log_outcome(result: dict[str, Any], outcome: ReportOutcome) -> dict[str, Any
     """Say what happened to a result's reports (in the service's log); returns its links."""
     links = outcome.links
     message_id = result["message_id"]
+    if outcome.header_fixes:
+        event(
+            log,
+            "header_fixed",
+            "header of %s: %s; the reports leave these out or normalise them",
+            message_id[:16],
+            "; ".join(outcome.header_fixes),
+            level=logging.WARNING,
+            message_id=message_id,
+            fixes=list(outcome.header_fixes),
+        )
     if links is not None and "error" in links:
         log.error(
-            "%s for %s; the result is published without them. %s",
-            links["error"],
+            "reports for %s not written (%s): %s; the result is published without them. %s",
             message_id[:16],
+            links.get("error_code", ReportError.code),
+            outcome.detail or links["error"],
             outcome.action or ReportError.action,
         )
     elif outcome.files:
@@ -166,8 +226,16 @@ class ReportWriter:
         urgent = result.get("priority") == "urgent"
         links: dict[str, Any] = {"folder": message_id}
         files: list[_File] = []
+        raw: Dataset | None = None
+        fixes: tuple[str, ...] = ()
         try:
-            header = read_source_header(source) if result["input"]["kind"] == "dicom" else None
+            header: Dataset | None = None
+            if result["input"]["kind"] == "dicom":
+                from .header import clean_header
+
+                raw = read_source_header(source)
+                header, header_fixes = clean_header(raw)
+                fixes = tuple(str(fix) for fix in header_fixes)
             secondary: Dataset | None = None
             if self.config.heatmap and heatmap is not None and image is not None:
                 from .heatmap import overlay, png_bytes, secondary_capture
@@ -198,17 +266,11 @@ class ReportWriter:
                     files.append(_File("fhir.json", json.dumps(bundle, sort_keys=True).encode()))
                     links["fhir"] = "fhir.json"
         except Exception as exc:  # a report must never cost the scan its result
-            if isinstance(exc, EdgeRuntimeError):
-                reason, action = exc.message, exc.action
-            else:
-                reason, action = f"{type(exc).__name__}: {exc}", ReportError.action
-            return ReportOutcome(
-                {"folder": message_id, "error": f"reports not written: {reason}"[:500]}, [], action
-            )
+            return failed_outcome(message_id, exc, header=raw, header_fixes=fixes)
         if not files:
-            return ReportOutcome(None, [], None)
+            return ReportOutcome(None, [], None, header_fixes=fixes)
         self._write_files(self.folder(message_id), files)
-        return ReportOutcome(links, [f.name for f in files], None)
+        return ReportOutcome(links, [f.name for f in files], None, header_fixes=fixes)
 
     @staticmethod
     def _write_files(folder: Path, files: list[_File]) -> None:

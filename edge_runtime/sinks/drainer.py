@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from ..errors import PublishError
+from ..errors import EdgeRuntimeError, PublishError, public_text
 from ..journal import Journal, OutboxMessage
 from .base import Sink
 
@@ -110,7 +110,15 @@ class OutboxDrainer:
                     "%s delivery failed (%s); retrying in %.1f s. %s", self.sink.name, reason, backoff, action
                 )
                 if backoff == RETRY_FIRST_S and self.on_error is not None:
-                    self.on_error(f"{self.sink.name} delivery failing: {reason} (retrying; results kept)")
+                    # The status gets the code, its fixed text and the class of the refusal (e.g. the
+                    # nucleus' UnauthorizedError), never a text: a FHIR server's or a PACS's answer
+                    # may quote what it was sent.
+                    code = exc.code if isinstance(exc, EdgeRuntimeError) else PublishError.code
+                    kind = type(exc.__cause__ if isinstance(exc, PublishError) and exc.__cause__ else exc)
+                    self.on_error(
+                        f"{self.sink.name} delivery failing: {code} [{kind.__name__}]: "
+                        f"{public_text(code)} (retrying; results kept)"
+                    )
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, RETRY_MAX_S)
                 self._wake.set()

@@ -12,12 +12,14 @@ import json
 from typing import Any
 
 from ..config import RuntimeConfig
+from ..errors import ReportError, public_text
 from ..greengrass import GreengrassIpc
 from ..journal import Delivery, OutboxMessage
 from .base import Acknowledge
 
 __all__ = [
     "CLOUD_INPUT_FIELDS",
+    "CLOUD_REPORT_FIELDS",
     "IotCoreSink",
     "LocalPubSubSink",
     "cloud_payload",
@@ -39,15 +41,29 @@ CLOUD_INPUT_FIELDS = (
 )
 
 
+#: Report links that may leave the hospital: our own file names and UIDs (derived from message_id).
+CLOUD_REPORT_FIELDS = ("folder", "sr", "heatmap_png", "heatmap_dicom", "fhir")
+
+
 def cloud_payload(result: dict[str, Any]) -> dict[str, Any]:
     """The result without patient or study identifiers, file names or content hashes.
 
     The ``message_id`` stays: it is a one-way hash that lets the cloud drop
     repeats, and lets the hospital (which has the full message) join the two.
+    ``reports`` keeps which reports exist and, when they failed, the error's
+    code with its fixed text, written here from the code
+    (:func:`~edge_runtime.errors.public_text`), so no other text reaches the cloud.
     """
     redacted = copy.deepcopy(result)
     redacted["input"] = {k: v for k, v in result["input"].items() if k in CLOUD_INPUT_FIELDS}
     redacted["runtime"] = {"version": result["runtime"]["version"]}
+    reports = result.get("reports")
+    if isinstance(reports, dict):
+        kept = {k: copy.deepcopy(v) for k, v in reports.items() if k in CLOUD_REPORT_FIELDS}
+        if "error" in reports:
+            code = str(reports.get("error_code") or ReportError.code)
+            kept.update(error_code=code, error=public_text(code))
+        redacted["reports"] = kept
     return redacted
 
 

@@ -7,9 +7,10 @@ after it changes.
 
 Per C-STORE request, in the association's own thread:
 
-1. the size is checked against ``Dicom.MaxObjectMb`` and the free disk space
-   against ``Journal.MinFreeDiskMb``; either refuses the object with status
-   ``0xA700`` (out of resources) and nothing is kept;
+1. the size is checked against ``Dicom.MaxObjectMb`` (counted as the data set
+   arrives, see below) and the free disk space against ``Journal.MinFreeDiskMb``;
+   either refuses the object with status ``0xA700`` (out of resources) and
+   nothing is kept;
 2. the object is written **as received** (preamble, file meta, the data set's
    bytes in the negotiated transfer syntax; compressed pixels stay compressed)
    to ``<spool>/<name>.dcm.part``, fsynced, renamed to ``<name>.dcm``, and the
@@ -29,25 +30,50 @@ file on as a :class:`ScanItem` with ``source = "dicom"``, and releases and
 disposes of it like the inbox does. Spool names carry no patient data: they
 are the content hash and a random tag.
 
-Who may send: the called AE title must be ours (``Dicom.AeTitle``), the
-calling AE title in ``Dicom.AllowedCallingAeTitles`` and the peer in
-``Dicom.AllowedAddresses`` (addresses or CIDR networks) when those are set;
-anything else is refused at association (A-ASSOCIATE-RJ) with a WARNING naming
-the peer and the reason, since that is the line the admin looks for when a
-modality "cannot send". ``Dicom.MaxAssociations`` bounds concurrent
-associations (one more is refused as transient congestion).
+Who may send: the peer must be in ``Dicom.AllowedAddresses`` (addresses or
+CIDR networks) when that is set, checked when the TCP connection is accepted,
+before a byte is read, so a host that may not send cannot hold anything; the
+called AE title must be ours (``Dicom.AeTitle``) and the calling AE title in
+``Dicom.AllowedCallingAeTitles`` when that is set, or the association is
+refused (A-ASSOCIATE-RJ). Each refusal is a WARNING naming the peer and the
+reason, since that is the line the admin looks for when a modality "cannot
+send".
+
+What no peer can hold (a hostile network, or a broken modality):
+
+* ``Dicom.MaxAssociations`` bounds concurrent associations (one more is refused
+  as transient congestion) and ``Dicom.MaxAssociationsPerPeer`` the connections
+  from one address (one more is closed at accept), so one host cannot take
+  every slot;
+* the association request must arrive whole within ``Dicom.ReadTimeoutSeconds``
+  of the connection, and every later PDU within that time of its first byte (a
+  deadline, not an inactivity timer: one byte every few seconds does not extend
+  it); no PDU may be longer than
+  :data:`MAX_PDU_BYTES`; an association with no traffic for
+  ``Dicom.IdleTimeoutSeconds`` is aborted;
+* an object's data set is counted as it arrives: past ``Dicom.MaxObjectMb`` the
+  bytes are dropped as they come (memory stays at about the limit per
+  association) and the
+  C-STORE is refused with ``0xA700`` once the sender has finished;
+* :meth:`DicomScpSource.stop` aborts every open connection (an A-ABORT, then the
+  socket is shut) and waits for no peer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 import logging
+import os
 import secrets
 import shutil
+import socket
+import struct
 import threading
+import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from io import BytesIO
 from typing import TYPE_CHECKING, Any, cast
 
@@ -55,17 +81,19 @@ from ..config import DicomConfig, RuntimeConfig
 from ..durable import write_durably
 from ..errors import ConfigError, EdgeRuntimeError
 from ..journal import Receipt, ReceiptLog
+from ..logs import event as log_event
 from ..privacy import load_or_create_key, scan_ref
 from .base import ScanItem
 from .inbox import InboxSource
 
 if TYPE_CHECKING:
     from pynetdicom import AE
+    from pynetdicom.association import Association
     from pynetdicom.dimse_primitives import C_STORE
     from pynetdicom.events import Event
     from pynetdicom.transport import ThreadedAssociationServer
 
-__all__ = ["TRANSFER_SYNTAXES", "DicomScpSource", "from_config"]
+__all__ = ["MAX_PDU_BYTES", "TRANSFER_SYNTAXES", "DicomScpSource", "from_config"]
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +124,16 @@ PART_SUFFIX = ".part"
 #: A-ASSOCIATE-RJ (result, source, diagnostic): permanent, service user, ...
 _REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # calling AE title not recognised
 _REJECT_CALLED_AE = (0x01, 0x01, 0x07)  # called AE title not recognised
-_REJECT_NO_REASON = (0x01, 0x01, 0x01)  # (a peer address has no code of its own)
 _PREAMBLE = b"\x00" * 128 + b"DICM"
+#: The longest PDU read (its length field is checked before the body is read). We offer
+#: pynetdicom's maximum PDU length (16 kB) for P-DATA, and an A-ASSOCIATE-RQ proposing every
+#: presentation context allowed (128) with long UIDs stays near 100 kB; a longer PDU would
+#: only make us buffer what a peer claims.
+MAX_PDU_BYTES = 1024 * 1024
+#: A-ABORT PDU (PS3.8 9.3.8): type 07, length 4, source 2 (service provider), reason 0.
+_A_ABORT_PDU = bytes.fromhex("07000000000400000200")
+#: How long stop() waits for aborted associations' threads (the whole service has ~4 s).
+_STOP_WAIT_S = 0.5
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -127,16 +163,21 @@ def parse_networks(entries: Iterable[str]) -> list[Network]:
     return networks
 
 
-def _address_allowed(address: str, networks: list[Network]) -> bool:
-    if not networks:
-        return True
+def _ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
-        return False
+        return None
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped  # ::ffff:10.1.2.3 on a dual-stack socket is 10.1.2.3
-    return any(ip.version == net.version and ip in net for net in networks)
+        return ip.ipv4_mapped  # ::ffff:10.1.2.3 on a dual-stack socket is 10.1.2.3
+    return ip
+
+
+def _address_allowed(address: str, networks: list[Network]) -> bool:
+    if not networks:
+        return True
+    ip = _ip(address)
+    return ip is not None and any(ip.version == net.version and ip in net for net in networks)
 
 
 class _SpoolWatcher(InboxSource):
@@ -155,6 +196,334 @@ class _Association:
     aborted: bool = False
     stored: int = 0
     refused: int = 0
+
+
+class _GuardedSocket(socket.socket):
+    """An accepted connection whose reads keep a deadline per PDU and whose writes are bounded.
+
+    pynetdicom reads a PDU with blocking ``recv`` calls (the 6-byte header, then the length it
+    announces) and checks its own timers only between PDUs, so a peer that sends one byte now
+    and then holds the connection as long as it likes. Here the stream is framed as it is read:
+    the first byte of a PDU (for the A-ASSOCIATE-RQ: the accept) starts a deadline of
+    ``Dicom.ReadTimeoutSeconds`` for the whole PDU, and a header announcing more than
+    :data:`MAX_PDU_BYTES` ends the connection before its body is read. Ending it means shutting
+    the socket and answering end-of-file, which pynetdicom takes
+    as "connection closed" (A-P-ABORT once associated).
+    """
+
+    def __init__(self, accepted: socket.socket, peer: str, timeout_s: float) -> None:
+        super().__init__(accepted.family, accepted.type, accepted.proto, fileno=accepted.detach())
+        self.peer = peer
+        self.timeout_s = timeout_s
+        self.settimeout(timeout_s)  # also makes the descriptor non-blocking (abort() relies on it)
+        self._header = bytearray()
+        self._body_left = 0
+        # The A-ASSOCIATE-RQ is due this long after accept; each later PDU, after its first byte.
+        self._deadline: float | None = time.monotonic() + timeout_s
+        self._send_lock = threading.Lock()  # whole PDUs out, one at a time
+        self._fd_lock = threading.Lock()  # abort() never writes to a descriptor closed (and reused)
+        self._ended = False
+        #: Called (in pynetdicom's reader thread) once the connection is ended or the peer closed it.
+        self.on_end: Callable[[], None] | None = None
+
+    def recv(self, bufsize: int, flags: int = 0, /) -> bytes:
+        if self._ended:
+            return b""
+        now = time.monotonic()
+        if self._deadline is None:
+            self._deadline = now + self.timeout_s  # the first byte of a PDU is ready
+        remaining = self._deadline - now
+        try:
+            if remaining <= 0:
+                raise TimeoutError
+            self.settimeout(remaining)
+            data = super().recv(bufsize, flags)
+        except TimeoutError:
+            log_event(
+                log,
+                "dicom_connection_dropped",
+                "DICOM connection from %s closed: a PDU (or the association request) was not complete "
+                "within Dicom.ReadTimeoutSeconds = %g",
+                self.peer,
+                self.timeout_s,
+                level=logging.WARNING,
+                peer=self.peer,
+                reason="read_timeout",
+            )
+            return self._end()
+        except OSError:
+            return self._end()
+        if not data:
+            return self._end()
+        if not self._frame(data):
+            return self._end()
+        return data
+
+    def _frame(self, data: bytes) -> bool:
+        """Follow PDU boundaries in ``data``; False when a header announces too long a PDU."""
+        view = memoryview(data)
+        while view:
+            if self._body_left == 0 and len(self._header) < 6:
+                if self._deadline is None:
+                    self._deadline = time.monotonic() + self.timeout_s
+                take = 6 - len(self._header)
+                self._header += view[:take]
+                view = view[take:]
+                if len(self._header) < 6:
+                    break
+                _type, _, length = struct.unpack(">BBL", self._header)
+                if length > MAX_PDU_BYTES:
+                    log_event(
+                        log,
+                        "dicom_connection_dropped",
+                        "DICOM connection from %s closed: it announced a PDU of %d bytes (at most %d "
+                        "are read)",
+                        self.peer,
+                        length,
+                        MAX_PDU_BYTES,
+                        level=logging.WARNING,
+                        peer=self.peer,
+                        reason="pdu_too_long",
+                    )
+                    return False
+                self._body_left = length
+            else:
+                take = min(self._body_left, len(view))
+                self._body_left -= take
+                view = view[take:]
+            if self._body_left == 0 and len(self._header) == 6:
+                self._header.clear()
+                self._deadline = None  # the PDU is complete
+        return True
+
+    def _end(self) -> bytes:
+        """Shut the connection (both ways) and tell pynetdicom it is closed: end-of-file."""
+        first = not self._ended
+        self._ended = True
+        _ended_here.peer = self.peer
+        with contextlib.suppress(OSError):
+            self.shutdown(socket.SHUT_RDWR)
+        if first and self.on_end is not None:
+            self.on_end()
+        return b""
+
+    def send(self, data: Any, flags: int = 0, /) -> int:
+        """All of ``data`` within ``Dicom.ReadTimeoutSeconds`` (a peer that stops reading cannot hold us)."""
+        with self._send_lock:  # one PDU at a time: abort() never writes into the middle of one
+            self.settimeout(self.timeout_s)
+            self.sendall(data, flags)
+        return memoryview(data).nbytes
+
+    def close(self) -> None:
+        with self._fd_lock:
+            super().close()
+
+    def abort(self) -> None:
+        """A-ABORT the peer if that needs no waiting, then shut the connection; never blocks."""
+        if self._send_lock.acquire(timeout=0.1):
+            try:
+                with self._fd_lock, contextlib.suppress(OSError):
+                    os.write(self.fileno(), _A_ABORT_PDU)  # non-blocking descriptor: never waits
+            finally:
+                self._send_lock.release()
+        with contextlib.suppress(OSError):
+            self.shutdown(socket.SHUT_RDWR)  # wakes pynetdicom's reader: end-of-file
+
+
+#: Set in pynetdicom's reader thread when this module ended the connection it reads.
+_ended_here = threading.local()
+
+
+class _QuietWhenEndedHere(logging.Filter):
+    """Drop pynetdicom's ERROR about a PDU cut short when we cut it (our WARNING names the peer)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(_ended_here, "peer", None) is None:
+            return True
+        _ended_here.peer = None
+        return not str(record.msg).startswith("The received PDU is shorter than expected")
+
+
+_QUIET_WHEN_ENDED_HERE = _QuietWhenEndedHere()
+
+
+def _wake_acceptor(assoc: Association) -> None:
+    """The connection ended before an A-ASSOCIATE-RQ: end pynetdicom's wait for one now.
+
+    The acceptor thread waits for the request up to the ACSE timeout even when the connection
+    is gone, and pynetdicom counts it against ``MaxAssociations`` meanwhile. Still awaiting the
+    request (Sta2) means nothing was ever queued for it, so an empty item ends the wait the way
+    its timeout would. Runs in pynetdicom's reader thread, before it processes the close.
+    """
+    dul = assoc.dul
+    if dul.state_machine.current_state == "Sta2":
+        dul.to_user_queue.put(cast(Any, None))
+
+
+@dataclass
+class _Connection:
+    """One accepted TCP connection, from accept until it is closed."""
+
+    peer: str
+    sock: _GuardedSocket
+    assoc: Association | None = None
+
+    def is_open(self) -> bool:
+        if self.sock.fileno() == -1:
+            return False
+        if self.assoc is None:
+            return True  # accepted, its association not started yet
+        return self.assoc.is_alive() or self.assoc.dul.is_alive()
+
+
+@dataclass
+class _Connections:
+    """Who is connected, checked at accept (before any PDU is read)."""
+
+    networks: list[Network]
+    per_peer: int
+    total: int
+    timeout_s: float
+    _open: dict[int, _Connection] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def admit(self, sock: _GuardedSocket) -> bool:
+        """Allow-list, then the per-peer and total connection limits; a refusal is logged once."""
+        peer = sock.peer
+        refusal: tuple[str, str] | None = None
+        if not _address_allowed(peer, self.networks):
+            refusal = (
+                "address_not_allowed",
+                "its address is not in Dicom.AllowedAddresses; if it is a sender of this site, add its "
+                "address (or network) there",
+            )
+        else:
+            with self._lock:
+                self._open = {k: c for k, c in self._open.items() if c.is_open()}
+                from_peer = sum(1 for c in self._open.values() if c.peer == peer)
+                if from_peer >= self.per_peer:
+                    refusal = (
+                        "peer_limit",
+                        f"it already has {from_peer} open (Dicom.MaxAssociationsPerPeer = {self.per_peer}); "
+                        "it may retry once one is closed",
+                    )
+                elif len(self._open) >= self.total:
+                    refusal = (
+                        "connection_limit",
+                        f"{len(self._open)} connections are open (twice Dicom.MaxAssociations); it may "
+                        "retry once one is closed",
+                    )
+                else:
+                    self._open[id(sock)] = _Connection(peer, sock)
+        if refusal is None:
+            return True
+        reason, words = refusal
+        log_event(
+            log,
+            "dicom_connection_refused",
+            "DICOM connection from %s refused: %s.",
+            peer,
+            words,
+            level=logging.WARNING,
+            peer=peer,
+            reason=reason,
+        )
+        return False
+
+    def started(self, sock: _GuardedSocket, assoc: Association) -> None:
+        with self._lock:
+            connection = self._open.get(id(sock))
+            if connection is not None and connection.sock is sock:
+                connection.assoc = assoc
+
+    def abort_all(self) -> int:
+        """A-ABORT and shut every open connection (stop()); how many there were."""
+        with self._lock:
+            connections = [c for c in self._open.values() if c.is_open()]
+        for connection in connections:
+            connection.sock.abort()
+        return len(connections)
+
+    def wait_closed(self, timeout_s: float) -> int:
+        """Wait up to ``timeout_s`` for the connections' threads to end; how many have not."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self._lock:
+                self._open = {k: c for k, c in self._open.items() if c.is_open()}
+                left = len(self._open)
+            if not left or time.monotonic() >= deadline:
+                return left
+            time.sleep(0.02)
+
+
+class _CappedDataSet(BytesIO):
+    """A C-STORE data set as it arrives, kept only up to ``Dicom.MaxObjectMb``.
+
+    Past the limit what was kept is released and the rest is counted, not kept, so an object of
+    any size costs at most about the limit in memory; the C-STORE handler refuses it.
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self.received = 0  # every byte of the data set, kept or not
+
+    @property
+    def over(self) -> bool:
+        return self.received > self.limit
+
+    def write(self, data: Any, /) -> int:
+        size = memoryview(data).nbytes
+        self.received += size
+        if self.received <= self.limit:
+            return super().write(data)
+        if super().tell():
+            self.seek(0)
+            self.truncate()  # gives the memory back
+        return size
+
+
+def _make_server_classes() -> tuple[type[ThreadedAssociationServer], type[Any]]:
+    """pynetdicom's server and request handler, guarded (imported lazily, as pynetdicom is)."""
+    from socketserver import TCPServer
+
+    from pynetdicom import evt
+    from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+
+    class GuardedServer(ThreadedAssociationServer):
+        daemon_threads = True
+        block_on_close = False
+
+        def __init__(self, *args: Any, connections: _Connections, **kwargs: Any) -> None:
+            self.connections = connections
+            super().__init__(*args, **kwargs)
+
+        def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+            accepted, address = super().get_request()
+            return _GuardedSocket(accepted, str(address[0]), self.connections.timeout_s), address
+
+        def verify_request(self, request: Any, client_address: Any) -> bool:
+            return self.connections.admit(cast(_GuardedSocket, request))
+
+        def shutdown(self) -> None:
+            # pynetdicom's shutdown() also expects to be in its AE's list of servers (start_server
+            # puts it there); this server is started by DicomScpSource, which stops it here.
+            TCPServer.shutdown(self)
+            self.server_close()
+
+    class GuardedHandler(RequestHandler):
+        def handle(self) -> None:
+            # RequestHandler.handle(), with the connection recorded and pynetdicom's reader thread
+            # a daemon (a stop must never wait for a peer).
+            assoc = self._create_association()
+            assoc.dul.daemon = True
+            sock = cast(_GuardedSocket, self.request)
+            sock.on_end = lambda: _wake_acceptor(assoc)
+            evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+            assoc.start()
+            cast(GuardedServer, self.server).connections.started(sock, assoc)
+
+    return GuardedServer, GuardedHandler
 
 
 class DicomScpSource:
@@ -188,6 +557,13 @@ class DicomScpSource:
         self._key: bytes | None = None
         self._associations: dict[int, _Association] = {}
         self._lock = threading.Lock()  # the association records
+        self._max_object_bytes = self.config.max_object_mb * 1024 * 1024
+        self._connections = _Connections(
+            networks=self._networks,
+            per_peer=self.config.associations_per_peer,
+            total=2 * self.config.max_associations,
+            timeout_s=self.config.read_timeout_seconds,
+        )
         self._receipts_lock = threading.Lock()  # the receipt log against stop()
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -211,14 +587,26 @@ class DicomScpSource:
             raise
 
     def stop(self) -> None:
-        """Stop listening (open associations are aborted), then the watcher.
+        """Stop listening, abort open associations (waiting for no peer), then stop the watcher.
 
-        Objects already acknowledged stay in the spool for the next start.
+        Each open connection gets an A-ABORT (unless we are mid-PDU to it) and is shut at once,
+        so a peer that trickles or stalls cannot delay a stop. Objects already acknowledged stay
+        in the spool for the next start; one being received is not acknowledged, and its sender
+        sends it again.
         """
-        if self._ae is not None:
-            self._ae.shutdown()
-            self._ae = None
+        if self._server is not None:
+            self._server.shutdown()  # no new connections
+            aborted = self._connections.abort_all()
+            left = self._connections.wait_closed(_STOP_WAIT_S)
+            if aborted:
+                log.info(
+                    "DICOM receiver %s aborted %d open connection(s)%s",
+                    self.config.ae_title,
+                    aborted,
+                    f" ({left} still closing)" if left else "",
+                )
             self._server = None
+            self._ae = None
         self._watcher.stop()
         if self._receipts is not None:
             with self._receipts_lock:
@@ -263,8 +651,14 @@ class DicomScpSource:
         # pynetdicom's INFO lines repeat ours without the policy context; its DEBUG lines
         # dump PDUs. Its warnings and errors still reach the service log.
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+        logging.getLogger("pynetdicom.dul").addFilter(_QUIET_WHEN_ENDED_HERE)  # once: a set
         ae = AE(ae_title=self.config.ae_title)
         ae.maximum_associations = self.config.max_associations
+        # Waiting for the A-ASSOCIATE-RQ (and pynetdicom's ARTIM timer) is bounded like a PDU;
+        # its idle timer aborts an association with no traffic. Neither fires while a PDU is being
+        # read: _GuardedSocket bounds that.
+        ae.acse_timeout = self.config.read_timeout_seconds
+        ae.network_timeout = self.config.idle_timeout_seconds
         # Calling/called AE titles and addresses are checked in _on_requested, which logs why.
         ae.require_calling_aet = []
         ae.require_called_aet = False
@@ -280,26 +674,43 @@ class DicomScpSource:
             (evt.EVT_CONN_CLOSE, self._on_closed),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_PDU_RECV, self._on_pdu_received),
         ]
         address = (self.config.bind_address, self.config.port)
+        server_class, handler_class = _make_server_classes()
         try:
-            self._server = ae.start_server(address, block=False, evt_handlers=handlers)
+            # ae.start_server(block=False), with the guarded server and handler.
+            server = ae.make_server(
+                address,
+                evt_handlers=handlers,
+                server_class=server_class,
+                request_handler=handler_class,
+                connections=self._connections,
+            )
         except OSError as exc:
             raise ConfigError(
                 f"The DICOM receiver cannot listen on {address[0]}:{address[1]}: {exc.strerror or exc}.",
                 action="Choose a free Dicom.Port (ports below 1024 need privileges) or stop the "
                 "program using it, then restart.",
             ) from exc
+        threading.Thread(
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.2},  # how long stop() may wait for the accept loop
+            name=f"DicomScp@{server.server_address[1]}",
+            daemon=True,
+        ).start()
+        self._server = server
         self._ae = ae
         log.info(
             "DICOM receiver %s listening on %s:%d (calling AE titles: %s; addresses: %s; up to %d "
-            "associations, objects up to %d MB) into %s",
+            "associations, %d per peer; objects up to %d MB) into %s",
             self.config.ae_title,
             self.config.bind_address,
             self.port,
             ", ".join(sorted(self._calling_titles)) or "any",
             ", ".join(str(n) for n in self._networks) or "any",
             self.config.max_associations,
+            self.config.associations_per_peer,
             self.config.max_object_mb,
             self.spool,
         )
@@ -311,7 +722,7 @@ class DicomScpSource:
         return f"{requestor.address}:{requestor.port}"
 
     def _on_requested(self, event: Event) -> None:
-        """Accept or refuse an A-ASSOCIATE-RQ by calling AE, called AE and peer address."""
+        """Accept or refuse an A-ASSOCIATE-RQ by AE titles (the peer's address was checked at accept)."""
         assoc = event.assoc
         primitive = assoc.requestor.primitive
         calling = str(getattr(primitive, "calling_ae_title", "") or "").strip()
@@ -320,13 +731,7 @@ class DicomScpSource:
         with self._lock:
             self._associations[id(assoc)] = _Association(peer, calling)
         refusal: tuple[str, str, tuple[int, int, int]] | None = None
-        if not _address_allowed(assoc.requestor.address, self._networks):
-            refusal = (
-                "its address is not in Dicom.AllowedAddresses",
-                "if it is a sender of this site, add its address (or network) there",
-                _REJECT_NO_REASON,
-            )
-        elif self._calling_titles and calling not in self._calling_titles:
+        if self._calling_titles and calling not in self._calling_titles:
             refusal = (
                 "its calling AE title is not in Dicom.AllowedCallingAeTitles",
                 "if it is a sender of this site, add that title there",
@@ -406,6 +811,24 @@ class DicomScpSource:
     def _on_echo(event: Event) -> int:
         return SUCCESS
 
+    def _on_pdu_received(self, event: Event) -> None:
+        """Count a data set as it arrives, so ``Dicom.MaxObjectMb`` bounds memory, not just what is kept.
+
+        Runs in pynetdicom's reader thread just before the P-DATA is added to the DIMSE message
+        being assembled (the same thread adds it). That message's data set becomes a
+        :class:`_CappedDataSet` from its second P-DATA PDU on (before that it holds one PDU).
+        """
+        from pynetdicom.pdu import P_DATA_TF
+
+        if not isinstance(event.pdu, P_DATA_TF):
+            return
+        message = event.assoc.dimse.message
+        if message is None or type(message.data_set) is not BytesIO:
+            return
+        capped = _CappedDataSet(self._max_object_bytes)
+        capped.write(message.data_set.getbuffer())
+        message.data_set = capped
+
     # -- C-STORE -----------------------------------------------------------------------
     def _on_store(self, event: Event) -> int:
         """Store, fsync, rename, journal; only then success. Never raises (a status instead)."""
@@ -425,14 +848,15 @@ class DicomScpSource:
         body = data.getbuffer()
         peer = self._peer(event)
         calling = str(event.assoc.requestor.ae_title).strip()
-        limit = self.config.max_object_mb * 1024 * 1024
+        size = data.received if isinstance(data, _CappedDataSet) else body.nbytes
         try:
-            if body.nbytes > limit:
+            if size > self._max_object_bytes:
                 log.warning(
-                    "DICOM object from %s (calling AE %r) refused: %.1f MB, over Dicom.MaxObjectMb = %d",
+                    "DICOM object from %s (calling AE %r) refused: %.1f MB, over Dicom.MaxObjectMb = %d "
+                    "(what came past the limit was not kept)",
                     peer,
                     calling,
-                    body.nbytes / 1e6,
+                    size / 1e6,
                     self.config.max_object_mb,
                 )
                 return OUT_OF_RESOURCES
