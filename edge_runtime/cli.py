@@ -421,14 +421,34 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+#: What to do when the health file's file system is full (``edge-runtime health``).
+_DISK_FULL_ACTION = (
+    "Free space there (e.g. old report folders in Reports.Path: lower Reports.KeepDays; old logs); "
+    "the service writes its health file again at its next heartbeat, and reports resume by themselves. "
+    "Its MQTT status topic meanwhile says how it is."
+)
+
+
 def _cmd_health(args: argparse.Namespace) -> int:
+    """Healthy (0) or not (1, with why on stderr), from the health file the service rewrites.
+
+    A health file that cannot be read, or whose heartbeat is too old, is checked
+    against its file system: when that is full (:func:`.health.disk_full_reason`)
+    the answer is "disk full" and what to do, not "hung or stopped".
+    """
     from datetime import UTC, datetime
+
+    from .health import disk_full_reason
 
     config = load_config(args.config)
     path = config.health.file
     try:
         snapshot = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
+        full = disk_full_reason(path)
+        if full:
+            print(f"unhealthy: {full}. {_DISK_FULL_ACTION}", file=sys.stderr)
+            return 1
         print(
             f"unhealthy: cannot read {path} ({exc}); is the service running with this configuration?",
             file=sys.stderr,
@@ -440,6 +460,13 @@ def _cmd_health(args: argparse.Namespace) -> int:
     limit_s = 3 * float(snapshot.get("heartbeat_seconds", config.health.heartbeat_seconds))
     if snapshot.get("state") == "offline":
         print(f"unhealthy: the service is offline ({snapshot.get('reason')})", file=sys.stderr)
+        return 1
+    if age_s > limit_s and (full := disk_full_reason(path)):
+        print(
+            f"unhealthy: {full} (its last heartbeat is {age_s:.0f} s old, limit {limit_s:.0f} s). "
+            f"{_DISK_FULL_ACTION}",
+            file=sys.stderr,
+        )
         return 1
     if age_s > limit_s:
         print(

@@ -33,7 +33,8 @@ The tree::
     │   ├── ReportSourceError       the header lacks a UID a report must reference
     │   ├── FhirReportError         the FHIR resources failed validation
     │   ├── ReportTimeout           the report process took too long
-    │   └── ReportProcessCrashed    the report process died
+    │   ├── ReportProcessCrashed    the report process died
+    │   └── ReportDiskFull          Reports.Path's file system is full (reports paused)
     └── JournalError           the on-disk journal cannot be read or written
         ├── JournalIntegrityError   journal missing, empty, replaced or damaged: start refused
         │   └── JournalLost             deleted or replaced while the service ran: writes refused
@@ -82,6 +83,7 @@ __all__ = [
     "NotAnImage",
     "OutsideIntendedUse",
     "PublishError",
+    "ReportDiskFull",
     "ReportError",
     "ReportProcessCrashed",
     "ReportSourceError",
@@ -347,6 +349,21 @@ class ReportProcessCrashed(ReportError):
     action = ReportTimeout.action
 
 
+class ReportDiskFull(ReportError):
+    """Reports.Path's file system is full (ENOSPC or a quota); the result is published without reports.
+
+    Reports are not tried again for each scan while it stays full: they resume by
+    themselves once enough space is free (:mod:`edge_runtime.reports.processes`).
+    """
+
+    code = "disk_full"
+    action = (
+        "Free space on the file system that holds Reports.Path (e.g. remove old report folders, lower "
+        "Reports.KeepDays, or give Reports.Path a larger volume). Reports resume by themselves once "
+        "space is free; results are published meanwhile, without reports."
+    )
+
+
 class JournalError(EdgeRuntimeError):
     """The SQLite journal could not be opened, read or written.
 
@@ -438,6 +455,8 @@ PUBLIC_TEXTS: dict[str, str] = {
     "report_timeout": "reports not written: the report process took longer than its time limit",
     "report_process_crashed": "reports not written: the report process stopped unexpectedly "
     "(crashed or killed)",
+    "disk_full": "reports not written: the file system of the reports folder is full; reports resume "
+    "once space is free",
     "journal_failed": "the journal cannot be read or written",
     "journal_integrity": "the journal is missing, replaced or damaged",
 }

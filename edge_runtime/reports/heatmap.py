@@ -11,7 +11,8 @@ into pixels a radiologist can look at:
   conformance check compares, so what is checked is what is shown);
 * :func:`overlay` -- upsampled onto the image (which the model saw whole,
   stretched to its input, so the grid covers the whole image) and blended in
-  a colour map, with "NOT FOR DIAGNOSTIC USE" burned in;
+  a colour map scaled to the finding (:func:`heat_scale`), with "NOT FOR
+  DIAGNOSTIC USE" and the decision (:func:`decision_text`) burned in;
 * :func:`png_bytes` -- a PNG for the result's link;
 * :func:`secondary_capture` -- a DICOM Secondary Capture (highdicom) in the
   source's patient and study, with UIDs derived from the result's
@@ -22,11 +23,30 @@ Nothing here writes files (``reports.writer`` does) and nothing here
 imports torch. The map says where the evidence for the positive class is
 strongest *relative to the rest of this image*; it does not say that the
 finding is present (the probability does) and it is not a segmentation.
+
+**The rule: red means a finding.** The grid is relative (its hottest cell is
+1 on every scan), so drawn as it is, a clearly negative scan would paint its
+strongest cell full red. The drawn heat is therefore the grid times
+:func:`heat_scale`:
+
+* a **positive** scan (P >= threshold) is drawn at full scale: its hottest
+  cell red, blended at weight 0.5;
+* a **negative** scan is drawn at ``0.5 * P / threshold`` of the scale: its
+  hottest cell at most green (the middle of the JET scale), blended at
+  weight at most 0.25, and fainter (dark blue, nearly transparent) the lower
+  P is; yellow and red appear only on positive scans. E.g. P = 0.23 with
+  threshold 0.93: hottest cell at 0.12 of the scale, dark blue at weight 0.06.
+
+The top-left band carries "NOT FOR DIAGNOSTIC USE" and the decision, e.g.
+``P(PNEUMONIA) 0.23 < 0.93: no finding`` or ``P(PNEUMONIA) 0.97 >= 0.93:
+PNEUMONIA`` (the model's label and numbers only, never patient data; as many
+decimals as it takes, from 2, for the comparison to read right).
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import cv2
@@ -39,12 +59,56 @@ from .uids import derived_uid
 if TYPE_CHECKING:
     import pydicom
 
-__all__ = ["CAUTION", "fit_image", "overlay", "png_bytes", "positive_heat", "secondary_capture"]
+__all__ = [
+    "CAUTION",
+    "NEGATIVE_CEILING",
+    "decision_text",
+    "fit_image",
+    "heat_scale",
+    "overlay",
+    "png_bytes",
+    "positive_heat",
+    "secondary_capture",
+]
 
 #: Burned into every overlay (and so the Secondary Capture says BurnedInAnnotation YES).
 CAUTION = "NOT FOR DIAGNOSTIC USE"
 #: Largest blend weight of the colour map: the hottest cell still shows the anatomy under it.
 _MAX_ALPHA = 0.5
+#: The most of the colour scale a negative scan's map reaches (JET's middle: green, never red).
+NEGATIVE_CEILING = 0.5
+
+
+def heat_scale(finding: Mapping[str, Any]) -> float:
+    """How much of the colour scale a scan's map may use: 1 if positive, else ``0.5 * P / threshold``.
+
+    ``finding`` is the result's ``findings[0]`` (``probability``, ``threshold``,
+    ``positive``). See the module docstring for the rule.
+    """
+    if finding["positive"]:
+        return 1.0
+    probability, threshold = float(finding["probability"]), float(finding["threshold"])
+    if threshold <= 0.0:
+        return NEGATIVE_CEILING
+    return NEGATIVE_CEILING * min(1.0, max(0.0, probability / threshold))
+
+
+def decision_text(finding: Mapping[str, Any]) -> str:
+    """``P(LABEL) 0.23 < 0.93: no finding`` or ``P(LABEL) 0.97 >= 0.93: LABEL`` (ASCII, for the image).
+
+    Two decimals, or more where two would make the comparison read wrong
+    (0.925 against 0.93 is written ``0.925 < 0.930``).
+    """
+    label = str(finding["label"]).encode("ascii", "replace").decode("ascii")
+    probability, threshold = float(finding["probability"]), float(finding["threshold"])
+    positive = bool(finding["positive"])
+    for digits in range(2, 7):
+        p_text, t_text = f"{probability:.{digits}f}", f"{threshold:.{digits}f}"
+        if (float(p_text) >= float(t_text)) == positive:
+            break
+    if positive:
+        return f"P({label}) {p_text} >= {t_text}: {label}"
+    return f"P({label}) {p_text} < {t_text}: no finding"
 
 
 def positive_heat(cam: np.ndarray, labels: list[str], positive_label: str) -> np.ndarray:
@@ -76,7 +140,13 @@ def _jet_rgb() -> np.ndarray:
     return _JET_RGB
 
 
-def overlay(image: np.ndarray, heat: np.ndarray, max_side: int = 1024) -> np.ndarray:
+def overlay(
+    image: np.ndarray,
+    heat: np.ndarray,
+    max_side: int = 1024,
+    *,
+    finding: Mapping[str, Any] | None = None,
+) -> np.ndarray:
     """The heat-map over the image: ``(rows, cols, 3)`` RGB uint8, longer side <= ``max_side``.
 
     ``image`` is the decoded scan (2-D float, [0, 1], 1 = bright); ``heat`` the
@@ -84,6 +154,11 @@ def overlay(image: np.ndarray, heat: np.ndarray, max_side: int = 1024) -> np.nda
     interpolation over the whole image (the model saw it stretched to its
     square input), coloured with the JET map and blended with a weight
     proportional to the heat, so cold regions show the plain radiograph.
+
+    With ``finding`` (the result's ``findings[0]``; the reports always pass
+    it) the heat is scaled by :func:`heat_scale` (a negative scan's map is
+    muted, never red) and :func:`decision_text` is written under the caution.
+    Without it the grid is drawn as it is, with the caution only.
     """
     grey = fit_image(image, max_side)
     rows, cols = grey.shape
@@ -92,6 +167,9 @@ def overlay(image: np.ndarray, heat: np.ndarray, max_side: int = 1024) -> np.nda
         raise ValueError(f"heat must be a 2-D grid, got shape {grid.shape}")
     up = np.asarray(cv2.resize(grid, (cols, rows), interpolation=cv2.INTER_CUBIC), dtype=np.float32)
     np.clip(up, 0.0, 1.0, out=up)
+    scale = 1.0 if finding is None else heat_scale(finding)
+    if scale < 1.0:
+        np.multiply(up, np.float32(scale), out=up)
     # rgb = rint(grey*255 * (1 - alpha) + jet(rint(up*255)) * alpha), alpha = MAX_ALPHA*up, all in
     # float32, computed a channel at a time in place: the same operations in the same order as a
     # whole-image expression (so the same pixels), without its full-size temporaries.
@@ -110,28 +188,34 @@ def overlay(image: np.ndarray, heat: np.ndarray, max_side: int = 1024) -> np.nda
         np.rint(plane, out=plane)
         np.clip(plane, 0.0, 255.0, out=plane)
         rgb[..., channel] = plane
-    _caption(rgb)
+    _caption(rgb, [CAUTION] if finding is None else [CAUTION, decision_text(finding)])
     return rgb
 
 
-def _caption(rgb: np.ndarray) -> None:
-    """Burn the caution into the top-left corner, white on a dark band, scaled to the image."""
+def _caption(rgb: np.ndarray, lines: list[str]) -> None:
+    """Burn ``lines`` into the top-left corner, white on one dark band, scaled to the image."""
     rows, cols = rgb.shape[:2]
     scale = max(0.3, min(cols, rows) / 700.0)
     thickness = max(1, round(scale * 1.5))
-    (width, height), base = cv2.getTextSize(CAUTION, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
+    sizes = [cv2.getTextSize(line, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness) for line in lines]
+    width = max(w for (w, _), _ in sizes)
+    height = max(h for (_, h), _ in sizes)
+    base = max(b for _, b in sizes)
     pad = max(2, height // 3)
-    cv2.rectangle(rgb, (0, 0), (min(cols - 1, width + 2 * pad), height + base + 2 * pad), (0, 0, 0), -1)
-    cv2.putText(
-        rgb,
-        CAUTION,
-        (pad, pad + height),
-        cv2.FONT_HERSHEY_SIMPLEX,
-        scale,
-        (255, 255, 255),
-        thickness,
-        cv2.LINE_AA,
-    )
+    step = height + base + pad  # one line's height, baseline to baseline
+    bottom = height + base + 2 * pad + step * (len(lines) - 1)
+    cv2.rectangle(rgb, (0, 0), (min(cols - 1, width + 2 * pad), min(rows - 1, bottom)), (0, 0, 0), -1)
+    for number, line in enumerate(lines):
+        cv2.putText(
+            rgb,
+            line,
+            (pad, pad + height + number * step),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            scale,
+            (255, 255, 255),
+            thickness,
+            cv2.LINE_AA,
+        )
 
 
 def png_bytes(rgb: np.ndarray) -> bytes:
@@ -227,7 +311,10 @@ def secondary_capture(
     sc.DerivationDescription = (
         f"Class-activation map of model {name} {version} (sha256 {sha}) over the source image. {CAUTION}."
     )[:1024]
-    sc.ImageComments = f"{CAUTION}. Where the model's evidence for its finding is strongest in this image."
+    sc.ImageComments = (
+        f"{CAUTION}. Where the model's evidence for its finding is strongest in this image; "
+        "drawn at full strength only when the finding is present."
+    )
     if is_valid_uid(str(source.get("SOPInstanceUID") or "")) and is_valid_uid(
         str(source.get("SOPClassUID") or "")
     ):

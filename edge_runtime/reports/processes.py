@@ -18,6 +18,16 @@ map. The child logs nothing; the parent logs what it reports. If a child dies
 or hangs (``REPORT_TIMEOUT_S``), the pool is replaced and the result is
 published with ``reports.error_code`` ``report_timeout`` or
 ``report_process_crashed`` and its fixed text: a report never costs a result.
+
+**A full disk pauses reports.** When writing a result's reports fails because
+Reports.Path's file system is full, that result is published with
+``reports.error_code`` ``disk_full`` and reports are *paused*: one WARNING
+(``reports_paused``) says so, and each following result is published at once
+with the same ``disk_full`` error, without building anything (no child, no
+write, no further log line), until the file system has :func:`resume_bytes`
+available again (checked with ``statvfs`` before each result: 64 MiB, or a
+quarter of the file system if that is less); then one INFO line
+(``reports_resumed``) and reports are built again.
 """
 
 from __future__ import annotations
@@ -36,17 +46,51 @@ from typing import Any
 import numpy as np
 
 from ..config import ReportsConfig, RuntimeConfig
-from ..errors import ReportError, ReportProcessCrashed, ReportTimeout
+from ..errors import ReportDiskFull, ReportError, ReportProcessCrashed, ReportTimeout
+from ..logs import event
 from .writer import ReportOutcome, ReportWriter, failed_outcome, log_outcome, prioritize
 
-__all__ = ["REPORT_TIMEOUT_S", "ReportProcesses"]
+__all__ = [
+    "REPORT_TIMEOUT_S",
+    "RESUME_FREE_BYTES",
+    "RESUME_FREE_SHARE",
+    "ReportProcesses",
+    "free_space",
+    "resume_bytes",
+]
 
 log = logging.getLogger(__name__)
 
 #: A result's reports taking longer than this are given up (the child is replaced).
 REPORT_TIMEOUT_S = 120.0
 
+#: After a full disk, reports resume once this much is available on Reports.Path's file system ...
+RESUME_FREE_BYTES = 64 * 1024 * 1024
+#: ... or this share of the file system's size, if that is less (a small volume of its own).
+RESUME_FREE_SHARE = 0.25
+
 _CTX = mp.get_context("forkserver")
+
+
+def free_space(path: Path) -> tuple[int, int] | None:
+    """``(available, size)`` in bytes of the file system ``path`` is on (or would be created on).
+
+    Available is what an unprivileged user may still write (``f_bavail``); None
+    when it cannot be asked.
+    """
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        stats = os.statvfs(probe)
+    except OSError:
+        return None
+    return stats.f_bavail * stats.f_frsize, stats.f_blocks * stats.f_frsize
+
+
+def resume_bytes(size: int) -> int:
+    """Space available again at which paused reports resume, on a file system of ``size`` bytes."""
+    return min(RESUME_FREE_BYTES, int(size * RESUME_FREE_SHARE))
 
 
 def _build(
@@ -94,6 +138,8 @@ class ReportProcesses:
         self._processes = max(1, processes)
         self._lock = threading.Lock()
         self._executor: ProcessPoolExecutor | None = None
+        #: The reports folder whose file system was full: reports are paused while it is set.
+        self._paused: Path | None = None
 
     def _pool(self) -> ProcessPoolExecutor:
         with self._lock:
@@ -121,6 +167,52 @@ class ReportProcesses:
             process.kill()  # a hung child: shutdown() alone would wait for it
         broken.shutdown(wait=False, cancel_futures=True)
 
+    def _still_full(self, path: Path) -> bool:
+        """While paused: True if ``path``'s file system has not enough space back; else resume."""
+        with self._lock:
+            if self._paused is None:
+                return False
+        space = free_space(path)
+        if space is not None and space[0] < resume_bytes(space[1]):
+            return True
+        with self._lock:
+            was, self._paused = self._paused, None
+        if was is not None:
+            event(
+                log,
+                "reports_resumed",
+                "space is free again on the file system of %s (%s bytes available): reports resumed",
+                path,
+                space[0] if space else "unknown",
+                path=str(path),
+                available_bytes=space[0] if space else None,
+            )
+        return False
+
+    def _note(self, path: Path, outcome: ReportOutcome) -> None:
+        """Pause reports (said once) when ``outcome`` failed for a full disk."""
+        if outcome.links is None or outcome.links.get("error_code") != ReportDiskFull.code:
+            return
+        with self._lock:
+            first, self._paused = self._paused is None, path
+        if first:
+            space = free_space(path)
+            needed = resume_bytes(space[1]) if space else RESUME_FREE_BYTES
+            event(
+                log,
+                "reports_paused",
+                "the file system of %s is full (%s bytes available): reports are paused, results are "
+                "published without them (reports.error_code disk_full) until %d bytes are free. %s",
+                path,
+                space[0] if space else "unknown",
+                needed,
+                ReportDiskFull.action,
+                level=logging.WARNING,
+                path=str(path),
+                available_bytes=space[0] if space else None,
+                resume_bytes=needed,
+            )
+
     def write(
         self,
         config: RuntimeConfig,
@@ -136,9 +228,16 @@ class ReportProcesses:
         writer = ReportWriter(reports, config.reports_path)
         if not writer.enabled:
             return None
+        path = config.reports_path
+        if self._still_full(path):
+            # Paused (said once, in _note): the same code and text as the result that found the disk full.
+            log.debug("reports for %s skipped: the disk is still full", result["message_id"][:16])
+            return failed_outcome(result["message_id"], ReportDiskFull("reports paused: disk full")).links
         if result["input"]["kind"] != "dicom" or not (reports.dicom_sr or reports.fhir):
             # Only a heat-map PNG (a few ms): sending it to a child would cost more than it saves.
-            return log_outcome(result, writer.build(result, source, image=image, heatmap=heatmap))
+            outcome = writer.build(result, source, image=image, heatmap=heatmap)
+            self._note(path, outcome)
+            return log_outcome(result, outcome)
         if not reports.heatmap:
             image = None  # nothing to draw: not worth pickling
         pool = self._pool()
@@ -155,6 +254,9 @@ class ReportProcesses:
                 else ReportProcessCrashed("the report process stopped unexpectedly (crashed or killed)")
             )
             outcome = failed_outcome(result["message_id"], error)
+        except Exception as exc:  # build() returns its own failures; this is whatever it did not foresee
+            outcome = failed_outcome(result["message_id"], exc)
+        self._note(path, outcome)
         return log_outcome(result, outcome)
 
     def close(self) -> None:

@@ -18,10 +18,19 @@ status' ``last_error`` names the code. The exception's own text goes only to
 the service log, with the header's values scrubbed out of it
 (:func:`edge_runtime.privacy.scrub_header_values`): a library's message
 quotes the value it refused, and that value may be a patient's name.
+
+A full disk is one such failure, named as such: writing the files fails with
+``ENOSPC`` (or ``EDQUOT``), the partial files are removed and the result
+carries ``reports.error_code`` ``disk_full``
+(:class:`~edge_runtime.errors.ReportDiskFull`); the scan is never retried or
+quarantined for it. :mod:`.processes` then stops building reports until space
+is back.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -35,7 +44,7 @@ import numpy as np
 
 from ..config import ReportsConfig
 from ..durable import fsync_dir
-from ..errors import EdgeRuntimeError, ReportError, public_text
+from ..errors import EdgeRuntimeError, ReportDiskFull, ReportError, public_text
 from ..logs import event
 from ..privacy import scrub_header_values
 from ..sources.files import open_admitted
@@ -47,6 +56,7 @@ __all__ = [
     "ReportOutcome",
     "ReportWriter",
     "failed_outcome",
+    "is_disk_full",
     "is_urgent",
     "log_outcome",
     "prioritize",
@@ -61,6 +71,11 @@ def is_urgent(result: dict[str, Any], urgent_threshold: float | None) -> bool:
     finding = result["findings"][0]
     threshold = finding["threshold"] if urgent_threshold is None else urgent_threshold
     return bool(finding["positive"]) and float(finding["probability"]) >= float(threshold)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """An ``OSError`` that says the file system has no space left (``ENOSPC``) or the quota is used up."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def read_source_header(path: Path) -> Dataset:
@@ -240,7 +255,9 @@ class ReportWriter:
             if self.config.heatmap and heatmap is not None and image is not None:
                 from .heatmap import overlay, png_bytes, secondary_capture
 
-                rgb = overlay(image, heatmap, max_side=self.config.heatmap_max_side)
+                rgb = overlay(
+                    image, heatmap, max_side=self.config.heatmap_max_side, finding=result["findings"][0]
+                )
                 files.append(_File("heatmap.png", png_bytes(rgb)))
                 links["heatmap_png"] = "heatmap.png"
                 if header is not None:
@@ -269,7 +286,15 @@ class ReportWriter:
             return failed_outcome(message_id, exc, header=raw, header_fixes=fixes)
         if not files:
             return ReportOutcome(None, [], None, header_fixes=fixes)
-        self._write_files(self.folder(message_id), files)
+        folder = self.folder(message_id)
+        try:
+            self._write_files(folder, files)
+        except OSError as exc:  # nothing half-written is left behind (see _write_files)
+            if is_disk_full(exc):
+                full = ReportDiskFull(f"no space left to write the reports into {folder}: {exc.strerror}")
+                full.__cause__ = exc
+                return failed_outcome(message_id, full, header=raw, header_fixes=fixes)
+            return failed_outcome(message_id, exc, header=raw, header_fixes=fixes)
         return ReportOutcome(links, [f.name for f in files], None, header_fixes=fixes)
 
     @staticmethod
@@ -279,7 +304,8 @@ class ReportWriter:
         The fsyncs (each file's, and the parent's for a new folder) are issued together on
         :data:`_FSYNC_POOL`: a disk flushes concurrent ones in one journal commit, so four
         files cost about one flush instead of four. Only when every one has returned are
-        the files renamed into place and the folder fsynced.
+        the files renamed into place and the folder fsynced. If anything fails (a full
+        disk), the temporary files go, and the folder too when this call created it.
         """
         created = not folder.is_dir()
         folder.mkdir(parents=True, exist_ok=True)
@@ -302,6 +328,10 @@ class ReportWriter:
         except BaseException:
             for temp, _ in temps:
                 Path(temp).unlink(missing_ok=True)
+            if created:
+                # Not empty (another write of the same result) or already gone: left as it is.
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
             raise
         finally:
             for fd in fds:
