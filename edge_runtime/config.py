@@ -316,8 +316,16 @@ class JournalConfig(_Section):
     max_outbox_messages: int = Field(
         100_000,
         ge=1,
-        description="Undelivered results kept at most; beyond it new scans "
-        "wait in the inbox (never dropped) until the broker takes some.",
+        description="Undelivered results of the results channel (MQTT results and urgent topics; "
+        "Greengrass local pub/sub when MQTT is off) kept at most; beyond it new scans wait in the "
+        "inbox (never dropped) until the broker takes some. No other sink's backlog holds new scans.",
+    )
+    max_outbox_messages_per_sink: int = Field(
+        10_000,
+        ge=1,
+        description="Undelivered rows kept at most for each other sink (PACS, FHIR server, MQTT FHIR "
+        "topic, Greengrass); beyond it that sink's oldest undelivered rows are dropped (a WARNING "
+        "naming the sink, the status counter outbox_dropped), never holding new scans.",
     )
 
 
@@ -512,6 +520,14 @@ class ReportsConfig(_Section):
         ge=0.0,
         description="Remove a result's report folder this many days after it was written, once every "
         "sink has it; 0 = keep for ever.",
+    )
+    retain_mb_per_sink: int = Field(
+        5_000,
+        ge=0,
+        description="Disk budget for the report folders one sink other than the results channel "
+        "(e.g. the PACS) has not confirmed yet; beyond it that sink's oldest undelivered results "
+        "are dropped for it (a WARNING naming the sink) and their folders removed unless another "
+        "sink still needs them; 0 = no budget (kept until delivered).",
     )
     uid_root: str = Field(
         "2.25",

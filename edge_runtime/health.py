@@ -25,12 +25,13 @@ from .config import RuntimeConfig
 from .errors import public_text
 from .results import build_status, utc_now
 
-__all__ = ["COUNTERS", "Health", "error_line"]
+__all__ = ["COUNTERS", "DISK_FULL_BYTES", "Health", "disk_full_reason", "error_line"]
 
 log = logging.getLogger(__name__)
 
-#: What the counters count (since start): scans received, with a result, quarantined, repeats.
-COUNTERS = ("received", "processed", "quarantined", "duplicates")
+#: What the counters count (since start): scans received, with a result, quarantined, repeats, and
+#: outbox rows a sink other than the results channel fell too far behind on (dropped, oldest first).
+COUNTERS = ("received", "processed", "quarantined", "duplicates", "outbox_dropped")
 
 
 def error_line(subject: str, code: str, details: str = "the service log") -> str:
@@ -56,6 +57,7 @@ class Health:
         mqtt: Any = None,
         ipc: Any = None,
         journal_lost: Callable[[], str | None] = lambda: None,
+        sinks_behind: Callable[[], list[str]] = list,
     ) -> None:
         self._config = config
         self._outbox_pending = outbox_pending
@@ -65,6 +67,9 @@ class Health:
         self._stalled = stalled
         #: The journal check, run at every snapshot (so every heartbeat): why it is lost, or None.
         self._journal_lost = journal_lost
+        #: Sinks other than the results channel that are behind, each named ("PACS (dicom-store)
+        #: behind: ..."): the status names them, never the MQTT broker, for their backlog.
+        self._sinks_behind = sinks_behind
         #: The MQTT sink (retained status topic), when MQTT is on.
         self.mqtt = mqtt
         self.ipc = ipc
@@ -77,9 +82,9 @@ class Health:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def count(self, key: str) -> None:
+    def count(self, key: str, amount: int = 1) -> None:
         with self._lock:
-            self.counters[key] += 1
+            self.counters[key] += amount
 
     def report_error(self, text: str) -> None:
         """A new last error: on the status topic now, not only at the next heartbeat."""
@@ -125,6 +130,11 @@ class Health:
             state, reason = "degraded", "MQTT broker not reachable; results kept in the journal"
         elif self.last_error and self.last_error.startswith("configuration update rejected"):
             state, reason = "degraded", self.last_error
+        behind = self._sinks_behind()
+        if behind:
+            # Another sink's outage pauses only that sink: new scans are taken and published.
+            lagging = "; ".join(behind) + " (new scans are still taken and published)"
+            state, reason = "degraded", f"{reason}; also {lagging}" if reason else lagging
         return {
             "state": state,
             "reason": reason,
@@ -209,3 +219,32 @@ class Health:
         snapshot = self.snapshot()
         snapshot.update(state="offline", reason=reason)
         self.write_file(snapshot)
+
+
+#: Less than this available to the service's user, and a file system counts as full for the health file.
+DISK_FULL_BYTES = 1024 * 1024
+
+
+def disk_full_reason(path: Path) -> str | None:
+    """Why ``path`` (the health file) cannot be rewritten, when its file system is full; else None.
+
+    For ``edge-runtime health``: a heartbeat that stopped because the file
+    cannot be written (``ENOSPC``) is not a hung service. "Full" is less than
+    :data:`DISK_FULL_BYTES` available (``statvfs`` ``f_bavail``: what a user
+    other than root may still write) on the file system of ``path``'s folder,
+    or of its nearest folder that exists.
+    """
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        stats = os.statvfs(folder)
+    except OSError:
+        return None
+    available = stats.f_bavail * stats.f_frsize
+    if available >= DISK_FULL_BYTES:
+        return None
+    return (
+        f"disk full: the file system of {folder} has {available} bytes available "
+        f"({stats.f_blocks * stats.f_frsize} in all), so the service cannot rewrite {path.name} there"
+    )

@@ -13,6 +13,11 @@ It is what makes the service restartable without losing or repeating work:
   ``fhir-http``), committed *in the same transaction* that marks its input
   done, and marked delivered only when the sink confirms it (PUBACK, a reply).
   Undelivered messages are re-sent after a reconnect or a restart, in order.
+  Each sink stands alone: only the results channel's backlog holds new scans
+  (``Journal.MaxOutboxMessages``); another sink that falls behind beyond its
+  own limits has its oldest undelivered rows dropped (:meth:`Journal.drop_oldest`),
+  each moved to ``outbox_dropped`` in the same transaction, so what a sink
+  never got stays on record.
 * ``receipts``: one row per object the DICOM receiver acknowledged (file name,
   content hash, SOP Instance UID, calling AE, peer, size, time; no patient
   data), committed before the sender is told success
@@ -86,7 +91,7 @@ import os
 import sqlite3
 import threading
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -123,6 +128,7 @@ __all__ = [
     "OutboxMessage",
     "Receipt",
     "ReceiptLog",
+    "SinkBacklog",
     "backup_journal",
     "check_journal",
     "id_path_for",
@@ -182,6 +188,16 @@ CREATE INDEX IF NOT EXISTS outbox_undelivered ON outbox(seq) WHERE delivered_utc
 CREATE INDEX IF NOT EXISTS inputs_sop_instance
     ON inputs(json_extract(result_json, '$.input.sop_instance_uid')) WHERE result_json IS NOT NULL;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+-- Rows a sink fell too far behind on, dropped oldest first (its row cap or its reports' disk
+-- budget): what that sink never got, kept for an admin who wants to send it by hand.
+CREATE TABLE IF NOT EXISTS outbox_dropped (
+    seq           INTEGER PRIMARY KEY,
+    message_id    TEXT NOT NULL,
+    sink          TEXT NOT NULL,
+    created_utc   TEXT NOT NULL,
+    dropped_utc   TEXT NOT NULL,
+    reason        TEXT NOT NULL
+);
 """
     + _RECEIPTS_SCHEMA
 )
@@ -225,6 +241,14 @@ class OutboxMessage:
     payload: str
     qos: int
     sink: str = "mqtt"
+
+
+@dataclass(frozen=True)
+class SinkBacklog:
+    """One sink's undelivered outbox rows: how many, and when the oldest was committed."""
+
+    pending: int
+    oldest_utc: str
 
 
 @dataclass(frozen=True)
@@ -715,10 +739,80 @@ class Journal:
         ]
         return int(pending)
 
-    def outbox_pending(self) -> int:
-        """Undelivered outbox rows, all sinks (the partial index makes this O(pending))."""
-        (pending,) = self._query("SELECT COUNT(*) FROM outbox WHERE delivered_utc IS NULL")[0]
+    def outbox_pending(self, sinks: Collection[str] | None = None) -> int:
+        """Undelivered outbox rows of ``sinks`` (None: all sinks); O(pending) by the partial index."""
+        if sinks is None:
+            (pending,) = self._query("SELECT COUNT(*) FROM outbox WHERE delivered_utc IS NULL")[0]
+            return int(pending)
+        names = sorted(sinks)
+        if not names:
+            return 0
+        marks = ",".join("?" * len(names))
+        sql = "SELECT COUNT(*) FROM outbox WHERE delivered_utc IS NULL AND sink IN "
+        (pending,) = self._query(f"{sql}({marks})", tuple(names))[0]
         return int(pending)
+
+    def backlog_by_sink(self) -> dict[str, SinkBacklog]:
+        """Each sink with undelivered rows: how many, and the oldest one's commit time (for status)."""
+        rows = self._query(
+            "SELECT sink, COUNT(*), MIN(created_utc) FROM outbox WHERE delivered_utc IS NULL GROUP BY sink"
+        )
+        return {str(sink): SinkBacklog(int(n), str(oldest)) for sink, n, oldest in rows}
+
+    def undelivered_of(self, sink: str) -> list[str]:
+        """The message ids ``sink`` has not confirmed, newest first."""
+        rows = self._query(
+            "SELECT message_id FROM outbox WHERE sink = ? AND delivered_utc IS NULL ORDER BY seq DESC",
+            (sink,),
+        )
+        return [str(row[0]) for row in rows]
+
+    def still_undelivered(self, message_ids: Collection[str]) -> set[str]:
+        """Those of ``message_ids`` that some sink has not confirmed yet (their files are needed)."""
+        found: set[str] = set()
+        ids = sorted(message_ids)
+        for start in range(0, len(ids), 500):  # within SQLite's limit on parameters
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            sql = "SELECT DISTINCT message_id FROM outbox WHERE delivered_utc IS NULL AND message_id IN "
+            rows = self._query(f"{sql}({marks})", tuple(chunk))
+            found.update(str(row[0]) for row in rows)
+        return found
+
+    def drop_oldest(self, sink: str, keep: int, reason: str) -> list[str]:
+        """Drop all but the newest ``keep`` undelivered rows of ``sink``; returns their message ids.
+
+        Oldest first. Each dropped row moves to ``outbox_dropped`` (with ``reason``) in one
+        transaction, waited for on disk: the caller may then remove report files that only
+        this row needed, and a power cut must not bring the row back without its files.
+        A drainer that holds a dropped row already may still deliver it; its mark is then a
+        no-op. Only for sinks other than the results channel (never the MQTT results).
+        """
+        now = utc_now()
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT seq, message_id, created_utc FROM outbox WHERE sink = ? AND delivered_utc IS NULL "
+                "ORDER BY seq DESC LIMIT -1 OFFSET ?",
+                (sink, max(0, keep)),
+            ).fetchall()
+            if not rows:
+                return []
+            rows.reverse()
+            db.executemany(
+                "INSERT OR REPLACE INTO outbox_dropped(seq, message_id, sink, created_utc, "
+                "dropped_utc, reason) VALUES (?, ?, ?, ?, ?, ?)",
+                [(seq, message_id, sink, created, now, reason) for seq, message_id, created in rows],
+            )
+            db.executemany("DELETE FROM outbox WHERE seq = ?", [(seq,) for seq, _, _ in rows])
+        return [str(message_id) for _, message_id, _ in rows]
+
+    def dropped_count(self, sink: str | None = None) -> int:
+        """Rows dropped so far (all time), of ``sink`` or of every sink."""
+        if sink is None:
+            (n,) = self._query("SELECT COUNT(*) FROM outbox_dropped")[0]
+        else:
+            (n,) = self._query("SELECT COUNT(*) FROM outbox_dropped WHERE sink = ?", (sink,))[0]
+        return int(n)
 
     # -- outbox ------------------------------------------------------------------------
     def pending_messages(

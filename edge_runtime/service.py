@@ -28,7 +28,7 @@ from .outcomes import OutcomeRecorder
 from .pipeline import ScanAnalyzer
 from .reports.processes import ReportProcesses
 from .reports.retention import ReportRetention
-from .sinks import OutboxDrainer, create_sinks
+from .sinks import OutboxDrainer, SinkBacklogs, create_sinks
 from .sinks.mqtt import MqttSink
 from .sources import create_sources
 from .workers import WorkerPool
@@ -85,6 +85,7 @@ class EdgeService:
             mqtt=self.mqtt,
             ipc=ipc,
             journal_lost=self._journal_problem,
+            sinks_behind=lambda: self.backlogs.behind(),
         )
         self.journal.on_lost = self._journal_lost
         #: The copy of a lost journal saved when it was noticed (refreshed at stop).
@@ -92,9 +93,17 @@ class EdgeService:
         self.drainers = [
             OutboxDrainer(self.journal, sink, on_error=self.health.report_error) for sink in self.sinks
         ]
+        #: Each sink on its own: only the results channel holds intake; the others are capped.
+        self.backlogs = SinkBacklogs(
+            lambda: self.config,
+            self.journal,
+            self.drainers,
+            on_dropped=lambda n: self.health.count("outbox_dropped", n),
+        )
         if self.mqtt is not None:
             self.mqtt.model_info = self.analyzer.status_model()
-            self.mqtt.backlog = self.journal.outbox_pending
+            primary = self.backlogs.primary
+            self.mqtt.backlog = lambda: self.journal.outbox_pending(primary)
         # One report child: as fast as one per worker here (0.99x on 2 cores) at half the memory
         # (~225 MB RSS each, the report libraries).
         self.reports = ReportProcesses(1)
@@ -116,6 +125,7 @@ class EdgeService:
             recorder=recorder,
             health=self.health,
             reports=self.reports,
+            primary_sinks=self.backlogs.primary,
         )
         self.retention = ReportRetention(lambda: self.config, self.journal)
         self._config_lock = threading.Lock()
@@ -132,8 +142,10 @@ class EdgeService:
         return self.health.last_error
 
     def _notify_sinks(self) -> None:
+        """After each result: wake the drainers, then keep every other sink within its limits."""
         for drainer in self.drainers:
             drainer.notify()
+        self.backlogs.enforce()
 
     # -- a journal lost while running --------------------------------------------------
     def _journal_problem(self) -> str | None:
@@ -227,6 +239,8 @@ class EdgeService:
             requeued,
             self.journal.results_awaiting_delivery(),
         )
+        # A sink that fell behind before the stop (or whose limits were lowered) is capped first.
+        self.backlogs.enforce()
         # Sources first (they create their folders), so that "online" means ready for scans;
         # results made before a sink connects wait in the outbox.
         self.workers.start(self.config.effective_workers)

@@ -11,8 +11,10 @@ A bad scan is quarantined and the workers carry on. A fault of the box itself
 (backend crash, unexpected bug) leaves the file where it is for another
 attempt; after ``Journal.MaxAttempts`` tries it is quarantined too, so one
 poisonous file cannot loop forever. Before a worker takes a scan, the
-back-pressure gate checks disk space and outbox depth: when either is short,
-scans wait at their source.
+back-pressure gate checks disk space and the results channel's outbox depth:
+when either is short, scans wait at their source. Only the results channel
+(MQTT) holds intake; every other sink (the PACS, FHIR) is capped on its own
+(:mod:`edge_runtime.sinks.backlog`), so its outage never stops results.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import queue
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 from .config import RuntimeConfig
@@ -48,8 +50,12 @@ INTERRUPTIONS_PER_ATTEMPT = 5
 _STOP = ScanItem(float("inf"), Path("/"), 0, 0.0, "")
 
 
-def intake_blocked(config: RuntimeConfig, journal: Journal) -> str | None:
-    """Why new scans must wait at their source (disk space, outbox depth), or None."""
+def intake_blocked(config: RuntimeConfig, journal: Journal, primary: Collection[str]) -> str | None:
+    """Why new scans must wait at their source (disk space, results-channel depth), or None.
+
+    ``primary``: the outbox names of the results channel (``mqtt``, ``mqtt-urgent``; see
+    :mod:`edge_runtime.sinks.backlog`). Other sinks' rows never hold new scans.
+    """
     journal_cfg = config.journal
     for folder in (journal.path.parent, config.inbox.path):
         try:
@@ -61,10 +67,12 @@ def intake_blocked(config: RuntimeConfig, journal: Journal) -> str | None:
                 f"only {free_mb:.0f} MB free on the disk of {folder} (minimum "
                 f"Journal.MinFreeDiskMb = {journal_cfg.min_free_disk_mb} MB)"
             )
-    pending = journal.outbox_pending()
+    pending = journal.outbox_pending(primary)
     if pending >= journal_cfg.max_outbox_messages:
+        names = ", ".join(sorted(primary))
+        channel = "the MQTT broker" if "mqtt" in primary else f"the results channel ({names})"
         return (
-            f"{pending} results are waiting for the MQTT broker (limit "
+            f"{pending} results are waiting for {channel} (limit "
             f"Journal.MaxOutboxMessages = {journal_cfg.max_outbox_messages})"
         )
     return None
@@ -84,8 +92,11 @@ class WorkerPool:
         recorder: OutcomeRecorder,
         health: Health,
         reports: ReportProcesses,
+        primary_sinks: Collection[str] = frozenset({"mqtt", "mqtt-urgent"}),
     ) -> None:
         self._config = config
+        #: The results channel's outbox names: only their backlog holds new scans (the gate).
+        self.primary_sinks = frozenset(primary_sinks)
         self._analyzer = analyzer
         self.journal = journal
         self.sources = sources
@@ -146,10 +157,10 @@ class WorkerPool:
     def _gate(self, item: ScanItem) -> bool:
         """False leaves the scan at its source for a later offer.
 
-        Checked when a scan is offered and again when a worker takes it, so the
-        outbox exceeds Journal.MaxOutboxMessages by at most the number of workers.
+        Checked when a scan is offered and again when a worker takes it, so the results
+        channel's outbox exceeds Journal.MaxOutboxMessages by at most the number of workers.
         """
-        blocked = intake_blocked(self._config(), self.journal)
+        blocked = intake_blocked(self._config(), self.journal, self.primary_sinks)
         self.health.set_blocked(blocked)
         if blocked:
             self.sources[item.source].release(item)

@@ -13,13 +13,14 @@ from typing import TYPE_CHECKING
 
 from ..config import RuntimeConfig
 from ..plugins import load_plugin
+from .backlog import SinkBacklogs
 from .base import Acknowledge, Sink
 from .drainer import OutboxDrainer
 
 if TYPE_CHECKING:
     from ..greengrass import GreengrassIpc
 
-__all__ = ["SINKS", "Acknowledge", "OutboxDrainer", "Sink", "create_sinks"]
+__all__ = ["SINKS", "Acknowledge", "OutboxDrainer", "Sink", "SinkBacklogs", "create_sinks"]
 
 #: name -> "module:factory"; each sink's ``name`` is its outbox column (mqtt: also mqtt-urgent, mqtt-fhir).
 SINKS: dict[str, str] = {

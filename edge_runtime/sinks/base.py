@@ -27,6 +27,16 @@ class Sink(Protocol):
     #: The outbox's sink column: stable, because undelivered rows outlive a restart.
     name: str
 
+    # Two optional class attributes (read with getattr, so a plugin without them still loads):
+    #
+    # ``label``: what an admin calls the far end ("PACS"), for the status ("PACS (dicom-store)
+    # behind: ..."); default: ``name``.
+    # ``primary``: True for the results channel (MQTT results and urgent topics; Greengrass local
+    # pub/sub when MQTT is off). Only a primary sink's backlog holds new scans
+    # (Journal.MaxOutboxMessages); any other sink stands alone: its backlog beyond
+    # Journal.MaxOutboxMessagesPerSink or Reports.RetainMbPerSink is dropped oldest first
+    # (:mod:`edge_runtime.sinks.backlog`). Default: False.
+
     def delivery(self, config: RuntimeConfig, result: dict[str, Any], payload: str) -> Delivery | None:
         """The outbox row for one result (topic, payload, QoS); None: not for this sink.
 

@@ -46,6 +46,8 @@ class DicomStoreSink:
     """C-STORE of the report objects to ``Dicom.Store`` (the PACS)."""
 
     name = "dicom-store"
+    label = "PACS"
+    primary = False
 
     def __init__(self, config: RuntimeConfig) -> None:
         #: The running configuration; each new result brings the live one (Dicom.Store may change).

@@ -48,6 +48,8 @@ class OutboxDrainer:
         #: Told (once per run of failures) what keeps this sink from delivering, for the status.
         self.on_error = on_error
         self.delivered_count = 0
+        #: What keeps this sink from delivering (the status text), None since its last success.
+        self.failing: str | None = None
         self._acks: queue.SimpleQueue[int] = queue.SimpleQueue()
         # Only the drain thread touches these:
         self._in_flight: dict[int, tuple[OutboxMessage, float]] = {}  # token -> (message, handed at)
@@ -59,6 +61,12 @@ class OutboxDrainer:
     @property
     def name(self) -> str:
         return self.sink.name
+
+    @property
+    def label(self) -> str:
+        """The sink as an admin knows it and its outbox name: ``PACS (dicom-store)``."""
+        label = str(getattr(self.sink, "label", "") or "")
+        return f"{label} ({self.sink.name})" if label and label != self.sink.name else self.sink.name
 
     def start(self) -> None:
         self.sink.start(self._acknowledge)
@@ -103,22 +111,27 @@ class OutboxDrainer:
                 if self.sink.ready():
                     self._hand_over()
                 backoff = RETRY_FIRST_S
+                self.failing = None
             except Exception as exc:
                 reason = exc.message if isinstance(exc, PublishError) else f"{type(exc).__name__}: {exc}"
                 action = exc.action if isinstance(exc, PublishError) else PublishError.action
                 log.warning(
                     "%s delivery failed (%s); retrying in %.1f s. %s", self.sink.name, reason, backoff, action
                 )
-                if backoff == RETRY_FIRST_S and self.on_error is not None:
+                if backoff == RETRY_FIRST_S:
                     # The status gets the code, its fixed text and the class of the refusal (e.g. the
                     # nucleus' UnauthorizedError), never a text: a FHIR server's or a PACS's answer
                     # may quote what it was sent.
                     code = exc.code if isinstance(exc, EdgeRuntimeError) else PublishError.code
                     kind = type(exc.__cause__ if isinstance(exc, PublishError) and exc.__cause__ else exc)
-                    self.on_error(
-                        f"{self.sink.name} delivery failing: {code} [{kind.__name__}]: "
+                    label = getattr(self.sink, "label", "") or self.sink.name
+                    named = f"{label}: " if label != self.sink.name else ""
+                    self.failing = (
+                        f"{named}{self.sink.name} delivery failing: {code} [{kind.__name__}]: "
                         f"{public_text(code)} (retrying; results kept)"
                     )
+                    if self.on_error is not None:
+                        self.on_error(self.failing)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, RETRY_MAX_S)
                 self._wake.set()

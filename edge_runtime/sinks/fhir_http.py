@@ -53,6 +53,8 @@ class FhirHttpSink:
     """POST of the result's transaction Bundle to ``Reports.FhirEndpoint``."""
 
     name = "fhir-http"
+    label = "FHIR server"
+    primary = False
 
     def __init__(self, config: RuntimeConfig) -> None:
         self._config = config

@@ -89,6 +89,12 @@ class LocalPubSubSink(_IpcSink):
     """Greengrass local pub/sub (``PublishToTopic``): other components and the MQTT bridge."""
 
     name = "ipc-local"
+    label = "Greengrass local pub/sub"
+
+    def __init__(self, ipc: GreengrassIpc, *, primary: bool = False) -> None:
+        super().__init__(ipc)
+        #: The results channel when MQTT is off (its backlog then holds new scans).
+        self.primary = primary
 
     def delivery(self, config: RuntimeConfig, result: dict[str, Any], payload: str) -> Delivery | None:
         topic = config.greengrass.local_topic
@@ -102,6 +108,8 @@ class IotCoreSink(_IpcSink):
     """AWS IoT Core through the nucleus (``PublishToIoTCore``, QoS 1), identifiers removed."""
 
     name = "ipc-iotcore"
+    label = "AWS IoT Core"
+    primary = False
 
     def delivery(self, config: RuntimeConfig, result: dict[str, Any], payload: str) -> Delivery | None:
         topic = config.greengrass.iot_core_topic
@@ -115,7 +123,7 @@ class IotCoreSink(_IpcSink):
 
 
 def local_from_config(config: RuntimeConfig, ipc: GreengrassIpc | None) -> LocalPubSubSink | None:
-    return LocalPubSubSink(ipc) if ipc is not None else None
+    return LocalPubSubSink(ipc, primary=not config.mqtt.enabled) if ipc is not None else None
 
 
 def iot_core_from_config(config: RuntimeConfig, ipc: GreengrassIpc | None) -> IotCoreSink | None:

@@ -92,8 +92,9 @@ def from_config(config: RuntimeConfig, ipc: Any = None) -> list[Sink]:
     broker = MqttSink(config.mqtt)
     return [
         broker,
-        MqttTopicSink(broker, "mqtt-urgent", _urgent_row),
-        MqttTopicSink(broker, "mqtt-fhir", _fhir_row),
+        # Urgent results are the results channel too: never dropped, like the results topic.
+        MqttTopicSink(broker, "mqtt-urgent", _urgent_row, label="MQTT priority topic", primary=True),
+        MqttTopicSink(broker, "mqtt-fhir", _fhir_row, label="MQTT FHIR topic"),
     ]
 
 
@@ -134,9 +135,15 @@ class MqttTopicSink:
         broker: MqttSink,
         name: str,
         row: Callable[[RuntimeConfig, dict[str, Any], str], tuple[str, str] | None],
+        *,
+        label: str = "",
+        primary: bool = False,
     ) -> None:
         self.broker = broker
         self.name = name
+        self.label = label or name
+        #: Whether its backlog holds new scans (the urgent topic) or is capped (the FHIR topic).
+        self.primary = primary
         self._row = row
 
     def delivery(self, config: RuntimeConfig, result: dict[str, Any], payload: str) -> Delivery | None:
@@ -160,6 +167,9 @@ class MqttSink:
     """Owns the MQTT connection: results from the outbox, the retained status, the last will."""
 
     name = "mqtt"
+    label = "MQTT results"
+    #: The results channel: its backlog holds new scans (Journal.MaxOutboxMessages).
+    primary = True
 
     def __init__(
         self,
