@@ -19,11 +19,10 @@ from importlib import resources
 from typing import Any
 
 import numpy as np
-from pydicom import config as pydicom_config
-from pydicom.uid import UID
 
 from . import __version__
 from .errors import InvalidDicomUid
+from .privacy import is_dicom_uid
 
 __all__ = [
     "RESULT_SCHEMA_VERSION",
@@ -169,8 +168,7 @@ def check_uids(file_name: str, metadata: dict[str, Any]) -> None:
     invalid = [
         keyword
         for key, keyword in _UID_FIELDS.items()
-        if metadata.get(key) is not None
-        and not UID(str(metadata[key]), validation_mode=pydicom_config.IGNORE).is_valid
+        if metadata.get(key) is not None and not is_dicom_uid(str(metadata[key]))
     ]
     if invalid:
         raise InvalidDicomUid(

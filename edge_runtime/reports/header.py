@@ -41,8 +41,9 @@ from pydicom import config as pydicom_config
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from pydicom.uid import UID
 from pydicom.valuerep import validate_value
+
+from ..privacy import is_dicom_uid
 
 __all__ = ["HeaderFix", "clean_header", "is_valid_uid", "quiet_values"]
 
@@ -82,8 +83,8 @@ class HeaderFix:
 
 
 def is_valid_uid(value: Any) -> bool:
-    """A DICOM UID (PS3.5 §9.1): digits and dots, no leading zeros, at most 64 characters."""
-    return isinstance(value, str) and UID(value, validation_mode=pydicom_config.IGNORE).is_valid
+    """A DICOM UID (PS3.5 §9.1): :func:`edge_runtime.privacy.is_dicom_uid`."""
+    return is_dicom_uid(value)
 
 
 @contextlib.contextmanager
