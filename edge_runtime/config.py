@@ -336,10 +336,26 @@ class GreengrassConfig(_Section):
         "healthdiag/edge/results",
         description="Greengrass local pub/sub topic for results (PublishToTopic); empty = off.",
     )
+    local_priority_topic: PublishTopic = Field(
+        "healthdiag/edge/results/urgent",
+        description="Greengrass local pub/sub topic on which urgent results are published again "
+        "(as on the MQTT priority topic); empty = off.",
+    )
+    local_fhir_topic: PublishTopic = Field(
+        "healthdiag/edge/fhir",
+        description="Greengrass local pub/sub topic for each result's FHIR report (the transaction "
+        "Bundle, as on the MQTT FHIR topic; Reports.Fhir false stops it too); empty = off.",
+    )
     iot_core_topic: PublishTopic = Field(
         "",
         description="AWS IoT Core topic for de-identified results (PublishToIoTCore, QoS 1); "
         "empty = off. Identifiers of the scan never leave the box.",
+    )
+    iot_core_priority_topic: PublishTopic = Field(
+        "",
+        description="AWS IoT Core topic on which urgent results are published again, de-identified "
+        "like IotCoreTopic's; empty = off. FHIR reports never go to IoT Core: they reference the "
+        "study by its Study Instance UID.",
     )
     status_topic: PublishTopic = Field(
         "healthdiag/edge/status",

@@ -26,6 +26,7 @@ The tree::
     ├── ModelBundleError       model bundle missing, tampered or inconsistent
     │   └── ConformanceError        the model answers differently on this CPU
     ├── DecoderFault           our own decoding code failed (a bug; retried, then quarantined)
+    ├── InputChanged           the file changed between its hash and its decode (retried)
     ├── BackendError           inference engine failed to load or run
     │   └── EngineNotInstalled      the engine's Python package is not installed here
     ├── PublishError           a sink (MQTT, Greengrass IPC) did not take a message
@@ -57,6 +58,11 @@ a fixed, reviewed sentence from :data:`PUBLIC_TEXTS`, with no value in it.
 from __future__ import annotations
 
 __all__ = [
+    "MQTT_AUTH_FAILED",
+    "MQTT_CLIENT_ID_CONFLICT",
+    "MQTT_CONNECTION_REFUSED",
+    "MQTT_TLS_HANDSHAKE_FAILED",
+    "MQTT_TLS_VERIFY_FAILED",
     "PUBLIC_TEXTS",
     "UNEXPECTED_ERROR",
     "BackendError",
@@ -72,6 +78,7 @@ __all__ = [
     "FileTooLarge",
     "ImageTooLarge",
     "IncompleteInput",
+    "InputChanged",
     "InputError",
     "InvalidDicomUid",
     "JournalError",
@@ -285,6 +292,21 @@ class DecoderFault(EdgeRuntimeError):
     )
 
 
+class InputChanged(EdgeRuntimeError):
+    """The file's content changed after it was hashed: what would be decoded is not what was admitted.
+
+    Not the file's fault, and not quarantined: the attempt ends, the file stays in
+    the inbox, and its new content is hashed and admitted as new work when it is
+    offered again.
+    """
+
+    code = "input_changed"
+    action = (
+        "Make the sender write each scan under a temporary name (NAME.part) and rename it when "
+        "complete, and never rewrite a file in the inbox; the scan is tried again."
+    )
+
+
 class BackendError(EdgeRuntimeError):
     """The inference engine could not load the model or run it."""
 
@@ -415,6 +437,13 @@ class JournalInUse(JournalError):
 #: Codes of errors that are not exceptions of this tree (a dict written by the workers) or not ours.
 UNEXPECTED_ERROR = "unexpected_error"
 
+#: Why the MQTT broker is not reachable (not exceptions: paho reports them to callbacks).
+MQTT_AUTH_FAILED = "mqtt_auth_failed"
+MQTT_CONNECTION_REFUSED = "mqtt_connection_refused"
+MQTT_TLS_VERIFY_FAILED = "mqtt_tls_verify_failed"
+MQTT_TLS_HANDSHAKE_FAILED = "mqtt_tls_handshake_failed"
+MQTT_CLIENT_ID_CONFLICT = "mqtt_client_id_conflict"
+
 #: The fixed text each code carries in messages that leave the process. Reviewed: no value from a
 #: scan, a file name, a configuration or an exception is ever formatted into one. Codes missing
 #: here fall back to their class's parent's text, then to :data:`UNEXPECTED_ERROR`'s.
@@ -445,6 +474,7 @@ PUBLIC_TEXTS: dict[str, str] = {
     "model_bundle_invalid": "the model bundle is missing, altered or inconsistent",
     "model_conformance_failed": "the model computes different answers on this CPU",
     "decoder_fault": "the runtime's decoding code failed (a fault of the runtime); the scan is tried again",
+    "input_changed": "the scan's file changed while it was read; it is tried again",
     "backend_failed": "the inference engine failed; the scan is tried again",
     "backend_not_installed": "the inference engine is not installed",
     "publish_failed": "a sink did not take a message; it waits in the journal and is offered again",
@@ -459,6 +489,16 @@ PUBLIC_TEXTS: dict[str, str] = {
     "once space is free",
     "journal_failed": "the journal cannot be read or written",
     "journal_integrity": "the journal is missing, replaced or damaged",
+    # Why the MQTT broker cannot be reached (sinks/mqtt.py): the status' reason and last_error,
+    # the health file and the IoT Core health report carry these; the log has the details.
+    MQTT_AUTH_FAILED: "the MQTT broker rejected our credentials: check Mqtt.Username and "
+    "Mqtt.Password/PasswordFile",
+    MQTT_CONNECTION_REFUSED: "the MQTT broker refused the connection",
+    MQTT_TLS_VERIFY_FAILED: "TLS verification of the MQTT broker failed: check Mqtt.Host and Mqtt.Tls.CaFile",
+    MQTT_TLS_HANDSHAKE_FAILED: "the TLS handshake with the MQTT broker failed: if the broker requires a "
+    "client certificate, set Mqtt.Tls.CertFile and KeyFile",
+    MQTT_CLIENT_ID_CONFLICT: "the MQTT broker closed several sessions in a row right after they opened: "
+    "another client probably uses the same Mqtt.ClientId; give every box its own",
 }
 
 

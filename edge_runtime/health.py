@@ -3,10 +3,12 @@
 One snapshot feeds three readers: the health file (``edge-runtime health``,
 systemd or the nucleus' health check), the retained MQTT status topic
 (hospital systems), and the retained health report in AWS IoT Core (the
-fleet's operators and the release pipeline's canary check). None of them
-carries a file name or a header value: scans are named by reference only,
-and an error by its code and that code's fixed text
-(:func:`edge_runtime.errors.public_text`), never by an exception's text.
+fleet's operators and the release pipeline's canary check). The DICOM
+receiver's state (``dicom``) goes to the first two only: it is about the
+hospital's network. None of them carries a file name or a header value:
+scans are named by reference only, and an error by its code and that code's
+fixed text (:func:`edge_runtime.errors.public_text`), never by an
+exception's text.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class Health:
         ipc: Any = None,
         journal_lost: Callable[[], str | None] = lambda: None,
         sinks_behind: Callable[[], list[str]] = list,
+        dicom: Callable[[], dict[str, Any] | None] = lambda: None,
     ) -> None:
         self._config = config
         self._outbox_pending = outbox_pending
@@ -70,6 +73,9 @@ class Health:
         #: Sinks other than the results channel that are behind, each named ("PACS (dicom-store)
         #: behind: ..."): the status names them, never the MQTT broker, for their backlog.
         self._sinks_behind = sinks_behind
+        #: The DICOM receiver's state (AE title, port, listening, associations, refusals by reason,
+        #: objects), or None when it is off.
+        self._dicom = dicom
         #: The MQTT sink (retained status topic), when MQTT is on.
         self.mqtt = mqtt
         self.ipc = ipc
@@ -135,7 +141,7 @@ class Health:
             # Another sink's outage pauses only that sink: new scans are taken and published.
             lagging = "; ".join(behind) + " (new scans are still taken and published)"
             state, reason = "degraded", f"{reason}; also {lagging}" if reason else lagging
-        return {
+        snapshot: dict[str, Any] = {
             "state": state,
             "reason": reason,
             "timestamp_utc": utc_now(),
@@ -146,6 +152,10 @@ class Health:
             "runtime_version": __version__,
             "heartbeat_seconds": config.health.heartbeat_seconds,
         }
+        dicom = self._dicom()
+        if dicom is not None:
+            snapshot["dicom"] = dicom
+        return snapshot
 
     # -- reporting ---------------------------------------------------------------------
     def publish_status(self, snapshot: dict[str, Any] | None = None) -> None:
@@ -156,7 +166,11 @@ class Health:
             # Taken before the broker came back: it would say "not reachable" over the connection.
             snapshot = self.snapshot()
         self.mqtt.publish_status(
-            snapshot["state"], snapshot["reason"], snapshot["counters"], snapshot["last_error"]
+            snapshot["state"],
+            snapshot["reason"],
+            snapshot["counters"],
+            snapshot["last_error"],
+            dicom=snapshot.get("dicom"),
         )
 
     def write_file(self, snapshot: dict[str, Any]) -> None:

@@ -7,7 +7,13 @@ It is what makes the service restartable without losing or repeating work:
 
 * ``inputs``: one row per distinct input (keyed by content sha256) with its
   state (``queued`` -> ``processing`` -> ``done`` | ``quarantined``),
-  attempts, result and error.
+  attempts, result and error. **No file name:** senders name files after
+  patients, and the journal travels (``journal backup``), so ``file_name``
+  holds the scan's keyed reference (``scan-<16 hex>.<ext>``, as results name
+  it) and ``path`` a keyed token of its inbox path (:func:`~edge_runtime.privacy.path_token`),
+  enough to recognise the file again while it exists. Journals written before
+  this are rewritten at the service's start (:meth:`Journal.use_reference_key`),
+  with SQLite's ``secure_delete`` so the old names do not linger in free pages.
 * ``outbox``: every result message, one row per sink (``mqtt``, ``mqtt-urgent``,
   ``mqtt-fhir``, Greengrass ``ipc-local``, ``ipc-iotcore``, ``dicom-store``,
   ``fhir-http``), committed *in the same transaction* that marks its input
@@ -85,6 +91,7 @@ block the writer).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -115,6 +122,7 @@ from .journal_integrity import (
     write_anchor,
     write_id_file,
 )
+from .privacy import path_token, scan_ref, scrub_name
 from .results import utc_now
 from .sources.files import display_name
 
@@ -125,6 +133,7 @@ __all__ = [
     "InstanceLock",
     "Journal",
     "JournalReport",
+    "LatestResult",
     "OutboxMessage",
     "Receipt",
     "ReceiptLog",
@@ -132,6 +141,8 @@ __all__ = [
     "backup_journal",
     "check_journal",
     "id_path_for",
+    "place_in_history",
+    "superseding_id",
 ]
 
 log = logging.getLogger(__name__)
@@ -218,10 +229,55 @@ class InputRecord:
 
 
 @dataclass(frozen=True)
+class LatestResult:
+    """The result subscribers hold for a SOP Instance UID: the newest one committed."""
+
+    input_id: int
+    message_id: str
+    #: The ``message_id`` it superseded, or None.
+    supersedes: str | None
+
+
+def superseding_id(own_id: str, earlier_id: str) -> str:
+    """The ``message_id`` of a result that supersedes ``earlier_id``.
+
+    ``own_id`` is the id the scan has on its own (:func:`~edge_runtime.results.message_id`).
+    Folding in the id it replaces keeps every publication of a SOP Instance UID
+    distinct (A, then B, then A again are three messages: subscribers de-duplicate
+    by id and must not drop the third) and deterministic (a re-send or a restart
+    computes the same id from the same history).
+    """
+    return hashlib.sha256(f"{own_id}|supersedes|{earlier_id}".encode()).hexdigest()
+
+
+def place_in_history(own_id: str, latest: LatestResult | None) -> tuple[str, str | None]:
+    """``(message_id, supersedes)`` for a new result of a SOP Instance UID whose newest result is ``latest``.
+
+    The rule: subscribers must hold the latest content of every SOP Instance UID.
+
+    * nothing yet for the UID: the scan's own id, superseding nothing;
+    * ``latest`` is this very image (its own id, or its own id superseding what
+      ``latest`` superseded): a repeat (e.g. another transfer syntax); the ids of
+      ``latest`` are returned, so the journal records it and publishes nothing;
+    * a different image: published as superseding ``latest``, whether it is new
+      or an image seen before (A, then B, then A again: the third supersedes B).
+    """
+    if latest is None:
+        return own_id, None
+    if latest.message_id == own_id or (
+        latest.supersedes is not None and latest.message_id == superseding_id(own_id, latest.supersedes)
+    ):
+        return latest.message_id, latest.supersedes
+    return superseding_id(own_id, latest.message_id), latest.message_id
+
+
+@dataclass(frozen=True)
 class Admission:
     """What :meth:`Journal.admit` decided for a file found in the inbox.
 
-    ``action`` is ``process`` (new or unfinished work, now marked processing),
+    ``action`` is ``process`` (new or unfinished work, now marked processing;
+    also a scan whose result was since superseded by another image under its
+    SOP Instance UID: it is the latest content again and is published again),
     ``finish_done`` (its
     result is already committed: only the inbox file is left to clean up) or
     ``finish_quarantine`` (already judged bad: move it to quarantine).
@@ -259,6 +315,24 @@ class Delivery:
     topic: str
     payload: str
     qos: int = 1
+
+
+def _scrubbed_error(error_json: str | None, name: str, ref: str) -> str | None:
+    """An error record of an earlier version without the file's name (``file`` key, texts)."""
+    if not error_json:
+        return error_json
+    try:
+        error = json.loads(error_json)
+    except ValueError:
+        return None
+    if not isinstance(error, dict):
+        return None
+    error.pop("file", None)
+    error.setdefault("ref", ref)
+    for key, value in error.items():
+        if isinstance(value, str):
+            error[key] = scrub_name(value, name, ref)
+    return json.dumps(error, sort_keys=True)
 
 
 class Journal:
@@ -302,6 +376,8 @@ class Journal:
         except BaseException:
             self._instance_lock.release()
             raise
+        #: The box's scan-reference key (:meth:`use_reference_key`); None: unkeyed references.
+        self.reference_key: bytes | None = None
         #: Why the journal on disk is no longer the one open here (sticky), or None.
         self.lost: str | None = None
         #: Called once (on the thread that noticed) when the journal is found lost.
@@ -598,16 +674,72 @@ class Journal:
         finally:
             self._instance_lock.release()
 
+    # -- file names --------------------------------------------------------------------
+    def use_reference_key(self, key: bytes | None) -> int:
+        """Name scans by references under ``key`` from now on; rewrite rows that hold names.
+
+        Rows written by versions that stored file names and paths get the
+        reference and the path token instead (their error records lose the
+        name too), in one transaction with ``secure_delete`` on and a checkpoint
+        after it, so the names are overwritten in the file rather than left in
+        its free pages. Returns how many rows were rewritten.
+        """
+        self.reference_key = key
+        rows = self._query(
+            "SELECT id, sha256, file_name, path, error_json FROM inputs "
+            "WHERE path NOT LIKE 'hmac:%' AND path NOT LIKE 'sha256:%'"
+        )
+        if not rows:
+            return 0
+        updates = []
+        for row_id, sha256, name, where, error_json in rows:
+            ref = scan_ref(sha256, name, key=key)
+            error = _scrubbed_error(error_json, name, ref)
+            updates.append((ref, path_token(where, key=key), error, row_id))
+        with self._lock:
+            self._db.execute("PRAGMA secure_delete=ON")
+        try:
+            with self._tx() as db:
+                db.executemany("UPDATE inputs SET file_name=?, path=?, error_json=? WHERE id=?", updates)
+        finally:
+            with self._lock:
+                try:
+                    self._db.execute("PRAGMA secure_delete=OFF")
+                    # Copy the rewritten pages over the old ones in the main file now.
+                    self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                except sqlite3.Error as exc:
+                    log.warning("journal %s: checkpoint after rewriting names failed: %s", self.path, exc)
+        log.info(
+            "journal %s: %d rows written by an earlier version named their files; they now hold "
+            "the scans' references instead",
+            self.path,
+            len(updates),
+        )
+        return len(updates)
+
+    def _same_path(self, stored: str, path: Path) -> bool:
+        """Whether ``stored`` (a path token, or a path in rows not yet rewritten) is ``path``."""
+        where = str(path)
+        return stored in (path_token(where, key=self.reference_key), path_token(where, key=None)) or (
+            stored == display_name(where)  # a row of an earlier version, not rewritten yet
+        )
+
     # -- inputs ------------------------------------------------------------------------
     def admit(self, sha256: str, path: Path, size_bytes: int) -> Admission:
         """Record a complete file found in the inbox and say what to do with it.
 
         For ``process`` the input is marked ``processing`` and its attempt counter
         incremented in the same transaction (one fsync per scan saved); the record
-        returned carries the new attempt number.
+        returned carries the new attempt number. A ``done`` input whose result is
+        no longer the newest for its SOP Instance UID (another image came under the
+        UID since) is processed again (attempts counted afresh): subscribers must
+        end up holding the latest content, and this file is it.
+
+        The journal keeps the scan's reference and a token of ``path``, never the
+        file's name (:meth:`use_reference_key`).
         """
-        # Names as text SQLite accepts: a sender may write names that are not UTF-8.
-        name, where = display_name(path.name), display_name(str(path))
+        name = scan_ref(sha256, path.name, key=self.reference_key)
+        where = path_token(str(path), key=self.reference_key)
         now = utc_now()
         # Not waited for on disk: a power cut loses at most this 'processing' mark (and an
         # attempt count), and the scan is still in the inbox to be admitted again.
@@ -625,7 +757,17 @@ class Journal:
                 record = InputRecord(cur.lastrowid or 0, sha256, name, where, "processing", 1, None, None)
                 return Admission("process", record, duplicate=False)
             record = self._record(row)
-            duplicate = record.path != where
+            duplicate = not self._same_path(record.path, path)
+            if record.state == "done" and self._superseded(db, record):
+                db.execute(
+                    "UPDATE inputs SET state='processing', attempts=1, failures=0, file_name=?, path=?, "
+                    "updated_utc=? WHERE id=?",
+                    (name, where, now, record.id),
+                )
+                again = replace(
+                    record, file_name=name, path=where, state="processing", attempts=1, failures=0
+                )
+                return Admission("process", again, duplicate=False)
             if record.state == "done":
                 return Admission("finish_done", record, duplicate)
             if record.state == "quarantined":
@@ -705,15 +847,43 @@ class Journal:
         )
         return self._record(rows[0]) if rows else None
 
-    def earlier_result_of_instance(self, sop_instance_uid: str, message_id: str) -> str | None:
-        """The newest other result for the same SOP Instance UID (a different image), or None."""
-        rows = self._query(
-            "SELECT message_id FROM inputs WHERE result_json IS NOT NULL AND state='done' "
-            "AND message_id != ? AND json_extract(result_json, '$.input.sop_instance_uid') = ? "
-            "ORDER BY updated_utc DESC, id DESC LIMIT 1",
-            (message_id, sop_instance_uid),
-        )
-        return str(rows[0][0]) if rows else None
+    _LATEST = (
+        "SELECT id, message_id, json_extract(result_json, '$.supersedes') FROM inputs "
+        "WHERE result_json IS NOT NULL AND state='done' AND id != ? "
+        "AND json_extract(result_json, '$.input.sop_instance_uid') = ? "
+        "ORDER BY updated_utc DESC, id DESC LIMIT 1"
+    )
+
+    def latest_result_of_instance(self, sop_instance_uid: str, exclude_input: int = 0) -> LatestResult | None:
+        """The newest committed result for a SOP Instance UID (what subscribers hold), or None.
+
+        ``exclude_input``: an input whose own earlier result does not count (it is
+        being processed again). :func:`place_in_history` turns the answer into the
+        new result's ``message_id`` and ``supersedes``.
+        """
+        rows = self._query(self._LATEST, (exclude_input, sop_instance_uid))
+        if not rows:
+            return None
+        row_id, message_id, supersedes = rows[0]
+        return LatestResult(int(row_id), str(message_id), str(supersedes) if supersedes else None)
+
+    def _superseded(self, db: sqlite3.Connection, record: InputRecord) -> bool:
+        """Whether a done input's result is no longer the newest for its SOP Instance UID."""
+        (uid,) = db.execute(
+            "SELECT json_extract(result_json, '$.input.sop_instance_uid') FROM inputs WHERE id=?",
+            (record.id,),
+        ).fetchone()
+        if not uid or record.message_id is None:
+            return False
+        newest = db.execute(self._LATEST, (record.id, uid)).fetchone()
+        if newest is None:
+            return False
+        (mine_utc,) = db.execute("SELECT updated_utc FROM inputs WHERE id=?", (record.id,)).fetchone()
+        newer = db.execute(
+            "SELECT updated_utc > ? OR (updated_utc = ? AND id > ?) FROM inputs WHERE id=?",
+            (mine_utc, mine_utc, record.id, newest[0]),
+        ).fetchone()[0]
+        return bool(newer) and str(newest[1]) != record.message_id
 
     def result_of(self, sha256: str) -> dict[str, Any] | None:
         rows = self._query("SELECT result_json FROM inputs WHERE sha256=?", (sha256,))

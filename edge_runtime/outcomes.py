@@ -9,6 +9,11 @@ the file, so a crash between the two is finished on the next start:
   is disposed of, nothing is published again;
 * **quarantine**: ``quarantine/NAME`` plus ``NAME.error.json`` saying what
   failed and what to do.
+
+No record, error file or log line written here names the file: the scan is
+its keyed reference (``ref``) everywhere; on the box the quarantined file
+keeps its name, and its error file sits beside it (``NAME.error.json``), so an
+admin finds it by name there and by reference everywhere else.
 """
 
 from __future__ import annotations
@@ -29,10 +34,10 @@ from .errors import EdgeRuntimeError
 from .health import Health
 from .journal import Delivery, InputRecord, Journal
 from .logs import event
-from .privacy import scan_ref
+from .privacy import log_name, loggable_uid, scan_ref, scrub_name
 from .results import utc_now
 from .sources.base import ScanItem
-from .sources.files import display_name, file_key, safe_file_name
+from .sources.files import file_key, safe_file_name
 from .sources.inbox import unique_target
 
 __all__ = ["OutcomeRecorder"]
@@ -60,6 +65,8 @@ class OutcomeRecorder:
         self._dispose = dispose
         self._notify_sinks = notify_sinks
         self.reference_key = reference_key
+        # The journal names scans as this recorder does (and rewrites rows of earlier versions).
+        journal.use_reference_key(reference_key)
         #: Log the error's text (it may quote header values); otherwise its code, and the file says more.
         self.log_reasons = log_reasons
 
@@ -75,16 +82,17 @@ class OutcomeRecorder:
         path = item.path
         created = self.journal.record_result(input_id, result, deliveries)
         if not created and deliveries:
-            # Same message id as an earlier result: the same SOP Instance UID sent again
-            # with different bytes (e.g. another transfer syntax). Published once only.
+            # Same message id as the result subscribers hold: the same image under its SOP
+            # Instance UID sent again with different bytes (e.g. another transfer syntax).
             self.health.count("duplicates")
+            named = log_name(path.name, self.ref(sha256, path.name))
             event(
                 log,
                 "duplicate",
-                "%s repeats an earlier instance (%s); result not published again",
-                path.name,
-                result["input"].get("sop_instance_uid"),
-                file=path.name,
+                "%s repeats the latest image of its instance (%s); result not published again",
+                named,
+                loggable_uid(result["input"].get("sop_instance_uid")),
+                file=named,
                 sha256=sha256[:16],
                 message_id=result["message_id"],
             )
@@ -97,14 +105,15 @@ class OutcomeRecorder:
         """The content already has a committed result: only the file is left to clean up."""
         self.health.count("duplicates")
         what = "duplicate of" if duplicate else "already processed as"
+        named = log_name(item.path.name, self.ref(sha256, item.path.name))
         event(
             log,
             "duplicate",
             "%s is a %s %s; not processed again",
-            item.path.name,
+            named,
             what,
             record.file_name,
-            file=item.path.name,
+            file=named,
             sha256=sha256[:16],
             original=record.file_name,
             message_id=record.message_id,
@@ -117,11 +126,17 @@ class OutcomeRecorder:
         """An operational fault (not the file's): count it; quarantine after ``max_attempts``."""
         path = item.path
         failures = self.journal.record_failure(record.id)
+        ref = self.ref(sha256, path.name)
         # No file name or free text on the status topic: the reference and the error's code.
         log.error(
-            "attempt %d/%d on %s failed: %s (%s)", failures, max_attempts, path.name, exc.message, exc.action
+            "attempt %d/%d on %s failed: %s (%s)",
+            failures,
+            max_attempts,
+            log_name(path.name, ref),
+            scrub_name(exc.message, path.name, ref),
+            exc.action,
         )
-        self.health.report_code(self.ref(sha256, path.name), exc.code)
+        self.health.report_code(ref, exc.code)
         if failures >= max_attempts:
             self.quarantine(
                 item,
@@ -130,7 +145,7 @@ class OutcomeRecorder:
                 record.attempts,
                 {
                     "code": "processing_failed_repeatedly",
-                    "error": f"{path.name} failed {failures} times without a usable result; "
+                    "error": f"{ref} failed {failures} times without a usable result; "
                     f"last error: {exc.message}",
                     "action": exc.action,
                 },
@@ -159,12 +174,16 @@ class OutcomeRecorder:
         *,
         content_hash: bool = True,
     ) -> None:
-        """Record the verdict in the journal, then move the file and write its error file."""
+        """Record the verdict in the journal, then move the file and write its error file.
+
+        The record names the scan by its reference only: a text that quoted the
+        file's name (a message written before the scan was hashed) is rewritten.
+        """
+        ref = self.ref(sha256, item.path.name)
         document = {
-            "file": display_name(item.path.name),
-            "ref": self.ref(sha256, item.path.name),
+            "ref": ref,
             "sha256" if content_hash else "file_key": sha256,
-            **error,
+            **{k: scrub_name(v, item.path.name, ref) if isinstance(v, str) else v for k, v in error.items()},
             "attempts": attempts,
             "quarantined_utc": utc_now(),
             "runtime_version": __version__,
@@ -186,25 +205,24 @@ class OutcomeRecorder:
         with contextlib.suppress(FileNotFoundError):
             _move(path, target)
         self.health.count("quarantined")
+        ref = str(error.get("ref") or self.ref(str(key or ""), path.name))
+        named = log_name(path.name, ref)
         event(
             log,
             "quarantined",
             "quarantined %s: %s",
-            path.name,
+            named,
             error.get("error") if self.log_reasons else f"{error.get('code')} (see its error file)",
             level=logging.WARNING,
-            file=path.name,
+            file=named,
             sha256=str(sha256 or "")[:16],
             code=error.get("code"),
             reason=error.get("error") if self.log_reasons else None,
             action=error.get("action"),
-            moved_to=str(target),
+            # The folder only where names stay out of the log: the file there keeps its name.
+            moved_to=str(target) if named != ref else str(self.quarantine_dir),
         )
-        self.health.report_code(
-            str(error.get("ref") or self.ref(str(key or ""), path.name)),
-            str(error.get("code") or "input_invalid"),
-            "the quarantine error file",
-        )
+        self.health.report_code(ref, str(error.get("code") or "input_invalid"), "the quarantine error file")
 
     def ref(self, sha256: str, file_name: str) -> str:
         """The scan's keyed reference (what status, results and logs call it)."""

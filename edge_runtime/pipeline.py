@@ -26,11 +26,11 @@ from .decode import DecodeLimits
 from .intake import IntakePolicy
 from .logs import event
 from .prepare import PreparedScan, PrepareOptions, prepare_file
-from .privacy import load_or_create_key, scan_ref
+from .privacy import load_or_create_key, log_name, loggable_uid, scan_ref
 from .reports.heatmap import positive_heat
-from .results import build_result, scores_to_probabilities
+from .results import build_result, public_metadata, scores_to_probabilities
 from .sandbox import DecodeSandbox
-from .sources.files import display_name
+from .sources.files import ScanFile, display_name
 
 __all__ = ["ScanAnalyzer", "ScanOutcome", "file_sha256"]
 
@@ -203,13 +203,13 @@ class ScanAnalyzer:
         if self.isolate:
             self._sandbox().warm_up()
 
-    def _prepare(self, path: Path, preview_side: int) -> PreparedScan:
+    def _prepare(self, path: Path, preview_side: int, scan: ScanFile | None, name: str) -> PreparedScan:
         options = PrepareOptions(
             self.bundle.preprocessing, self.limits, preview_side if self._has_heatmap else 0
         )
         if not self.isolate:
-            return prepare_file(path, options)
-        return self._sandbox().prepare(path, options)
+            return prepare_file(path, options, scan=scan, name=name)
+        return self._sandbox().prepare(path, options, scan=scan, name=name)
 
     def analyze(
         self,
@@ -218,14 +218,21 @@ class ScanAnalyzer:
         timings_ms: dict[str, float] | None = None,
         *,
         preview_side: int | None = None,
+        scan: ScanFile | None = None,
     ) -> ScanOutcome:
         """Decode, preprocess and infer one file.
 
         ``preview_side``: the longer side of the image handed back for the heat-map
-        (0: none; None: :attr:`preview_side`).
+        (0: none; None: :attr:`preview_side`). ``scan``: what the service hashed and
+        admitted (:func:`~edge_runtime.sources.files.read_scan`); given, only bytes
+        with that hash are decoded, and every message and log line calls the scan by
+        its keyed reference (:func:`~edge_runtime.privacy.scan_ref`), never its name.
+        Without it (``edge-runtime process FILE`` on a workstation) the file is read
+        by its path and messages name it.
 
         Raises:
             InputError: the file cannot be used (the caller quarantines it).
+            InputChanged: ``scan`` given, and the file changed after it was hashed.
             BackendError: the engine failed (an operational fault, not the file's).
         """
         timings = dict(timings_ms or {})
@@ -233,8 +240,14 @@ class ScanAnalyzer:
         if sha256 is None:
             sha256 = file_sha256(path)
             timings["hash"] = (time.perf_counter() - t0) * 1000
+        ref = scan_ref(sha256, path.name, key=self.reference_key)
+        #: What messages (quarantine records, logs) call the scan.
+        label = ref if scan is not None else display_name(path.name)
+        logged = log_name(path.name, ref)
         t_decode = time.perf_counter()
-        prepared = self._prepare(path, self.preview_side if preview_side is None else preview_side)
+        prepared = self._prepare(
+            path, self.preview_side if preview_side is None else preview_side, scan, label
+        )
         elapsed = (time.perf_counter() - t_decode) * 1000
         # Where the decoder child ran preprocessing, "decode" is the rest of the round trip:
         # decoding, hashing the pixels and the hand-over.
@@ -245,19 +258,21 @@ class ScanAnalyzer:
             log,
             "decoded",
             "decoded %s in %.1f ms",
-            path.name,
+            logged,
             timings["decode"],
-            file=path.name,
+            file=logged,
             sha256=sha256[:16],
             decoder=prepared.decoder,
             rows=meta.get("rows"),
             columns=meta.get("columns"),
-            modality=meta.get("modality"),
-            sop_instance_uid=meta.get("sop_instance_uid"),
+            # Header text goes to the log only where it is a code / a DICOM UID (digits and
+            # dots): a sender may type a name into either.
+            modality=public_metadata(meta).get("modality"),
+            sop_instance_uid=loggable_uid(meta.get("sop_instance_uid")),
             duration_ms=round(timings["decode"], 2),
         )
         if self.policy is not None:
-            self.policy.check(path.name, prepared.kind, meta)
+            self.policy.check(label, prepared.kind, meta)
         batch = prepared.sample_or_raise()[np.newaxis]  # the model's (1, ...) input, no copy
 
         t_inf = time.perf_counter()
@@ -271,9 +286,7 @@ class ScanAnalyzer:
         )
         timings["total"] = timings.get("queue", 0.0) + (time.perf_counter() - t0) * 1000
         result = build_result(
-            file_name=display_name(path.name)
-            if self.publish_file_names
-            else scan_ref(sha256, path.name, key=self.reference_key),
+            file_name=display_name(path.name) if self.publish_file_names else ref,
             sha256=sha256,
             kind=prepared.kind,
             decoder=prepared.decoder,
@@ -291,10 +304,10 @@ class ScanAnalyzer:
             log,
             "inferred",
             "inferred %s: %s p=%.3f",
-            path.name,
+            logged,
             result["decision"]["label"],
             finding["probability"],
-            file=path.name,
+            file=logged,
             sha256=sha256[:16],
             decision=result["decision"]["label"],
             probability=finding["probability"],

@@ -42,6 +42,7 @@ from .errors import EdgeRuntimeError, UnsupportedImage
 from .preprocess import PreprocessSpec, preprocess
 from .reports.preview import fit_image
 from .results import pixels_digest
+from .sources.files import ScanFile, read_verified
 
 __all__ = ["PrepareOptions", "PreparedScan", "prepare_file"]
 
@@ -95,14 +96,32 @@ class PreparedScan:
         return self.sample
 
 
-def prepare_file(path: Path, options: PrepareOptions) -> PreparedScan:
+def prepare_file(
+    path: Path, options: PrepareOptions, *, scan: ScanFile | None = None, name: str | None = None
+) -> PreparedScan:
     """Decode ``path`` and compute what the pipeline needs from its pixels.
+
+    Args:
+        path: The scan file.
+        options: What to compute besides the decode.
+        scan: What the service hashed and admitted. Given, the file is read once
+            more through a no-follow descriptor, the bytes are checked against
+            ``scan.sha256`` and exactly those bytes are decoded
+            (:func:`~edge_runtime.sources.files.read_verified`): a file swapped or
+            rewritten after its hash is never decoded under the admitted identity.
+        name: What messages call the scan (its keyed reference in the service), so
+            nothing said here or in a decoder names the file; default its name.
 
     Raises:
         InputError: the file cannot be decoded (as :func:`~edge_runtime.decode.decode_file`).
+        InputChanged: ``scan`` given, and the file is no longer what was admitted.
     """
+    label = name or path.name
     t0 = time.perf_counter()
-    decoded = decode_file(path, options.limits)
+    if scan is None:
+        decoded = decode_file(path, options.limits, name=label)
+    else:
+        decoded = decode_file(path, options.limits, data=read_verified(scan, label), name=label)
     t1 = time.perf_counter()
     pixels = decoded.pixels
     wants_digest = bool(decoded.metadata.get("sop_instance_uid"))
@@ -126,7 +145,7 @@ def prepare_file(path: Path, options: PrepareOptions) -> PreparedScan:
             error = (exc.message, exc.action)
         except Exception as exc:
             error = (
-                f"{path.name} cannot be preprocessed: {exc} (decoded shape {pixels.shape}, "
+                f"{label} cannot be preprocessed: {exc} (decoded shape {pixels.shape}, "
                 f"dtype {pixels.dtype}{_value_range(pixels)}).",
                 None,
             )

@@ -15,6 +15,17 @@ when configured): :class:`NameRedactor` replaces the names of the scans in
 flight with their references in every log record, unless
 ``Privacy.LogFileNames`` allows names (a site whose logs stay on the box).
 
+Every log line the runtime writes about a scan names it by :func:`log_name`
+(its reference, unless ``Privacy.LogFileNames`` allows names), so no line
+depends on the redactor having heard of the name first: the inbox watcher
+meets files before any worker registers them, and the decoder child is
+another process with a redactor of its own that knows no names (it is only
+ever told the reference). A SOP Instance UID is logged only when it is one
+(:func:`loggable_uid`): a hostile sender can put a name into that field too.
+The journal and the quarantine error files keep the reference and a keyed
+token of the inbox path (:func:`path_token`), never the name
+(:func:`scrub_name` for texts that quoted it).
+
 Exception texts are the third way: a library's message quotes the value it
 choked on, and a header value can be a patient's name typed into the wrong
 field. Such a text never goes on a wire (messages carry an error code and
@@ -28,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
 import secrets
 import threading
 import warnings
@@ -37,7 +49,18 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["REDACTOR", "NameRedactor", "load_or_create_key", "scan_ref", "scrub_header_values"]
+__all__ = [
+    "REDACTOR",
+    "NameRedactor",
+    "is_dicom_uid",
+    "load_or_create_key",
+    "log_name",
+    "loggable_uid",
+    "path_token",
+    "scan_ref",
+    "scrub_header_values",
+    "scrub_name",
+]
 
 #: Extensions kept in a published scan name; anything else a sender typed is dropped.
 _SAFE_SUFFIXES = (".dcm", ".dicom", ".png", ".jpg", ".jpeg")
@@ -89,6 +112,50 @@ def scan_ref(sha256: str, file_name: str = "", *, key: bytes | None) -> str:
     return f"scan-{digest[:16] or 'unhashed'}{suffix if suffix in _SAFE_SUFFIXES else ''}"
 
 
+def path_token(path: str, *, key: bytes | None) -> str:
+    """A keyed digest of a file's path: tells two paths apart without naming either.
+
+    What the journal keeps to recognise an inbox file again while it exists
+    (``hmac:`` with the box's key, ``sha256:`` without one).
+    """
+    # The escaped text form (as earlier journals stored paths), so both give one token.
+    raw = os.fsencode(path).decode("utf-8", "backslashreplace").encode()
+    if key:
+        return "hmac:" + hmac.new(key, b"path|" + raw, hashlib.sha256).hexdigest()[:32]
+    return "sha256:" + hashlib.sha256(b"path|" + raw).hexdigest()[:32]
+
+
+def scrub_name(text: str, name: str, ref: str) -> str:
+    """``text`` with the file name ``name`` (and its escaped form) written as ``ref``."""
+    if not name or not text:
+        return text
+    escaped = os.fsencode(name).decode("utf-8", "backslashreplace")
+    for form in sorted({name, escaped}, key=len, reverse=True):
+        text = text.replace(form, ref)
+    return text
+
+
+#: A DICOM UID as PS3.5 §9.1 allows it: components of digits without leading zeros, joined by dots.
+_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+
+
+def is_dicom_uid(value: object) -> bool:
+    """A DICOM UID (PS3.5 §9.1): digits and dots, no leading zeros, at most 64 characters.
+
+    The same rule as pydicom's ``UID.is_valid``, without pydicom: results, logs and the
+    training environments (which have no pydicom) check UIDs through this one function.
+    """
+    return isinstance(value, str) and len(value) <= 64 and _UID.fullmatch(value) is not None
+
+
+def loggable_uid(uid: object) -> str | None:
+    """``uid`` for a log line if it is a DICOM UID (it cannot then hold a name), else a placeholder."""
+    if uid is None or uid == "":
+        return None
+    text = str(uid)
+    return text if is_dicom_uid(text) else "<not a DICOM UID: withheld>"
+
+
 class NameRedactor:
     """Replaces the file names of scans in flight with their references in log text."""
 
@@ -130,6 +197,15 @@ class NameRedactor:
 
 #: The process's redactor: the workers register names, the log formatters scrub with it.
 REDACTOR = NameRedactor()
+
+
+def log_name(name: str, ref: str) -> str:
+    """What a log line calls a scan: ``ref``, or its name where ``Privacy.LogFileNames`` allows names.
+
+    Names are allowed exactly when the redactor is off (the entry point switches it
+    on unless ``Privacy.LogFileNames`` is true).
+    """
+    return ref if REDACTOR.enabled else os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 #: Header values shorter than this are left in a scrubbed text: "M" or "1" would garble it.

@@ -14,7 +14,16 @@ results come back, never the full-size image), and that
 * gets ``Decode.TimeoutSeconds`` per file; when it overruns, it is killed
   and replaced, and the file is quarantined;
 * is replaced as well if it dies (segfault, abort), and the file is
-  quarantined with the exit signal.
+  quarantined with the exit signal;
+* decodes only what was admitted: it is given the scan's hash and size
+  (:class:`~edge_runtime.sources.files.ScanFile`), reads the file once through
+  a no-follow descriptor, checks the bytes against that hash and decodes those
+  bytes (:func:`~edge_runtime.sources.files.read_verified`). A file swapped
+  between the service's hash and this read ends the attempt with
+  :class:`~edge_runtime.errors.InputChanged` (tried again as new content);
+* is told the scan's keyed reference and calls the scan by it in every
+  message and log line: the child has no redactor, so it never learns the
+  file's name (only its path, to open it).
 
 Children are forked from a ``forkserver`` that has preloaded the decoders,
 so a replacement is ready in milliseconds and never inherits the parent's
@@ -35,8 +44,9 @@ from pathlib import Path
 from typing import Any
 
 from . import decode as decode_stage
-from .errors import CorruptImage, DecodeCrashed, DecoderFault, DecodeTimeout, InputError
+from .errors import CorruptImage, DecodeCrashed, DecoderFault, DecodeTimeout, InputChanged, InputError
 from .prepare import PreparedScan, PrepareOptions, prepare_file
+from .sources.files import ScanFile
 
 __all__ = ["DecodeSandbox"]
 
@@ -100,8 +110,8 @@ def _child_main(conn: Connection, registry: dict[str, str], memory_bytes: int) -
         if request == "ping":
             conn.send(("pong",))
             continue
-        path, options = request
-        reply = _prepare_reply(Path(path), options)
+        path, options, scan, name = request
+        reply = _prepare_reply(Path(path), options, scan, name)
         try:
             conn.send(reply)
         except MemoryError:
@@ -114,7 +124,9 @@ def _child_main(conn: Connection, registry: dict[str, str], memory_bytes: int) -
             _release_memory()
 
 
-def _prepare_reply(path: Path, options: PrepareOptions, *, retry: bool = True) -> tuple[Any, ...]:
+def _prepare_reply(
+    path: Path, options: PrepareOptions, scan: ScanFile | None, name: str, *, retry: bool = True
+) -> tuple[Any, ...]:
     """The child's answer for one file: the prepared scan, or the error as plain values.
 
     Out of memory, the kept heap of the burst's earlier images is given back and the
@@ -122,16 +134,18 @@ def _prepare_reply(path: Path, options: PrepareOptions, *, retry: bool = True) -
     depend on the files before it.
     """
     try:
-        return ("ok", prepare_file(path, options))
+        return ("ok", prepare_file(path, options, scan=scan, name=name))
     except InputError as exc:
         return ("input_error", type(exc).__name__, exc.message, exc.action)
+    except InputChanged as exc:
+        return ("changed", exc.message)
     except MemoryError:
         if not retry:
             return ("memory", "")
     except Exception as exc:
         return ("error", f"{type(exc).__name__}: {exc}", _raised_in_our_code(exc))
     _release_memory()  # outside the except block: the failed attempt's frames are gone by now
-    return _prepare_reply(path, options, retry=False)
+    return _prepare_reply(path, options, scan, name, retry=False)
 
 
 def _keep_heap() -> None:
@@ -203,14 +217,21 @@ class DecodeSandbox:
             if self._conn.poll(timeout_s):
                 self._conn.recv()
 
-    def prepare(self, path: Path, options: PrepareOptions) -> PreparedScan:
-        """:func:`~edge_runtime.prepare.prepare_file` in the child; raises the same InputErrors."""
+    def prepare(
+        self, path: Path, options: PrepareOptions, *, scan: ScanFile | None = None, name: str | None = None
+    ) -> PreparedScan:
+        """:func:`~edge_runtime.prepare.prepare_file` in the child; raises the same errors.
+
+        ``scan``: what was hashed and admitted (the child decodes only those bytes);
+        ``name``: what messages call the scan (its reference), default the file's name.
+        """
+        label = name or path.name
         with self._lock:
             if self._proc is None or not self._proc.is_alive():
                 self._start()
             assert self._conn is not None
             try:
-                self._conn.send((str(path), options))
+                self._conn.send((str(path), options, scan, label))
                 ready = self._conn.poll(self.timeout_s)
                 reply = self._conn.recv() if ready else None
             except (EOFError, BrokenPipeError, ConnectionResetError, OSError):
@@ -220,11 +241,11 @@ class DecodeSandbox:
                 self.restarts += 1
                 log.warning(
                     "decoder for %s exceeded %.0f s and was stopped; a new one takes over",
-                    path.name,
+                    label,
                     self.timeout_s,
                 )
                 raise DecodeTimeout(
-                    f"Decoding {path.name} took longer than {self.timeout_s:.0f} s "
+                    f"Decoding {label} took longer than {self.timeout_s:.0f} s "
                     "(Decode.TimeoutSeconds); the decoder was stopped."
                 )
             kind = reply[0]
@@ -233,20 +254,22 @@ class DecodeSandbox:
                 return prepared
             if kind == "input_error":
                 raise _error_class(reply[1])(reply[2], action=reply[3])
+            if kind == "changed":
+                raise InputChanged(reply[1])
             if kind == "memory":
                 self._kill()
                 self.restarts += 1
                 raise DecodeCrashed(
-                    f"Decoding {path.name} needed more than "
+                    f"Decoding {label} needed more than "
                     f"{self.memory_bytes // (1024 * 1024)} MB (Decode.MemoryLimitMb)."
                 )
             if kind == "error" and reply[2]:
                 raise DecoderFault(
-                    f"The runtime's own decoder code failed on {path.name}: {reply[1]}. This is a "
+                    f"The runtime's own decoder code failed on {label}: {reply[1]}. This is a "
                     "fault of the runtime, not necessarily of the file."
                 )
             if kind == "error":
-                raise CorruptImage(f"The decoder failed on {path.name}: {reply[1]}")
+                raise CorruptImage(f"The decoder failed on {label}: {reply[1]}")
             # The child died mid-file (segfault, abort, killed).
             exitcode = None
             if self._proc is not None:
@@ -259,7 +282,7 @@ class DecodeSandbox:
                 if exitcode and exitcode < 0
                 else f"exit code {exitcode}"
             )
-            raise DecodeCrashed(f"The decoder process died ({how}) while reading {path.name}.")
+            raise DecodeCrashed(f"The decoder process died ({how}) while reading {label}.")
 
     def close(self) -> None:
         with self._lock:

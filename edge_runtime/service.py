@@ -19,9 +19,9 @@ from typing import Any
 
 from . import __version__
 from .config import RuntimeConfig
-from .errors import EdgeRuntimeError
+from .errors import ConfigError, EdgeRuntimeError, public_code
 from .greengrass import GreengrassIpc, config_update_handler
-from .health import Health
+from .health import Health, error_line
 from .journal import Journal
 from .live_config import diff_config
 from .outcomes import OutcomeRecorder
@@ -31,6 +31,7 @@ from .reports.retention import ReportRetention
 from .sinks import OutboxDrainer, SinkBacklogs, create_sinks
 from .sinks.mqtt import MqttSink
 from .sources import create_sources
+from .sources.dicom_scp import DicomScpSource
 from .workers import WorkerPool
 
 __all__ = ["EdgeService"]
@@ -86,6 +87,7 @@ class EdgeService:
             ipc=ipc,
             journal_lost=self._journal_problem,
             sinks_behind=lambda: self.backlogs.behind(),
+            dicom=self._dicom_state,
         )
         self.journal.on_lost = self._journal_lost
         #: The copy of a lost journal saved when it was noticed (refreshed at stop).
@@ -140,6 +142,11 @@ class EdgeService:
     @property
     def last_error(self) -> str | None:
         return self.health.last_error
+
+    def _dicom_state(self) -> dict[str, Any] | None:
+        """The DICOM receiver for the status and the health file; None when it is off."""
+        receiver = self.sources.get("dicom")
+        return receiver.state() if isinstance(receiver, DicomScpSource) else None
 
     def _notify_sinks(self) -> None:
         """After each result: wake the drainers, then keep every other sink within its limits."""
@@ -333,7 +340,8 @@ class EdgeService:
                 except EdgeRuntimeError as exc:
                     self._reject_config(
                         f"model bundle rejected, keeping {old.model.bundle_path or 'the bundled model'}: "
-                        f"{exc.message}"
+                        f"{exc.message}",
+                        public_code(exc),
                     )
                     return
                 previous, self.analyzer = self.analyzer, analyzer
@@ -359,7 +367,12 @@ class EdgeService:
                 log.warning("these settings take effect after a restart: %s", ", ".join(change.needs_restart))
             self.health.publish_status()
 
-    def _reject_config(self, reason: str) -> None:
-        self.health.last_error = f"configuration update rejected: {reason}"
-        log.error("configuration update rejected, keeping the running configuration: %s", reason)
+    def _reject_config(self, reason: str, code: str = ConfigError.code) -> None:
+        """A configuration update (or its model bundle) refused: the running one stays.
+
+        ``reason`` (which names settings, values, paths and what the bundle check found)
+        goes to the log only; the status' ``last_error`` says ``code`` and its fixed text.
+        """
+        self.health.last_error = error_line("configuration update rejected", code)
+        log.error("configuration update rejected (%s), keeping the running configuration: %s", code, reason)
         self.health.publish_status()

@@ -31,15 +31,15 @@ from pathlib import Path
 from .config import RuntimeConfig
 from .errors import EdgeRuntimeError, InputError
 from .health import Health
-from .journal import Journal
+from .journal import Journal, place_in_history
 from .logs import event
 from .outcomes import OutcomeRecorder
 from .pipeline import ScanAnalyzer
-from .privacy import REDACTOR
+from .privacy import REDACTOR, log_name, loggable_uid
 from .reports.processes import ReportProcesses
 from .sinks import Sink
 from .sources import ScanItem, Source
-from .sources.files import display_name, file_key, read_scan
+from .sources.files import file_key, read_scan
 
 __all__ = ["WorkerPool", "intake_blocked"]
 
@@ -197,7 +197,7 @@ class WorkerPool:
         key = (item.path, item.size_bytes, item.mtime)
         self._errors[key] = count = self._errors.get(key, 0) + 1
         max_attempts = self._config().journal.max_attempts
-        name = display_name(item.path.name)
+        name = log_name(item.path.name, self.recorder.ref(file_key(item.path), item.path.name))
         log.error(
             "unexpected error while handling %s (attempt %d/%d): %s: %s",
             name,
@@ -234,23 +234,26 @@ class WorkerPool:
         try:
             scan = read_scan(path, self._config().inbox)
         except FileNotFoundError:
-            log.info("%s disappeared from the inbox before it was read", display_name(path.name))
+            named = log_name(path.name, self.recorder.ref(file_key(path), path.name))
+            log.info("%s disappeared from the inbox before it was read", named)
             return
         except InputError as exc:  # a FIFO, a link, unreadable, too large: refused unread
             self.health.count("received")
             self.recorder.refuse_unread(item, exc.to_dict())
             return
         sha256, size = scan.sha256, scan.size_bytes
-        REDACTOR.register(path.name, self.recorder.ref(sha256, path.name))
+        ref = self.recorder.ref(sha256, path.name)
+        REDACTOR.register(path.name, ref)
+        named = log_name(path.name, ref)
         hash_ms = (time.perf_counter() - t0) * 1000
         self.health.count("received")
         event(
             log,
             "received",
             "received %s (%d bytes)",
-            path.name,
+            named,
             size,
-            file=path.name,
+            file=named,
             sha256=sha256[:16],
             size_bytes=size,
             queue_ms=round(queue_ms, 2),
@@ -276,7 +279,7 @@ class WorkerPool:
                 interrupted,
                 {
                     "code": "processing_interrupted_repeatedly",
-                    "error": f"Processing {path.name} was interrupted {interrupted} times (the "
+                    "error": f"Processing {ref} was interrupted {interrupted} times (the "
                     "service stopped or crashed while working on it).",
                     "action": "Check the service log and the system journal for crashes or the "
                     "OOM killer; resend the scan once fixed.",
@@ -289,6 +292,7 @@ class WorkerPool:
                 sha256,
                 {"queue": queue_ms, "hash": hash_ms},
                 preview_side=config.reports.heatmap_max_side if config.reports.heatmap else 0,
+                scan=scan,  # decoded only if its bytes still have this hash
             )
         except InputError as exc:
             self.recorder.quarantine(item, sha256, record.id, record.attempts, exc.to_dict())
@@ -298,24 +302,28 @@ class WorkerPool:
             return
         result = outcome.result
         sop_uid = result["input"].get("sop_instance_uid")
-        earlier = self.journal.earlier_result_of_instance(sop_uid, result["message_id"]) if sop_uid else None
-        if earlier:
-            # Never silently dropped: published with its own id, naming the result it replaces.
-            result["supersedes"] = earlier
-            event(
-                log,
-                "supersedes",
-                "%s carries SOP Instance UID %s like an earlier, different image; published as a new "
-                "result that supersedes %s",
-                path.name,
-                sop_uid,
-                earlier[:16],
-                level=logging.WARNING,
-                file=path.name,
-                sha256=sha256[:16],
-                message_id=result["message_id"],
-                supersedes=earlier,
-            )
+        if sop_uid:
+            # Subscribers must hold the latest image of every SOP Instance UID: a different one
+            # (new, or one seen before: A, B, A) supersedes what they hold; the same one repeats.
+            latest = self.journal.latest_result_of_instance(sop_uid, exclude_input=record.id)
+            result["message_id"], earlier = place_in_history(result["message_id"], latest)
+            if earlier is not None:
+                result["supersedes"] = earlier
+            if earlier is not None and latest is not None and latest.message_id == earlier:
+                event(
+                    log,
+                    "supersedes",
+                    "%s carries SOP Instance UID %s with another image than the latest result; "
+                    "published as a new result that supersedes %s",
+                    named,
+                    loggable_uid(sop_uid),
+                    earlier[:16],
+                    level=logging.WARNING,
+                    file=named,
+                    sha256=sha256[:16],
+                    message_id=result["message_id"],
+                    supersedes=earlier,
+                )
         t_reports = time.perf_counter()
         links = self.reports.write(config, result, path, image=outcome.image, heatmap=outcome.heatmap)
         if links is not None:

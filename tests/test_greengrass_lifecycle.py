@@ -308,7 +308,10 @@ def _mqtt_result(sub: Subscriber, source: Path, name: str, key_file: Path) -> di
 
 
 def _ipc_result(nucleus: FakeNucleus, message_id: str) -> dict[str, Any] | None:
+    """The result's PublishToTopic on the results topic (urgent results repeat it on their own topic)."""
     for call in nucleus.calls_for("PublishToTopic"):
+        if call["topic"] != "healthdiag/edge/results":
+            continue
         message = (call.get("publishMessage") or {}).get("jsonMessage", {}).get("message")
         if isinstance(message, dict) and message.get("message_id") == message_id:
             return call

@@ -8,6 +8,7 @@ go to local pub/sub and, de-identified, to IoT Core; the component reports RUNNI
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -77,8 +78,10 @@ def drop(src: Path, inbox: Path, name: str) -> None:
     part.rename(inbox / name)
 
 
-def local_results(nucleus: FakeNucleus) -> list[dict]:
-    return [call["publishMessage"]["jsonMessage"]["message"] for call in nucleus.calls_for("PublishToTopic")]
+def local_results(nucleus: FakeNucleus, topic: str = "healthdiag/edge/results") -> list[dict]:
+    """What reached local pub/sub on ``topic`` (urgent results and FHIR reports have topics of their own)."""
+    calls = nucleus.calls_for("PublishToTopic")
+    return [call["publishMessage"]["jsonMessage"]["message"] for call in calls if call["topic"] == topic]
 
 
 def wait_results(nucleus: FakeNucleus, n: int, timeout: float = 20.0) -> list[dict]:
@@ -132,7 +135,9 @@ def test_reports_running_and_publishes_to_local_pubsub_and_deidentified_to_iot_c
     assert service.journal.counts()["outbox_pending"] == 0
 
 
-def test_threshold_update_applies_live_and_invalid_update_is_rejected(shared_data: Path, nucleus_service):
+def test_threshold_update_applies_live_and_invalid_update_is_rejected(
+    shared_data: Path, nucleus_service, caplog
+):
     nucleus, service = nucleus_service
     inbox = service.config.inbox.path
     jpeg = shared_data / "cxr/kermany_pneumonia_224/test/NORMAL/IM-0001-0001.jpeg"
@@ -144,37 +149,51 @@ def test_threshold_update_applies_live_and_invalid_update_is_rejected(shared_dat
     drop(shared_data / "cxr/kermany_pneumonia_224/test/NORMAL/IM-0003-0001.jpeg", inbox, "after.jpeg")
     after = wait_results(nucleus, 2)[1]
     assert after["findings"][0]["threshold"] == 0.0 and after["decision"]["positive"] is True
-    # An invalid value is rejected; the running configuration stays and says why.
+    # An invalid value is rejected; the running configuration stays. The status says so by code
+    # and fixed text; the log names the setting.
+    caplog.set_level(logging.ERROR, logger="edge_runtime.service")
     nucleus.set_configuration(COMPONENT, ["Mqtt", "Qos"], 7)
     nucleus.wait_until(lambda: "rejected" in (service.last_error or ""))
     assert service.config.mqtt.qos == 1 and service.config.model.threshold == 0.0
     health = service.health.snapshot()
-    assert health["state"] == "degraded" and "Mqtt.Qos" in health["reason"]
+    assert health["state"] == "degraded" and "config_invalid" in health["reason"]
+    assert "Mqtt.Qos" in caplog.text and "Mqtt.Qos" not in health["reason"]
 
 
 def test_model_hot_swap_rejects_a_bad_bundle_and_takes_a_good_one(
-    shared_data: Path, nucleus_service, tmp_path: Path
+    shared_data: Path, nucleus_service, tmp_path: Path, caplog
 ):
+    # Each refusal: the status' last_error names the code (its fixed text, nothing from the bundle);
+    # the log says what the check found.
+    caplog.set_level(logging.ERROR, logger="edge_runtime.service")
+
+    def refused(code: str, found: str) -> None:
+        nucleus.wait_until(lambda: found in caplog.text)
+        assert service.last_error is not None
+        assert service.last_error.startswith(f"configuration update rejected: {code}: ")
+        assert found not in service.last_error and str(tmp_path) not in service.last_error
+        assert "model bundle rejected" in caplog.text
+        caplog.clear()
+
     nucleus, service = nucleus_service
     inbox = service.config.inbox.path
     tampered = make_tiny_bundle(tmp_path / "tampered", version="0.0.2")
     (tampered / "model.onnx").write_bytes((tampered / "model.onnx").read_bytes() + b"\0")
     nucleus.set_configuration(COMPONENT, ["Model", "BundlePath"], str(tampered))
-    nucleus.wait_until(lambda: "model bundle rejected" in (service.last_error or ""))
-    assert "does not match its manifest" in service.last_error
+    refused("model_bundle_invalid", "does not match its manifest")
     # Issue 14's probe: a model byte flipped, its hash rewritten, threshold 0 (every scan
     # positive). The hashes agree; the signature does not: refused before anything runs.
     probed = make_tiny_bundle(tmp_path / "probed", version="0.0.4")
     tamper_like_the_probe(probed)
     nucleus.set_configuration(COMPONENT, ["Model", "BundlePath"], str(probed))
-    nucleus.wait_until(lambda: "altered after signing" in (service.last_error or ""))
-    assert "model bundle rejected" in service.last_error
+    refused("model_bundle_invalid", "altered after signing")
     assert service.analyzer.bundle.version == "0.0.1" and service.analyzer.threshold == 0.5
     # Intact files, but this CPU does not reproduce the bundle's reference answers: refused alike.
     drifted = make_tiny_bundle(tmp_path / "drifted", version="0.0.3", conformance=True, drift=0.3)
     nucleus.set_configuration(COMPONENT, ["Model", "BundlePath"], str(drifted))
-    nucleus.wait_until(lambda: "conformance check FAILED" in (service.last_error or ""))
-    assert "model bundle rejected" in service.last_error and "INT8 features" in service.last_error
+    nucleus.wait_until(lambda: "conformance check FAILED" in caplog.text)
+    assert "INT8 features" in caplog.text
+    refused("model_conformance_failed", "conformance check FAILED")
     drop(shared_data / "cxr/kermany_pneumonia_224/test/NORMAL/IM-0005-0001.jpeg", inbox, "during.jpeg")
     assert wait_results(nucleus, 1)[0]["model"]["version"] == "0.0.1"  # old model kept
     good = make_tiny_bundle(tmp_path / "good", version="0.0.2")

@@ -126,7 +126,7 @@ def test_odd_names_end_published_or_quarantined_not_retried_for_ever(
         assert list(inbox.iterdir()) == []
         (error_file,) = config.inbox.quarantine_path.glob("*.error.json")
         error = json.loads(error_file.read_text())
-        assert error["code"] == "corrupt_image" and error["file"] == long_name
+        assert error["code"] == "corrupt_image" and long_name not in error_file.read_text()
         assert len(error_file.name.encode()) <= 255
         quarantined = error_file.with_name(error_file.name.removesuffix(".error.json"))
         assert quarantined.is_file() and quarantined.name.endswith(".jpeg")

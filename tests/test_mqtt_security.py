@@ -160,6 +160,7 @@ def test_tls_with_an_untrusted_ca_is_reported_as_verification_failure(
         assert not _connects(wrong, timeout_s=2)
     assert "TLS verification of the MQTT broker" in caplog.text
     assert "CaFile" in caplog.text
+    assert wrong.problem_code == "mqtt_tls_verify_failed"
     gc.collect()
 
 
@@ -191,9 +192,11 @@ def test_username_and_password(broker_factory, tmp_path: Path, caplog):
         assert not _connects(wrong, timeout_s=2)
     assert "authentication failed for user 'edge'" in caplog.text
     assert "timed out" not in caplog.text
-    # The status says so too (it said "broker not reachable" with no last_error).
+    # The status says so too (it said "broker not reachable" with no last_error): as the code and
+    # its fixed text, naming the settings to check; the user name is in the log only.
+    assert wrong.problem_code == "mqtt_auth_failed"
     assert wrong.problem is not None and "rejected our credentials" in wrong.problem
-    assert "Mqtt.Username" in wrong.problem
+    assert "Mqtt.Username" in wrong.problem and "'edge'" not in wrong.problem
 
 
 def test_two_boxes_with_one_client_id_are_named_as_the_cause(broker_factory, tmp_path: Path, caplog):
@@ -212,8 +215,10 @@ def test_two_boxes_with_one_client_id_are_named_as_the_cause(broker_factory, tmp
             for box in boxes:
                 box.stop(timeout_s=1)
     assert problems, "a ClientId takeover went unnamed"
-    assert "same Mqtt.ClientId (ward-3-box)" in problems[0]
-    assert "same Mqtt.ClientId" in caplog.text
+    # The status: the code and its fixed text; the log names the ClientId.
+    assert "mqtt_client_id_conflict" in problems[0] and "same Mqtt.ClientId" in problems[0]
+    assert "ward-3-box" not in problems[0]
+    assert "same Mqtt.ClientId (ward-3-box)" in caplog.text
 
 
 def test_missing_or_bad_certificate_stops_start_up_naming_the_file(pki: Path, tmp_path: Path):

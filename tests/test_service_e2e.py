@@ -210,7 +210,8 @@ def test_bad_inputs_are_quarantined_and_good_ones_keep_flowing(
         error_file = config.inbox.quarantine_path / f"{name}.error.json"
         assert (config.inbox.quarantine_path / name).is_file(), f"{name} not moved to quarantine"
         error = json.loads(error_file.read_text())
-        assert error["file"] == name
+        # Issue 23: the record names the scan by its reference, never by the file's name.
+        assert "file" not in error and name not in error_file.read_text() and error["ref"]
         assert error["error"] and error["action"], error
     errors = {n: json.loads((config.inbox.quarantine_path / f"{n}.error.json").read_text()) for n in bad}
     assert errors["truncated.dcm"]["code"] == "corrupt_image"

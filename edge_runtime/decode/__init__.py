@@ -86,41 +86,65 @@ def available_decoders() -> list[Decoder]:
     return decoders
 
 
-def decode_file(path: str | Path, limits: DecodeLimits | None = None) -> DecodedImage:
+def decode_file(
+    path: str | Path,
+    limits: DecodeLimits | None = None,
+    *,
+    data: bytes | None = None,
+    name: str | None = None,
+) -> DecodedImage:
     """Decode one file into a grey [0, 1] image plus metadata.
+
+    Args:
+        path: The file (read from disk only when ``data`` is None).
+        limits: Guards applied before any pixel is decompressed.
+        data: The file's content, already read (and checked against its admitted
+            hash, :func:`~edge_runtime.sources.files.read_verified`): decoders
+            decode these bytes, never the path again. A plugin without
+            ``decode_data`` still reads ``path``.
+        name: What messages call the scan (its reference in the service); default
+            the file's name.
 
     Raises:
         InputError: a subclass saying why this file cannot be used.
     """
     path = Path(path)
+    label = Path(name) if name else path
     limits = limits or DecodeLimits()
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(_HEAD_BYTES)
-    except FileNotFoundError as exc:
-        raise IncompleteInput(f"{path.name} disappeared before it could be read.") from exc
-    except OSError as exc:
-        raise IncompleteInput(f"{path.name} cannot be read: {exc.strerror}.") from exc
+    if data is not None:
+        head = data[:_HEAD_BYTES]
+    else:
+        try:
+            with open(path, "rb") as fh:
+                head = fh.read(_HEAD_BYTES)
+        except FileNotFoundError as exc:
+            raise IncompleteInput(f"{label.name} disappeared before it could be read.") from exc
+        except OSError as exc:
+            raise IncompleteInput(f"{label.name} cannot be read: {exc.strerror}.") from exc
     if not head:
-        raise CorruptImage(f"{path.name} is empty (0 bytes).")
+        raise CorruptImage(f"{label.name} is empty (0 bytes).")
     decoders = available_decoders()
     failures: list[tuple[Decoder, InputError]] = []
     for decoder in decoders:
-        if not decoder.sniff(head, path):
+        if not decoder.sniff(head, label):
             continue
+        decode_data = getattr(decoder, "decode_data", None)
         try:
+            if data is not None and decode_data is not None:
+                decoded: DecodedImage = decode_data(data, label, limits)
+                return decoded
             return decoder.decode(path, limits)
         except (ImageTooLarge, IncompleteInput):
             # A policy limit or a vanished file: another plugin would not do better.
             raise
         except InputError as exc:
-            log.info("decoder %s failed on %s: %s", decoder.name, path.name, exc.message)
+            log.info("decoder %s failed on %s: %s", decoder.name, label.name, exc.message)
             failures.append((decoder, exc))
     if failures:
-        raise _all_failed(path, failures)
+        raise _all_failed(label, failures)
     names = ", ".join(d.name for d in decoders)
     raise NotAnImage(
-        f"{path.name} is neither DICOM (no 'DICM' marker at byte 128) nor a PNG/JPEG image "
+        f"{label.name} is neither DICOM (no 'DICM' marker at byte 128) nor a PNG/JPEG image "
         f"(decoders tried: {names})."
     )
 

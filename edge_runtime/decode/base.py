@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-__all__ = ["DecodeLimits", "DecodedImage", "Decoder"]
+__all__ = ["DataDecoder", "DecodeLimits", "DecodedImage", "Decoder"]
 
 
 @dataclass(frozen=True)
@@ -57,4 +57,19 @@ class Decoder(Protocol):
 
     def decode(self, path: Path, limits: DecodeLimits) -> DecodedImage:
         """Decode ``path`` or raise an :class:`~edge_runtime.errors.InputError`."""
+        ...
+
+
+class DataDecoder(Decoder, Protocol):
+    """A decoder that also decodes content already in memory (the built-in ones do).
+
+    The service hashes a scan, admits it under that hash, and hands the decoder
+    the very bytes it hashed (:func:`~edge_runtime.sources.files.read_verified`):
+    a plugin with :meth:`decode_data` never opens the file again, so nothing
+    swapped in after the hash is decoded. ``path`` then only names the scan in
+    messages (it is the scan's reference in the service, not a file to open).
+    """
+
+    def decode_data(self, data: bytes, path: Path, limits: DecodeLimits) -> DecodedImage:
+        """Decode ``data`` (the content of the scan called ``path.name``)."""
         ...

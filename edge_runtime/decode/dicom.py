@@ -20,6 +20,7 @@ libjpeg rejects ("scan start must be zero") but dcmtk accepts with a warning.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import shutil
@@ -92,7 +93,7 @@ class DicomDecoder:
         return head[128:132] == b"DICM" or _looks_like_legacy(head)
 
     # -- reading -----------------------------------------------------------------------
-    def _read(self, path: Path) -> Any:
+    def _read(self, path: Path, data: bytes | None = None) -> Any:
         import pydicom
         from pydicom.errors import InvalidDicomError
         from pydicom.uid import ImplicitVRLittleEndian
@@ -103,11 +104,11 @@ class DicomDecoder:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                ds = pydicom.dcmread(path)
+                ds = pydicom.dcmread(path if data is None else io.BytesIO(data))
             except InvalidDicomError:
                 # Legacy files without the 128-byte preamble and File Meta.
                 try:
-                    ds = pydicom.dcmread(path, force=True)
+                    ds = pydicom.dcmread(path if data is None else io.BytesIO(data), force=True)
                 except Exception as exc:
                     raise NotAnImage(
                         f"{path.name} is not a DICOM file (no 'DICM' marker and no valid header)."
@@ -123,17 +124,22 @@ class DicomDecoder:
         return ds
 
     def decode(self, path: Path, limits: DecodeLimits) -> DecodedImage:
-        frame = self.decode_stored(path, limits)
+        return self.decode_data(None, path, limits)
+
+    def decode_data(self, data: bytes | None, path: Path, limits: DecodeLimits) -> DecodedImage:
+        """Decode DICOM already in memory (None: read ``path``); else ``path`` only names it."""
+        frame = self.decode_stored(path, limits, data=data)
         grey = _to_display_grey(frame.values, frame.dataset, frame.photometric)
         return DecodedImage(pixels=grey, kind="dicom", decoder=frame.decoder, metadata=frame.metadata)
 
-    def decode_stored(self, path: Path, limits: DecodeLimits) -> StoredFrame:
+    def decode_stored(self, path: Path, limits: DecodeLimits, *, data: bytes | None = None) -> StoredFrame:
         """The first frame as decoded, before the Modality LUT, VOI and inversion.
 
         Exposed so that tests can compare the decoders' output with reference
-        values obtained elsewhere (dcmtk), and for diagnostics.
+        values obtained elsewhere (dcmtk), and for diagnostics. ``data``: the
+        file's content, already read (``path`` then only names it).
         """
-        ds = self._read(path)
+        ds = self._read(path, data)
         metadata = _metadata(ds)
         sop_class = str(ds.get("SOPClassUID", "") or ds.file_meta.get("MediaStorageSOPClassUID", ""))
         if sop_class == _DICOMDIR_SOP_CLASS or "DirectoryRecordSequence" in ds:
@@ -172,7 +178,7 @@ class DicomDecoder:
             _check_decoder_available(ds, path)
             arr = _first_frame(ds, path, frames)
         except (CorruptImage, UnsupportedTransferSyntax) as exc:
-            rescued = _dcmtk_fallback(ds, path, frames)
+            rescued = _dcmtk_fallback(ds, path, frames, data)
             if rescued is None:
                 raise
             arr, tool = rescued
@@ -301,10 +307,27 @@ def _first_frame(ds: Any, path: Path, frames: int) -> np.ndarray:
             arr = pixel_array(ds, index=0) if frames > 1 else ds.pixel_array
     except Exception as exc:
         tsyntax = ds.file_meta.TransferSyntaxUID
+        short = _short_native_pixel_data(ds, frames)
+        if short is not None:
+            raise CorruptImage(
+                f"{path.name} is truncated: its pixel data has {short[0]:,} of the {short[1]:,} bytes "
+                "its header declares."
+            ) from exc
         raise CorruptImage(
             f"Cannot decode the pixel data of {path.name} ({tsyntax.name}): {exc}",
         ) from exc
     return np.asarray(arr)
+
+
+def _short_native_pixel_data(ds: Any, frames: int) -> tuple[int, int] | None:
+    """``(have, declared)`` bytes when uncompressed pixel data is shorter than its header says."""
+    if ds.file_meta.TransferSyntaxUID.is_compressed or "PixelData" not in ds:
+        return None
+    rows, cols = _int_tag(ds, "Rows", 0) or 0, _int_tag(ds, "Columns", 0) or 0
+    samples, bits = _int_tag(ds, "SamplesPerPixel", 1) or 1, _int_tag(ds, "BitsAllocated", 0) or 0
+    declared = (rows * cols * samples * frames * bits + 7) // 8
+    have = len(ds.PixelData or b"")
+    return (have, declared) if declared > 0 and have < declared else None
 
 
 # Transfer syntax UID prefix -> dcmtk tool that decompresses it.
@@ -317,8 +340,15 @@ _DCMTK_TOOLS = {
 DCMTK_TIMEOUT_S = 60.0
 
 
-def _dcmtk_fallback(ds: Any, path: Path, frames: int) -> tuple[np.ndarray, str] | None:
-    """Decompress with dcmtk into a temporary file; None when no tool applies."""
+def _dcmtk_fallback(
+    ds: Any, path: Path, frames: int, data: bytes | None = None
+) -> tuple[np.ndarray, str] | None:
+    """Decompress with dcmtk into a temporary file; None when no tool applies.
+
+    ``data``: the content already read and hashed; it is written to the temporary
+    folder and dcmtk reads that copy, never ``path`` again (only this rare fallback
+    pays for the copy).
+    """
     import pydicom
 
     tsyntax = str(ds.file_meta.TransferSyntaxUID)
@@ -328,9 +358,13 @@ def _dcmtk_fallback(ds: Any, path: Path, frames: int) -> tuple[np.ndarray, str] 
         return None
     with tempfile.TemporaryDirectory(prefix="edge-dcmtk-") as tmp:
         out = Path(tmp) / "decompressed.dcm"
+        source = path
+        if data is not None:
+            source = Path(tmp) / "input.dcm"
+            source.write_bytes(data)
         try:
             proc = subprocess.run(
-                [binary, str(path), str(out)],
+                [binary, str(source), str(out)],
                 capture_output=True,
                 text=True,
                 timeout=DCMTK_TIMEOUT_S,

@@ -65,9 +65,12 @@ class RasterDecoder:
         return head.startswith(_PNG_MAGIC) or head.startswith(_JPEG_MAGIC)
 
     def decode(self, path: Path, limits: DecodeLimits) -> DecodedImage:
+        return self.decode_data(path.read_bytes(), path, limits)
+
+    def decode_data(self, data: bytes, path: Path, limits: DecodeLimits) -> DecodedImage:
+        """Decode a PNG/JPEG already in memory; ``path`` only names it in messages."""
         import cv2
 
-        data = path.read_bytes()
         kind = "PNG" if data.startswith(_PNG_MAGIC) else "JPEG"
         dims = image_dimensions(data)
         if dims is None:

@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 
 __all__ = ["SINKS", "Acknowledge", "OutboxDrainer", "Sink", "SinkBacklogs", "create_sinks"]
 
-#: name -> "module:factory"; each sink's ``name`` is its outbox column (mqtt: also mqtt-urgent, mqtt-fhir).
+#: name -> "module:factory"; each sink's ``name`` is its outbox column (mqtt: also mqtt-urgent, mqtt-fhir;
+#: ipc-local: also ipc-local-urgent, ipc-local-fhir; ipc-iotcore: also ipc-iotcore-urgent).
 SINKS: dict[str, str] = {
     "mqtt": "edge_runtime.sinks.mqtt:from_config",
     "ipc-local": "edge_runtime.sinks.greengrass:local_from_config",

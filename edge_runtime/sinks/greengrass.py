@@ -1,8 +1,20 @@
 """Greengrass sinks: results to local pub/sub and, without identifiers, to AWS IoT Core.
 
+Like the MQTT sink's topics, each channel is an outbox sink of its own:
+
+* ``ipc-local``: every result on ``Greengrass.LocalTopic``;
+* ``ipc-local-urgent``: urgent results again on ``Greengrass.LocalPriorityTopic``;
+* ``ipc-local-fhir``: each result's FHIR Bundle on ``Greengrass.LocalFhirTopic``;
+* ``ipc-iotcore``: every result, de-identified, on ``Greengrass.IotCoreTopic``;
+* ``ipc-iotcore-urgent``: urgent results again, de-identified, on
+  ``Greengrass.IotCorePriorityTopic``.
+
+FHIR reports do not go to AWS IoT Core: the Bundle references the study by
+its Study Instance UID, and nothing identifying a scan leaves the hospital.
+
 IPC publishes are request/response: the nucleus' reply is the confirmation,
 after which the drainer marks the message delivered. Errors are retried
-with back-off by the drainer; messages are never dropped.
+with back-off by the drainer.
 """
 
 from __future__ import annotations
@@ -16,12 +28,16 @@ from ..errors import ReportError, public_text
 from ..greengrass import GreengrassIpc
 from ..journal import Delivery, OutboxMessage
 from .base import Acknowledge
+from .mqtt import fhir_document
 
 __all__ = [
     "CLOUD_INPUT_FIELDS",
     "CLOUD_REPORT_FIELDS",
     "IotCoreSink",
+    "IotCoreUrgentSink",
+    "LocalFhirSink",
     "LocalPubSubSink",
+    "LocalUrgentSink",
     "cloud_payload",
     "iot_core_from_config",
     "local_from_config",
@@ -104,6 +120,35 @@ class LocalPubSubSink(_IpcSink):
         self.ipc.publish_local(message.topic, message.payload)
 
 
+class LocalUrgentSink(LocalPubSubSink):
+    """Urgent results again on local pub/sub, for a worklist that moves such studies up."""
+
+    name = "ipc-local-urgent"
+    label = "Greengrass local pub/sub priority topic"
+
+    def delivery(self, config: RuntimeConfig, result: dict[str, Any], payload: str) -> Delivery | None:
+        topic = config.greengrass.local_priority_topic
+        if not topic or result.get("priority") != "urgent":
+            return None
+        return Delivery(self.name, topic, payload, 1)
+
+
+class LocalFhirSink(LocalPubSubSink):
+    """Each result's FHIR Bundle on local pub/sub (the same file as on the MQTT FHIR topic)."""
+
+    name = "ipc-local-fhir"
+    label = "Greengrass local pub/sub FHIR topic"
+
+    def __init__(self, ipc: GreengrassIpc) -> None:
+        # Never the results channel: its backlog is capped like any other sink's.
+        super().__init__(ipc, primary=False)
+
+    def delivery(self, config: RuntimeConfig, result: dict[str, Any], payload: str) -> Delivery | None:
+        topic = config.greengrass.local_fhir_topic
+        bundle = fhir_document(config, result) if topic else None
+        return None if bundle is None else Delivery(self.name, topic, bundle, 1)
+
+
 class IotCoreSink(_IpcSink):
     """AWS IoT Core through the nucleus (``PublishToIoTCore``, QoS 1), identifiers removed."""
 
@@ -122,9 +167,31 @@ class IotCoreSink(_IpcSink):
         self.ipc.publish_iot_core(message.topic, message.payload, message.qos)
 
 
-def local_from_config(config: RuntimeConfig, ipc: GreengrassIpc | None) -> LocalPubSubSink | None:
-    return LocalPubSubSink(ipc, primary=not config.mqtt.enabled) if ipc is not None else None
+class IotCoreUrgentSink(IotCoreSink):
+    """Urgent results again on AWS IoT Core, de-identified like every result sent there."""
+
+    name = "ipc-iotcore-urgent"
+    label = "AWS IoT Core priority topic"
+
+    def delivery(self, config: RuntimeConfig, result: dict[str, Any], payload: str) -> Delivery | None:
+        topic = config.greengrass.iot_core_priority_topic
+        if not topic or result.get("priority") != "urgent":
+            return None
+        cloud = json.dumps(cloud_payload(result), separators=(",", ":"), sort_keys=True)
+        return Delivery(self.name, topic, cloud, 1)
 
 
-def iot_core_from_config(config: RuntimeConfig, ipc: GreengrassIpc | None) -> IotCoreSink | None:
-    return IotCoreSink(ipc) if ipc is not None else None
+def local_from_config(config: RuntimeConfig, ipc: GreengrassIpc | None) -> list[_IpcSink]:
+    """Results, urgent results and FHIR reports on local pub/sub (under the nucleus only).
+
+    With MQTT off, results and urgent results are the results channel (never dropped).
+    """
+    if ipc is None:
+        return []
+    primary = not config.mqtt.enabled
+    return [LocalPubSubSink(ipc, primary=primary), LocalUrgentSink(ipc, primary=primary), LocalFhirSink(ipc)]
+
+
+def iot_core_from_config(config: RuntimeConfig, ipc: GreengrassIpc | None) -> list[_IpcSink]:
+    """Results and urgent results, de-identified, to AWS IoT Core (under the nucleus only)."""
+    return [] if ipc is None else [IotCoreSink(ipc), IotCoreUrgentSink(ipc)]

@@ -27,12 +27,29 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from ..config import MqttConfig, RuntimeConfig, read_secret_file
-from ..errors import ConfigError, PublishError
+from ..errors import (
+    MQTT_AUTH_FAILED,
+    MQTT_CLIENT_ID_CONFLICT,
+    MQTT_CONNECTION_REFUSED,
+    MQTT_TLS_HANDSHAKE_FAILED,
+    MQTT_TLS_VERIFY_FAILED,
+    ConfigError,
+    PublishError,
+    public_text,
+)
 from ..journal import Delivery, OutboxMessage
 from ..results import build_status
 from .base import Acknowledge, Sink
 
-__all__ = ["MqttSink", "MqttTopicSink", "build_tls_context", "fhir_topic", "from_config", "priority_topic"]
+__all__ = [
+    "MqttSink",
+    "MqttTopicSink",
+    "build_tls_context",
+    "fhir_document",
+    "fhir_topic",
+    "from_config",
+    "priority_topic",
+]
 
 log = logging.getLogger(__name__)
 
@@ -111,13 +128,23 @@ def _urgent_row(config: RuntimeConfig, result: dict[str, Any], payload: str) -> 
     return (priority_topic(config), payload) if result.get("priority") == "urgent" else None
 
 
-def _fhir_row(config: RuntimeConfig, result: dict[str, Any], payload: str) -> tuple[str, str] | None:
-    """The result's FHIR Bundle (written by reports.writer beside the SR) on its own topic."""
+def fhir_document(config: RuntimeConfig, result: dict[str, Any]) -> str | None:
+    """The result's FHIR Bundle (written by reports.writer beside the SR); None when it has none.
+
+    Every sink that carries FHIR (this broker's FHIR topic, Greengrass local pub/sub) sends
+    this file as written, so they all carry the same document.
+    """
     reports = result.get("reports") or {}
     if not config.reports.fhir or "fhir" not in reports:
         return None
-    bundle = (config.reports_path / reports["folder"] / reports["fhir"]).read_text(encoding="utf-8")
-    return fhir_topic(config), bundle
+    path: Path = config.reports_path / str(reports["folder"]) / str(reports["fhir"])
+    return path.read_text(encoding="utf-8")
+
+
+def _fhir_row(config: RuntimeConfig, result: dict[str, Any], payload: str) -> tuple[str, str] | None:
+    """The result's FHIR Bundle on its own topic."""
+    bundle = fhir_document(config, result)
+    return None if bundle is None else (fhir_topic(config), bundle)
 
 
 class MqttTopicSink:
@@ -204,8 +231,10 @@ class MqttSink:
         self._client.on_publish = self._on_publish
         self._failures = 0
         self.last_refusal: str | None = None
-        #: Why the broker is not reachable, in words, for the status reason and last_error
-        #: (authentication, TLS, a ClientId taken over); None while connected or unknown.
+        #: Why the broker is not reachable, as an error code (authentication, TLS, a ClientId taken
+        #: over; see :mod:`edge_runtime.errors`); None while connected or unknown. The status says the
+        #: code and its fixed text (:attr:`problem`); the details (the broker's or OpenSSL's words,
+        #: hosts, user names) are in the log only.
         self._problem: str | None = None
         self._lost_at: float | None = None
         self._connected_at = 0.0
@@ -222,10 +251,7 @@ class MqttSink:
         if reason.is_failure:
             self.last_refusal = str(reason)
             if reason.value in (4, 5, 134, 135):  # bad user name or password / not authorized
-                self._problem = (
-                    f"MQTT broker rejected our credentials ({reason}): check Mqtt.Username and "
-                    "Mqtt.Password/PasswordFile"
-                )
+                self._problem = MQTT_AUTH_FAILED
                 log.error(
                     "MQTT broker %s:%s rejected our credentials (%s): authentication failed for "
                     "user %r. Check Mqtt.Username and Mqtt.Password/PasswordFile against the "
@@ -236,7 +262,7 @@ class MqttSink:
                     self.config.username,
                 )
             else:
-                self._problem = f"MQTT broker refused the connection: {reason}"
+                self._problem = MQTT_CONNECTION_REFUSED
                 log.error(
                     "MQTT broker %s:%s refused the connection: %s", self.config.host, self.config.port, reason
                 )
@@ -286,13 +312,14 @@ class MqttSink:
             else:
                 self._short_sessions = 0
             if self._short_sessions >= _TAKEOVER_SESSIONS:
-                self._problem = (
-                    f"the broker closed {self._short_sessions} sessions in a row right after they "
-                    f"opened: another client probably uses the same Mqtt.ClientId "
-                    f"({self.config.client_id}); give every box its own"
-                )
+                self._problem = MQTT_CLIENT_ID_CONFLICT
                 if self._short_sessions == _TAKEOVER_SESSIONS:
-                    log.error("MQTT %s", self._problem)
+                    log.error(
+                        "MQTT: the broker closed %d sessions in a row right after they opened: another "
+                        "client probably uses the same Mqtt.ClientId (%s); give every box its own",
+                        self._short_sessions,
+                        self.config.client_id,
+                    )
         if self._lost_at is None:
             self._lost_at = time.monotonic()
         if not self._stopping.is_set():
@@ -320,11 +347,21 @@ class MqttSink:
         return Delivery(self.name, config.mqtt.results_topic, payload, config.mqtt.qos)
 
     @property
-    def problem(self) -> str | None:
-        """What keeps us from the broker, in words; None once a session has lasted a while."""
+    def problem_code(self) -> str | None:
+        """What keeps us from the broker, as an error code; None once a session has lasted a while."""
         if self.connected and time.monotonic() - self._connected_at >= _SHORT_SESSION_S:
             return None
         return self._problem
+
+    @property
+    def problem(self) -> str | None:
+        """:attr:`problem_code` as published (status reason and last_error): ``MQTT: <code>: <fixed text>``.
+
+        Never the broker's, paho's or OpenSSL's words (they may name hosts, users or
+        certificates): those are in the service log.
+        """
+        code = self.problem_code
+        return None if code is None else f"MQTT: {code}: {public_text(code)} (details in the service log)"
 
     @property
     def connected(self) -> bool:
@@ -344,10 +381,7 @@ class MqttSink:
             # words at start-up; afterwards paho's loop reconnects with back-off.
             self._client.connect(host, port, keepalive=self.config.keepalive_seconds)
         except ssl.SSLCertVerificationError as exc:
-            self._problem = (
-                f"TLS verification of the MQTT broker failed ({exc.verify_message or exc}): check "
-                "Mqtt.Host and Mqtt.Tls.CaFile"
-            )
+            self._problem = MQTT_TLS_VERIFY_FAILED
             log.error(
                 "TLS verification of the MQTT broker %s:%s failed: %s. Check that Mqtt.Host "
                 "matches the broker certificate and Mqtt.Tls.CaFile is the CA that signed it.",
@@ -357,7 +391,7 @@ class MqttSink:
             )
             self._client.connect_async(host, port, keepalive=self.config.keepalive_seconds)
         except ssl.SSLError as exc:
-            self._problem = f"TLS handshake with the MQTT broker failed ({exc.reason or exc})"
+            self._problem = MQTT_TLS_HANDSHAKE_FAILED
             log.error(
                 "TLS handshake with the MQTT broker %s:%s failed: %s. If the broker "
                 "requires a client certificate, set Mqtt.Tls.CertFile/KeyFile.",
@@ -389,7 +423,9 @@ class MqttSink:
         reason: str | None = None,
         counters: dict[str, int] | None = None,
         last_error: str | None = None,
+        dicom: dict[str, Any] | None = None,
     ) -> mqtt.MQTTMessageInfo:
+        """The retained status; ``dicom``: the DICOM receiver's state, when it runs."""
         status = build_status(
             state,
             self.config.client_id,
@@ -398,6 +434,8 @@ class MqttSink:
             counters=counters,
             last_error=last_error,
         )
+        if dicom is not None:
+            status["dicom"] = dicom
         return self._client.publish(self.config.status_topic, json.dumps(status), qos=1, retain=True)
 
     def stop(self, timeout_s: float = 2.0) -> None:

@@ -93,7 +93,7 @@ if TYPE_CHECKING:
     from pynetdicom.events import Event
     from pynetdicom.transport import ThreadedAssociationServer
 
-__all__ = ["MAX_PDU_BYTES", "TRANSFER_SYNTAXES", "DicomScpSource", "from_config"]
+__all__ = ["MAX_PDU_BYTES", "REFUSAL_REASONS", "TRANSFER_SYNTAXES", "DicomScpSource", "from_config"]
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,17 @@ TRANSFER_SYNTAXES: tuple[str, ...] = (
     "1.2.840.10008.1.2.4.90",  # JPEG 2000 (Lossless Only)
     "1.2.840.10008.1.2.4.91",  # JPEG 2000
     "1.2.840.10008.1.2.5",  # RLE Lossless
+)
+
+#: Why a connection or an association was refused, as :meth:`DicomScpSource.state` counts them.
+REFUSAL_REASONS = (
+    "address_not_allowed",
+    "peer_limit",
+    "connection_limit",
+    "calling_ae_title",
+    "called_ae_title",
+    "association_limit",
+    "negotiation",
 )
 
 #: C-STORE status codes (PS3.4 B.2.3).
@@ -386,6 +397,8 @@ class _Connections:
     timeout_s: float
     _open: dict[int, _Connection] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    #: Connections closed at accept since start, by reason (for :meth:`DicomScpSource.state`).
+    refused: dict[str, int] = field(default_factory=dict)
 
     def admit(self, sock: _GuardedSocket) -> bool:
         """Allow-list, then the per-peer and total connection limits; a refusal is logged once."""
@@ -418,6 +431,8 @@ class _Connections:
         if refusal is None:
             return True
         reason, words = refusal
+        with self._lock:
+            self.refused[reason] = self.refused.get(reason, 0) + 1
         log_event(
             log,
             "dicom_connection_refused",
@@ -429,6 +444,11 @@ class _Connections:
             reason=reason,
         )
         return False
+
+    def refused_counts(self) -> dict[str, int]:
+        """Connections closed at accept since start, by reason (a copy)."""
+        with self._lock:
+            return dict(self.refused)
 
     def started(self, sock: _GuardedSocket, assoc: Association) -> None:
         with self._lock:
@@ -556,7 +576,11 @@ class DicomScpSource:
         self._receipts: ReceiptLog | None = None
         self._key: bytes | None = None
         self._associations: dict[int, _Association] = {}
-        self._lock = threading.Lock()  # the association records
+        self._lock = threading.Lock()  # the association records and the counters below
+        #: Since start, for :meth:`state`: associations refused by reason, objects stored / refused.
+        self._associations_refused: dict[str, int] = {}
+        self._objects_received = 0
+        self._objects_refused = 0
         self._max_object_bytes = self.config.max_object_mb * 1024 * 1024
         self._connections = _Connections(
             networks=self._networks,
@@ -619,6 +643,31 @@ class DicomScpSource:
 
     def dispose(self, item: ScanItem) -> None:
         self._watcher.dispose(item)
+
+    def state(self) -> dict[str, Any]:
+        """The receiver as the status and the health file show it (read-only; no peer named).
+
+        ``refused`` counts, since start and by reason, the connections closed at accept
+        (``address_not_allowed``, ``peer_limit``, ``connection_limit``) and the associations
+        refused (``calling_ae_title``, ``called_ae_title``, ``association_limit``,
+        ``negotiation``); ``objects_received`` the objects stored and acknowledged,
+        ``objects_refused`` the C-STOREs answered with a failure status.
+        """
+        refused = self._connections.refused_counts()
+        with self._lock:
+            for reason, count in self._associations_refused.items():
+                refused[reason] = refused.get(reason, 0) + count
+            open_now = sum(1 for record in self._associations.values() if record.accepted)
+            received, objects_refused = self._objects_received, self._objects_refused
+        return {
+            "ae_title": self.config.ae_title,
+            "port": self.port,
+            "listening": self._server is not None,
+            "associations_open": open_now,
+            "refused": dict.fromkeys(REFUSAL_REASONS, 0) | refused,
+            "objects_received": received,
+            "objects_refused": objects_refused,
+        }
 
     @property
     def port(self) -> int:
@@ -746,6 +795,7 @@ class DicomScpSource:
         if refusal is None:
             return
         reason, action, rsd = refusal
+        self._count_refused("calling_ae_title" if rsd == _REJECT_CALLING_AE else "called_ae_title")
         log.warning(
             "DICOM association from %s (calling AE %r) rejected: %s; %s.", peer, calling, reason, action
         )
@@ -769,8 +819,10 @@ class DicomScpSource:
         primitive = event.assoc.acceptor.primitive
         if getattr(primitive, "result_source", None) == 0x03:
             reason = f"Dicom.MaxAssociations = {self.config.max_associations} are already open (transient)"
+            self._count_refused("association_limit")
         else:
             reason = f"refused during negotiation (A-ASSOCIATE-RJ {getattr(primitive, 'diagnostic', '?')})"
+            self._count_refused("negotiation")
         log.warning(
             "DICOM association from %s (calling AE %r) rejected: %s",
             record.peer if record else self._peer(event),
@@ -798,8 +850,16 @@ class DicomScpSource:
             record.refused,
         )
 
+    def _count_refused(self, reason: str) -> None:
+        with self._lock:
+            self._associations_refused[reason] = self._associations_refused.get(reason, 0) + 1
+
     def _count(self, event: Event, *, stored: bool) -> None:
         with self._lock:
+            if stored:
+                self._objects_received += 1
+            else:
+                self._objects_refused += 1
             record = self._associations.get(id(event.assoc))
             if record is not None:
                 if stored:

@@ -11,6 +11,14 @@ identity for it), with ``O_NOFOLLOW | O_NONBLOCK`` and checked with
 * a file over ``Inbox.MaxFileMb``, or one that cannot be read within
   ``Inbox.ReadTimeoutSeconds``, is refused rather than hashed for ever.
 
+The decoder then reads the scan once more (:func:`read_verified`, in the
+decoder child): through the same kind of descriptor, from the very file that
+was hashed (a link's target as resolved then), and it decodes only bytes whose
+sha256 is the one the journal admitted. A file swapped or rewritten between
+the hash and the decode (a time-of-check/time-of-use gap) is never analysed
+under the first content's identity: :class:`~edge_runtime.errors.InputChanged`
+ends the attempt and the new content is admitted as new work.
+
 Names are also made safe here: :func:`display_name` for logs and the journal
 (undecodable bytes escaped), :func:`safe_file_name` for the quarantine folder
 (short, printable, unique).
@@ -28,9 +36,24 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..config import InboxConfig
-from ..errors import FileTooLarge, NotARegularFile, SymlinkRefused, UnreadableFile
+from ..errors import (
+    FileTooLarge,
+    IncompleteInput,
+    InputChanged,
+    NotARegularFile,
+    SymlinkRefused,
+    UnreadableFile,
+)
 
-__all__ = ["ScanFile", "display_name", "file_key", "open_admitted", "read_scan", "safe_file_name"]
+__all__ = [
+    "ScanFile",
+    "display_name",
+    "file_key",
+    "open_admitted",
+    "read_scan",
+    "read_verified",
+    "safe_file_name",
+]
 
 _CHUNK = 1 << 20
 #: Longest quarantine name (bytes); leaves room for ".N" and ".error.json" under NAME_MAX (255).
@@ -43,6 +66,9 @@ class ScanFile:
 
     sha256: str
     size_bytes: int
+    #: The path that was opened and hashed: the scan's own, or the target of a link that
+    #: ``Inbox.Symlinks: inside-inbox`` allowed. :func:`read_verified` reads this one again.
+    opened: str = ""
 
 
 def display_name(name: str) -> str:
@@ -169,4 +195,41 @@ def read_scan(path: Path, config: InboxConfig) -> ScanFile:
                     f"{name} could not be read within Inbox.ReadTimeoutSeconds = "
                     f"{config.read_timeout_seconds:g} s ({size / 1e6:.0f} MB read)."
                 )
-    return ScanFile(digest.hexdigest(), size)
+    return ScanFile(digest.hexdigest(), size, str(path))
+
+
+def read_verified(scan: ScanFile, name: str) -> bytes:
+    """The content of an admitted scan, read once and checked against its admitted hash.
+
+    Opened like :func:`read_scan` opened it (``O_NOFOLLOW``: a link swapped in since is
+    refused, whatever ``Inbox.Symlinks`` says), one ``readall`` into one buffer, hashed;
+    the caller decodes exactly these bytes. ``name`` is what messages call the scan
+    (its reference in the service).
+
+    Raises:
+        IncompleteInput: the file is gone (as when a decoder finds it gone).
+        InputChanged: it is no longer the regular file of ``scan.size_bytes`` bytes and
+            ``scan.sha256`` that was admitted.
+    """
+    changed = f"{name} changed after it was hashed"
+    try:
+        fd = os.open(scan.opened, _open_flags())
+    except FileNotFoundError as exc:
+        raise IncompleteInput(f"{name} disappeared before it could be decoded.") from exc
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise InputChanged(
+                f"{changed}: it was replaced by a symbolic link; nothing was decoded."
+            ) from exc
+        raise InputChanged(f"{changed}: it cannot be opened again ({exc.strerror}).") from exc
+    with os.fdopen(fd, "rb", buffering=0) as fh:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size != scan.size_bytes:
+            raise InputChanged(
+                f"{changed} ({scan.size_bytes} bytes then, {st.st_size} now); nothing was decoded."
+            )
+        os.set_blocking(fd, True)
+        data = fh.readall()  # sized from fstat: one allocation, no second copy
+    if len(data) != scan.size_bytes or hashlib.sha256(data).hexdigest() != scan.sha256:
+        raise InputChanged(f"{changed} (its content is no longer the admitted sha256); nothing was decoded.")
+    return data

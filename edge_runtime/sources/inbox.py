@@ -11,6 +11,11 @@ Files are discovered two ways, because either alone can miss one: inotify
 events via watchdog (fast), and a periodic full rescan (catches files that
 were there before start-up, and filesystems without inotify such as some
 network mounts). Ready files are handed on oldest first.
+
+Log lines about a file not yet handed on name it by a reference to the file
+(:func:`~edge_runtime.sources.files.file_key` under the box's key, the one a
+worker calls it by until it is hashed), never by its name: no worker has told
+the log redactor about it yet.
 """
 
 from __future__ import annotations
@@ -27,8 +32,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..config import InboxConfig, RuntimeConfig
+from ..privacy import load_or_create_key, log_name, scan_ref
 from .base import ScanItem
-from .files import display_name, safe_file_name
+from .files import file_key, safe_file_name
 
 if TYPE_CHECKING:  # watchdog is imported lazily (rescans still work without it)
     from watchdog.observers.api import BaseObserver
@@ -47,7 +53,7 @@ class _Candidate:
 
 
 def from_config(config: RuntimeConfig) -> InboxSource:
-    return InboxSource(config.inbox)
+    return InboxSource(config.inbox, key_path=config.reference_key_path)
 
 
 def unique_target(folder: Path, name: str, same: Callable[[Path], bool] | None = None) -> Path:
@@ -77,8 +83,11 @@ class InboxSource:
 
     name = "inbox"
 
-    def __init__(self, config: InboxConfig) -> None:
+    def __init__(self, config: InboxConfig, *, key_path: Path | None = None) -> None:
         self.config = config
+        #: The box's scan-reference key file (loaded at start); None: unkeyed references.
+        self._key_path = key_path
+        self._key: bytes | None = None
         self.root = config.path.resolve()
         self.on_ready: Callable[[ScanItem], None] = lambda item: None
         excluded = [config.quarantine_path]
@@ -97,6 +106,8 @@ class InboxSource:
     # -- lifecycle ---------------------------------------------------------------------
     def start(self, on_ready: Callable[[ScanItem], None]) -> None:
         self.on_ready = on_ready
+        if self._key_path is not None:
+            self._key = load_or_create_key(self._key_path)
         self.root.mkdir(parents=True, exist_ok=True)
         self.config.quarantine_path.mkdir(parents=True, exist_ok=True)
         if self.config.processed_path is not None:
@@ -220,7 +231,9 @@ class InboxSource:
                     self._candidates.pop(path, None)
                 continue
             except OSError as exc:
-                log.warning("cannot stat %s: %s", display_name(path.name), exc)
+                # Named by reference, and the error without its text (which quotes the path).
+                ref = scan_ref(file_key(path), path.name, key=self._key)
+                log.warning("cannot stat %s: %s", log_name(path.name, ref), exc.strerror)
                 continue
             if cand.complete:
                 ready.append(ScanItem(st.st_mtime, path, st.st_size, now, self.name))
