@@ -59,6 +59,37 @@ def sign_bundle(folder: Path, key: Path = TEST_SIGNING_KEY) -> Path:
     return folder
 
 
+def _is_dicom_file(path: Path) -> bool:
+    with path.open("rb") as fh:
+        return fh.read(132)[128:] == b"DICM"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def every_sr_written_passes_the_dicom_validators(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """At the end of the session, every ``sr.dcm`` any test wrote passes dciodvfy and dsrdump.
+
+    The tests that build reports from quirky headers check their own SRs; this holds every
+    other SR the suite writes (service runs, deliveries, chaos) to the same standard, so an
+    SR that DICOM tools reject cannot be written anywhere without a failure. A failure shows
+    as an error in the session's teardown, naming each file and what the tool said.
+    """
+    yield
+    dciodvfy, dsrdump = shutil.which("dciodvfy"), shutil.which("dsrdump")
+    if dciodvfy is None or dsrdump is None:
+        return  # .ci/setup installs both (dicom3tools, dcmtk); the report tests say so when absent
+    problems = []
+    # DICOM files only: retention tests write placeholder report folders.
+    srs = [p for p in sorted(tmp_path_factory.getbasetemp().rglob("sr.dcm")) if _is_dicom_file(p)]
+    for sr in srs:
+        checked = subprocess.run([dciodvfy, str(sr)], capture_output=True, text=True, check=False)
+        errors = [line for line in (checked.stdout + checked.stderr).splitlines() if line.startswith("Error")]
+        dumped = subprocess.run([dsrdump, str(sr)], capture_output=True, text=True, check=False)
+        if errors or dumped.returncode != 0:
+            problems.append(f"{sr}: {'; '.join(errors) or dumped.stderr.strip()[:300]}")
+    listing = "\n".join(problems)
+    assert not problems, f"{len(problems)} of {len(srs)} SRs written by the suite fail:\n{listing}"
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """``../shared/data`` (real X-rays and DICOM), or skip: it is not shipped with the repo."""
