@@ -26,6 +26,7 @@ from conftest import (
     TEST_PUBLIC_KEY,
     TEST_TRUSTED_KEYS,
     Broker,
+    Subscriber,
     dcmtk,
     free_port,
     make_tiny_bundle,
@@ -63,38 +64,6 @@ def _wait(predicate, timeout_s: float = 20.0, what: str = "condition"):
 
 
 # -- 1. The DICOM receiver in the status message and the health file ---------------------------
-
-
-class _StatusWatcher:
-    """The retained status topic, as a hospital system subscribes to it (real paho client)."""
-
-    def __init__(self, broker: Broker, topic: str) -> None:
-        import paho.mqtt.client as mqtt
-
-        self.statuses: list[dict] = []
-        self._lock = threading.Lock()
-        self.client = mqtt.Client(
-            callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=f"status-{time.monotonic_ns()}"
-        )
-        subscribed = threading.Event()
-        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
-        self.client.on_subscribe = lambda *a: subscribed.set()
-        self.client.on_message = self._on_message
-        self.client.connect(broker.host, broker.port)
-        self.client.loop_start()
-        assert subscribed.wait(10), "status subscriber could not subscribe"
-
-    def _on_message(self, client, userdata, msg) -> None:
-        with self._lock:
-            self.statuses.append(json.loads(msg.payload))
-
-    def latest(self, predicate) -> dict | None:
-        with self._lock:
-            return next((s for s in reversed(self.statuses) if predicate(s)), None)
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
 
 
 @pytest.fixture()
@@ -139,7 +108,7 @@ def test_status_and_health_file_show_the_dicom_receiver(shared_data: Path, recei
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
     service, config = receiver
-    watcher = _StatusWatcher(mosquitto, config.mqtt.status_topic)
+    watcher = Subscriber(mosquitto, config.mqtt.status_topic)  # as a hospital system subscribes
     try:
         first = service.health.snapshot()["dicom"]
         assert first == {
@@ -192,7 +161,8 @@ def test_status_and_health_file_show_the_dicom_receiver(shared_data: Path, recei
             )
 
         # The retained MQTT status (every heartbeat), valid against the schema.
-        status = _wait(lambda: watcher.latest(lambda s: settled(s.get("dicom"))), what="status with counters")
+        seen = watcher.wait_for(lambda ps: any(settled(p.get("dicom")) for p in ps), timeout_s=15)
+        status = next(p for p in reversed(seen) if settled(p.get("dicom")))
         STATUS_VALIDATOR.validate(status)
         assert status["dicom"]["listening"] is True and status["dicom"]["port"] == config.dicom.port
         assert status["dicom"]["ae_title"] == AE and status["dicom"]["objects_refused"] == 0
