@@ -215,9 +215,11 @@ def test_an_association_is_cut_mid_pdu_and_when_idle(tmp_path):
     ) as (source, _config):
         trickling_scu, trickling = _associate_from("127.0.0.2", source.port)
         idle_scu, idle = _associate_from("127.0.0.3", source.port)
+        # The SCUs' own sockets: once the receiver cuts them, pynetdicom may drop them unclosed.
+        raw = [trickling.dul.socket.socket, idle.dul.socket.socket]
+        trickler = Trickler(raw[0], first=P_DATA_START, every_s=0.3)
         try:
             started = time.monotonic()
-            trickler = Trickler(trickling.dul.socket.socket, first=P_DATA_START, every_s=0.3)
             trickler.start()
             cut = _wait_ended(trickling, 5.0)
             assert cut is not None and 1.0 < cut < 3.5, cut
@@ -227,8 +229,13 @@ def test_an_association_is_cut_mid_pdu_and_when_idle(tmp_path):
             assert time.monotonic() - started > 2.0
             assert idle.is_aborted
         finally:
+            trickler.halt.set()
             trickling_scu.shutdown()
             idle_scu.shutdown()
+            trickler.join(timeout=2)
+            for sock in raw:
+                if sock is not None:
+                    sock.close()
 
 
 def test_one_host_cannot_take_every_slot(shared_data, tmp_path, caplog):

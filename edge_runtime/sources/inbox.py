@@ -183,9 +183,19 @@ class InboxSource:
         self._observer = observer
 
     def _wanted(self, path: Path) -> bool:
-        name = path.name
-        if name.startswith(".") or any(name.endswith(s) for s in self.config.ignore_suffixes):
-            return False
+        """Not hidden, not an ignored suffix, not excluded: the name *and every folder above it*.
+
+        inotify reports files inside hidden folders too (a sender's ``.store/`` staging
+        area); judging only the file's own name let them in, where the rescan, which
+        prunes such folders, did not.
+        """
+        try:
+            parts = path.relative_to(self.root).parts
+        except ValueError:
+            parts = (path.name,)
+        for part in parts:
+            if part.startswith(".") or any(part.endswith(s) for s in self.config.ignore_suffixes):
+                return False
         return not any(path.is_relative_to(ex) for ex in self._excluded)
 
     def _note(self, path: Path, *, complete: bool = False) -> None:
