@@ -695,6 +695,59 @@ def _access_problems(recipe: _Recipe) -> list[Problem]:
                         recipe.file, where, "grants every resource ('*' or '#'): name the topics", "access"
                     )
                 )
+    return problems + _topic_grant_problems(recipe, access)
+
+
+#: Greengrass topic setting -> (IPC service, operation) the nucleus checks when the runtime publishes.
+_TOPIC_GRANTS = {
+    "LocalTopic": ("aws.greengrass.ipc.pubsub", "aws.greengrass#PublishToTopic"),
+    "LocalPriorityTopic": ("aws.greengrass.ipc.pubsub", "aws.greengrass#PublishToTopic"),
+    "LocalFhirTopic": ("aws.greengrass.ipc.pubsub", "aws.greengrass#PublishToTopic"),
+    "StatusTopic": ("aws.greengrass.ipc.pubsub", "aws.greengrass#PublishToTopic"),
+    "IotCoreTopic": ("aws.greengrass.ipc.mqttproxy", "aws.greengrass#PublishToIoTCore"),
+    "IotCorePriorityTopic": ("aws.greengrass.ipc.mqttproxy", "aws.greengrass#PublishToIoTCore"),
+}
+
+
+def _resource_matches(resource: str, topic: str) -> bool:
+    """Greengrass authorization: ``*`` matches any characters; ``+`` one MQTT level, ``#`` the rest."""
+    pattern = ""
+    for char in resource:
+        pattern += {"*": ".*", "+": "[^/]*", "#": ".*"}.get(char) or re.escape(char)
+    return re.fullmatch(pattern, topic) is not None
+
+
+def _topic_grant_problems(recipe: _Recipe, access: Any) -> list[Problem]:
+    """Each default Greengrass topic is one the recipe's accessControl lets the runtime publish to.
+
+    The fake nucleus the tests use accepts any topic; the real one answers UnauthorizedError,
+    and results would wait in the outbox for ever.
+    """
+    greengrass = get_key(recipe.default_configuration, "Greengrass")
+    if not isinstance(greengrass, Mapping):
+        return []
+    problems: list[Problem] = []
+    for setting, (service, operation) in _TOPIC_GRANTS.items():
+        topic = get_key(greengrass, setting)
+        if not topic:
+            continue  # "" turns that channel off
+        policies = get_key(access, service) if isinstance(access, Mapping) else None
+        granted = [
+            resource
+            for policy in (policies.values() if isinstance(policies, Mapping) else [])
+            if operation in (get_key(policy, "operations") or [])
+            for resource in get_key(policy, "resources") or []
+        ]
+        if not any(_resource_matches(str(r), str(topic)) for r in granted):
+            problems.append(
+                Problem(
+                    recipe.file,
+                    f"ComponentConfiguration.DefaultConfiguration.Greengrass.{setting}",
+                    f"publishes to {topic!r}, which accessControl.{service} does not grant for "
+                    f"{operation} (the nucleus would refuse it): add the topic to its resources",
+                    "access",
+                )
+            )
     return problems
 
 

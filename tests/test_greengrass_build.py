@@ -519,6 +519,12 @@ BREAKAGES: dict[str, tuple[Callable[[Path], None], str, str, list[str]]] = {
         "access",
         ["mqttproxy", "every IPC operation"],
     ),
+    "topic-not-granted": (
+        lambda b: _edit(_runtime(b), "LocalFhirTopic: healthdiag/edge/fhir", "LocalFhirTopic: hospital/fhir"),
+        RUNTIME_RECIPE,
+        "access",
+        ["Greengrass.LocalFhirTopic", "hospital/fhir", "PublishToTopic"],
+    ),
     "stale-artifact": (
         lambda b: (b / "artifacts" / RUNTIME / RUNTIME_VERSION / "old.whl").write_bytes(b""),
         RUNTIME_RECIPE,
