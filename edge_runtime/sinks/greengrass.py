@@ -149,6 +149,11 @@ class LocalFhirSink(LocalPubSubSink):
         return None if bundle is None else Delivery(self.name, topic, bundle, 1)
 
 
+def _cloud_json(result: dict[str, Any]) -> str:
+    """What IoT Core gets for a result: :func:`cloud_payload` as compact JSON."""
+    return json.dumps(cloud_payload(result), separators=(",", ":"), sort_keys=True)
+
+
 class IotCoreSink(_IpcSink):
     """AWS IoT Core through the nucleus (``PublishToIoTCore``, QoS 1), identifiers removed."""
 
@@ -158,10 +163,7 @@ class IotCoreSink(_IpcSink):
 
     def delivery(self, config: RuntimeConfig, result: dict[str, Any], payload: str) -> Delivery | None:
         topic = config.greengrass.iot_core_topic
-        if not topic:
-            return None
-        cloud = json.dumps(cloud_payload(result), separators=(",", ":"), sort_keys=True)
-        return Delivery(self.name, topic, cloud, 1)
+        return Delivery(self.name, topic, _cloud_json(result), 1) if topic else None
 
     def send(self, message: OutboxMessage) -> None:
         self.ipc.publish_iot_core(message.topic, message.payload, message.qos)
@@ -177,8 +179,7 @@ class IotCoreUrgentSink(IotCoreSink):
         topic = config.greengrass.iot_core_priority_topic
         if not topic or result.get("priority") != "urgent":
             return None
-        cloud = json.dumps(cloud_payload(result), separators=(",", ":"), sort_keys=True)
-        return Delivery(self.name, topic, cloud, 1)
+        return Delivery(self.name, topic, _cloud_json(result), 1)
 
 
 def local_from_config(config: RuntimeConfig, ipc: GreengrassIpc | None) -> list[_IpcSink]:
