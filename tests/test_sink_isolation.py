@@ -226,6 +226,15 @@ def test_pacs_outage_pauses_only_the_pacs(
         # one WARNING per drop batch naming the sink and the count.
         waiting = [m.message_id for m in service.journal.pending_messages("dicom-store")]
         assert waiting == [r["message_id"] for r in ordered[-cap:]]
+        # The drop commits before its WARNING is logged (another thread): wait for the last one.
+        _wait(
+            lambda: (
+                sum(getattr(r, "event", None) == "outbox_dropped" for r in caplog.records)
+                >= len(ordered) - cap
+            ),
+            10,
+            "drop warnings",
+        )
         warnings = [r for r in caplog.records if getattr(r, "event", None) == "outbox_dropped"]
         assert [r.fields["oldest"] for r in warnings] == [r["message_id"] for r in ordered[:-cap]]
         assert all(r.fields["sink"] == "dicom-store" and r.fields["count"] == 1 for r in warnings)
