@@ -224,6 +224,8 @@ def test_pacs_outage_pauses_only_the_pacs(
 
         # The PACS keeps its newest `cap` results; the older ones were dropped, oldest first,
         # one WARNING per drop batch naming the sink and the count.
+        # The cap is applied after each result, in the thread that finished it: wait for the last one.
+        _wait(lambda: len(service.journal.pending_messages("dicom-store")) <= cap, 10, "the PACS cap")
         waiting = [m.message_id for m in service.journal.pending_messages("dicom-store")]
         assert waiting == [r["message_id"] for r in ordered[-cap:]]
         # The drop commits before its WARNING is logged (another thread): wait for the last one.
