@@ -449,7 +449,7 @@ class DicomConfig(_Section):
         ge=1,
         le=65536,
         description="A larger object is refused (C-STORE failure status); what arrives past the "
-        "limit is not kept in memory.",
+        "limit is not kept in memory, and past twice the limit the association is aborted.",
     )
     read_timeout_seconds: float = Field(
         30.0,

@@ -392,13 +392,14 @@ def make_big_dicom(path: Path, pixel_mb: int) -> Path:
     return path
 
 
-def test_an_object_far_over_the_limit_is_refused_without_being_held_in_memory(tmp_path):
-    """200 MB sent with Dicom.MaxObjectMb = 16: refused (0xA700), the receiver's peak memory moves < 48 MB.
+def test_an_object_over_the_limit_is_refused_and_one_far_over_is_cut_without_being_held(tmp_path):
+    """Dicom.MaxObjectMb = 16: 24 MB is refused (0xA700); 200 MB is cut (A-ABORT) once past 32 MB.
 
     Before, the whole object was in memory before its size was checked (an 800 MB object took
-    the service from 197 MB to 982 MB resident). The receiver runs in its own process so that
-    its peak (VmHWM) is its own, not this test's.
+    the service from 197 MB to 982 MB resident); then, a peer streaming without end was counted
+    but never cut. The receiver runs in its own process so that its peak (VmHWM) is its own.
     """
+    over = make_big_dicom(tmp_path / "over.dcm", 24)
     big = make_big_dicom(tmp_path / "big.dcm", 200)
     assert big.stat().st_size > 200 * 1024 * 1024
     config = make_config(tmp_path, NO_BROKER, tmp_path / "unused-bundle", free_port(), MaxObjectMb=16)
@@ -414,19 +415,28 @@ def test_an_object_far_over_the_limit_is_refused_without_being_held_in_memory(tm
         # Warm up (pynetdicom's lazy imports, first association) before taking the baseline.
         assert storescu(port, make_big_dicom(tmp_path / "small.dcm", 1)).returncode == 0
         before = peak_rss_mb(proc.pid)
+        refused = storescu(port, over, options=("-v",))
         started = time.monotonic()
-        sent = storescu(port, big, options=("-v",))
+        cut = storescu(port, big, options=("-v",))
         took = time.monotonic() - started
         after = peak_rss_mb(proc.pid)
     finally:
         _, stderr = proc.communicate(input="", timeout=30)  # closing stdin stops the receiver
-    assert sent.returncode != 0
-    assert "Received Store Response (Refused: OutOfResources)" in sent.stderr, sent.stderr
-    assert after - before < 48, f"peak memory grew {after - before:.0f} MB for a refused 200 MB object"
-    assert "over Dicom.MaxObjectMb = 16" in stderr
+    # Slightly over: the sender finishes, hears OutOfResources, and the association ends normally.
+    assert refused.returncode != 0
+    assert "Received Store Response (Refused: OutOfResources)" in refused.stderr, refused.stderr
+    assert "Releasing Association" in refused.stderr, refused.stderr
+    # Far over: no store response at all; the association is aborted under the sender.
+    assert cut.returncode != 0
+    assert "Received Store Response" not in cut.stderr, cut.stderr
+    assert "aborted: its object passed" in stderr and "2 times Dicom.MaxObjectMb = 16" in stderr, stderr
+    passed_mb = float(stderr.split("its object passed ")[1].split(" MB")[0])
+    assert 32 < passed_mb < 100, f"cut only after {passed_mb} MB of a 200 MB object"
+    assert "over Dicom.MaxObjectMb = 16" in stderr  # the 24 MB one
+    assert after - before < 48, f"peak memory grew {after - before:.0f} MB for objects refused at 16 MB"
     kept = spool_files(config)
     assert [p.suffix for p in kept] == [".dcm"], "only the small warm-up object may be kept"
     assert kept[0].stat().st_size < 2 * 1024 * 1024
     header = pydicom.dcmread(big, stop_before_pixels=True)
     assert str(header.PatientName) not in stderr
-    print(f"200 MB refused in {took:.1f} s; peak RSS {before:.0f} -> {after:.0f} MB")
+    print(f"200 MB cut after {passed_mb:.0f} MB in {took:.1f} s; peak RSS {before:.0f} -> {after:.0f} MB")

@@ -53,8 +53,10 @@ What no peer can hold (a hostile network, or a broken modality):
   ``Dicom.IdleTimeoutSeconds`` is aborted;
 * an object's data set is counted as it arrives: past ``Dicom.MaxObjectMb`` the
   bytes are dropped as they come (memory stays at about the limit per
-  association) and the
-  C-STORE is refused with ``0xA700`` once the sender has finished;
+  association) and the C-STORE is refused with ``0xA700`` once the sender has
+  finished; past :data:`CUT_FACTOR` times the limit the sender is not waited
+  for: the association is aborted (a peer streaming without end is cut, not
+  just ignored);
 * :meth:`DicomScpSource.stop` aborts every open connection (an A-ABORT, then the
   socket is shut) and waits for no peer.
 """
@@ -476,17 +478,27 @@ class _Connections:
             time.sleep(0.02)
 
 
+#: An object this many times ``Dicom.MaxObjectMb`` is not waited for: its association is aborted.
+#: Slightly over the limit is refused politely (0xA700 when the object ends, the association goes
+#: on); far over, the sender is most likely broken or hostile, and reading on only costs time.
+CUT_FACTOR = 2
+
+
 class _CappedDataSet(BytesIO):
     """A C-STORE data set as it arrives, kept only up to ``Dicom.MaxObjectMb``.
 
     Past the limit what was kept is released and the rest is counted, not kept, so an object of
-    any size costs at most about the limit in memory; the C-STORE handler refuses it.
+    any size costs at most about the limit in memory; the C-STORE handler refuses it. Past
+    :data:`CUT_FACTOR` times the limit ``on_cut`` is called once (the receiver aborts the
+    association there).
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, on_cut: Callable[[int], None] | None = None) -> None:
         super().__init__()
         self.limit = limit
         self.received = 0  # every byte of the data set, kept or not
+        self.on_cut = on_cut
+        self.cut = False
 
     @property
     def over(self) -> bool:
@@ -500,6 +512,10 @@ class _CappedDataSet(BytesIO):
         if super().tell():
             self.seek(0)
             self.truncate()  # gives the memory back
+        if not self.cut and self.received > CUT_FACTOR * self.limit:
+            self.cut = True
+            if self.on_cut is not None:
+                self.on_cut(self.received)
         return size
 
 
@@ -885,7 +901,32 @@ class DicomScpSource:
         message = event.assoc.dimse.message
         if message is None or type(message.data_set) is not BytesIO:
             return
-        capped = _CappedDataSet(self._max_object_bytes)
+        assoc = event.assoc
+        peer = self._peer(event)
+        calling = str(assoc.requestor.ae_title).strip()
+        sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+
+        def cut(received: int) -> None:
+            log_event(
+                log,
+                "dicom_connection_dropped",
+                "DICOM association from %s (calling AE %r) aborted: its object passed %.0f MB, "
+                "%d times Dicom.MaxObjectMb = %d (nothing past the limit was kept)",
+                peer,
+                calling,
+                received / 1e6,
+                CUT_FACTOR,
+                self.config.max_object_mb,
+                level=logging.WARNING,
+                peer=peer,
+                reason="object_too_large",
+            )
+            if isinstance(sock, _GuardedSocket):
+                sock.abort()  # A-ABORT, then shut: the reader's next recv ends the association
+            else:  # pragma: no cover - every accepted socket is guarded
+                assoc.abort()
+
+        capped = _CappedDataSet(self._max_object_bytes, on_cut=cut)
         capped.write(message.data_set.getbuffer())
         message.data_set = capped
 
