@@ -71,7 +71,7 @@ would be lost without a word (issue 14). At open:
   --new-journal``): the old files are then moved aside, never deleted.
 
 **While it runs.** One service per journal: :class:`~edge_runtime.journal_integrity.InstanceLock`
-(``flock`` on ``journal.lock``, naming the holder's PID) is taken before the
+(``flock`` on the journal's folder and ``journal.lock``, naming the holder's PID) is taken before the
 journal is opened. The open SQLite connection would go on writing into a
 journal file that was deleted or replaced under it (nobody could open those
 commits again), so before every write that lets a scan leave its source, and

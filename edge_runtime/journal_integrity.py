@@ -209,67 +209,111 @@ def write_id_file(id_path: Path, journal_id: str) -> None:
 
 
 class InstanceLock:
-    """One service per journal: an exclusive ``flock`` on ``journal.lock``, held while it runs.
+    """One service per journal: exclusive ``flock`` locks on the journal's folder and ``journal.lock``.
 
     Two services on one journal would each take the other's scans and results and,
-    sharing ``Mqtt.ClientId``, knock each other off the broker. The lock is the
-    kernel's: it goes with the process (a ``kill -9`` or a crash frees it; a stale
-    file does not block), and the file holds the holder's PID so the refusal can
-    name it. Not inherited by child processes (the decoders start from a
-    forkserver, which gets no descriptors of ours).
+    sharing ``Mqtt.ClientId``, knock each other off the broker. The locks are the
+    kernel's: they go with the process (a ``kill -9`` or a crash frees them; a stale
+    file does not block). ``journal.lock`` holds the holder's PID so the refusal can
+    name it; the lock that counts is the one on the folder, which deleting
+    ``journal.lock`` under a running service cannot take away (a second service would
+    otherwise lock a new file of that name and run beside the first). Where the PID
+    file is gone, the holder is found in ``/proc/locks``. Not inherited by child
+    processes (the decoders start from a forkserver, which gets no descriptors of ours).
     """
 
     def __init__(self, journal_path: str | Path) -> None:
-        """Take the lock (creating the journal's folder if needed).
+        """Take the locks (creating the journal's folder if needed).
 
         Raises:
-            JournalInUse: another process holds it; the message names its PID.
+            JournalInUse: another process holds them; the message names its PID.
             JournalError: the lock file cannot be created (permissions, read-only disk).
         """
         journal = Path(journal_path).absolute()
         self.path = lock_path_for(journal)
+        flags = getattr(os, "O_CLOEXEC", 0)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+            folder = os.open(self.path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | flags)
         except OSError as exc:
-            raise translate_error(exc, journal, "Creating the journal lock file") from exc
+            raise translate_error(exc, journal, "Opening the journal's folder") from exc
+        fd = -1
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            holder = _holder(fd)
-            os.close(fd)
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise translate_error(exc, journal, "Locking the journal") from exc
-            who = f"PID {holder}" if holder else "its PID not written yet"
-            raise JournalInUse(
-                f"Another edge-runtime service ({who}) is already running with the journal {journal}: "
-                f"it holds {self.path}. A second one would share its scans, its results and its MQTT "
-                "client id (the two would knock each other off the broker), so this one does not start.",
-                action=(f"Nothing to do if that one should run (check: ps -p {holder}). " if holder else "")
-                + "To restart, stop that one first (systemctl stop, the Greengrass component, or "
-                + (f"kill {holder}" if holder else "kill its PID")
-                + "); to run a second service on this box, give it its own Journal.Path and Mqtt.ClientId.",
-            ) from None
+            held = _try_flock(folder)
+            if held:
+                try:
+                    fd = os.open(self.path, os.O_RDWR | os.O_CREAT | flags, 0o644)
+                except OSError as exc:
+                    raise translate_error(exc, journal, "Creating the journal lock file") from exc
+                held = _try_flock(fd)
+            if not held:
+                holder = _holder(self.path) or _flock_holder(folder)
+                who = f"PID {holder}" if holder else "its PID unknown"
+                check = f"Nothing to do if that one should run (check: ps -p {holder}). " if holder else ""
+                raise JournalInUse(
+                    f"Another edge-runtime service ({who}) is already running with the journal "
+                    f"{journal}: it holds {self.path} and its folder. A second one would share its "
+                    "scans, its results and its MQTT client id (the two would knock each other off "
+                    "the broker), so this one does not start.",
+                    action=check
+                    + "To restart, stop that one first (systemctl stop, the Greengrass component, or "
+                    + (f"kill {holder}" if holder else "kill its PID")
+                    + "); to run a second service on this box, give it its own Journal.Path and "
+                    "Mqtt.ClientId.",
+                )
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            os.close(folder)
+            raise
         try:
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode("ascii"))
         except OSError:
-            pass  # the lock is held; only the PID in the refusal of a second start is missing
-        self._fd: int | None = fd
+            pass  # the locks are held; only the PID in the refusal of a second start is missing
+        self._fds: tuple[int, ...] = (folder, fd)
 
     def release(self) -> None:
-        """Give the lock up (closing the file frees it). Idempotent."""
-        fd, self._fd = self._fd, None
-        if fd is not None:
+        """Give the locks up (closing the descriptors frees them). Idempotent."""
+        fds, self._fds = self._fds, ()
+        for fd in fds:
             os.close(fd)
 
 
-def _holder(fd: int) -> int | None:
+def _try_flock(fd: int) -> bool:
+    """An exclusive, non-blocking ``flock``: False when another process holds one."""
     try:
-        text = os.pread(fd, 32, 0).decode("ascii", errors="replace").strip()
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
+
+
+def _holder(path: Path) -> int | None:
+    """The PID ``journal.lock`` names, if it is there."""
+    try:
+        text = path.read_text(encoding="ascii", errors="replace").strip()
         return int(text) if text else None
     except (OSError, ValueError):
         return None
+
+
+def _flock_holder(fd: int) -> int | None:
+    """The PID holding a ``flock`` on ``fd``'s file, from ``/proc/locks`` (Linux); None if not found."""
+    try:
+        st = os.fstat(fd)
+        wanted = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+        with open("/proc/locks", encoding="ascii", errors="replace") as locks:
+            for line in locks:
+                fields = line.split()
+                # "1: FLOCK  ADVISORY  WRITE 23667 fe:00:260072 0 EOF" (a "->" marks a waiter)
+                if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == wanted:
+                    return int(fields[4])
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def _read_id_file(path: Path, id_path: Path) -> str | None:

@@ -42,6 +42,25 @@ def test_a_second_journal_on_the_same_file_is_refused_naming_the_holder(tmp_path
     Journal(path).close()  # closing freed the lock
 
 
+def test_deleting_the_lock_file_under_a_running_service_does_not_let_a_second_one_in(
+    tmp_path: Path,
+) -> None:
+    """``rm state/journal.lock`` while the first runs: the second locked a new file of that name and ran."""
+    path = tmp_path / "state" / "journal.sqlite3"
+    first = Journal(path)
+    try:
+        (tmp_path / "state" / "journal.lock").unlink()
+        with pytest.raises(JournalInUse) as caught:
+            Journal(path)
+        # The PID file is gone: the holder is found from the kernel's lock table instead.
+        assert f"PID {os.getpid()}" in caught.value.message
+        assert f"kill {os.getpid()}" in caught.value.action
+    finally:
+        first.close()
+    Journal(path).close()  # closing freed both locks
+    assert (tmp_path / "state" / "journal.lock").read_text().strip() == str(os.getpid())
+
+
 def test_a_deleted_state_folder_is_not_a_first_start(tmp_path: Path) -> None:
     path = tmp_path / "state" / "journal.sqlite3"
     journal = Journal(path)
