@@ -293,7 +293,7 @@ def _floor_with_reports_one(path: str) -> tuple[float, float, float]:
     t1 = time.perf_counter()
     result = outcome.result
     prioritize(result, None)
-    _FLOOR["writer"].build(result, Path(path), image=outcome.image, heatmap=outcome.heatmap)
+    _FLOOR["writer"].build(result, outcome.header, image=outcome.image, heatmap=outcome.heatmap)
     t2 = time.perf_counter()
     shutil.rmtree(_FLOOR["reports"] / result["message_id"], ignore_errors=True)
     return t1 - t0, t2 - t1, 0.0

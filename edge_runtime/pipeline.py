@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,9 @@ class ScanOutcome:
     #: The decoded image as the overlay is drawn on it (2-D, [0, 1], longer side at most the
     #: ``preview_side`` asked for); None when ``heatmap`` is, or when no preview was asked for.
     image: np.ndarray | None = None
+    #: For DICOM, the header bytes the decoder read (the reports are built from them, never
+    #: from the file again); None for other images.
+    header: bytes | None = field(default=None, repr=False)
 
 
 class ScanAnalyzer:
@@ -321,6 +324,7 @@ class ScanAnalyzer:
             timings_ms=timings,
             heatmap=heat,
             image=prepared.preview if heat is not None else None,
+            header=prepared.header,
         )
 
     def status_model(self) -> dict[str, Any]:

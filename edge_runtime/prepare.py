@@ -76,6 +76,8 @@ class PreparedScan:
             (:func:`~edge_runtime.reports.preview.fit_image`), or None.
         timings_ms: ``decode``, ``preprocess`` and ``digest`` as measured where they ran
             (the digest runs beside preprocessing).
+        header: The decoder's :attr:`~edge_runtime.decode.base.DecodedImage.header`: the
+            DICOM header bytes the reports are built from (a few KB), or None.
     """
 
     kind: str
@@ -87,6 +89,7 @@ class PreparedScan:
     pixels_sha256: str | None
     preview: np.ndarray | None
     timings_ms: dict[str, float]
+    header: bytes | None = field(default=None, repr=False)
 
     def sample_or_raise(self) -> np.ndarray:
         """The model input, or the UnsupportedImage preprocessing ended with."""
@@ -169,6 +172,7 @@ def prepare_file(
         preprocess_error=error,
         pixels_sha256=pixels_sha256,
         preview=preview,
+        header=decoded.header,
         timings_ms={
             "decode": (t1 - t0) * 1000,
             "preprocess": (t2 - t1) * 1000,

@@ -19,14 +19,16 @@ when either is short, scans wait at their source. Only the results channel
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import queue
 import shutil
 import threading
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
+from typing import Any
 
 from .config import RuntimeConfig
 from .errors import EdgeRuntimeError, InputError
@@ -78,6 +80,34 @@ def intake_blocked(config: RuntimeConfig, journal: Journal, primary: Collection[
     return None
 
 
+class _KeyedLocks:
+    """A lock per key, kept only while someone holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._locks: dict[str, tuple[threading.Lock, int]] = {}
+
+    @contextlib.contextmanager
+    def hold(self, key: str | None) -> Iterator[None]:
+        """Hold ``key``'s lock for the ``with`` block (nothing to hold for None or "")."""
+        if not key:
+            yield
+            return
+        with self._lock:
+            lock, users = self._locks.get(key, (threading.Lock(), 0))
+            self._locks[key] = (lock, users + 1)
+        try:
+            with lock:
+                yield
+        finally:
+            with self._lock:
+                lock, users = self._locks[key]
+                if users == 1:
+                    del self._locks[key]
+                else:
+                    self._locks[key] = (lock, users - 1)
+
+
 class WorkerPool:
     """``workers`` threads over one priority queue (oldest scan first)."""
 
@@ -114,6 +144,8 @@ class WorkerPool:
         self._errors: dict[tuple[Path, int, float], int] = {}
         #: Files given up on (even quarantine failed), with the stat they had: not offered again.
         self._parked: dict[Path, tuple[int, float]] = {}
+        #: One decision at a time per SOP Instance UID (its place in the UID's history).
+        self._instances = _KeyedLocks()
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self, workers: int) -> None:
@@ -302,35 +334,51 @@ class WorkerPool:
             return
         result = outcome.result
         sop_uid = result["input"].get("sop_instance_uid")
-        if sop_uid:
-            # Subscribers must hold the latest image of every SOP Instance UID: a different one
-            # (new, or one seen before: A, B, A) supersedes what they hold; the same one repeats.
-            latest = self.journal.latest_result_of_instance(sop_uid, exclude_input=record.id)
-            result["message_id"], earlier = place_in_history(result["message_id"], latest)
-            if earlier is not None:
-                result["supersedes"] = earlier
-            if earlier is not None and latest is not None and latest.message_id == earlier:
-                event(
-                    log,
-                    "supersedes",
-                    "%s carries SOP Instance UID %s with another image than the latest result; "
-                    "published as a new result that supersedes %s",
-                    named,
-                    loggable_uid(sop_uid),
-                    earlier[:16],
-                    level=logging.WARNING,
-                    file=named,
-                    sha256=sha256[:16],
-                    message_id=result["message_id"],
-                    supersedes=earlier,
-                )
-        t_reports = time.perf_counter()
-        links = self.reports.write(config, result, path, image=outcome.image, heatmap=outcome.heatmap)
-        if links is not None:
-            result["reports"] = links
-            if "error" in links:
-                self.health.report_code(result["message_id"][:16], links.get("error_code", "report_failed"))
-        result["timings_ms"]["reports"] = round((time.perf_counter() - t_reports) * 1000, 3)
-        payload = json.dumps(result, separators=(",", ":"), sort_keys=True)
-        deliveries = [d for s in self._sinks() if (d := s.delivery(config, result, payload)) is not None]
-        self.recorder.result(item, sha256, record.id, result, deliveries)
+        # Two images of one SOP Instance UID finishing at once must not both read "nothing yet"
+        # (or the same latest) and publish side by side: each decides its place in the UID's
+        # history and commits its result before the next one of that UID may decide.
+        with self._instances.hold(sop_uid):
+            if sop_uid:
+                self._place_in_history(result, sop_uid, record.id, named, sha256)
+            t_reports = time.perf_counter()
+            links = self.reports.write(
+                config, result, outcome.header, image=outcome.image, heatmap=outcome.heatmap
+            )
+            if links is not None:
+                result["reports"] = links
+                if "error" in links:
+                    code = links.get("error_code", "report_failed")
+                    self.health.report_code(result["message_id"][:16], code)
+            result["timings_ms"]["reports"] = round((time.perf_counter() - t_reports) * 1000, 3)
+            payload = json.dumps(result, separators=(",", ":"), sort_keys=True)
+            deliveries = [d for s in self._sinks() if (d := s.delivery(config, result, payload)) is not None]
+            self.recorder.result(item, sha256, record.id, result, deliveries)
+
+    def _place_in_history(
+        self, result: dict[str, Any], sop_uid: str, input_id: int, named: str, sha256: str
+    ) -> None:
+        """Set the result's ``message_id`` and ``supersedes`` from its SOP Instance UID's history.
+
+        Subscribers must hold the latest image of every SOP Instance UID: a different one
+        (new, or one seen before: A, B, A) supersedes what they hold; the same one repeats.
+        """
+        latest = self.journal.latest_result_of_instance(sop_uid, exclude_input=input_id)
+        result["message_id"], earlier = place_in_history(result["message_id"], latest)
+        if earlier is None:
+            return
+        result["supersedes"] = earlier
+        if latest is not None and latest.message_id == earlier:
+            event(
+                log,
+                "supersedes",
+                "%s carries SOP Instance UID %s with another image than the latest result; "
+                "published as a new result that supersedes %s",
+                named,
+                loggable_uid(sop_uid),
+                earlier[:16],
+                level=logging.WARNING,
+                file=named,
+                sha256=sha256[:16],
+                message_id=result["message_id"],
+                supersedes=earlier,
+            )

@@ -109,7 +109,7 @@ analyzer.close()
 reports = ReportProcesses(1)
 def write():
     result = dict(outcome.result, message_id=f"m{len(links):02d}" + "0" * 30)
-    return reports.write(config, result, scan, image=outcome.image, heatmap=outcome.heatmap)
+    return reports.write(config, result, outcome.header, image=outcome.image, heatmap=outcome.heatmap)
 links = []
 links.append(write())                                  # room: written
 filler = volume / "filler"

@@ -221,6 +221,41 @@ def test_a_then_b_then_a_again_publishes_a_again_superseding_b(
     assert events.count("supersedes") == 2 and events.count("duplicate") == 1
 
 
+def test_two_images_of_one_uid_at_once_are_published_one_superseding_the_other(
+    shared_data, tiny_bundle, running, subscriber_factory, tmp_path, monkeypatch
+):
+    """Both workers on A and B of one SOP Instance UID: each used to read "nothing yet" and publish
+    as the first, so subscribers held whichever came last without knowing it replaced the other."""
+    from edge_runtime.reports.processes import ReportProcesses
+
+    write = ReportProcesses.write
+    inside = []
+
+    def slow_write(self, *args, **kwargs):
+        inside.append(time.monotonic())
+        time.sleep(1.0)  # both workers are between deciding and committing (reports are built there)
+        return write(self, *args, **kwargs)
+
+    monkeypatch.setattr(ReportProcesses, "write", slow_write)
+    _service, config = running(tiny_bundle)
+    sub = subscriber_factory(config.mqtt.results_topic)
+    ds = _siim(shared_data)
+    a = _save(ds, tmp_path / "a.dcm")
+    b = _save(_inverted(ds), tmp_path / "b.dcm")
+    drop(a, config.inbox.path, "a.dcm")
+    drop(b, config.inbox.path, "b.dcm")
+    first, second = sub.wait_for(lambda ps: len(ps) >= 2, timeout_s=60)
+    assert first["input"]["sop_instance_uid"] == second["input"]["sop_instance_uid"]
+    assert "supersedes" not in first
+    assert second.get("supersedes") == first["message_id"]
+    assert {first["input"]["sha256"], second["input"]["sha256"]} == {
+        hashlib.sha256(a.read_bytes()).hexdigest(),
+        hashlib.sha256(b.read_bytes()).hexdigest(),
+    }
+    # The second waited for the first's commit: its reports began a full second later.
+    assert len(inside) == 2 and inside[1] - inside[0] >= 0.9
+
+
 @pytest.mark.parametrize("how", ["rename", "in_place"])
 def test_a_file_swapped_between_hash_and_decode_is_not_decoded_as_the_first(
     shared_data, tiny_bundle, running, subscriber_factory, tmp_path, monkeypatch, how

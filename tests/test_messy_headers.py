@@ -288,7 +288,7 @@ def test_each_quirky_header_still_gets_sr_fhir_and_heatmap_that_pass_the_tools(
     writer = ReportWriter(ReportsConfig(), tmp_path / "reports")
     prioritize(result, None)
     with caplog.at_level(logging.DEBUG):
-        outcome = writer.build(result, path, image=analysed.image, heatmap=analysed.heatmap)
+        outcome = writer.build(result, path.read_bytes(), image=analysed.image, heatmap=analysed.heatmap)
         links = log_outcome(result, outcome)
     assert links is not None and "error" not in links, links
     assert {"sr", "fhir", "heatmap_png", "heatmap_dicom"} <= set(links)
@@ -332,7 +332,7 @@ def test_a_report_failure_publishes_a_code_and_fixed_text_and_logs_scrubbed_deta
     prioritize(result, None)
     with caplog.at_level(logging.DEBUG):
         outcome = ReportWriter(ReportsConfig(), tmp_path / "reports").build(
-            result, path, image=analysed.image, heatmap=analysed.heatmap
+            result, path.read_bytes(), image=analysed.image, heatmap=analysed.heatmap
         )
         links = log_outcome(result, outcome)
     assert links == {

@@ -48,7 +48,7 @@ def test_a_killed_report_process_costs_one_report_then_a_new_one_takes_over(
         def write() -> dict:
             result = dict(outcome.result)
             links = reports.write(
-                config, result, shared_data / CHEST, image=outcome.image, heatmap=outcome.heatmap
+                config, result, outcome.header, image=outcome.image, heatmap=outcome.heatmap
             )
             assert links is not None and result["priority"] in ("urgent", "routine")
             return links

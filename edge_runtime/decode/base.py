@@ -37,12 +37,16 @@ class DecodedImage:
             keywords' snake_case (``sop_instance_uid``, ``modality``,
             ``body_part_examined``, ``view_position``, ``pixel_spacing_mm``).
             Never patient name, ID or birth date.
+        header: For DICOM, the decoded bytes up to the pixel data (the header the
+            reports are built from: the same bytes the decoder read, so a file
+            changed since is never read for them); None for other images.
     """
 
     pixels: np.ndarray
     kind: str
     decoder: str
     metadata: dict[str, Any] = field(default_factory=dict)
+    header: bytes | None = field(default=None, repr=False)
 
 
 class Decoder(Protocol):

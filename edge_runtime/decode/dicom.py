@@ -24,6 +24,7 @@ import io
 import logging
 import math
 import shutil
+import struct
 import subprocess
 import tempfile
 import warnings
@@ -75,6 +76,7 @@ class StoredFrame:
         photometric: Photometric Interpretation, stripped.
         decoder: ``dicom`` or ``dicom+<dcmtk tool>``.
         metadata: As in :class:`DecodedImage`.
+        header: As in :class:`DecodedImage` (None when decoded from ``path``).
     """
 
     values: np.ndarray
@@ -82,6 +84,7 @@ class StoredFrame:
     photometric: str
     decoder: str
     metadata: dict[str, Any]
+    header: bytes | None = None
 
 
 class DicomDecoder:
@@ -128,9 +131,17 @@ class DicomDecoder:
 
     def decode_data(self, data: bytes | None, path: Path, limits: DecodeLimits) -> DecodedImage:
         """Decode DICOM already in memory (None: read ``path``); else ``path`` only names it."""
+        if data is None:
+            data = path.read_bytes()  # one read: the pixels and the header come from the same bytes
         frame = self.decode_stored(path, limits, data=data)
         grey = _to_display_grey(frame.values, frame.dataset, frame.photometric)
-        return DecodedImage(pixels=grey, kind="dicom", decoder=frame.decoder, metadata=frame.metadata)
+        return DecodedImage(
+            pixels=grey,
+            kind="dicom",
+            decoder=frame.decoder,
+            metadata=frame.metadata,
+            header=frame.header,
+        )
 
     def decode_stored(self, path: Path, limits: DecodeLimits, *, data: bytes | None = None) -> StoredFrame:
         """The first frame as decoded, before the Modality LUT, VOI and inversion.
@@ -140,6 +151,7 @@ class DicomDecoder:
         file's content, already read (``path`` then only names it).
         """
         ds = self._read(path, data)
+        header = None if data is None else _header_bytes(ds, data)
         metadata = _metadata(ds)
         sop_class = str(ds.get("SOPClassUID", "") or ds.file_meta.get("MediaStorageSOPClassUID", ""))
         if sop_class == _DICOMDIR_SOP_CLASS or "DirectoryRecordSequence" in ds:
@@ -190,7 +202,12 @@ class DicomDecoder:
                 tool,
             )
         return StoredFrame(
-            values=arr, dataset=ds, photometric=photometric, decoder=decoder_name, metadata=metadata
+            values=arr,
+            dataset=ds,
+            photometric=photometric,
+            decoder=decoder_name,
+            metadata=metadata,
+            header=header,
         )
 
 
@@ -516,6 +533,34 @@ class _Window:
             out = apply_windowing(values, ds, index=0)
         scaled: np.ndarray = (out - self.lo) / (self.hi - self.lo)
         return scaled
+
+
+#: Pixel Data, Float Pixel Data, Double Float Pixel Data: where a header ends.
+_PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
+
+
+def _header_bytes(ds: Any, data: bytes) -> bytes:
+    """``data`` up to its pixel data element: what the reports are built from.
+
+    Found from where pydicom read the pixel data's value (its element header,
+    8 or 12 bytes before, must hold the tag); where that cannot be trusted (a
+    deflated data set, whose offsets are in the inflated stream) all of ``data``.
+    Either way these are the bytes that were decoded, never the file read again.
+    """
+    for tag in _PIXEL_TAGS:
+        if tag not in ds:
+            continue
+        value_tell = getattr(ds.get_item(tag), "value_tell", None)
+        if not isinstance(value_tell, int):
+            break
+        group, element = tag >> 16, tag & 0xFFFF
+        marks = (struct.pack("<HH", group, element), struct.pack(">HH", group, element))
+        implicit = bool(getattr(ds, "original_encoding", (False,))[0])
+        for start in (value_tell - 8,) if implicit else (value_tell - 12, value_tell - 8):
+            if start > 0 and data[start : start + 4] in marks:
+                return data[:start]
+        break
+    return data
 
 
 def _int_tag(ds: Any, keyword: str, default: int | None) -> int | None:

@@ -12,9 +12,10 @@ on in the parent.
 
 Only DICOM scans' reports go to a child (an SR, a Secondary Capture, FHIR);
 a PNG or JPEG gets only the heat-map PNG, a few ms, built in the worker. Only
-small things cross: the result, the source's path (the child reads the
-header itself), the image already shrunk to the heat-map size and the 3x3
-map. The child logs nothing; the parent logs what it reports. If a child dies
+small things cross: the result, the DICOM header bytes the decoder read (a
+few KB: the child never opens the scan, which may have changed since), the
+image already shrunk to the heat-map size and the 3x3 map. The child logs
+nothing; the parent logs what it reports. If a child dies
 or hangs (``REPORT_TIMEOUT_S``), the pool is replaced and the result is
 published with ``reports.error_code`` ``report_timeout`` or
 ``report_process_crashed`` and its fixed text: a report never costs a result.
@@ -97,12 +98,12 @@ def _build(
     config: ReportsConfig,
     path: Path,
     result: dict[str, Any],
-    source: Path,
+    header: bytes | None,
     image: np.ndarray | None,
     heatmap: np.ndarray | None,
 ) -> ReportOutcome:
     """In the child: the same build the service would run in-process."""
-    return ReportWriter(config, path).build(result, source, image=image, heatmap=heatmap)
+    return ReportWriter(config, path).build(result, header, image=image, heatmap=heatmap)
 
 
 def _follow_the_service(service_pid: int) -> None:
@@ -217,7 +218,7 @@ class ReportProcesses:
         self,
         config: RuntimeConfig,
         result: dict[str, Any],
-        source: Path,
+        header: bytes | None,
         *,
         image: np.ndarray | None,
         heatmap: np.ndarray | None,
@@ -235,7 +236,7 @@ class ReportProcesses:
             return failed_outcome(result["message_id"], ReportDiskFull("reports paused: disk full")).links
         if result["input"]["kind"] != "dicom" or not (reports.dicom_sr or reports.fhir):
             # Only a heat-map PNG (a few ms): sending it to a child would cost more than it saves.
-            outcome = writer.build(result, source, image=image, heatmap=heatmap)
+            outcome = writer.build(result, header, image=image, heatmap=heatmap)
             self._note(path, outcome)
             return log_outcome(result, outcome)
         if not reports.heatmap:
@@ -243,7 +244,7 @@ class ReportProcesses:
         pool = self._pool()
         try:
             future: Future[ReportOutcome] = pool.submit(
-                _build, reports, config.reports_path, result, source, image, heatmap
+                _build, reports, config.reports_path, result, header, image, heatmap
             )
             outcome = future.result(timeout=REPORT_TIMEOUT_S)
         except (BrokenProcessPool, FutureTimeout) as exc:

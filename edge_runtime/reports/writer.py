@@ -37,6 +37,7 @@ import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,7 +48,6 @@ from ..durable import fsync_dir
 from ..errors import EdgeRuntimeError, ReportDiskFull, ReportError, public_text
 from ..logs import event
 from ..privacy import scrub_header_values
-from ..sources.files import open_admitted
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -78,12 +78,16 @@ def is_disk_full(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
-def read_source_header(path: Path) -> Dataset:
-    """The scan's DICOM header (no pixels), read through the same safe opener as the scan itself."""
+def read_source_header(header: bytes) -> Dataset:
+    """The scan's DICOM header (no pixels) from the bytes the decoder read.
+
+    ``header`` is :attr:`~edge_runtime.pipeline.ScanOutcome.header` (the file up to
+    its pixel data, or all of it): the reports describe exactly what was decoded and
+    hashed, and the file, which may have changed since, is never opened again.
+    """
     import pydicom  # imported when used: a service without DICOM input starts faster
 
-    with open_admitted(path) as handle:
-        return pydicom.dcmread(handle, stop_before_pixels=True)
+    return pydicom.dcmread(BytesIO(header), stop_before_pixels=True, force=True)
 
 
 @dataclass(frozen=True)
@@ -179,8 +183,6 @@ class _File:
 
 
 def _dicom_bytes(dataset: Dataset) -> bytes:
-    from io import BytesIO
-
     buffer = BytesIO()
     dataset.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
@@ -212,7 +214,7 @@ class ReportWriter:
     def write(
         self,
         result: dict[str, Any],
-        source: Path,
+        header: bytes | None,
         *,
         image: np.ndarray | None,
         heatmap: np.ndarray | None,
@@ -226,17 +228,21 @@ class ReportWriter:
         prioritize(result, self.config.urgent_threshold)
         if not self.enabled:
             return None
-        return log_outcome(result, self.build(result, source, image=image, heatmap=heatmap))
+        return log_outcome(result, self.build(result, header, image=image, heatmap=heatmap))
 
     def build(
         self,
         result: dict[str, Any],
-        source: Path,
+        source_header: bytes | None,
         *,
         image: np.ndarray | None,
         heatmap: np.ndarray | None,
     ) -> ReportOutcome:
-        """Build and write the files of a result whose ``priority`` is set; logs nothing."""
+        """Build and write the files of a result whose ``priority`` is set; logs nothing.
+
+        ``source_header``: the scan's DICOM header bytes as the decoder read them
+        (:attr:`~edge_runtime.pipeline.ScanOutcome.header`); None for other images.
+        """
         message_id = result["message_id"]
         urgent = result.get("priority") == "urgent"
         links: dict[str, Any] = {"folder": message_id}
@@ -248,7 +254,9 @@ class ReportWriter:
             if result["input"]["kind"] == "dicom":
                 from .header import clean_header
 
-                raw = read_source_header(source)
+                if source_header is None:
+                    raise ValueError("the DICOM header the decoder read was not handed over")
+                raw = read_source_header(source_header)
                 header, header_fixes = clean_header(raw)
                 fixes = tuple(str(fix) for fix in header_fixes)
             secondary: Dataset | None = None

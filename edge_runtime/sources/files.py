@@ -33,7 +33,6 @@ import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 from ..config import InboxConfig
 from ..errors import (
@@ -49,7 +48,6 @@ __all__ = [
     "ScanFile",
     "display_name",
     "file_key",
-    "open_admitted",
     "read_scan",
     "read_verified",
     "safe_file_name",
@@ -123,23 +121,6 @@ def _resolve_link_inside(path: Path, config: InboxConfig) -> Path:
             f"{name} is a symbolic link (to a file {where}); it was not followed and nothing was read."
         )
     return target
-
-
-def open_admitted(path: Path) -> BinaryIO:
-    """Open a scan that :func:`read_scan` already admitted, for a second reader (its header).
-
-    A link was checked at admission (``Inbox.Symlinks``), so its target is
-    opened; anything that is no longer a regular file is refused unread.
-    """
-    if os.path.islink(path):
-        path = Path(os.path.realpath(path))
-    fd = os.open(path, _open_flags())
-    handle = os.fdopen(fd, "rb")
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        handle.close()
-        raise NotARegularFile(f"{display_name(path.name)} is no longer a regular file; it was not read.")
-    os.set_blocking(fd, True)
-    return handle
 
 
 def read_scan(path: Path, config: InboxConfig) -> ScanFile:

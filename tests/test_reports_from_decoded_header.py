@@ -1,0 +1,98 @@
+"""Reports are built from the header the decoder read, never from the scan file opened again.
+
+The decoder child reads a scan once, checks those bytes against the hash it was admitted
+under and decodes them; the report child used to open the file by path for the header of the
+SR, the Secondary Capture and FHIR. A file replaced in between (another patient's image under
+the same name) would then have had its header written into reports about the first image.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import pydicom
+import pytest
+from conftest import TEST_TRUSTED_KEYS
+
+from edge_runtime.config import RuntimeConfig
+from edge_runtime.pipeline import ScanAnalyzer
+from edge_runtime.reports.processes import ReportProcesses
+from edge_runtime.sources.files import read_scan
+
+CHEST = "dicom/derived/siim_cxr_explicit_le.dcm"
+DEFLATED = "dicom/derived/siim_cxr_deflated_le.dcm"
+J2K = "dicom/pydicom_data/RG1_J2KR.dcm"
+
+
+@pytest.fixture(scope="module")
+def analyzer(default_bundle: Path):
+    analyzer = ScanAnalyzer.from_bundle_path(default_bundle, isolate=True)  # the service's decoder child
+    yield analyzer
+    analyzer.close()
+
+
+def _admit(path: Path, config: RuntimeConfig):
+    return read_scan(path, config.inbox)
+
+
+@pytest.mark.parametrize("name", [CHEST, J2K, DEFLATED])
+def test_the_header_handed_on_is_the_decoded_files_own_up_to_its_pixels(
+    name: str, shared_data: Path, analyzer: ScanAnalyzer, tmp_path: Path
+) -> None:
+    source = shared_data / name
+    config = RuntimeConfig.from_mapping({"Journal": {"Path": str(tmp_path / "state" / "j.sqlite3")}})
+    scan = _admit(source, config)
+    outcome = analyzer.analyze(source, scan.sha256, scan=scan)
+    data = source.read_bytes()
+    assert outcome.header is not None and data.startswith(outcome.header)
+    deflated = name == DEFLATED
+    # Up to the pixel data (a few KB), except a deflated data set: all of it (its offsets are inflated).
+    assert (len(outcome.header) == len(data)) if deflated else (len(outcome.header) < 64 * 1024)
+    ours = pydicom.dcmread(io.BytesIO(outcome.header), stop_before_pixels=True)
+    theirs = pydicom.dcmread(source, stop_before_pixels=True)
+    assert ours == theirs
+
+
+def test_a_scan_replaced_after_decoding_does_not_lend_its_header_to_the_reports(
+    shared_data: Path, analyzer: ScanAnalyzer, tmp_path: Path
+) -> None:
+    config = RuntimeConfig.from_mapping(
+        {
+            "Journal": {"Path": str(tmp_path / "state" / "journal.sqlite3")},
+            "Model": {"TrustedKeys": TEST_TRUSTED_KEYS},
+        }
+    )
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    first, other = inbox / "scan.dcm", tmp_path / "other.dcm"
+    ds = pydicom.dcmread(shared_data / CHEST)
+    ds.PatientName, ds.PatientID = "First^Patient", "FIRST-1"
+    ds.save_as(first, enforce_file_format=True)
+    ds.PatientName, ds.PatientID = "Second^Patient", "SECOND-2"
+    ds.save_as(other, enforce_file_format=True)
+
+    scan = _admit(first, config)
+    outcome = analyzer.analyze(first, scan.sha256, scan=scan)
+    os.replace(other, first)  # another patient's image under the name, after the decode
+    reports = ReportProcesses(1)  # the service's report child
+    try:
+        result = dict(outcome.result)
+        links = reports.write(config, result, outcome.header, image=outcome.image, heatmap=outcome.heatmap)
+    finally:
+        reports.close()
+    assert links is not None and "error" not in links, links
+    folder = config.reports_path / links["folder"]
+    for report in ("sr.dcm", "heatmap.dcm"):
+        written = pydicom.dcmread(folder / report)
+        assert (str(written.PatientName), written.PatientID) == ("First^Patient", "FIRST-1"), report
+    assert "SECOND-2" not in (folder / "fhir.json").read_text()
+    first.unlink()  # gone altogether: the reports need nothing from it
+    result = dict(outcome.result, message_id="f" * 64)
+    again = ReportProcesses(1)
+    try:
+        links = again.write(config, result, outcome.header, image=outcome.image, heatmap=outcome.heatmap)
+    finally:
+        again.close()
+    assert links is not None and "error" not in links and "sr" in links, links
