@@ -20,8 +20,10 @@ Greengrass v2 sets:
   would fail with NoAvailableComponentVersionException).
 * ``status --group G``: the group's deployment and its IoT job's per-device
   counts.
-* ``rollback --group G``: deploy the highest published version below the one
-  the group runs now.
+* ``rollback --group G``: deploy again what the group ran before: the components
+  of its latest earlier deployment that pinned another model version (not
+  merely a lower published version, which may never have run, or be the very
+  version being rolled back from).
 * ``list [--group G ...]``: published versions, and which one each group runs.
 * ``trust --group G --kms-key ARN``: once per fleet, before its first signed
   release: put the public half of the pipeline's signing key into the runtime
@@ -47,13 +49,14 @@ import hashlib
 import json
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import boto3
+import yaml
 from botocore.exceptions import BotoCoreError, ClientError
 
 if TYPE_CHECKING:
@@ -127,9 +130,14 @@ class Clients:
         """The caller's account, asked of STS once per command (every ARN needs it)."""
         return str(self.sts.get_caller_identity()["Account"])
 
+    @functools.cached_property
+    def partition(self) -> str:
+        """``aws``, ``aws-cn`` or ``aws-us-gov``: the region's ARN partition (botocore's endpoint data)."""
+        return str(boto3.session.Session().get_partition_for_region(self.region))
+
     def component_arn(self, version: str | None = None, component: str = MODEL_COMPONENT) -> str:
         account = self.account
-        arn = f"arn:aws:greengrass:{self.region}:{account}:components:{component}"
+        arn = f"arn:{self.partition}:greengrass:{self.region}:{account}:components:{component}"
         return f"{arn}:versions:{version}" if version else arn
 
 
@@ -204,6 +212,94 @@ def _existing_recipe(clients: Clients, version: str) -> str | None:
     return recipe.decode("utf-8") if isinstance(recipe, bytes) else str(recipe)
 
 
+def _key(mapping: Mapping[str, Any], name: str) -> Any:
+    """``mapping[name]`` with recipe keys read case-insensitively, as Greengrass reads them (None: absent)."""
+    for key, value in mapping.items():
+        if str(key).lower() == name.lower():
+            return value
+    return None
+
+
+def _section(mapping: Mapping[str, Any], name: str) -> dict[str, Any]:
+    value = _key(mapping, name)
+    return dict(value) if isinstance(value, Mapping) else {}
+
+
+def _upper(value: Any, default: str) -> str:
+    return str(value if value is not None else default).upper()
+
+
+def _artifact_meaning(artifact: Mapping[str, Any]) -> dict[str, Any]:
+    """What we author of an artifact; the service adds ``Digest`` and ``Algorithm`` (left out here)."""
+    permission = _section(artifact, "Permission")
+    return {
+        "uri": str(_key(artifact, "Uri")),
+        # Greengrass's defaults, which the service may write out: no unarchiving, owner-readable.
+        "unarchive": _upper(_key(artifact, "Unarchive"), "NONE"),
+        "read": _upper(_key(permission, "Read"), "OWNER"),
+        "execute": _upper(_key(permission, "Execute"), "NONE"),
+    }
+
+
+def recipe_meaning(text: str | bytes) -> dict[str, Any]:
+    """The parts of a recipe we author, in a form that survives the service's normalisation.
+
+    ``GetComponent`` does not return the recipe as created: comments are gone,
+    keys re-ordered and re-serialised (YAML or JSON), artifacts carry a
+    ``Digest`` and ``Algorithm`` the service computed. Compared here: name,
+    version, dependencies, each manifest's platform, lifecycle and artifacts
+    (URI, unarchive, permission) and the default configuration.
+
+    Raises:
+        ValueError: ``text`` is not a YAML or JSON mapping.
+    """
+    raw = text.decode("utf-8") if isinstance(text, bytes) else text
+    try:
+        data = json.loads(raw) if raw.lstrip().startswith("{") else yaml.safe_load(raw)
+    except (ValueError, yaml.YAMLError) as exc:
+        raise ValueError(f"not a YAML or JSON recipe: {exc}") from None
+    if not isinstance(data, Mapping):
+        raise ValueError("a recipe is a mapping")
+    dependencies = {
+        str(name): {
+            "version": str(_key(spec, "VersionRequirement")),
+            "type": _upper(_key(spec, "DependencyType"), "HARD"),
+        }
+        for name, spec in _section(data, "ComponentDependencies").items()
+        if isinstance(spec, Mapping)
+    }
+    manifests = [
+        {
+            "platform": {str(k).lower(): str(v) for k, v in _section(manifest, "Platform").items()},
+            "lifecycle": _section(manifest, "Lifecycle"),
+            "selections": sorted(str(s) for s in _key(manifest, "Selections") or []),
+            "artifacts": [
+                _artifact_meaning(a) for a in _key(manifest, "Artifacts") or [] if isinstance(a, Mapping)
+            ],
+        }
+        for manifest in _key(data, "Manifests") or []
+        if isinstance(manifest, Mapping)
+    ]
+    return {
+        "name": str(_key(data, "ComponentName")),
+        "version": str(_key(data, "ComponentVersion")),
+        "dependencies": dependencies,
+        "manifests": manifests,
+        "lifecycle": _section(data, "Lifecycle"),
+        "configuration": _section(_section(data, "ComponentConfiguration"), "DefaultConfiguration"),
+    }
+
+
+def same_recipe(published: str | bytes | None, ours: str) -> bool:
+    """True when the service's copy of a recipe means what ``ours`` means (False: absent or unreadable)."""
+    if published is None:
+        return False
+    try:
+        return recipe_meaning(published) == recipe_meaning(ours)
+    except ValueError:
+        return False
+
+
 def publish(
     clients: Clients, bundle_dir: Path, bucket: str, trust: BundleTrust | None = None
 ) -> dict[str, Any]:
@@ -238,7 +334,7 @@ def publish(
 
         existing = _existing_recipe(clients, version)
         if existing is not None:
-            if existing.strip() != recipe.strip() or _object_sha(clients, bucket, key) != digest:
+            if not same_recipe(existing, recipe) or _object_sha(clients, bucket, key) != digest:
                 raise ReleaseError(
                     f"{MODEL_COMPONENT} {version} is already published with other content; Greengrass "
                     "component versions are immutable.",
@@ -263,7 +359,7 @@ def publish(
             raise
         # Created meanwhile (another publisher, or a retried call): same rule as above, once.
         existing = _existing_recipe(clients, version)
-        if existing is None or existing.strip() != recipe.strip():
+        if not same_recipe(existing, recipe):
             raise ReleaseError(
                 f"{MODEL_COMPONENT} {version} was created by someone else meanwhile"
                 + (" with another recipe." if existing else "; Greengrass cannot show it yet."),
@@ -280,7 +376,7 @@ def _object_sha(clients: Clients, bucket: str, key: str) -> str | None:
         if _error_code(exc) in ("404", "NoSuchKey", "NotFound"):
             return None
         raise
-    return head.get("Metadata", {}).get(_SHA_METADATA, "unknown")
+    return str(head.get("Metadata", {}).get(_SHA_METADATA, "unknown"))
 
 
 def _group_arn(clients: Clients, group: str) -> str:
@@ -351,6 +447,21 @@ def revise_deployment(
     return current, components, dict(created)
 
 
+def _refuse_shared_devices(clients: Clients, group: str, version: str, other_groups: Sequence[str]) -> None:
+    """Refuse when a device of ``group`` is also in another group that pins another model version."""
+    members = _things(clients, group)
+    for other, pinned in deployed_versions(clients, [g for g in other_groups if g != group]).items():
+        shared = sorted(members & _things(clients, other))
+        if pinned and pinned != version and shared:
+            raise ReleaseError(
+                f"{len(shared)} device(s) of {group!r} ({', '.join(shared[:5])}) are also in {other!r}, "
+                f"which pins {MODEL_COMPONENT} {pinned}: Greengrass would fail them with "
+                "NoAvailableComponentVersionException.",
+                "Keep canary and fleet groups disjoint (remove the devices from one group), or deploy "
+                "the same version to both.",
+            )
+
+
 def deploy(
     clients: Clients,
     group: str,
@@ -371,17 +482,7 @@ def deploy(
                 "Run 'python -m cdk.release publish' first.",
             ) from None
         raise
-    members = _things(clients, group)
-    for other, pinned in deployed_versions(clients, [g for g in other_groups if g != group]).items():
-        shared = sorted(members & _things(clients, other))
-        if pinned and pinned != version and shared:
-            raise ReleaseError(
-                f"{len(shared)} device(s) of {group!r} ({', '.join(shared[:5])}) are also in {other!r}, "
-                f"which pins {MODEL_COMPONENT} {pinned}: Greengrass would fail them with "
-                "NoAvailableComponentVersionException.",
-                "Keep canary and fleet groups disjoint (remove the devices from one group), or deploy "
-                "the same version to both.",
-            )
+    _refuse_shared_devices(clients, group, version, other_groups)
     current, components, created = revise_deployment(
         clients,
         group,
@@ -410,35 +511,120 @@ def list_versions(clients: Clients) -> list[str]:
     """Published versions of the model component, oldest first."""
     versions: list[str] = []
     paginator = clients.greengrass.get_paginator("list_component_versions")
-    for page in paginator.paginate(arn=clients.component_arn()):
-        versions.extend(v["componentVersion"] for v in page.get("componentVersions", []))
+    try:
+        for page in paginator.paginate(arn=clients.component_arn()):
+            versions.extend(v["componentVersion"] for v in page.get("componentVersions", []))
+    except ClientError as exc:
+        if _error_code(exc) != "ResourceNotFoundException":
+            raise
+        return []  # no version was ever created: the component does not exist yet
     return sorted(set(versions), key=_version_key)
+
+
+def _model_version(deployment: Mapping[str, Any]) -> str | None:
+    version = deployment.get("components", {}).get(MODEL_COMPONENT, {}).get("componentVersion")
+    return str(version) if version is not None else None
+
+
+#: Deployments the group's devices never ran to the end (cancelled, or failed and rolled back).
+_NEVER_RAN = frozenset({"CANCELED", "FAILED"})
+
+
+def previous_deployment(
+    clients: Clients, target_arn: str, current: Mapping[str, Any]
+) -> dict[str, Any] | None:
+    """The target's latest deployment before ``current`` that pinned another model version (None: none).
+
+    Reads the target's whole deployment history (``ListDeployments``,
+    ``historyFilter=ALL``), newest first by creation time, skips ``current``
+    and everything newer, and deployments that were cancelled or failed, and
+    returns the first earlier one (``GetDeployment``) whose model version is
+    set and differs from the current one's. Deployments that changed only
+    other components (``trust``, a runtime update) keep the current model
+    version and are passed over.
+    """
+    history: list[dict[str, Any]] = []
+    paginator = clients.greengrass.get_paginator("list_deployments")
+    for page in paginator.paginate(targetArn=target_arn, historyFilter="ALL"):
+        history.extend(page.get("deployments", []))
+    # Newest first (stable: the service's own order among equal times is kept); undated ones last.
+    history.sort(
+        key=lambda d: (d.get("creationTimestamp") is not None, d.get("creationTimestamp")), reverse=True
+    )
+    ids = [d.get("deploymentId") for d in history]
+    current_id = current.get("deploymentId")
+    if current_id in ids:
+        earlier = history[ids.index(current_id) + 1 :]
+    else:  # not listed (yet): what was created before it
+        created = current.get("creationTimestamp")
+        earlier = [
+            d
+            for d in history
+            if created is None or d.get("creationTimestamp") is None or d["creationTimestamp"] < created
+        ]
+    running = _model_version(current)
+    for entry in earlier:
+        if entry.get("deploymentStatus") in _NEVER_RAN or entry.get("deploymentId") == current_id:
+            continue
+        deployment = dict(clients.greengrass.get_deployment(deploymentId=entry["deploymentId"]))
+        version = _model_version(deployment)
+        if version is not None and version != running:
+            return deployment
+    return None
 
 
 def rollback(
     clients: Clients, group: str, *, rollout: Rollout | None = None, other_groups: Sequence[str] = ()
 ) -> dict[str, Any]:
-    """Deploy the highest published version below the one ``group`` runs now."""
-    current = deployed_versions(clients, [group])[group]
-    if current is None:
+    """Deploy again the components of what ``group`` ran before its current model version.
+
+    Not "the highest published version below the current one": that may never
+    have run on the group, or be the very version a failed rollout is being
+    rolled back from. The earlier deployment's whole component set is deployed
+    (runtime version and configuration included), as the devices ran it.
+    """
+    target_arn = _group_arn(clients, group)
+    current = _current_deployment(clients, target_arn)
+    running = _model_version(current or {})
+    if current is None or running is None:
         raise ReleaseError(
             f"Thing group {group!r} has no deployment of {MODEL_COMPONENT}.",
             "Nothing to roll back; use 'deploy' to choose a version.",
         )
-    older = [v for v in list_versions(clients) if _version_key(v) < _version_key(current)]
-    if not older:
+    previous = previous_deployment(clients, target_arn, current)
+    if previous is None:
         raise ReleaseError(
-            f"{group!r} runs {current}, and no older version of {MODEL_COMPONENT} is published.",
-            "Deploy a known-good version explicitly with 'deploy'.",
+            f"{group!r} runs {MODEL_COMPONENT} {running}, and none of its earlier deployments ran "
+            "another version of it: there is nothing to roll back to.",
+            "Deploy a known-good version explicitly: 'python -m cdk.release list' shows the published "
+            "versions, 'python -m cdk.release deploy --group G --version V' deploys one.",
         )
-    return deploy(
+    version = _model_version(previous)
+    assert version is not None  # previous_deployment returns only deployments that pin one
+    _refuse_shared_devices(clients, group, version, other_groups)
+    restored = {name: dict(spec) for name, spec in previous.get("components", {}).items()}
+
+    def restore(components: dict[str, dict[str, Any]]) -> None:
+        components.clear()
+        components.update(restored)
+
+    _, components, created = revise_deployment(
         clients,
         group,
-        older[-1],
+        restore,
+        name=f"{group}: {MODEL_COMPONENT} {version} (rollback)",
+        tag=f"rollback from {running} to {version} ({previous.get('deploymentId')})",
         rollout=rollout,
-        other_groups=other_groups,
-        reason=f"rollback from {current}",
     )
+    return {
+        "group": group,
+        "version": version,
+        "previous": running,
+        "restoredDeployment": previous.get("deploymentId"),
+        "deploymentId": created["deploymentId"],
+        "iotJobId": created.get("iotJobId"),
+        "components": sorted(components),
+    }
 
 
 def status(clients: Clients, group: str) -> dict[str, Any]:
@@ -496,7 +682,7 @@ def _parser() -> argparse.ArgumentParser:
         default=10.0,
         help="cancel the rollout when this %% of executed devices failed (default 10)",
     )
-    p = sub.add_parser("rollback", help="deploy the previous published version to a group")
+    p = sub.add_parser("rollback", help="deploy again what a group ran before its current model version")
     p.add_argument("--group", required=True)
     p.add_argument("--other-group", action="append", default=[], metavar="GROUP")
     p = sub.add_parser("trust", help="make a group's runtime trust the pipeline's bundle-signing key")

@@ -16,6 +16,7 @@ from typing import Any
 
 import boto3
 import pytest
+import yaml
 from botocore.stub import ANY, Stubber
 from conftest import make_tiny_bundle
 
@@ -30,7 +31,9 @@ from cdk.release import (  # noqa: E402
     deploy,
     main,
     publish,
+    recipe_meaning,
     rollback,
+    same_recipe,
     status,
 )
 from cdk.trust import trust_signing_key  # noqa: E402
@@ -187,6 +190,138 @@ def test_publish_treats_a_concurrent_identical_create_as_published(
     assert publish(clients, bundle, BUCKET)["status"] == "already published"
 
 
+def _as_the_service_returns_it(recipe: str, fmt: str = "JSON", **changes: Any) -> bytes:
+    """``recipe`` as GetComponent gives it back: re-serialised (keys sorted, comments gone), artifacts
+    with the digest and algorithm the service computed, the empty top-level Lifecycle dropped.
+    ``changes`` replace top-level keys (a different recipe)."""
+    data = yaml.safe_load(recipe)
+    data.pop("Lifecycle")
+    for manifest in data["Manifests"]:
+        for artifact in manifest["Artifacts"]:
+            artifact.update(Digest="q1w2e3r4t5y6u7i8o9p0q1w2e3r4t5y6u7i8o9p0abc=", Algorithm="SHA-256")
+    data.update(changes)
+    if fmt == "JSON":
+        return json.dumps(data, sort_keys=True).encode()
+    return yaml.safe_dump(data, sort_keys=True).encode()
+
+
+def _published_once(clients: Clients, stub: Stubber, bundle: Path, version: str) -> dict[str, Any]:
+    stub.add_client_error(
+        "get_component",
+        "ResourceNotFoundException",
+        http_status_code=404,
+        expected_params={"arn": _arn(version), "recipeOutputFormat": "YAML"},
+    )
+    stub.add_response(
+        "create_component_version",
+        {
+            "arn": _arn(version),
+            "componentName": MODEL_COMPONENT,
+            "componentVersion": version,
+            "creationTimestamp": NOW,
+            "status": {"componentState": "REQUESTED"},
+        },
+        {"inlineRecipe": _recipe(version).encode()},
+    )
+    return publish(clients, bundle, BUCKET)
+
+
+@pytest.mark.parametrize("fmt", ["JSON", "YAML"])
+def test_publish_reads_the_service_normalised_recipe_as_the_same(
+    aws: tuple[Clients, Stubber], tmp_path: Path, fmt: str
+) -> None:
+    clients, stub = aws
+    bundle = make_tiny_bundle(tmp_path / "b", version="0.2.0")
+    _published_once(clients, stub, bundle, "0.2.0")
+    query = {"arn": _arn("0.2.0"), "recipeOutputFormat": "YAML"}
+    normalised = _as_the_service_returns_it(_recipe("0.2.0"), fmt)
+    assert normalised.decode().strip() != _recipe("0.2.0").strip()
+    stub.add_response("get_component", {"recipeOutputFormat": fmt, "recipe": normalised}, query)
+    assert publish(clients, bundle, BUCKET)["status"] == "already published"
+    # The same after a concurrent create (409): the service's copy is what it answers with.
+    stub.add_client_error(
+        "get_component", "ResourceNotFoundException", http_status_code=404, expected_params=query
+    )
+    stub.add_client_error(
+        "create_component_version",
+        "ConflictException",
+        http_status_code=409,
+        expected_params={"inlineRecipe": _recipe("0.2.0").encode()},
+    )
+    stub.add_response("get_component", {"recipeOutputFormat": fmt, "recipe": normalised}, query)
+    assert publish(clients, bundle, BUCKET)["status"] == "already published"
+
+
+def _other_artifact(recipe: str) -> dict[str, Any]:
+    manifests = yaml.safe_load(recipe)["Manifests"]
+    manifests[0]["Artifacts"][0]["Uri"] = f"s3://other-bucket/{MODEL_COMPONENT}/0.2.0/pneumonia-cxr.zip"
+    return {"Manifests": manifests}
+
+
+@pytest.mark.parametrize(
+    "difference",
+    [
+        pytest.param(_other_artifact, id="another artifact URI"),
+        pytest.param(
+            lambda _: {"ComponentConfiguration": {"DefaultConfiguration": {"Threshold": 0.2}}},
+            id="another default configuration",
+        ),
+        pytest.param(
+            lambda _: {"ComponentDependencies": {RUNTIME: {"VersionRequirement": ">=0.1.0"}}},
+            id="a dependency",
+        ),
+    ],
+)
+def test_publish_refuses_a_published_recipe_that_means_something_else(
+    aws: tuple[Clients, Stubber], tmp_path: Path, difference: Any
+) -> None:
+    clients, stub = aws
+    bundle = make_tiny_bundle(tmp_path / "b", version="0.2.0")
+    _published_once(clients, stub, bundle, "0.2.0")
+    query = {"arn": _arn("0.2.0"), "recipeOutputFormat": "YAML"}
+    other = _as_the_service_returns_it(_recipe("0.2.0"), **difference(_recipe("0.2.0")))
+    stub.add_response("get_component", {"recipeOutputFormat": "JSON", "recipe": other}, query)
+    with pytest.raises(ReleaseError, match="immutable"):
+        publish(clients, bundle, BUCKET)
+    stub.add_client_error(
+        "get_component", "ResourceNotFoundException", http_status_code=404, expected_params=query
+    )
+    stub.add_client_error(
+        "create_component_version",
+        "ConflictException",
+        http_status_code=409,
+        expected_params={"inlineRecipe": _recipe("0.2.0").encode()},
+    )
+    stub.add_response("get_component", {"recipeOutputFormat": "JSON", "recipe": other}, query)
+    with pytest.raises(ReleaseError, match="with another recipe"):
+        publish(clients, bundle, BUCKET)
+
+
+def test_recipes_are_compared_by_meaning() -> None:
+    """Keys case-insensitive (as Greengrass reads them), Greengrass's defaults written out or not."""
+    ours = _recipe("0.2.0")
+    data = yaml.safe_load(ours)
+    shouted = {key.upper() if key.startswith("Component") else key: value for key, value in data.items()}
+    assert same_recipe(json.dumps(shouted), ours)
+    assert not same_recipe(None, ours) and not same_recipe("not: [a recipe", ours)
+    for manifest in data["Manifests"]:
+        manifest["Artifacts"][0].pop("Unarchive")  # NONE: the zip would no longer be unpacked
+    assert not same_recipe(json.dumps(data), ours)
+    assert recipe_meaning(ours)["manifests"][0] == {
+        "platform": {"os": "linux", "architecture": "amd64"},
+        "lifecycle": {},
+        "selections": [],
+        "artifacts": [
+            {
+                "uri": f"s3://{BUCKET}/{MODEL_COMPONENT}/0.2.0/pneumonia-cxr.zip",
+                "unarchive": "ZIP",
+                "read": "ALL",
+                "execute": "NONE",
+            }
+        ],
+    }
+
+
 def test_publish_refuses_a_damaged_bundle(aws: tuple[Clients, Stubber], tmp_path: Path) -> None:
     clients, _ = aws
     bundle = make_tiny_bundle(tmp_path / "b", version="0.2.0")
@@ -280,29 +415,83 @@ def test_deploy_refuses_an_unpublished_version(aws: tuple[Clients, Stubber]) -> 
         deploy(clients, "canary", "9.9.9")
 
 
-def test_rollback_deploys_the_previous_published_version(aws: tuple[Clients, Stubber]) -> None:
+def _history(target: str, entries: list[tuple[str, int, str]]) -> list[dict[str, Any]]:
+    """ListDeployments items (botocore's shape): (deploymentId, minutes after NOW, status)."""
+    return [
+        {
+            "targetArn": target,
+            "revisionId": str(minutes),
+            "deploymentId": deployment,
+            "deploymentName": deployment,
+            "creationTimestamp": NOW + dt.timedelta(minutes=minutes),
+            "deploymentStatus": state,
+            "isLatestForTarget": state == "ACTIVE",
+        }
+        for deployment, minutes, state in entries
+    ]
+
+
+def _stub_deployment(stub: Stubber, target: str, deployment: str, components: dict[str, Any]) -> None:
+    stub.add_response(
+        "get_deployment",
+        {
+            "targetArn": target,
+            "deploymentId": deployment,
+            "deploymentStatus": "INACTIVE",
+            "components": components,
+        },
+        {"deploymentId": deployment},
+    )
+
+
+def test_rollback_deploys_what_the_group_ran_before_not_a_lower_published_version(
+    aws: tuple[Clients, Stubber],
+) -> None:
+    """The canary runs 0.2.0 (dep-0.2.0). Before it: a cancelled 0.1.5, an earlier 0.2.0 attempt, and
+    0.1.0 with its own runtime configuration, the version it really ran. 0.1.1 and 0.1.5 are published
+    (the old rule, "highest published below the current", took one of them); 0.1.0's deployment is
+    restored as it was, runtime configuration included."""
     clients, stub = aws
     canary = _group(clients, "canary", ["box-1"])
     _stub_current(stub, canary, "0.2.0")
+    ran_before = {
+        RUNTIME: {"componentVersion": "0.1.0", "configurationUpdate": {"merge": '{"Mqtt":{"Enabled":true}}'}},
+        MODEL_COMPONENT: {"componentVersion": "0.1.0"},
+    }
+    # Two pages, not in time order: the history is sorted by creation time, newest first.
     stub.add_response(
-        "list_component_versions",
+        "list_deployments",
         {
-            "componentVersions": [
-                {"componentName": MODEL_COMPONENT, "componentVersion": v, "arn": _arn(v)}
-                for v in ("0.2.0", "0.1.0", "0.1.1", "0.10.0")
-            ]
+            "deployments": _history(canary, [("dep-0.1.0", 10, "INACTIVE"), ("dep-0.2.0", 50, "ACTIVE")]),
+            "nextToken": "more",
         },
-        {"arn": _arn()},
+        {"targetArn": canary, "historyFilter": "ALL"},
     )
-    stub.add_response("describe_component", {"arn": _arn("0.1.1")}, {"arn": _arn("0.1.1")})
-    _stub_current(stub, canary, "0.2.0")
+    stub.add_response(
+        "list_deployments",
+        {
+            "deployments": _history(
+                canary,
+                [
+                    ("dep-0.1.5", 40, "CANCELED"),
+                    ("dep-0.2.0-first", 30, "INACTIVE"),
+                    ("dep-0.0.9", 5, "INACTIVE"),
+                ],
+            )
+        },
+        {"targetArn": canary, "historyFilter": "ALL", "nextToken": "more"},
+    )
+    # dep-0.1.5 was cancelled: never read. The first 0.2.0 attempt pins the current version: passed over.
+    _stub_deployment(stub, canary, "dep-0.2.0-first", {MODEL_COMPONENT: {"componentVersion": "0.2.0"}})
+    _stub_deployment(stub, canary, "dep-0.1.0", ran_before)
+    _stub_current(stub, canary, "0.2.0")  # revise_deployment reads the deployment it replaces
     expected: dict[str, Any] = {
         "targetArn": canary,
         "deploymentName": ANY,
-        "components": ANY,
+        "components": ran_before,
         "iotJobConfiguration": ANY,
         "deploymentPolicies": ANY,
-        "tags": {"healthdiag-release": "rollback from 0.2.0"},
+        "tags": {"healthdiag-release": "rollback from 0.2.0 to 0.1.0 (dep-0.1.0)"},
     }
     stub.add_response("create_deployment", {"deploymentId": "dep-back"}, expected)
     identity_calls: list[str] = []
@@ -310,8 +499,25 @@ def test_rollback_deploys_the_previous_published_version(aws: tuple[Clients, Stu
         "before-call.sts.GetCallerIdentity", lambda **_: identity_calls.append("sts")
     )
     result = rollback(clients, "canary")
-    assert len(identity_calls) == 1  # the account is asked once per command, not per ARN
-    assert (result["previous"], result["version"]) == ("0.2.0", "0.1.1")  # semver order, not text
+    assert identity_calls == []  # no component ARN is needed: published versions are not consulted
+    assert (result["previous"], result["version"]) == ("0.2.0", "0.1.0")
+    assert result["restoredDeployment"] == "dep-0.1.0" and result["deploymentId"] == "dep-back"
+
+
+def test_rollback_refuses_when_the_group_never_ran_another_version(aws: tuple[Clients, Stubber]) -> None:
+    """Only the current version in the history (a 'trust' revision keeps the model): nothing to go back to."""
+    clients, stub = aws
+    canary = _group(clients, "canary", ["box-1"])
+    _stub_current(stub, canary, "0.2.0")
+    stub.add_response(
+        "list_deployments",
+        {"deployments": _history(canary, [("dep-0.2.0", 50, "ACTIVE"), ("dep-first", 20, "INACTIVE")])},
+        {"targetArn": canary, "historyFilter": "ALL"},
+    )
+    _stub_deployment(stub, canary, "dep-first", {MODEL_COMPONENT: {"componentVersion": "0.2.0"}})
+    with pytest.raises(ReleaseError, match="nothing to roll back to") as info:
+        rollback(clients, "canary")
+    assert "deploy --group" in info.value.action and "list" in info.value.action
 
 
 def test_status_reports_the_job_progress(aws: tuple[Clients, Stubber]) -> None:
@@ -395,3 +601,19 @@ def test_trust_merges_only_the_model_keys_and_keeps_the_rest(aws: tuple[Clients,
     rsa = clients.kms.create_key(KeySpec="RSA_2048", KeyUsage="SIGN_VERIFY")["KeyMetadata"]["KeyId"]
     with pytest.raises(ReleaseError, match="ECDSA P-256"):
         trust_signing_key(clients, "canary", rsa)
+
+
+@pytest.mark.parametrize(
+    ("region", "partition"), [("eu-west-1", "aws"), ("cn-north-1", "aws-cn"), ("us-gov-west-1", "aws-us-gov")]
+)
+def test_component_arns_are_in_the_regions_partition(region: str, partition: str) -> None:
+    """An ``arn:aws:`` ARN is refused in China and GovCloud, where ``deploy`` and ``publish`` work too."""
+
+    class Sts:
+        def get_caller_identity(self) -> dict[str, str]:
+            return {"Account": "111122223333"}
+
+    clients = Clients(s3=None, iot=None, greengrass=None, sts=Sts(), region=region)
+    assert clients.component_arn("0.3.0") == (
+        f"arn:{partition}:greengrass:{region}:111122223333:components:{MODEL_COMPONENT}:versions:0.3.0"
+    )
