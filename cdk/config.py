@@ -44,7 +44,14 @@ class GateThresholds(_Section):
 
 
 class RolloutSettings(_Section):
-    """How a deployment spreads over a group, and when the canary counts as healthy."""
+    """How a deployment spreads over a group, and when a group's rollout has settled.
+
+    A group deployment is a continuous IoT job: a box that is switched off stays
+    ``QUEUED`` for ever, so "every device finished" never comes. A group has settled
+    when its failed devices are within its limit and at least its share of the
+    targeted devices succeeded; it gets ``MaxSoakPeriods`` soaks to get there, then
+    it is rolled back (a release never waits without end).
+    """
 
     canary_rate_per_minute: int = Field(2, ge=1, le=1000)
     fleet_rate_per_minute: int = Field(20, ge=1, le=1000)
@@ -53,7 +60,30 @@ class RolloutSettings(_Section):
     abort_min_executed: int = Field(5, ge=1)
     timeout_minutes: int = Field(60, ge=1, le=10080)
     canary_soak_minutes: int = Field(60, ge=0, le=10080)
-    max_canary_failures: int = Field(0, ge=0, description="scan failures tolerated during the soak")
+    fleet_soak_minutes: int = Field(60, ge=0, le=10080)
+    max_canary_failures: int = Field(
+        0, ge=0, description="canary devices whose deployment may fail, and scans each may quarantine"
+    )
+    max_fleet_failed_percent: int = Field(
+        1, ge=0, le=10, description="fleet devices whose deployment may fail, in percent of those targeted"
+    )
+    canary_min_succeeded_percent: int = Field(
+        80,
+        ge=50,
+        le=100,
+        multiple_of=5,
+        description="share of canary devices that must have the new version (steps of 5)",
+    )
+    fleet_min_succeeded_percent: int = Field(
+        95,
+        ge=50,
+        le=100,
+        multiple_of=5,
+        description="share of fleet devices that must have the new version (steps of 5)",
+    )
+    max_soak_periods: int = Field(
+        24, ge=1, le=1000, description="soaks a group gets to settle before it is rolled back"
+    )
 
 
 class ReleaseConfig(_Section):
@@ -65,6 +95,14 @@ class ReleaseConfig(_Section):
     canary_group: str = Field("healthdiag-canary", pattern=r"^[a-zA-Z0-9:_-]{1,128}$")
     fleet_group: str = Field("healthdiag-fleet", pattern=r"^[a-zA-Z0-9:_-]{1,128}$")
     results_topic_prefix: str = "healthdiag/edge"
+    status_topic_prefix: str = Field(
+        "healthdiag/edge/status",
+        pattern=r"^[A-Za-z0-9_/-]{1,200}$",
+        description="the runtime's Greengrass.StatusTopic: each box publishes <prefix>/<thing name>",
+    )
+    approver_emails: list[str] = Field(
+        default_factory=list, description="subscribed to the approval topic (confirm the e-mail AWS sends)"
+    )
     records_retention_days: int = Field(2555, ge=1, le=36500, description="Object Lock, compliance mode")
     artifact_noncurrent_days: int = Field(365, ge=1, description="keep replaced artifact versions")
     approval_required: bool = True

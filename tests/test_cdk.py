@@ -91,7 +91,7 @@ def test_artifact_bucket_is_encrypted_versioned_tls_only_private_and_expires_old
     template.has_resource_properties(
         "AWS::S3::Bucket",
         {
-            "BucketName": "healthdiag-artifacts-111122223333-eu-west-1",
+            "BucketName": "healthdiag-artifacts-eu-west-1-111122223333",
             "BucketEncryption": {
                 "ServerSideEncryptionConfiguration": [
                     {
@@ -172,7 +172,15 @@ def test_device_role_reads_only_component_artifacts(
         },
     )
     statements = {s["Sid"]: s for s in _statements(template)}
-    assert set(statements) == {"ReadComponentArtifacts", "DecryptArtifactsThroughS3", "WriteGreengrassLogs"}
+    assert set(statements) == {
+        "ReadComponentArtifacts",
+        "LocateArtifactBucket",
+        "DecryptArtifactsThroughS3",
+        "WriteGreengrassLogs",
+    }
+    locate = statements["LocateArtifactBucket"]
+    assert locate["Action"] == "s3:GetBucketLocation"  # the nucleus asks before it downloads
+    assert _flat(locate["Resource"]).endswith(":s3:::healthdiag-artifacts-eu-west-1-111122223333")
     read = statements["ReadComponentArtifacts"]
     assert read["Action"] == "s3:GetObject"
     assert read["Resource"] == {
@@ -181,7 +189,7 @@ def test_device_role_reads_only_component_artifacts(
             [
                 "arn:",
                 {"Ref": "AWS::Partition"},
-                ":s3:::healthdiag-artifacts-111122223333-eu-west-1/com.healthdiag.*",
+                ":s3:::healthdiag-artifacts-eu-west-1-111122223333/com.healthdiag.*",
             ],
         ]
     }
@@ -248,3 +256,36 @@ def test_templates_are_cfn_lint_clean(synthesized: tuple[Path, dict[str, asserti
         check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_gdk_publishes_into_the_bucket_the_devices_may_read() -> None:
+    """``gdk component publish`` uploads to ``<bucket>-<region>-<account id>`` (GDK CLI docs): that must be
+    the artifact bucket, or devices (whose role reads only that bucket) fail to download."""
+    from cdk.stacks.artifacts import artifact_bucket_name
+
+    for config_file in sorted((Path(__file__).resolve().parents[1] / "components").glob("*/gdk-config.json")):
+        (component,) = json.loads(config_file.read_text(encoding="utf-8"))["component"].values()
+        publish = component["publish"]
+        gdk_bucket = f"{publish['bucket']}-{publish['region']}-111122223333"
+        assert gdk_bucket == artifact_bucket_name("healthdiag", "111122223333", publish["region"]), (
+            config_file
+        )
+
+
+def test_only_the_release_training_role_may_sign_bundles(
+    synthesized: tuple[Path, dict[str, assertions.Template]],
+) -> None:
+    template = synthesized[1]["healthdiag-artifacts"]
+    keys = [
+        k
+        for k in _resources(template, "AWS::KMS::Key").values()
+        if k["Properties"].get("KeyUsage") == "SIGN_VERIFY"
+    ]
+    (key,) = keys
+    (deny,) = [s for s in key["Properties"]["KeyPolicy"]["Statement"] if s["Effect"] == "Deny"]
+    assert deny["Action"] == "kms:Sign" and deny["Principal"] == {"AWS": "*"}
+    condition = _flat(deny["Condition"]["ArnNotEquals"]["aws:PrincipalArn"])
+    assert condition.endswith(":iam::111122223333:role/healthdiag-release-training")
+    pipeline = synthesized[1]["healthdiag-pipeline"]
+    roles = _resources(pipeline, "AWS::IAM::Role")
+    assert any(r["Properties"].get("RoleName") == "healthdiag-release-training" for r in roles.values())

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 from aws_cdk import Acknowledgment, Duration, RemovalPolicy, Stack, Token, Validations
+from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_s3 as s3
 from constructs import Construct
@@ -27,6 +28,7 @@ __all__ = [
     "artifact_bucket_name",
     "nag_account_region",
     "records_bucket_name",
+    "training_role_name",
 ]
 
 
@@ -43,13 +45,23 @@ def nag_account_region(stack: Stack) -> tuple[str, str]:
 
 
 def artifact_bucket_name(prefix: str, account: str, region: str) -> str:
-    """``<prefix>-artifacts-<account>-<region>``: unique per account and region, known in advance."""
-    return f"{prefix}-artifacts-{account}-{region}"
+    """``<prefix>-artifacts-<region>-<account>``: unique per account and region, known in advance.
+
+    In the order the GDK CLI builds its bucket name (``<bucket>-<region>-<account id>``), so
+    ``gdk component publish`` with ``"bucket": "<prefix>-artifacts"`` uploads into this bucket,
+    the one the devices' role may read.
+    """
+    return f"{prefix}-artifacts-{region}-{account}"
 
 
 def records_bucket_name(prefix: str, account: str, region: str) -> str:
-    """``<prefix>-records-<account>-<region>``: the release records, known in advance like the artifacts."""
-    return f"{prefix}-records-{account}-{region}"
+    """``<prefix>-records-<region>-<account>``: the release records, known in advance like the artifacts."""
+    return f"{prefix}-records-{region}-{account}"
+
+
+def training_role_name(prefix: str) -> str:
+    """The release training job's role: named, so the signing key's policy can name it before it exists."""
+    return f"{prefix}-release-training"
 
 
 def acknowledge(construct: Construct, findings: list[dict[str, str]]) -> None:
@@ -153,6 +165,22 @@ class ArtifactsStack(Stack):
             key_spec=kms.KeySpec.ECC_NIST_P256,
             key_usage=kms.KeyUsage.SIGN_VERIFY,
             removal_policy=RemovalPolicy.RETAIN,
+        )
+        # Whoever signs with this key signs fleet bundles: only the release training job may, whatever
+        # an IAM policy elsewhere in the account grants (the key policy's account statement would
+        # otherwise let any principal given kms:Sign sign a bundle every box trusts).
+        training_role = (
+            f"arn:{self.partition}:iam::{self.account}:role/{training_role_name(config.name_prefix)}"
+        )
+        self.signing_key.add_to_resource_policy(
+            iam.PolicyStatement(
+                sid="OnlyTheReleaseTrainingJobSigns",
+                effect=iam.Effect.DENY,
+                principals=[iam.AnyPrincipal()],
+                actions=["kms:Sign"],
+                resources=["*"],
+                conditions={"ArnNotEquals": {"aws:PrincipalArn": training_role}},
+            )
         )
         acknowledge(
             self.signing_key,

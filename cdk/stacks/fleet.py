@@ -2,13 +2,16 @@
 
 * **Token exchange role** (assumed by ``credentials.iot.amazonaws.com``
   through the role alias) may read the component artifacts and nothing
-  else: ``s3:GetObject`` on ``com.healthdiag.*`` keys of the artifact bucket,
+  else: ``s3:GetObject`` on ``com.healthdiag.*`` keys of the artifact bucket
+  (and ``s3:GetBucketLocation`` of that bucket),
   ``kms:Decrypt`` of the bucket's key through S3 only, and write its own
   Greengrass log group. Without ``s3:GetObject`` there a deployment fails
   to download its artifact.
 * **IoT policy** for core devices: connect as their own thing name, publish
-  and subscribe under their own Greengrass topics and the results prefix,
-  assume the role alias.
+  and subscribe under their own Greengrass topics, publish results under
+  ``<ResultsTopicPrefix>/results``, publish *retained* only their own health
+  report (``<StatusTopicPrefix>/<thing name>``, never another box's), assume
+  the role alias.
 * **Thing groups**: a canary group and a fleet group, **disjoint** (the
   release command refuses to deploy when a device is in both with different
   versions). Disjoint groups rather than ``ParentTargetArn`` sub-deployments
@@ -65,6 +68,13 @@ class FleetStack(Stack):
                     sid="ReadComponentArtifacts", actions=["s3:GetObject"], resources=[artifact_objects]
                 ),
                 iam.PolicyStatement(
+                    # The nucleus asks the bucket's region before it downloads (AWS's minimal
+                    # token exchange policy has it); without it artifact downloads fail.
+                    sid="LocateArtifactBucket",
+                    actions=["s3:GetBucketLocation"],
+                    resources=[f"arn:{self.partition}:s3:::{bucket}"],
+                ),
+                iam.PolicyStatement(
                     sid="DecryptArtifactsThroughS3",
                     actions=["kms:Decrypt"],
                     resources=[artifacts.data_key.key_arn],
@@ -72,7 +82,12 @@ class FleetStack(Stack):
                 ),
                 iam.PolicyStatement(
                     sid="WriteGreengrassLogs",
-                    actions=["logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents"],
+                    actions=[
+                        "logs:CreateLogGroup",
+                        "logs:CreateLogStream",
+                        "logs:PutLogEvents",
+                        "logs:DescribeLogStreams",  # the log manager looks for its stream first
+                    ],
                     resources=[log_groups, f"{log_groups}:log-stream:*"],
                 ),
             ],
@@ -84,7 +99,7 @@ class FleetStack(Stack):
             [
                 {
                     "id": "AwsSolutions::AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:s3:::"
-                    f"{prefix}-artifacts-{account}-{region}/{MODEL_COMPONENT_PREFIX}*]",
+                    f"{prefix}-artifacts-{region}-{account}/{MODEL_COMPONENT_PREFIX}*]",
                     "reason": "Devices read every version of the HealthDiag components' artifacts, and only "
                     "those (keys are <component>/<version>/<file>); no other key of the bucket.",
                 },
@@ -107,6 +122,12 @@ class FleetStack(Stack):
             credential_duration_seconds=3600,
         )
         thing = "${iot:Connection.Thing.ThingName}"
+        results, status = config.results_topic_prefix, config.status_topic_prefix
+        if status.startswith(f"{results}/results"):
+            raise ValueError(
+                f"StatusTopicPrefix {status!r} must not lie under {results}/results, where every box "
+                "may publish: a box could then write another box's health report"
+            )
         arn = f"arn:{self.partition}:iot:{self.region}:{self.account}"
         self.core_policy = iot.CfnPolicy(
             self,
@@ -117,20 +138,28 @@ class FleetStack(Stack):
                 "Statement": [
                     {"Effect": "Allow", "Action": "iot:Connect", "Resource": f"{arn}:client/{thing}*"},
                     {
+                        # The nucleus' own topics (deployments, shadows, jobs) and the results the
+                        # runtime sends to IoT Core (Greengrass.IotCoreTopic under <prefix>/results).
                         "Effect": "Allow",
                         "Action": ["iot:Publish", "iot:Receive"],
                         "Resource": [
                             f"{arn}:topic/$aws/things/{thing}/*",
-                            f"{arn}:topic/{config.results_topic_prefix}/*",
+                            f"{arn}:topic/{results}/results",
+                            f"{arn}:topic/{results}/results/*",
                         ],
+                    },
+                    {
+                        # The health report the canary check reads: retained, on this box's own
+                        # topic only (IoT Core closes an MQTT 3.1.1 connection on a denied publish,
+                        # and a box able to write another's report could forge canary evidence).
+                        "Effect": "Allow",
+                        "Action": ["iot:Publish", "iot:RetainPublish"],
+                        "Resource": f"{arn}:topic/{status}/{thing}",
                     },
                     {
                         "Effect": "Allow",
                         "Action": "iot:Subscribe",
-                        "Resource": [
-                            f"{arn}:topicfilter/$aws/things/{thing}/*",
-                            f"{arn}:topicfilter/{config.results_topic_prefix}/*",
-                        ],
+                        "Resource": [f"{arn}:topicfilter/$aws/things/{thing}/*"],
                     },
                     {
                         "Effect": "Allow",
