@@ -63,6 +63,8 @@ class Health:
         dicom: Callable[[], dict[str, Any] | None] = lambda: None,
     ) -> None:
         self._config = config
+        #: What the last IoT Core health report said (its meaningful part) and when it was sent.
+        self._cloud_sent: tuple[str, float] | None = None
         self._outbox_pending = outbox_pending
         self._queued = queued
         self._model = model
@@ -188,7 +190,8 @@ class Health:
 
         Retained on ``<Greengrass.StatusTopic>/<thing name>`` in AWS IoT Core: the
         model version this box runs, the conformance check it ran on it, the
-        counters. Like the local status, it carries no scan identifier.
+        counters. Like the local status, it carries no scan identifier. Sent when
+        its meaning changes and at least every ``Greengrass.StatusEverySeconds``.
         """
         topic = self._config().greengrass.status_topic
         thing = os.environ.get("AWS_IOT_THING_NAME", "")
@@ -201,10 +204,25 @@ class Health:
             model=snapshot["model"],
             counters=snapshot["counters"],
         )
+        # Sent on change and every StatusEverySeconds, not every heartbeat: each report is a
+        # metered IoT Core message, and a fleet's worth every 30 s costs more than the boxes' work.
+        counters = report.get("counters") or {}
+        meaning = json.dumps(
+            [report["state"], report.get("reason"), report.get("model"), counters.get("quarantined")],
+            sort_keys=True,
+        )
+        now = time.monotonic()
+        every = self._config().greengrass.status_every_seconds
+        if self._cloud_sent is not None:
+            last_meaning, last_time = self._cloud_sent
+            if meaning == last_meaning and now - last_time < every:
+                return
         try:
             self.ipc.publish_iot_core(f"{topic}/{thing}", json.dumps(report), 1, retain=True)
-        except Exception as exc:  # the report is best effort; scans go on
+        except Exception as exc:  # the report is best effort; scans go on (and it is tried again)
             log.warning("cannot publish the health report to AWS IoT Core: %s", exc)
+            return
+        self._cloud_sent = (meaning, now)
 
     # -- heartbeat ---------------------------------------------------------------------
     def start(self) -> None:

@@ -204,15 +204,21 @@ def test_model_hot_swap_rejects_a_bad_bundle_and_takes_a_good_one(
     assert service.last_error is None
 
 
-def test_health_report_is_retained_in_iot_core_per_thing(nucleus_service, tmp_path: Path):
-    # What the release pipeline's canary check reads: model version, conformance, counters.
+def test_health_report_is_retained_in_iot_core_per_thing_and_sent_on_change(
+    nucleus_service, tmp_path: Path
+):
+    """What the release pipeline's canary check reads: model version, conformance, counters.
+
+    Sent when what it says changes and every Greengrass.StatusEverySeconds (600 s by default),
+    not every heartbeat (1 s here): each report is a metered IoT Core message.
+    """
     nucleus, service = nucleus_service
     topic = "healthdiag/edge/status/edge-device-1"  # <StatusTopic>/<AWS_IOT_THING_NAME>
 
     def reports() -> list[dict]:
         return [c for c in nucleus.calls_for("PublishToIoTCore") if c["topicName"] == topic]
 
-    nucleus.wait_until(lambda: len(reports()) >= 2)  # every heartbeat (1 s here)
+    nucleus.wait_until(lambda: len(reports()) >= 1)
     call = reports()[-1]
     assert call["retain"] is True and call["qos"] == "1"
     report = json.loads(call["payload"])
@@ -222,6 +228,13 @@ def test_health_report_is_retained_in_iot_core_per_thing(nucleus_service, tmp_pa
     assert {"received", "processed", "quarantined"} <= set(report["counters"])
     text = json.dumps(report)
     assert str(tmp_path) not in text and "inbox" not in text  # no paths, no file names
+    time.sleep(3.5)  # three heartbeats, nothing changed: no new report
+    assert len(reports()) == 1
+    # A quarantined scan changes what the report says: sent at the next heartbeat.
+    (tmp_path / "inbox" / "broken.png").write_bytes(b"not a png at all")
+    nucleus.wait_until(lambda: len(reports()) >= 2)
+    changed = json.loads(reports()[-1]["payload"])
+    assert changed["counters"]["quarantined"] == report["counters"]["quarantined"] + 1
 
 
 def test_access_denied_by_the_nucleus_is_named_and_the_result_kept(
