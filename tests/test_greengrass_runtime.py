@@ -204,9 +204,7 @@ def test_model_hot_swap_rejects_a_bad_bundle_and_takes_a_good_one(
     assert service.last_error is None
 
 
-def test_health_report_is_retained_in_iot_core_per_thing_and_sent_on_change(
-    nucleus_service, tmp_path: Path
-):
+def test_health_report_is_retained_in_iot_core_per_thing_and_sent_on_change(nucleus_service, tmp_path: Path):
     """What the release pipeline's canary check reads: model version, conformance, counters.
 
     Sent when what it says changes and every Greengrass.StatusEverySeconds (600 s by default),
