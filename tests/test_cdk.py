@@ -214,7 +214,11 @@ def test_core_device_policy_and_disjoint_groups(
     synthesized: tuple[Path, dict[str, assertions.Template]],
 ) -> None:
     template = synthesized[1]["healthdiag-fleet"]
-    (policy,) = _resources(template, "AWS::IoT::Policy").values()
+    (policy,) = [
+        p
+        for p in _resources(template, "AWS::IoT::Policy").values()
+        if p["Properties"]["PolicyName"] == "healthdiag-core-device"
+    ]
     statements = _flat(policy["Properties"]["PolicyDocument"]["Statement"])
     statements = [{**s, "Resource": _flat(s["Resource"])} for s in statements]
     by_action = {json.dumps(s["Action"]): s for s in statements}
@@ -289,3 +293,30 @@ def test_only_the_release_training_role_may_sign_bundles(
     pipeline = synthesized[1]["healthdiag-pipeline"]
     roles = _resources(pipeline, "AWS::IAM::Role")
     assert any(r["Properties"].get("RoleName") == "healthdiag-release-training" for r in roles.values())
+
+
+def test_a_new_box_provisions_itself_into_a_group_with_the_core_policy(
+    synthesized: tuple[Path, dict[str, assertions.Template]],
+) -> None:
+    """Fleet provisioning by claim: the template puts a new thing in the canary or fleet group, activates
+    its own certificate and attaches the core-device policy; the claim certificate may only provision."""
+    template = synthesized[1]["healthdiag-fleet"]
+    (provisioning,) = _resources(template, "AWS::IoT::ProvisioningTemplate").values()
+    properties = provisioning["Properties"]
+    assert properties["Enabled"] is True and properties["TemplateName"] == "healthdiag-core-device"
+    body = json.loads(properties["TemplateBody"])
+    resources = body["Resources"]
+    assert resources["thing"]["Properties"]["ThingGroups"] == [
+        {"Fn::If": ["IsCanary", "healthdiag-canary", "healthdiag-fleet"]}
+    ]
+    assert resources["certificate"]["Properties"]["Status"] == "ACTIVE"
+    assert resources["policy"]["Properties"]["PolicyName"] == "healthdiag-core-device"
+    policies = {p["Properties"]["PolicyName"]: p for p in _resources(template, "AWS::IoT::Policy").values()}
+    assert "healthdiag-core-device" in policies  # the policy the template attaches exists
+    claim = policies["healthdiag-provisioning-claim"]["Properties"]["PolicyDocument"]["Statement"]
+    topics = [_flat(r) for s in claim if s["Action"] != "iot:Connect" for r in s["Resource"]]
+    assert topics and all(
+        "$aws/certificates/create/" in t
+        or "$aws/provisioning-templates/healthdiag-core-device/provision/" in t
+        for t in topics
+    ), topics

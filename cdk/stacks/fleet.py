@@ -12,6 +12,10 @@
   ``<ResultsTopicPrefix>/results``, publish *retained* only their own health
   report (``<StatusTopicPrefix>/<thing name>``, never another box's), assume
   the role alias.
+* **Fleet provisioning by claim**: a provisioning template that registers a
+  new box as ``<prefix>-<serial>`` in the canary or the fleet group with its
+  own certificate and the core-device policy, its role, and the policy of the
+  claim certificate (provisioning topics only).
 * **Thing groups**: a canary group and a fleet group, **disjoint** (the
   release command refuses to deploy when a device is in both with different
   versions). Disjoint groups rather than ``ParentTargetArn`` sub-deployments
@@ -21,6 +25,8 @@
 """
 
 from __future__ import annotations
+
+import json
 
 from aws_cdk import Stack
 from aws_cdk import aws_iam as iam
@@ -200,4 +206,99 @@ class FleetStack(Stack):
             thing_group_properties=iot.CfnThingGroup.ThingGroupPropertiesProperty(
                 thing_group_description="The fleet: gets a model version after the canary soaked"
             ),
+        )
+        self._provisioning(prefix, config, arn)
+
+    def _provisioning(self, prefix: str, config: ReleaseConfig, arn: str) -> None:
+        """Fleet provisioning by claim: a new box registers itself into the canary or fleet group.
+
+        The installer puts a *claim* certificate on the box (shared by an installation
+        wave, allowed nothing but provisioning); the Greengrass fleet provisioning plugin
+        connects with it, gets the box's own certificate and calls the template with the
+        box's serial number and group (``fleet`` unless ``canary``). AWS IoT then creates
+        the thing ``<prefix>-<serial>`` in that group, activates its certificate and
+        attaches the core-device policy: the box's first deployment is its group's.
+        """
+        template_name = f"{prefix}-core-device"
+        self.provisioning_role = iam.Role(
+            self,
+            "ProvisioningRole",
+            assumed_by=iam.ServicePrincipal("iot.amazonaws.com"),
+            description="AWS IoT fleet provisioning: register new HealthDiag core devices",
+            managed_policies=[
+                iam.ManagedPolicy.from_aws_managed_policy_name("service-role/AWSIoTThingsRegistration")
+            ],
+        )
+        acknowledge(
+            self.provisioning_role,
+            [
+                {
+                    "id": "AwsSolutions::AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/"
+                    "service-role/AWSIoTThingsRegistration]",
+                    "reason": "AWS's own policy for the fleet provisioning role: it tracks the registry "
+                    "actions a provisioning template may call (things, groups, certificates, policies).",
+                }
+            ],
+        )
+        body = {
+            "Parameters": {
+                "SerialNumber": {"Type": "String"},
+                "Group": {"Type": "String", "Default": "fleet"},
+                "AWS::IoT::Certificate::Id": {"Type": "String"},
+            },
+            "Conditions": {"IsCanary": {"Fn::Equals": [{"Ref": "Group"}, "canary"]}},
+            "Resources": {
+                "thing": {
+                    "Type": "AWS::IoT::Thing",
+                    "Properties": {
+                        "ThingName": {"Fn::Join": ["", [f"{prefix}-", {"Ref": "SerialNumber"}]]},
+                        "ThingGroups": [{"Fn::If": ["IsCanary", config.canary_group, config.fleet_group]}],
+                    },
+                    "OverrideSettings": {"ThingGroups": "MERGE"},
+                },
+                "certificate": {
+                    "Type": "AWS::IoT::Certificate",
+                    "Properties": {"CertificateId": {"Ref": "AWS::IoT::Certificate::Id"}, "Status": "ACTIVE"},
+                },
+                "policy": {
+                    "Type": "AWS::IoT::Policy",
+                    "Properties": {"PolicyName": self.core_policy.policy_name},
+                },
+            },
+        }
+        self.provisioning_template = iot.CfnProvisioningTemplate(
+            self,
+            "ProvisioningTemplate",
+            template_name=template_name,
+            description="A new HealthDiag core device: thing <prefix>-<serial> in the canary or fleet group",
+            enabled=True,
+            provisioning_role_arn=self.provisioning_role.role_arn,
+            template_body=json.dumps(body),
+        )
+        create = f"{arn}:topic/$aws/certificates/create/*"
+        provision = f"{arn}:topic/$aws/provisioning-templates/{template_name}/provision/*"
+        self.claim_policy = iot.CfnPolicy(
+            self,
+            "ClaimCertificatePolicy",
+            policy_name=f"{prefix}-provisioning-claim",
+            policy_document={
+                "Version": "2012-10-17",
+                "Statement": [
+                    # A box has no thing name yet; the claim certificate may do nothing else.
+                    {"Effect": "Allow", "Action": "iot:Connect", "Resource": f"{arn}:client/*"},
+                    {
+                        "Effect": "Allow",
+                        "Action": ["iot:Publish", "iot:Receive"],
+                        "Resource": [create, provision],
+                    },
+                    {
+                        "Effect": "Allow",
+                        "Action": "iot:Subscribe",
+                        "Resource": [
+                            create.replace(":topic/", ":topicfilter/"),
+                            provision.replace(":topic/", ":topicfilter/"),
+                        ],
+                    },
+                ],
+            },
         )
