@@ -383,6 +383,14 @@ def _training() -> list[Permission]:
     out.append(
         Permission(
             p,
+            "s3:GetObject",
+            _ARTIFACT_BUCKET + "/weights/efficientnet-lite0-57934424.pth",
+            f"{sm}: download the weights channel (the pretrained weights the config starts from)",
+        )
+    )
+    out.append(
+        Permission(
+            p,
             "s3:PutObject",
             _ARTIFACT_BUCKET + "/candidates/{execution}/output/model.tar.gz",
             f"{sm}: upload /opt/ml/model to the output path",

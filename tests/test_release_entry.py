@@ -491,3 +491,17 @@ def test_main_records_why_it_failed_for_sagemaker(aws: tuple[Clients, Stubber], 
         # The root as the image is told it (no ml_root argument).
         main(environ={**env, "HEALTHDIAG_ML_ROOT": str(ml)}, clients=clients, train=train)
     assert "hyperparameter 'release'" in (ml / "output/failure").read_text(encoding="utf-8")
+
+
+def test_the_weights_channel_replaces_the_configs_weights_path(tmp_path: Path) -> None:
+    """The configs name weights by a checkout path the image lacks; SageMaker brings them as a channel."""
+    from cdk.training_image.entry import weights_argument
+
+    assert weights_argument(tmp_path) == []  # no channel: the config's own (or random) weights
+    channel = tmp_path / "input/data/weights"
+    channel.mkdir(parents=True)
+    (channel / "efficientnet-lite0-57934424.pth").write_bytes(b"\0")
+    assert weights_argument(tmp_path) == ["--weights", str(channel / "efficientnet-lite0-57934424.pth")]
+    (channel / "other.pth").write_bytes(b"\0")
+    with pytest.raises(ValueError, match=r"holds 2 \.pth files"):
+        weights_argument(tmp_path)

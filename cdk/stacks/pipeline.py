@@ -261,6 +261,7 @@ class PipelineStack(Stack):
                     actions=["s3:GetObject"],
                     resources=[
                         self.artifact_bucket.arn_for_objects("datasets/*"),
+                        self.artifact_bucket.arn_for_objects("weights/*"),
                         self.artifact_bucket.arn_for_objects(f"{MODEL_COMPONENT_PREFIX}*"),
                     ],
                 ),
@@ -489,7 +490,16 @@ class PipelineStack(Stack):
                             s3_location=tasks.S3Location.from_bucket(self.artifact_bucket, "datasets/")
                         )
                     ),
-                )
+                ),
+                # The pretrained weights the config starts from (one .pth under weights/).
+                tasks.Channel(
+                    channel_name="weights",
+                    data_source=tasks.DataSource(
+                        s3_data_source=tasks.S3DataSource(
+                            s3_location=tasks.S3Location.from_bucket(self.artifact_bucket, "weights/")
+                        )
+                    ),
+                ),
             ],
             output_data_config=tasks.OutputDataConfig(
                 s3_output_location=tasks.S3Location.from_bucket(self.artifact_bucket, "candidates/"),
@@ -968,6 +978,9 @@ class PipelineStack(Stack):
             ),
             f"AwsSolutions::AwsSolutions-IAM5[Resource::{artifacts}/datasets/*]": (
                 "The training data channel is the datasets/ prefix; its files are not known in advance."
+            ),
+            f"AwsSolutions::AwsSolutions-IAM5[Resource::{artifacts}/weights/*]": (
+                "The pretrained-weights channel is the weights/ prefix (one .pth file, named by its source)."
             ),
             f"AwsSolutions::AwsSolutions-IAM5[Resource::{artifacts}/{MODEL_COMPONENT_PREFIX}*]": (
                 "Component artifacts live at <component>/<version>/; publishing writes a new version's."

@@ -243,6 +243,22 @@ def run_training(command: Sequence[str]) -> None:
     subprocess.run(list(command), check=True)
 
 
+def weights_argument(ml: Path) -> list[str]:
+    """``--weights FILE`` from the ``weights`` channel (``weights/`` in the artifact bucket), if any.
+
+    The training configs name pretrained weights by a path outside the image (a
+    checkout's ``../shared/data/weights``); in SageMaker they arrive as a channel.
+    One ``.pth`` file there replaces the config's; none keeps it (and a config
+    without weights trains from random initialisation, as it says).
+    """
+    channel = ml / "input/data/weights"
+    files = sorted(channel.glob("*.pth")) if channel.is_dir() else []
+    if len(files) > 1:
+        names = ", ".join(f.name for f in files)
+        raise ValueError(f"the weights channel holds {len(files)} .pth files ({names}); keep one")
+    return ["--weights", str(files[0])] if files else []
+
+
 def main(
     ml_root: Path | None = None,
     *,
@@ -285,6 +301,7 @@ def main(
                 str(bundle),
                 "--version",
                 choice.version,
+                *weights_argument(ml),
             ]
         )
         record = release_candidate(
