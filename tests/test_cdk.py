@@ -320,3 +320,40 @@ def test_a_new_box_provisions_itself_into_a_group_with_the_core_policy(
         or "$aws/provisioning-templates/healthdiag-core-device/provision/" in t
         for t in topics
     ), topics
+
+
+def test_approvals_go_to_subscribers_and_only_the_approver_role_answers_them(tmp_path: Path) -> None:
+    """The approval topic had no subscriber and anyone allowed SendTaskSuccess could approve."""
+    app = build_app(
+        load_config(
+            {"Account": "111122223333", "Region": "eu-west-1", "ApproverEmails": ["ops@hospital.example"]}
+        )
+    )
+    stack = next(
+        s for s in app.node.children if isinstance(s, cdk.Stack) and s.stack_name.endswith("pipeline")
+    )
+    template = assertions.Template.from_stack(stack)
+    subscriptions = _resources(template, "AWS::SNS::Subscription").values()
+    assert {s["Properties"]["Endpoint"] for s in subscriptions} == {"ops@hospital.example"}
+    roles = _resources(template, "AWS::IAM::Role")
+    (approver_id,) = [k for k in roles if k.startswith("ApproverRole")]
+    trust = roles[approver_id]["Properties"]["AssumeRolePolicyDocument"]["Statement"][0]
+    assert trust["Condition"] == {"Bool": {"aws:MultiFactorAuthPresent": "true"}}
+    policies = _resources(template, "AWS::IAM::Policy").values()
+    answering = [
+        s
+        for p in policies
+        for s in p["Properties"]["PolicyDocument"]["Statement"]
+        if "states:SendTaskSuccess" in (s["Action"] if isinstance(s["Action"], list) else [s["Action"]])
+    ]
+    assert len(answering) == 1 and answering[0]["Resource"] == {
+        "Ref": next(
+            iter(
+                k for k in _resources(template, "AWS::StepFunctions::StateMachine") if k.startswith("Release")
+            )
+        )
+    }
+    rules = _resources(template, "AWS::Events::Rule").values()
+    patterns = [r["Properties"]["EventPattern"] for r in rules]
+    assert any(p["source"] == ["aws.states"] and "TIMED_OUT" in p["detail"]["status"] for p in patterns)
+    assert any(p["source"] == ["aws.greengrass"] for p in patterns)

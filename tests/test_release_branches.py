@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -298,3 +299,47 @@ def test_the_definitions_are_valid_states_language(release: Definition, tmp_path
         [str(validator), "--json-path", str(path)], capture_output=True, text=True, check=False
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_i_an_execution_named_with_dots_gets_a_valid_training_job_name(unattended: Definition) -> None:
+    """``release-0.3.0`` is a fine execution name but an invalid training job name (no dots): the job
+    is named from a hash of it, and the container gets the execution name to file its verdict under."""
+    scenario = Scenario(
+        verdict=PASSED,
+        canary=devices("box", 2),
+        fleet=devices("clinic", 2),
+        previous={CANARY: PREVIOUS, FLEET: PREVIOUS},
+    )
+    result = run_release(unattended, scenario, execution="release-0.3.0")
+    assert result.status == "SUCCEEDED", (result.status, result.error, result.cause)
+    train = result.call("Train").params
+    name = train["TrainingJobName"]
+    assert re.fullmatch(r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}", name), name
+    assert train["HyperParameters"]["release"] == "release-0.3.0"
+    assert json.loads(train["HyperParameters"]["input"]) == {}
+    assert "releases/release-0.3.0/outcome-Released.json" in result.records
+
+
+@pytest.fixture(scope="module")
+def tolerant() -> Definition:
+    # The IoT job's own abort rule (10 % of 5 boxes executed) would cancel the job first: raised here.
+    rollout = {**UNATTENDED["Rollout"], "MaxCanaryFailures": 1, "AbortFailurePercent": 50}
+    return _synthesize(**{**UNATTENDED, "Rollout": rollout})
+
+
+def test_j_max_canary_failures_is_honoured(unattended: Definition, tolerant: Definition) -> None:
+    """One of five canary boxes fails its deployment: rolled back at MaxCanaryFailures 0 (the default),
+    carried on at 1 (the check used to roll back on any failed device whatever the setting said)."""
+    scenario = Scenario(
+        verdict=PASSED,
+        canary=[*devices("box", 4), Device("box-bad", "FAILED")],
+        fleet=devices("clinic", 2),
+        previous={CANARY: PREVIOUS, FLEET: PREVIOUS},
+    )
+    strict = run_release(unattended, scenario)
+    assert strict.status == "FAILED" and "CanaryRollback" in strict.states
+    assert deployed(strict, CANARY) == received(PREVIOUS)
+    allowed = run_release(tolerant, scenario)
+    assert allowed.status == "SUCCEEDED", (allowed.status, allowed.error, allowed.cause)
+    assert "CanaryRollback" not in allowed.states
+    assert allowed.states.count("CanaryGetReport") == 4  # the failed box is not judged by its report
