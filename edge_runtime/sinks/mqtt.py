@@ -207,7 +207,7 @@ class MqttSink:
         backlog: Callable[[], int] | None = None,
     ) -> None:
         self.config = config
-        self.model_info = model_info or {}
+        self._model_info: dict[str, Any] = model_info or {}
         #: How many results wait in the outbox (said in the log after a reconnect).
         self.backlog = backlog
         self._client = mqtt.Client(
@@ -223,8 +223,7 @@ class MqttSink:
             self._client.username_pw_set(config.username, _read_password(config))
         if config.tls.enabled:
             self._client.tls_set_context(build_tls_context(config))
-        offline = build_status("offline", config.client_id, reason="connection lost", model=self.model_info)
-        self._client.will_set(config.status_topic, json.dumps(offline), qos=1, retain=True)
+        self._set_will()
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_connect_fail = self._on_connect_fail
@@ -369,6 +368,28 @@ class MqttSink:
 
     def ready(self) -> bool:
         return self.connected
+
+    @property
+    def model_info(self) -> dict[str, Any]:
+        """The model the status messages name (set when a model is loaded or switched)."""
+        return self._model_info
+
+    @model_info.setter
+    def model_info(self, value: dict[str, Any] | None) -> None:
+        self._model_info = value or {}
+        self._set_will()
+
+    def _set_will(self) -> None:
+        """The Last Will the broker publishes if this box vanishes: offline, naming the model it ran.
+
+        Set again whenever the model changes (the service loads the model after building the
+        sink, and may switch it): paho sends the will with each CONNECT, so a reconnect carries
+        the current one. It used to be built once, before any model was known.
+        """
+        offline = build_status(
+            "offline", self.config.client_id, reason="connection lost", model=self._model_info
+        )
+        self._client.will_set(self.config.status_topic, json.dumps(offline), qos=1, retain=True)
 
     def start(self, acknowledge: Acknowledge | None = None) -> None:
         """Connect in the background; the service runs even while the broker is down."""
