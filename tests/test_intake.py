@@ -13,20 +13,28 @@ from edge_runtime.intake import IntakePolicy
 CHEST_USE = {"modalities": ["CR", "DX"], "body_parts": ["CHEST"], "view_positions": ["PA", "AP"]}
 
 
-def _check(policy: IntakePolicy, path: Path) -> None:
+def _check(policy: IntakePolicy, path: Path) -> dict:
     image = decode_file(path)
-    policy.check(path.name, image.kind, image.metadata)
+    policy.check(path.name, image.kind, image.metadata)  # raises OutsideIntendedUse when refused
+    return {"kind": image.kind, **image.metadata}
 
 
 def test_chest_radiographs_pass(shared_data: Path):
+    """Chest CR/DX objects and a plain JPEG (no header to judge) are let through, each for its reason."""
     policy = IntakePolicy.from_intended_use(CHEST_USE, model_name="pneumonia-cxr")
-    for rel in (
-        "dicom/pydicom_data/RG1_UNCR.dcm",
-        "dicom/fo_dicom_via_dcmfx/CR-MONO1-10-chest.dcm",
-        "dicom/siim_torchxrayvision/Fake_MONOHR1.dcm",
-        "cxr/kermany_pneumonia_224/test/NORMAL/IM-0001-0001.jpeg",
-    ):
-        _check(policy, shared_data / rel)
+    seen = {
+        rel: _check(policy, shared_data / rel)
+        for rel in (
+            "dicom/pydicom_data/RG1_UNCR.dcm",
+            "dicom/fo_dicom_via_dcmfx/CR-MONO1-10-chest.dcm",
+            "dicom/siim_torchxrayvision/Fake_MONOHR1.dcm",
+            "cxr/kermany_pneumonia_224/test/NORMAL/IM-0001-0001.jpeg",
+        )
+    }
+    dicom = [m for m in seen.values() if m["kind"] == "dicom"]
+    assert len(dicom) == 3 and all(m.get("modality") in (None, "CR", "DX") for m in dicom), dicom
+    assert all(m.get("body_part_examined") in (None, "", "CHEST") for m in dicom), dicom
+    assert seen["cxr/kermany_pneumonia_224/test/NORMAL/IM-0001-0001.jpeg"]["kind"] == "image"
 
 
 def test_hip_and_mr_are_refused_with_the_reason(shared_data: Path):
