@@ -266,6 +266,22 @@ def test_one_host_cannot_take_every_slot(shared_data, tmp_path, caplog):
     assert "Dicom.MaxAssociationsPerPeer = 2" in refused[0].getMessage()
 
 
+def test_a_port_probe_frees_its_slot_at_once(shared_data, tmp_path):
+    """A connection opened and closed without a byte (a port probe, a load balancer's health check)
+    held its slot for the whole ACSE timeout (30 s): two probes, and the site's modality, limited to
+    2 connections per address, was refused as peer_limit. Found by a status test that probed the
+    port before sending."""
+    with receiver(tmp_path, ReadTimeoutSeconds=30, IdleTimeoutSeconds=30) as (source, _config):
+        for _ in range(3):  # a health checker's probes, a moment apart
+            with socket.create_connection(("127.0.0.1", source.port), timeout=2):
+                pass  # connect, close
+            time.sleep(0.3)
+            assert source._connections.wait_closed(0) == 0, "a closed probe still counts as open"
+        sent = storescu(source.port, shared_data / CHEST_UNCOMPRESSED)
+        assert sent.returncode == 0, sent.stderr
+        assert source.state()["refused"]["peer_limit"] == 0
+
+
 def test_per_peer_limit_is_validated():
     assert RuntimeConfig.from_mapping({"Dicom": {"MaxAssociations": 1}}).dicom.associations_per_peer == 1
     assert RuntimeConfig.from_mapping({"Dicom": {"MaxAssociations": 9}}).dicom.associations_per_peer == 4

@@ -136,10 +136,15 @@ def test_status_and_health_file_show_the_dicom_receiver(shared_data: Path, recei
             refused.connect(("127.0.0.1", config.dicom.port))
             refused.settimeout(5)
             assert refused.recv(1) == b""
+        # storescu's connection lingers a moment after its release (pynetdicom's threads end): with
+        # MaxAssociationsPerPeer = 2 a quick next one could be refused as peer_limit, not for its AE.
+        receiver = service.sources["dicom"]
+        assert receiver._connections.wait_closed(10) == 0
         # A calling AE title not in Dicom.AllowedCallingAeTitles: A-ASSOCIATE-RJ.
         stranger = ScuAE(ae_title="STRANGER")
         stranger.add_requested_context(Verification)
         assert not stranger.associate("127.0.0.1", config.dicom.port, ae_title=AE).is_established
+        assert receiver._connections.wait_closed(10) == 0
         # An association held open shows as open, then as closed once released.
         scu = ScuAE(ae_title=SENDER)
         scu.add_requested_context(Verification)

@@ -309,6 +309,11 @@ class _GuardedSocket(socket.socket):
                 self._deadline = None  # the PDU is complete
         return True
 
+    @property
+    def ended(self) -> bool:
+        """The peer closed the connection, or this module ended it (pynetdicom may still wind down)."""
+        return self._ended
+
     def _end(self) -> bytes:
         """Shut the connection (both ways) and tell pynetdicom it is closed: end-of-file."""
         first = not self._ended
@@ -369,7 +374,10 @@ def _wake_acceptor(assoc: Association) -> None:
     its timeout would. Runs in pynetdicom's reader thread, before it processes the close.
     """
     dul = assoc.dul
-    if dul.state_machine.current_state == "Sta2":
+    # Sta1 too: a peer that closes at once (a port probe, a load balancer's health check) can be
+    # read before the connection's own event moved the machine to Sta2; the acceptor then waited
+    # the whole ACSE timeout. After a finished association (also Sta1) the item is never read.
+    if dul.state_machine.current_state in ("Sta1", "Sta2"):
         dul.to_user_queue.put(cast(Any, None))
 
 
@@ -382,8 +390,8 @@ class _Connection:
     assoc: Association | None = None
 
     def is_open(self) -> bool:
-        if self.sock.fileno() == -1:
-            return False
+        if self.sock.fileno() == -1 or self.sock.ended:
+            return False  # closed, or ended by the peer or by us: its slot is free at once
         if self.assoc is None:
             return True  # accepted, its association not started yet
         return self.assoc.is_alive() or self.assoc.dul.is_alive()
