@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ModelBundleError
-from .manifest import BUNDLE_FORMAT, Manifest, parse_manifest
+from .manifest import BUNDLE_FORMAT, MANIFEST_NAME, Manifest, parse_manifest
 from .preprocess import PreprocessSpec
 from .signing import NOT_CHECKED, SIGNATURE_NAME, BundleTrust, SignatureCheck, verify_manifest_signature
 
@@ -39,8 +39,6 @@ __all__ = [
     "sha256_file",
     "write_manifest",
 ]
-
-MANIFEST_NAME = "manifest.json"
 
 
 def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:

@@ -205,7 +205,7 @@ class ModelConfig(_Section):
     @classmethod
     def _loadable_keys(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         # Checked at start-up, so a typo in a key path is a config error, not a refused model later.
-        from .signing import load_public_key
+        from .keyfiles import load_public_key
 
         for entry in value:
             load_public_key(entry)  # ValueError names the entry
@@ -215,7 +215,7 @@ class ModelConfig(_Section):
     @classmethod
     def _registered_backend(cls, value: str) -> str:
         # Checked against the registry, not a fixed list, so a registered plugin can be chosen.
-        from .backends import AUTO_BACKEND, available_backends
+        from .backend_registry import AUTO_BACKEND, available_backends
 
         if value != AUTO_BACKEND and value not in available_backends():
             choices = ", ".join([*available_backends(), AUTO_BACKEND])
@@ -224,7 +224,7 @@ class ModelConfig(_Section):
 
 
 def _bundled_models_key() -> Path:
-    from .signing import bundled_models_key_path
+    from .keyfiles import bundled_models_key_path
 
     return bundled_models_key_path()
 

@@ -19,6 +19,7 @@ from .preprocess import PreprocessSpec
 
 __all__ = [
     "BUNDLE_FORMAT",
+    "MANIFEST_NAME",
     "Artifact",
     "ConformanceSpec",
     "HeatmapSpec",
@@ -31,6 +32,8 @@ __all__ = [
 ]
 
 BUNDLE_FORMAT = "healthdiag.model-bundle/1"
+#: The manifest's file name in a bundle folder (what the bundle signature covers).
+MANIFEST_NAME = "manifest.json"
 #: Key in an ONNX model's metadata_props naming the model id the manifest records for it.
 ONNX_MODEL_ID_KEY = "healthdiag.model_id"
 

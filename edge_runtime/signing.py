@@ -35,7 +35,6 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +43,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from .errors import ModelBundleError
+from .keyfiles import BUNDLED_MODELS_KEY, _p256, bundled_models_key_path, load_public_key
+from .manifest import MANIFEST_NAME
 
 if TYPE_CHECKING:
     from .config import ModelConfig
@@ -73,10 +74,6 @@ log = logging.getLogger(__name__)
 SIGNATURE_NAME = "manifest.sig.json"
 SIGNATURE_FORMAT = "healthdiag.bundle-signature/1"
 SIGNATURE_ALGORITHM = "ecdsa-p256-sha256"
-#: The public key of the models shipped inside the package (its private key never is).
-BUNDLED_MODELS_KEY = "healthdiag-bundled-models.pub.pem"
-
-_PEM_MARK = "-----BEGIN"
 _TRUST_ACTION = (
     "Deploy a bundle signed by one of the trusted keys (python -m training package --signing-key, "
     "or the release pipeline), or add its signer's public key to Model.TrustedKeys if your site "
@@ -84,45 +81,10 @@ _TRUST_ACTION = (
 )
 
 
-def bundled_models_key_path() -> Path:
-    """The shipped public key that signs ``edge_runtime/models/*`` (trusted by default)."""
-    return Path(str(resources.files("edge_runtime") / "keys" / BUNDLED_MODELS_KEY))
-
-
 def public_key_fingerprint(key: ec.EllipticCurvePublicKey) -> str:
     """sha256 hex of the key's DER SubjectPublicKeyInfo (what ``openssl pkey -pubout -outform DER`` gives)."""
     der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return hashlib.sha256(der).hexdigest()
-
-
-def _p256(key: object, where: str) -> ec.EllipticCurvePublicKey:
-    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
-        raise ValueError(f"{where} is not an ECDSA P-256 public key")
-    return key
-
-
-def load_public_key(entry: str | Path) -> ec.EllipticCurvePublicKey:
-    """A trusted key from a ``Model.TrustedKeys`` entry: inline PEM text, or the path of a PEM file.
-
-    Inline text exists so a Greengrass configuration (which cannot ship files)
-    can carry the key itself.
-
-    Raises:
-        ValueError: not readable, not PEM, or not a P-256 public key (the config layer names the entry).
-    """
-    text = str(entry)
-    if _PEM_MARK in text:
-        data, where = text.strip().encode("ascii", "replace") + b"\n", "inline PEM key"
-    else:
-        try:
-            data, where = Path(text).read_bytes(), text
-        except OSError as exc:
-            raise ValueError(f"cannot read public key file {text}: {exc.strerror}") from None
-    try:
-        key = serialization.load_pem_public_key(data)
-    except ValueError as exc:
-        raise ValueError(f"{where} is not a PEM public key ({exc})") from None
-    return _p256(key, where)
 
 
 def load_private_key(path: str | Path) -> ec.EllipticCurvePrivateKey:
@@ -177,8 +139,6 @@ def write_signature(
 
 def sign_manifest(bundle_dir: str | Path, private_key: ec.EllipticCurvePrivateKey) -> Path:
     """Sign the bundle's ``manifest.json`` as it is on disk now (call after the last ``write_manifest``)."""
-    from .bundle import MANIFEST_NAME
-
     data = (Path(bundle_dir) / MANIFEST_NAME).read_bytes()
     signature = private_key.sign(data, ec.ECDSA(hashes.SHA256()))
     return write_signature(bundle_dir, signature, private_key.public_key())

@@ -6,6 +6,7 @@ lazily, so a box without LiteRT still runs ONNX models.
 
 from __future__ import annotations
 
+from ..backend_registry import _REGISTRY, AUTO_BACKEND, available_backends, register_backend
 from ..errors import BackendError, EngineNotInstalled
 from ..plugins import load_plugin
 from .base import Backend, BackendOutput
@@ -18,25 +19,6 @@ __all__ = [
     "create_backend",
     "register_backend",
 ]
-
-#: ``Model.Backend`` value that lets the runtime pick the fastest conforming engine
-#: (:mod:`edge_runtime.backend_choice`); not an engine itself.
-AUTO_BACKEND = "auto"
-
-_REGISTRY: dict[str, str] = {
-    "onnxruntime": "edge_runtime.backends.onnx:OnnxRuntimeBackend",
-    "litert": "edge_runtime.backends.litert:LiteRtBackend",
-}
-
-
-def register_backend(name: str, target: str) -> None:
-    """Register ``module:Class`` under ``name``."""
-    _REGISTRY[name] = target
-
-
-def available_backends() -> list[str]:
-    """Names that ``Model.Backend`` may take (registered, not necessarily installed)."""
-    return sorted(_REGISTRY)
 
 
 def create_backend(name: str, *, threads: int = 1) -> Backend:
