@@ -16,7 +16,7 @@ Principals (:class:`Principal`):
   it (image pull, data channel, output, logs, volume key) and every boto3 call of
   the container (:mod:`cdk.training_image.entry`, :func:`cdk.release.publish`,
   :func:`cdk.release.deployed_versions`, :mod:`cdk.gate` makes none);
-* the **release operator** (:mod:`cdk.release` and :mod:`cdk.trust`): no role
+* the **release operator** (:mod:`cdk.release`): no role
   in the stacks; :func:`policy_document` renders this table as its policy;
 * the **device role** (the token exchange role the Greengrass nucleus assumes
   through the role alias): component artifacts and logs;

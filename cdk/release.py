@@ -33,12 +33,13 @@ Greengrass v2 sets:
 * ``gate --bundle DIR [--production DIR]``: the release pipeline's evaluation
   gate (:mod:`cdk.gate`) with the stack's thresholds; run it before ``publish``.
 
-The CDK app (the rest of ``cdk/``, planned) runs the same functions in its
-pipeline. Not for diagnostic use: the model is a research model.
+The release pipeline's training container (:mod:`cdk.training_image.entry`) runs the same
+functions. Not for diagnostic use: the model is a research model.
 
 Why one module over 500 lines: one command line, one function per release step, sharing the
-AWS clients and the deployment read/merge/write (``revise_deployment``); ``trust`` lives in
-:mod:`cdk.trust`.
+AWS clients and the deployment read/merge/write (``revise_deployment``), ``trust`` included
+(it lived in ``cdk/trust.py``, which imported this module while this module's command line
+imported it back). Splitting the library from its command line is #25's.
 """
 
 from __future__ import annotations
@@ -627,6 +628,66 @@ def rollback(
     }
 
 
+def trust_signing_key(
+    clients: Clients, group: str, key_id: str, *, keep_bundled_key: bool = False
+) -> dict[str, Any]:
+    """Make ``group``'s runtime trust the KMS key that signs released bundles.
+
+    The public key (KMS ``GetPublicKey``, an ECC_NIST_P256 key) is merged into
+    the runtime component's ``configurationUpdate`` as ``Model.TrustedKeys``
+    (inline PEM) with ``Model.RequireSignature: true``; every other component
+    and setting of the group's deployment is kept. Production boxes should
+    trust only this key: ``keep_bundled_key`` also keeps the key of the models
+    bundled inside the runtime (development fleets).
+    """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from edge_runtime.signing import bundled_models_key_path, load_public_key, public_key_fingerprint
+
+    public = serialization.load_der_public_key(clients.kms.get_public_key(KeyId=key_id)["PublicKey"])
+    if not (isinstance(public, ec.EllipticCurvePublicKey) and public.curve.name == "secp256r1"):
+        raise ReleaseError(
+            f"KMS key {key_id} is not an ECC_NIST_P256 key; bundles are signed with ECDSA P-256.",
+            "Pass the pipeline's signing key (the artifacts stack's SigningKey output).",
+        )
+    pem = public.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode()
+    keys = [pem]
+    if keep_bundled_key:
+        keys.append(bundled_models_key_path().read_text(encoding="utf-8"))
+    fingerprint = public_key_fingerprint(load_public_key(pem))
+
+    def trust_keys(components: dict[str, dict[str, Any]]) -> None:
+        if RUNTIME_COMPONENT not in components:
+            raise ReleaseError(
+                f"The deployment of {group!r} has no {RUNTIME_COMPONENT}, so there is no runtime to "
+                "configure.",
+                "Deploy the runtime component to the group first (components/build.py and the README's "
+                "Greengrass section), then run 'trust' again.",
+            )
+        runtime = components[RUNTIME_COMPONENT]
+        update = dict(runtime.get("configurationUpdate") or {})
+        merge = json.loads(update.get("merge") or "{}")
+        merge.setdefault("Model", {}).update({"TrustedKeys": keys, "RequireSignature": True})
+        update["merge"] = json.dumps(merge, separators=(",", ":"), sort_keys=True)
+        runtime["configurationUpdate"] = update
+
+    _, _, created = revise_deployment(
+        clients,
+        group,
+        trust_keys,
+        name=f"{group}: trust signing key {fingerprint[:12]}",
+        tag=f"trust {fingerprint[:16]}",
+    )
+    return {
+        "group": group,
+        "trusted_fingerprints": [public_key_fingerprint(load_public_key(k)) for k in keys],
+        "deploymentId": created["deploymentId"],
+    }
+
+
 def status(clients: Clients, group: str) -> dict[str, Any]:
     """The group's current deployment and its IoT job's per-device counts."""
     current = _current_deployment(clients, _group_arn(clients, group))
@@ -744,8 +805,6 @@ def main(argv: Sequence[str] | None = None, clients: Clients | None = None) -> i
         elif args.command == "status":
             result = status(clients, args.group)
         elif args.command == "trust":
-            from .trust import trust_signing_key
-
             result = trust_signing_key(
                 clients, args.group, args.kms_key, keep_bundled_key=args.keep_bundled_key
             )

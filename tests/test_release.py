@@ -35,8 +35,8 @@ from cdk.release import (  # noqa: E402
     rollback,
     same_recipe,
     status,
+    trust_signing_key,
 )
-from cdk.trust import trust_signing_key  # noqa: E402
 
 REGION = "eu-west-1"
 ACCOUNT = "123456789012"  # moto's account
