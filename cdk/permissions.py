@@ -54,6 +54,8 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
 
+from components.names import MODEL_ARTIFACT, MODEL_COMPONENT, RUNTIME_ARTIFACT, RUNTIME_COMPONENT
+
 __all__ = [
     "ENCRYPTION",
     "FORBIDDEN",
@@ -175,14 +177,14 @@ RUNTIME_VALUES: dict[str, str] = {
     "date_path": "2026/12/07",
 }
 
-_MODEL = "com.healthdiag.model.PneumoniaCXR"
-_RUNTIME = "com.healthdiag.EdgeInference"
+_MODEL = MODEL_COMPONENT
+_RUNTIME = RUNTIME_COMPONENT
 _GG = "arn:{Partition}:greengrass:{Region}:{Account}"
 _IOT = "arn:{Partition}:iot:{Region}:{Account}"
 _S3 = "arn:{Partition}:s3:::"
 _ARTIFACT_BUCKET = _S3 + "{ArtifactBucket}"
-_MODEL_ZIP = _ARTIFACT_BUCKET + f"/{_MODEL}/{{version}}/pneumonia-cxr.zip"
-_RUNTIME_ZIP = _ARTIFACT_BUCKET + f"/{_RUNTIME}/{{version}}/edge-runtime-wheels.zip"
+_MODEL_ZIP = _ARTIFACT_BUCKET + f"/{_MODEL}/{{version}}/{MODEL_ARTIFACT}"
+_RUNTIME_ZIP = _ARTIFACT_BUCKET + f"/{_RUNTIME}/{{version}}/{RUNTIME_ARTIFACT}"
 _RECORD = _S3 + "{RecordsBucket}/releases/{execution}/"
 _COMPONENT = f"{_GG}:components:{_MODEL}"
 _COMPONENT_VERSION = _COMPONENT + ":versions:{version}"

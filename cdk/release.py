@@ -60,6 +60,8 @@ import boto3
 import yaml
 from botocore.exceptions import BotoCoreError, ClientError
 
+from components.names import MODEL_COMPONENT, RUNTIME_COMPONENT
+
 if TYPE_CHECKING:
     from edge_runtime.signing import BundleTrust
 
@@ -79,8 +81,6 @@ __all__ = [
 ]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-MODEL_COMPONENT = "com.healthdiag.model.PneumoniaCXR"
-RUNTIME_COMPONENT = "com.healthdiag.EdgeInference"
 DEPLOYMENT_TAG = "healthdiag-release"
 _SHA_METADATA = "sha256"
 

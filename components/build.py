@@ -67,14 +67,13 @@ if not __package__:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from components import validate
+from components.names import MODEL_ARTIFACT, MODEL_COMPONENT, RUNTIME_ARTIFACT, RUNTIME_COMPONENT
 
 COMPONENTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = COMPONENTS_DIR.parent
 RECIPE_TEMPLATES = REPO_ROOT / "recipes"
-RUNTIME = "com.healthdiag.EdgeInference"
-MODEL = "com.healthdiag.model.PneumoniaCXR"
-RUNTIME_ARTIFACT = "edge-runtime-wheels.zip"
-MODEL_ARTIFACT = "pneumonia-cxr.zip"
+RUNTIME = RUNTIME_COMPONENT
+MODEL = MODEL_COMPONENT
 DEFAULT_BUCKET = "BUCKET"
 DEFAULT_BUNDLE = REPO_ROOT / "edge_runtime" / "models" / "pneumonia-cxr"
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)

@@ -63,6 +63,8 @@ from jsonschema import Draft7Validator
 from jsonschema.exceptions import ValidationError, best_match
 from semantic_version import Version
 
+from components.names import RUNTIME_COMPONENT
+
 __all__ = [
     "ENV_PREFIX",
     "RUNTIME_COMPONENT",
@@ -88,7 +90,6 @@ __all__ = [
 ]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-RUNTIME_COMPONENT = "com.healthdiag.EdgeInference"
 ENV_PREFIX = "EDGE_RUNTIME__"
 SCHEMA_FILES = {
     "gdk": "gdk_recipe_schema.json",

@@ -55,6 +55,8 @@ from aws_cdk import aws_stepfunctions as sfn
 from aws_cdk import aws_stepfunctions_tasks as tasks
 from constructs import Construct
 
+from components.names import MODEL_COMPONENT
+
 from ..config import ReleaseConfig
 from .artifacts import (
     ArtifactsStack,
@@ -68,7 +70,6 @@ from .fleet import MODEL_COMPONENT_PREFIX
 
 __all__ = ["MODEL_COMPONENT", "REPO_ROOT", "PipelineStack"]
 
-MODEL_COMPONENT = "com.healthdiag.model.PneumoniaCXR"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 #: IoT job execution counts (JobProcessDetails) by what they mean for a rollout.
 _SUCCEEDED = "NumberOfSucceededThings"

@@ -43,6 +43,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from components.names import MODEL_ARTIFACT
 from edge_runtime.bundle import MANIFEST_NAME, load_bundle
 from edge_runtime.signing import BundleTrust, public_key_fingerprint, write_signature
 
@@ -145,7 +146,7 @@ def production_manifest(clients: Clients, bucket: str, fleet_group: str) -> dict
     version = deployed_versions(clients, [fleet_group])[fleet_group]
     if version is None:
         return None
-    body = clients.s3.get_object(Bucket=bucket, Key=f"{MODEL_COMPONENT}/{version}/pneumonia-cxr.zip")["Body"]
+    body = clients.s3.get_object(Bucket=bucket, Key=f"{MODEL_COMPONENT}/{version}/{MODEL_ARTIFACT}")["Body"]
     with zipfile.ZipFile(io.BytesIO(body.read())) as archive:
         return dict(json.loads(archive.read("manifest.json")))
 
