@@ -664,8 +664,8 @@ def trust_signing_key(
             raise ReleaseError(
                 f"The deployment of {group!r} has no {RUNTIME_COMPONENT}, so there is no runtime to "
                 "configure.",
-                "Deploy the runtime component to the group first (components/build.py and the README's "
-                "Greengrass section), then run 'trust' again.",
+                "Deploy the runtime component to the group first (components/build.py, "
+                "docs/greengrass.md), then run 'trust' again.",
             )
         runtime = components[RUNTIME_COMPONENT]
         update = dict(runtime.get("configurationUpdate") or {})

@@ -465,7 +465,7 @@ def deploy_command(out: Path | str, versions: Mapping[str, str]) -> str:
     """The ``greengrass-cli deployment create`` command for a build in ``out`` (as README.md shows it).
 
     The model comes before the runtime that depends on it; the runtime runs as
-    :data:`RUNTIME_POSIX_USER`. The build prints this, and a test keeps the README's copy equal to
+    :data:`RUNTIME_POSIX_USER`. The build prints this, and a test keeps docs/greengrass.md's copy equal to
     it, so the two cannot drift apart.
 
     Args:
@@ -631,7 +631,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {problem}", file=sys.stderr)
         if problems:
             return 1
-    print("\nDeploy locally, on the core device (see README.md):")
+    print("\nDeploy locally, on the core device (see docs/greengrass.md):")
     print(deploy_command(args.out, {c.name: c.version for c in built}))
     return 0
 

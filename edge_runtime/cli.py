@@ -135,6 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_arg(check)
     check.add_argument("file", type=Path, nargs="?", metavar="FILE", help="the same as -c FILE")
+    config_sub.add_parser(
+        "reference",
+        help="print the reference of every setting (Markdown)",
+        description="Print every configuration key with its type, default, limits and meaning, "
+        "written from the typed configuration of this version (docs/configuration.md is this "
+        "output).",
+    )
 
     health = sub.add_parser(
         "health",
@@ -405,7 +412,7 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
     # The start-up checks 'run' makes, creating nothing: folders writable, the DICOM port free.
     require_machine(config, create=False)
 
-    # Unset is written "" (the README's and the recipes' spelling), not PyYAML's ''.
+    # Unset is written "" (the manuals' and the recipes' spelling), not PyYAML's ''.
     dumper: Any = type("Dumper", (yaml.SafeDumper,), {})
     dumper.add_representer(
         str,
@@ -679,6 +686,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "process":
             return _cmd_process(args)
         if args.command == "config":
+            if args.config_command == "reference":
+                from .config_reference import reference_markdown
+
+                print(reference_markdown(), end="")
+                return 0
             return _cmd_config_check(args)
         if args.command == "health":
             return _cmd_health(args)

@@ -1,11 +1,11 @@
 """The build and release commands as a new user meets them (issue #22).
 
-* Each command's imports are covered by the install line the README gives for it (parsed with
+* Each command's imports are covered by the install line the manuals give for it (parsed with
   ``ast``, mapped to distributions with ``importlib.metadata``, resolved through pyproject's extras
   and the installed packages' own requirements).
 * ``--platform manylinux_2_28_aarch64`` reaches pip with the older manylinux tags it covers, and a
   real ARM build (``slow``: it downloads the aarch64 wheels from PyPI) finds every dependency.
-* The build prints exactly the README's ``greengrass-cli deployment create`` command.
+* The build prints exactly the ``greengrass-cli deployment create`` command of docs/greengrass.md.
 * ``python -m cdk.app`` (what ``npx cdk synth`` runs) synthesizes without touching deprecated
   aws-cdk-lib APIs and without jsii's Node.js banner printed as byte strings.
 """
@@ -42,14 +42,18 @@ LOCAL_PACKAGES = {"components", "cdk"}
 #: The project's own installed package: its imports are the base dependencies' business.
 PROJECT_PACKAGE = "edge_runtime"
 
-#: command -> (README section that gives its install line, the modules it runs).
+#: The manuals the commands are shown in (the README links them).
+GREENGRASS_MANUAL = REPO_ROOT / "docs" / "greengrass.md"
+CLOUD_MANUAL = REPO_ROOT / "docs" / "cloud.md"
+
+#: command -> (manual and section that give its install line, the modules it runs).
 COMMANDS = {
     "python -m components.build": (
-        "## Deploy with AWS IoT Greengrass v2",
+        (GREENGRASS_MANUAL, "## Build and deploy the components"),
         ["components/build.py", "components/validate.py"],
     ),
-    "python -m cdk.release": ("## Cloud: release pipeline and fleet", ["cdk/release.py"]),
-    "npx cdk synth": ("## Cloud: release pipeline and fleet", ["cdk/app.py"]),
+    "python -m cdk.release": ((CLOUD_MANUAL, "## Stacks and the release command"), ["cdk/release.py"]),
+    "npx cdk synth": ((CLOUD_MANUAL, "## Stacks and the release command"), ["cdk/app.py"]),
 }
 
 
@@ -57,19 +61,21 @@ COMMANDS = {
 # Dependencies: each command's install line covers its imports
 
 
-def readme_section(heading: str) -> str:
-    text = README.read_text(encoding="utf-8")
+def readme_section(where: tuple[Path, str]) -> str:
+    """A manual's section: from its heading to the next of the same level."""
+    manual, heading = where
+    text = manual.read_text(encoding="utf-8")
     start = text.index(heading)
     end = text.find("\n## ", start + len(heading))
     return text[start : end if end >= 0 else len(text)]
 
 
-def readme_extras(heading: str, command: str) -> set[str]:
-    """The extras of the ``pip install -e '.[...]'`` line in the README section that runs ``command``."""
-    section = readme_section(heading)
-    assert command in section, f"README section {heading!r} does not show {command!r}"
+def readme_extras(where: tuple[Path, str], command: str) -> set[str]:
+    """The extras of the ``pip install -e '.[...]'`` line in the manual section that runs ``command``."""
+    section = readme_section(where)
+    assert command in section, f"section {where} does not show {command!r}"
     installs = re.findall(r"pip install (?:-e )?'\.\[([\w,-]+)\]'", section)
-    assert len(installs) == 1, f"README section {heading!r} should give one install line, has {installs}"
+    assert len(installs) == 1, f"section {where} should give one install line, has {installs}"
     return set(installs[0].split(","))
 
 
@@ -265,7 +271,7 @@ def test_arm_build_from_the_readme_finds_every_dependency(tmp_path: Path) -> Non
 
 
 # --------------------------------------------------------------------------------------------------
-# The deploy command: one text, printed by the build and shown in the README
+# The deploy command: one text, printed by the build and shown in docs/greengrass.md
 
 
 def built_versions() -> dict[str, str]:
@@ -277,9 +283,9 @@ def built_versions() -> dict[str, str]:
     }
 
 
-def test_readme_shows_the_deploy_command_the_build_prints() -> None:
+def test_the_manual_shows_the_deploy_command_the_build_prints() -> None:
     command = build.deploy_command("greengrass-build", built_versions())
-    assert command in readme_section("## Deploy with AWS IoT Greengrass v2")
+    assert command in readme_section((GREENGRASS_MANUAL, "## Build and deploy the components"))
     assert '--runWith "com.healthdiag.EdgeInference:posixUser=ggc_user:ggc_group"' in command
 
 
@@ -289,8 +295,8 @@ def test_deploy_command_without_the_runtime_has_no_run_as() -> None:
     assert command.endswith('--merge "com.healthdiag.model.PneumoniaCXR=0.3.0"')
 
 
-def test_a_default_build_prints_the_readme_deploy_command(tmp_path: Path) -> None:
-    """The real command line, as the README runs it (default bundle, default --out), in a scratch folder."""
+def test_a_default_build_prints_the_manuals_deploy_command(tmp_path: Path) -> None:
+    """The real command line, as docs/greengrass.md runs it (default bundle and --out), in a temp folder."""
     result = subprocess.run(
         [sys.executable, str(REPO_ROOT / "components" / "build.py"), "--no-deps-wheels", "--no-validate"],
         cwd=tmp_path,
@@ -302,7 +308,7 @@ def test_a_default_build_prints_the_readme_deploy_command(tmp_path: Path) -> Non
     assert result.returncode == 0, result.stdout + result.stderr
     printed = build.deploy_command("greengrass-build", built_versions())
     assert f"\n{printed}\n" in result.stdout
-    assert printed in README.read_text(encoding="utf-8")
+    assert printed in GREENGRASS_MANUAL.read_text(encoding="utf-8")
 
 
 # --------------------------------------------------------------------------------------------------

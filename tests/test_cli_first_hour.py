@@ -183,9 +183,9 @@ def test_config_check_prints_unset_as_empty_strings_as_the_readme_says(tmp_path:
     assert "null" not in done.stdout
     printed = _leaves(yaml.safe_load(done.stdout))
     assert None not in printed.values()
-    # Every key the README's Configuration section shows as unset ("") is printed as "" too.
-    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
-    section = readme.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    # Every key the manual's Configuration section shows as unset ("") is printed as "" too.
+    manual = (REPO_ROOT / "docs" / "operating.md").read_text(encoding="utf-8")
+    section = manual.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
     assert 'empty strings mean "unset"' in section
     block = re.search(r"```yaml\n(.*?)```", section, re.S)
     assert block is not None

@@ -46,12 +46,13 @@ def _bash_blocks(text: str) -> list[str]:
 def test_greengrass_examples_use_the_built_versions() -> None:
     runtime = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
     model = json.loads((REPO / "edge_runtime/models/pneumonia-cxr/manifest.json").read_text())["version"]
-    merges = re.findall(r'--merge "([\w.]+)=([\d.]+)"', README)
-    assert merges, "the README has no greengrass-cli --merge example"
+    manuals = "".join(m.read_text(encoding="utf-8") for m in MANUALS)
+    merges = re.findall(r'--merge "([\w.]+)=([\d.]+)"', manuals)
+    assert merges, "no manual has a greengrass-cli --merge example"
     expected = {"com.healthdiag.EdgeInference": runtime, "com.healthdiag.model.PneumoniaCXR": model}
     for component, version in merges:
         assert version == expected[component], (
-            f"README deploys {component}={version}, the build makes {expected[component]}"
+            f"a manual deploys {component}={version}, the build makes {expected[component]}"
         )
 
 
@@ -201,3 +202,27 @@ def _wait_for_online(host: str, port: str, timeout_s: float = 60.0) -> None:
             return
         time.sleep(0.5)
     raise TimeoutError("the service did not publish its online status")
+
+
+def test_the_configuration_reference_is_the_code_s() -> None:
+    """docs/configuration.md is ``edge-runtime config reference``: every key of the typed configuration,
+    written from it; a setting added, renamed or re-described without regenerating it fails here."""
+    from edge_runtime.config_reference import reference_markdown
+
+    expected = reference_markdown()
+    written = (REPO / "docs" / "configuration.md").read_text(encoding="utf-8")
+    assert written == expected, "regenerate it: edge-runtime config reference > docs/configuration.md"
+    from edge_runtime.config import RuntimeConfig
+
+    for section, field in RuntimeConfig.model_fields.items():
+        model = field.annotation
+        if isinstance(model, type) and hasattr(model, "model_fields"):
+            for sub in model.model_fields.values():
+                assert f"| `{sub.alias}` |" in written or f"`{sub.alias}." in written, (section, sub.alias)
+
+
+def test_the_readme_is_short_and_links_its_manuals() -> None:
+    """A newcomer's page: what it is, the two commands, what a result looks like, where to read on."""
+    assert len(README.splitlines()) <= 200
+    for manual in ("operating", "configuration", "greengrass", "models", "cloud", "deploying-to-aws"):
+        assert f"(docs/{manual}.md)" in README, manual
