@@ -12,25 +12,31 @@ An AWS Step Functions state machine, built only from service integrations
 2. **Gate** (``ReadVerdict`` -> ``GatePassed?``): a failed gate ends the
    execution (``GateFailed``) with the verdict on record.
 3. **Approval** (``ApproveRelease``, when ``ApprovalRequired``): an SNS
-   message carries a task token; the approver calls ``SendTaskSuccess``.
+   message carries a task token; the approver role (MFA) calls ``SendTaskSuccess``.
 4. **Canary** (``Canary*``): the canary group's one deployment is read and
    revised with only the model component's version changed
    (``States.JsonMerge``), with the configured rollout, abort and timeout and
-   ``FailureHandlingPolicy: ROLLBACK``. After ``CanarySoakMinutes`` the IoT
-   job is read: any failed, rejected or timed-out device beyond
-   ``MaxCanaryFailures`` rolls the canary back to its previous components
-   (``CanaryRollback``) and fails the execution; devices still queued or in
-   progress mean another soak period.
-   Then every canary device's own health report must show the new version,
-   a passed conformance check and at most ``MaxCanaryFailures`` quarantined
-   scans (``CanaryReports``), else the canary is rolled back too.
-5. **Fleet** (``Fleet*``): the same for the fleet group, with its own rate.
+   ``FailureHandlingPolicy: ROLLBACK``. Each ``CanarySoakMinutes`` the IoT
+   job is counted until the group has *settled* (:meth:`PipelineStack._rollout`):
+   more failed devices than ``MaxCanaryFailures``, an aborted job, or no
+   settling within ``MaxSoakPeriods`` roll the canary back to its previous
+   components (``CanaryRollback``) and fail the execution. Then every canary
+   device the deployment reached must show, in its own health report, the new
+   version, a passed conformance check and at most ``MaxCanaryFailures``
+   quarantined scans (``CanaryReports``), else the canary is rolled back too.
+5. **Fleet** (``Fleet*``): the same for the fleet group, with its own rate,
+   soak, share and ``MaxFleetFailedPercent``, without per-device reports.
 
-Every outcome is written to the records bucket (Object Lock) as
-``releases/<execution>/outcome-<state>.json``.
+Every AWS call is retried; one that still fails is recorded and ends the
+execution, after rolling its group back once a deployment exists. Every
+outcome is written to the records bucket (Object Lock) as
+``releases/<execution>/outcome-<state>.json``; an execution that fails, times
+out or is stopped is also announced on the alerts topic and recorded by
+EventBridge (:meth:`PipelineStack._alarms`).
 
 The canary's device reports are read as the runtime publishes them
-(``edge_runtime.service``: retained, per thing, every heartbeat).
+(``edge_runtime.health``: retained, per thing, on change and every
+``Greengrass.StatusEverySeconds``).
 
 Why one module over 500 lines: the state machine is one definition; its states refer to each
 other by name, so reading it in one file is how an ops engineer follows a release.
