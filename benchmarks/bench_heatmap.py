@@ -33,9 +33,10 @@ import onnx
 
 from edge_runtime.backends.onnx import OnnxRuntimeBackend
 from edge_runtime.bundle import default_bundle_path, load_bundle
-from edge_runtime.conformance import heat_difference, reference_inputs
+from edge_runtime.conformance import reference_inputs
 from edge_runtime.cpu import cpu_summary
 from edge_runtime.decode import decode_file
+from edge_runtime.heat import heat_difference
 from edge_runtime.preprocess import preprocess
 from edge_runtime.reports.heatmap import overlay, png_bytes, positive_heat
 from edge_runtime.results import positive_index

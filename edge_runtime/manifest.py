@@ -117,7 +117,7 @@ class ConformanceSpec(_Described):
     max_drift: float | None = Field(None, ge=0.0, le=1.0)
     images: int | None = None
     #: Heat-map checks (where the set holds reference maps, ``cam_*``): largest difference of
-    #: the normalised positive-class map (see :func:`edge_runtime.conformance.heat_difference`)
+    #: the normalised positive-class map (see :func:`edge_runtime.heat.heat_difference`)
     #: from the same backend on the build machine, and from the FP32 model.
     heatmap_max_drift: float | None = Field(None, ge=0.0, le=1.0)
     heatmap_max_abs_diff: float | None = Field(None, ge=0.0, le=1.0)

@@ -23,7 +23,8 @@ from conftest import make_tiny_bundle
 
 from edge_runtime.backends import BackendOutput, create_backend
 from edge_runtime.bundle import BundleTrust, load_bundle
-from edge_runtime.conformance import check_conformance, heat_difference, normalised_heat
+from edge_runtime.conformance import check_conformance
+from edge_runtime.heat import heat_difference, normalised_heat
 from edge_runtime.pipeline import ScanAnalyzer
 from edge_runtime.reports.heatmap import CAUTION, overlay, png_bytes, positive_heat, secondary_capture
 

@@ -3,7 +3,7 @@
 ``.venv-tflite`` (training/tflite_env.sh) holds torch, the converter, numpy, OpenCV,
 cryptography and pydantic, but not pydicom, pynetdicom, highdicom, paho or watchdog. The
 export imports ``edge_runtime.bundle``, ``cpu``, ``preprocess`` and, to check heat-maps,
-``conformance``: a module-level import of pydicom on that path (``results.py`` once had one)
+``heat``: a module-level import of pydicom on that path (``results.py`` once had one)
 fails the export only in the slow suite, 40 minutes into CI. This runs the same imports here
 with those packages made unimportable.
 """
@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 #: Installed in the runtime's environment, absent from .venv-tflite.
 ABSENT = ("pydicom", "pynetdicom", "highdicom", "paho", "watchdog", "fhir", "awsiot", "awscrt", "gdcm")
 #: What training/tflite_export.py imports from edge_runtime, at module level or lazily.
-IMPORTED = ("edge_runtime.bundle", "edge_runtime.cpu", "edge_runtime.preprocess", "edge_runtime.conformance")
+IMPORTED = ("edge_runtime.bundle", "edge_runtime.cpu", "edge_runtime.preprocess", "edge_runtime.heat")
 
 _CHILD = f"""
 import importlib, importlib.abc, sys
@@ -32,7 +32,7 @@ class Absent(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, Absent())
 for module in {IMPORTED!r}:
     importlib.import_module(module)
-from edge_runtime.conformance import heat_difference
+from edge_runtime.heat import heat_difference
 print("imported", len({IMPORTED!r}))
 """
 

@@ -40,8 +40,9 @@ import numpy as np
 
 from edge_runtime.backends.onnx import OnnxRuntimeBackend
 from edge_runtime.bundle import ModelBundle
-from edge_runtime.conformance import heat_difference, verify_backend
+from edge_runtime.conformance import verify_backend
 from edge_runtime.cpu import cpu_summary
+from edge_runtime.heat import heat_difference
 from edge_runtime.preprocess import PreprocessSpec, preprocess
 
 from .data import CXRDataset

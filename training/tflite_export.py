@@ -450,8 +450,8 @@ def _nhwc(samples: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
 
 
 def _heatmap_check(model: nn.Module, val: np.ndarray, cam_int8: np.ndarray, positive: int) -> dict[str, Any]:
-    """The INT8 model's maps against PyTorch's (FP32), as drawn (``edge_runtime.conformance``)."""
-    from edge_runtime.conformance import heat_difference
+    """The INT8 model's maps against PyTorch's (FP32), as drawn (``edge_runtime.heat``)."""
+    from edge_runtime.heat import heat_difference
 
     with torch.no_grad():
         maps = [

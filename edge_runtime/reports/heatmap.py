@@ -7,7 +7,7 @@ features, a coarse grid (3x3 for the 96 px bundled model). Here it is turned
 into pixels a radiologist can look at:
 
 * :func:`positive_heat` -- the positive class's evidence, scaled to [0, 1] as
-  drawn (:func:`edge_runtime.conformance.normalised_heat`, the same scaling the
+  drawn (:func:`edge_runtime.heat.normalised_heat`, the same scaling the
   conformance check compares, so what is checked is what is shown);
 * :func:`overlay` -- upsampled onto the image (which the model saw whole,
   stretched to its input, so the grid covers the whole image) and blended in
@@ -120,7 +120,7 @@ def positive_heat(cam: np.ndarray, labels: list[str], positive_label: str) -> np
     """
     # Imported here, not at the top: the report child draws maps but never computes them, and
     # this import would load the backends into it (ONNX Runtime, ~16 MB of its memory).
-    from ..conformance import normalised_heat
+    from ..heat import normalised_heat
 
     maps = np.asarray(cam)
     if maps.ndim != 3 or maps.shape[0] != len(labels):
