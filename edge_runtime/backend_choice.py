@@ -32,9 +32,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backends import Backend, create_backend
+from .backends import Backend
 from .bundle import ModelBundle
-from .conformance import ConformanceReport, check_conformance, require_cpu_support
+from .conformance import ConformanceReport, check_conformance, open_engine
 from .errors import BackendError, ConformanceError, ModelBundleError
 from .logs import event
 
@@ -86,9 +86,7 @@ def choose_backend(
     loaded: list[tuple[float, str, Backend]] = []
     for name in dict.fromkeys(bundle.backends):  # manifest order, each engine once
         try:
-            require_cpu_support(bundle.artifact(name))
-            backend = create_backend(name, threads=threads)
-            backend.load(bundle)
+            backend = open_engine(bundle, name, threads=threads)
         except (BackendError, ConformanceError, ModelBundleError) as exc:
             timings.append(BackendTiming(name, skipped=exc.message))
             continue

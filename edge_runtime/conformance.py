@@ -57,6 +57,8 @@ __all__ = [
     "enforce",
     "heat_difference",
     "normalised_heat",
+    "open_checked",
+    "open_engine",
     "positive_map",
     "reference_inputs",
     "require_cpu_support",
@@ -374,21 +376,56 @@ def check_conformance(
     )
 
 
+def open_engine(bundle: ModelBundle, backend_name: str, *, threads: int = 1) -> Backend:
+    """The bundle's model for ``backend_name``, loaded on this CPU: the one way a model is opened.
+
+    The CPU check first (a model file built for instructions this CPU lacks is refused before
+    any engine starts), then the engine is created and loads the file; an engine whose load
+    fails is closed again. The service, ``model verify``, packaging and the ``auto`` choice
+    all open models here.
+
+    Raises:
+        ConformanceError: the model file needs CPU features this machine lacks.
+        BackendError: the engine is unknown or cannot be imported.
+        ModelBundleError: the engine refuses the model file.
+    """
+    require_cpu_support(bundle.artifact(backend_name))
+    backend = create_backend(backend_name, threads=threads)
+    try:
+        backend.load(bundle)
+    except BaseException:
+        backend.close()
+        raise
+    return backend
+
+
+def open_checked(
+    bundle: ModelBundle, backend_name: str, *, threads: int = 1, threshold: float | None = None
+) -> tuple[Backend, ConformanceReport | None]:
+    """:func:`open_engine` and the bundle's conformance check on it (closed again if the check raises).
+
+    The report is returned, passed or not: what a failure means is the caller's (the service
+    refuses the model, ``model verify`` prints the table).
+    """
+    backend = open_engine(bundle, backend_name, threads=threads)
+    try:
+        return backend, check_conformance(bundle, backend, threshold)
+    except BaseException:
+        backend.close()
+        raise
+
+
 def verify_backend(
     bundle: ModelBundle, backend_name: str, *, threads: int = 1, threshold: float | None = None
 ) -> ConformanceReport | None:
-    """Load the bundle's model for ``backend_name`` on this CPU, run the check, release the engine.
+    """Open the bundle's model for ``backend_name`` on this CPU, run the check, release the engine.
 
     For ``edge-runtime model verify`` and packaging, which want the report, not
     a loaded model (the service keeps its backend: :meth:`ScanAnalyzer.from_bundle_path`).
     """
-    require_cpu_support(bundle.artifact(backend_name))
-    backend = create_backend(backend_name, threads=threads)
-    backend.load(bundle)
-    try:
-        return check_conformance(bundle, backend, threshold)
-    finally:
-        backend.close()
+    backend, report = open_checked(bundle, backend_name, threads=threads, threshold=threshold)
+    backend.close()
+    return report
 
 
 def enforce(report: ConformanceReport) -> None:

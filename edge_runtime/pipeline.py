@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 
 from .backend_choice import choose_backend
-from .backends import AUTO_BACKEND, Backend, create_backend
+from .backends import AUTO_BACKEND, Backend
 from .bundle import BundleTrust, ModelBundle, default_bundle_path, load_bundle, sha256_file
 from .config import ReportsConfig, RuntimeConfig
-from .conformance import ConformanceReport, check_conformance, enforce, require_cpu_support
+from .conformance import ConformanceReport, enforce, open_checked
 from .decode import DecodeLimits
 from .intake import IntakePolicy
 from .logs import event
@@ -126,14 +126,7 @@ class ScanAnalyzer:
         if backend_name == AUTO_BACKEND:
             backend, conformance, _ = choose_backend(bundle, threads=threads, threshold=threshold)
         else:
-            require_cpu_support(bundle.artifact(backend_name))
-            backend = create_backend(backend_name, threads=threads)
-            backend.load(bundle)
-            try:
-                conformance = check_conformance(bundle, backend, threshold)
-            except Exception:
-                backend.close()
-                raise
+            backend, conformance = open_checked(bundle, backend_name, threads=threads, threshold=threshold)
         if conformance is None:
             log.warning(
                 "model %s %s has no conformance reference set (bundles before 0.2.0): its "

@@ -40,7 +40,7 @@ import numpy as np
 
 from edge_runtime.backends.onnx import OnnxRuntimeBackend
 from edge_runtime.bundle import ModelBundle
-from edge_runtime.conformance import verify_backend
+from edge_runtime.conformance import open_engine, verify_backend
 from edge_runtime.cpu import cpu_summary
 from edge_runtime.heat import heat_difference
 from edge_runtime.preprocess import PreprocessSpec, preprocess
@@ -162,7 +162,6 @@ def heat_tolerances(heat_diffs: dict[str, float]) -> dict[str, float]:
 
 def measure_heatmaps(bundle: ModelBundle, refs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Each shipped backend's heat-maps of the reference images, here (backends with one only)."""
-    from edge_runtime.backends import create_backend
     from edge_runtime.preprocess import preprocess as edge_preprocess
 
     maps: dict[str, np.ndarray] = {}
@@ -170,8 +169,7 @@ def measure_heatmaps(bundle: ModelBundle, refs: dict[str, np.ndarray]) -> dict[s
     for name in bundle.backends:
         if bundle.manifest.heatmap_output(name) is None:
             continue
-        engine = create_backend(name, threads=2)
-        engine.load(bundle)
+        engine = open_engine(bundle, name, threads=2)
         batch = np.empty((1, *spec.sample_shape), dtype=np.float32)
         rows = []
         for image in refs["images"]:

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime.backends import Backend, create_backend
+from edge_runtime.backends import Backend
 from edge_runtime.backends.onnx import OnnxRuntimeBackend
 from edge_runtime.bundle import ModelBundle
 from edge_runtime.preprocess import PreprocessSpec
@@ -115,9 +115,10 @@ class Scorer:
 
 
 def bundle_scorer(bundle: ModelBundle, backend: str = "onnxruntime", threads: int = 2) -> Scorer:
-    """Score the bundle's model for ``backend`` exactly as the service loads it."""
-    engine = create_backend(backend, threads=threads)
-    engine.load(bundle)
+    """Score the bundle's model for ``backend`` exactly as the service opens it (:func:`open_engine`)."""
+    from edge_runtime.conformance import open_engine
+
+    engine = open_engine(bundle, backend, threads=threads)
     return Scorer(engine, OutputHead.from_bundle(bundle))
 
 
