@@ -82,16 +82,21 @@ _SUCCEEDED = "NumberOfSucceededThings"
 _FAILED = ("NumberOfFailedThings", "NumberOfRejectedThings", "NumberOfTimedOutThings")
 _PENDING = ("NumberOfQueuedThings", "NumberOfInProgressThings")
 
-#: Every AWS call is retried this way: a throttled or briefly unavailable API must not end a
-#: release with the fleet half deployed. Task failures are retried whatever their name (the
-#: SDK integrations' error names differ by service), a few times, with jittered back-off.
-_RETRY = sfn.RetryProps(
-    errors=["States.TaskFailed", "States.Timeout"],
-    interval=Duration.seconds(5),
-    max_attempts=4,
-    backoff_rate=2.0,
-    jitter_strategy=sfn.JitterType.FULL,
-)
+
+def _retried(task: sfn.TaskStateBase) -> None:
+    """Retry ``task`` the way every AWS call of the pipeline is retried.
+
+    A throttled or briefly unavailable API must not end a release with the fleet half
+    deployed. Task failures are retried whatever their name (the SDK integrations' error
+    names differ by service), a few times, with jittered back-off.
+    """
+    task.add_retry(
+        errors=["States.TaskFailed", "States.Timeout"],
+        interval=Duration.seconds(5),
+        max_attempts=4,
+        backoff_rate=2.0,
+        jitter_strategy=sfn.JitterType.FULL,
+    )
 
 
 def _add(*terms: str) -> str:
@@ -381,13 +386,7 @@ class PipelineStack(Stack):
             iam_resources=[self.records.arn_for_objects("releases/*")],
             result_path=sfn.JsonPath.DISCARD,
         )
-        write.add_retry(
-            errors=_RETRY.errors,
-            interval=_RETRY.interval,
-            max_attempts=_RETRY.max_attempts,
-            backoff_rate=_RETRY.backoff_rate,
-            jitter_strategy=_RETRY.jitter_strategy,
-        )
+        _retried(write)
         recorder = sfn.StateMachine(
             self,
             "RecordAbnormalEnd",
@@ -537,13 +536,7 @@ class PipelineStack(Stack):
     ) -> sfn.TaskStateBase:
         """``task`` with the retry every AWS call gets and its failure routed (default: recorded, failed)."""
         if retry:
-            task.add_retry(
-                errors=_RETRY.errors,
-                interval=_RETRY.interval,
-                max_attempts=_RETRY.max_attempts,
-                backoff_rate=_RETRY.backoff_rate,
-                jitter_strategy=_RETRY.jitter_strategy,
-            )
+            _retried(task)
         task.add_catch(catch or self.failed, errors=["States.ALL"], result_path="$.error")
         return task
 
@@ -566,13 +559,7 @@ class PipelineStack(Stack):
         )
         # Retried like every call; a record that still cannot be written fails the execution with
         # S3's error (the execution's failure alarm reports it), never loops back into a record.
-        record.add_retry(
-            errors=_RETRY.errors,
-            interval=_RETRY.interval,
-            max_attempts=_RETRY.max_attempts,
-            backoff_rate=_RETRY.backoff_rate,
-            jitter_strategy=_RETRY.jitter_strategy,
-        )
+        _retried(record)
         return record
 
     def _greengrass(
@@ -897,13 +884,7 @@ class PipelineStack(Stack):
             result_selector={"report.$": "States.StringToJson(States.Base64Decode($.Payload))"},
             result_path="$.got",
         )
-        report.add_retry(
-            errors=_RETRY.errors,
-            interval=_RETRY.interval,
-            max_attempts=_RETRY.max_attempts,
-            backoff_rate=_RETRY.backoff_rate,
-            jitter_strategy=_RETRY.jitter_strategy,
-        )
+        _retried(report)
         ok = sfn.Pass(self, "CanaryReportOk")
         bad = sfn.Fail(
             self,
