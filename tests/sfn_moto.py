@@ -178,30 +178,54 @@ def _operation(service: str, operation: str) -> OperationModel:
     return _model(service).operation_model(operation)
 
 
-def _enum_problems(value: Any, shape: Shape, path: str) -> list[str]:
-    """Enum violations (botocore's ParamValidator checks types, required and min, not enums)."""
+def _java_pattern(pattern: str) -> re.Pattern[str] | None:
+    """A service model's ``pattern`` (Java regex) in Python's dialect; None where it has no equivalent."""
+    try:
+        return re.compile(pattern.replace("\\p{Alnum}", "[A-Za-z0-9]"))
+    except re.error:
+        return None
+
+
+def _constraint_problems(value: Any, shape: Shape, path: str) -> list[str]:
+    """What the service refuses that botocore's ParamValidator lets through: enums, maximum lengths
+    and sizes, patterns (it checks types, required members and minimums only). A training job name
+    with a dot or a hyperparameter over 2 500 characters passes the client and fails at AWS."""
     problems: list[str] = []
+    maximum = shape.metadata.get("max")
     if isinstance(shape, StructureShape) and isinstance(value, dict):
         for key, member in shape.members.items():
             if key in value:
-                problems += _enum_problems(value[key], member, f"{path}.{key}" if path else key)
+                problems += _constraint_problems(value[key], member, f"{path}.{key}" if path else key)
     elif isinstance(shape, ListShape) and isinstance(value, list):
+        if maximum is not None and len(value) > maximum:
+            problems.append(f"Invalid length for parameter {path}: {len(value)} items, at most {maximum}")
         for index, item in enumerate(value):
-            problems += _enum_problems(item, shape.member, f"{path}[{index}]")
+            problems += _constraint_problems(item, shape.member, f"{path}[{index}]")
     elif isinstance(shape, MapShape) and isinstance(value, dict):
+        if maximum is not None and len(value) > maximum:
+            problems.append(f"Invalid length for parameter {path}: {len(value)} entries, at most {maximum}")
         for key, item in value.items():
-            problems += _enum_problems(item, shape.value, f"{path}.{key}" if path else key)
-    elif shape.type_name == "string" and shape.enum and isinstance(value, str) and value not in shape.enum:
-        problems.append(f"Invalid value for parameter {path}, value: {value!r}, valid values: {shape.enum}")
+            problems += _constraint_problems(key, shape.key, f"{path} key")
+            problems += _constraint_problems(item, shape.value, f"{path}.{key}" if path else key)
+    elif shape.type_name == "string" and isinstance(value, str):
+        bad = f"Invalid value for parameter {path}, value: {value!r}"
+        if shape.enum and value not in shape.enum:
+            problems.append(f"{bad}, valid values: {shape.enum}")
+        if maximum is not None and len(value) > maximum:
+            problems.append(f"Invalid length for parameter {path}: {len(value)} chars, at most {maximum}")
+        pattern = _java_pattern(shape.metadata["pattern"]) if "pattern" in shape.metadata else None
+        if pattern is not None and not pattern.fullmatch(value):
+            problems.append(f"{bad}, pattern: {pattern.pattern}")
     return problems
 
 
 def request_problems(service: str, operation: str, params: Mapping[str, Any]) -> list[str]:
-    """What AWS would refuse in ``params`` (botocore member names): types, required, unknown, enums."""
+    """What AWS would refuse in ``params`` (botocore member names): types, required, unknown members,
+    enums, maximum lengths and patterns."""
     shape = _operation(service, operation).input_shape
     report = ParamValidator().validate(dict(params), shape)
     problems = report.generate_report().splitlines() if report.has_errors() else []
-    return [p.strip() for p in problems if p.strip()] + _enum_problems(params, shape, "")
+    return [p.strip() for p in problems if p.strip()] + _constraint_problems(params, shape, "")
 
 
 def _to_boto(value: Any, shape: Shape | None) -> Any:

@@ -244,6 +244,13 @@ def test_request_validation_refuses_what_sagemaker_would() -> None:
     assert "ResourceConfig.InstanceType" in problem and "ml.ml.m5.2xlarge" in problem
     untyped = {**request, "ResourceConfig": {**request["ResourceConfig"], "VolumeSizeInGB": "50"}}
     assert any("VolumeSizeInGB" in p for p in request_problems("sagemaker", "CreateTrainingJob", untyped))
+    # What the client lets through and SageMaker refuses: a name outside its pattern, a long value.
+    dotted = {**request, "TrainingJobName": "release-0.3.0"}
+    (problem,) = request_problems("sagemaker", "CreateTrainingJob", dotted)
+    assert "TrainingJobName" in problem and "pattern" in problem
+    long_input = {**request, "HyperParameters": {"input": "x" * 2501}}
+    (problem,) = request_problems("sagemaker", "CreateTrainingJob", long_input)
+    assert "HyperParameters.input" in problem and "at most 2500" in problem
 
 
 def test_a_refused_request_fails_the_release_as_aws_would(release: Definition) -> None:
