@@ -37,7 +37,7 @@ from edge_runtime.bundle import default_bundle_path, load_bundle
 from edge_runtime.cpu import cpu_summary
 from edge_runtime.decode import decode_file
 from edge_runtime.preprocess import preprocess
-from training.evaluate import (
+from training.evaluate.metrics import (
     binary_metrics,
     bootstrap_auc_ci,
     compare_predictions,

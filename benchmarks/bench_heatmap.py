@@ -86,8 +86,14 @@ def _int8_cam_variant(run: Path, bundle_dir: Path, workdir: Path) -> dict[str, o
     """Quantize the map's convolution too; compare both INT8 maps with FP32 on the reference images."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
 
-    from training.datasets import run_spec
-    from training.export import _KEEP_FLOAT_OPS, RECIPES, _ArrayReader, calibration_samples, correct_biases
+    from training.data.datasets import run_spec
+    from training.export.onnx_export import (
+        _KEEP_FLOAT_OPS,
+        RECIPES,
+        _ArrayReader,
+        calibration_samples,
+        correct_biases,
+    )
     from training.run_files import FP32_NAME
 
     bundle = load_bundle(bundle_dir)

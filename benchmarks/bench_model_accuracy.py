@@ -13,7 +13,7 @@ same run, for the INT8-vs-FP32 AUC drop.
 The 624 test images were never used to train the model or choose its
 threshold, so this is the number to quote.
 
-P(positive) comes from :mod:`training.scoring`, the scoring path of training
+P(positive) comes from :mod:`training.evaluate.scoring`, the scoring path of training
 and its reports: the manifest's positive label and output activation, the
 FP32 file loaded by the same ONNX Runtime backend.
 
@@ -33,14 +33,14 @@ import numpy as np
 from edge_runtime.bundle import ModelBundle, default_bundle_path, load_bundle
 from edge_runtime.decode import decode_file
 from edge_runtime.preprocess import preprocess
-from training.evaluate import (
+from training.evaluate.metrics import (
     binary_metrics,
     bootstrap_auc_ci,
     roc_auc,
     sensitivity_at_specificity,
     wilson_interval,
 )
-from training.scoring import OutputHead, bundle_scorer, file_scorer
+from training.evaluate.scoring import OutputHead, bundle_scorer, file_scorer
 
 REPO = Path(__file__).resolve().parents[1]
 

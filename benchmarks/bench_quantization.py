@@ -1,14 +1,14 @@
 """Which INT8 recipe gives the same answer on every CPU? Every candidate, measured in one run.
 
 For one training run (its ``model.fp32.onnx`` and ``split.json``), each recipe
-of :data:`training.export.RECIPES` is quantized with the same calibration
+of :data:`training.export.onnx_export.RECIPES` is quantized with the same calibration
 images and then measured three ways:
 
 * **INT8 vs FP32 on this CPU**, on the whole validation split: AUC, decision
   agreement at 0.5 and at the run's operating point (when ``evaluation.json``
   has one), max and mean |dp|;
 * **this CPU vs an emulated AVX2-only CPU** (QEMU ``EPYC-Milan``: AMD Zen 3,
-  no AVX-512, no VNNI; see :mod:`training.emulation`), the same INT8 model
+  no AVX-512, no VNNI; see :mod:`training.export.emulation`), the same INT8 model
   on the first ``--emulate`` validation images: max |dp| and decisions. On a
   VNNI machine this is the difference between the two kinds of box in the
   fleet;
@@ -31,10 +31,10 @@ from pathlib import Path
 import numpy as np
 
 from edge_runtime.cpu import cpu_summary
-from training.datasets import run_spec
-from training.emulation import AVX2_ONLY_CPU, emulator, predict_emulated
-from training.evaluate import compare_predictions, roc_auc
-from training.export import (
+from training.data.datasets import run_spec
+from training.evaluate.metrics import compare_predictions, roc_auc
+from training.export.emulation import AVX2_ONLY_CPU, emulator, predict_emulated
+from training.export.onnx_export import (
     FP32_NAME,
     RECIPES,
     calibration_samples,

@@ -10,7 +10,7 @@ accuracy, sensitivity and specificity, the INT8-vs-FP32 AUC difference (both
 measured here on the same tensors), and how long training took on the
 machine that ran it (from ``train_summary.json``, with its CPU count).
 
-Both models are scored by :mod:`training.scoring` (the edge's ONNX Runtime
+Both models are scored by :mod:`training.evaluate.scoring` (the edge's ONNX Runtime
 backend, P(positive) read with the head the run's manifest will carry).
 
 Usage: python -m benchmarks.bench_training_runs runs/default runs/pmnist runs/nih64
@@ -25,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from training.data import CXRDataset
-from training.datasets import items_from_split, read_split, run_spec
-from training.evaluate import binary_metrics, bootstrap_auc_ci, roc_auc
+from training.data.datasets import items_from_split, read_split, run_spec
+from training.data.images import CXRDataset
+from training.evaluate.metrics import binary_metrics, bootstrap_auc_ci, roc_auc
+from training.evaluate.scoring import run_head, score_file
 from training.run_files import EVALUATION_NAME, FP32_NAME, INT8_NAME, SUMMARY_NAME
-from training.scoring import run_head, score_file
 
 
 def parse_args() -> argparse.Namespace:

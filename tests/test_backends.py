@@ -7,7 +7,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import sign_bundle
+from helpers import sign_bundle
 
 from edge_runtime.backends import create_backend
 from edge_runtime.bundle import load_bundle, write_manifest

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TEST_TRUSTED_KEYS, Broker, Subscriber, published_name
+from helpers import TEST_TRUSTED_KEYS, Broker, Subscriber, published_name
 
 from edge_runtime.config import RuntimeConfig
 from edge_runtime.service import EdgeService

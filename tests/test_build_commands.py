@@ -12,22 +12,19 @@
 
 from __future__ import annotations
 
-import ast
 import importlib.metadata
 import json
 import os
 import re
 import subprocess
 import sys
-import tomllib
 import urllib.error
 import urllib.request
 import zipfile
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import make_tiny_bundle
+from helpers import PYPROJECT, installable, make_tiny_bundle, third_party_imports
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -35,12 +32,6 @@ from components import build
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 README = REPO_ROOT / "README.md"
-PYPROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))
-PROJECT = canonicalize_name(PYPROJECT["project"]["name"])
-#: Packages of this checkout that the commands import: followed, not looked up on PyPI.
-LOCAL_PACKAGES = {"components", "cdk"}
-#: The project's own installed package: its imports are the base dependencies' business.
-PROJECT_PACKAGE = "edge_runtime"
 
 #: The manuals the commands are shown in (the README links them).
 GREENGRASS_MANUAL = REPO_ROOT / "docs" / "greengrass.md"
@@ -77,106 +68,6 @@ def readme_extras(where: tuple[Path, str], command: str) -> set[str]:
     installs = re.findall(r"pip install (?:-e )?'\.\[([\w,-]+)\]'", section)
     assert len(installs) == 1, f"section {where} should give one install line, has {installs}"
     return set(installs[0].split(","))
-
-
-def _module_file(dotted: str) -> Path | None:
-    """The checkout's file for a module of a local package, or None."""
-    base = REPO_ROOT.joinpath(*dotted.split("."))
-    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def _is_type_checking(node: ast.AST) -> bool:
-    return isinstance(node, ast.If) and ast.unparse(node.test) in {"TYPE_CHECKING", "typing.TYPE_CHECKING"}
-
-
-def _imported_modules(path: Path) -> Iterator[str]:
-    """Dotted names a module imports at run time (``if TYPE_CHECKING:`` blocks left out)."""
-    relative = path.relative_to(REPO_ROOT).with_suffix("")
-    package = list(relative.parts[:-1] if relative.name != "__init__" else relative.parent.parts)
-    todo: list[ast.AST] = [ast.parse(path.read_text(encoding="utf-8"), filename=str(path))]
-    while todo:
-        node = todo.pop()
-        if _is_type_checking(node):
-            continue
-        if isinstance(node, ast.Import):
-            yield from (alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                parts = package[: len(package) - (node.level - 1)]
-                base = ".".join([*parts, *([node.module] if node.module else [])])
-            else:
-                base = node.module or ""
-            yield base
-            yield from (f"{base}.{alias.name}" for alias in node.names)  # maybe submodules
-        todo.extend(ast.iter_child_nodes(node))
-
-
-def third_party_imports(entry_points: Iterable[str]) -> dict[str, str]:
-    """Top-level third-party module -> the first checkout file importing it, following local imports."""
-    found: dict[str, str] = {}
-    seen: set[Path] = set()
-    todo = [REPO_ROOT / p for p in entry_points]
-    for entry in list(todo):  # the packages' __init__ run first
-        for parent in entry.relative_to(REPO_ROOT).parents:
-            if parent.parts and (REPO_ROOT / parent / "__init__.py").is_file():
-                todo.append(REPO_ROOT / parent / "__init__.py")
-    while todo:
-        path = todo.pop()
-        if path in seen:
-            continue
-        seen.add(path)
-        for dotted in _imported_modules(path):
-            top = dotted.split(".")[0]
-            if top in LOCAL_PACKAGES:
-                parts = dotted.split(".")
-                for depth in range(1, len(parts) + 1):  # each package on the way is imported too
-                    module = _module_file(".".join(parts[:depth]))
-                    if module is not None:
-                        todo.append(module)
-            elif top and top != PROJECT_PACKAGE and top not in sys.stdlib_module_names:
-                found.setdefault(top, str(path.relative_to(REPO_ROOT)))
-    return found
-
-
-def project_requirements(extras: Iterable[str]) -> list[str]:
-    project = PYPROJECT["project"]
-    requirements = list(project["dependencies"])
-    for extra in extras:
-        requirements += project["optional-dependencies"][extra]
-    return requirements
-
-
-def installable(extras: Iterable[str]) -> set[str]:
-    """Canonical names of every distribution ``pip install '.[extras]'`` brings in.
-
-    The project's requirements come from pyproject.toml (self-references such as
-    ``healthdiag-edge[build]`` included); those of other distributions from their installed metadata.
-    """
-    seen: set[tuple[str, frozenset[str]]] = set()
-    todo = [Requirement(text) for text in project_requirements(extras)]
-    while todo:
-        requirement = todo.pop()
-        name = canonicalize_name(requirement.name)
-        key = (name, frozenset(requirement.extras))
-        if key in seen:
-            continue
-        seen.add(key)
-        if name == PROJECT:
-            todo += [Requirement(text) for text in project_requirements(requirement.extras)]
-            continue
-        try:
-            requires = importlib.metadata.requires(requirement.name) or []
-        except importlib.metadata.PackageNotFoundError:
-            continue  # not installed here; the import check below says so if it matters
-        for text in requires:
-            sub = Requirement(text)
-            active = requirement.extras or {""}
-            if sub.marker is None or any(sub.marker.evaluate({"extra": extra}) for extra in active):
-                todo.append(sub)
-    return {name for name, _ in seen}
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))

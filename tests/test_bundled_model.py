@@ -16,7 +16,7 @@ import pytest
 
 from edge_runtime.bundle import load_bundle
 from edge_runtime.pipeline import ScanAnalyzer
-from training.emulation import AVX2_ONLY_CPU, emulator, run_emulated
+from training.export.emulation import AVX2_ONLY_CPU, emulator, run_emulated
 
 
 def _backends(bundle: Path) -> list[str]:
@@ -40,7 +40,7 @@ def test_bundled_model_passes_its_conformance_check_here(default_bundle: Path, b
 
 
 def test_bundled_model_is_calibrated_and_cpu_independent_by_construction(default_bundle: Path) -> None:
-    from training.export import integer_ranges
+    from training.export.onnx_export import integer_ranges
 
     bundle = load_bundle(default_bundle)
     # Temperature scaling makes the operating point an ordinary probability (0.1.1: 0.99986).

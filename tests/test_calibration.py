@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from training.evaluate import expected_calibration_error, fit_temperature, log_loss, roc_auc
-from training.models import apply_temperature, predict_logits, predict_torch
+from training.evaluate.metrics import expected_calibration_error, fit_temperature, log_loss, roc_auc
+from training.model.models import apply_temperature, predict_logits, predict_torch
 
 
 def _overconfident(n: int, true_t: float, seed: int = 7) -> tuple[np.ndarray, np.ndarray]:

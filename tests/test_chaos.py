@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture()
 def chaos_bundle(tmp_path: Path) -> Path:
     """The bundled model when present (realistic timing), else the tiny test model."""
-    from conftest import make_tiny_bundle
+    from helpers import make_tiny_bundle
 
     from edge_runtime.bundle import default_bundle_path
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-from conftest import make_tiny_bundle, sign_bundle
+from helpers import make_tiny_bundle, sign_bundle
 
 from edge_runtime.backends import create_backend
 from edge_runtime.bundle import load_bundle

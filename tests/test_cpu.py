@@ -21,7 +21,7 @@ import pytest
 
 from edge_runtime import cpu
 from edge_runtime.cpu import X86Registers, arm_features, cpu_summary, x86_features
-from training.emulation import AVX2_ONLY_CPU
+from training.export.emulation import AVX2_ONLY_CPU
 
 REPO = Path(__file__).resolve().parents[1]
 X86 = platform.machine() in ("x86_64", "AMD64")

@@ -18,7 +18,19 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import TEST_TRUSTED_KEYS, dcmtk, free_port, make_tiny_bundle, wait_for_port
+from helpers import (
+    AE,
+    CHEST_UNCOMPRESSED,
+    MAX_OBJECT_MB,
+    SENDERS,
+    dcmtk,
+    free_port,
+    make_tiny_bundle,
+    spool_files,
+    storescu,
+    wait_for_port,
+)
+from helpers import scp_service_config as make_config
 from pydicom.uid import generate_uid
 
 from edge_runtime.config import RuntimeConfig
@@ -26,26 +38,10 @@ from edge_runtime.journal import ReceiptLog
 from edge_runtime.service import EdgeService
 from edge_runtime.sources.dicom_scp import DicomScpSource
 
-CHEST_UNCOMPRESSED = "dicom/derived/siim_cxr_explicit_le.dcm"  # CR chest, Explicit VR LE, 1 MB
 CHEST_J2K_LOSSLESS = "dicom/pydicom_data/RG1_J2KR.dcm"  # CR chest, JPEG 2000 lossless, 4.3 MB
 CHEST_J2K_LOSSY = "dicom/wg04/RG1_J2KI"  # CR chest, JPEG 2000, 0.7 MB
 CHEST_JLS_NEAR = "dicom/wg04/RG1_JLSN"  # CR chest, JPEG-LS near-lossless, 2.8 MB
 CHEST_LARGE = "dicom/pydicom_data/RG1_UNCR.dcm"  # CR chest, Explicit VR LE, 7.2 MB
-AE = "HEALTHDIAG"
-SENDERS = ("MODALITY1", "MODALITY2", "MODALITY3")
-MAX_OBJECT_MB = 5  # RG1_UNCR (7.2 MB) is over it; every other file here is under
-
-
-def storescu(
-    port: int, *files: Path, aet: str = SENDERS[0], options: tuple[str, ...] = ()
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [dcmtk("storescu"), "-aet", aet, "-aec", AE, *options, "127.0.0.1", str(port), *map(str, files)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 def new_instance(src: Path, dst: Path) -> tuple[Path, str]:
@@ -81,46 +77,11 @@ def wait_results(sub, uids: set[str], timeout_s: float = 60.0) -> dict[str, dict
     return {r["input"]["sop_instance_uid"]: r for r in got}
 
 
-def spool_files(config: RuntimeConfig) -> list[Path]:
-    return sorted(config.dicom.spool_path.iterdir()) if config.dicom.spool_path.is_dir() else []
-
-
 def wait_spool_empty(config: RuntimeConfig, timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
     while spool_files(config) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert spool_files(config) == []
-
-
-def make_config(root: Path, broker, bundle: Path, port: int, **dicom) -> RuntimeConfig:
-    return RuntimeConfig.from_mapping(
-        {
-            "Inbox": {
-                "Path": str(root / "inbox"),
-                "QuarantinePath": str(root / "quarantine"),
-                "RescanIntervalSeconds": 0.5,
-            },
-            "Dicom": {
-                "Enabled": True,
-                "AeTitle": AE,
-                "BindAddress": "127.0.0.1",
-                "Port": port,
-                "AllowedCallingAeTitles": list(SENDERS),
-                "MaxObjectMb": MAX_OBJECT_MB,
-                "SpoolPath": str(root / "spool"),
-                **dicom,
-            },
-            "Model": {"BundlePath": str(bundle), "TrustedKeys": TEST_TRUSTED_KEYS},
-            "Mqtt": {
-                "Host": broker.host,
-                "Port": broker.port,
-                "ClientId": f"edge-{root.name}",
-                "TopicPrefix": f"test/{root.name}",
-            },
-            "Journal": {"Path": str(root / "state" / "journal.sqlite3")},
-            "Workers": 2,
-        }
-    )
 
 
 @pytest.fixture(scope="module")

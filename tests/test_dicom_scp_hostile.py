@@ -25,10 +25,19 @@ from types import SimpleNamespace
 import numpy as np
 import pydicom
 import pytest
-from conftest import free_port, make_tiny_bundle, wait_for_port
+from helpers import (
+    AE,
+    CHEST_UNCOMPRESSED,
+    SENDERS,
+    free_port,
+    make_tiny_bundle,
+    spool_files,
+    storescu,
+    wait_for_port,
+)
+from helpers import scp_service_config as make_config
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from test_dicom_scp import AE, CHEST_UNCOMPRESSED, SENDERS, make_config, spool_files, storescu
 
 from edge_runtime.config import RuntimeConfig
 from edge_runtime.errors import ConfigError

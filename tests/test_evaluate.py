@@ -1,4 +1,4 @@
-"""Metrics and the operating threshold (training/evaluate.py) on hand-computed toy cases."""
+"""Metrics and the operating threshold (training/evaluate/metrics.py) on hand-computed toy cases."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from sklearn import metrics as sk_metrics
 from sklearn.calibration import calibration_curve
 
-from training.evaluate import (
+from training.evaluate.metrics import (
     average_precision,
     binary_metrics,
     bootstrap_auc_ci,
@@ -108,7 +108,7 @@ def test_auc_matches_scikit_learn_with_ties() -> None:
         assert roc_auc(y, p) == pytest.approx(sk_metrics.roc_auc_score(y, p))
 
 
-# --- Curves, predictive values, calibration, subgroups (used by training/evaluation_report.py) ---
+# --- Curves, predictive values, calibration, subgroups (used by training/evaluate/evaluation_report/) ---
 #
 # Y/P above, sorted by descending score:  0.9(1) 0.8(1) 0.7(1) 0.6(0) 0.4(0) 0.35(0) 0.3(1) 0.1(0)
 # cumulative TP after each score:          1      2      3      3      3      3       4      4
@@ -237,7 +237,7 @@ def test_subgroup_metrics_by_hand() -> None:
 
 
 def test_sensitivity_at_specificity_reads_the_roc_curve() -> None:
-    from training.evaluate import sensitivity_at_specificity
+    from training.evaluate.metrics import sensitivity_at_specificity
 
     # Negatives score .1 .2 .3 .6, positives .4 .7 .8 .9 (worked by hand):
     # threshold .4 -> TP 4, FP 1 (the .6): sensitivity 1, specificity .75;

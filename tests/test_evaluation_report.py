@@ -1,10 +1,10 @@
-"""The evaluation report (training/evaluation_report.py) end to end on a tiny real subset.
+"""The evaluation report (training/evaluate/evaluation_report/) end to end on a tiny real subset.
 
 8 NORMAL and 8 PNEUMONIA (4 bacterial, 4 viral) images of the real Kermany
 test split, the committed INT8 bundle, and a tiny FP32 ONNX model built
 here (mean intensity -> softmax) standing in for the FP32 export, so the
 side-by-side path runs too. The numbers in the Markdown are checked against
-:mod:`training.evaluate` applied to probabilities recomputed independently
+:mod:`training.evaluate.metrics` applied to probabilities recomputed independently
 through the edge backend, one image at a time.
 """
 
@@ -23,7 +23,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.evaluate import (
+from training.evaluate.evaluation_report import (
+    FIGURES,
+    METRICS_NAME,
+    PREDICTIONS_NAME,
+    REPORT_NAME,
+    add_report_parser,
+    list_cases,
+    run_from_args,
+)
+from training.evaluate.metrics import (
     average_precision,
     binary_metrics,
     bootstrap_auc_ci,
@@ -32,15 +41,6 @@ from training.evaluate import (
     predictive_values,
     subgroup_metrics,
     wilson_interval,
-)
-from training.evaluation_report import (
-    FIGURES,
-    METRICS_NAME,
-    PREDICTIONS_NAME,
-    REPORT_NAME,
-    add_report_parser,
-    list_cases,
-    run_from_args,
 )
 
 KERMANY = Path("cxr/kermany_pneumonia_224")

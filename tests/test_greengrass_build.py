@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import make_tiny_bundle
+from helpers import make_tiny_bundle
 from jsonschema import Draft7Validator
 
 from components import validate

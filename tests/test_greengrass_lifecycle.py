@@ -52,8 +52,8 @@ from typing import Any
 
 import jsonschema
 import pytest
-from conftest import Subscriber, published_name
 from ggipc import FakeNucleus
+from helpers import Subscriber, published_name
 
 from edge_runtime.results import load_schema
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-from conftest import TEST_PUBLIC_KEY, make_tiny_bundle, tamper_like_the_probe
 from ggipc import FakeNucleus
+from helpers import TEST_PUBLIC_KEY, make_tiny_bundle, tamper_like_the_probe
 
 from edge_runtime.greengrass import GreengrassIpc
 from edge_runtime.results import load_schema

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import published_name
-from test_service_e2e import drop, make_config
+from helpers import drop, published_name
+from helpers import service_config as make_config
 
 from edge_runtime import decode as decode_stage
 from edge_runtime.service import EdgeService

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Broker
+from helpers import Broker
 
 from edge_runtime.config import RuntimeConfig
 from edge_runtime.errors import ConfigError

@@ -16,7 +16,7 @@ import pytest
 
 from edge_runtime.decode import decode_file
 from edge_runtime.preprocess import PreprocessSpec, preprocess
-from training.data import CXRDataset, ImageCache, Item
+from training.data.images import CXRDataset, ImageCache, Item
 
 torch = pytest.importorskip("torch")
 

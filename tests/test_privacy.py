@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from test_service_e2e import SIIM, drop, make_config
+from helpers import SIIM, drop
+from helpers import service_config as make_config
 
 from edge_runtime.logs import JsonFormatter, TextFormatter
 from edge_runtime.privacy import REDACTOR, load_or_create_key, scan_ref

@@ -16,44 +16,25 @@ import cv2
 import jsonschema
 import pydicom
 import pytest
-from conftest import TEST_TRUSTED_KEYS, dcmtk, free_port, wait_for_port
+from helpers import (
+    CHEST_UNCOMPRESSED,
+    NORMAL_JPEG,
+    PNEUMONIA_JPEG,
+    StoreScp,
+    chest_dicom_from_jpeg,
+    dcmtk,
+    free_port,
+    wait_for_port,
+)
+from helpers import reports_service_config as make_config
 
 from edge_runtime.config import RuntimeConfig
 from edge_runtime.results import load_schema
 from edge_runtime.service import EdgeService
 
 RESULT_VALIDATOR = jsonschema.Draft202012Validator(load_schema("result-v1"))
-KERMANY = "cxr/kermany_pneumonia_224/test"
-NORMAL_JPEG = f"{KERMANY}/NORMAL/IM-0001-0001.jpeg"
-PNEUMONIA_JPEG = f"{KERMANY}/PNEUMONIA/person1_virus_6.jpeg"
-#: The same chest CR (PA), as a modality sends it uncompressed.
-CHEST_UNCOMPRESSED = "dicom/derived/siim_cxr_explicit_le.dcm"
 #: A chest CR (PA) the bundled model's intended use admits.
 CHEST_DICOM = "dicom/siim_torchxrayvision/1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
-
-
-def make_config(tmp_path: Path, broker, bundle: Path, **sections) -> RuntimeConfig:
-    data = {
-        "Inbox": {
-            "Path": str(tmp_path / "inbox"),
-            "QuarantinePath": str(tmp_path / "quarantine"),
-            "SettleSeconds": 0.2,
-            "RescanIntervalSeconds": 0.5,
-        },
-        "Model": {"BundlePath": str(bundle), "TrustedKeys": TEST_TRUSTED_KEYS},
-        "Mqtt": {
-            "Host": broker.host,
-            "Port": broker.port,
-            "ClientId": f"edge-{tmp_path.name}",
-            "TopicPrefix": f"test/{tmp_path.name}",
-        },
-        "Journal": {"Path": str(tmp_path / "state" / "journal.sqlite3")},
-        "Reports": {"Path": str(tmp_path / "reports")},
-        "Workers": 1,
-    }
-    for section, values in sections.items():
-        data.setdefault(section, {}).update(values)
-    return RuntimeConfig.from_mapping(data)
 
 
 def drop(src: Path, inbox: Path, name: str) -> None:
@@ -156,65 +137,12 @@ class FhirEndpoint(http.server.ThreadingHTTPServer):
         self.server_close()
 
 
-class StoreScp:
-    """dcmtk's storescp: the PACS node."""
-
-    def __init__(self, folder: Path, port: int) -> None:
-        self.folder, self.port = folder, port
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [dcmtk("storescp"), "-aet", "PACS", "-od", str(self.folder), str(self.port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_for_port(self.port)
-
-    def stored(self) -> list[pydicom.Dataset]:
-        return [pydicom.dcmread(p) for p in sorted(self.folder.rglob("*")) if p.is_file()]
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(timeout=5)
-            self.proc = None
-
-
 def _wait(predicate, timeout_s: float = 30.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout_s
     while not predicate():
         if time.monotonic() > deadline:
             raise TimeoutError(what)
         time.sleep(0.1)
-
-
-def chest_dicom_from_jpeg(src: Path, dst: Path) -> Path:
-    """A paediatric chest radiograph (Kermany JPEG) as the CR a modality would send, with a patient."""
-    pixels = cv2.imread(str(src), cv2.IMREAD_GRAYSCALE)
-    ds = pydicom.Dataset()
-    ds.file_meta = pydicom.dataset.FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
-    ds.SOPClassUID = pydicom.uid.ComputedRadiographyImageStorage
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
-    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = (
-        "DOE^JOHN",
-        "MRN123456",
-        "20190101",
-        "M",
-    )
-    ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID = "20261130", "080000", "A1", "1"
-    ds.ReferringPhysicianName, ds.SeriesNumber, ds.InstanceNumber = "", 1, 1
-    ds.Modality, ds.BodyPartExamined, ds.ViewPosition = "CR", "CHEST", "AP"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.PixelData = pixels.tobytes()
-    ds.save_as(dst, enforce_file_format=True)
-    return dst
 
 
 def test_study_sent_by_storescu_reaches_mqtt_pacs_fhir_once_with_heatmap_and_priority(

@@ -1,4 +1,4 @@
-"""The one scoring path (training.scoring) on the real bundled model.
+"""The one scoring path (training.evaluate.scoring) on the real bundled model.
 
 Training, its reports and the accuracy benchmarks read P(positive) through
 the edge's ONNX Runtime backend and the manifest's head. These tests hold
@@ -21,7 +21,7 @@ from edge_runtime.bundle import ModelBundle, load_bundle
 from edge_runtime.errors import ModelBundleError
 from edge_runtime.preprocess import preprocess
 from edge_runtime.results import positive_probabilities
-from training.scoring import OutputHead, bundle_scorer, file_scorer, run_head, score_file
+from training.evaluate.scoring import OutputHead, bundle_scorer, file_scorer, run_head, score_file
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import jsonschema
-from conftest import published_name
+from helpers import published_name
 
 from edge_runtime.results import load_schema
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-from conftest import (
+from helpers import (
     TEST_KEY_FINGERPRINT,
     TEST_PUBLIC_KEY,
     make_tiny_bundle,

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-from conftest import (
+from ggipc import FakeNucleus
+from helpers import (
     TEST_PUBLIC_KEY,
     TEST_TRUSTED_KEYS,
     Broker,
@@ -32,7 +33,6 @@ from conftest import (
     make_tiny_bundle,
     wait_for_port,
 )
-from ggipc import FakeNucleus
 
 from edge_runtime.config import RuntimeConfig
 from edge_runtime.errors import MQTT_TLS_VERIFY_FAILED, public_text

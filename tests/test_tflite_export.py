@@ -1,4 +1,4 @@
-"""The TFLite INT8 export (``training/tflite_export.py``) end to end, across two environments.
+"""The TFLite INT8 export (``training/export/tflite_export.py``) end to end, across two environments.
 
 The exporter needs litert-torch and ai-edge-quantizer, which conflict with the
 main environment, so it runs in ``.venv-tflite`` (``training/tflite_env.sh
@@ -21,7 +21,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import sign_bundle
+from helpers import sign_bundle
 
 from edge_runtime.bundle import default_bundle_path, load_bundle, write_manifest
 from edge_runtime.decode import decode_file
@@ -65,7 +65,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict:
     torch = pytest.importorskip("torch", reason="torch (training extra) not installed")
     pytest.importorskip("efficientnet_lite_pytorch", reason="training extra not installed")
     pytest.importorskip("ai_edge_litert", reason="ai-edge-litert not installed")
-    from training.models import build_model
+    from training.model.models import build_model
 
     root = tmp_path_factory.mktemp("tflite-export")
     data = _synthetic_kermany(root / "data")
@@ -90,7 +90,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict:
         [
             str(VENV_PYTHON),
             "-m",
-            "training.tflite_export",
+            "training.export.tflite_export",
             "--checkpoint",
             str(checkpoint),
             "--out",

@@ -1,4 +1,4 @@
-"""Datasets beyond Kermany (training/datasets.py) on the real files in ``../shared/data``.
+"""Datasets beyond Kermany (training/data/datasets/) on the real files in ``../shared/data``.
 
 The rule these tests hold every set to: no patient is in two of train,
 validation and test (a validation or test split that shares patients with
@@ -24,8 +24,7 @@ import pytest
 
 from edge_runtime.decode import decode_file
 from edge_runtime.preprocess import PreprocessSpec, preprocess
-from training.data import LABELS, CXRDataset, ImageCache, Item, list_items, patient_id, split_by_patient
-from training.datasets import (
+from training.data.datasets import (
     NIH_FINDINGS,
     Dataset,
     describe,
@@ -39,6 +38,15 @@ from training.datasets import (
     split_matches,
     split_record,
     write_split,
+)
+from training.data.images import (
+    LABELS,
+    CXRDataset,
+    ImageCache,
+    Item,
+    list_items,
+    patient_id,
+    split_by_patient,
 )
 
 KERMANY = Path("cxr/kermany_pneumonia_224")
@@ -172,7 +180,7 @@ def test_unknown_names_count_one_patient_per_file_with_a_warning(
             folder.mkdir(parents=True)
             for k in range(4):
                 cv2.imwrite(str(folder / f"scan_{k}.png"), grey)
-    with caplog.at_level(logging.WARNING, logger="training.datasets"):
+    with caplog.at_level(logging.WARNING, logger="training.data.datasets"):
         dataset = open_dataset(tmp_path, val_fraction=0.25, seed=0)
     assert "no recognisable patient id" in caplog.text
     assert dataset.classes == ("cats", "dogs")
@@ -316,7 +324,7 @@ def tiny_run(
 ) -> Callable[[Path], tuple[Path, dict]]:
     """``tiny_run(dataset)``: the real trainer on 4 images per class at 64 px, once per dataset."""
     torch = pytest.importorskip("torch")
-    from training.train import TrainConfig, train
+    from training.model.train import TrainConfig, train
 
     runs: dict[Path, tuple[Path, dict]] = {}
 
@@ -360,8 +368,8 @@ def test_tiny_training_run_reaches_a_checkpoint(
     which: Path, tiny_run: Callable[[Path], tuple[Path, dict]]
 ) -> None:
     torch = pytest.importorskip("torch")
-    from training.export import load_split
-    from training.train import CHECKPOINT_NAME, SPLIT_NAME, load_checkpoint
+    from training.export.onnx_export import load_split
+    from training.model.train import CHECKPOINT_NAME, SPLIT_NAME, load_checkpoint
 
     run, summary = tiny_run(which)
     assert (run / CHECKPOINT_NAME).is_file()
@@ -389,13 +397,13 @@ def test_export_evaluate_and_package_use_the_runs_data_and_spec(
 ) -> None:
     """The later stages take the 64 px spec, the classes and the test split from the run, not Kermany's."""
     pytest.importorskip("onnxruntime")
-    from conftest import TEST_SIGNING_KEY
+    from helpers import TEST_SIGNING_KEY
 
     from edge_runtime.bundle import load_bundle
+    from training.bundle.package import MODEL_CARD_NAME, package_bundle
     from training.cli import main
-    from training.export import EXPORT_SUMMARY, VAL_PREDICTIONS
-    from training.package import MODEL_CARD_NAME, package_bundle
-    from training.report import TEST_PREDICTIONS, run_evaluation
+    from training.evaluate.report import TEST_PREDICTIONS, run_evaluation
+    from training.export.onnx_export import EXPORT_SUMMARY, VAL_PREDICTIONS
 
     run, _ = tiny_run(NIH64)
     # The export and quantize stages as the CLI runs them, one after the other.

@@ -17,7 +17,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 #: Installed in the runtime's environment, absent from .venv-tflite.
 ABSENT = ("pydicom", "pynetdicom", "highdicom", "paho", "watchdog", "fhir", "awsiot", "awscrt", "gdcm")
-#: What training/tflite_export.py imports from edge_runtime, at module level or lazily.
+#: What training/export/tflite_export.py imports from edge_runtime, at module level or lazily.
 IMPORTED = ("edge_runtime.bundle", "edge_runtime.cpu", "edge_runtime.preprocess", "edge_runtime.heat")
 
 _CHILD = f"""
@@ -46,6 +46,6 @@ def test_the_tflite_export_imports_load_without_the_dicom_stack() -> None:
 
 
 def test_the_list_of_imports_is_the_export_modules_own() -> None:
-    source = (REPO / "training/tflite_export.py").read_text(encoding="utf-8")
+    source = (REPO / "training/export/tflite_export.py").read_text(encoding="utf-8")
     for module in IMPORTED:
         assert f"from {module} import" in source, module

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
-import test_build_commands as commands
+from helpers import LOCAL_PACKAGES, PYPROJECT, installable, third_party_imports
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -117,7 +117,7 @@ def test_the_base_image_is_pinned_to_linux_amd64(steps: list[tuple[str, str]]) -
 
 
 def test_torch_comes_alone_from_the_cpu_index_at_the_training_extra_pin(steps: list[tuple[str, str]]) -> None:
-    pinned = [Requirement(r) for r in commands.PYPROJECT["project"]["optional-dependencies"]["training"]]
+    pinned = [Requirement(r) for r in PYPROJECT["project"]["optional-dependencies"]["training"]]
     (torch,) = [r for r in pinned if r.name == "torch"]
     assert str(torch.specifier).startswith("=="), "pyproject's training extra must pin torch"
     installs = pip_installs(steps)
@@ -158,16 +158,15 @@ def _closure(roots: Iterable[str]) -> set[str]:
     return seen
 
 
-def test_the_image_installs_what_the_job_imports(
-    steps: list[tuple[str, str]], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_the_image_installs_what_the_job_imports(steps: list[tuple[str, str]]) -> None:
     installs = pip_installs(steps)
     _, extras, others = project_install(installs)
-    available = commands.installable(extras) | _closure(others)
+    available = installable(extras) | _closure(others)
     available |= {n for a in installs for r in requirements(a) if (n := named(r))}
     # The training package is run from the checkout too (python -m training pipeline): follow it.
-    monkeypatch.setattr(commands, "LOCAL_PACKAGES", {*commands.LOCAL_PACKAGES, "training"})
-    imports = commands.third_party_imports(["cdk/training_image/entry.py", "training/__main__.py"])
+    imports = third_party_imports(
+        ["cdk/training_image/entry.py", "training/__main__.py"], local_packages={*LOCAL_PACKAGES, "training"}
+    )
     assert {"boto3", "torch", "semantic_version", "jsonschema"} <= set(imports)  # the walk works
     distributions = importlib.metadata.packages_distributions()
     missing = [

@@ -1,7 +1,7 @@
-"""Every registered architecture trains, round-trips its weights and exports (training/models.py).
+"""Every registered architecture trains, round-trips its weights and exports (training/model/models.py).
 
 The families other than EfficientNet-Lite0 are defined in
-``training/architectures.py`` with torchvision's names because torchvision
+``training/model/architectures.py`` with torchvision's names because torchvision
 cannot be installed here. These tests hold each one to what the pipeline
 needs from it, on real Kermany images:
 
@@ -9,7 +9,7 @@ needs from it, on real Kermany images:
   so a user's torchvision ``state_dict`` file loads strictly;
 * the staged view (frozen prefix -> trainable blocks -> classifier)
   computes exactly ``forward``, at every cut;
-* the real staged trainer (``training.train.train``) runs on a handful of
+* the real staged trainer (``training.model.train.train``) runs on a handful of
   images, its loss is finite, and it changes the trainable part only;
 * the trained checkpoint exports to ONNX (dynamic batch, softmax inside)
   and onnxruntime agrees with PyTorch; INT8 quantization runs.
@@ -37,9 +37,9 @@ from torch import nn  # noqa: E402
 
 from edge_runtime.preprocess import PreprocessSpec  # noqa: E402
 from training.cli import _weights_for, build_parser  # noqa: E402
-from training.data import CXRDataset, Item, list_items  # noqa: E402
-from training.emulation import emulator, predict_emulated  # noqa: E402
-from training.export import (  # noqa: E402
+from training.data.images import CXRDataset, Item, list_items  # noqa: E402
+from training.export.emulation import emulator, predict_emulated  # noqa: E402
+from training.export.onnx_export import (  # noqa: E402
     export_onnx,
     integer_ranges,
     ort_session,
@@ -47,13 +47,13 @@ from training.export import (  # noqa: E402
     predict_torch,
     quantize_int8,
 )
-from training.models import (  # noqa: E402
+from training.model.models import (  # noqa: E402
     available_models,
     build_model,
     default_cut,
     staged_view,
 )
-from training.train import CHECKPOINT_NAME, TrainConfig, load_checkpoint, train  # noqa: E402
+from training.model.train import CHECKPOINT_NAME, TrainConfig, load_checkpoint, train  # noqa: E402
 
 KERMANY = Path("cxr/kermany_pneumonia_224")
 EFFNET_WEIGHTS = Path("weights/efficientnet-lite0-57934424.pth")

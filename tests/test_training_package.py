@@ -18,17 +18,17 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
-from conftest import TEST_KEY_FINGERPRINT, TEST_PUBLIC_KEY, TEST_SIGNING_KEY
+from helpers import TEST_KEY_FINGERPRINT, TEST_PUBLIC_KEY, TEST_SIGNING_KEY
 
 from edge_runtime.bundle import BundleTrust, load_bundle
 from edge_runtime.errors import ModelBundleError
 from edge_runtime.preprocess import PreprocessSpec
 from edge_runtime.signing import SIGNATURE_NAME
-from training.evaluate import roc_auc, sensitivity_at_specificity
-from training.export import run_export
-from training.package import MODEL_CARD_NAME, TARGETS, TEST_PREDICTIONS_NAME, package_bundle
-from training.report import run_evaluation
-from training.train import TrainConfig, train
+from training.bundle.package import MODEL_CARD_NAME, TARGETS, TEST_PREDICTIONS_NAME, package_bundle
+from training.evaluate.metrics import roc_auc, sensitivity_at_specificity
+from training.evaluate.report import run_evaluation
+from training.export.onnx_export import run_export
+from training.model.train import TrainConfig, train
 
 WEIGHTS = Path("weights/efficientnet-lite0-57934424.pth")
 

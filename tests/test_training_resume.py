@@ -18,8 +18,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from edge_runtime.preprocess import PreprocessSpec  # noqa: E402
-from training import train as train_module  # noqa: E402
-from training.train import RESUME_NAME, TrainConfig, load_checkpoint, train  # noqa: E402
+from training.model import train as train_module  # noqa: E402
+from training.model.train import RESUME_NAME, TrainConfig, load_checkpoint, train  # noqa: E402
 
 WEIGHTS = Path("weights/efficientnet-lite0-57934424.pth")
 

@@ -1,4 +1,4 @@
-"""The patient-disjoint, stratified validation split (training/data.py).
+"""The patient-disjoint, stratified validation split (training/data/images.py).
 
 A validation set that shares children with the training set rewards
 memorising patients, and the operating threshold is chosen on it: these
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from training.data import LABELS, Item, label_counts, list_items, patient_id, split_by_patient
+from training.data.images import LABELS, Item, label_counts, list_items, patient_id, split_by_patient
 
 KERMANY = Path("cxr/kermany_pneumonia_224")
 

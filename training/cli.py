@@ -57,7 +57,7 @@ def _add_data(p: argparse.ArgumentParser) -> None:
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
-    from .models import describe_models
+    from .model.models import describe_models
 
     models = describe_models()
     p.add_argument(
@@ -151,7 +151,13 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 
 
 def _add_recipe(p: argparse.ArgumentParser) -> None:
-    recipes = ("u8s8-rr", "s8s8", "s8s8-rr", "u8s8", "u8u8")  # training.export.RECIPES (torch-free here)
+    recipes = (
+        "u8s8-rr",
+        "s8s8",
+        "s8s8-rr",
+        "u8s8",
+        "u8u8",
+    )  # training.export.onnx_export.RECIPES (torch-free here)
     p.add_argument(
         "--recipe",
         choices=recipes,
@@ -306,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", type=Path, help="folder for the key pair")
     p.add_argument("--name", default="bundle-signing", help="file name stem (default: %(default)s)")
 
-    from .evaluation_report import add_report_parser
+    from .evaluate.evaluation_report import add_report_parser
 
     add_report_parser(sub)
     return parser
@@ -323,14 +329,14 @@ def _weights_for(args: argparse.Namespace) -> Path | None:
 def _augmentation(args: argparse.Namespace) -> Any:
     import dataclasses
 
-    from .data import MILD_AUGMENTATION, Augmentation
+    from .data.images import MILD_AUGMENTATION, Augmentation
 
     base = MILD_AUGMENTATION if args.augment == "mild" else Augmentation()
     return dataclasses.replace(base, hflip=args.hflip)
 
 
 def _train(args: argparse.Namespace) -> None:
-    from .train import TrainConfig, train
+    from .model.train import TrainConfig, train
 
     weights = _weights_for(args)
     if weights is not None and not weights.is_file():
@@ -369,7 +375,14 @@ def _train(args: argparse.Namespace) -> None:
 
 def _prepare(args: argparse.Namespace) -> None:
     """Open the dataset, write the run's split.json and print the per-split table."""
-    from .datasets import describe, items_from_split, open_dataset, read_split, split_matches, write_split
+    from .data.datasets import (
+        describe,
+        items_from_split,
+        open_dataset,
+        read_split,
+        split_matches,
+        write_split,
+    )
 
     data = args.data if args.data is not None else Path(_DEFAULT_DATA)
     split_file = args.out / "split.json"
@@ -395,13 +408,13 @@ def _prepare(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from .export import run_fp32_export
+    from .export.onnx_export import run_fp32_export
 
     run_fp32_export(args.out, threads=args.threads, calibrate=args.calibrate)
 
 
 def _quantize(args: argparse.Namespace) -> None:
-    from .export import run_quantize
+    from .export.onnx_export import run_quantize
 
     try:
         run_quantize(
@@ -412,13 +425,13 @@ def _quantize(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from .report import run_evaluation
+    from .evaluate.report import run_evaluation
 
     run_evaluation(args.out, args.data, min_sensitivity=args.min_sensitivity, threads=args.threads)
 
 
 def _package(args: argparse.Namespace) -> None:
-    from .package import package_bundle
+    from .bundle.package import package_bundle
 
     if args.signing_key is None:
         print(
@@ -516,7 +529,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("package", "pipeline"):
         _package(args)
     if args.command == "evaluate-report":
-        from .evaluation_report import run_from_args
+        from .evaluate.evaluation_report import run_from_args
 
         run_from_args(args)
     elapsed = time.monotonic() - start

@@ -8,7 +8,7 @@
 #
 # Usage (from anywhere; paths are relative to the repository root):
 #   training/tflite_env.sh setup                 # create/refresh .venv-tflite (~1.5 min, pip cache warm)
-#   training/tflite_env.sh export [ARGS...]      # python -m training.tflite_export ARGS in the venv
+#   training/tflite_env.sh export [ARGS...]      # python -m training.export.tflite_export ARGS in the venv
 #   training/tflite_env.sh python [ARGS...]      # the venv's python (e.g. for a quick check)
 #   training/tflite_env.sh all [ARGS...]         # setup, then export
 #
@@ -47,11 +47,11 @@ setup() {
     pip_install "torch==2.13.0"
     # 2. The converter and the quantizer (they bring ai-edge-litert, their own numpy etc.).
     pip_install litert-torch ai-edge-quantizer
-    # 3. What training.tflite_export imports from this repository:
-    #    training.models -> efficientnet_lite_pytorch; edge_runtime.decode/preprocess -> numpy, cv2.
+    # 3. What training.export.tflite_export imports from this repository:
+    #    training.model.models -> efficientnet_lite_pytorch; edge_runtime.decode/preprocess -> numpy, cv2.
     #    (The Kermany images are JPEG; pydicom is only imported when a DICOM file is decoded.)
     #    edge_runtime.bundle also checks signatures (cryptography) and validates manifests (pydantic);
-    #    training.evaluate scores with scikit-learn.
+    #    training.evaluate.metrics scores with scikit-learn.
     pip_install efficientnet-lite-pytorch opencv-python-headless cryptography scikit-learn
     "$VENV/bin/python" - <<'EOF'
 import importlib.metadata as md
@@ -68,7 +68,7 @@ export_model() {
         exit 2
     fi
     cd "$REPO"
-    nice -n 10 "$VENV/bin/python" -m training.tflite_export "$@"
+    nice -n 10 "$VENV/bin/python" -m training.export.tflite_export "$@"
 }
 
 cmd="${1:-}"
