@@ -14,8 +14,8 @@ Principals (:class:`Principal`):
   ``createTrainingJob.sync`` and ``sns:publish.waitForTaskToken``;
 * the **training role** (SageMaker's execution role): what SageMaker does with
   it (image pull, data channel, output, logs, volume key) and every boto3 call of
-  the container (:mod:`cdk.training_image.entry`, :func:`cdk.release.publish`,
-  :func:`cdk.release.deployed_versions`, :mod:`cdk.gate` makes none);
+  the container (:mod:`cdk.training_image.entry`, :func:`cdk.release_steps.publish`,
+  :func:`cdk.release_steps.deployed_versions`, :mod:`cdk.gate` makes none);
 * the **release operator** (:mod:`cdk.release`): no role
   in the stacks; :func:`policy_document` renders this table as its policy;
 * the **device role** (the token exchange role the Greengrass nucleus assumes
@@ -370,7 +370,7 @@ def _training() -> list[Permission]:
             p,
             "s3:ListBucket",
             _ARTIFACT_BUCKET,
-            f"{sm}: list the datasets/ prefix (S3Prefix data channel); cdk.release.publish: without it "
+            f"{sm}: list the datasets/ prefix (S3Prefix data channel); cdk.release_steps.publish: without it "
             "HeadObject of a not-yet-uploaded artifact answers 403 instead of 404",
         )
     )
@@ -428,18 +428,21 @@ def _training() -> list[Permission]:
             p,
             "iot:DescribeThingGroup",
             _GROUPS[1],
-            f"{entry}.production_manifest: the fleet group's ARN (cdk.release._group_arn)",
+            f"{entry}.production_manifest: the fleet group's ARN (cdk.release_steps._group_arn)",
         )
     )
     out += _deployment_calls(
-        p, f"{entry}.production_manifest (cdk.release.deployed_versions)", create=False, groups=_GROUPS[1:]
+        p,
+        f"{entry}.production_manifest (cdk.release_steps.deployed_versions)",
+        create=False,
+        groups=_GROUPS[1:],
     )
     out.append(
         Permission(
             p,
             "s3:GetObject",
             _MODEL_ZIP,
-            f"{entry}.production_manifest: production's bundle; cdk.release.publish: HeadObject of the "
+            f"{entry}.production_manifest: production's bundle; cdk.release_steps.publish: HeadObject of the "
             "artifact (idempotence), and Greengrass reads it as the caller in CreateComponentVersion",
         )
     )
@@ -454,12 +457,16 @@ def _training() -> list[Permission]:
             p,
             "greengrass:GetComponent",
             _COMPONENT_VERSION,
-            "cdk.release.publish: is this version already published (_existing_recipe)",
+            "cdk.release_steps.publish: is this version already published (_existing_recipe)",
         )
     )
     out.append(
         Permission(
-            p, "s3:PutObject", _MODEL_ZIP, "cdk.release.publish: upload_file of the artifact", multipart=True
+            p,
+            "s3:PutObject",
+            _MODEL_ZIP,
+            "cdk.release_steps.publish: upload_file of the artifact",
+            multipart=True,
         )
     )
     out.append(
@@ -467,7 +474,7 @@ def _training() -> list[Permission]:
             p,
             "greengrass:CreateComponentVersion",
             _COMPONENT,
-            "cdk.release.publish: create the model component version",
+            "cdk.release_steps.publish: create the model component version",
         )
     )
     out.append(

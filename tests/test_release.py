@@ -18,18 +18,20 @@ import boto3
 import pytest
 import yaml
 from botocore.stub import ANY, Stubber
-from conftest import make_tiny_bundle
+from helpers import BUCKET, NOW, REGION, make_tiny_bundle, moto_release_clients
+from helpers import make_thing_group as _group
+from helpers import model_component_arn as _arn
+from helpers import model_recipe as _recipe
 
 moto = pytest.importorskip("moto", reason="moto is not installed (pip install moto[all])")
 
-from cdk.release import (  # noqa: E402
+from cdk.release import main  # noqa: E402
+from cdk.release_steps import (  # noqa: E402
     MODEL_COMPONENT,
     Clients,
     ReleaseError,
     Rollout,
-    _components_build,
     deploy,
-    main,
     publish,
     recipe_meaning,
     rollback,
@@ -38,51 +40,12 @@ from cdk.release import (  # noqa: E402
     trust_signing_key,
 )
 
-REGION = "eu-west-1"
-ACCOUNT = "123456789012"  # moto's account
 RUNTIME = "com.healthdiag.EdgeInference"
-BUCKET = "healthdiag-artifacts"
-NOW = dt.datetime(2026, 11, 30, tzinfo=dt.UTC)
 
 
 @pytest.fixture(name="aws")
 def aws_clients(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Clients, Stubber]]:
-    for key, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": REGION,
-    }.items():
-        monkeypatch.setenv(key, value)
-    with moto.mock_aws():
-        greengrass = boto3.client("greengrassv2", region_name=REGION)
-        clients = Clients(
-            s3=boto3.client("s3", region_name=REGION),
-            iot=boto3.client("iot", region_name=REGION),
-            greengrass=greengrass,
-            sts=boto3.client("sts", region_name=REGION),
-            region=REGION,
-        )
-        clients.s3.create_bucket(Bucket=BUCKET, CreateBucketConfiguration={"LocationConstraint": REGION})
-        with Stubber(greengrass) as stub:
-            yield clients, stub
-            stub.assert_no_pending_responses()
-
-
-def _arn(version: str | None = None) -> str:
-    arn = f"arn:aws:greengrass:{REGION}:{ACCOUNT}:components:{MODEL_COMPONENT}"
-    return f"{arn}:versions:{version}" if version else arn
-
-
-def _recipe(version: str) -> str:
-    return str(_components_build().render_recipe(MODEL_COMPONENT, version, BUCKET))
-
-
-def _group(clients: Clients, name: str, things: list[str]) -> str:
-    arn = clients.iot.create_thing_group(thingGroupName=name)["thingGroupArn"]
-    for thing in things:
-        clients.iot.create_thing(thingName=thing)
-        clients.iot.add_thing_to_thing_group(thingGroupName=name, thingName=thing)
-    return str(arn)
+    yield from moto_release_clients(monkeypatch, Clients)
 
 
 def _stub_current(stub: Stubber, target: str, model_version: str | None, job: str = "job-1") -> None:

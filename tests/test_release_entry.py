@@ -26,21 +26,15 @@ from typing import Any
 
 import pytest
 from botocore.stub import Stubber
-from conftest import make_tiny_bundle
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
-from test_release import (
-    BUCKET,
-    NOW,
-    REGION,
-    _arn,
-    _group,
-    _recipe,
-    aws_clients,  # noqa: F401 (the 'aws' fixture)
-)
+from helpers import BUCKET, NOW, REGION, make_tiny_bundle, moto_release_clients
+from helpers import make_thing_group as _group
+from helpers import model_component_arn as _arn
+from helpers import model_recipe as _recipe
 
-from cdk.release import MODEL_COMPONENT, Clients
+from cdk.release_steps import MODEL_COMPONENT, Clients
 from edge_runtime.bundle import BundleTrust, load_bundle, write_manifest
 from edge_runtime.config import ModelConfig, RuntimeConfig
 from edge_runtime.errors import ModelBundleError
@@ -59,6 +53,12 @@ from cdk.training_image.entry import (  # noqa: E402
 
 RECORDS = "healthdiag-records"
 KMS_KEY = f"arn:aws:kms:{REGION}:111122223333:key/0d1c2b3a-4f5e-6d7c-8b9a-0f1e2d3c4b5a"
+
+
+@pytest.fixture(name="aws")
+def aws_clients(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Clients, Stubber]]:
+    """The release's clients on moto (S3, IoT, STS), Greengrass v2 stubbed (as tests/test_release.py)."""
+    yield from moto_release_clients(monkeypatch, Clients)
 
 
 class StubbedKms:

@@ -6,7 +6,7 @@ An AWS Step Functions state machine, built only from service integrations
 1. **Train, gate, package, publish** (``Train``): a SageMaker training job
    whose container (``cdk/training_image``) runs the project's own
    ``python -m training pipeline``, the gate (:mod:`cdk.gate`) against the
-   manifest in production, and, only if it passed, ``cdk.release.publish``
+   manifest in production, and, only if it passed, ``cdk.release_steps.publish``
    (bundle upload and component version, idempotent). It writes its verdict
    to ``releases/<execution>/verdict.json`` in the records bucket.
 2. **Gate** (``ReadVerdict`` -> ``GatePassed?``): a failed gate ends the

@@ -6,7 +6,7 @@
 2. :func:`release_candidate`: the gate against the model the fleet group runs
    now, and, only if it passed, the manifest signature (KMS, written into the
    bundle as ``manifest.sig.json`` and checked with the runtime's own
-   verifier) and ``cdk.release.publish``; the verdict goes to
+   verifier) and ``cdk.release_steps.publish``; the verdict goes to
    ``releases/<release>/verdict.json`` in the records bucket, where the state
    machine reads it.
 
@@ -49,7 +49,7 @@ from edge_runtime.signing import BundleTrust, public_key_fingerprint, write_sign
 
 from ..config import load_config
 from ..gate import evaluate_gate
-from ..release import MODEL_COMPONENT, Clients, _version_key, deployed_versions, list_versions, publish
+from ..release_steps import MODEL_COMPONENT, Clients, _version_key, deployed_versions, list_versions, publish
 
 __all__ = ["DEFAULT_CONFIG", "RunChoice", "choose_run", "main", "release_candidate", "sign_bundle_with_kms"]
 
