@@ -143,6 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
         "output).",
     )
 
+    schema = sub.add_parser(
+        "schema",
+        help="print the JSON Schema of the result message",
+        description="Print the JSON Schema of the result message every sink publishes, generated "
+        "from the runtime's typed result (edge_runtime/schemas/result-v1.schema.json is this output): "
+        "give it to the hospital system that subscribes, to validate what it receives.",
+    )
+    schema.add_argument("message", choices=["result"], help="which message")
+
     health = sub.add_parser(
         "health",
         help="is the service alive? (for ops scripts and Greengrass)",
@@ -374,7 +383,7 @@ def _cmd_process(args: argparse.Namespace) -> int:
                 failures += 1
                 print(json.dumps({"file": str(path), **exc.to_dict()}), file=sys.stderr, flush=True)
                 continue
-            print(json.dumps(outcome.result), flush=True)
+            print(outcome.result(config.reports.urgent_threshold).payload, flush=True)
     finally:
         analyzer.close()
     return 1 if failures else 0
@@ -692,6 +701,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(reference_markdown(), end="")
                 return 0
             return _cmd_config_check(args)
+        if args.command == "schema":
+            from .results import result_schema_text
+
+            print(result_schema_text(), end="")
+            return 0
         if args.command == "health":
             return _cmd_health(args)
         if args.command == "journal":

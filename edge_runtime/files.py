@@ -31,11 +31,12 @@ import hashlib
 import os
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import InboxConfig
-from ..errors import (
+from .config import InboxConfig
+from .errors import (
     FileTooLarge,
     IncompleteInput,
     InputChanged,
@@ -51,6 +52,7 @@ __all__ = [
     "read_scan",
     "read_verified",
     "safe_file_name",
+    "unique_target",
 ]
 
 _CHUNK = 1 << 20
@@ -214,3 +216,20 @@ def read_verified(scan: ScanFile, name: str) -> bytes:
     if len(data) != scan.size_bytes or hashlib.sha256(data).hexdigest() != scan.sha256:
         raise InputChanged(f"{changed} (its content is no longer the admitted sha256); nothing was decoded.")
     return data
+
+
+def unique_target(folder: Path, name: str, same: Callable[[Path], bool] | None = None) -> Path:
+    """A free name for ``name`` in ``folder`` (``stem.N.suffix``), never overwriting a file.
+
+    ``same(error_file)`` says an earlier, interrupted move of this very input
+    left that error file: then its name is reused, so a crash does not
+    duplicate the file.
+    """
+    target = folder / name
+    n = 1
+    while target.exists() or (folder / f"{target.name}.error.json").exists():
+        if same is not None and same(folder / f"{target.name}.error.json"):
+            return target
+        target = folder / f"{Path(name).stem}.{n}{Path(name).suffix}"
+        n += 1
+    return target

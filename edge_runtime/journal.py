@@ -105,6 +105,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import JournalError, JournalIntegrityError, JournalLost
+from .files import display_name
 from .journal_integrity import (
     ID_KEY,
     InstanceLock,
@@ -124,7 +125,6 @@ from .journal_integrity import (
 )
 from .privacy import path_token, scan_ref, scrub_name
 from .results import utc_now
-from .sources.files import display_name
 
 __all__ = [
     "Admission",
@@ -785,33 +785,30 @@ class Journal:
             )
 
     def record_result(
-        self, input_id: int, result: dict[str, Any], deliveries: Sequence[Delivery]
+        self, input_id: int, message_id: str, stored: str, deliveries: Sequence[Delivery]
     ) -> list[OutboxMessage]:
-        """Commit a result and its outbox messages (one per sink) in one transaction.
+        """Commit a result (``stored``: its message as JSON) and its outbox messages in one transaction.
 
         Returns the new outbox messages; empty when the message id was already
         recorded (the same SOP instance sent again), so nothing is published twice.
         """
-        stored = json.dumps(result, separators=(",", ":"), sort_keys=True)
         now = utc_now()
         created = []
         with self._tx() as db:
             db.execute(
                 "UPDATE inputs SET state='done', message_id=?, result_json=?, error_json=NULL, "
                 "updated_utc=? WHERE id=?",
-                (result["message_id"], stored, now, input_id),
+                (message_id, stored, now, input_id),
             )
             for d in deliveries:
                 cur = db.execute(
                     "INSERT OR IGNORE INTO outbox(message_id, sink, topic, payload, qos, "
                     "created_utc) VALUES (?, ?, ?, ?, ?, ?)",
-                    (result["message_id"], d.sink, d.topic, d.payload, d.qos, now),
+                    (message_id, d.sink, d.topic, d.payload, d.qos, now),
                 )
                 if cur.rowcount:
                     created.append(
-                        OutboxMessage(
-                            cur.lastrowid or 0, result["message_id"], d.topic, d.payload, d.qos, d.sink
-                        )
+                        OutboxMessage(cur.lastrowid or 0, message_id, d.topic, d.payload, d.qos, d.sink)
                     )
         return created
 

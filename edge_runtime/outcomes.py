@@ -31,14 +31,13 @@ from typing import Any
 
 from . import __version__
 from .errors import EdgeRuntimeError
+from .files import file_key, safe_file_name, unique_target
 from .health import Health
 from .journal import Delivery, InputRecord, Journal
 from .logs import event
 from .privacy import log_name, loggable_uid, scan_ref, scrub_name
-from .results import utc_now
+from .results import ScanResult, utc_now
 from .sources.base import ScanItem
-from .sources.files import file_key, safe_file_name
-from .sources.inbox import unique_target
 
 __all__ = ["OutcomeRecorder"]
 
@@ -75,12 +74,12 @@ class OutcomeRecorder:
         item: ScanItem,
         sha256: str,
         input_id: int,
-        result: dict[str, Any],
+        result: ScanResult,
         deliveries: Sequence[Delivery],
     ) -> None:
         """Commit a result and its outbox rows, then let the source dispose of the file."""
         path = item.path
-        created = self.journal.record_result(input_id, result, deliveries)
+        created = self.journal.record_result(input_id, result.message_id, result.payload, deliveries)
         if not created and deliveries:
             # Same message id as the result subscribers hold: the same image under its SOP
             # Instance UID sent again with different bytes (e.g. another transfer syntax).
@@ -91,10 +90,10 @@ class OutcomeRecorder:
                 "duplicate",
                 "%s repeats the latest image of its instance (%s); result not published again",
                 named,
-                loggable_uid(result["input"].get("sop_instance_uid")),
+                loggable_uid(result.input.sop_instance_uid),
                 file=named,
                 sha256=sha256[:16],
-                message_id=result["message_id"],
+                message_id=result.message_id,
             )
         self.health.count("processed")
         # The file goes first: once a subscriber has the result, its inbox file is gone.

@@ -23,14 +23,22 @@ from .bundle import BundleTrust, ModelBundle, default_bundle_path, load_bundle, 
 from .config import ReportsConfig, RuntimeConfig
 from .conformance import ConformanceReport, enforce, open_checked
 from .decode import DecodeLimits
+from .files import ScanFile, display_name
 from .intake import IntakePolicy
 from .logs import event
 from .prepare import PreparedScan, PrepareOptions, prepare_file
 from .privacy import load_or_create_key, log_name, loggable_uid, scan_ref
 from .reports.heatmap import positive_heat
-from .results import build_result, public_metadata, scores_to_probabilities
+from .results import (
+    Analysis,
+    ScanResult,
+    analysis_of,
+    input_identity,
+    message_id,
+    public_metadata,
+    scores_to_probabilities,
+)
 from .sandbox import DecodeSandbox
-from .sources.files import ScanFile, display_name
 
 __all__ = ["ScanAnalyzer", "ScanOutcome", "file_sha256"]
 
@@ -44,8 +52,12 @@ def file_sha256(path: Path) -> str:
 
 @dataclass(frozen=True)
 class ScanOutcome:
-    result: dict[str, Any]
-    timings_ms: dict[str, float]
+    """What analysing one scan gave: the model's answer and what the reports are built from."""
+
+    analysis: Analysis
+    #: The scan's idempotency key (its input identity with the model): the result's ``message_id``
+    #: unless the flow finds another image under its SOP Instance UID (see :mod:`.journal`).
+    message_id: str
     #: :func:`~edge_runtime.reports.heatmap.positive_heat` of the model's class-activation map,
     #: ``(h, w)`` float32 in [0, 1] on the model's grid; None when the model has no heat-map output.
     heatmap: np.ndarray | None = None
@@ -55,6 +67,18 @@ class ScanOutcome:
     #: For DICOM, the header bytes the decoder read (the reports are built from them, never
     #: from the file again); None for other images.
     header: bytes | None = field(default=None, repr=False)
+
+    def result(self, urgent_threshold: float | None = None) -> ScanResult:
+        """The result of this scan on its own (``edge-runtime process``): its own id, no reports.
+
+        The service's results are placed in their SOP Instance UID's history and carry
+        their reports (:mod:`.flow`); a scan analysed on a workstation has neither.
+        """
+        return ScanResult.of(
+            self.analysis,
+            message_id=self.message_id,
+            priority=self.analysis.urgency(urgent_threshold),
+        )
 
 
 class ScanAnalyzer:
@@ -220,7 +244,7 @@ class ScanAnalyzer:
 
         ``preview_side``: the longer side of the image handed back for the heat-map
         (0: none; None: :attr:`preview_side`). ``scan``: what the service hashed and
-        admitted (:func:`~edge_runtime.sources.files.read_scan`); given, only bytes
+        admitted (:func:`~edge_runtime.files.read_scan`); given, only bytes
         with that hash are decoded, and every message and log line calls the scan by
         its keyed reference (:func:`~edge_runtime.privacy.scan_ref`), never its name.
         Without it (``edge-runtime process FILE`` on a workstation) the file is read
@@ -281,7 +305,7 @@ class ScanAnalyzer:
             else positive_heat(outputs.heatmap[0], self.bundle.labels, self.bundle.positive_label)
         )
         timings["total"] = timings.get("queue", 0.0) + (time.perf_counter() - t0) * 1000
-        result = build_result(
+        analysis = analysis_of(
             file_name=display_name(path.name) if self.publish_file_names else ref,
             sha256=sha256,
             kind=prepared.kind,
@@ -293,28 +317,29 @@ class ScanAnalyzer:
             positive_label=self.bundle.positive_label,
             threshold=self.threshold,
             timings_ms=timings,
-            pixels_sha256=prepared.pixels_sha256,
         )
-        finding = result["findings"][0]
+        identity = input_identity(sha256, meta, prepared.pixels_sha256)
+        own_id = message_id(identity, self.bundle.name, self.bundle.version)
+        finding = analysis.finding
         event(
             log,
             "inferred",
             "inferred %s: %s p=%.3f",
             logged,
-            result["decision"]["label"],
-            finding["probability"],
+            analysis.decision.label,
+            finding.probability,
             file=logged,
             sha256=sha256[:16],
-            decision=result["decision"]["label"],
-            probability=finding["probability"],
-            threshold=finding["threshold"],
-            message_id=result["message_id"],
+            decision=analysis.decision.label,
+            probability=finding.probability,
+            threshold=finding.threshold,
+            message_id=own_id,
             preprocess_ms=round(timings["preprocess"], 2),
             duration_ms=round(timings["infer"], 2),
         )
         return ScanOutcome(
-            result=result,
-            timings_ms=timings,
+            analysis=analysis,
+            message_id=own_id,
             heatmap=heat,
             image=prepared.preview if heat is not None else None,
             header=prepared.header,

@@ -39,10 +39,10 @@ import numpy as np
 
 from .decode import DecodeLimits, decode_file
 from .errors import EdgeRuntimeError, UnsupportedImage
+from .files import ScanFile, read_verified
 from .preprocess import PreprocessSpec, preprocess
 from .reports.preview import fit_image
 from .results import pixels_digest
-from .sources.files import ScanFile, read_verified
 
 __all__ = ["PrepareOptions", "PreparedScan", "prepare_file"]
 
@@ -110,7 +110,7 @@ def prepare_file(
         scan: What the service hashed and admitted. Given, the file is read once
             more through a no-follow descriptor, the bytes are checked against
             ``scan.sha256`` and exactly those bytes are decoded
-            (:func:`~edge_runtime.sources.files.read_verified`): a file swapped or
+            (:func:`~edge_runtime.files.read_verified`): a file swapped or
             rewritten after its hash is never decoded under the admitted identity.
         name: What messages call the scan (its keyed reference in the service), so
             nothing said here or in a decoder names the file; default its name.

@@ -13,12 +13,23 @@ import hashlib
 import json
 import re
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from importlib import resources
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SerializerFunctionWrapHandler,
+    WrapSerializer,
+)
+from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
+from pydantic_core import core_schema
 
 from . import __version__
 from .errors import InvalidDicomUid
@@ -26,7 +37,19 @@ from .privacy import is_dicom_uid
 
 __all__ = [
     "RESULT_SCHEMA_VERSION",
-    "build_result",
+    "Analysis",
+    "Decision",
+    "DicomFile",
+    "Finding",
+    "FrozenMap",
+    "InputRef",
+    "ModelRef",
+    "Priority",
+    "Reports",
+    "Runtime",
+    "ScanResult",
+    "Timings",
+    "analysis_of",
     "build_status",
     "check_uids",
     "input_identity",
@@ -36,6 +59,8 @@ __all__ = [
     "positive_index",
     "positive_probabilities",
     "public_metadata",
+    "result_schema",
+    "result_schema_text",
     "scores_to_probabilities",
     "utc_now",
 ]
@@ -177,7 +202,354 @@ def check_uids(file_name: str, metadata: dict[str, Any]) -> None:
         )
 
 
-def build_result(
+class FrozenMap(Mapping[str, float]):
+    """A read-only mapping (the result's ``probabilities``): a frozen result has no mutable part."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Mapping[str, float]) -> None:
+        self._items = dict(items)
+
+    def __getitem__(self, key: str) -> float:
+        return self._items[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __repr__(self) -> str:
+        return f"FrozenMap({self._items!r})"
+
+    def __reduce__(self) -> tuple[type[FrozenMap], tuple[dict[str, float]]]:
+        return FrozenMap, (self._items,)
+
+
+def _as_dict(value: Mapping[str, float], serialize: SerializerFunctionWrapHandler) -> Any:
+    return serialize(dict(value))
+
+
+class _Frozen(BaseModel):
+    """A part of the result: immutable once built, and no field the schema does not name."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+_SHA256 = r"^[0-9a-f]{64}$"
+_DICOM_UID = r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$"
+_FILE = r"^[a-z0-9_.-]+$"
+Uid = Annotated[str, Field(pattern=_DICOM_UID, max_length=64)]
+Sha256 = Annotated[str, Field(pattern=_SHA256)]
+Probability = Annotated[float, Field(ge=0, le=1)]
+Millis = Annotated[float, Field(ge=0)]
+Priority = Literal["urgent", "routine"]
+
+
+class InputRef(_Frozen):
+    """The scan as the result names it: a reference, its hash, and header values fit to publish."""
+
+    kind: Literal["dicom", "image"]
+    file_name: str = Field(
+        description="A keyed reference to the scan, scan-<16 hex digits>[.ext], never the name the sender "
+        "gave the file, which may carry patient identifiers; only a site that sets "
+        "Privacy.PublishFileNames gets the file's own name here.",
+    )
+    sha256: Sha256
+    decoder: str
+    study_instance_uid: Uid | None = None
+    series_instance_uid: Uid | None = None
+    sop_instance_uid: Uid | None = None
+    sop_class_uid: Uid | None = None
+    transfer_syntax_uid: str | None = None
+    modality: str | None = None
+    body_part_examined: str | None = None
+    view_position: str | None = None
+    photometric_interpretation: str | None = None
+    format: str | None = None
+    rows: Annotated[int, Field(ge=1)] | None = None
+    columns: Annotated[int, Field(ge=1)] | None = None
+    channels: Annotated[int, Field(ge=1)] | None = None
+    number_of_frames: Annotated[int, Field(ge=1)] | None = None
+    bits_stored: Annotated[int, Field(ge=1)] | None = None
+    pixel_spacing_mm: Annotated[tuple[float, float], Field()] | None = None
+
+
+class ModelRef(_Frozen):
+    """Which model answered, bit for bit: its artifact's and its preprocessing's hashes."""
+
+    name: str
+    version: str
+    sha256: Sha256
+    backend: str
+    quantization: str
+    preprocessing_sha256: Sha256
+
+
+class Finding(_Frozen):
+    """One label the model decides on, at its operating threshold."""
+
+    label: str
+    probability: Probability
+    threshold: Probability
+    positive: bool
+
+
+class Decision(_Frozen):
+    label: str = Field(description="The label decided at the model's operating point.")
+    positive: bool
+
+
+class Timings(_Frozen):
+    """Milliseconds per stage of this scan on this box."""
+
+    queue: Millis | None = None
+    hash: Millis | None = None
+    decode: Millis
+    preprocess: Millis
+    infer: Millis
+    total: Millis | None = None
+    reports: Millis | None = Field(
+        default=None, description="Building and writing the SR, FHIR and heat-map files (after 'total')."
+    )
+
+
+class Runtime(_Frozen):
+    version: str
+    host: str | None = None
+
+
+class DicomFile(_Frozen):
+    file: str = Field(pattern=_FILE)
+    sop_instance_uid: str = Field(pattern=r"^[0-9.]{1,64}$")
+    series_instance_uid: str = Field(pattern=r"^[0-9.]{1,64}$")
+
+
+class Reports(_Frozen):
+    """The files written in Reports.Path/<folder>/ before the result was committed (each one named exists).
+
+    With the UIDs of the DICOM objects (to find them in the PACS). Absent when no report
+    applies (reports need a DICOM source, except the heat-map PNG).
+    """
+
+    folder: str = Field(
+        pattern=_SHA256, description="The result's folder under Reports.Path: its message_id."
+    )
+    sr: DicomFile | None = Field(default=None, description="The DICOM Comprehensive 3D SR (TID 1500).")
+    heatmap_png: str | None = Field(
+        default=None, pattern=_FILE, description="The class-activation map over the image, PNG."
+    )
+    heatmap_dicom: DicomFile | None = Field(
+        default=None, description="The same overlay as a DICOM Secondary Capture."
+    )
+    fhir: str | None = Field(
+        default=None,
+        pattern=_FILE,
+        description="The FHIR transaction Bundle (DiagnosticReport, Observations, Device), JSON.",
+    )
+    error: str | None = Field(
+        default=None,
+        description="Why a report could not be written (the result itself stands): the fixed text of "
+        "error_code, never an exception's text.",
+    )
+    error_code: str | None = Field(
+        default=None,
+        pattern=r"^[a-z][a-z0-9_]*$",
+        description="The error's code (edge_runtime.errors), e.g. report_failed, report_source_invalid, "
+        "report_timeout, report_process_crashed; the details are in the service log only.",
+    )
+
+
+class Analysis(_Frozen):
+    """What the model said about one scan, before the scan has its place among the results.
+
+    :class:`~edge_runtime.pipeline.ScanAnalyzer` makes it; the flow
+    (:mod:`edge_runtime.flow`) then decides the message id (the scan's place in
+    its SOP Instance UID's history), the priority and the reports, and builds the
+    :class:`ScanResult` once from all of them.
+    """
+
+    timestamp_utc: str = Field(
+        pattern=r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$",
+        description="When the result was produced, UTC, ISO 8601 with a Z suffix.",
+        json_schema_extra={"format": "date-time"},
+    )
+    input: InputRef
+    model: ModelRef
+    findings: tuple[Finding, ...] = Field(
+        min_length=1,
+        description="One entry per label the model decides on (the positive label for a binary model).",
+    )
+    probabilities: Annotated[
+        Mapping[str, Probability],
+        AfterValidator(FrozenMap),
+        WrapSerializer(_as_dict, return_type=dict[str, Probability]),
+    ] = Field(description="Model output per label.")
+    decision: Decision
+    timings_ms: Timings
+    runtime: Runtime
+
+    @property
+    def finding(self) -> Finding:
+        """The decided label's finding (the only one of a binary model)."""
+        return self.findings[0]
+
+    def urgency(self, urgent_threshold: float | None) -> Priority:
+        """``urgent``: a positive finding at or above the urgent threshold (None: the operating threshold).
+
+        The clinical rule lives here, with the result: the priority topic, the SR and the
+        FHIR report all follow what this says.
+        """
+        finding = self.finding
+        threshold = finding.threshold if urgent_threshold is None else urgent_threshold
+        return "urgent" if finding.positive and finding.probability >= float(threshold) else "routine"
+
+
+class ScanResult(Analysis):
+    """The result message: built once, frozen, serialised once for every sink and the journal.
+
+    Subscribers de-duplicate by ``message_id``: the same scan analysed by the
+    same model version always carries the same one, and a message may arrive
+    more than once (MQTT QoS 1, re-sends after a restart).
+    """
+
+    model_config = ConfigDict(
+        frozen=True,
+        extra="forbid",
+        title="Edge runtime result message, version 1",
+        json_schema_extra={
+            "$schema": "https://json-schema.org/draft/2020-12/schema",
+            "$id": "https://healthdiag.example/schemas/edge-result-v1.schema.json",
+        },
+    )
+
+    schema_version: Literal["1.0"]
+    message_type: Literal["result"]
+    message_id: str = Field(
+        pattern=_SHA256,
+        description="Idempotency key: sha256 hex of '<input identity>|<model name>|<model version>', where "
+        "the input identity is 'sop:<SOP Instance UID>' for DICOM and 'sha256:<file sha256>' otherwise.",
+    )
+    supersedes: str | None = Field(
+        default=None,
+        pattern=_SHA256,
+        description="Present when this scan carries a SOP Instance UID that an earlier, different image "
+        "already carried: the message_id of that earlier result, which this one replaces. Subscribers "
+        "should show the newer result and flag the study for review (the modality re-used a UID, or the "
+        "image was edited and re-sent).",
+    )
+    not_for_diagnostic_use: Literal[True] = Field(
+        description="Always true: research / workflow-support output, not a medical device.",
+    )
+    priority: Priority = Field(
+        description="'urgent' when the finding is positive with a probability at or above the site's "
+        "urgent threshold (Reports.UrgentThreshold, by default the model's operating threshold): such "
+        "results are also published on the priority topic, and the SR and FHIR report say so, so a "
+        "worklist can move the study up."
+    )
+    reports: Reports | None = None
+
+    #: :attr:`payload`, made on first use (a private attribute: not a field of the message).
+    _payload: str | None = PrivateAttr(default=None)
+
+    @classmethod
+    def of(
+        cls,
+        analysis: Analysis,
+        *,
+        message_id: str,
+        priority: Priority,
+        supersedes: str | None = None,
+        reports: Reports | None = None,
+        reports_ms: float | None = None,
+    ) -> ScanResult:
+        """The result of ``analysis``, placed (``message_id``, ``supersedes``), with priority and reports."""
+        fields = {name: getattr(analysis, name) for name in Analysis.model_fields}
+        if reports_ms is not None:
+            timings = analysis.timings_ms.model_dump(exclude_none=True) | {"reports": round(reports_ms, 3)}
+            fields["timings_ms"] = Timings(**timings)
+        return cls(
+            **fields,
+            schema_version=RESULT_SCHEMA_VERSION,
+            message_type="result",
+            not_for_diagnostic_use=True,
+            message_id=message_id,
+            supersedes=supersedes,
+            priority=priority,
+            reports=reports,
+        )
+
+    def __eq__(self, other: object) -> bool:
+        """Equal fields (whether either has been serialised yet does not matter)."""
+        return isinstance(other, ScanResult) and dict(self) == dict(other)
+
+    __hash__ = None  # type: ignore[assignment]  # probabilities is a mapping: not hashable
+
+    def with_reports(self, reports: Reports | None, reports_ms: float) -> ScanResult:
+        """This result with the reports that were built from it: a new value (this one stays as it is)."""
+        return ScanResult.of(
+            self,
+            message_id=self.message_id,
+            priority=self.priority,
+            supersedes=self.supersedes,
+            reports=reports,
+            reports_ms=reports_ms,
+        )
+
+    @property
+    def payload(self) -> str:
+        """The message as every sink sends it and the journal keeps it (compact, sorted keys).
+
+        Serialised once, on first use, and the same text for every sink: the value is frozen.
+        """
+        if self._payload is None:
+            self._payload = json.dumps(self.message(), separators=(",", ":"), sort_keys=True)
+        return self._payload
+
+    def message(self) -> dict[str, Any]:
+        """The message as JSON values (absent fields left out, never ``null``)."""
+        message: dict[str, Any] = self.model_dump(mode="json", exclude_none=True)
+        return message
+
+
+def result_schema() -> dict[str, Any]:
+    """The JSON Schema of the result message, generated from :class:`ScanResult`.
+
+    ``edge_runtime/schemas/result-v1.schema.json`` is this (``edge-runtime schema result``
+    prints it; a test compares). Optional fields are absent from a message rather than
+    ``null``, so the schema names only their types.
+    """
+    schema = ScanResult.model_json_schema(mode="serialization", schema_generator=_NoNull)
+    cleaned: dict[str, Any] = _without_defaults(schema)
+    return cleaned
+
+
+def result_schema_text() -> str:
+    """:func:`result_schema` as the shipped file holds it (``edge-runtime schema result``)."""
+    return json.dumps(result_schema(), indent=2, ensure_ascii=False) + "\n"
+
+
+class _NoNull(GenerateJsonSchema):
+    """Optional fields are left out of a message, never ``null``: their schema is the type alone."""
+
+    def nullable_schema(self, schema: core_schema.NullableSchema) -> JsonSchemaValue:
+        return self.generate_inner(schema["schema"])
+
+
+def _without_defaults(node: Any, *, root: bool = True) -> Any:
+    """The schema without pydantic's ``default`` and per-field ``title`` keys (the root's title stays)."""
+    if isinstance(node, dict):
+        return {
+            key: _without_defaults(value, root=False)
+            for key, value in node.items()
+            if key != "default" and (key != "title" or root or not isinstance(value, str))
+        }
+    if isinstance(node, list):
+        return [_without_defaults(value, root=False) for value in node]
+    return node
+
+
+def analysis_of(
     *,
     file_name: str,
     sha256: str,
@@ -190,14 +562,13 @@ def build_result(
     positive_label: str,
     threshold: float,
     timings_ms: dict[str, float],
-    pixels_sha256: str | None = None,
-) -> dict[str, Any]:
-    """Assemble one schema-valid result message.
+) -> Analysis:
+    """What the model said, as a typed value (the flow makes the :class:`ScanResult` of it).
 
     ``file_name`` is what the result calls the input: its keyed reference
     (:func:`edge_runtime.privacy.scan_ref`) unless the site publishes names.
-    Header values that should be DICOM codes but are free text are left out
-    (:func:`public_metadata`).
+    Only the header fields the schema names are kept, and of those only values
+    fit to publish (:func:`public_metadata`).
 
     Raises:
         InvalidDicomUid: a DICOM scan's Study/Series/SOP UID is not a DICOM UID (:func:`check_uids`).
@@ -213,34 +584,25 @@ def build_result(
         decided = positive_label if positive else negative
     else:
         decided = positive_label if positive else f"not {positive_label}"
-    identity = input_identity(sha256, metadata, pixels_sha256)
-    return {
-        "schema_version": RESULT_SCHEMA_VERSION,
-        "message_type": "result",
-        "message_id": message_id(identity, model["name"], model["version"]),
-        "timestamp_utc": utc_now(),
-        "not_for_diagnostic_use": True,
-        "input": {
-            "kind": kind,
-            "file_name": file_name,
-            "sha256": sha256,
-            "decoder": decoder,
-        }
-        | public_metadata(metadata),
-        "model": dict(model),
-        "findings": [
-            {
-                "label": positive_label,
-                "probability": p_positive,
-                "threshold": float(threshold),
-                "positive": bool(positive),
-            }
-        ],
-        "probabilities": probs,
-        "decision": {"label": decided, "positive": bool(positive)},
-        "timings_ms": {k: round(float(v), 3) for k, v in timings_ms.items()},
-        "runtime": {"version": __version__, "host": _HOST},
-    }
+    header = {k: v for k, v in public_metadata(metadata).items() if k in _HEADER_FIELDS and v is not None}
+    return Analysis(
+        timestamp_utc=utc_now(),
+        input=InputRef(kind=kind, file_name=file_name, sha256=sha256, decoder=decoder, **header),
+        model=ModelRef(**model),
+        findings=(
+            Finding(
+                label=positive_label, probability=p_positive, threshold=float(threshold), positive=positive
+            ),
+        ),
+        probabilities=probs,
+        decision=Decision(label=decided, positive=bool(positive)),
+        timings_ms=Timings(**{k: round(float(v), 3) for k, v in timings_ms.items()}),
+        runtime=Runtime(version=__version__, host=_HOST),
+    )
+
+
+#: The header fields a result may carry (the rest of the decoder's metadata stays in the process).
+_HEADER_FIELDS = frozenset(InputRef.model_fields) - {"kind", "file_name", "sha256", "decoder"}
 
 
 def build_status(

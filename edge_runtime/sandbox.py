@@ -16,9 +16,9 @@ results come back, never the full-size image), and that
 * is replaced as well if it dies (segfault, abort), and the file is
   quarantined with the exit signal;
 * decodes only what was admitted: it is given the scan's hash and size
-  (:class:`~edge_runtime.sources.files.ScanFile`), reads the file once through
+  (:class:`~edge_runtime.files.ScanFile`), reads the file once through
   a no-follow descriptor, checks the bytes against that hash and decodes those
-  bytes (:func:`~edge_runtime.sources.files.read_verified`). A file swapped
+  bytes (:func:`~edge_runtime.files.read_verified`). A file swapped
   between the service's hash and this read ends the attempt with
   :class:`~edge_runtime.errors.InputChanged` (tried again as new content);
 * is told the scan's keyed reference and calls the scan by it in every
@@ -45,8 +45,8 @@ from typing import Any
 
 from . import decode as decode_stage
 from .errors import CorruptImage, DecodeCrashed, DecoderFault, DecodeTimeout, InputChanged, InputError
+from .files import ScanFile
 from .prepare import PreparedScan, PrepareOptions, prepare_file
-from .sources.files import ScanFile
 
 __all__ = ["DecodeSandbox"]
 

@@ -1,7 +1,7 @@
 """The long-running service: wires sources -> workers -> journal/outbox -> sinks, and health.
 
-Nothing here handles a scan: :mod:`.workers` takes each one through the
-stages (:mod:`.pipeline`) and :mod:`.outcomes` records how it ended;
+Nothing here handles a scan: :mod:`.workers` hands each one to :mod:`.flow`,
+which takes it through the stages and has :mod:`.outcomes` record how it ended;
 :mod:`.sinks` drain the outbox; :mod:`.health` reports. This module builds
 them from the configuration, starts and stops them in order, and applies
 configuration updates from the Greengrass nucleus while scans keep flowing.
@@ -20,6 +20,7 @@ from typing import Any
 from . import __version__
 from .config import RuntimeConfig
 from .errors import ConfigError, EdgeRuntimeError, public_code
+from .flow import ScanFlow
 from .greengrass import GreengrassIpc, config_update_handler
 from .health import Health, error_line
 from .journal import Journal
@@ -28,7 +29,7 @@ from .outcomes import OutcomeRecorder
 from .pipeline import ScanAnalyzer
 from .reports.processes import ReportProcesses
 from .reports.retention import ReportRetention
-from .sinks import OutboxDrainer, SinkBacklogs, create_sinks
+from .sinks import BoxState, OutboxDrainer, SinkBacklogs, create_sinks
 from .sinks.mqtt import MqttSink
 from .sources import create_sources
 from .sources.dicom_scp import DicomScpSource
@@ -74,7 +75,10 @@ class EdgeService:
 
     def _build(self, config: RuntimeConfig, ipc: GreengrassIpc | None) -> None:
         self.analyzer = ScanAnalyzer.from_config(config)  # loads and verifies the model bundle
-        self.sinks = create_sinks(config, ipc)
+        # The sinks read the running model (it may be switched) and the outbox; nothing is set on
+        # them after this.
+        box = BoxState(model=lambda: self.analyzer.status_model(), pending=self.journal.outbox_pending)
+        self.sinks = create_sinks(config, ipc, box)
         self.mqtt = next((s for s in self.sinks if isinstance(s, MqttSink)), None)
         self.sources = create_sources(config)
         self.health = Health(
@@ -102,10 +106,6 @@ class EdgeService:
             self.drainers,
             on_dropped=lambda n: self.health.count("outbox_dropped", n),
         )
-        if self.mqtt is not None:
-            self.mqtt.model_info = self.analyzer.status_model()
-            primary = self.backlogs.primary
-            self.mqtt.backlog = lambda: self.journal.outbox_pending(primary)
         # One report child: as fast as one per worker here (0.99x on 2 cores) at half the memory
         # (~225 MB RSS each, the report libraries).
         self.reports = ReportProcesses(1)
@@ -118,15 +118,23 @@ class EdgeService:
             reference_key=self.analyzer.reference_key,
             log_reasons=config.privacy.log_file_names,
         )
+        flow = ScanFlow(
+            config=lambda: self.config,
+            analyzer=lambda: self.analyzer,
+            journal=self.journal,
+            recorder=recorder,
+            health=self.health,
+            reports=self.reports,
+            sinks=lambda: self.sinks,
+        )
         self.workers = WorkerPool(
             config=lambda: self.config,
             analyzer=lambda: self.analyzer,
             journal=self.journal,
             sources=self.sources,
-            sinks=lambda: self.sinks,
+            flow=flow,
             recorder=recorder,
             health=self.health,
-            reports=self.reports,
             primary_sinks=self.backlogs.primary,
         )
         self.retention = ReportRetention(lambda: self.config, self.journal)
@@ -344,9 +352,8 @@ class EdgeService:
                         public_code(exc),
                     )
                     return
+                # The sinks read the running model: the MQTT status and the next Last Will name it.
                 previous, self.analyzer = self.analyzer, analyzer
-                if self.mqtt is not None:
-                    self.mqtt.model_info = analyzer.status_model()
                 # Workers that already hold the old analyzer finish with it.
                 threading.Timer(_OLD_MODEL_GRACE_S, previous.close).start()
                 log.info(

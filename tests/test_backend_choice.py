@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 
 import pytest
-from conftest import make_tiny_bundle
+from helpers import make_tiny_bundle
 
 from edge_runtime import backends
 from edge_runtime.backend_choice import MARGIN, choose_backend
@@ -47,13 +47,13 @@ def test_auto_runs_the_fastest_conforming_engine_and_says_why(default_bundle, sh
         assert "onnxruntime" in timed  # a runtime dependency: always a candidate
         assert analyzer.conformance is not None and analyzer.conformance.passed
         assert analyzer.model_info["backend"] == chosen
-        result = analyzer.analyze(shared_data / KERMANY).result
+        result = analyzer.analyze(shared_data / KERMANY).result().message()
     finally:
         analyzer.close()
     named = ScanAnalyzer.from_bundle_path(default_bundle, chosen)
     try:
         # The very engine a configuration naming it would run: the same answer, bit for bit.
-        assert named.analyze(shared_data / KERMANY).result["findings"] == result["findings"]
+        assert named.analyze(shared_data / KERMANY).result().message()["findings"] == result["findings"]
         assert result["model"]["sha256"] == named.model_info["sha256"]
     finally:
         named.close()

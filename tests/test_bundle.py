@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import make_tiny_bundle, sign_bundle
+from helpers import make_tiny_bundle, sign_bundle
 
 from edge_runtime.backends import create_backend
 from edge_runtime.bundle import load_bundle
@@ -126,7 +126,7 @@ def test_bundled_model_runs_on_both_backends_with_the_same_decisions(default_bun
     litert = ScanAnalyzer.from_bundle_path(default_bundle, "litert")
     try:
         for path in files:
-            a, b = onnx.analyze(path).result, litert.analyze(path).result
+            a, b = onnx.analyze(path).result().message(), litert.analyze(path).result().message()
             assert b["model"]["backend"] == "litert"
             assert abs(a["findings"][0]["probability"] - b["findings"][0]["probability"]) < 0.2
             assert a["decision"] == b["decision"], path.name
@@ -164,7 +164,7 @@ def test_model_file_from_another_build_is_refused_even_with_its_hash_rewritten(t
     """The manifest's model id is inside the ONNX file too: hashes alone can be rewritten."""
     onnx = pytest.importorskip("onnx")
     from edge_runtime.bundle import sha256_file, write_manifest
-    from training.model_id import stamp_onnx_model_id
+    from training.bundle.model_id import stamp_onnx_model_id
 
     bundle_dir = make_tiny_bundle(tmp_path / "stamped")
     model_path = bundle_dir / "model.onnx"

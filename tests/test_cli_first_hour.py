@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 import pytest
 import yaml
-from conftest import make_tiny_bundle
+from helpers import make_tiny_bundle
 
 from edge_runtime.journal import Delivery, Journal, check_journal, id_path_for
 
@@ -281,7 +281,12 @@ def _journal_with_results(path: Path, n: int) -> Journal:
     for i in range(n):
         record = journal.admit(f"{i:064x}", path.parent / f"scan{i}.dcm", 10).record
         message = {"message_id": f"m{i}", "result": "x" * 400}
-        journal.record_result(record.id, message, [Delivery("mqtt", "t", json.dumps(message), 1)])
+        journal.record_result(
+            record.id,
+            message["message_id"],
+            json.dumps(message),
+            [Delivery("mqtt", "t", json.dumps(message), 1)],
+        )
     return journal
 
 

@@ -92,6 +92,7 @@ from pathlib import Path
 from edge_runtime.config import RuntimeConfig
 from edge_runtime.pipeline import ScanAnalyzer
 from edge_runtime.reports.processes import ReportProcesses
+from edge_runtime.results import ScanResult
 
 volume, bundle, scan = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 events = []
@@ -108,8 +109,9 @@ outcome = analyzer.analyze(scan)
 analyzer.close()
 reports = ReportProcesses(1)
 def write():
-    result = dict(outcome.result, message_id=f"m{len(links):02d}" + "0" * 30)
-    return reports.write(config, result, outcome.header, image=outcome.image, heatmap=outcome.heatmap)
+    result = ScanResult.of(outcome.analysis, message_id=f"{len(links):02x}" + "0" * 62, priority="routine")
+    written = reports.write(config, result, outcome.header, image=outcome.image, heatmap=outcome.heatmap)
+    return None if written is None else written.model_dump(exclude_none=True)
 links = []
 links.append(write())                                  # room: written
 filler = volume / "filler"

@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 import pydicom
 import pytest
-from conftest import make_tiny_bundle
+from helpers import make_tiny_bundle
 
 from edge_runtime.backends import BackendOutput, create_backend
 from edge_runtime.bundle import BundleTrust, load_bundle
@@ -45,8 +45,8 @@ def test_exported_cam_is_the_torch_cam_and_averages_to_the_logits(tmp_path: Path
     import onnxruntime as ort
 
     from edge_runtime.preprocess import PreprocessSpec
-    from training.export import export_onnx
-    from training.models import ClassActivationModel, build_model
+    from training.export.onnx_export import export_onnx
+    from training.model.models import ClassActivationModel, build_model
 
     torch.manual_seed(0)
     torch.set_num_threads(1)
@@ -81,7 +81,7 @@ def test_exported_cam_is_the_torch_cam_and_averages_to_the_logits(tmp_path: Path
 
 def test_families_with_an_mlp_head_export_without_a_map(tmp_path: Path) -> None:
     pytest.importorskip("torch")
-    from training.models import ClassActivationModel, build_model, supports_cam
+    from training.model.models import ClassActivationModel, build_model, supports_cam
 
     for family in ("vgg11_bn", "mobilenet_v3_small"):
         model = build_model(family, 2, weights_path=None)
@@ -260,7 +260,7 @@ def test_bundle_without_a_heatmap_still_works(tmp_path: Path, shared_data: Path)
         assert analyzer.conformance is not None and not analyzer.conformance.heat_checked
         outcome = analyzer.analyze(_kermany(shared_data, "NORMAL")[0])
         assert outcome.heatmap is None and outcome.image is None
-        assert outcome.result["findings"][0]["probability"] >= 0.0
+        assert 0.0 <= outcome.analysis.finding.probability <= 1.0
     finally:
         analyzer.close()
 

@@ -32,10 +32,11 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from helpers import SIIM, drop
+from helpers import service_config as make_config
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from test_service_e2e import SIIM, drop, make_config
 
-from edge_runtime import workers
+from edge_runtime import flow
 from edge_runtime.journal import backup_journal, check_journal
 from edge_runtime.logs import JsonFormatter, TextFormatter
 from edge_runtime.privacy import REDACTOR
@@ -268,7 +269,7 @@ def test_a_file_swapped_between_hash_and_decode_is_not_decoded_as_the_first(
     second = _save(_inverted(ds), tmp_path / "second.dcm")
     assert first.stat().st_size == second.stat().st_size  # only the hash can tell them apart
     hashes = {hashlib.sha256(p.read_bytes()).hexdigest(): p.name for p in (first, second)}
-    real_read_scan = workers.read_scan
+    real_read_scan = flow.read_scan
     swapped: list[str] = []
 
     def read_then_swap(path, inbox_config):
@@ -284,7 +285,7 @@ def test_a_file_swapped_between_hash_and_decode_is_not_decoded_as_the_first(
                     fh.write(second.read_bytes())
         return scan
 
-    monkeypatch.setattr(workers, "read_scan", read_then_swap)
+    monkeypatch.setattr(flow, "read_scan", read_then_swap)
     drop(first, config.inbox.path, "scan.dcm")
     (result,) = sub.wait_for(lambda ps: len(ps) >= 1, timeout_s=30)
     _wait(lambda: not any(config.inbox.path.iterdir()), what="an empty inbox")

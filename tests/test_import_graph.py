@@ -152,3 +152,114 @@ def test_reading_a_setting_does_not_import_the_model_stack() -> None:
         "edge_runtime.keyfiles",
     }, graph["edge_runtime.config"]
     assert graph["edge_runtime.keyfiles"] == set() and graph["edge_runtime.backend_registry"] == set()
+
+
+#: The layers of edge_runtime, lowest first: a module imports only from its own layer or lower ones,
+#: so each can be read (and tested) without what stands above it. Longest prefix wins; a module that
+#: matches none fails the test, so a new one is placed on purpose. ARCHITECTURE.md draws these.
+LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (
+        "foundation",
+        (
+            "edge_runtime",  # the package's __init__: its version
+            "edge_runtime.errors",
+            "edge_runtime.keyfiles",
+            "edge_runtime.backend_registry",
+            "edge_runtime.cpu",
+            "edge_runtime.durable",
+            "edge_runtime.heat",
+            "edge_runtime.plugins",
+            "edge_runtime.decode.base",
+            "edge_runtime.sources.base",
+            "edge_runtime.reports.preview",
+            "edge_runtime.reports.uids",
+        ),
+    ),
+    (
+        "config",
+        (
+            "edge_runtime.config",
+            "edge_runtime.config_reference",
+            "edge_runtime.live_config",
+            "edge_runtime.preflight",
+            "edge_runtime.privacy",
+            "edge_runtime.logs",
+            "edge_runtime.greengrass",
+        ),
+    ),
+    (
+        "model",
+        (
+            "edge_runtime.manifest",
+            "edge_runtime.preprocess",
+            "edge_runtime.signing",
+            "edge_runtime.bundle",
+            "edge_runtime.results",
+        ),
+    ),
+    (
+        "decode and backends",
+        (
+            "edge_runtime.backends",
+            "edge_runtime.conformance",
+            "edge_runtime.backend_choice",
+            "edge_runtime.samples",
+            "edge_runtime.decode",
+            "edge_runtime.intake",
+            "edge_runtime.prepare",
+            "edge_runtime.sandbox",
+            "edge_runtime.files",
+            "edge_runtime.journal_integrity",
+            "edge_runtime.reports",
+        ),
+    ),
+    (
+        "flow",
+        (
+            "edge_runtime.pipeline",
+            "edge_runtime.journal",
+            "edge_runtime.health",
+            "edge_runtime.outcomes",
+            "edge_runtime.flow",
+            "edge_runtime.workers",
+            "edge_runtime.sinks.base",
+        ),
+    ),
+    (
+        "sources and sinks",
+        ("edge_runtime.sources", "edge_runtime.sinks", "edge_runtime.reports.retention"),
+    ),
+    ("service", ("edge_runtime.service",)),
+    ("cli", ("edge_runtime.cli",)),
+)
+
+
+def _layer(module: str) -> int | None:
+    best: tuple[int, int] | None = None
+    for rank, (_, prefixes) in enumerate(LAYERS):
+        for prefix in prefixes:
+            # The package itself stands for its __init__ only, not for everything in it.
+            inside = module.startswith(f"{prefix}.") and prefix != "edge_runtime"
+            if (module == prefix or inside) and (best is None or len(prefix) > best[1]):
+                best = (rank, len(prefix))
+    return None if best is None else best[0]
+
+
+def test_edge_runtime_imports_only_downwards_through_its_layers() -> None:
+    graph = {m: deps for m, deps in import_graph().items() if m.startswith("edge_runtime")}
+    unplaced = sorted(m for m in graph if _layer(m) is None)
+    assert not unplaced, f"place these modules in a layer of LAYERS: {unplaced}"
+    upwards = [
+        f"{module} ({LAYERS[_layer(module) or 0][0]}) imports {dep} ({LAYERS[_layer(dep) or 0][0]})"
+        for module, deps in sorted(graph.items())
+        for dep in sorted(deps)
+        if dep.startswith("edge_runtime") and (_layer(dep) or 0) > (_layer(module) or 0)
+    ]
+    assert not upwards, "imports against the layering:\n" + "\n".join(upwards)
+
+
+def test_the_layering_check_sees_an_upward_import() -> None:
+    assert _layer("edge_runtime.sinks.mqtt") == 5 and _layer("edge_runtime.sinks.base") == 4
+    assert _layer("edge_runtime.reports.retention") == 5 and _layer("edge_runtime.reports.sr") == 3
+    assert _layer("edge_runtime.workers") == 4 and _layer("edge_runtime.files") == 3
+    assert _layer("edge_runtime.something_new") is None  # unplaced: the test above names it

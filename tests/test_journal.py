@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -16,8 +17,9 @@ from edge_runtime.errors import JournalError, JournalIntegrityError
 from edge_runtime.journal import Delivery, Journal, backup_journal, check_journal, id_path_for
 
 
-def _result(message_id: str) -> dict:
-    return {"message_id": message_id, "payload": "x"}
+def _result(message_id: str) -> tuple[str, str]:
+    """(message_id, the stored result text) as Journal.record_result takes them."""
+    return message_id, json.dumps({"message_id": message_id, "payload": "x"})
 
 
 def _to(*sinks: str) -> list[Delivery]:
@@ -31,7 +33,7 @@ def test_lifecycle_and_outbox(tmp_path: Path):
     a = journal.admit("a" * 64, tmp_path / "a.dcm", 10)
     assert a.action == "process" and not a.duplicate
     assert a.record.state == "processing" and a.record.attempts == 1
-    created = journal.record_result(a.record.id, _result("m1"), _to("mqtt", "ipc-local"))
+    created = journal.record_result(a.record.id, *_result("m1"), _to("mqtt", "ipc-local"))
     assert [(m.seq, m.sink) for m in created] == [(1, "mqtt"), (2, "ipc-local")]
     message = created[0]
     assert journal.counts()["done"] == 1 and journal.counts()["outbox_pending"] == 2
@@ -40,7 +42,7 @@ def test_lifecycle_and_outbox(tmp_path: Path):
     assert again.action == "finish_done" and again.duplicate
     # A different file whose result has the same message id (same SOP Instance UID).
     b = journal.admit("b" * 64, tmp_path / "b.dcm", 10)
-    assert journal.record_result(b.record.id, _result("m1"), _to("mqtt", "ipc-local")) == []
+    assert journal.record_result(b.record.id, *_result("m1"), _to("mqtt", "ipc-local")) == []
     assert [m.message_id for m in journal.pending_messages("mqtt")] == ["m1"]
     journal.mark_delivered(message.seq)
     assert journal.pending_messages("mqtt") == []
@@ -75,7 +77,7 @@ def _with_pending(path: Path, n: int = 5) -> str:
     journal = Journal(path, durable=n <= 5)  # no fsync per row for the bigger ones: faster
     for i in range(n):
         record = journal.admit(f"{i:064x}", path.parent / f"scan{i}.dcm", 10).record
-        journal.record_result(record.id, _result(f"m{i}"), _to("mqtt"))
+        journal.record_result(record.id, *_result(f"m{i}"), _to("mqtt"))
     assert journal.counts()["outbox_pending"] == n
     journal.close()
     return journal.journal_id
@@ -201,7 +203,7 @@ def test_disk_full_is_the_only_error_that_advises_free_space(tmp_path: Path):
     with pytest.raises(JournalError) as caught:
         for i in range(1000):
             record = journal.admit(f"{i:064x}", tmp_path / f"{i}.dcm", 10).record
-            journal.record_result(record.id, _result(f"m{i}" + "x" * 500), _to("mqtt"))
+            journal.record_result(record.id, *_result(f"m{i}" + "x" * 500), _to("mqtt"))
     assert not isinstance(caught.value, JournalIntegrityError)
     assert "full" in caught.value.message and "is full. Free space" in caught.value.action
     journal.close()
@@ -278,7 +280,7 @@ def test_check_reports_counts_and_changes_nothing(tmp_path: Path):
     journal = Journal(path)
     for i, sinks in enumerate([("mqtt", "ipc-local"), ("mqtt",)]):
         record = journal.admit(f"{i:064x}", tmp_path / f"{i}.dcm", 10).record
-        journal.record_result(record.id, _result(f"m{i}"), _to(*sinks))
+        journal.record_result(record.id, *_result(f"m{i}"), _to(*sinks))
     bad = journal.admit("f" * 64, tmp_path / "bad.dcm", 10).record
     journal.record_quarantine(bad.id, {"code": "corrupt_image"})
     report = check_journal(path)  # while the journal is open, as with a running service
@@ -305,7 +307,7 @@ def test_backup_while_a_writer_runs_is_consistent_and_restores_in_place(tmp_path
         i = 0
         while not stop.is_set():
             record = writer.admit(f"{i:064x}", tmp_path / f"{i}.dcm", 10).record
-            writer.record_result(record.id, _result(f"m{i}"), _to("mqtt"))
+            writer.record_result(record.id, *_result(f"m{i}"), _to("mqtt"))
             written.append(i)
             i += 1
 
@@ -369,7 +371,7 @@ def test_group_sync_fsyncs_the_wal_before_a_result_returns(tmp_path: Path, monke
     monkeypatch.setattr(journal_module.os, "fsync", fsync)
     admission = journal.admit("a" * 64, tmp_path / "in" / "a.jpeg", 1)
     assert synced == []  # not waited for
-    created = journal.record_result(admission.record.id, _result("m1"), _to("mqtt"))
+    created = journal.record_result(admission.record.id, *_result("m1"), _to("mqtt"))
     assert synced == [wal]
     journal.mark_delivered(*(m.seq for m in created))
     assert synced == [wal]
@@ -380,7 +382,7 @@ def test_group_sync_fsyncs_the_wal_before_a_result_returns(tmp_path: Path, monke
     synced.clear()
     ids = [journal.admit(f"{i:064x}", tmp_path / "in" / f"{i}.jpeg", 1).record.id for i in range(40)]
     threads = [
-        threading.Thread(target=journal.record_result, args=(ids[i], _result(f"c{i}"), _to("mqtt")))
+        threading.Thread(target=journal.record_result, args=(ids[i], *_result(f"c{i}"), _to("mqtt")))
         for i in range(40)
     ]
     for t in threads:

@@ -16,7 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-from conftest import free_port
+from helpers import free_port
 
 from edge_runtime.journal import Delivery, Journal, check_journal, id_path_for
 
@@ -45,7 +45,9 @@ def _journal_with_pending(path: Path, n: int) -> Journal:
     for i in range(n):
         record = journal.admit(f"{i:064x}", path.parent / f"scan{i}.dcm", 10).record
         message = {"message_id": f"m{i}"}
-        journal.record_result(record.id, message, [Delivery("mqtt", "t", "{}", 1)])
+        journal.record_result(
+            record.id, message["message_id"], json.dumps(message), [Delivery("mqtt", "t", "{}", 1)]
+        )
     return journal
 
 
@@ -95,7 +97,7 @@ def test_backup_while_a_writer_runs_then_check_the_copy(tmp_path: Path):
         i = 1000
         while not stop.is_set():
             record = writer.admit(f"{i:064x}", tmp_path / f"{i}.dcm", 10).record
-            writer.record_result(record.id, {"message_id": f"m{i}"}, [Delivery("mqtt", "t", "{}", 1)])
+            writer.record_result(record.id, f"m{i}", "{}", [Delivery("mqtt", "t", "{}", 1)])
             i += 1
 
     thread = threading.Thread(target=write)

@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import numpy as np
 import pydicom
 import pytest
-from conftest import TEST_TRUSTED_KEYS, dcmtk
+from helpers import TEST_TRUSTED_KEYS, dcmtk
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
@@ -48,8 +49,8 @@ from edge_runtime.health import error_line
 from edge_runtime.logs import JsonFormatter, TextFormatter
 from edge_runtime.privacy import scrub_header_values
 from edge_runtime.reports.header import clean_header
-from edge_runtime.reports.writer import ReportWriter, failed_outcome, log_outcome, prioritize
-from edge_runtime.results import check_uids, load_schema
+from edge_runtime.reports.writer import ReportWriter, failed_outcome, log_outcome
+from edge_runtime.results import Reports, ScanResult, analysis_of, check_uids, load_schema
 from edge_runtime.service import EdgeService
 from edge_runtime.sinks.greengrass import cloud_payload
 
@@ -250,11 +251,29 @@ def test_an_invalid_uid_is_refused_without_quoting_it() -> None:
 
 
 def test_cloud_payload_rewrites_report_errors_from_their_code() -> None:
-    result = {
-        "input": {"kind": "dicom", "file_name": "scan-x.dcm", "sop_instance_uid": "1.2.3"},
-        "runtime": {"version": "1", "host": "box"},
-        "reports": {"folder": "f" * 64, "error": f"reports not written: ValueError: '{PROBE}'"},
-    }
+    analysis = analysis_of(
+        file_name="scan-0000000000000000.dcm",
+        sha256="0" * 64,
+        kind="dicom",
+        decoder="dicom",
+        metadata={"sop_instance_uid": "1.2.3", "modality": "CR"},
+        model={
+            "name": "m",
+            "version": "1",
+            "sha256": "0" * 64,
+            "backend": "onnxruntime",
+            "quantization": "int8",
+            "preprocessing_sha256": "0" * 64,
+        },
+        labels=["NORMAL", "PNEUMONIA"],
+        probabilities=np.array([0.3, 0.7]),
+        positive_label="PNEUMONIA",
+        threshold=0.5,
+        timings_ms={"decode": 1.0, "preprocess": 1.0, "infer": 1.0},
+    )
+    # A report error whose text is not the code's own (what an exception's text would be).
+    reports = Reports(folder="f" * 64, error=f"reports not written: ValueError: '{PROBE}'")
+    result = ScanResult.of(analysis, message_id="f" * 64, priority="urgent", reports=reports)
     cloud = cloud_payload(result)
     assert cloud["reports"] == {
         "folder": "f" * 64,
@@ -284,13 +303,13 @@ def test_each_quirky_header_still_gets_sr_fhir_and_heatmap_that_pass_the_tools(
 ) -> None:
     values = QUIRKS[case]
     path = messy_dicom(shared_data / SIIM, tmp_path / f"{case}.dcm", dict(values))
-    result = dict(analysed.result)
+    result = analysed.result()
     writer = ReportWriter(ReportsConfig(), tmp_path / "reports")
-    prioritize(result, None)
     with caplog.at_level(logging.DEBUG):
         outcome = writer.build(result, path.read_bytes(), image=analysed.image, heatmap=analysed.heatmap)
-        links = log_outcome(result, outcome)
-    assert links is not None and "error" not in links, links
+        written = log_outcome(result, outcome)
+    assert written is not None and written.error is None, written
+    links = written.model_dump(exclude_none=True)
     assert {"sr", "fhir", "heatmap_png", "heatmap_dicom"} <= set(links)
     folder = tmp_path / "reports" / links["folder"]
     assert sr_tool_errors(folder / "sr.dcm") == []
@@ -323,20 +342,20 @@ def test_a_report_failure_publishes_a_code_and_fixed_text_and_logs_scrubbed_deta
     """The defect itself: a library's exception quoting a header value went on the wire verbatim."""
     from edge_runtime.reports import sr as sr_module
 
-    def refuse(result: dict, header: Dataset, **kwargs: Any) -> Dataset:
+    def refuse(result: ScanResult, header: Dataset, **kwargs: Any) -> Dataset:
         raise ValueError(f"Unable to convert {str(header.PatientName)!r} to 'DA' object")
 
     monkeypatch.setattr(sr_module, "build_sr", refuse)
     path = messy_dicom(shared_data / SIIM, tmp_path / "in.dcm", dict(PLANTED))
-    result = dict(analysed.result)
-    prioritize(result, None)
+    result = analysed.result()
     with caplog.at_level(logging.DEBUG):
         outcome = ReportWriter(ReportsConfig(), tmp_path / "reports").build(
             result, path.read_bytes(), image=analysed.image, heatmap=analysed.heatmap
         )
-        links = log_outcome(result, outcome)
-    assert links == {
-        "folder": result["message_id"],
+        written = log_outcome(result, outcome)
+    assert written is not None
+    assert written.model_dump(exclude_none=True) == {
+        "folder": result.message_id,
         "error": public_text("report_failed"),
         "error_code": "report_failed",
     }
@@ -345,7 +364,7 @@ def test_a_report_failure_publishes_a_code_and_fixed_text_and_logs_scrubbed_deta
     log_text = formatted(caplog.records)
     assert_no_leak(log_text, "the log")
     assert "report_failed" in log_text and "Unable to convert '<" in log_text
-    RESULT_VALIDATOR.validate(dict(result, reports=links))
+    RESULT_VALIDATOR.validate(result.with_reports(written, 1.0).message())
     # The report process' own failures carry their codes too.
     crashed = failed_outcome("a" * 64, ReportProcessCrashed("the report process stopped"))
     assert crashed.links is not None and crashed.links["error_code"] == "report_process_crashed"
@@ -451,7 +470,8 @@ def test_no_planted_name_or_exception_text_on_any_channel(
     assert_no_leak(health, "the health file", extra=(BAD_UID,))
     assert json.loads(health)["last_error"]
     for result in results.values():
-        assert_no_leak(json.dumps(cloud_payload(result)), "the IoT Core payload", extra=(BAD_UID,))
+        cloud = cloud_payload(ScanResult.model_validate(result))
+        assert_no_leak(json.dumps(cloud), "the IoT Core payload", extra=(BAD_UID,))
     # The log: the fixes by attribute name, no header value (UIDs are logged as identifiers).
     log_text = formatted(caplog.records)
     assert_no_leak(log_text, "the log")

@@ -1,17 +1,18 @@
 """The Last Will the broker publishes when a box vanishes names the model it ran.
 
-The service builds the MQTT sink before it loads the model, then tells the sink; the will was
-built once in the constructor, so an unexpected disconnect published "offline" with no model.
-A will is fixed for the life of a connection (MQTT sends it in CONNECT): after a model switch
-the next connection carries the new one. Real Mosquitto; the connection is cut without a
-DISCONNECT (as a power cut or a dead network would), which makes the broker publish the will.
+The service used to build the MQTT sink before it loaded the model, then tell the sink; the will
+was built once in the constructor, so an unexpected disconnect published "offline" with no model.
+The sink now reads the running model (given when it is built); a will is fixed for the life of a
+connection (MQTT sends it in CONNECT), so after a model switch the next connection carries the new
+one. Real Mosquitto; the connection is cut without a DISCONNECT (as a power cut or a dead network
+would), which makes the broker publish the will.
 """
 
 from __future__ import annotations
 
 import socket
 
-from conftest import Subscriber
+from helpers import Subscriber
 
 from edge_runtime.config import MqttConfig
 from edge_runtime.sinks.mqtt import MqttSink
@@ -31,18 +32,18 @@ def _states(watcher: Subscriber) -> list[tuple[str, str]]:
     return [(p.get("state"), (p.get("model") or {}).get("version")) for _, p, _ in list(watcher.messages)]
 
 
-def test_the_last_will_names_the_model_set_after_construction_and_follows_a_switch(mosquitto) -> None:
+def test_the_last_will_names_the_running_model_and_follows_a_switch(mosquitto) -> None:
     config = MqttConfig.model_validate(
         {"Host": mosquitto.host, "Port": mosquitto.port, "ClientId": "will-box", "TopicPrefix": "will/edge"}
     )
     watcher = Subscriber(mosquitto, config.status_topic)
-    sink = MqttSink(config)
+    running = {"model": V2}
+    sink = MqttSink(config, model=lambda: running["model"])  # as the service builds it
     try:
-        sink.model_info = V2  # after construction, as the service does once the model is loaded
         sink.start()
         assert sink.wait_connected(10)
         watcher.wait_for(lambda ps: any(p.get("state") == "online" for p in ps), timeout_s=10)
-        sink.model_info = V3  # a model switch: this connection's will still names 0.2.0
+        running["model"] = V3  # a model switch: this connection's will still names 0.2.0
         _cut(sink)
         watcher.wait_for(lambda ps: ("offline", "0.2.0") in _states(watcher), timeout_s=30)
         offline = next(p for _, p, _ in watcher.messages if p.get("state") == "offline")

@@ -14,14 +14,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_service_e2e import drop, make_config
+from helpers import drop
+from helpers import service_config as make_config
 
 from edge_runtime import sinks
 from edge_runtime.backends import register_backend
 from edge_runtime.config import RuntimeConfig
 from edge_runtime.errors import ConfigError, PublishError
 from edge_runtime.journal import Delivery, OutboxMessage
+from edge_runtime.results import ScanResult
 from edge_runtime.service import EdgeService
+from edge_runtime.sinks import BoxState
 
 SPOOL_ENV: dict[str, Path] = {}
 
@@ -35,8 +38,8 @@ class FolderSink:
         self.folder = folder
         self.failures = 0
 
-    def delivery(self, config: RuntimeConfig, result: dict[str, Any], payload: str) -> Delivery | None:
-        return Delivery(self.name, str(self.folder), payload, 1)
+    def delivery(self, config: RuntimeConfig, result: ScanResult) -> Delivery | None:
+        return Delivery(self.name, str(self.folder), result.payload, 1)
 
     def start(self, acknowledge: Any) -> None:
         pass
@@ -56,7 +59,7 @@ class FolderSink:
         pass
 
 
-def folder_sink_from_config(config: RuntimeConfig, ipc: Any) -> FolderSink:
+def folder_sink_from_config(config: RuntimeConfig, ipc: Any, state: BoxState) -> FolderSink:
     return FolderSink(SPOOL_ENV["folder"])
 
 

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import TEST_TRUSTED_KEYS
+from helpers import TEST_TRUSTED_KEYS
 
 from edge_runtime.config import RuntimeConfig
+from edge_runtime.files import read_scan
 from edge_runtime.pipeline import ScanAnalyzer
 from edge_runtime.reports.processes import ReportProcesses
-from edge_runtime.sources.files import read_scan
+from edge_runtime.results import ScanResult
 
 CHEST = "dicom/derived/siim_cxr_explicit_le.dcm"
 DEFLATED = "dicom/derived/siim_cxr_deflated_le.dcm"
@@ -78,21 +79,22 @@ def test_a_scan_replaced_after_decoding_does_not_lend_its_header_to_the_reports(
     os.replace(other, first)  # another patient's image under the name, after the decode
     reports = ReportProcesses(1)  # the service's report child
     try:
-        result = dict(outcome.result)
-        links = reports.write(config, result, outcome.header, image=outcome.image, heatmap=outcome.heatmap)
+        written = reports.write(
+            config, outcome.result(), outcome.header, image=outcome.image, heatmap=outcome.heatmap
+        )
     finally:
         reports.close()
-    assert links is not None and "error" not in links, links
-    folder = config.reports_path / links["folder"]
+    assert written is not None and written.error is None, written
+    folder = config.reports_path / written.folder
     for report in ("sr.dcm", "heatmap.dcm"):
         written = pydicom.dcmread(folder / report)
         assert (str(written.PatientName), written.PatientID) == ("First^Patient", "FIRST-1"), report
     assert "SECOND-2" not in (folder / "fhir.json").read_text()
     first.unlink()  # gone altogether: the reports need nothing from it
-    result = dict(outcome.result, message_id="f" * 64)
+    result = ScanResult.of(outcome.analysis, message_id="f" * 64, priority="routine")
     again = ReportProcesses(1)
     try:
-        links = again.write(config, result, outcome.header, image=outcome.image, heatmap=outcome.heatmap)
+        written = again.write(config, result, outcome.header, image=outcome.image, heatmap=outcome.heatmap)
     finally:
         again.close()
-    assert links is not None and "error" not in links and "sr" in links, links
+    assert written is not None and written.error is None and written.sr is not None, written

@@ -24,8 +24,8 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from conftest import dcmtk, free_port, wait_for_port
 from fhir.resources import get_fhir_model_class
+from helpers import dcmtk, free_port, wait_for_port
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
@@ -42,7 +42,7 @@ from edge_runtime.reports.sr import (
     sr_summary,
 )
 from edge_runtime.reports.uids import derived_uid
-from edge_runtime.results import build_result
+from edge_runtime.results import ScanResult, analysis_of
 
 RG1 = "dicom/pydicom_data/RG1_UNCR.dcm"
 LEGACY_CR = "dicom/fo_dicom_via_dcmfx/CR-MONO1-10-chest.dcm"
@@ -82,16 +82,16 @@ def analysed(shared_data: Path, default_bundle: Path) -> dict[str, Any]:
 
     analyzer = ScanAnalyzer.from_bundle_path(default_bundle, "onnxruntime")
     try:
-        return analyzer.analyze(shared_data / RG1).result
+        return analyzer.analyze(shared_data / RG1).result().message()
     finally:
         analyzer.close()
 
 
 def _at_threshold(result: dict[str, Any], threshold: float) -> dict[str, Any]:
-    """The same scan and model output decided at another operating point (build_result, as the box does)."""
+    """The same scan and model output decided at another operating point (analysis_of, as the box does)."""
     p = result["probabilities"]
     labels = list(p)
-    return build_result(
+    analysis = analysis_of(
         file_name=result["input"]["file_name"],
         sha256=result["input"]["sha256"],
         kind=result["input"]["kind"],
@@ -106,6 +106,12 @@ def _at_threshold(result: dict[str, Any], threshold: float) -> dict[str, Any]:
         threshold=threshold,
         timings_ms=result["timings_ms"],
     )
+    return ScanResult.of(analysis, message_id=result["message_id"], priority="routine").message()
+
+
+def _typed(result: dict[str, Any], *, urgent: bool = False) -> ScanResult:
+    """The message as the runtime's typed result, with the priority the test asks for."""
+    return ScanResult.model_validate(dict(result, priority="urgent" if urgent else "routine"))
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +154,7 @@ def heatmap(shared_data: Path, source: Dataset, analysed: dict[str, Any]) -> Dat
 
 
 def test_the_sr_says_what_the_result_says(analysed: dict[str, Any], source: Dataset) -> None:
-    sr = build_sr(analysed, source, uid_root=ROOT, urgent=False)
+    sr = build_sr(_typed(analysed, urgent=False), source, uid_root=ROOT)
     summary = sr_summary(sr)
     finding = analysed["findings"][0]
     assert summary["finding"] == {"scheme": "SCT", "code": "233604007", "meaning": "Pneumonia"}
@@ -187,7 +193,7 @@ def test_dsrdump_reads_the_sr_with_finding_probability_model_and_caution(
 ) -> None:
     dsrdump = dcmtk("dsrdump")
     result = positive if urgent else negative
-    path = _write(build_sr(result, source, uid_root=ROOT, urgent=urgent), tmp_path / "sr.dcm")
+    path = _write(build_sr(_typed(result, urgent=urgent), source, uid_root=ROOT), tmp_path / "sr.dcm")
     done = subprocess.run(
         [dsrdump, "+Pc", str(path)], capture_output=True, text=True, check=False, timeout=60
     )
@@ -209,7 +215,7 @@ def test_dciodvfy_finds_no_error_in_the_sr(analysed: dict[str, Any], source: Dat
     dciodvfy = shutil.which("dciodvfy")
     if dciodvfy is None:
         pytest.skip("dicom3tools' dciodvfy is not installed (apt-get install dicom3tools)")
-    path = _write(build_sr(analysed, source, uid_root=ROOT, urgent=True), tmp_path / "sr.dcm")
+    path = _write(build_sr(_typed(analysed, urgent=True), source, uid_root=ROOT), tmp_path / "sr.dcm")
     done = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True, check=False, timeout=60)
     errors = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("Error")]
     assert errors == [], done.stderr
@@ -231,7 +237,7 @@ def test_a_real_scp_accepts_the_sr_and_stores_it_unchanged(
     )
     try:
         wait_for_port(port)
-        sr = build_sr(analysed, source, uid_root=ROOT, urgent=True)
+        sr = build_sr(_typed(analysed, urgent=True), source, uid_root=ROOT)
         ae = AE(ae_title="EDGE")
         ae.add_requested_context(Comprehensive3DSRStorage, pydicom.uid.ExplicitVRLittleEndian)
         assoc = ae.associate("127.0.0.1", port, ae_title="PACS")
@@ -257,12 +263,12 @@ def test_a_real_scp_accepts_the_sr_and_stores_it_unchanged(
 
 
 def test_the_same_result_gives_the_same_sr_and_fhir_bytes(analysed: dict[str, Any], source: Dataset) -> None:
-    first = build_sr(analysed, source, uid_root=ROOT, urgent=True)
+    first = build_sr(_typed(analysed, urgent=True), source, uid_root=ROOT)
     time.sleep(0.01)  # highdicom stamps the wall clock; build_sr must overwrite every stamp
-    second = build_sr(analysed, source, uid_root=ROOT, urgent=True)
+    second = build_sr(_typed(analysed, urgent=True), source, uid_root=ROOT)
     assert _bytes(first) == _bytes(second)
-    assert fhir_from_sr(first, analysed) == fhir_from_sr(second, analysed)
-    other_root = build_sr(analysed, source, uid_root="1.2.826.0.1.3680043.10.1234", urgent=True)
+    assert fhir_from_sr(first, _typed(analysed)) == fhir_from_sr(second, _typed(analysed))
+    other_root = build_sr(_typed(analysed, urgent=True), source, uid_root="1.2.826.0.1.3680043.10.1234")
     assert other_root.SOPInstanceUID.startswith("1.2.826.0.1.3680043.10.1234.")
     assert len(other_root.SOPInstanceUID) <= 64
 
@@ -270,7 +276,7 @@ def test_the_same_result_gives_the_same_sr_and_fhir_bytes(analysed: dict[str, An
 def test_the_source_header_is_not_changed(analysed: dict[str, Any], shared_data: Path) -> None:
     source = pydicom.dcmread(shared_data / RG1, stop_before_pixels=True)
     before = _bytes(source)
-    build_sr(analysed, source, uid_root=ROOT, urgent=False)
+    build_sr(_typed(analysed, urgent=False), source, uid_root=ROOT)
     assert _bytes(source) == before
 
 
@@ -281,7 +287,7 @@ def test_a_legacy_header_without_patient_id_or_birth_date_still_gets_an_sr(
     legacy = pydicom.dcmread(shared_data / LEGACY_CR, stop_before_pixels=True, force=True)
     assert "PatientID" not in legacy and "PatientBirthDate" not in legacy
     result = dict(analysed, input=dict(analysed["input"], sop_instance_uid=str(legacy.SOPInstanceUID)))
-    sr = build_sr(result, legacy, uid_root=ROOT, urgent=False)
+    sr = build_sr(_typed(result, urgent=False), legacy, uid_root=ROOT)
     assert sr.PatientID == "" and sr.StudyInstanceUID == legacy.StudyInstanceUID
     path = _write(sr, tmp_path / "sr.dcm")
     done = subprocess.run([dsrdump, str(path)], capture_output=True, text=True, check=False, timeout=60)
@@ -295,7 +301,7 @@ def test_a_header_without_uids_is_a_report_error_naming_what_is_missing(
     for keyword in ("SOPClassUID", "SOPInstanceUID", "Rows", "Columns"):
         setattr(broken, keyword, source.get(keyword))
     with pytest.raises(ReportSourceError, match="StudyInstanceUID, SeriesInstanceUID") as info:
-        build_sr(analysed, broken, uid_root=ROOT, urgent=False)
+        build_sr(_typed(analysed, urgent=False), broken, uid_root=ROOT)
     assert info.value.code == "report_source_invalid" and "modality" in info.value.action
 
 
@@ -310,10 +316,10 @@ def test_every_dicom_header_of_the_corpus_gets_an_sr_and_fhir(
     """Legacy, de-identified, MR/CT/SC headers: no crash and no warning (warnings are errors here)."""
     for name in _corpus(shared_data):
         header = pydicom.dcmread(shared_data / "dicom" / name, stop_before_pixels=True, force=True)
-        sr = build_sr(analysed, header, uid_root=ROOT, urgent=False)
+        sr = build_sr(_typed(analysed, urgent=False), header, uid_root=ROOT)
         summary = sr_summary(sr)
         assert summary["study_instance_uid"] == header.StudyInstanceUID, name
-        (observation,) = _resources(fhir_from_sr(sr, analysed), "Observation")
+        (observation,) = _resources(fhir_from_sr(sr, _typed(analysed)), "Observation")
         assert observation["partOf"][0]["identifier"]["value"] == f"urn:oid:{header.StudyInstanceUID}"
 
 
@@ -340,9 +346,9 @@ def test_fhir_from_the_sr_validates_and_says_what_the_sr_says(
     positive: dict[str, Any], negative: dict[str, Any], source: Dataset, tmp_path: Path, urgent: bool
 ) -> None:
     result = positive if urgent else negative
-    path = _write(build_sr(result, source, uid_root=ROOT, urgent=urgent), tmp_path / "sr.dcm")
+    path = _write(build_sr(_typed(result, urgent=urgent), source, uid_root=ROOT), tmp_path / "sr.dcm")
     sr = pydicom.dcmread(path)  # mapped from the stored SR, as a PACS-side converter would
-    bundle = fhir_from_sr(sr, result)
+    bundle = fhir_from_sr(sr, _typed(result))
     get_fhir_model_class("Bundle").model_validate(bundle)
     summary = sr_summary(sr)
 
@@ -398,8 +404,8 @@ def test_fhir_from_the_sr_validates_and_says_what_the_sr_says(
 def test_fhir_carries_no_patient_identifier(
     analysed: dict[str, Any], source: Dataset, heatmap: Dataset
 ) -> None:
-    sr = build_sr(analysed, source, uid_root=ROOT, urgent=True, heatmap=heatmap)
-    text = json.dumps(fhir_from_sr(sr, analysed))
+    sr = build_sr(_typed(analysed, urgent=True), source, uid_root=ROOT, heatmap=heatmap)
+    text = json.dumps(fhir_from_sr(sr, _typed(analysed)))
     name = str(source.PatientName)
     for value in (name, *name.split("^"), source.PatientID, source.PatientBirthDate, source.AccessionNumber):
         assert value and value not in text, f"{value!r} leaked into FHIR"
@@ -410,7 +416,7 @@ def test_the_heatmap_is_referenced_by_the_sr_and_the_fhir_report(
     analysed: dict[str, Any], source: Dataset, heatmap: Dataset, tmp_path: Path
 ) -> None:
     dsrdump = dcmtk("dsrdump")
-    sr = build_sr(analysed, source, uid_root=ROOT, urgent=False, heatmap=heatmap)
+    sr = build_sr(_typed(analysed, urgent=False), source, uid_root=ROOT, heatmap=heatmap)
     summary = sr_summary(sr)
     assert summary["visual_explanation"] == {
         "sop_class_uid": heatmap.SOPClassUID,
@@ -428,7 +434,7 @@ def test_the_heatmap_is_referenced_by_the_sr_and_the_fhir_report(
     assert done.returncode == 0, done.stderr
     assert 'IMAGE:(,,"Visual explanation")=(SC image,)' in done.stdout
 
-    bundle = fhir_from_sr(sr, analysed)
+    bundle = fhir_from_sr(sr, _typed(analysed))
     (selection,) = _resources(bundle, "ImagingSelection")
     (observation,) = _resources(bundle, "Observation")
     assert selection["instance"][0]["uid"] == heatmap.SOPInstanceUID

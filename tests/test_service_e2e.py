@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
 import jsonschema
 import pytest
-from conftest import TEST_TRUSTED_KEYS, published_name
+from helpers import SIIM, drop, published_name
+from helpers import service_config as make_config
 
 from edge_runtime.config import RuntimeConfig
 from edge_runtime.results import load_schema
@@ -17,41 +17,6 @@ from edge_runtime.service import EdgeService
 
 RESULT_VALIDATOR = jsonschema.Draft202012Validator(load_schema("result-v1"))
 STATUS_VALIDATOR = jsonschema.Draft202012Validator(load_schema("status-v1"))
-SIIM = "dicom/siim_torchxrayvision/1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
-
-
-def make_config(tmp_path: Path, broker, bundle: Path, decode: dict | None = None, **inbox) -> RuntimeConfig:
-    return RuntimeConfig.from_mapping(
-        {
-            "Decode": decode or {},
-            "Inbox": {
-                "Path": str(tmp_path / "inbox"),
-                "QuarantinePath": str(tmp_path / "quarantine"),
-                "SettleSeconds": 0.3,
-                "RescanIntervalSeconds": 0.5,
-                **inbox,
-            },
-            "Model": {"BundlePath": str(bundle), "TrustedKeys": TEST_TRUSTED_KEYS},
-            "Mqtt": {
-                "Host": broker.host,
-                "Port": broker.port,
-                "ClientId": f"edge-{tmp_path.name}",
-                "TopicPrefix": f"test/{tmp_path.name}",
-            },
-            "Journal": {"Path": str(tmp_path / "state" / "journal.sqlite3")},
-            "Workers": 2,
-        }
-    )
-
-
-def drop(src: Path, inbox: Path, name: str | None = None) -> Path:
-    """Copy the way a careful sender does: write NAME.part, then rename."""
-    inbox.mkdir(parents=True, exist_ok=True)
-    target = inbox / (name or src.name)
-    part = target.with_name(target.name + ".part")
-    shutil.copyfile(src, part)
-    part.rename(target)
-    return target
 
 
 def by_file(results: list[dict]) -> dict[str, dict]:
@@ -108,7 +73,7 @@ def test_real_scans_get_one_valid_result_each(
 
     direct = ScanAnalyzer.from_bundle_path(default_bundle)
     for name, src in files.items():
-        expected = direct.analyze(src).result
+        expected = direct.analyze(src).result().message()
         assert got[name]["probabilities"] == expected["probabilities"], name
         assert got[name]["decision"] == expected["decision"], name
         finding = got[name]["findings"][0]
@@ -301,7 +266,7 @@ def test_results_survive_a_broker_that_is_down_at_start(
     shared_data, tiny_bundle, tmp_path, mosquitto, subscriber_factory
 ):
     """Scans are processed while the broker is unreachable and delivered once it is back."""
-    from conftest import Broker
+    from helpers import Broker
 
     broker = Broker(tmp_path)
     config = make_config(tmp_path, broker, tiny_bundle)  # nothing listens on that port yet
@@ -320,7 +285,7 @@ def test_results_survive_a_broker_that_is_down_at_start(
         # row waits for the priority topic).
         assert len(service.journal.pending_messages("mqtt")) == 1
         broker.start()
-        from conftest import Subscriber
+        from helpers import Subscriber
 
         sub = Subscriber(broker, config.mqtt.results_topic)
         try:
@@ -422,7 +387,7 @@ def test_low_disk_keeps_new_scans_waiting_in_the_inbox(
 def test_full_outbox_leaves_new_scans_in_the_inbox_until_the_broker_is_back(
     shared_data, tiny_bundle, tmp_path, mosquitto
 ):
-    from conftest import Broker, Subscriber
+    from helpers import Broker, Subscriber
 
     broker = Broker(tmp_path)  # not started yet: results pile up in the outbox
     config = make_config(tmp_path, broker, tiny_bundle)

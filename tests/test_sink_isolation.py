@@ -8,6 +8,7 @@ oldest first with a WARNING; once the PACS is back, what is left goes to it.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -15,8 +16,8 @@ import time
 from pathlib import Path
 
 import pydicom
-from conftest import free_port
-from test_reports_delivery import PNEUMONIA_JPEG, StoreScp, chest_dicom_from_jpeg, make_config
+from helpers import PNEUMONIA_JPEG, StoreScp, chest_dicom_from_jpeg, free_port
+from helpers import reports_service_config as make_config
 
 from edge_runtime.config import RuntimeConfig
 from edge_runtime.journal import Delivery, Journal
@@ -31,8 +32,9 @@ from edge_runtime.workers import intake_blocked
 CHEST_DICOM = "dicom/siim_torchxrayvision/1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
 
 
-def _result(message_id: str) -> dict:
-    return {"message_id": message_id}
+def _result(message_id: str) -> tuple[str, str]:
+    """(message_id, the stored result text) as Journal.record_result takes them."""
+    return message_id, json.dumps({"message_id": message_id})
 
 
 def _to(*sinks: str) -> list[Delivery]:
@@ -43,7 +45,7 @@ def _record(journal: Journal, n: int, sinks: tuple[str, ...], start: int = 0) ->
     ids = []
     for i in range(start, start + n):
         record = journal.admit(f"{i:064x}", Path(f"/in/scan{i}.dcm"), 10).record
-        journal.record_result(record.id, _result(f"m{i:02d}"), _to(*sinks))
+        journal.record_result(record.id, *_result(f"m{i:02d}"), _to(*sinks))
         ids.append(f"m{i:02d}")
     return ids
 

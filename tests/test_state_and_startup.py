@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from helpers import free_port
 
 from edge_runtime.errors import JournalIntegrityError, JournalInUse, JournalLost
 from edge_runtime.journal import Delivery, Journal, check_journal
@@ -88,7 +88,7 @@ def test_a_journal_deleted_while_open_refuses_writes_and_can_be_rescued(tmp_path
     noticed: list[str] = []
     journal.on_lost = noticed.append
     done = journal.admit("a" * 64, tmp_path / "a.dcm", 10).record
-    journal.record_result(done.id, {"message_id": "m1"}, [Delivery("mqtt", "t", "{}", 1)])
+    journal.record_result(done.id, "m1", '{"message_id":"m1"}', [Delivery("mqtt", "t", "{}", 1)])
     assert journal.verify_on_disk() is None
     for name in ("journal.sqlite3", "journal.sqlite3-wal", "journal.sqlite3-shm", "journal.id"):
         (tmp_path / "state" / name).unlink(missing_ok=True)

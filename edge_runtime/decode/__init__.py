@@ -99,7 +99,7 @@ def decode_file(
         path: The file (read from disk only when ``data`` is None).
         limits: Guards applied before any pixel is decompressed.
         data: The file's content, already read (and checked against its admitted
-            hash, :func:`~edge_runtime.sources.files.read_verified`): decoders
+            hash, :func:`~edge_runtime.files.read_verified`): decoders
             decode these bytes, never the path again. A plugin without
             ``decode_data`` still reads ``path``.
         name: What messages call the scan (its reference in the service); default

@@ -68,7 +68,7 @@ class DataDecoder(Decoder, Protocol):
     """A decoder that also decodes content already in memory (the built-in ones do).
 
     The service hashes a scan, admits it under that hash, and hands the decoder
-    the very bytes it hashed (:func:`~edge_runtime.sources.files.read_verified`):
+    the very bytes it hashed (:func:`~edge_runtime.files.read_verified`):
     a plugin with :meth:`decode_data` never opens the file again, so nothing
     swapped in after the hash is decoded. ``path`` then only names the scan in
     messages (it is the scan's reference in the service, not a file to open).

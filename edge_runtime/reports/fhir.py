@@ -60,6 +60,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 
 from ..errors import FhirReportError
+from ..results import ScanResult
 from .sr import (
     ALGORITHM_PARAMETERS,
     PRIORITY,
@@ -195,7 +196,7 @@ def _validate(bundle: dict[str, Any]) -> None:
         raise FhirReportError(f"FHIR report for SR is invalid: {exc}") from exc
 
 
-def fhir_from_sr(sr: Dataset, result: dict[str, Any]) -> dict[str, Any]:
+def fhir_from_sr(sr: Dataset, result: ScanResult) -> dict[str, Any]:
     """A FHIR R5 transaction Bundle (Device, ImagingSelection, Observations, DiagnosticReport).
 
     Everything clinical is read from ``sr`` (see the module docstring); from
@@ -207,7 +208,7 @@ def fhir_from_sr(sr: Dataset, result: dict[str, Any]) -> dict[str, Any]:
         ValueError: ``sr`` has no TID 1501 measurement group (not one of ours).
         FhirReportError: the resources fail FHIR validation.
     """
-    message_id: str = result["message_id"]
+    message_id = result.message_id
     groups = [group_summary(group) for group in measurement_groups(sr)]
     if not groups:
         raise ValueError(f"SR {sr.get('SOPInstanceUID')} has no TID 1501 measurement group")

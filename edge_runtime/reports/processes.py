@@ -42,14 +42,14 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from ..config import ReportsConfig, RuntimeConfig
 from ..errors import ReportDiskFull, ReportError, ReportProcessCrashed, ReportTimeout
 from ..logs import event
-from .writer import ReportOutcome, ReportWriter, failed_outcome, log_outcome, prioritize
+from ..results import Reports, ScanResult
+from .writer import ReportOutcome, ReportWriter, failed_outcome, log_outcome
 
 __all__ = [
     "REPORT_TIMEOUT_S",
@@ -97,7 +97,7 @@ def resume_bytes(size: int) -> int:
 def _build(
     config: ReportsConfig,
     path: Path,
-    result: dict[str, Any],
+    result: ScanResult,
     header: bytes | None,
     image: np.ndarray | None,
     heatmap: np.ndarray | None,
@@ -217,24 +217,24 @@ class ReportProcesses:
     def write(
         self,
         config: RuntimeConfig,
-        result: dict[str, Any],
+        result: ScanResult,
         header: bytes | None,
         *,
         image: np.ndarray | None,
         heatmap: np.ndarray | None,
-    ) -> dict[str, Any] | None:
-        """Set the result's priority and write its reports; returns its ``reports`` links (or None)."""
+    ) -> Reports | None:
+        """Write the reports of ``result`` (its reports not yet attached); returns their links (or None)."""
         reports = config.reports
-        prioritize(result, reports.urgent_threshold)
         writer = ReportWriter(reports, config.reports_path)
         if not writer.enabled:
             return None
         path = config.reports_path
         if self._still_full(path):
             # Paused (said once, in _note): the same code and text as the result that found the disk full.
-            log.debug("reports for %s skipped: the disk is still full", result["message_id"][:16])
-            return failed_outcome(result["message_id"], ReportDiskFull("reports paused: disk full")).links
-        if result["input"]["kind"] != "dicom" or not (reports.dicom_sr or reports.fhir):
+            log.debug("reports for %s skipped: the disk is still full", result.message_id[:16])
+            paused = failed_outcome(result.message_id, ReportDiskFull("reports paused: disk full"))
+            return Reports(**(paused.links or {"folder": result.message_id}))
+        if result.input.kind != "dicom" or not (reports.dicom_sr or reports.fhir):
             # Only a heat-map PNG (a few ms): sending it to a child would cost more than it saves.
             outcome = writer.build(result, header, image=image, heatmap=heatmap)
             self._note(path, outcome)
@@ -254,9 +254,9 @@ class ReportProcesses:
                 if isinstance(exc, FutureTimeout)
                 else ReportProcessCrashed("the report process stopped unexpectedly (crashed or killed)")
             )
-            outcome = failed_outcome(result["message_id"], error)
+            outcome = failed_outcome(result.message_id, error)
         except Exception as exc:  # build() returns its own failures; this is whatever it did not foresee
-            outcome = failed_outcome(result["message_id"], exc)
+            outcome = failed_outcome(result.message_id, exc)
         self._note(path, outcome)
         return log_outcome(result, outcome)
 

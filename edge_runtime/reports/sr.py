@@ -27,7 +27,7 @@ TID 1500:
     operating point. It carries an Observation UID, which the FHIR mapping
     uses as the Observation's identifier;
   - a second qualitative evaluation for **triage**: (260870009, SCT, "Priority")
-    = (103391001, SCT, "Urgent") when the caller says the result is urgent,
+    = (103391001, SCT, "Urgent") when the result's priority is urgent,
     else (50811001, SCT, "Routine"). SNOMED's priority attribute and values
     are the ones order priorities use, and a worklist needs both states, not
     the absence of a flag;
@@ -68,6 +68,7 @@ from pydicom.sr.coding import Code
 from pydicom.valuerep import DA, TM, format_number_as_ds
 
 from ..errors import ReportSourceError
+from ..results import ScanResult
 from .header import clean_header, is_valid_uid
 from .uids import derived_uid
 
@@ -215,18 +216,17 @@ def _clip_lo(text: str) -> str:
 
 
 def build_sr(
-    result: dict[str, Any],
+    result: ScanResult,
     source: Dataset,
     *,
     uid_root: str,
-    urgent: bool,
     heatmap: Dataset | None = None,
 ) -> Dataset:
     """The Comprehensive 3D SR of one result (see the module docstring for its content).
 
     ``source`` is the scan's DICOM header (read with ``stop_before_pixels``; it
-    is not changed); ``urgent`` the caller's triage decision (a positive finding
-    above ``Reports.UrgentThreshold``), written as the Priority evaluation;
+    is not changed); the result's ``priority`` (``urgent``: a positive finding
+    above ``Reports.UrgentThreshold``) is written as the Priority evaluation;
     ``heatmap`` the heat-map Secondary Capture, referenced as the visual
     explanation and in the image library, and recorded as evidence. The returned dataset is ready for
     ``dcmwrite(..., enforce_file_format=True)`` or C-STORE.
@@ -235,44 +235,45 @@ def build_sr(
         ReportSourceError: the source header lacks a Study/Series/SOP Instance UID.
     """
     header = _evidence_header(source)
-    model = result["model"]
-    message_id = result["message_id"]
-    content_date, content_time = _dicom_datetime(result["timestamp_utc"])
+    model = result.model
+    message_id = result.message_id
+    urgent = result.priority == "urgent"
+    content_date, content_time = _dicom_datetime(result.timestamp_utc)
 
     device = hd.sr.DeviceObserverIdentifyingAttributes(
-        uid=derived_uid(uid_root, model["sha256"], "algorithm-device"),
-        name=_clip_lo(f"{model['name']} {model['version']}"),
+        uid=derived_uid(uid_root, model.sha256, "algorithm-device"),
+        name=_clip_lo(f"{model.name} {model.version}"),
         manufacturer_name=MANUFACTURER,
-        model_name=_clip_lo(model["name"]),
+        model_name=_clip_lo(model.name),
     )
     observation_context = hd.sr.ObservationContext(
         observer_device_context=hd.sr.ObserverContext(
             observer_type=codes.DCM.Device, observer_identifying_attributes=device
         )
     )
-    parameters = [f"sha256={model['sha256']}"] + [
-        f"{key}={model[key]}" for key in ("backend", "quantization", "preprocessing_sha256") if key in model
+    parameters = [f"sha256={model.sha256}"] + [
+        f"{key}={getattr(model, key)}" for key in ("backend", "quantization", "preprocessing_sha256")
     ]
     algorithm = hd.sr.AlgorithmIdentification(
-        name=model["name"], version=model["version"], parameters=parameters, manufacturer=MANUFACTURER
+        name=model.name, version=model.version, parameters=parameters, manufacturer=MANUFACTURER
     )
 
     groups = []
-    for index, finding in enumerate(result["findings"]):
-        label = finding["label"]
+    for index, finding in enumerate(result.findings):
+        label = finding.label
         evaluation = hd.sr.QualitativeEvaluation(
-            name=finding_code(label), value=PRESENT if finding["positive"] else ABSENT
+            name=finding_code(label), value=PRESENT if finding.positive else ABSENT
         )
         evaluation[0].ObservationUID = derived_uid(uid_root, message_id, f"sr-observation-{index}")
         priority = hd.sr.QualitativeEvaluation(name=PRIORITY, value=URGENT if urgent else ROUTINE)
         measurements = [
-            hd.sr.Measurement(name=PROBABILITY, value=_ds(finding["probability"]), unit=NO_UNITS),
-            hd.sr.Measurement(name=THRESHOLD, value=_ds(finding["threshold"]), unit=NO_UNITS),
+            hd.sr.Measurement(name=PROBABILITY, value=_ds(finding.probability), unit=NO_UNITS),
+            hd.sr.Measurement(name=THRESHOLD, value=_ds(finding.threshold), unit=NO_UNITS),
         ]
         group = hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(
                 uid=derived_uid(uid_root, message_id, f"sr-tracking-{index}"),
-                identifier=_clip_lo(f"{model['name']} {label}"),
+                identifier=_clip_lo(f"{model.name} {label}"),
             ),
             algorithm_id=algorithm,
             finding_sites=[hd.sr.FindingSite(anatomic_location=LUNG)],
@@ -318,8 +319,8 @@ def build_sr(
         is_final=False,
         is_verified=False,
         manufacturer_model_name="edge-runtime",
-        software_versions=_clip_lo(f"edge-runtime {result['runtime']['version']}"),
-        series_description=_clip_lo(f"AI {model['name']} {model['version']} - NOT FOR DIAGNOSTIC USE"),
+        software_versions=_clip_lo(f"edge-runtime {result.runtime.version}"),
+        series_description=_clip_lo(f"AI {model.name} {model.version} - NOT FOR DIAGNOSTIC USE"),
         content_date=content_date,
         content_time=content_time,
         series_date=content_date,

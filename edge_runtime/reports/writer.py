@@ -48,6 +48,7 @@ from ..durable import fsync_dir
 from ..errors import EdgeRuntimeError, ReportDiskFull, ReportError, public_text
 from ..logs import event
 from ..privacy import scrub_header_values
+from ..results import Reports, ScanResult
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -57,20 +58,11 @@ __all__ = [
     "ReportWriter",
     "failed_outcome",
     "is_disk_full",
-    "is_urgent",
     "log_outcome",
-    "prioritize",
     "read_source_header",
 ]
 
 log = logging.getLogger(__name__)
-
-
-def is_urgent(result: dict[str, Any], urgent_threshold: float | None) -> bool:
-    """A positive finding at or above the urgent threshold (None: the model's operating threshold)."""
-    finding = result["findings"][0]
-    threshold = finding["threshold"] if urgent_threshold is None else urgent_threshold
-    return bool(finding["positive"]) and float(finding["probability"]) >= float(threshold)
 
 
 def is_disk_full(exc: BaseException) -> bool:
@@ -134,15 +126,10 @@ def failed_outcome(
     )
 
 
-def prioritize(result: dict[str, Any], urgent_threshold: float | None) -> None:
-    """Set ``result["priority"]``: the SR, the FHIR report and the priority topic follow it."""
-    result["priority"] = "urgent" if is_urgent(result, urgent_threshold) else "routine"
-
-
-def log_outcome(result: dict[str, Any], outcome: ReportOutcome) -> dict[str, Any] | None:
+def log_outcome(result: ScanResult, outcome: ReportOutcome) -> Reports | None:
     """Say what happened to a result's reports (in the service's log); returns its links."""
     links = outcome.links
-    message_id = result["message_id"]
+    message_id = result.message_id
     if outcome.header_fixes:
         event(
             log,
@@ -171,9 +158,9 @@ def log_outcome(result: dict[str, Any], outcome: ReportOutcome) -> dict[str, Any
             ", ".join(outcome.files),
             message_id=message_id,
             files=outcome.files,
-            priority=result["priority"],
+            priority=result.priority,
         )
-    return links
+    return None if links is None else Reports(**links)
 
 
 @dataclass(frozen=True)
@@ -213,45 +200,42 @@ class ReportWriter:
 
     def write(
         self,
-        result: dict[str, Any],
+        result: ScanResult,
         header: bytes | None,
         *,
         image: np.ndarray | None,
         heatmap: np.ndarray | None,
-    ) -> dict[str, Any] | None:
+    ) -> Reports | None:
         """Write what applies to this result, in this process; returns its ``reports`` links (or None).
 
-        Sets ``result["priority"]`` too: the SR and FHIR report carry it. The
-        service builds reports in child processes instead (:mod:`.processes`),
+        The service builds reports in child processes instead (:mod:`.processes`),
         which run this same :meth:`build`.
         """
-        prioritize(result, self.config.urgent_threshold)
         if not self.enabled:
             return None
         return log_outcome(result, self.build(result, header, image=image, heatmap=heatmap))
 
     def build(
         self,
-        result: dict[str, Any],
+        result: ScanResult,
         source_header: bytes | None,
         *,
         image: np.ndarray | None,
         heatmap: np.ndarray | None,
     ) -> ReportOutcome:
-        """Build and write the files of a result whose ``priority`` is set; logs nothing.
+        """Build and write the files of a result (its reports not yet attached); logs nothing.
 
         ``source_header``: the scan's DICOM header bytes as the decoder read them
         (:attr:`~edge_runtime.pipeline.ScanOutcome.header`); None for other images.
         """
-        message_id = result["message_id"]
-        urgent = result.get("priority") == "urgent"
+        message_id = result.message_id
         links: dict[str, Any] = {"folder": message_id}
         files: list[_File] = []
         raw: Dataset | None = None
         fixes: tuple[str, ...] = ()
         try:
             header: Dataset | None = None
-            if result["input"]["kind"] == "dicom":
+            if result.input.kind == "dicom":
                 from .header import clean_header
 
                 if source_header is None:
@@ -264,7 +248,7 @@ class ReportWriter:
                 from .heatmap import overlay, png_bytes, secondary_capture
 
                 rgb = overlay(
-                    image, heatmap, max_side=self.config.heatmap_max_side, finding=result["findings"][0]
+                    image, heatmap, max_side=self.config.heatmap_max_side, finding=result.finding.model_dump()
                 )
                 files.append(_File("heatmap.png", png_bytes(rgb)))
                 links["heatmap_png"] = "heatmap.png"
@@ -274,7 +258,7 @@ class ReportWriter:
                         rgb,
                         uid_root=self.config.uid_root,
                         message_id=message_id,
-                        model=result["model"],
+                        model=result.model.model_dump(),
                     )
                     files.append(_File("heatmap.dcm", _dicom_bytes(secondary)))
                     links["heatmap_dicom"] = _dicom_ref("heatmap.dcm", secondary)
@@ -282,7 +266,7 @@ class ReportWriter:
                 from .fhir import fhir_from_sr
                 from .sr import build_sr
 
-                sr = build_sr(result, header, uid_root=self.config.uid_root, urgent=urgent, heatmap=secondary)
+                sr = build_sr(result, header, uid_root=self.config.uid_root, heatmap=secondary)
                 if self.config.dicom_sr:
                     files.append(_File("sr.dcm", _dicom_bytes(sr)))
                     links["sr"] = _dicom_ref("sr.dcm", sr)

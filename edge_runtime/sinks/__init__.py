@@ -1,6 +1,6 @@
 """Sinks: where committed results go, each drained from the outbox by one drainer.
 
-A sink is one module with a factory ``(config, ipc) -> Sink | None`` (None:
+A sink is one module with a factory ``(config, ipc, state) -> Sink | None`` (None:
 not used in this configuration; a list when one connection serves several
 outbox sinks, like the MQTT topics) and one line in :data:`SINKS`. The outbox
 row for every sink is written in the result's own transaction, so a sink
@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING
 from ..config import RuntimeConfig
 from ..plugins import load_plugin
 from .backlog import SinkBacklogs
-from .base import Acknowledge, Sink
+from .base import Acknowledge, BoxState, Sink
 from .drainer import OutboxDrainer
 
 if TYPE_CHECKING:
     from ..greengrass import GreengrassIpc
 
-__all__ = ["SINKS", "Acknowledge", "OutboxDrainer", "Sink", "SinkBacklogs", "create_sinks"]
+__all__ = ["SINKS", "Acknowledge", "BoxState", "OutboxDrainer", "Sink", "SinkBacklogs", "create_sinks"]
 
 #: name -> "module:factory"; each sink's ``name`` is its outbox column (mqtt: also mqtt-urgent, mqtt-fhir;
 #: ipc-local: also ipc-local-urgent, ipc-local-fhir; ipc-iotcore: also ipc-iotcore-urgent).
@@ -33,11 +33,13 @@ SINKS: dict[str, str] = {
 }
 
 
-def create_sinks(config: RuntimeConfig, ipc: GreengrassIpc | None) -> list[Sink]:
-    """The sinks this configuration uses, in registry order."""
+def create_sinks(
+    config: RuntimeConfig, ipc: GreengrassIpc | None, state: BoxState | None = None
+) -> list[Sink]:
+    """The sinks this configuration uses, in registry order, each complete when built."""
     sinks: list[Sink] = []
     for target in SINKS.values():
-        made = load_plugin(target)(config, ipc)
+        made = load_plugin(target)(config, ipc, state or BoxState())
         if isinstance(made, list):
             sinks.extend(made)
         elif made is not None:

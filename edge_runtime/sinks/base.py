@@ -2,17 +2,38 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..config import RuntimeConfig
 from ..journal import Delivery, OutboxMessage
+from ..results import ScanResult
 
-__all__ = ["Acknowledge", "Sink"]
+__all__ = ["Acknowledge", "BoxState", "Sink"]
 
 #: Called by a sink (from any thread) with the token ``send`` returned, once the far end
 #: confirmed it. A token no message has (-1) only wakes the drainer: the far end is back.
 Acknowledge = Callable[[int], None]
+
+
+def _nothing_pending(names: Collection[str]) -> int:
+    return 0
+
+
+@dataclass(frozen=True)
+class BoxState:
+    """What a sink may read about the box it runs on; every sink factory is given one.
+
+    Readings, not values: the model can be switched while the service runs, and the
+    outbox changes with every result. A sink gets them when it is built, so nothing is
+    set on it afterwards.
+    """
+
+    #: The running model as status messages name it (name, version, backend, conformance).
+    model: Callable[[], dict[str, Any]] = field(default=dict)
+    #: How many outbox rows wait for the named sinks.
+    pending: Callable[[Collection[str]], int] = field(default=_nothing_pending)
 
 
 class Sink(Protocol):
@@ -37,11 +58,11 @@ class Sink(Protocol):
     # Journal.MaxOutboxMessagesPerSink or Reports.RetainMbPerSink is dropped oldest first
     # (:mod:`edge_runtime.sinks.backlog`). Default: False.
 
-    def delivery(self, config: RuntimeConfig, result: dict[str, Any], payload: str) -> Delivery | None:
+    def delivery(self, config: RuntimeConfig, result: ScanResult) -> Delivery | None:
         """The outbox row for one result (topic, payload, QoS); None: not for this sink.
 
         ``config`` is the running configuration (topics may change live);
-        ``payload`` the result as compact JSON, which most sinks send as is.
+        ``result.payload`` is the result as compact JSON, which most sinks send as is.
         """
 
     def start(self, acknowledge: Acknowledge) -> None:

@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 from ..config import RuntimeConfig
 from ..errors import PublishError
 from ..journal import Delivery, OutboxMessage
-from .base import Acknowledge
+from ..results import ScanResult
+from .base import Acknowledge, BoxState
 
 if TYPE_CHECKING:
     import pydicom
@@ -38,7 +39,9 @@ log = logging.getLogger(__name__)
 _DICOM_REPORTS = ("heatmap_dicom", "sr")
 
 
-def from_config(config: RuntimeConfig, ipc: Any = None) -> DicomStoreSink | None:
+def from_config(
+    config: RuntimeConfig, ipc: Any = None, state: BoxState | None = None
+) -> DicomStoreSink | None:
     return DicomStoreSink(config) if config.dicom.store.host else None
 
 
@@ -57,14 +60,16 @@ class DicomStoreSink:
         for name in ("pynetdicom.acse", "pynetdicom.transport"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
 
-    def delivery(self, config: RuntimeConfig, result: dict[str, Any], payload: str) -> Delivery | None:
+    def delivery(self, config: RuntimeConfig, result: ScanResult) -> Delivery | None:
         self._config = config
-        reports = result.get("reports") or {}
-        files = [reports[key]["file"] for key in _DICOM_REPORTS if key in reports]
-        if not config.dicom.store.host or not files:
+        reports = result.reports
+        if reports is None or not config.dicom.store.host:
+            return None
+        files = [ref.file for key in _DICOM_REPORTS if (ref := getattr(reports, key)) is not None]
+        if not files:
             return None
         node = config.dicom.store
-        row = {"folder": reports["folder"], "files": files}
+        row = {"folder": reports.folder, "files": files}
         return Delivery(self.name, f"{node.ae_title}@{node.host}:{node.port}", json.dumps(row), 1)
 
     def start(self, acknowledge: Acknowledge) -> None:

@@ -21,7 +21,8 @@ from typing import Any
 from ..config import RuntimeConfig, read_secret_file
 from ..errors import ConfigError, PublishError
 from ..journal import Delivery, OutboxMessage
-from .base import Acknowledge
+from ..results import ScanResult
+from .base import Acknowledge, BoxState
 
 __all__ = ["FhirHttpSink", "from_config"]
 
@@ -32,7 +33,7 @@ _FHIR_JSON = "application/fhir+json"
 REQUEST_TIMEOUT_S = 30.0
 
 
-def from_config(config: RuntimeConfig, ipc: Any = None) -> FhirHttpSink | None:
+def from_config(config: RuntimeConfig, ipc: Any = None, state: BoxState | None = None) -> FhirHttpSink | None:
     return FhirHttpSink(config) if config.reports.fhir_endpoint else None
 
 
@@ -59,12 +60,12 @@ class FhirHttpSink:
     def __init__(self, config: RuntimeConfig) -> None:
         self._config = config
 
-    def delivery(self, config: RuntimeConfig, result: dict[str, Any], payload: str) -> Delivery | None:
+    def delivery(self, config: RuntimeConfig, result: ScanResult) -> Delivery | None:
         self._config = config
-        reports = result.get("reports") or {}
-        if not config.reports.fhir_endpoint or "fhir" not in reports:
+        reports = result.reports
+        if not config.reports.fhir_endpoint or reports is None or reports.fhir is None:
             return None
-        bundle = (config.reports_path / reports["folder"] / reports["fhir"]).read_text(encoding="utf-8")
+        bundle = (config.reports_path / reports.folder / reports.fhir).read_text(encoding="utf-8")
         return Delivery(self.name, config.reports.fhir_endpoint, bundle, 1)
 
     def start(self, acknowledge: Acknowledge) -> None:

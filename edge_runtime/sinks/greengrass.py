@@ -19,7 +19,6 @@ with back-off by the drainer.
 
 from __future__ import annotations
 
-import copy
 import json
 from typing import Any
 
@@ -27,7 +26,8 @@ from ..config import RuntimeConfig
 from ..errors import ReportError, public_text
 from ..greengrass import GreengrassIpc
 from ..journal import Delivery, OutboxMessage
-from .base import Acknowledge
+from ..results import ScanResult
+from .base import Acknowledge, BoxState
 from .mqtt import fhir_document
 
 __all__ = [
@@ -61,7 +61,7 @@ CLOUD_INPUT_FIELDS = (
 CLOUD_REPORT_FIELDS = ("folder", "sr", "heatmap_png", "heatmap_dicom", "fhir")
 
 
-def cloud_payload(result: dict[str, Any]) -> dict[str, Any]:
+def cloud_payload(result: ScanResult) -> dict[str, Any]:
     """The result without patient or study identifiers, file names or content hashes.
 
     The ``message_id`` stays: it is a one-way hash that lets the cloud drop
@@ -70,12 +70,12 @@ def cloud_payload(result: dict[str, Any]) -> dict[str, Any]:
     code with its fixed text, written here from the code
     (:func:`~edge_runtime.errors.public_text`), so no other text reaches the cloud.
     """
-    redacted = copy.deepcopy(result)
-    redacted["input"] = {k: v for k, v in result["input"].items() if k in CLOUD_INPUT_FIELDS}
-    redacted["runtime"] = {"version": result["runtime"]["version"]}
-    reports = result.get("reports")
+    redacted = result.message()
+    redacted["input"] = {k: v for k, v in redacted["input"].items() if k in CLOUD_INPUT_FIELDS}
+    redacted["runtime"] = {"version": result.runtime.version}
+    reports = redacted.get("reports")
     if isinstance(reports, dict):
-        kept = {k: copy.deepcopy(v) for k, v in reports.items() if k in CLOUD_REPORT_FIELDS}
+        kept = {k: v for k, v in reports.items() if k in CLOUD_REPORT_FIELDS}
         if "error" in reports:
             code = str(reports.get("error_code") or ReportError.code)
             kept.update(error_code=code, error=public_text(code))
@@ -87,9 +87,23 @@ class _IpcSink:
     """Shared by both IPC sinks: always ready (the nucleus is local); send waits for its reply."""
 
     name = ""
+    #: The ``Greengrass`` setting that names the topic (unset: this sink sends nothing).
+    topic_setting = ""
+    #: Only urgent results (the priority topics).
+    urgent_only = False
 
     def __init__(self, ipc: GreengrassIpc) -> None:
         self.ipc = ipc
+
+    def delivery(self, config: RuntimeConfig, result: ScanResult) -> Delivery | None:
+        topic = getattr(config.greengrass, self.topic_setting)
+        if not topic or (self.urgent_only and result.priority != "urgent"):
+            return None
+        return Delivery(self.name, topic, self.body(result), 1)
+
+    def body(self, result: ScanResult) -> str:
+        """What the topic carries for ``result``: the result message itself."""
+        return result.payload
 
     def start(self, acknowledge: Acknowledge) -> None:
         """Nothing to connect: the IPC client is connected when the service starts."""
@@ -106,15 +120,12 @@ class LocalPubSubSink(_IpcSink):
 
     name = "ipc-local"
     label = "Greengrass local pub/sub"
+    topic_setting = "local_topic"
 
     def __init__(self, ipc: GreengrassIpc, *, primary: bool = False) -> None:
         super().__init__(ipc)
         #: The results channel when MQTT is off (its backlog then holds new scans).
         self.primary = primary
-
-    def delivery(self, config: RuntimeConfig, result: dict[str, Any], payload: str) -> Delivery | None:
-        topic = config.greengrass.local_topic
-        return Delivery(self.name, topic, payload, 1) if topic else None
 
     def send(self, message: OutboxMessage) -> None:
         self.ipc.publish_local(message.topic, message.payload)
@@ -125,12 +136,8 @@ class LocalUrgentSink(LocalPubSubSink):
 
     name = "ipc-local-urgent"
     label = "Greengrass local pub/sub priority topic"
-
-    def delivery(self, config: RuntimeConfig, result: dict[str, Any], payload: str) -> Delivery | None:
-        topic = config.greengrass.local_priority_topic
-        if not topic or result.get("priority") != "urgent":
-            return None
-        return Delivery(self.name, topic, payload, 1)
+    topic_setting = "local_priority_topic"
+    urgent_only = True
 
 
 class LocalFhirSink(LocalPubSubSink):
@@ -143,13 +150,13 @@ class LocalFhirSink(LocalPubSubSink):
         # Never the results channel: its backlog is capped like any other sink's.
         super().__init__(ipc, primary=False)
 
-    def delivery(self, config: RuntimeConfig, result: dict[str, Any], payload: str) -> Delivery | None:
+    def delivery(self, config: RuntimeConfig, result: ScanResult) -> Delivery | None:
         topic = config.greengrass.local_fhir_topic
         bundle = fhir_document(config, result) if topic else None
         return None if bundle is None else Delivery(self.name, topic, bundle, 1)
 
 
-def _cloud_json(result: dict[str, Any]) -> str:
+def _cloud_json(result: ScanResult) -> str:
     """What IoT Core gets for a result: :func:`cloud_payload` as compact JSON."""
     return json.dumps(cloud_payload(result), separators=(",", ":"), sort_keys=True)
 
@@ -160,10 +167,11 @@ class IotCoreSink(_IpcSink):
     name = "ipc-iotcore"
     label = "AWS IoT Core"
     primary = False
+    topic_setting = "iot_core_topic"
 
-    def delivery(self, config: RuntimeConfig, result: dict[str, Any], payload: str) -> Delivery | None:
-        topic = config.greengrass.iot_core_topic
-        return Delivery(self.name, topic, _cloud_json(result), 1) if topic else None
+    def body(self, result: ScanResult) -> str:
+        """The de-identified result (:func:`cloud_payload`)."""
+        return _cloud_json(result)
 
     def send(self, message: OutboxMessage) -> None:
         self.ipc.publish_iot_core(message.topic, message.payload, message.qos)
@@ -174,15 +182,13 @@ class IotCoreUrgentSink(IotCoreSink):
 
     name = "ipc-iotcore-urgent"
     label = "AWS IoT Core priority topic"
-
-    def delivery(self, config: RuntimeConfig, result: dict[str, Any], payload: str) -> Delivery | None:
-        topic = config.greengrass.iot_core_priority_topic
-        if not topic or result.get("priority") != "urgent":
-            return None
-        return Delivery(self.name, topic, _cloud_json(result), 1)
+    topic_setting = "iot_core_priority_topic"
+    urgent_only = True
 
 
-def local_from_config(config: RuntimeConfig, ipc: GreengrassIpc | None) -> list[_IpcSink]:
+def local_from_config(
+    config: RuntimeConfig, ipc: GreengrassIpc | None, state: BoxState | None = None
+) -> list[_IpcSink]:
     """Results, urgent results and FHIR reports on local pub/sub (under the nucleus only).
 
     With MQTT off, results and urgent results are the results channel (never dropped).
@@ -193,6 +199,8 @@ def local_from_config(config: RuntimeConfig, ipc: GreengrassIpc | None) -> list[
     return [LocalPubSubSink(ipc, primary=primary), LocalUrgentSink(ipc, primary=primary), LocalFhirSink(ipc)]
 
 
-def iot_core_from_config(config: RuntimeConfig, ipc: GreengrassIpc | None) -> list[_IpcSink]:
+def iot_core_from_config(
+    config: RuntimeConfig, ipc: GreengrassIpc | None, state: BoxState | None = None
+) -> list[_IpcSink]:
     """Results and urgent results, de-identified, to AWS IoT Core (under the nucleus only)."""
     return [] if ipc is None else [IotCoreSink(ipc), IotCoreUrgentSink(ipc)]

@@ -38,8 +38,8 @@ from ..errors import (
     public_text,
 )
 from ..journal import Delivery, OutboxMessage
-from ..results import build_status
-from .base import Acknowledge, Sink
+from ..results import ScanResult, build_status
+from .base import Acknowledge, BoxState, Sink
 
 __all__ = [
     "MqttSink",
@@ -102,11 +102,13 @@ _SHORT_SESSION_S = 3.0
 _TAKEOVER_SESSIONS = 3
 
 
-def from_config(config: RuntimeConfig, ipc: Any = None) -> list[Sink]:
+def from_config(config: RuntimeConfig, ipc: Any = None, state: BoxState | None = None) -> list[Sink]:
     """The broker connection and its two extra topics (urgent results, FHIR reports)."""
     if not config.mqtt.enabled:
         return []
-    broker = MqttSink(config.mqtt)
+    box = state or BoxState()
+    channel = frozenset({MqttSink.name, "mqtt-urgent"})
+    broker = MqttSink(config.mqtt, model=box.model, backlog=lambda: box.pending(channel))
     return [
         broker,
         # Urgent results are the results channel too: never dropped, like the results topic.
@@ -123,25 +125,25 @@ def fhir_topic(config: RuntimeConfig) -> str:
     return config.reports.fhir_topic or f"{config.mqtt.topic_prefix}/fhir"
 
 
-def _urgent_row(config: RuntimeConfig, result: dict[str, Any], payload: str) -> tuple[str, str] | None:
+def _urgent_row(config: RuntimeConfig, result: ScanResult) -> tuple[str, str] | None:
     """Urgent results again, on the priority topic a worklist watches to move a study up."""
-    return (priority_topic(config), payload) if result.get("priority") == "urgent" else None
+    return (priority_topic(config), result.payload) if result.priority == "urgent" else None
 
 
-def fhir_document(config: RuntimeConfig, result: dict[str, Any]) -> str | None:
+def fhir_document(config: RuntimeConfig, result: ScanResult) -> str | None:
     """The result's FHIR Bundle (written by reports.writer beside the SR); None when it has none.
 
     Every sink that carries FHIR (this broker's FHIR topic, Greengrass local pub/sub) sends
     this file as written, so they all carry the same document.
     """
-    reports = result.get("reports") or {}
-    if not config.reports.fhir or "fhir" not in reports:
+    reports = result.reports
+    if not config.reports.fhir or reports is None or reports.fhir is None:
         return None
-    path: Path = config.reports_path / str(reports["folder"]) / str(reports["fhir"])
+    path: Path = config.reports_path / reports.folder / reports.fhir
     return path.read_text(encoding="utf-8")
 
 
-def _fhir_row(config: RuntimeConfig, result: dict[str, Any], payload: str) -> tuple[str, str] | None:
+def _fhir_row(config: RuntimeConfig, result: ScanResult) -> tuple[str, str] | None:
     """The result's FHIR Bundle on its own topic."""
     bundle = fhir_document(config, result)
     return None if bundle is None else (fhir_topic(config), bundle)
@@ -161,7 +163,7 @@ class MqttTopicSink:
         self,
         broker: MqttSink,
         name: str,
-        row: Callable[[RuntimeConfig, dict[str, Any], str], tuple[str, str] | None],
+        row: Callable[[RuntimeConfig, ScanResult], tuple[str, str] | None],
         *,
         label: str = "",
         primary: bool = False,
@@ -173,8 +175,8 @@ class MqttTopicSink:
         self.primary = primary
         self._row = row
 
-    def delivery(self, config: RuntimeConfig, result: dict[str, Any], payload: str) -> Delivery | None:
-        row = self._row(config, result, payload)
+    def delivery(self, config: RuntimeConfig, result: ScanResult) -> Delivery | None:
+        row = self._row(config, result)
         return None if row is None else Delivery(self.name, row[0], row[1], config.mqtt.qos)
 
     def start(self, acknowledge: Acknowledge) -> None:
@@ -202,12 +204,13 @@ class MqttSink:
         self,
         config: MqttConfig,
         *,
-        model_info: dict[str, Any] | None = None,
+        model: Callable[[], dict[str, Any]] = dict,
         max_in_flight: int = 100,
         backlog: Callable[[], int] | None = None,
     ) -> None:
         self.config = config
-        self._model_info: dict[str, Any] = model_info or {}
+        #: The running model (it may be switched live): status messages and the Last Will name it.
+        self._model = model
         #: How many results wait in the outbox (said in the log after a reconnect).
         self.backlog = backlog
         self._client = mqtt.Client(
@@ -303,6 +306,7 @@ class MqttSink:
     ) -> None:
         was_connected = self._connected.is_set()
         self._connected.clear()
+        self._set_will()  # the next CONNECT names the model running then
         if was_connected and not self._stopping.is_set():
             # The broker closing each new session at once is what a second client with our
             # ClientId causes (each connect takes the session over from the other box).
@@ -342,8 +346,8 @@ class MqttSink:
         self._listeners.append(acknowledge)
 
     # -- Sink --------------------------------------------------------------------------
-    def delivery(self, config: RuntimeConfig, result: dict[str, Any], payload: str) -> Delivery | None:
-        return Delivery(self.name, config.mqtt.results_topic, payload, config.mqtt.qos)
+    def delivery(self, config: RuntimeConfig, result: ScanResult) -> Delivery | None:
+        return Delivery(self.name, config.mqtt.results_topic, result.payload, config.mqtt.qos)
 
     @property
     def problem_code(self) -> str | None:
@@ -371,23 +375,18 @@ class MqttSink:
 
     @property
     def model_info(self) -> dict[str, Any]:
-        """The model the status messages name (set when a model is loaded or switched)."""
-        return self._model_info
-
-    @model_info.setter
-    def model_info(self, value: dict[str, Any] | None) -> None:
-        self._model_info = value or {}
-        self._set_will()
+        """The model the status messages name: the one running now."""
+        return self._model() or {}
 
     def _set_will(self) -> None:
         """The Last Will the broker publishes if this box vanishes: offline, naming the model it ran.
 
-        Set again whenever the model changes (the service loads the model after building the
-        sink, and may switch it): paho sends the will with each CONNECT, so a reconnect carries
-        the current one. It used to be built once, before any model was known.
+        Set at construction (the model is loaded before the sinks are built) and again each
+        time the connection is lost: paho sends the will with each CONNECT, so a reconnect
+        after a model switch names the new model. It used to be built before any model was known.
         """
         offline = build_status(
-            "offline", self.config.client_id, reason="connection lost", model=self._model_info
+            "offline", self.config.client_id, reason="connection lost", model=self.model_info
         )
         self._client.will_set(self.config.status_topic, json.dumps(offline), qos=1, retain=True)
 

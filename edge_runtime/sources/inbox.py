@@ -13,7 +13,7 @@ were there before start-up, and filesystems without inotify such as some
 network mounts). Ready files are handed on oldest first.
 
 Log lines about a file not yet handed on name it by a reference to the file
-(:func:`~edge_runtime.sources.files.file_key` under the box's key, the one a
+(:func:`~edge_runtime.files.file_key` under the box's key, the one a
 worker calls it by until it is hashed), never by its name: no worker has told
 the log redactor about it yet.
 """
@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..config import InboxConfig, RuntimeConfig
+from ..files import file_key, safe_file_name, unique_target
 from ..privacy import load_or_create_key, log_name, scan_ref
 from .base import ScanItem
-from .files import file_key, safe_file_name
 
 if TYPE_CHECKING:  # watchdog is imported lazily (rescans still work without it)
     from watchdog.observers.api import BaseObserver
@@ -54,23 +54,6 @@ class _Candidate:
 
 def from_config(config: RuntimeConfig) -> InboxSource:
     return InboxSource(config.inbox, key_path=config.reference_key_path)
-
-
-def unique_target(folder: Path, name: str, same: Callable[[Path], bool] | None = None) -> Path:
-    """A free name for ``name`` in ``folder`` (``stem.N.suffix``), never overwriting a file.
-
-    ``same(error_file)`` says an earlier, interrupted move of this very input
-    left that error file: then its name is reused, so a crash does not
-    duplicate the file.
-    """
-    target = folder / name
-    n = 1
-    while target.exists() or (folder / f"{target.name}.error.json").exists():
-        if same is not None and same(folder / f"{target.name}.error.json"):
-            return target
-        target = folder / f"{Path(name).stem}.{n}{Path(name).suffix}"
-        n += 1
-    return target
 
 
 class InboxSource:
