@@ -119,7 +119,7 @@ def _child_main(conn: Connection, registry: dict[str, str], memory_bytes: int) -
         del reply
         # Between the scans of a burst the heap is kept: the next image reuses its pages. Once
         # idle, the decoder's working memory (a full-resolution image and the libraries'
-        # buffers) goes back to the system: about 150 -> 70 MB per idle child after a CR.
+        # buffers) goes back to the system (what that saves: docs/performance.md).
         if not conn.poll(IDLE_TRIM_S):
             _release_memory()
 

@@ -106,8 +106,7 @@ class EdgeService:
             self.drainers,
             on_dropped=lambda n: self.health.count("outbox_dropped", n),
         )
-        # One report child: as fast as one per worker here (0.99x on 2 cores) at half the memory
-        # (~225 MB RSS each, the report libraries).
+        # One report child: as fast as one per worker, at half the memory (docs/performance.md).
         self.reports = ReportProcesses(1)
         recorder = OutcomeRecorder(
             self.journal,
