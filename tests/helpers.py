@@ -376,33 +376,35 @@ SENDERS = ("MODALITY1", "MODALITY2", "MODALITY3")
 MAX_OBJECT_MB = 5  # RG1_UNCR (7.2 MB) is over it; every other file the receiver tests send is under
 
 
+def _service_mapping(root: Path, broker, bundle: Path, workers: int, **inbox) -> dict[str, Any]:
+    """What every test service shares: folders under ``root``, the signed ``bundle``, MQTT on ``broker``."""
+    return {
+        "Inbox": {
+            "Path": str(root / "inbox"),
+            "QuarantinePath": str(root / "quarantine"),
+            "RescanIntervalSeconds": 0.5,
+            **inbox,
+        },
+        "Model": {"BundlePath": str(bundle), "TrustedKeys": TEST_TRUSTED_KEYS},
+        "Mqtt": {
+            "Host": broker.host,
+            "Port": broker.port,
+            "ClientId": f"edge-{root.name}",
+            "TopicPrefix": f"test/{root.name}",
+        },
+        "Journal": {"Path": str(root / "state" / "journal.sqlite3")},
+        "Workers": workers,
+    }
+
+
 def service_config(
     tmp_path: Path, broker, bundle: Path, decode: dict | None = None, **inbox
 ) -> RuntimeConfig:
     """The inbox service with MQTT on ``broker`` and ``bundle`` (what test_service_e2e.py runs)."""
     from edge_runtime.config import RuntimeConfig
 
-    return RuntimeConfig.from_mapping(
-        {
-            "Decode": decode or {},
-            "Inbox": {
-                "Path": str(tmp_path / "inbox"),
-                "QuarantinePath": str(tmp_path / "quarantine"),
-                "SettleSeconds": 0.3,
-                "RescanIntervalSeconds": 0.5,
-                **inbox,
-            },
-            "Model": {"BundlePath": str(bundle), "TrustedKeys": TEST_TRUSTED_KEYS},
-            "Mqtt": {
-                "Host": broker.host,
-                "Port": broker.port,
-                "ClientId": f"edge-{tmp_path.name}",
-                "TopicPrefix": f"test/{tmp_path.name}",
-            },
-            "Journal": {"Path": str(tmp_path / "state" / "journal.sqlite3")},
-            "Workers": 2,
-        }
-    )
+    mapping = _service_mapping(tmp_path, broker, bundle, 2, **{"SettleSeconds": 0.3, **inbox})
+    return RuntimeConfig.from_mapping({**mapping, "Decode": decode or {}})
 
 
 def drop(src: Path, inbox: Path, name: str | None = None) -> Path:
@@ -419,58 +421,25 @@ def scp_service_config(root: Path, broker, bundle: Path, port: int, **dicom) -> 
     """The service with its DICOM receiver on ``port`` (AE, SENDERS, MAX_OBJECT_MB) and MQTT on ``broker``."""
     from edge_runtime.config import RuntimeConfig
 
-    return RuntimeConfig.from_mapping(
-        {
-            "Inbox": {
-                "Path": str(root / "inbox"),
-                "QuarantinePath": str(root / "quarantine"),
-                "RescanIntervalSeconds": 0.5,
-            },
-            "Dicom": {
-                "Enabled": True,
-                "AeTitle": AE,
-                "BindAddress": "127.0.0.1",
-                "Port": port,
-                "AllowedCallingAeTitles": list(SENDERS),
-                "MaxObjectMb": MAX_OBJECT_MB,
-                "SpoolPath": str(root / "spool"),
-                **dicom,
-            },
-            "Model": {"BundlePath": str(bundle), "TrustedKeys": TEST_TRUSTED_KEYS},
-            "Mqtt": {
-                "Host": broker.host,
-                "Port": broker.port,
-                "ClientId": f"edge-{root.name}",
-                "TopicPrefix": f"test/{root.name}",
-            },
-            "Journal": {"Path": str(root / "state" / "journal.sqlite3")},
-            "Workers": 2,
-        }
-    )
+    dicom_section = {
+        "Enabled": True,
+        "AeTitle": AE,
+        "BindAddress": "127.0.0.1",
+        "Port": port,
+        "AllowedCallingAeTitles": list(SENDERS),
+        "MaxObjectMb": MAX_OBJECT_MB,
+        "SpoolPath": str(root / "spool"),
+        **dicom,
+    }
+    return RuntimeConfig.from_mapping({**_service_mapping(root, broker, bundle, 2), "Dicom": dicom_section})
 
 
 def reports_service_config(tmp_path: Path, broker, bundle: Path, **sections) -> RuntimeConfig:
     """The inbox service writing reports, one worker; ``sections`` add to (or replace) its settings."""
     from edge_runtime.config import RuntimeConfig
 
-    data = {
-        "Inbox": {
-            "Path": str(tmp_path / "inbox"),
-            "QuarantinePath": str(tmp_path / "quarantine"),
-            "SettleSeconds": 0.2,
-            "RescanIntervalSeconds": 0.5,
-        },
-        "Model": {"BundlePath": str(bundle), "TrustedKeys": TEST_TRUSTED_KEYS},
-        "Mqtt": {
-            "Host": broker.host,
-            "Port": broker.port,
-            "ClientId": f"edge-{tmp_path.name}",
-            "TopicPrefix": f"test/{tmp_path.name}",
-        },
-        "Journal": {"Path": str(tmp_path / "state" / "journal.sqlite3")},
-        "Reports": {"Path": str(tmp_path / "reports")},
-        "Workers": 1,
-    }
+    data = _service_mapping(tmp_path, broker, bundle, 1, SettleSeconds=0.2)
+    data["Reports"] = {"Path": str(tmp_path / "reports")}
     for section, values in sections.items():
         data.setdefault(section, {}).update(values)
     return RuntimeConfig.from_mapping(data)
@@ -706,3 +675,35 @@ def installable(extras: Iterable[str]) -> set[str]:
             if sub.marker is None or any(sub.marker.evaluate({"extra": extra}) for extra in active):
                 todo.append(sub)
     return {name for name, _ in seen}
+
+
+#: A model as results name it (the hashes are placeholders: nothing is loaded).
+RESULT_MODEL = {
+    "name": "pneumonia-cxr",
+    "version": "0.3.0",
+    "sha256": "a" * 64,
+    "backend": "onnxruntime",
+    "quantization": "int8",
+    "preprocessing_sha256": "b" * 64,
+}
+
+
+def make_analysis(
+    probabilities: Any, *, kind: str = "dicom", metadata: dict[str, Any] | None = None, threshold: float = 0.5
+) -> Any:
+    """``results.analysis_of`` for a binary NORMAL/PNEUMONIA model, as the box builds it, no model run."""
+    from edge_runtime.results import analysis_of
+
+    return analysis_of(
+        file_name="scan-0123456789abcdef." + ("dcm" if kind == "dicom" else "png"),
+        sha256="c" * 64,
+        kind=kind,
+        decoder="dicom" if kind == "dicom" else "raster",
+        metadata=metadata or {},
+        model=RESULT_MODEL,
+        labels=["NORMAL", "PNEUMONIA"],
+        probabilities=probabilities,
+        positive_label="PNEUMONIA",
+        threshold=threshold,
+        timings_ms={"decode": 1.0, "preprocess": 2.0, "infer": 3.0},
+    )

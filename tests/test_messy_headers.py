@@ -30,7 +30,7 @@ import jsonschema
 import numpy as np
 import pydicom
 import pytest
-from helpers import TEST_TRUSTED_KEYS, dcmtk
+from helpers import TEST_TRUSTED_KEYS, dcmtk, make_analysis
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
@@ -50,7 +50,7 @@ from edge_runtime.logs import JsonFormatter, TextFormatter
 from edge_runtime.privacy import scrub_header_values
 from edge_runtime.reports.header import clean_header
 from edge_runtime.reports.writer import ReportWriter, failed_outcome, log_outcome
-from edge_runtime.results import Reports, ScanResult, analysis_of, check_uids, load_schema
+from edge_runtime.results import Reports, ScanResult, check_uids, load_schema
 from edge_runtime.service import EdgeService
 from edge_runtime.sinks.greengrass import cloud_payload
 
@@ -251,26 +251,7 @@ def test_an_invalid_uid_is_refused_without_quoting_it() -> None:
 
 
 def test_cloud_payload_rewrites_report_errors_from_their_code() -> None:
-    analysis = analysis_of(
-        file_name="scan-0000000000000000.dcm",
-        sha256="0" * 64,
-        kind="dicom",
-        decoder="dicom",
-        metadata={"sop_instance_uid": "1.2.3", "modality": "CR"},
-        model={
-            "name": "m",
-            "version": "1",
-            "sha256": "0" * 64,
-            "backend": "onnxruntime",
-            "quantization": "int8",
-            "preprocessing_sha256": "0" * 64,
-        },
-        labels=["NORMAL", "PNEUMONIA"],
-        probabilities=np.array([0.3, 0.7]),
-        positive_label="PNEUMONIA",
-        threshold=0.5,
-        timings_ms={"decode": 1.0, "preprocess": 1.0, "infer": 1.0},
-    )
+    analysis = make_analysis(np.array([0.3, 0.7]), metadata={"sop_instance_uid": "1.2.3", "modality": "CR"})
     # A report error whose text is not the code's own (what an exception's text would be).
     reports = Reports(folder="f" * 64, error=f"reports not written: ValueError: '{PROBE}'")
     result = ScanResult.of(analysis, message_id="f" * 64, priority="urgent", reports=reports)

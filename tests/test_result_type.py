@@ -14,42 +14,25 @@ from pathlib import Path
 import jsonschema
 import numpy as np
 import pytest
+from helpers import make_analysis
 from pydantic import ValidationError
 
 from edge_runtime import cli
 from edge_runtime.results import (
     Reports,
     ScanResult,
-    analysis_of,
     load_schema,
     result_schema,
     result_schema_text,
 )
 
 SHIPPED = Path(__file__).resolve().parents[1] / "edge_runtime" / "schemas" / "result-v1.schema.json"
-MODEL = {
-    "name": "pneumonia-cxr",
-    "version": "0.3.0",
-    "sha256": "a" * 64,
-    "backend": "onnxruntime",
-    "quantization": "int8",
-    "preprocessing_sha256": "b" * 64,
-}
 
 
 def _result(p_positive: float = 0.8, *, urgent_threshold: float | None = None) -> ScanResult:
-    analysis = analysis_of(
-        file_name="scan-0123456789abcdef.dcm",
-        sha256="c" * 64,
-        kind="dicom",
-        decoder="dicom",
+    analysis = make_analysis(
+        np.array([1 - p_positive, p_positive]),
         metadata={"sop_instance_uid": "1.2.3.4", "modality": "CR", "rows": 10, "columns": 12},
-        model=MODEL,
-        labels=["NORMAL", "PNEUMONIA"],
-        probabilities=np.array([1 - p_positive, p_positive]),
-        positive_label="PNEUMONIA",
-        threshold=0.5,
-        timings_ms={"decode": 1.0, "preprocess": 2.0, "infer": 3.0},
     )
     return ScanResult.of(analysis, message_id="d" * 64, priority=analysis.urgency(urgent_threshold))
 
@@ -112,18 +95,9 @@ def test_priority_is_decided_with_the_result(
 
 
 def test_header_fields_the_schema_does_not_name_never_reach_the_message() -> None:
-    analysis = analysis_of(
-        file_name="scan-0123456789abcdef.dcm",
-        sha256="c" * 64,
-        kind="dicom",
-        decoder="dicom",
+    analysis = make_analysis(
+        np.array([0.4, 0.6]),
         metadata={"modality": "LEFT KNEE OF SMITH JANE", "patient_age": "045Y", "rows": 10},
-        model=MODEL,
-        labels=["NORMAL", "PNEUMONIA"],
-        probabilities=np.array([0.4, 0.6]),
-        positive_label="PNEUMONIA",
-        threshold=0.5,
-        timings_ms={"decode": 1.0, "preprocess": 2.0, "infer": 3.0},
     )
     text = ScanResult.of(analysis, message_id="d" * 64, priority="routine").payload
     assert "SMITH" not in text and "045Y" not in text and "patient_age" not in text

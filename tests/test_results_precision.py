@@ -5,34 +5,16 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+from helpers import make_analysis
 
-from edge_runtime.results import analysis_of, scores_to_probabilities
+from edge_runtime.results import scores_to_probabilities
 
 
 def _published(p_normal: float) -> float:
     """P(PNEUMONIA) as a subscriber reads it, for a float32 softmax output (1 - p_normal, p_normal)."""
     raw = np.array([p_normal, 1.0 - p_normal], dtype=np.float32)  # 1 - 1e-9 is exactly 1.0 here
     probs = scores_to_probabilities(raw, "none")
-    analysis = analysis_of(
-        file_name="scan-0000000000000000.png",
-        sha256="0" * 64,
-        kind="image",
-        decoder="raster",
-        metadata={},
-        model={
-            "name": "m",
-            "version": "1",
-            "sha256": "0" * 64,
-            "backend": "onnxruntime",
-            "quantization": "int8",
-            "preprocessing_sha256": "0" * 64,
-        },
-        labels=["NORMAL", "PNEUMONIA"],
-        probabilities=probs,
-        positive_label="PNEUMONIA",
-        threshold=0.5,
-        timings_ms={"decode": 1.0, "preprocess": 1.0, "infer": 1.0},
-    )
+    analysis = make_analysis(probs, kind="image")
     return analysis.finding.probability
 
 
