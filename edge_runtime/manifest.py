@@ -22,10 +22,15 @@ __all__ = [
     "MANIFEST_NAME",
     "Artifact",
     "ConformanceSpec",
+    "DriftReference",
+    "FeaturesSpec",
     "HeatmapSpec",
+    "Histogram",
     "InputSpec",
     "IntendedUse",
     "Manifest",
+    "Monitoring",
+    "OodSpec",
     "OperatingPoint",
     "OutputSpec",
     "parse_manifest",
@@ -64,6 +69,9 @@ class Artifact(_Strict):
     #: This file computes the heat-map output named in ``output.heatmap`` (bundles before 0.3.0
     #: and converters that could not carry it: False, and results have no heat-map).
     heatmap: bool = False
+    #: This file computes the pooled-features output named in ``output.features`` (what the
+    #: out-of-distribution score reads; bundles before 0.4.0: False).
+    features: bool = False
 
 
 class InputSpec(_Strict):
@@ -85,12 +93,37 @@ class HeatmapSpec(_Strict):
     kind: Literal["class-activation"] = "class-activation"
 
 
+class FeaturesSpec(_Strict):
+    """A model output of pooled activations, computed in the same run as the scores.
+
+    ``[batch, sum(dims)]``: the global average of each named layer's feature map, concatenated
+    in ``layers`` order. The out-of-distribution score (:mod:`edge_runtime.ood`) reads it, so a
+    scan is never run twice to be judged in or out of scope.
+    """
+
+    name: str = Field(min_length=1)
+    layers: list[str] = Field(min_length=1)
+    dims: list[int] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _one_dim_per_layer(self) -> FeaturesSpec:
+        if len(self.layers) != len(self.dims) or any(d < 1 for d in self.dims):
+            raise ValueError("output.features needs one positive width in 'dims' per entry of 'layers'")
+        return self
+
+    @property
+    def width(self) -> int:
+        return sum(self.dims)
+
+
 class OutputSpec(_Strict):
     name: str | None = None
     #: What turns the model's output into probabilities (``none``: it outputs them).
     activation: Literal["softmax", "sigmoid", "none"] = "none"
     #: The heat-map output, if the model files have one (see ``Artifact.heatmap``).
     heatmap: HeatmapSpec | None = None
+    #: The pooled-features output, if the model files have one (see ``Artifact.features``).
+    features: FeaturesSpec | None = None
 
 
 class OperatingPoint(_Described):
@@ -99,12 +132,80 @@ class OperatingPoint(_Described):
     method: str | None = None
 
 
+class OodSpec(_Described):
+    """How the bundle tells an image like its training data from one that is not.
+
+    ``stage-mahalanobis``: per layer of ``output.features``, the Mahalanobis distance of the
+    scan's pooled activations to the training split's (shrinkage covariance), log-scaled and
+    standardised on the training split; the layers' values are summed. Above ``threshold``
+    (set on validation) the scan is outside the intended use. The fitted statistics are the
+    bundle file ``file`` (:mod:`edge_runtime.ood` reads and scores them).
+    """
+
+    method: Literal["stage-mahalanobis"] = "stage-mahalanobis"
+    file: str = Field(min_length=1)
+    threshold: float
+
+
 class IntendedUse(_Described):
     modalities: list[str] = Field(default_factory=list)
     body_parts: list[str] = Field(default_factory=list)
     view_positions: list[str] = Field(default_factory=list)
     population: str | None = None
+    #: Inclusive patient-age range in years the model was made for; None: age is not checked.
+    age_years: tuple[float, float] | None = None
+    #: The out-of-distribution check; None: the model has none (bundles before 0.4.0).
+    ood: OodSpec | None = None
     not_for_diagnostic_use: bool = True
+
+    @field_validator("age_years")
+    @classmethod
+    def _ordered_ages(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and not 0 <= value[0] <= value[1]:
+            raise ValueError("age_years is [youngest, oldest], both at least 0")
+        return value
+
+
+class Histogram(_Strict):
+    """A distribution as bin edges and the share of images in each bin (the shares sum to 1)."""
+
+    edges: list[float] = Field(min_length=2)
+    shares: list[float] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Histogram:
+        if len(self.edges) != len(self.shares) + 1:
+            raise ValueError("a histogram has one more edge than shares")
+        if any(b <= a for a, b in zip(self.edges[:-1], self.edges[1:], strict=True)):
+            raise ValueError("histogram edges must increase")
+        if any(s < 0 for s in self.shares) or abs(sum(self.shares) - 1.0) > 1e-6:
+            raise ValueError("histogram shares are non-negative and sum to 1")
+        return self
+
+
+class DriftReference(_Described):
+    """What the model's validation images looked like to it, to compare a site's recent scans with.
+
+    Measured on validation through the INT8 model (``training package``); a box's drift
+    monitor (:mod:`edge_runtime.drift`) compares its rolling windows with these. Header
+    metadata has no reference here when the training images carried no header (JPEG/PNG);
+    the monitor then compares a site with its own first window.
+    """
+
+    images: int = Field(ge=1)
+    #: Share of validation images outside the intended use (the OOD threshold's own rate).
+    outside_share: float = Field(ge=0.0, le=1.0)
+    positive_share: float = Field(ge=0.0, le=1.0)
+    mean_probability: float = Field(ge=0.0, le=1.0)
+    #: P(positive) and OOD-score distributions (bins: deciles of validation, open ends).
+    probability: Histogram
+    ood_score: Histogram | None = None
+    #: Header field -> value -> share, where the training images had headers.
+    metadata: dict[str, dict[str, float]] = Field(default_factory=dict)
+
+
+class Monitoring(_Described):
+    reference: DriftReference
 
 
 class ConformanceSpec(_Described):
@@ -139,6 +240,8 @@ class Manifest(_Strict):
     operating_point: OperatingPoint
     intended_use: IntendedUse = Field(default_factory=IntendedUse)
     conformance: ConformanceSpec | None = None
+    #: What drift monitoring compares a site with (bundles before 0.4.0: none).
+    monitoring: Monitoring | None = None
     training: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
     calibration: dict[str, Any] | None = None
@@ -170,8 +273,24 @@ class Manifest(_Strict):
                     raise ValueError(f"model file {artifact.file!r} has no sha256 in 'files'")
             if self.conformance is not None and self.conformance.file not in self.files:
                 raise ValueError("'conformance' must name a reference-set file listed in 'files'")
+            ood = self.intended_use.ood
+            if ood is not None and ood.file not in self.files:
+                raise ValueError("'intended_use.ood' must name a statistics file listed in 'files'")
         if self.output.heatmap is None and any(a.heatmap for a in self.artifacts):
             raise ValueError("an artifact says it has a heat-map, but 'output.heatmap' names none")
+        if self.output.features is None and any(a.features for a in self.artifacts):
+            raise ValueError("an artifact says it has a features output, but 'output.features' names none")
+        if self.intended_use.ood is not None:
+            if self.output.features is None:
+                raise ValueError(
+                    "'intended_use.ood' reads 'output.features', which the manifest does not name"
+                )
+            missing = [a.file for a in self.artifacts if not a.features]
+            if missing:
+                raise ValueError(
+                    f"'intended_use.ood' needs the features output in every model file; "
+                    f"{', '.join(missing)} has none"
+                )
         sample = list(self.preprocessing_spec.sample_shape)
         if len(self.input.shape) == 4 and list(self.input.shape[1:]) != sample:
             raise ValueError(
@@ -195,6 +314,15 @@ class Manifest(_Strict):
         for artifact in self.artifacts:
             if artifact.backend == backend:
                 return self.output.heatmap.name if artifact.heatmap else None
+        return None
+
+    def features_output(self, backend: str) -> str | None:
+        """The features output's name in ``backend``'s model file, or None when it has none."""
+        if self.output.features is None:
+            return None
+        for artifact in self.artifacts:
+            if artifact.backend == backend:
+                return self.output.features.name if artifact.features else None
         return None
 
     def to_json_dict(self) -> dict[str, Any]:

@@ -194,7 +194,9 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "edge_runtime.preprocess",
             "edge_runtime.signing",
             "edge_runtime.bundle",
+            "edge_runtime.ood",
             "edge_runtime.results",
+            "edge_runtime.age",
         ),
     ),
     (
@@ -219,6 +221,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "edge_runtime.pipeline",
             "edge_runtime.journal",
             "edge_runtime.health",
+            "edge_runtime.drift",
             "edge_runtime.outcomes",
             "edge_runtime.flow",
             "edge_runtime.workers",
