@@ -171,6 +171,14 @@ class IntakeConfig(_Section):
     require_tags: bool = Field(
         False, description="Also quarantine DICOM scans that lack those header fields."
     )
+    out_of_scope: Literal["report", "quarantine"] = Field(
+        "report",
+        description="A scan the model reads but finds outside its intended use (a patient age "
+        "outside the bundle's range, or an image unlike its training images): report (a result "
+        "with no decision, intended_use.within false and the reasons, never urgent; the "
+        "hospital learns it was seen and why it was not assessed) or quarantine (no result; "
+        "the file and its reasons go to the quarantine folder).",
+    )
 
 
 class ModelConfig(_Section):

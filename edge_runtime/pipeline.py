@@ -24,7 +24,7 @@ from .config import ReportsConfig, RuntimeConfig
 from .conformance import ConformanceReport, enforce, open_checked
 from .decode import DecodeLimits
 from .files import ScanFile, display_name
-from .intake import IntakePolicy
+from .intake import IntakePolicy, ScopeCheck
 from .logs import event
 from .prepare import PreparedScan, PrepareOptions, prepare_file
 from .privacy import load_or_create_key, log_name, loggable_uid, scan_ref
@@ -92,12 +92,15 @@ class ScanAnalyzer:
         limits: DecodeLimits | None = None,
         threshold: float | None = None,
         policy: IntakePolicy | None = None,
+        scope: ScopeCheck | None = None,
         isolate: bool = False,
         decode_timeout_s: float = 30.0,
         decode_memory_mb: int = 2048,
     ) -> None:
         self.bundle = bundle
         self.policy = policy
+        #: The intended-use verdict after inference (age range, OOD score); the bundle's by default.
+        self.scope = scope or ScopeCheck.from_bundle(bundle)
         self.isolate = isolate
         self.decode_timeout_s = decode_timeout_s
         self.decode_memory_mb = decode_memory_mb
@@ -136,6 +139,7 @@ class ScanAnalyzer:
         threshold: float | None = None,
         enforce_intended_use: bool = True,
         require_tags: bool = False,
+        out_of_scope: str = "report",
         isolate: bool = False,
         decode_timeout_s: float = 30.0,
         decode_memory_mb: int = 2048,
@@ -177,6 +181,7 @@ class ScanAnalyzer:
             limits=limits,
             threshold=threshold,
             policy=policy,
+            scope=ScopeCheck.from_bundle(bundle, out_of_scope=out_of_scope),
             isolate=isolate,
             decode_timeout_s=decode_timeout_s,
             decode_memory_mb=decode_memory_mb,
@@ -199,6 +204,7 @@ class ScanAnalyzer:
             threshold=config.model.threshold,
             enforce_intended_use=config.intake.enforce_intended_use,
             require_tags=config.intake.require_tags,
+            out_of_scope=config.intake.out_of_scope,
             isolate=config.decode.isolate,
             decode_timeout_s=config.decode.timeout_seconds,
             decode_memory_mb=config.decode.memory_limit_mb,
@@ -304,7 +310,25 @@ class ScanAnalyzer:
             if outputs.heatmap is None
             else positive_heat(outputs.heatmap[0], self.bundle.labels, self.bundle.positive_label)
         )
+        features = getattr(outputs, "features", None)
+        verdict = self.scope.verdict(prepared.kind, meta, None if features is None else features[:1])
         timings["total"] = timings.get("queue", 0.0) + (time.perf_counter() - t0) * 1000
+        event(
+            log,
+            "intended_use",
+            "%s %s the intended use%s",
+            logged,
+            "within" if verdict.within else "OUTSIDE",
+            "" if verdict.within else f": {'; '.join(verdict.reasons)}",
+            file=logged,
+            within=verdict.within,
+            reasons=list(verdict.reasons),
+            # How the age was read (PatientAge, PatientBirthDate, missing, unreadable), never its value.
+            age=meta.get("age_source"),
+            age_checked=verdict.age_checked,
+            ood_score=verdict.ood_score,
+        )
+        self.scope.enforce(label, verdict)
         analysis = analysis_of(
             file_name=display_name(path.name) if self.publish_file_names else ref,
             sha256=sha256,
@@ -317,20 +341,22 @@ class ScanAnalyzer:
             positive_label=self.bundle.positive_label,
             threshold=self.threshold,
             timings_ms=timings,
+            intended_use=verdict,
         )
         identity = input_identity(sha256, meta, prepared.pixels_sha256)
         own_id = message_id(identity, self.bundle.name, self.bundle.version)
         finding = analysis.finding
+        decided = analysis.decision.label if analysis.decision else "not assessed"
         event(
             log,
             "inferred",
             "inferred %s: %s p=%.3f",
             logged,
-            analysis.decision.label,
+            decided,
             finding.probability,
             file=logged,
             sha256=sha256[:16],
-            decision=analysis.decision.label,
+            decision=decided,
             probability=finding.probability,
             threshold=finding.threshold,
             message_id=own_id,

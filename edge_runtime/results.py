@@ -43,6 +43,7 @@ __all__ = [
     "Finding",
     "FrozenMap",
     "InputRef",
+    "IntendedUseVerdict",
     "ModelRef",
     "Priority",
     "Reports",
@@ -292,12 +293,53 @@ class Finding(_Frozen):
     label: str
     probability: Probability
     threshold: Probability
-    positive: bool
+    positive: bool | None = Field(
+        description="Whether the finding is called at the operating threshold; null when the scan "
+        "was not assessed (outside the model's intended use: see intended_use)."
+    )
+    assessed: bool = Field(
+        description="False when the scan is outside the model's intended use: the probability is the "
+        "model's output, but it means nothing for this scan and no call is made."
+    )
 
 
 class Decision(_Frozen):
     label: str = Field(description="The label decided at the model's operating point.")
     positive: bool
+
+
+class IntendedUseVerdict(_Frozen):
+    """Whether this scan is one the model was made for, and if not, why: part of every result.
+
+    A result outside the intended use carries no decision (``decision`` null, each finding
+    ``positive`` null and ``assessed`` false) and is never urgent. The patient's age is read
+    from the header to decide, but its value never leaves the box: only whether it was checked.
+    """
+
+    within: bool = Field(description="True when nothing known about the scan falls outside the intended use.")
+    reasons: tuple[str, ...] = Field(
+        default=(),
+        description="Why the scan is outside the intended use, one sentence each (empty when within). "
+        "Fixed texts and the model's own numbers only, never a patient value.",
+    )
+    age_checked: bool = Field(
+        description="Whether the patient's age was read from the header and compared with the "
+        "model's age range (false: no range, not DICOM, or the age was missing or unreadable)."
+    )
+    ood_score: float | None = Field(
+        default=None,
+        description="How unlike the model's training images this scan is, to the model (larger is "
+        "less alike); absent when the model has no out-of-distribution check.",
+    )
+    ood_threshold: float | None = Field(
+        default=None,
+        description="The score above which a scan is outside the intended use (set on validation).",
+    )
+
+    @classmethod
+    def unchecked(cls) -> IntendedUseVerdict:
+        """Nothing known contradicts the intended use, and nothing was checked beyond the header."""
+        return cls(within=True, age_checked=False)
 
 
 class Timings(_Frozen):
@@ -385,7 +427,11 @@ class Analysis(_Frozen):
         AfterValidator(FrozenMap),
         WrapSerializer(_as_dict, return_type=dict[str, Probability]),
     ] = Field(description="Model output per label.")
-    decision: Decision
+    decision: Decision | None = Field(
+        description="The label decided at the operating point; null when the scan is outside the "
+        "model's intended use (intended_use.within false)."
+    )
+    intended_use: IntendedUseVerdict
     timings_ms: Timings
     runtime: Runtime
 
@@ -401,6 +447,8 @@ class Analysis(_Frozen):
         FHIR report all follow what this says.
         """
         finding = self.finding
+        if not finding.assessed:
+            return "routine"  # outside the intended use: no call, so never moved up a worklist
         threshold = finding.threshold if urgent_threshold is None else urgent_threshold
         return "urgent" if finding.positive and finding.probability >= float(threshold) else "routine"
 
@@ -507,8 +555,18 @@ class ScanResult(Analysis):
         return self._payload
 
     def message(self) -> dict[str, Any]:
-        """The message as JSON values (absent fields left out, never ``null``)."""
+        """The message as JSON values: absent optional fields are left out, never ``null``.
+
+        Except the calls a scan outside the intended use does not get: ``decision`` and each
+        finding's ``positive`` are then an explicit ``null``, so a subscriber that reads them
+        sees "no answer" rather than a missing key it might default.
+        """
         message: dict[str, Any] = self.model_dump(mode="json", exclude_none=True)
+        if self.decision is None:
+            message["decision"] = None
+        for out, finding in zip(message["findings"], self.findings, strict=True):
+            if finding.positive is None:
+                out["positive"] = None
         return message
 
 
@@ -521,6 +579,12 @@ def result_schema() -> dict[str, Any]:
     """
     schema = ScanResult.model_json_schema(mode="serialization", schema_generator=_NoNull)
     cleaned: dict[str, Any] = _without_defaults(schema)
+    # The two explicit nulls of a scan outside the intended use (see ScanResult.message).
+    decision = cleaned["properties"]["decision"]
+    ref = {"$ref": decision.pop("$ref")}
+    decision["anyOf"] = [ref, {"type": "null"}]
+    positive = cleaned["$defs"]["Finding"]["properties"]["positive"]
+    positive["type"] = ["boolean", "null"]
     return cleaned
 
 
@@ -562,13 +626,16 @@ def analysis_of(
     positive_label: str,
     threshold: float,
     timings_ms: dict[str, float],
+    intended_use: IntendedUseVerdict | None = None,
 ) -> Analysis:
     """What the model said, as a typed value (the flow makes the :class:`ScanResult` of it).
 
     ``file_name`` is what the result calls the input: its keyed reference
     (:func:`edge_runtime.privacy.scan_ref`) unless the site publishes names.
     Only the header fields the schema names are kept, and of those only values
-    fit to publish (:func:`public_metadata`).
+    fit to publish (:func:`public_metadata`). ``intended_use`` None: nothing was checked beyond
+    the header (:meth:`IntendedUseVerdict.unchecked`); a verdict outside it leaves the scan
+    without a decision.
 
     Raises:
         InvalidDicomUid: a DICOM scan's Study/Series/SOP UID is not a DICOM UID (:func:`check_uids`).
@@ -578,12 +645,14 @@ def analysis_of(
     # 6e-8), so subscribers can rank results; six decimals used to tie confident outputs at 1.0.
     probs = {label: float(f"{float(p):.9g}") for label, p in zip(labels, probabilities, strict=True)}
     p_positive = probs[labels[positive_index(labels, positive_label)]]
+    verdict = intended_use or IntendedUseVerdict.unchecked()
     positive = p_positive >= threshold
     if len(labels) == 2:
         negative = next(label for label in labels if label != positive_label)
         decided = positive_label if positive else negative
     else:
         decided = positive_label if positive else f"not {positive_label}"
+    assessed = verdict.within
     header = {k: v for k, v in public_metadata(metadata).items() if k in _HEADER_FIELDS and v is not None}
     return Analysis(
         timestamp_utc=utc_now(),
@@ -591,11 +660,16 @@ def analysis_of(
         model=ModelRef(**model),
         findings=(
             Finding(
-                label=positive_label, probability=p_positive, threshold=float(threshold), positive=positive
+                label=positive_label,
+                probability=p_positive,
+                threshold=float(threshold),
+                positive=bool(positive) if assessed else None,
+                assessed=assessed,
             ),
         ),
         probabilities=probs,
-        decision=Decision(label=decided, positive=bool(positive)),
+        decision=Decision(label=decided, positive=bool(positive)) if assessed else None,
+        intended_use=verdict,
         timings_ms=Timings(**{k: round(float(v), 3) for k, v in timings_ms.items()}),
         runtime=Runtime(version=__version__, host=_HOST),
     )

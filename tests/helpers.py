@@ -689,9 +689,17 @@ RESULT_MODEL = {
 
 
 def make_analysis(
-    probabilities: Any, *, kind: str = "dicom", metadata: dict[str, Any] | None = None, threshold: float = 0.5
+    probabilities: Any,
+    *,
+    kind: str = "dicom",
+    metadata: dict[str, Any] | None = None,
+    threshold: float = 0.5,
+    intended_use: Any = None,
 ) -> Any:
-    """``results.analysis_of`` for a binary NORMAL/PNEUMONIA model, as the box builds it, no model run."""
+    """``results.analysis_of`` for a binary NORMAL/PNEUMONIA model, as the box builds it, no model run.
+
+    ``intended_use``: an ``IntendedUseVerdict`` (None: nothing checked beyond the header).
+    """
     from edge_runtime.results import analysis_of
 
     return analysis_of(
@@ -706,4 +714,5 @@ def make_analysis(
         positive_label="PNEUMONIA",
         threshold=threshold,
         timings_ms={"decode": 1.0, "preprocess": 2.0, "infer": 3.0},
+        intended_use=intended_use,
     )

@@ -23,6 +23,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import re
 import shutil
 import struct
 import subprocess
@@ -35,6 +36,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from ..age import read_age
 from ..errors import (
     CorruptImage,
     ImageTooLarge,
@@ -577,7 +579,13 @@ def _int_tag(ds: Any, keyword: str, default: int | None) -> int | None:
 
 
 def _metadata(ds: Any) -> dict[str, Any]:
-    """Identifiers and acquisition facts. Deliberately no patient name/ID/birth date."""
+    """Identifiers and acquisition facts. Deliberately no patient name/ID/birth date.
+
+    The patient's age (``patient_age_years``, from Patient's Age or the birth date against the
+    study date; ``age_source`` says which, or ``missing``/``unreadable``) is here for the intake
+    check only: it never reaches a message, a log line or a report (``results`` publishes the
+    fields its schema names, and the age is not one).
+    """
 
     def text(keyword: str) -> str | None:
         value = ds.get(keyword)
@@ -598,6 +606,13 @@ def _metadata(ds: Any) -> dict[str, Any]:
         "number_of_frames": _int_tag(ds, "NumberOfFrames", 1) or 1,
         "bits_stored": _int_tag(ds, "BitsStored", None),
     }
+    age = read_age(text("PatientAge"), text("PatientBirthDate"), text("StudyDate"), text("AcquisitionDate"))
+    meta["age_source"] = age.source
+    meta["patient_age_years"] = age.years
+    manufacturer = text("Manufacturer")
+    if manufacturer:
+        # For drift monitoring (a new device at the site); a code-like copy, bounded.
+        meta["manufacturer"] = re.sub(r"[^A-Za-z0-9 ._-]", "", manufacturer)[:32].strip() or None
     spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
     if spacing is not None:
         try:

@@ -256,15 +256,7 @@ def fhir_from_sr(sr: Dataset, result: ScanResult) -> dict[str, Any]:
             "issued": when,
             "device": {"reference": f"Device/{device['id']}"},
             "valueCodeableConcept": _concept(group["value"]),
-            "interpretation": [
-                {
-                    "coding": [
-                        {"system": _INTERPRETATION, "code": "POS", "display": "Positive"}
-                        if group["present"]
-                        else {"system": _INTERPRETATION, "code": "NEG", "display": "Negative"}
-                    ]
-                }
-            ],
+            "interpretation": [{"coding": [_interpretation(group)]}],
             "component": [],
         }
         if meta is not None and group.get("urgent"):
@@ -374,11 +366,24 @@ def fhir_from_sr(sr: Dataset, result: ScanResult) -> dict[str, Any]:
     return bundle
 
 
+def _interpretation(group: dict[str, Any]) -> dict[str, str]:
+    """POS / NEG, or IND (indeterminate) for a finding not assessed (outside the intended use)."""
+    if group.get("present") is None:
+        return {"system": _INTERPRETATION, "code": "IND", "display": "Indeterminate"}
+    if group["present"]:
+        return {"system": _INTERPRETATION, "code": "POS", "display": "Positive"}
+    return {"system": _INTERPRETATION, "code": "NEG", "display": "Negative"}
+
+
 def _conclusion(groups: list[dict[str, Any]], urgent: bool) -> str:
     """One line per finding, then the urgency and the caution the SR carries."""
     lines = []
     for group in groups:
         if "finding" not in group:
+            continue
+        if group.get("present") is None:
+            state = group.get("comment") or "Not assessed: outside the model's intended use."
+            lines.append(f"{group['finding']['meaning']}: {state[0].lower()}{state[1:]}")
             continue
         state = "present" if group["present"] else "absent"
         line = f"{group['finding']['meaning']}: {state}"

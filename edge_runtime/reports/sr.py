@@ -105,6 +105,9 @@ PROCEDURE_CHEST_XRAY = Code("399208008", "SCT", "Plain chest X-ray")
 LUNG = Code("39607008", "SCT", "Lung structure")
 PRESENT = Code("52101004", "SCT", "Present")
 ABSENT = Code("272519000", "SCT", "Absent")
+#: A finding the model did not call: the scan is outside its intended use.
+UNDETERMINED = Code("373068000", "SCT", "Undetermined")
+COMMENT = Code("121106", "DCM", "Comment")
 PROBABILITY = Code("122157", "DCM", "Probability")
 THRESHOLD = Code("122411", "DCM", "Threshold Value")
 NO_UNITS = Code("1", "UCUM", "no units")
@@ -215,6 +218,12 @@ def _clip_lo(text: str) -> str:
     return text if len(text) <= _MAX_LO else text[: _MAX_LO - 3] + "..."
 
 
+def not_assessed_text(result: ScanResult) -> str:
+    """What an SR and a FHIR report say of a scan outside the intended use, with the reasons."""
+    reasons = "; ".join(result.intended_use.reasons) or "outside the model's intended use"
+    return f"Not assessed: outside the model's intended use ({reasons})."
+
+
 def build_sr(
     result: ScanResult,
     source: Dataset,
@@ -261,15 +270,19 @@ def build_sr(
     groups = []
     for index, finding in enumerate(result.findings):
         label = finding.label
-        evaluation = hd.sr.QualitativeEvaluation(
-            name=finding_code(label), value=PRESENT if finding.positive else ABSENT
-        )
+        value = UNDETERMINED if not finding.assessed else PRESENT if finding.positive else ABSENT
+        evaluation = hd.sr.QualitativeEvaluation(name=finding_code(label), value=value)
         evaluation[0].ObservationUID = derived_uid(uid_root, message_id, f"sr-observation-{index}")
         priority = hd.sr.QualitativeEvaluation(name=PRIORITY, value=URGENT if urgent else ROUTINE)
-        measurements = [
-            hd.sr.Measurement(name=PROBABILITY, value=_ds(finding.probability), unit=NO_UNITS),
-            hd.sr.Measurement(name=THRESHOLD, value=_ds(finding.threshold), unit=NO_UNITS),
-        ]
+        # Outside the intended use the model's output means nothing: no probability is reported.
+        measurements = (
+            [
+                hd.sr.Measurement(name=PROBABILITY, value=_ds(finding.probability), unit=NO_UNITS),
+                hd.sr.Measurement(name=THRESHOLD, value=_ds(finding.threshold), unit=NO_UNITS),
+            ]
+            if finding.assessed
+            else []
+        )
         group = hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(
                 uid=derived_uid(uid_root, message_id, f"sr-tracking-{index}"),
@@ -288,6 +301,14 @@ def build_sr(
                     name=VISUAL_EXPLANATION,
                     referenced_sop_class_uid=heatmap.SOPClassUID,
                     referenced_sop_instance_uid=heatmap.SOPInstanceUID,
+                    relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+                )
+            )
+        if not finding.assessed:
+            items.append(
+                hd.sr.TextContentItem(
+                    name=COMMENT,
+                    value=not_assessed_text(result),
                     relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
                 )
             )
@@ -386,10 +407,16 @@ def group_summary(group: Dataset) -> dict[str, Any]:
             summary["urgent"] = _concept(item, "ConceptCodeSequence") == _key(URGENT)
         elif kind == "CODE" and name == _key(FINDING_SITE):
             summary["finding_site"] = coded(item)
-        elif kind == "CODE" and _concept(item, "ConceptCodeSequence") in (_key(PRESENT), _key(ABSENT)):
+        elif kind == "CODE" and _concept(item, "ConceptCodeSequence") in (
+            _key(PRESENT),
+            _key(ABSENT),
+            _key(UNDETERMINED),
+        ):
             summary["finding"] = coded(item, "ConceptNameCodeSequence")
             summary["value"] = coded(item)
-            summary["present"] = _concept(item, "ConceptCodeSequence") == _key(PRESENT)
+            value = _concept(item, "ConceptCodeSequence")
+            summary["assessed"] = value != _key(UNDETERMINED)
+            summary["present"] = value == _key(PRESENT) if summary["assessed"] else None
             summary["observation_uid"] = str(item.get("ObservationUID", "")) or None
         elif kind == "NUM" and name in (_key(PROBABILITY), _key(THRESHOLD)):
             value = item.MeasuredValueSequence[0]
@@ -406,6 +433,8 @@ def group_summary(group: Dataset) -> dict[str, Any]:
             summary["parameters"].append(str(item.TextValue))
         elif kind == "TEXT" and name == _key(QUALITATIVE_EVALUATIONS):
             summary["caution"] = str(item.TextValue)
+        elif kind == "TEXT" and name == _key(COMMENT):
+            summary["comment"] = str(item.TextValue)
         elif kind == "IMAGE" and name == _key(VISUAL_EXPLANATION):
             ref = item.ReferencedSOPSequence[0]
             summary["visual_explanation"] = {
@@ -440,6 +469,8 @@ def sr_summary(sr: Dataset) -> dict[str, Any]:
     return {
         "finding": first.get("finding"),
         "present": first.get("present"),
+        "assessed": first.get("assessed", True),
+        "comment": first.get("comment"),
         "probability": first.get("probability"),
         "threshold": first.get("threshold"),
         "model": {

@@ -244,7 +244,10 @@ class ReportWriter:
                 header, header_fixes = clean_header(raw)
                 fixes = tuple(str(fix) for fix in header_fixes)
             secondary: Dataset | None = None
-            if self.config.heatmap and heatmap is not None and image is not None:
+            # A scan outside the intended use gets no heat-map: a map of where the model "looked"
+            # would read as evidence for a call it did not make.
+            assessed = result.finding.assessed
+            if self.config.heatmap and heatmap is not None and image is not None and assessed:
                 from .heatmap import overlay, png_bytes, secondary_capture
 
                 rgb = overlay(
