@@ -155,7 +155,7 @@ class ScopeCheck:
             reasons=tuple(reasons),
             age_checked=age_checked,
             ood_score=score,
-            ood_threshold=None if score is None else self.ood_threshold,
+            ood_threshold=None if score is None else round(float(self.ood_threshold or 0.0), 4),
         )
 
     def enforce(self, file_name: str, verdict: IntendedUseVerdict) -> None:

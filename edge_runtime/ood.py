@@ -19,7 +19,7 @@ the arithmetic is float64, so every CPU gives the same verdict away from the thr
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -65,21 +65,47 @@ class OodModel:
     """The fitted check: per-stage statistics, summed into one score per scan."""
 
     layers: tuple[LayerStats, ...]
+    _mean: np.ndarray = field(init=False, repr=False, compare=False)
+    _precision: np.ndarray = field(init=False, repr=False, compare=False)
+    _starts: np.ndarray = field(init=False, repr=False, compare=False)
+    _log_mean: np.ndarray = field(init=False, repr=False, compare=False)
+    _log_std: np.ndarray = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # The stages as one block-diagonal system: a scan's score is then one matrix product and a
+        # few vector operations instead of five of each (per-call overhead dominated: 0.45 ms
+        # against 0.1 ms on the 2-core build box, where inference takes about 2.4 ms).
+        width = self.width
+        precision = np.zeros((width, width), dtype=np.float64)
+        starts = []
+        start = 0
+        for layer in self.layers:
+            precision[start : start + layer.dim, start : start + layer.dim] = layer.precision
+            starts.append(start)
+            start += layer.dim
+        object.__setattr__(self, "_mean", np.concatenate([layer.mean for layer in self.layers]))
+        object.__setattr__(self, "_precision", precision)
+        object.__setattr__(self, "_starts", np.asarray(starts))
+        object.__setattr__(self, "_log_mean", np.asarray([layer.log_mean for layer in self.layers]))
+        object.__setattr__(self, "_log_std", np.asarray([layer.log_std for layer in self.layers]))
 
     @property
     def width(self) -> int:
         return sum(layer.dim for layer in self.layers)
 
     def score(self, features: np.ndarray) -> np.ndarray:
-        """``(N,)`` float64 scores of ``(N, width)`` features; larger is less like training."""
-        rows = np.atleast_2d(np.asarray(features))
+        """``(N,)`` float64 scores of ``(N, width)`` features; larger is less like training.
+
+        The same as summing :meth:`LayerStats.standardised` over the stages (a test checks).
+        """
+        rows = np.atleast_2d(np.asarray(features, dtype=np.float64))
         if rows.shape[1] != self.width:
             raise ValueError(f"features have {rows.shape[1]} columns; the fitted check reads {self.width}")
-        total = np.zeros(rows.shape[0], dtype=np.float64)
-        start = 0
-        for layer in self.layers:
-            total += layer.standardised(rows[:, start : start + layer.dim])
-            start += layer.dim
+        centred = rows - self._mean
+        squared = np.add.reduceat(centred @ self._precision * centred, self._starts, axis=1)
+        logs = np.log(np.maximum(squared, _TINY))
+        standardised = (logs - self._log_mean) / self._log_std
+        total: np.ndarray = standardised.sum(axis=1)
         return total
 
     @classmethod
