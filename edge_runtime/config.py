@@ -51,6 +51,7 @@ __all__ = [
     "DecodeConfig",
     "DicomConfig",
     "DicomNodeConfig",
+    "DriftConfig",
     "GreengrassConfig",
     "HealthConfig",
     "InboxConfig",
@@ -309,6 +310,10 @@ class MqttConfig(_Section):
     def status_topic(self) -> str:
         return f"{self.topic_prefix}/status"
 
+    @property
+    def drift_topic(self) -> str:
+        return f"{self.topic_prefix}/drift"
+
 
 class JournalConfig(_Section):
     """The SQLite journal that makes processing restartable."""
@@ -379,6 +384,41 @@ class GreengrassConfig(_Section):
         description="The AWS IoT Core health report is sent when what it says changes (state, reason, "
         "model and its conformance check, quarantined scans) and at least this often; 0 = every "
         "heartbeat. At 10 000 boxes a report every 30 s is ~29 M messages a day, every 10 min ~1.4 M.",
+    )
+
+
+class DriftConfig(_Section):
+    """Per-site drift monitoring: are recent scans still like the model's validation images?"""
+
+    enabled: bool = Field(
+        True,
+        description="Compare this site's recent scans (share outside the intended use, OOD scores, "
+        "P(positive), header fields) with the model bundle's validation reference; the verdict is in "
+        "the status, the health file, 'edge-runtime health' and on <Mqtt.TopicPrefix>/drift.",
+    )
+    window_scans: int = Field(200, ge=10, le=5000, description="The scans window: the last this many.")
+    window_hours: float = Field(
+        24.0, gt=0.0, le=720.0, description="The time window: the last this many hours."
+    )
+    min_scans: int = Field(
+        50, ge=10, le=5000, description="A window with fewer scans says 'warming-up' and never alarms."
+    )
+    psi_alarm: float = Field(
+        0.25,
+        gt=0.0,
+        le=10.0,
+        description="Population stability index of a distribution that raises the alarm (0.1: watch).",
+    )
+    outside_share_alarm: float = Field(
+        0.2,
+        gt=0.0,
+        le=1.0,
+        description="Share of the window outside the intended use that raises the alarm (0.1: watch).",
+    )
+    iot_core_topic: PublishTopic = Field(
+        "healthdiag/edge/drift",
+        description="Under Greengrass: the drift report is published retained to <this>/<thing name> in "
+        "AWS IoT Core when its state changes (and with the health report); empty = off.",
     )
 
 
@@ -606,6 +646,7 @@ class RuntimeConfig(_Section):
     journal: JournalConfig = Field(default_factory=JournalConfig)
     greengrass: GreengrassConfig = Field(default_factory=GreengrassConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)
+    drift: DriftConfig = Field(default_factory=DriftConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     dicom: DicomConfig = Field(default_factory=DicomConfig)
@@ -623,6 +664,11 @@ class RuntimeConfig(_Section):
     def reference_key_path(self) -> Path:
         """Where the scan-reference key lives (beside the journal unless configured)."""
         return self.privacy.reference_key_file or self.journal.path.parent / "reference.key"
+
+    @property
+    def drift_state_path(self) -> Path:
+        """The drift monitor's saved windows (beside the journal)."""
+        return self.journal.path.parent / "drift-state.json"
 
     @property
     def reports_path(self) -> Path:

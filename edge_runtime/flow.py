@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import RuntimeConfig
-from .errors import EdgeRuntimeError, InputError
+from .drift_watch import SiteDrift
+from .errors import EdgeRuntimeError, InputError, OutsideIntendedUse
 from .files import ScanFile, file_key, read_scan
 from .health import Health
 from .journal import InputRecord, Journal, place_in_history
@@ -74,6 +75,8 @@ class ScanFlow:
     #: Builds each result's reports (SR, FHIR, heat-map) in a child process.
     reports: ReportProcesses
     sinks: Callable[[], list[Sink]]
+    #: Per-site drift monitoring, fed each committed result and each intended-use refusal (None: off).
+    drift: SiteDrift | None = None
     #: One decision at a time per SOP Instance UID (its place in the UID's history).
     _instances: _KeyedLocks = field(default_factory=lambda: _KeyedLocks(), init=False, repr=False)
 
@@ -90,6 +93,8 @@ class ScanFlow:
             outcome = self._analyze(config, read)
         except InputError as exc:
             self.recorder.quarantine(item, read.scan.sha256, record.id, record.attempts, exc.to_dict())
+            if isinstance(exc, OutsideIntendedUse):
+                self._observe(lambda drift: drift.observe_refused())
             return
         except EdgeRuntimeError as exc:
             self.recorder.failure(item, read.scan.sha256, record, exc, config.journal.max_attempts)
@@ -110,6 +115,16 @@ class ScanFlow:
             result = self._write_reports(config, unreported, outcome)
             deliveries = [d for sink in self.sinks() if (d := sink.delivery(config, result)) is not None]
             self.recorder.result(item, read.scan.sha256, record.id, result, deliveries)
+        self._observe(lambda drift: drift.observe_result(result, outcome.manufacturer))
+
+    def _observe(self, feed: Callable[[SiteDrift], object]) -> None:
+        """Tell the drift monitor about a recorded outcome; its own fault never touches the scan's."""
+        if self.drift is None:
+            return
+        try:
+            feed(self.drift)
+        except Exception:
+            log.exception("drift monitoring failed on a scan (the scan's outcome is recorded)")
 
     # -- the steps, in order -----------------------------------------------------------
     def _read(self, item: ScanItem) -> _Read | None:

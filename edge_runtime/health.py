@@ -24,6 +24,7 @@ from typing import Any
 
 from . import __version__
 from .config import RuntimeConfig
+from .drift_watch import SiteDrift
 from .errors import public_text
 from .results import build_status, utc_now
 
@@ -61,8 +62,14 @@ class Health:
         journal_lost: Callable[[], str | None] = lambda: None,
         sinks_behind: Callable[[], list[str]] = list,
         dicom: Callable[[], dict[str, Any] | None] = lambda: None,
+        drift: SiteDrift | None = None,
     ) -> None:
         self._config = config
+        #: Per-site drift monitoring (None: Drift.Enabled is false): its verdict goes in every
+        #: snapshot, and the heartbeat saves its windows.
+        self.drift = drift
+        #: The drift state last sent to AWS IoT Core (its report goes when the state changes).
+        self._drift_sent: str | None = None
         #: What the last IoT Core health report said (its meaningful part) and when it was sent.
         self._cloud_sent: tuple[str, float] | None = None
         self._outbox_pending = outbox_pending
@@ -157,6 +164,13 @@ class Health:
         dicom = self._dicom()
         if dicom is not None:
             snapshot["dicom"] = dicom
+        if self.drift is not None:
+            report = self.drift.report()
+            snapshot["drift"] = {
+                "state": report.state,
+                "reasons": list(report.reasons),
+                "summary": report.summary(),
+            }
         return snapshot
 
     # -- reporting ---------------------------------------------------------------------
@@ -167,13 +181,17 @@ class Health:
         if snapshot is None or not snapshot["mqtt_connected"]:
             # Taken before the broker came back: it would say "not reachable" over the connection.
             snapshot = self.snapshot()
+        drift = snapshot.get("drift")
         self.mqtt.publish_status(
             snapshot["state"],
             snapshot["reason"],
             snapshot["counters"],
             snapshot["last_error"],
             dicom=snapshot.get("dicom"),
+            drift=None if drift is None else {"state": drift["state"], "reasons": drift["reasons"]},
         )
+        if self.drift is not None:
+            self.mqtt.publish_drift(self.drift.report().model_dump(mode="json"))
 
     def write_file(self, snapshot: dict[str, Any]) -> None:
         path: Path = self._config().health.file
@@ -204,11 +222,21 @@ class Health:
             model=snapshot["model"],
             counters=snapshot["counters"],
         )
+        drift = snapshot.get("drift")
+        if drift is not None:
+            report["drift"] = {"state": drift["state"], "reasons": drift["reasons"]}
+            self._report_drift_to_cloud(thing, drift["state"])
         # Sent on change and every StatusEverySeconds, not every heartbeat: each report is a
         # metered IoT Core message, and a fleet's worth every 30 s costs more than the boxes' work.
         counters = report.get("counters") or {}
         meaning = json.dumps(
-            [report["state"], report.get("reason"), report.get("model"), counters.get("quarantined")],
+            [
+                report["state"],
+                report.get("reason"),
+                report.get("model"),
+                counters.get("quarantined"),
+                (report.get("drift") or {}).get("state"),
+            ],
             sort_keys=True,
         )
         now = time.monotonic()
@@ -223,6 +251,18 @@ class Health:
             log.warning("cannot publish the health report to AWS IoT Core: %s", exc)
             return
         self._cloud_sent = (meaning, now)
+
+    def _report_drift_to_cloud(self, thing: str, state: str) -> None:
+        """The full drift report, retained on ``<Drift.IotCoreTopic>/<thing>``, when its state changes."""
+        topic = self._config().drift.iot_core_topic
+        if self.ipc is None or self.drift is None or not topic or state == self._drift_sent:
+            return
+        try:
+            self.ipc.publish_iot_core(f"{topic}/{thing}", self.drift.report().to_json(), 1, retain=True)
+        except Exception as exc:  # best effort, like the health report; tried again next time
+            log.warning("cannot publish the drift report to AWS IoT Core: %s", exc)
+            return
+        self._drift_sent = state
 
     # -- heartbeat ---------------------------------------------------------------------
     def start(self) -> None:
@@ -239,6 +279,8 @@ class Health:
                     self.write_file(snapshot)
                     self.publish_status(snapshot)
                     self.report_to_cloud(snapshot)
+                    if self.drift is not None:
+                        self.drift.save()
                 except Exception:
                     log.exception("heartbeat failed")
             self._stop.wait(0.5)
@@ -251,6 +293,8 @@ class Health:
         snapshot = self.snapshot()
         snapshot.update(state="offline", reason=reason)
         self.write_file(snapshot)
+        if self.drift is not None:
+            self.drift.save()
 
 
 #: Less than this available to the service's user, and a file system counts as full for the health file.

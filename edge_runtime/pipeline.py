@@ -67,6 +67,8 @@ class ScanOutcome:
     #: For DICOM, the header bytes the decoder read (the reports are built from them, never
     #: from the file again); None for other images.
     header: bytes | None = field(default=None, repr=False)
+    #: The header's Manufacturer, coarse (for drift monitoring only; never in a message).
+    manufacturer: str | None = None
 
     def result(self, urgent_threshold: float | None = None) -> ScanResult:
         """The result of this scan on its own (``edge-runtime process``): its own id, no reports.
@@ -369,6 +371,7 @@ class ScanAnalyzer:
             heatmap=heat,
             image=prepared.preview if heat is not None else None,
             header=prepared.header,
+            manufacturer=meta.get("manufacturer"),
         )
 
     def status_model(self) -> dict[str, Any]:

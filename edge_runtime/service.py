@@ -19,12 +19,14 @@ from typing import Any
 
 from . import __version__
 from .config import RuntimeConfig
+from .drift_watch import SiteDrift
 from .errors import ConfigError, EdgeRuntimeError, public_code
 from .flow import ScanFlow
 from .greengrass import GreengrassIpc, config_update_handler
 from .health import Health, error_line
 from .journal import Journal
 from .live_config import diff_config
+from .manifest import DriftReference
 from .outcomes import OutcomeRecorder
 from .pipeline import ScanAnalyzer
 from .reports.processes import ReportProcesses
@@ -81,6 +83,11 @@ class EdgeService:
         self.sinks = create_sinks(config, ipc, box)
         self.mqtt = next((s for s in self.sinks if isinstance(s, MqttSink)), None)
         self.sources = create_sources(config)
+        self.drift = (
+            SiteDrift(config.drift, config.drift_state_path, self._drift_reference)
+            if config.drift.enabled
+            else None
+        )
         self.health = Health(
             lambda: self.config,
             outbox_pending=self.journal.outbox_pending,
@@ -92,6 +99,7 @@ class EdgeService:
             journal_lost=self._journal_problem,
             sinks_behind=lambda: self.backlogs.behind(),
             dicom=self._dicom_state,
+            drift=self.drift,
         )
         self.journal.on_lost = self._journal_lost
         #: The copy of a lost journal saved when it was noticed (refreshed at stop).
@@ -125,6 +133,7 @@ class EdgeService:
             health=self.health,
             reports=self.reports,
             sinks=lambda: self.sinks,
+            drift=self.drift,
         )
         self.workers = WorkerPool(
             config=lambda: self.config,
@@ -149,6 +158,11 @@ class EdgeService:
     @property
     def last_error(self) -> str | None:
         return self.health.last_error
+
+    def _drift_reference(self) -> DriftReference | None:
+        """The running model's validation reference for drift monitoring (None: its bundle has none)."""
+        monitoring = self.analyzer.bundle.manifest.monitoring
+        return None if monitoring is None else monitoring.reference
 
     def _dicom_state(self) -> dict[str, Any] | None:
         """The DICOM receiver for the status and the health file; None when it is off."""

@@ -222,6 +222,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "edge_runtime.journal",
             "edge_runtime.health",
             "edge_runtime.drift",
+            "edge_runtime.drift_watch",
             "edge_runtime.outcomes",
             "edge_runtime.flow",
             "edge_runtime.workers",

@@ -38,7 +38,7 @@ from ..errors import (
     public_text,
 )
 from ..journal import Delivery, OutboxMessage
-from ..results import ScanResult, build_status
+from ..results import ScanResult, build_status, utc_now
 from .base import Acknowledge, BoxState, Sink
 
 __all__ = [
@@ -444,8 +444,10 @@ class MqttSink:
         counters: dict[str, int] | None = None,
         last_error: str | None = None,
         dicom: dict[str, Any] | None = None,
+        drift: dict[str, Any] | None = None,
     ) -> mqtt.MQTTMessageInfo:
-        """The retained status; ``dicom``: the DICOM receiver's state, when it runs."""
+        """The retained status; ``dicom``: the DICOM receiver's state, when it runs; ``drift``: the
+        drift monitor's state and reasons, when it runs."""
         status = build_status(
             state,
             self.config.client_id,
@@ -456,7 +458,24 @@ class MqttSink:
         )
         if dicom is not None:
             status["dicom"] = dicom
+        if drift is not None:
+            status["drift"] = drift
         return self._client.publish(self.config.status_topic, json.dumps(status), qos=1, retain=True)
+
+    def publish_drift(self, report: dict[str, Any]) -> mqtt.MQTTMessageInfo:
+        """The drift monitor's full report (:class:`~edge_runtime.drift.DriftReport`), retained.
+
+        Framed like every other message (schema version, type, time, client), so a subscriber
+        to the whole prefix tells it from results and status by ``message_type``.
+        """
+        message = {
+            "schema_version": "1.0",
+            "message_type": "drift",
+            "timestamp_utc": utc_now(),
+            "client_id": self.config.client_id,
+            "report": report,
+        }
+        return self._client.publish(self.config.drift_topic, json.dumps(message), qos=1, retain=True)
 
     def stop(self, timeout_s: float = 2.0) -> None:
         """Say offline (retained), disconnect."""
