@@ -493,9 +493,9 @@ def _cmd_health(args: argparse.Namespace) -> int:
         return 1
     drift = snapshot.get("drift") or {}
     if drift.get("summary"):
-        # Said, not failed on: a drift alarm is about the scans a site sends, not the box's health
-        # (the nucleus restarts a component whose health check fails).
-        print(drift["summary"])
+        # Said (stdout stays the snapshot's JSON), not failed on: a drift alarm is about the scans
+        # a site sends, not the box's health (the nucleus restarts a component whose check fails).
+        print(drift["summary"], file=sys.stderr)
         if drift.get("state") == "alarm":
             print(f"DRIFT ALARM: {'; '.join(drift.get('reasons') or [])}", file=sys.stderr)
     if snapshot.get("state") != "online":

@@ -32,8 +32,11 @@ import pytest
 
 from edge_runtime.errors import public_text
 from edge_runtime.reports.heatmap import CAUTION, decision_text, heat_scale, overlay
+from tests.helpers import chest_dicom_from_jpeg
 
-CHEST = "dicom/derived/siim_cxr_explicit_le.dcm"
+#: A paediatric chest radiograph as a modality sends it (a Kermany image as CR, a child's birth
+#: date): within the bundled model's intended use, so its result has a decision and a heat-map.
+CHILD_JPEG = "cxr/kermany_pneumonia_224/test/PNEUMONIA/person1_virus_6.jpeg"
 SIIM_CR = "dicom/siim_torchxrayvision/1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
 NEGATIVE = {"label": "PNEUMONIA", "probability": 0.23, "threshold": 0.93, "positive": False}
 POSITIVE = {"label": "PNEUMONIA", "probability": 0.97, "threshold": 0.93, "positive": True}
@@ -73,9 +76,14 @@ def _fill(folder: Path) -> Path:
     return filler
 
 
-def _scan(shared_data: Path, dst: Path) -> str:
+@pytest.fixture(scope="module")
+def child_cr(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return chest_dicom_from_jpeg(shared_data / CHILD_JPEG, tmp_path_factory.mktemp("child") / "child.dcm")
+
+
+def _scan(child_cr: Path, dst: Path) -> str:
     """The chest CR with new Study, Series and SOP Instance UIDs: another scan. Returns its SOP UID."""
-    ds = pydicom.dcmread(shared_data / CHEST)
+    ds = pydicom.dcmread(child_cr)
     ds.StudyInstanceUID, ds.SeriesInstanceUID = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
     part = dst.with_name(dst.name + ".part")
@@ -133,10 +141,10 @@ print(json.dumps({"links": links, "events": events, "left": left}))
 
 
 def test_a_full_disk_costs_the_reports_once_then_pauses_them_until_space_is_back(
-    shared_data: Path, default_bundle: Path, tmp_path: Path
+    child_cr: Path, default_bundle: Path, tmp_path: Path
 ) -> None:
     _tmpfs_or_skip(tmp_path)
-    volume, scan = tmp_path / "volume", shared_data / CHEST
+    volume, scan = tmp_path / "volume", child_cr
     volume.mkdir()
     script = [sys.executable, "-c", _PROCESSES_SCRIPT, str(volume), str(default_bundle), str(scan)]
     done = subprocess.run(
@@ -170,7 +178,7 @@ def test_a_full_disk_costs_the_reports_once_then_pauses_them_until_space_is_back
 
 
 def test_a_full_disk_publishes_the_results_quarantines_nothing_and_health_says_disk_full(
-    shared_data: Path, default_bundle: Path, mosquitto, subscriber_factory, tmp_path: Path
+    child_cr: Path, default_bundle: Path, mosquitto, subscriber_factory, tmp_path: Path
 ) -> None:
     """The issue's case, end to end: reports and health.json on a disk that fills while the service runs."""
     _tmpfs_or_skip(tmp_path)
@@ -221,12 +229,12 @@ def test_a_full_disk_publishes_the_results_quarantines_nothing_and_health_says_d
 
     try:
         sub.wait_for(lambda ps: any(p.get("state") == "online" for p in ps), timeout_s=90)
-        room = result_of(_scan(shared_data, inbox / "a.dcm"))
+        room = result_of(_scan(child_cr, inbox / "a.dcm"))
         assert "error" not in room["reports"] and "sr" in room["reports"]
         assert health().returncode == 0
         filler = _fill(seen)
         full_at = time.monotonic()
-        uids = [_scan(shared_data, inbox / f"{name}.dcm") for name in ("b", "c", "d")]
+        uids = [_scan(child_cr, inbox / f"{name}.dcm") for name in ("b", "c", "d")]
         for uid in uids:
             reports = result_of(uid)["reports"]
             assert reports["error_code"] == "disk_full" and reports["error"] == public_text("disk_full")
@@ -238,7 +246,7 @@ def test_a_full_disk_publishes_the_results_quarantines_nothing_and_health_says_d
         assert "Free space there" in stale.stderr
         # Space back: reports resume by themselves, and so does the health file.
         filler.unlink()
-        again = result_of(_scan(shared_data, inbox / "e.dcm"))
+        again = result_of(_scan(child_cr, inbox / "e.dcm"))
         assert "error" not in again["reports"] and "sr" in again["reports"]
         deadline = time.monotonic() + 15
         while (back := health()).returncode != 0 and time.monotonic() < deadline:

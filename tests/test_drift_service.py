@@ -115,7 +115,8 @@ def test_adult_scans_after_paediatric_ones_raise_the_drift_alarm_everywhere(
             env={"EDGE_RUNTIME__HEALTH__FILE": str(config.health.file), "PATH": "/usr/bin:/bin"},
             timeout=60,
         )
-        assert "DRIFT ALARM" in health.stderr and "Drift monitoring: ALARM" in health.stdout
+        assert "DRIFT ALARM" in health.stderr and "Drift monitoring: ALARM" in health.stderr
+        assert json.loads(health.stdout)["drift"]["state"] == "alarm"
         assert health.returncode == 0, health.stderr  # the box itself is healthy
     finally:
         service.stop()
