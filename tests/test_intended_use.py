@@ -8,9 +8,11 @@ the reasons. Real SR tools (dsrdump, dciodvfy) read what is written.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import jsonschema
@@ -271,3 +273,84 @@ def test_the_score_is_the_sum_of_the_stages_standardised_distances_and_survives_
         load(tmp_path / "ood.npz", [8])
     with pytest.raises(ValueError, match="columns"):
         model.score(np.zeros((1, 7)))
+
+
+# -- end to end: the bundled model, the real service, real Mosquitto ------------------------------
+
+
+def test_out_of_scope_scans_get_no_decision_on_any_channel_and_children_do(
+    shared_data: Path, default_bundle: Path, mosquitto, subscriber_factory, tmp_path: Path
+) -> None:
+    """An adult DICOM (045Y), an adult NIH PNG and a rotated child, beside a child's CR and JPEG.
+
+    Urgent threshold 0: every assessed positive is urgent, so an out-of-scope scan on the
+    priority topic would show. Out of scope: ``decision`` null, never urgent, SR Undetermined
+    and FHIR IND with the reasons; the children get their answers.
+    """
+    import cv2
+
+    from edge_runtime.bundle import load_bundle
+    from edge_runtime.service import EdgeService
+    from tests.helpers import chest_dicom_from_jpeg, drop, reports_service_config
+
+    manifest = load_bundle(default_bundle).manifest
+    if manifest.intended_use.ood is None or manifest.intended_use.age_years is None:
+        pytest.fail("the bundled model must state an age range and carry an OOD check (issue 26)")
+    child_jpeg = shared_data / "cxr/kermany_pneumonia_224/test/PNEUMONIA/person1_virus_6.jpeg"
+    work = tmp_path / "made"
+    work.mkdir()
+    child_cr = chest_dicom_from_jpeg(child_jpeg, work / "child.dcm")
+    adult_cr = chest_dicom_from_jpeg(child_jpeg, work / "adult.dcm")
+    ds = pydicom.dcmread(adult_cr)
+    ds.PatientAge = "045Y"
+    ds.save_as(adult_cr, enforce_file_format=True)
+    rotated = work / "rotated.png"
+    cv2.imwrite(str(rotated), np.rot90(cv2.imread(str(child_jpeg), cv2.IMREAD_GRAYSCALE)))
+    files = {
+        "child.dcm": (child_cr, True),
+        "child.jpeg": (child_jpeg, True),
+        "adult.dcm": (adult_cr, False),
+        "nih.png": (shared_data / "cxr/nih_chestxray14_1024_subset/images/00000075_000.png", False),
+        "rotated.png": (rotated, False),
+    }
+    config = reports_service_config(tmp_path, mosquitto, default_bundle, Reports={"UrgentThreshold": 0.0})
+    sub = subscriber_factory(f"{config.mqtt.topic_prefix}/#")
+    service = EdgeService(config)
+    service.start()
+    try:
+        assert service.mqtt is not None and service.mqtt.wait_connected(10)
+        for name, (src, _) in files.items():
+            drop(src, config.inbox.path, name)
+        sub.wait_for(lambda ps: len([p for p in ps if p.get("message_type") == "result"]) >= len(files), 120)
+        time.sleep(1.0)
+    finally:
+        service.stop()
+    results = {r["input"]["sha256"]: r for r in sub.results()}
+    urgent = {r["message_id"] for r in sub.urgent}
+    schema = load_schema("result-v1")
+    for name, (src, within) in files.items():
+        result = results[hashlib.sha256(src.read_bytes()).hexdigest()]
+        jsonschema.validate(result, schema)
+        verdict = result["intended_use"]
+        assert verdict["within"] is within, (name, verdict)
+        if within:
+            assert result["decision"] is not None and result["findings"][0]["assessed"] is True
+            continue
+        assert result["decision"] is None and result["findings"][0]["positive"] is None, name
+        assert result["priority"] == "routine" and result["message_id"] not in urgent, name
+        assert verdict["reasons"], name
+        if name == "adult.dcm":
+            assert verdict["age_checked"] and any("age" in r for r in verdict["reasons"])
+            text = json.dumps(result)
+            assert "045Y" not in text and "patient_age" not in text and "age_source" not in text
+            folder = config.reports_path / result["reports"]["folder"]
+            sr = sr_summary(pydicom.dcmread(folder / result["reports"]["sr"]["file"]))
+            assert sr["present"] is None and sr["comment"].startswith("Not assessed")
+            fhir = json.loads((folder / result["reports"]["fhir"]).read_text())
+            report = next(
+                e["resource"] for e in fhir["entry"] if e["resource"]["resourceType"] == "DiagnosticReport"
+            )
+            assert "not assessed: outside the model's intended use" in report["conclusion"]
+            assert "heatmap_png" not in result["reports"]
+    # The children's positive answers reach the priority topic (threshold 0), the others do not.
+    assert urgent <= {r["message_id"] for r in results.values() if r["intended_use"]["within"]}
