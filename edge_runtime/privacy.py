@@ -162,8 +162,10 @@ class NameRedactor:
     def __init__(self) -> None:
         self.enabled = False
         self._names: dict[str, str] = {}
-        #: Longest name first (a name may contain another); rebuilt on change, not per log record.
-        self._ordered: tuple[tuple[str, str], ...] = ()
+        #: One pattern for every name, longest first (a name may contain another); rebuilt on
+        #: change, not per log record. ``None``: no names.
+        self._pattern: re.Pattern[str] | None = None
+        self._refs: dict[str, str] = {}
         self._lock = threading.Lock()
 
     def register(self, name: str, ref: str) -> None:
@@ -184,15 +186,25 @@ class NameRedactor:
             self._reorder()
 
     def _reorder(self) -> None:
-        self._ordered = tuple(sorted(self._names.items(), key=lambda kv: -len(kv[0])))
+        names = sorted(self._names, key=len, reverse=True)
+        refs = dict(self._names)
+        # A name counts only as a whole name: not inside a longer one. Another scan's reference
+        # ("scan-3f9a0c1d2e4b5a6a.dcm") ends in "a.dcm", and a file named "a.dcm" in flight must
+        # not turn that reference into its own.
+        pattern = (
+            re.compile(r"(?<![A-Za-z0-9_.\-])(?:" + "|".join(map(re.escape, names)) + r")(?![A-Za-z0-9_\-])")
+            if names
+            else None
+        )
+        self._pattern, self._refs = pattern, refs  # read without the lock: swapped, never changed
 
     def scrub(self, text: str) -> str:
         if not self.enabled:
             return text
-        for name, ref in self._ordered:  # an immutable snapshot: no lock on the logging path
-            if name in text:
-                text = text.replace(name, ref)
-        return text
+        pattern, refs = self._pattern, self._refs
+        if pattern is None:
+            return text
+        return pattern.sub(lambda match: refs[match.group(0)], text)
 
 
 #: The process's redactor: the workers register names, the log formatters scrub with it.

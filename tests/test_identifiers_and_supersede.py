@@ -296,3 +296,25 @@ def test_a_file_swapped_between_hash_and_decode_is_not_decoded_as_the_first(
     assert hashes[result["input"]["sha256"]] == "second.dcm"
     assert len(sub.results()) == 1
     assert service.journal.result_of(swapped[0]) is None
+
+
+def test_a_name_in_flight_is_redacted_only_as_a_whole_name_never_inside_another_reference() -> None:
+    """A file called ``a.dcm`` in flight must not rewrite another scan's ``scan-…a.dcm`` reference.
+
+    (Before, the redactor replaced substrings: any reference ending in a short name in flight
+    was logged as that name's reference, which garbled the log by chance, 1 time in 16.)
+    """
+    from edge_runtime.privacy import NameRedactor
+
+    redactor = NameRedactor()
+    redactor.enabled = True
+    redactor.register("a.dcm", "scan-1111111111111111.dcm")
+    redactor.register("DOE^JOHN.dcm", "scan-2222222222222222.dcm")
+    text = 'read /inbox/a.dcm, "a.dcm" and DOE^JOHN.dcm.part; published scan-3f9a0c1d2e4b5a6a.dcm'
+    assert redactor.scrub(text) == (
+        'read /inbox/scan-1111111111111111.dcm, "scan-1111111111111111.dcm" and '
+        "scan-2222222222222222.dcm.part; published scan-3f9a0c1d2e4b5a6a.dcm"
+    )
+    redactor.forget("a.dcm")
+    redactor.forget("DOE^JOHN.dcm")
+    assert redactor.scrub(text) == text
