@@ -39,6 +39,7 @@ from edge_runtime.cpu import cpu_summary
 from edge_runtime.decode import decode_file
 from edge_runtime.intake import ScopeCheck
 from edge_runtime.preprocess import preprocess
+from edge_runtime.samples import write_chest_cr
 from training.evaluate.metrics import binary_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,34 +89,13 @@ def _png(path: Path, grey: np.ndarray) -> Path:
     return path
 
 
-def _adult_dicom(src: Path, dst: Path) -> Path:
-    """A Kermany test image as the CR a modality sends, with an adult Patient's Age (045Y)."""
-    import cv2
-    import pydicom
-
-    pixels = cv2.imread(str(src), cv2.IMREAD_GRAYSCALE)
-    ds = pydicom.Dataset()
-    ds.file_meta = pydicom.dataset.FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
-    ds.SOPClassUID = pydicom.uid.ComputedRadiographyImageStorage
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
-    ds.PatientAge, ds.StudyDate = "045Y", "20261130"
-    ds.Modality, ds.BodyPartExamined, ds.ViewPosition = "CR", "CHEST", "PA"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.PixelData = pixels.tobytes()
-    ds.save_as(dst, enforce_file_format=True)
-    return dst
-
-
 def build_sets(data: Path, work: Path, limit: int) -> tuple[dict[str, list[Path]], np.ndarray]:
     """Every set as files on disk, and the Kermany test labels (1 = PNEUMONIA)."""
+    import cv2
 
     def cap(items: list[Path]) -> list[Path]:
-        return items[:limit] if limit else items
+        """At most ``limit`` items, spread over the sorted list (both classes of the test split)."""
+        return items[:: max(1, len(items) // limit)][:limit] if limit else items
 
     test = cap(sorted((data / KERMANY_TEST).glob("*/*.jpeg")))
     labels = np.asarray([int(p.parent.name == "PNEUMONIA") for p in test])
@@ -153,7 +133,10 @@ def build_sets(data: Path, work: Path, limit: int) -> tuple[dict[str, list[Path]
     sets["natural_png"] = natural
     folder = work / "adult_dicom"
     folder.mkdir()
-    sets["adult_age_dicom"] = [_adult_dicom(p, folder / f"{p.stem}.dcm") for p in test]
+    sets["adult_age_dicom"] = [
+        write_chest_cr(cv2.imread(str(p), cv2.IMREAD_GRAYSCALE), folder / f"{p.stem}.dcm", patient_age="045Y")
+        for p in test
+    ]
     return sets, labels
 
 

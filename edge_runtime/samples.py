@@ -24,7 +24,7 @@ import numpy as np
 from .bundle import ModelBundle
 from .errors import InputError
 
-__all__ = ["Sample", "write_samples"]
+__all__ = ["Sample", "write_chest_cr", "write_samples"]
 
 #: DICOM CR Image Storage: the fewest mandatory attributes of the radiography SOP classes.
 _CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
@@ -64,7 +64,7 @@ def write_samples(bundle: ModelBundle, dest: Path) -> list[Sample]:
     dest.mkdir(parents=True, exist_ok=True)
     return [
         Sample(
-            _write_dicom(images[clearest_pos], dest / f"sample-{bundle.manifest.positive_label}.dcm"),
+            write_chest_cr(images[clearest_pos], dest / f"sample-{bundle.manifest.positive_label}.dcm"),
             bundle.manifest.positive_label,
             float(expected[clearest_pos]),
         ),
@@ -90,8 +90,12 @@ def _write_png(grey: np.ndarray, path: Path) -> Path:
     return _publish(part, path)
 
 
-def _write_dicom(grey: np.ndarray, path: Path) -> Path:
-    """A CR image of ``grey`` with a made-up patient: Modality CR, Body Part CHEST."""
+def write_chest_cr(grey: np.ndarray, path: Path, *, patient_age: str = "003Y") -> Path:
+    """A CR image of ``grey`` with a made-up patient: Modality CR, Body Part CHEST.
+
+    ``patient_age``: Patient's Age (AS); the default is in the bundled model's population
+    (children aged 1-5), another one makes the scan outside its intended use (benchmarks).
+    """
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
@@ -122,7 +126,7 @@ def _write_dicom(grey: np.ndarray, path: Path) -> Path:
     ds.PatientID = "HEALTHDIAG-SAMPLE"
     ds.PatientBirthDate = ""
     ds.PatientSex = ""
-    ds.PatientAge = "003Y"  # the model's population: children aged 1-5
+    ds.PatientAge = patient_age
     ds.ReferringPhysicianName = ""
     ds.Manufacturer = "HealthDiag sample (model reference set)"
     ds.SamplesPerPixel = 1
