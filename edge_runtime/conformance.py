@@ -25,6 +25,14 @@ compared by :func:`heat_difference`) may drift from the build machine by at most
 ``heatmap_max_drift`` and differ from FP32 by at most ``heatmap_max_abs_diff``.
 Raw logit maps are not compared: what a reader sees is the normalised map.
 
+Where the bundle has the out-of-distribution check (``intended_use.ood``) and the set holds
+the build machine's pooled features of each backend (``features_expected_<backend>``), the
+out-of-distribution score of every reference image is computed from this engine's features
+(the same run) and from the build machine's, with the bundle's statistics: the scores may
+differ by at most ``ood_max_drift`` and the within/outside verdict must be the build
+machine's, except for references within ``ood_decision_margin`` of the OOD threshold. Tampered
+reference features or statistics, or a CPU that computes other features, fail here.
+
 A bundle without per-backend outputs is compared with FP32 only. On failure
 the bundle is refused exactly like a hash mismatch (:class:`ConformanceError`
 is a :class:`ModelBundleError`): the old model stays, and the log and status
@@ -46,6 +54,8 @@ from .bundle import ModelArtifact, ModelBundle
 from .cpu import CpuSummary, cpu_summary
 from .errors import ConformanceError, ModelBundleError
 from .heat import HEAT_RANGE_FLOOR, heat_difference, normalised_heat, positive_map
+from .ood import OodModel
+from .ood import load as load_ood
 from .preprocess import preprocess
 from .results import positive_index, scores_to_probabilities
 
@@ -57,6 +67,7 @@ __all__ = [
     "enforce",
     "heat_difference",
     "normalised_heat",
+    "ood_for_backend",
     "open_checked",
     "open_engine",
     "positive_map",
@@ -89,6 +100,10 @@ class ConformanceRow:
     #: map of the same backend (None: no heat-map checked, see :func:`heat_difference`).
     heat_diff: float | None = None
     heat_drift: float | None = None
+    #: Out-of-distribution score from this engine's features / from the build machine's
+    #: features of the same backend (None: not checked).
+    ood_score: float | None = None
+    ood_expected: float | None = None
 
 
 @dataclass(frozen=True)
@@ -109,6 +124,10 @@ class ConformanceReport:
     #: Allowed heat-map differences (None: the heat-map was not checked).
     heat_max_diff_allowed: float | None = None
     heat_max_drift_allowed: float | None = None
+    #: Out-of-distribution check: allowed score drift, verdict margin and threshold (None: unchecked).
+    ood_max_drift_allowed: float | None = None
+    ood_decision_margin: float | None = None
+    ood_threshold: float | None = None
 
     @property
     def passed(self) -> bool:
@@ -127,6 +146,30 @@ class ConformanceReport:
     def heat_max_drift(self) -> float | None:
         values = [row.heat_drift for row in self.rows if row.heat_drift is not None]
         return max(values) if values else None
+
+    @property
+    def ood_checked(self) -> bool:
+        return any(row.ood_score is not None for row in self.rows)
+
+    @property
+    def ood_max_drift(self) -> float | None:
+        drifts = [
+            abs(row.ood_score - row.ood_expected)
+            for row in self.rows
+            if row.ood_score is not None and row.ood_expected is not None
+        ]
+        return max(drifts) if drifts else None
+
+    @property
+    def ood_verdicts_differing(self) -> int:
+        cut = self.ood_threshold
+        if cut is None:
+            return 0
+        return sum(
+            (row.ood_score > cut) != (row.ood_expected > cut)
+            for row in self.rows
+            if row.ood_score is not None and row.ood_expected is not None
+        )
 
     @property
     def worst(self) -> ConformanceRow:
@@ -166,6 +209,20 @@ class ConformanceReport:
             "cpu_int8_features": list(self.cpu.get("int8_features", [])),
             "seconds": round(self.seconds, 3),
             **self._heat_summary(),
+            **self._ood_summary(),
+        }
+
+    def _ood_summary(self) -> dict[str, Any]:
+        if not self.ood_checked:
+            return {}
+        drift = self.ood_max_drift
+        return {
+            "ood": {
+                "max_drift": None if drift is None else round(drift, 6),
+                "max_drift_allowed": self.ood_max_drift_allowed,
+                "verdicts_differing": self.ood_verdicts_differing,
+                "decision_margin": self.ood_decision_margin,
+            }
         }
 
     def _heat_summary(self) -> dict[str, Any]:
@@ -192,6 +249,12 @@ class ConformanceReport:
                 f"; heat-map: max difference from FP32 as drawn {self.heat_max_diff or 0.0:.4f} "
                 f"(allowed {self.heat_max_diff_allowed}), max drift "
                 f"{self.heat_max_drift or 0.0:.2e} (allowed {self.heat_max_drift_allowed})"
+            )
+        if self.ood_checked:
+            heat += (
+                f"; out-of-distribution score: max drift from the build machine "
+                f"{self.ood_max_drift or 0.0:.4f} (allowed {self.ood_max_drift_allowed}), "
+                f"{self.ood_verdicts_differing} within/outside verdict(s) differ"
             )
         return (
             f"conformance check {verdict} for model {self.model} {self.version} on backend "
@@ -260,7 +323,8 @@ def reference_inputs(bundle: ModelBundle) -> dict[str, np.ndarray] | None:
     """The bundle's reference set, or None when it has none.
 
     Arrays: ``images``, ``labels``, ``reference`` (FP32), ``sources`` and,
-    per backend measured where the bundle was built, ``expected_<backend>``.
+    per backend measured where the bundle was built, ``expected_<backend>`` (and, where the
+    model has them, ``cam_expected_<backend>`` and ``features_expected_<backend>``).
 
     Raises:
         ModelBundleError: the manifest names a reference set that cannot be read.
@@ -272,7 +336,9 @@ def reference_inputs(bundle: ModelBundle) -> dict[str, np.ndarray] | None:
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {key: data[key] for key in ("images", "labels", "reference", "sources")}
-            arrays.update({key: data[key] for key in data.files if key.startswith(("expected_", "cam_"))})
+            arrays.update(
+                {key: data[key] for key in data.files if key.startswith(("expected_", "cam_", "features_"))}
+            )
     except (OSError, KeyError, ValueError) as exc:
         raise ModelBundleError(
             f"Model bundle {bundle.path}: conformance set {path.name} is unreadable: {exc}."
@@ -318,6 +384,7 @@ def check_conformance(
     cam_built = refs.get(f"cam_expected_{backend.name}")
     heat_allowed = section.heatmap_max_abs_diff if cam_reference is not None else None
     heat_drift_allowed = section.heatmap_max_drift if cam_built is not None else heat_allowed
+    ood = _ood_check(bundle, refs, backend.name)
     batch = np.empty((1, *spec.sample_shape), dtype=np.float32)
     rows = []
     t0 = time.perf_counter()
@@ -340,6 +407,19 @@ def check_conformance(
             heat_ok = (heat_allowed is None or heat_diff <= heat_allowed) and (
                 heat_drift_allowed is None or heat_drift <= heat_drift_allowed
             )
+        ood_score = ood_expected = None
+        ood_ok = True
+        if ood is not None:
+            if out.features is None:
+                raise ModelBundleError(
+                    f"Model bundle {bundle.path}: backend {backend.name} was loaded without the "
+                    "features output its out-of-distribution check reads."
+                )
+            ood_score = float(ood.model.score(out.features[:1])[0])
+            ood_expected = float(ood.expected[i])
+            ood_near = abs(ood_expected - ood.threshold) <= ood.margin
+            ood_same = (ood_score > ood.threshold) == (ood_expected > ood.threshold)
+            ood_ok = abs(ood_score - ood_expected) <= ood.max_drift and (ood_same or ood_near)
         rows.append(
             ConformanceRow(
                 index=i,
@@ -352,9 +432,11 @@ def check_conformance(
                 drift=drift,
                 near_threshold=near,
                 decision_matches=same,
-                ok=diff <= allowed and drift <= drift_allowed and (same or near) and heat_ok,
+                ok=diff <= allowed and drift <= drift_allowed and (same or near) and heat_ok and ood_ok,
                 heat_diff=heat_diff,
                 heat_drift=heat_drift,
+                ood_score=ood_score,
+                ood_expected=ood_expected,
             )
         )
     heat_checked = any(row.heat_diff is not None for row in rows)
@@ -373,7 +455,74 @@ def check_conformance(
         seconds=time.perf_counter() - t0,
         heat_max_diff_allowed=heat_allowed if heat_checked else None,
         heat_max_drift_allowed=heat_drift_allowed if heat_checked else None,
+        ood_max_drift_allowed=ood.max_drift if ood is not None else None,
+        ood_decision_margin=ood.margin if ood is not None else None,
+        ood_threshold=ood.threshold if ood is not None else None,
     )
+
+
+@dataclass(frozen=True)
+class _OodCheck:
+    model: OodModel
+    #: The build machine's score of each reference image (from its stored features).
+    expected: np.ndarray
+    threshold: float
+    max_drift: float
+    margin: float
+
+
+def ood_for_backend(bundle: ModelBundle, backend_name: str) -> tuple[OodModel, float] | None:
+    """The out-of-distribution statistics and threshold that apply to ``backend_name``'s features.
+
+    Each backend quantizes the network with its own scales, so its pooled features are not the
+    other's: statistics fitted on ONNX Runtime's features put LiteRT's validation images all
+    outside. ``intended_use.ood`` names the statistics of the ONNX Runtime file (``file``,
+    ``threshold``); where another backend has its own, they are under
+    ``intended_use.ood.by_backend.<backend>`` (``file``, ``threshold``), fitted the same way on
+    that backend's features. None: the bundle has no check, or this backend's file no features.
+
+    Raises:
+        ModelBundleError: the statistics cannot be read or do not fit the features output.
+    """
+    spec = bundle.manifest.intended_use.ood
+    features = bundle.manifest.output.features
+    if spec is None or features is None or bundle.manifest.features_output(backend_name) is None:
+        return None
+    fit = spec.for_backend(backend_name)
+    return load_ood(bundle.path / fit.file, features.dims), float(fit.threshold)
+
+
+def _ood_check(bundle: ModelBundle, refs: dict[str, np.ndarray], backend_name: str) -> _OodCheck | None:
+    """What the out-of-distribution part of the check needs, or None where it does not apply.
+
+    It applies when the bundle has the check (``intended_use.ood``), this backend's file computes
+    the features, and the set holds the build machine's features for it; the tolerances are the
+    conformance section's ``ood_max_drift`` and ``ood_decision_margin``.
+    """
+    stored = refs.get(f"features_expected_{backend_name}")
+    section = bundle.manifest.conformance
+    if stored is None or section is None:
+        return None
+    found = ood_for_backend(bundle, backend_name)
+    if found is None:
+        return None
+    model, threshold = found
+    max_drift = getattr(section, "ood_max_drift", None)
+    margin = getattr(section, "ood_decision_margin", None)
+    if not isinstance(max_drift, (int, float)) or not isinstance(margin, (int, float)):
+        raise ModelBundleError(
+            f"Model bundle {bundle.path}: the conformance set holds reference features but the "
+            "manifest's conformance section gives no numeric ood_max_drift / ood_decision_margin.",
+            action="Repackage the bundle with the training pipeline's package stage.",
+        )
+    if stored.ndim != 2 or stored.shape[1] != model.width:
+        raise ModelBundleError(
+            f"Model bundle {bundle.path}: reference features for {backend_name} have shape "
+            f"{list(stored.shape)}; the features output is [images, {model.width}].",
+            action="Repackage the bundle so the reference set and the model come from the same build.",
+        )
+    expected = model.score(stored)
+    return _OodCheck(model, expected, threshold, float(max_drift), float(margin))
 
 
 def open_engine(bundle: ModelBundle, backend_name: str, *, threads: int = 1) -> Backend:

@@ -248,6 +248,7 @@ def make_tiny_bundle(
     drift: float = 0.0,
     margin: float = 0.02,
     signed: bool = True,
+    ood: bool = False,
 ) -> Path:
     """A real (tiny) ONNX classifier bundle: mean intensity -> 2-class softmax.
 
@@ -258,6 +259,10 @@ def make_tiny_bundle(
     (brightest) reference, as if this CPU computed that much differently
     from the build machine. ``signed``: signed with the session's test key
     (trusted by the session's configuration), else no ``manifest.sig.json``.
+    ``ood``: the model also outputs ``features`` (the pooled input, 3 values, as the layer
+    ``input``) and the bundle has an out-of-distribution check fitted on grey levels
+    0.3-0.7 (``ood.npz``, threshold 1.5: grey levels below ~0.15 or above ~0.85 are outside); with
+    ``conformance`` the set holds the features measured here (``features_expected_onnxruntime``).
     """
     import onnx
     from onnx import TensorProto, helper
@@ -269,16 +274,21 @@ def make_tiny_bundle(
     folder.mkdir(parents=True, exist_ok=True)
     w = np.array([[-4.0, 4.0], [0, 0], [0, 0]], dtype=np.float32)
     b = np.array([0.0, 0.0], dtype=np.float32)
+    nodes = [
+        helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["flat"]),
+        helper.make_node("Gemm", ["flat", "w", "b"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+    ]
+    outputs = [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 2])]
+    if ood:
+        nodes.insert(2, helper.make_node("Identity", ["flat"], ["features"]))
+        outputs.append(helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", 3]))
     graph = helper.make_graph(
-        [
-            helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
-            helper.make_node("Flatten", ["pooled"], ["flat"]),
-            helper.make_node("Gemm", ["flat", "w", "b"], ["logits"]),
-            helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
-        ],
+        nodes,
         "tiny",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 64, 64])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 2])],
+        outputs,
         [
             helper.make_tensor("w", TensorProto.FLOAT, w.shape, w.flatten()),
             helper.make_tensor("b", TensorProto.FLOAT, b.shape, b),
@@ -312,6 +322,27 @@ def make_tiny_bundle(
             "max_abs_diff": 0.02,
             "decision_margin": margin,
         }
+        if ood:
+            features = session.run(["features"], {"input": x})[0].astype(np.float32)
+            with np.load(folder / "conformance.npz") as saved:
+                arrays = {key: saved[key] for key in saved.files}
+            np.savez_compressed(folder / "conformance.npz", **arrays, features_expected_onnxruntime=features)
+            extra["conformance"].update({"ood_max_drift": 0.05, "ood_decision_margin": 0.05})
+    artifact: dict = {"file": "model.onnx", "backend": "onnxruntime", "quantization": "none"}
+    output: dict = {"name": "probabilities", "activation": "none"}
+    intended_use: dict = {"modalities": ["CR", "DX"], "body_parts": ["CHEST"]}
+    if ood:
+        from edge_runtime.ood import OodModel
+        from edge_runtime.ood import save as save_ood
+
+        # Grey levels 0.3-0.7 with a little per-channel noise: the "training split" of the check.
+        rng = np.random.default_rng(0)
+        levels = rng.uniform(0.3, 0.7, 200)
+        train = (levels[:, None] - 0.5) / 0.5 + rng.normal(0.0, 0.01, (200, 3))
+        save_ood(OodModel.fit([(train.mean(axis=0), np.cov(train, rowvar=False))], train), folder / "ood.npz")
+        artifact["features"] = True
+        output["features"] = {"name": "features", "layers": ["input"], "dims": [3]}
+        intended_use["ood"] = {"method": "stage-mahalanobis", "file": "ood.npz", "threshold": 1.5}
     write_manifest(
         folder,
         {
@@ -320,12 +351,12 @@ def make_tiny_bundle(
             "version": version,
             "labels": ["NORMAL", "PNEUMONIA"],
             "positive_label": "PNEUMONIA",
-            "artifacts": [{"file": "model.onnx", "backend": "onnxruntime", "quantization": "none"}],
+            "artifacts": [artifact],
             "input": {"name": "input", "shape": ["batch", 3, 64, 64], "dtype": "float32", "layout": "NCHW"},
-            "output": {"name": "probabilities", "activation": "none"},
+            "output": output,
             "preprocessing": spec.to_dict(),
             "operating_point": {"threshold": 0.5, "method": "fixed (test model)"},
-            "intended_use": {"modalities": ["CR", "DX"], "body_parts": ["CHEST"]},
+            "intended_use": intended_use,
         },
     )
     return sign_bundle(folder) if signed else folder

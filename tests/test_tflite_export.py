@@ -124,9 +124,12 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict:
         for k, v in shipped.manifest.to_json_dict().items()
         if k not in ("files", "created_utc", "conformance")
     }
-    manifest["artifacts"] = [
-        {"file": "model.int8.tflite", "backend": "litert", "quantization": summary["quantization"]}
-    ]
+    artifact = {"file": "model.int8.tflite", "backend": "litert", "quantization": summary["quantization"]}
+    if manifest["output"].get("features"):
+        artifact["features"] = True  # the export adds the pooled stage ends (issue #26)
+    manifest["artifacts"] = [artifact]
+    # The shipped out-of-distribution statistics belong to the shipped model, not to this one.
+    manifest["intended_use"] = {k: v for k, v in manifest["intended_use"].items() if k != "ood"}
     write_manifest(bundle_dir, manifest)
     sign_bundle(bundle_dir)
     return {"summary": summary, "bundle": bundle_dir, "model": model, "data": data, "out": out}
@@ -181,3 +184,25 @@ def test_edge_litert_backend_matches_pytorch(exported: dict):
     diff = np.abs(p_tflite[:, 1] - p_torch[:, 1])
     assert diff.max() < 0.1, f"INT8 TFLite vs PyTorch: max |dp| {diff.max():.4f}"
     assert diff.mean() < 0.03, f"INT8 TFLite vs PyTorch: mean |dp| {diff.mean():.4f}"
+
+
+def test_export_adds_the_features_output_close_to_pytorch(exported: dict):
+    """The pooled stage ends (issue #26): INT8 TFLite vs PyTorch per stage, from the export's check."""
+    features = exported["summary"]["features"]
+    assert features["name"] == "features"
+    assert features["layers"] == ["_blocks.2", "_blocks.4", "_blocks.7", "_blocks.10", "_blocks.14"]
+    assert features["dims"] == [24, 40, 80, 112, 192]
+    # INT8 activations pooled: each stage's values keep their pattern across images.
+    assert min(features["int8_vs_torch"]["correlation"]) > 0.95
+    bundle = load_bundle(exported["bundle"])
+    if bundle.manifest.output.features is None:
+        return
+    from edge_runtime.backends import create_backend
+
+    backend = create_backend("litert", threads=1)
+    backend.load(bundle)
+    try:
+        out = backend.infer_outputs(np.zeros((2, *bundle.preprocessing.sample_shape), dtype=np.float32))
+    finally:
+        backend.close()
+    assert out.scores.shape == (2, 2) and out.features is not None and out.features.shape == (2, 448)

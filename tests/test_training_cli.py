@@ -15,7 +15,7 @@ SHIPPED_CONFIG = REPO / "training" / "configs" / "kermany-efficientnet-lite0.tom
 
 
 def test_every_stage_has_a_command_with_help(capsys: pytest.CaptureFixture[str]) -> None:
-    for command in ("prepare", "train", "export", "quantize", "evaluate", "package", "pipeline"):
+    for command in ("prepare", "train", "export", "quantize", "ood", "evaluate", "package", "pipeline"):
         with pytest.raises(SystemExit) as exit_info:
             build_parser().parse_args([command, "--help"])
         assert exit_info.value.code == 0
@@ -64,6 +64,14 @@ def test_the_shipped_config_parses() -> None:
     args = parse_args(["pipeline", "--config", str(SHIPPED_CONFIG)])
     assert args.model == "efficientnet-lite0"
     assert args.min_sensitivity == 0.95
+
+
+def test_ood_before_quantize_says_what_to_run(tmp_path: Path) -> None:
+    from training.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["ood", "--out", str(tmp_path)])
+    assert "run 'python -m training export" in str(info.value.code)
 
 
 def test_quantize_before_export_says_what_to_run(tmp_path: Path) -> None:

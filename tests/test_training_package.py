@@ -26,6 +26,7 @@ from edge_runtime.preprocess import PreprocessSpec
 from edge_runtime.signing import SIGNATURE_NAME
 from training.bundle.package import MODEL_CARD_NAME, TARGETS, TEST_PREDICTIONS_NAME, package_bundle
 from training.evaluate.metrics import roc_auc, sensitivity_at_specificity
+from training.evaluate.ood import run_ood
 from training.evaluate.report import run_evaluation
 from training.export.onnx_export import run_export
 from training.model.train import TrainConfig, train
@@ -58,6 +59,7 @@ def tiny_kermany_run(shared_data: Path, tmp_path_factory: pytest.TempPathFactory
         )
     )
     run_export(run, calibration_images=4, threads=1)
+    run_ood(run, threads=1)
     run_evaluation(run, threads=1)
     return run
 

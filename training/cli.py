@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "pipeline",
-        help="train -> export -> quantize -> evaluate -> package, in one go",
+        help="train -> export -> quantize -> ood -> evaluate -> package, in one go",
         description=(
             "Run every stage and write the bundle. Takes ~25 min on 2 CPU cores. Options can "
             "come from a TOML file (--config); flags given on the command line win over it."
@@ -290,6 +290,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(p)
     p.add_argument("--calibration-images", type=int, default=200, help="INT8 calibration images")
     _add_recipe(p)
+
+    p = sub.add_parser(
+        "ood",
+        help="fit the out-of-distribution check on the training split's INT8 features -> ood.npz",
+        description="Run the training split (no augmentation) through the INT8 model's features "
+        "output with the edge's ONNX Runtime backend, fit per-stage Mahalanobis statistics "
+        "(Ledoit-Wolf covariance) and set the threshold at the 0.975 quantile of the validation "
+        "scores; writes ood.npz and ood_summary.json (training/evaluate/ood.py).",
+    )
+    _add_run(p)
 
     p = sub.add_parser(
         "evaluate", help="choose the threshold on validation, then score the official test split"
@@ -424,6 +434,15 @@ def _quantize(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: {exc}") from None
 
 
+def _ood(args: argparse.Namespace) -> None:
+    from .evaluate.ood import run_ood
+
+    try:
+        run_ood(args.out, threads=args.threads)
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
 def _evaluate(args: argparse.Namespace) -> None:
     from .evaluate.report import run_evaluation
 
@@ -524,6 +543,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _export(args)
     if args.command in ("quantize", "pipeline"):
         _quantize(args)
+    if args.command in ("ood", "pipeline"):
+        _ood(args)
     if args.command in ("evaluate", "pipeline"):
         _evaluate(args)
     if args.command in ("package", "pipeline"):

@@ -6,7 +6,8 @@ input passes silently in some engines, so we refuse it at load), and maps a
 float32 batch in the spec's layout to the model's raw output. Where the
 model also computes a heat-map (``output.heatmap`` in the manifest, e.g. a
 class-activation map), :meth:`Backend.infer_outputs` returns it from the
-same engine run: a scan is never run twice to explain it.
+same engine run: a scan is never run twice to explain it. Likewise the pooled
+features the out-of-distribution check reads (``output.features``) come from that run.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ class BackendOutput:
     #: ``(N, K, h, w)`` float32 per-class maps on the model's grid, or None when the model
     #: file has no heat-map output.
     heatmap: np.ndarray | None = None
+    #: ``(N, width)`` float32 pooled stage-end activations (``manifest.output.features``), or
+    #: None when the manifest names no features output for this backend's file.
+    features: np.ndarray | None = None
 
 
 class Backend(Protocol):
@@ -47,7 +51,7 @@ class Backend(Protocol):
         ...
 
     def infer_outputs(self, batch: np.ndarray) -> BackendOutput:
-        """Run one batch once and return the scores and, if the model has one, the heat-map."""
+        """Run one batch once: the scores and, where the model has them, the heat-map and features."""
         ...
 
     def close(self) -> None:

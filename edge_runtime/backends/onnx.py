@@ -27,6 +27,7 @@ class OnnxRuntimeBackend:
         self._input_name = ""
         self._outputs: list[str] = []
         self._heatmap_name: str | None = None
+        self._features_name: str | None = None
         self._lock = threading.Lock()
 
     def load(self, bundle: ModelBundle) -> None:
@@ -39,6 +40,8 @@ class OnnxRuntimeBackend:
             model_id=artifact.model_id,
             heatmap_name=bundle.manifest.heatmap_output(self.name),
             classes=len(bundle.labels),
+            features_name=bundle.manifest.features_output(self.name),
+            features_width=bundle.manifest.output.features.width if bundle.manifest.output.features else None,
         )
 
     def load_model(
@@ -51,6 +54,8 @@ class OnnxRuntimeBackend:
         model_id: str | None = None,
         heatmap_name: str | None = None,
         classes: int | None = None,
+        features_name: str | None = None,
+        features_width: int | None = None,
     ) -> None:
         """Load a model file that has no bundle yet, with the checks :meth:`load` makes.
 
@@ -68,6 +73,9 @@ class OnnxRuntimeBackend:
             heatmap_name: The heat-map output the manifest names for this file (``[batch,
                 classes, h, w]``), checked and returned by :meth:`infer_outputs`; None: not used.
             classes: The manifest's class count, checked against the heat-map's second axis.
+            features_name: The pooled-features output the manifest names for this file
+                (``[batch, width]``), checked and returned by :meth:`infer_outputs`; None: not used.
+            features_width: Its width (the sum of ``output.features.dims``), checked when given.
         """
         try:
             import onnxruntime as ort
@@ -146,16 +154,35 @@ class OnnxRuntimeBackend:
                     action="Repackage the bundle so the manifest describes this model.",
                 )
             heatmap = heatmap_name
+        if features_name is not None:
+            shape = {o.name: list(o.shape) for o in session.get_outputs()}.get(features_name)
+            if shape is None:
+                raise ModelBundleError(
+                    f"{model_path} has no output {features_name!r}, the features output its manifest "
+                    f"names (outputs: {', '.join(outputs)}).",
+                    action="Repackage the bundle so the manifest describes this model.",
+                )
+            if len(shape) != 2 or (features_width is not None and shape[1] != features_width):
+                raise ModelBundleError(
+                    f"{model_path} output {features_name!r} has shape {shape}; the manifest's features "
+                    f"output is [batch, {features_width if features_width is not None else 'width'}].",
+                    action="Repackage the bundle so the manifest describes this model.",
+                )
         self._session = session
         self._input_name = declared.name
-        self._outputs = [outputs[0], heatmap] if heatmap else [outputs[0]]
+        self._outputs = [
+            outputs[0],
+            *([heatmap] if heatmap else []),
+            *([features_name] if features_name else []),
+        ]
         self._heatmap_name = heatmap
+        self._features_name = features_name
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         return self.infer_outputs(batch).scores
 
     def infer_outputs(self, batch: np.ndarray) -> BackendOutput:
-        """One session run: the first output and, if the manifest names one, the heat-map."""
+        """One session run: the first output and the heat-map and features the manifest names."""
         if self._session is None:
             raise BackendError("infer() called before load().")
         if batch.dtype != np.float32:
@@ -165,9 +192,9 @@ class OnnxRuntimeBackend:
         except Exception as exc:
             raise BackendError(f"ONNX Runtime inference failed: {exc}") from exc
         scores = np.asarray(outputs[0], dtype=np.float32)
-        if self._heatmap_name is None:
-            return BackendOutput(scores)
-        return BackendOutput(scores, np.asarray(outputs[1], dtype=np.float32))
+        heatmap = np.asarray(outputs[1], dtype=np.float32) if self._heatmap_name is not None else None
+        features = np.asarray(outputs[-1], dtype=np.float32) if self._features_name is not None else None
+        return BackendOutput(scores, heatmap, features)
 
     def close(self) -> None:
         self._session = None

@@ -28,6 +28,11 @@ model's maps of the same images (``cam_reference``) and each shipped
 backend's maps on the build machine (``cam_expected_<backend>``, only for
 backends whose file computes one), and the manifest gets heat-map
 tolerances (see :func:`heat_tolerances`).
+
+Where the model has a features output and the run an out-of-distribution check, each shipped
+backend's pooled features of the reference images on the build machine are stored
+(``features_expected_<backend>``); a box scores its own features and the stored ones with the
+bundle's statistics and must agree within ``ood_max_drift`` (see :func:`ood_tolerances`).
 """
 
 from __future__ import annotations
@@ -61,7 +66,9 @@ __all__ = [
     "heat_build_diffs",
     "heat_tolerances",
     "measure_backends",
+    "measure_features",
     "measure_heatmaps",
+    "ood_tolerances",
     "tolerance_for",
 ]
 
@@ -177,6 +184,39 @@ def measure_heatmaps(bundle: ModelBundle, refs: dict[str, np.ndarray]) -> dict[s
             heat = engine.infer_outputs(batch).heatmap
             assert heat is not None  # the manifest says this file has one
             rows.append(heat[0])
+        engine.close()
+        maps[name] = np.stack(rows).astype(np.float32)
+    return maps
+
+
+#: The out-of-distribution score's allowed drift and verdict margin, as a share of the validation
+#: scores' interdecile range (q90 - q10): the same INT8 integers give the same score on every
+#: CPU (u8s8-rr; drift 0 measured), so this only leaves room for float rounding in the pooling.
+OOD_DRIFT_SHARE = 0.05
+
+
+def ood_tolerances(validation_scores: np.ndarray) -> dict[str, float]:
+    """``ood_max_drift`` and ``ood_decision_margin`` from the validation OOD scores' spread."""
+    q10, q90 = np.quantile(np.asarray(validation_scores, dtype=np.float64), [0.1, 0.9])
+    tolerance = max(round(float(OOD_DRIFT_SHARE * (q90 - q10)), 4), 1e-4)
+    return {"ood_max_drift": tolerance, "ood_decision_margin": tolerance}
+
+
+def measure_features(bundle: ModelBundle, refs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Each shipped backend's pooled features of the reference images, here (backends with them)."""
+    maps: dict[str, np.ndarray] = {}
+    spec = bundle.preprocessing
+    for name in bundle.backends:
+        if bundle.manifest.features_output(name) is None:
+            continue
+        engine = open_engine(bundle, name, threads=2)
+        batch = np.empty((1, *spec.sample_shape), dtype=np.float32)
+        rows = []
+        for image in refs["images"]:
+            preprocess(image.astype(np.float32) / np.float32(255.0), spec, out=batch[0])
+            features = engine.infer_outputs(batch).features
+            assert features is not None  # the manifest says this file has them
+            rows.append(features[0])
         engine.close()
         maps[name] = np.stack(rows).astype(np.float32)
     return maps

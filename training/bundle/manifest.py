@@ -33,6 +33,9 @@ __all__ = [
     "build_manifest",
     "calibration_section",
     "data_card",
+    "decile_histogram",
+    "monitoring_section",
+    "ood_section",
 ]
 
 BUNDLE_NAME = "pneumonia-cxr"
@@ -79,6 +82,8 @@ class DataCard:
         population: ``intended_use.population``.
         task: "probability that ... shows <this>" (the card's task line).
         short: The people and images, in a few words (the card's warning box).
+        age_years: ``intended_use.age_years`` (inclusive, years), None where the data do not say.
+        age_reason: Why that range, for the card.
     """
 
     key: str
@@ -88,6 +93,21 @@ class DataCard:
     population: str
     task: str
     short: str
+    age_years: tuple[float, float] | None = None
+    age_reason: str = ""
+
+
+#: Kermany et al. imaged children aged 1-5 years at Guangzhou Women and Children's Medical
+#: Center. The range the model is for is wider than that and narrower than "any child": the
+#: anatomy it learned (thymus, heart size, rib and diaphragm shape, proportions of a small
+#: chest) is a young child's, and it changes through childhood towards the adult chest.
+KERMANY_AGES = (0.0, 10.0)
+KERMANY_AGE_REASON = (
+    "the training images are of children aged 1-5 years (Kermany et al. 2018); 0-10 years keeps "
+    "the check to paediatric anatomy (thymus, cardiothoracic proportions, rib and diaphragm shape "
+    "of a small chest) without refusing infants and school-age children outright, while "
+    "adolescents and adults, whose chests look different to the model, are outside"
+)
 
 
 def data_card(split: dict[str, Any] | None) -> DataCard:
@@ -105,6 +125,8 @@ def data_card(split: dict[str, Any] | None) -> DataCard:
             "paediatric (1-5 years)",
             "a frontal chest radiograph of a young child shows\n  pneumonia",
             "one hospital's paediatric images",
+            KERMANY_AGES,
+            KERMANY_AGE_REASON,
         )
     if kind == NPZ:
         return DataCard(
@@ -115,6 +137,8 @@ def data_card(split: dict[str, Any] | None) -> DataCard:
             "paediatric (1-5 years)",
             "a frontal chest radiograph of a young child shows\n  pneumonia",
             "one hospital's paediatric images, shrunk to 28x28 px",
+            KERMANY_AGES,
+            KERMANY_AGE_REASON,
         )
     if kind == NIH_SUBSET or name.lower().startswith("nih"):
         return DataCard(
@@ -175,6 +199,8 @@ def _onnx_artifact(export_summary: dict[str, Any]) -> dict[str, Any]:
         artifact["requires_int8_dot"] = list(recipe.trusted_int8_dot)
     if export_summary.get("heatmap"):
         artifact["heatmap"] = True
+    if export_summary.get("features"):
+        artifact["features"] = True
     return artifact
 
 
@@ -184,6 +210,13 @@ def _output(export_summary: dict[str, Any], activation: str) -> dict[str, Any]:
     heatmap = export_summary.get("heatmap")
     if heatmap:
         output["heatmap"] = {"name": heatmap["name"], "kind": heatmap["kind"]}
+    features = export_summary.get("features")
+    if features:
+        output["features"] = {
+            "name": features["name"],
+            "layers": list(features["layers"]),
+            "dims": [int(d) for d in features["dims"]],
+        }
     return output
 
 
@@ -262,6 +295,7 @@ def build_manifest(
             "body_parts": ["CHEST"],
             "view_positions": ["PA", "AP"],
             "population": card.population,
+            **({"age_years": list(card.age_years)} if card.age_years is not None else {}),
             "not_for_diagnostic_use": True,
         },
         "training": {
@@ -333,3 +367,79 @@ def calibration_section(run: Path) -> dict[str, Any] | None:
         with np.load(predictions) as saved:
             out["test_ece_10"] = round(expected_calibration_error(saved["y"], saved["int8"], 10), 4)
     return out
+
+
+def ood_section(run: Path) -> dict[str, Any] | None:
+    """``intended_use.ood`` from the ``ood`` stage's summary (None: the run has no fitted check)."""
+    from ..evaluate.ood import OOD_SUMMARY
+
+    path = run / OOD_SUMMARY
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    return {
+        "method": summary["method"],
+        "file": summary["file"],
+        "threshold": summary["threshold"],
+        "rule": "outside the intended use when the score is above threshold",
+        "quantile": summary["quantile"],
+        "threshold_rule": summary["threshold_rule"],
+        "validation_outside_share": summary["validation_outside_share"],
+        "fitted_on": summary["fitted_on"],
+        "covariance": summary["covariance"],
+        "layers": summary["layers"],
+    }
+
+
+def decile_histogram(values: np.ndarray, low: float, high: float) -> dict[str, list[float]]:
+    """Bins at the deciles of ``values`` with open ends closed at ``low``/``high``; shares per bin.
+
+    Equal deciles (ties) are merged, so the edges increase strictly, as the manifest requires.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    low, high = round(float(low), 6), round(float(high), 6)
+    deciles = (round(float(q), 6) for q in np.quantile(values, np.linspace(0.1, 0.9, 9)))
+    edges = [low, *sorted({q for q in deciles if low < q < high}), high]
+    counts, _ = np.histogram(np.clip(values, low, high), bins=np.asarray(edges))
+    shares = (counts / max(values.size, 1)).tolist()
+    # rounding for the manifest, keeping the sum at 1
+    rounded = [round(x, 6) for x in shares]
+    rounded[-1] = round(1.0 - sum(rounded[:-1]), 6)
+    return {"edges": edges, "shares": rounded}
+
+
+def monitoring_section(run: Path, threshold: float) -> dict[str, Any] | None:
+    """``monitoring.reference``: the validation split as the INT8 model saw it.
+
+    P(positive) deciles (edges 0 and 1 close the open ends), the share at or above the operating
+    point, and, where the run has the out-of-distribution check, its score deciles (the ends at
+    the validation minimum - 1 and maximum + 1) and the share outside. JPEG/PNG training images
+    carry no header, so ``metadata`` is empty (the drift monitor then compares a site with its
+    own first window).
+    """
+    from ..evaluate.ood import OOD_SUMMARY, OOD_VALIDATION
+    from ..run_files import VAL_PREDICTIONS
+
+    predictions = run / VAL_PREDICTIONS
+    if not predictions.is_file():
+        return None
+    with np.load(predictions) as saved:
+        p = np.asarray(saved["int8"], dtype=np.float64)
+    reference: dict[str, Any] = {
+        "description": "validation split through the INT8 ONNX model (training package)",
+        "images": int(p.size),
+        "outside_share": 0.0,
+        "positive_share": round(float((p >= threshold).mean()), 6),
+        "mean_probability": round(float(p.mean()), 6),
+        "probability": decile_histogram(p, 0.0, 1.0),
+        "metadata": {},
+    }
+    if (run / OOD_VALIDATION).is_file() and (run / OOD_SUMMARY).is_file():
+        ood_threshold = json.loads((run / OOD_SUMMARY).read_text(encoding="utf-8"))["threshold"]
+        with np.load(run / OOD_VALIDATION) as saved:
+            scores = np.asarray(saved["scores"], dtype=np.float64)
+        reference["outside_share"] = round(float((scores > ood_threshold).mean()), 6)
+        reference["ood_score"] = decile_histogram(
+            scores, float(scores.min()) - 1.0, float(scores.max()) + 1.0
+        )
+    return {"reference": reference}

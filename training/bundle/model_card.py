@@ -324,8 +324,78 @@ def render_model_card(
     """
     card = data_card(split)
     if card.key != "kermany" or manifest["training"]["architecture"] != "efficientnet-lite0":
-        return _generic_card(manifest, evaluation, card, split, config, bundle_dir)
-    return _kermany_card(manifest, evaluation, split, config, bundle_dir)
+        text = _generic_card(manifest, evaluation, card, split, config, bundle_dir)
+    else:
+        text = _kermany_card(manifest, evaluation, split, config, bundle_dir)
+    section = ood_card_section(manifest, evaluation, card)
+    return text.replace("\n## Data\n", f"\n{section}\n## Data\n", 1) if section else text
+
+
+def ood_card_section(manifest: dict[str, Any], evaluation: dict[str, Any], card: DataCard) -> str:
+    """``## Intended use and out-of-distribution check``: the method, its fit, its rates, the ages."""
+    use = manifest.get("intended_use", {})
+    ood = use.get("ood")
+    ages = use.get("age_years")
+    if not ood and not ages:
+        return ""
+    lines = ["## Intended use and out-of-distribution check", ""]
+    if ood:
+        features = manifest["output"]["features"]
+        layers = ", ".join(
+            f"`{name}` ({dim})" for name, dim in zip(features["layers"], features["dims"], strict=True)
+        )
+        by_backend = ood.get("by_backend") or {}
+        backends = "; ".join(
+            f"{name}: its own statistics (`{entry['file']}`, fitted on its features the same way), "
+            f"threshold {entry['threshold']:.4f}, validation outside "
+            f"{_pct(entry['validation_outside_share'])}"
+            for name, entry in by_backend.items()
+        )
+        test = (evaluation.get("test") or {}).get("ood")
+        lines += [
+            "Every scan is also scored for how unlike the training images it is, from the same model run "
+            "(no second inference): the model's `features` output is the global average of the feature map",
+            f"at the end of each multi-block stage, {layers}. Per stage, the Mahalanobis distance to the",
+            "training split under a Ledoit-Wolf shrinkage covariance, its logarithm standardised on the",
+            "training split, summed over the stages (`edge_runtime/ood.py`). Early stages see intensity and",
+            "texture (an inverted or non-radiograph image), later ones anatomy and scale (an adult chest).",
+            "",
+            f"- **Fitted on** the {ood['fitted_on']} (no augmentation; the patient-disjoint split the",
+            "  model trained on), through the edge's ONNX Runtime backend.",
+            f"- **Threshold {ood['threshold']:.4f}** = {ood['threshold_rule']} (rule fixed in issue #26",
+            "  before any outside image was scored): at least 95 % of in-distribution validation images",
+            "  pass, with room for a new site's shift. Above it a scan is outside the intended use.",
+            f"- **Validation outside:** {_pct(ood['validation_outside_share'])} (ONNX Runtime)"
+            + (f". Each backend quantizes with its own scales, so {backends}." if backends else "."),
+        ]
+        if test:
+            lines.append(
+                f"- **Official test split outside:** {_pct(test['outside_share'])} of {test['n']} images "
+                "(reported only; nothing was chosen on it)."
+            )
+        measured = ood.get("measured_outside") or {}
+        onnx = measured.get("onnxruntime")
+        if onnx:
+            names = {
+                "nih_adult": "adult NIH ChestX-ray14 films",
+                "rotated90": "the test split rotated 90 degrees",
+                "inverted": "inverted",
+                "flipped": "flipped left-right",
+                "non_chest": "non-chest DICOM images (CT, MR, spine...)",
+            }
+            parts = ", ".join(f"{names.get(k, k)} {_pct(v['outside'])} (n={v['n']})" for k, v in onnx.items())
+            lines.append(
+                f"- **Images outside the intended use, flagged (ONNX Runtime):** {parts}. A flipped film "
+                "is not caught (it looks like a chest to the model); LiteRT's own statistics flag the "
+                "same images within a few tenths of a per cent (manifest `measured_outside`)."
+            )
+    if ages:
+        reason = f": {card.age_reason}" if card.age_reason else ""
+        lines += [
+            f"- **Age:** `intended_use.age_years` = [{ages[0]:g}, {ages[1]:g}] years{reason}. The",
+            "  runtime checks it against the patient's age where the DICOM header gives one.",
+        ]
+    return "\n".join(lines) + "\n"
 
 
 def _kermany_card(

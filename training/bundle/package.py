@@ -30,6 +30,7 @@ from edge_runtime.results import positive_index
 from edge_runtime.signing import SIGNATURE_NAME, load_private_key, sign_manifest
 
 from ..data.datasets import SPLIT_FILE, read_split, run_spec
+from ..evaluate.ood import OOD_NAME, OOD_VALIDATION, fit_backend_ood
 from ..run_files import (
     EVALUATION_NAME,
     EXPORT_SUMMARY,
@@ -47,9 +48,18 @@ from .conformance_set import (
     heat_build_diffs,
     heat_tolerances,
     measure_backends,
+    measure_features,
     measure_heatmaps,
+    ood_tolerances,
 )
-from .manifest import DataCard, build_manifest, calibration_section, data_card
+from .manifest import (
+    DataCard,
+    build_manifest,
+    calibration_section,
+    data_card,
+    monitoring_section,
+    ood_section,
+)
 from .model_card import MODEL_CARD_NAME, render_model_card
 from .model_id import stamp_onnx_model_id
 
@@ -66,7 +76,16 @@ __all__ = [
 ]
 
 TEST_PREDICTIONS_NAME = TEST_PREDICTIONS
-BUNDLE_FILES = (INT8_NAME, TFLITE_NAME, MODEL_CARD_NAME, MANIFEST_NAME, SIGNATURE_NAME, CONFORMANCE_NAME)
+BUNDLE_FILES = (
+    INT8_NAME,
+    TFLITE_NAME,
+    MODEL_CARD_NAME,
+    MANIFEST_NAME,
+    SIGNATURE_NAME,
+    CONFORMANCE_NAME,
+    OOD_NAME,
+    "ood.litert.npz",
+)
 
 
 def _read(run: Path, name: str) -> dict[str, Any]:
@@ -127,7 +146,25 @@ def package_bundle(
         entry = {"file": TFLITE_NAME, "backend": "litert", "quantization": tflite["quantization"]}
         if tflite.get("heatmap") and manifest["output"].get("heatmap"):
             entry["heatmap"] = True
+        if tflite.get("features") and manifest["output"].get("features"):
+            entry["features"] = True
         manifest["artifacts"].append(entry)
+    # The out-of-distribution check (ood stage): its statistics ship; the manifest says how to
+    # read them and the drift monitor gets the validation split as its reference.
+    ood = ood_section(run)
+    if ood is not None:
+        shutil.copyfile(run / OOD_NAME, bundle / OOD_NAME)
+        manifest["intended_use"]["ood"] = ood
+        outside = run / "ood_outside.json"  # optional: images outside the intended use, measured
+        if outside.is_file():
+            manifest["intended_use"]["ood"]["measured_outside"] = {
+                "note": "share flagged outside per backend; adult NIH ChestX-ray14 films, the official "
+                "test split rotated 90 degrees, inverted or flipped left-right, non-chest DICOM images",
+                **json.loads(outside.read_text(encoding="utf-8")),
+            }
+    monitoring = monitoring_section(run, float(manifest["operating_point"]["threshold"]))
+    if monitoring is not None:
+        manifest["monitoring"] = monitoring
     # The reference set, then each backend measured on it here through the edge's own check;
     # their outputs are stored beside the FP32 references so every box can be held to them.
     refs = build_reference_set(run, spec)
@@ -143,11 +180,13 @@ def package_bundle(
     provisional = load_bundle(bundle, trust=trust)
     outputs = measure_backends(provisional)
     maps = measure_heatmaps(provisional, refs) if "cam_reference" in refs else {}
+    features = measure_features(provisional, refs) if ood is not None else {}
     np.savez_compressed(
         bundle / CONFORMANCE_NAME,
         **refs,
         **{f"expected_{name}": p for name, p in outputs.items()},
         **{f"cam_expected_{name}": m for name, m in maps.items()},
+        **{f"features_expected_{name}": f for name, f in features.items()},
     )
     card_data = data_card(split)
     credit = (
@@ -157,6 +196,26 @@ def package_bundle(
         f"{card_data.citation}"
     )
     manifest["conformance"] = conformance_section(refs, outputs, credit)
+    if features:
+        with np.load(run / OOD_VALIDATION) as saved:
+            manifest["conformance"].update(ood_tolerances(saved["scores"]))
+        manifest["conformance"]["ood_rule"] = (
+            "per backend, the out-of-distribution score of each reference image from this box's "
+            "features within ood_max_drift of the score of the build machine's features "
+            "(features_expected_<backend>), and the same within/outside verdict except within "
+            "ood_decision_margin of the threshold; tolerance = 5 % of the validation scores' "
+            "interdecile range"
+        )
+        # Every backend but the one the ood stage fitted gets statistics of its own features
+        # (edge_runtime.conformance.ood_for_backend reads them).
+        by_backend = {}
+        for name in features:
+            if name != "onnxruntime":
+                fitted = fit_backend_ood(run, provisional, name)
+                fitted.pop("validation_scores")
+                by_backend[name] = fitted
+        if by_backend:
+            manifest["intended_use"]["ood"]["by_backend"] = by_backend
     if maps:
         positive = positive_index(manifest["labels"], manifest["positive_label"])
         heat = heat_build_diffs(maps, refs, positive)

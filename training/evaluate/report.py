@@ -67,6 +67,29 @@ def _rounded(metrics: dict[str, Any], digits: int = 4) -> dict[str, Any]:
     return {k: round(v, digits) if isinstance(v, float) else v for k, v in metrics.items()}
 
 
+def _test_ood(run: Path, items: Sequence[Item], spec: PreprocessSpec, threads: int) -> dict[str, Any] | None:
+    """Share of the test split the out-of-distribution check (``ood`` stage) calls outside, if fitted.
+
+    Reported only: the check's threshold was set on validation before this is computed.
+    """
+    from edge_runtime.ood import load
+
+    from .ood import OOD_NAME, OOD_SUMMARY, item_features
+
+    if not (run / OOD_NAME).is_file() or not (run / OOD_SUMMARY).is_file():
+        return None
+    summary = json.loads((run / OOD_SUMMARY).read_text(encoding="utf-8"))
+    model = load(run / OOD_NAME, summary["dims"])
+    _, features = item_features(run / INT8_NAME, items, spec, model.width, threads, desc="test features")
+    scores = model.score(features)
+    np.savez(run / "test_ood.npz", scores=scores)
+    return {
+        "threshold": summary["threshold"],
+        "outside_share": round(float((scores > summary["threshold"]).mean()), 4),
+        "n": len(items),
+    }
+
+
 def run_evaluation(
     run_dir: str | Path,
     data_root: str | Path | None = None,
@@ -114,6 +137,7 @@ def run_evaluation(
         "int8_at_0.5": _rounded(binary_metrics(y_test, p_int8, 0.5)),
         "fp32_at_threshold": _rounded(binary_metrics(y_test, p_fp32, threshold)),
     }
+    ood = _test_ood(run, test_items, spec, threads)
     result = {
         "threshold": threshold,
         "min_sensitivity": min_sensitivity,
@@ -124,6 +148,7 @@ def run_evaluation(
             "counts": label_counts(test_items, dataset.classes),
             "int8": _rounded(test_int8),
             "reference": reference,
+            "ood": ood,
         },
         "seconds": time.monotonic() - t_start,
     }
@@ -137,5 +162,6 @@ def run_evaluation(
         f"sens {t['sensitivity']:.4f}  spec {t['specificity']:.4f}  (n={t['n']})\n"
         f"  INT8 vs FP32 decisions at threshold on validation: "
         f"{agreement['int8_vs_fp32']['decision_agreement']:.2%} agree"
+        + (f"\n  out-of-distribution check: test outside {ood['outside_share']:.2%}" if ood else "")
     )
     return result

@@ -38,7 +38,11 @@ __all__ = [
     "OutputHead",
     "Scorer",
     "bundle_scorer",
+    "features_file_backend",
+    "features_of_bundle",
+    "features_of_file",
     "file_scorer",
+    "run_features",
     "run_head",
     "score_file",
 ]
@@ -48,6 +52,8 @@ __all__ = [
 INPUT_NAME = "input"
 OUTPUT_NAME = "probabilities"
 OUTPUT_ACTIVATION = "none"
+#: The exported graph's pooled stage-end activations (``training.model.models.FEATURES_NAME``).
+FEATURES_NAME = "features"
 #: Class names when a run's ``split.json`` records none (the first pipeline: Kermany).
 DEFAULT_CLASSES = ("NORMAL", "PNEUMONIA")
 
@@ -152,3 +158,70 @@ def score_file(
     """P(positive) of ``samples`` under the ONNX file at ``path`` (load, score, close)."""
     with file_scorer(path, spec, head, threads) as scorer:
         return scorer(samples)
+
+
+def run_features(
+    backend: Backend, samples: np.ndarray, batch_size: int = 32
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(raw scores, features)`` of ``samples`` from a backend loaded with its features output."""
+    scores: list[np.ndarray] = []
+    features: list[np.ndarray] = []
+    for i in range(0, len(samples), batch_size):
+        out = backend.infer_outputs(np.ascontiguousarray(samples[i : i + batch_size]))
+        if out.features is None:
+            raise ValueError("the model was loaded without its features output")
+        scores.append(out.scores)
+        features.append(out.features)
+    return np.concatenate(scores), np.concatenate(features)
+
+
+def features_file_backend(
+    path: str | Path, spec: PreprocessSpec, width: int | None = None, threads: int = 2
+) -> OnnxRuntimeBackend:
+    """The edge's ONNX Runtime backend on a file with a features output (checked: ``[batch, width]``)."""
+    engine = OnnxRuntimeBackend(threads=threads)
+    engine.load_model(
+        path,
+        input_name=INPUT_NAME,
+        sample_shape=spec.sample_shape,
+        output_name=OUTPUT_NAME,
+        features_name=FEATURES_NAME,
+        features_width=width,
+    )
+    return engine
+
+
+def features_of_file(
+    path: str | Path,
+    samples: np.ndarray,
+    spec: PreprocessSpec,
+    width: int | None = None,
+    threads: int = 2,
+    batch_size: int = 32,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(raw scores (N, K), features (N, width))`` of an ONNX file with a features output.
+
+    Through the edge's ONNX Runtime backend, as a box computes them (one run per batch).
+    """
+    engine = features_file_backend(path, spec, width, threads)
+    try:
+        return run_features(engine, samples, batch_size)
+    finally:
+        engine.close()
+
+
+def features_of_bundle(
+    bundle: ModelBundle,
+    samples: np.ndarray,
+    backend: str = "onnxruntime",
+    threads: int = 2,
+    batch_size: int = 32,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(raw scores, features)`` of a bundle's model for ``backend``, opened as the service opens it."""
+    from edge_runtime.conformance import open_engine
+
+    engine = open_engine(bundle, backend, threads=threads)
+    try:
+        return run_features(engine, samples, batch_size)
+    finally:
+        engine.close()

@@ -19,11 +19,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["AVX2_ONLY_CPU", "emulator", "predict_emulated", "run_emulated"]
+__all__ = ["AVX2_ONLY_CPU", "emulator", "outputs_emulated", "predict_emulated", "run_emulated"]
 
 #: QEMU CPU model used as "an AVX2 machine without VNNI" (AMD EPYC Zen 3).
 AVX2_ONLY_CPU = "EPYC-Milan"
@@ -67,3 +68,28 @@ def predict_emulated(
         if done.returncode != 0 or not y_path.is_file():
             raise RuntimeError(f"emulated inference failed (exit {done.returncode}): {done.stderr[-2000:]}")
         return np.load(y_path)
+
+
+def outputs_emulated(
+    model_path: str | Path,
+    samples: np.ndarray,
+    names: Sequence[str],
+    cpu: str = AVX2_ONLY_CPU,
+    timeout_s: float = 900.0,
+) -> dict[str, np.ndarray]:
+    """The named outputs (e.g. ``probabilities`` and ``features``) for ``samples`` on the emulated ``cpu``.
+
+    One emulated session computes them all, so checking the features costs no second run.
+    """
+    with tempfile.TemporaryDirectory(prefix="emulated-") as tmp:
+        x_path, y_path = Path(tmp) / "x.npy", Path(tmp) / "y.npz"
+        np.save(x_path, np.ascontiguousarray(samples, dtype=np.float32))
+        done = run_emulated(
+            ["-m", "training.export.emulated_infer", str(model_path), str(x_path), str(y_path), *names],
+            cpu,
+            timeout_s,
+        )
+        if done.returncode != 0 or not y_path.is_file():
+            raise RuntimeError(f"emulated inference failed (exit {done.returncode}): {done.stderr[-2000:]}")
+        with np.load(y_path) as saved:
+            return {name: np.asarray(saved[name]) for name in names}

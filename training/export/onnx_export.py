@@ -52,20 +52,22 @@ from edge_runtime.preprocess import PreprocessSpec
 from ..data.datasets import items_from_split, read_split, run_spec
 from ..data.images import CXRDataset, Item
 from ..evaluate.metrics import compare_predictions, expected_calibration_error, fit_temperature, log_loss
-from ..evaluate.scoring import INPUT_NAME, OUTPUT_NAME, file_scorer, run_head
+from ..evaluate.scoring import INPUT_NAME, OUTPUT_NAME, features_of_file, file_scorer, run_head
 from ..model.models import (
     CALIBRATION_NAME,
     CAM_NAME,
+    FEATURES_NAME,
     ClassActivationModel,
     ProbabilityModel,
     apply_temperature,
     predict_logits,
     predict_torch,
+    stage_taps,
     supports_cam,
 )
 from ..model.train import load_checkpoint
 from ..run_files import EXPORT_SUMMARY, FP32_NAME, INT8_NAME, SPLIT_NAME, VAL_PREDICTIONS
-from .emulation import AVX2_ONLY_CPU, emulator, predict_emulated
+from .emulation import AVX2_ONLY_CPU, emulator, outputs_emulated, predict_emulated
 
 __all__ = [
     "DEFAULT_RECIPE",
@@ -75,9 +77,11 @@ __all__ = [
     "ProbabilityModel",
     "QuantRecipe",
     "calibration_samples",
+    "compare_features",
     "compare_predictions",
     "correct_biases",
     "export_onnx",
+    "features_output",
     "heatmap_output",
     "integer_ranges",
     "load_split",
@@ -95,7 +99,12 @@ _KEEP_FLOAT_OPS = ("Gemm", "Softmax")
 
 
 def export_onnx(
-    model: nn.Module, path: str | Path, spec: PreprocessSpec, opset: int = 17, heatmap: bool = True
+    model: nn.Module,
+    path: str | Path,
+    spec: PreprocessSpec,
+    opset: int = 17,
+    heatmap: bool = True,
+    features: bool = False,
 ) -> Path:
     """Export ``model`` (logits) to an FP32 ONNX file that outputs probabilities (and a heat-map).
 
@@ -108,6 +117,10 @@ def export_onnx(
             last convolutional features, :class:`~training.model.models.ClassActivationModel`) when
             the architecture allows it (one linear layer after global pooling). The first
             output, ``probabilities``, is the same either way.
+        features: Add the output ``features`` (``[batch, sum(dims)]``, the global average of
+            each stage end's activations, :func:`~training.model.models.stage_taps`), last;
+            the out-of-distribution check reads it. :func:`features_output` says which layers.
+            The ``export`` stage sets it; off by default for callers that want the graph alone.
 
     Returns:
         ``path``, holding a checked, shape-inferred, constant-folded graph
@@ -116,8 +129,12 @@ def export_onnx(
     path = Path(path)
     model = model.to(memory_format=torch.contiguous_format)
     with_cam = heatmap and supports_cam(model)
-    wrapped: nn.Module = (ClassActivationModel(model) if with_cam else ProbabilityModel(model)).eval()
+    wrapped: nn.Module = (
+        ClassActivationModel(model, features=features) if with_cam else ProbabilityModel(model, features)
+    ).eval()
     outputs = [OUTPUT_NAME, CAM_NAME] if with_cam else [OUTPUT_NAME]
+    if features:
+        outputs.append(FEATURES_NAME)
     dummy = torch.zeros((2, *spec.sample_shape), dtype=torch.float32)
     raw = path.with_suffix(".raw.onnx")
     with warnings.catch_warnings():
@@ -159,6 +176,12 @@ def heatmap_output(path: str | Path) -> dict[str, Any] | None:
             dims = [d.dim_value or d.dim_param for d in output.type.tensor_type.shape.dim]
             return {"name": CAM_NAME, "kind": "class-activation", "shape": dims}
     return None
+
+
+def features_output(model: nn.Module, spec: PreprocessSpec) -> dict[str, Any]:
+    """The features output :func:`export_onnx` adds, as the manifest names it (``output.features``)."""
+    taps = stage_taps(model, tuple(spec.sample_shape))  # type: ignore[arg-type]
+    return {"name": FEATURES_NAME, "layers": list(taps.layers), "dims": list(taps.dims)}
 
 
 class _ArrayReader(CalibrationDataReader):
@@ -340,8 +363,12 @@ def quantize_int8(
         raise ValueError(f"unknown quantization recipe {recipe!r}; known: {', '.join(RECIPES)}")
     chosen = RECIPES[recipe]
     graph = onnx.load(str(fp32_path))
+    # The features' Concat stays float too: each pooled stage keeps its own quantization scale
+    # (a shared one would round the narrow early stages away); concatenating computes nothing.
     keep_float = [
-        node.name for node in graph.graph.node if node.op_type in _KEEP_FLOAT_OPS or CAM_NAME in node.output
+        node.name
+        for node in graph.graph.node
+        if node.op_type in _KEEP_FLOAT_OPS or CAM_NAME in node.output or FEATURES_NAME in node.output
     ]
     quantize_static(
         str(fp32_path),
@@ -518,8 +545,9 @@ def run_fp32_export(
     calibration = calibrate_temperature(model, run, y, val_x) if calibrate else None
     if calibration is None:
         (run / CALIBRATION_NAME).unlink(missing_ok=True)
-    fp32_path = export_onnx(model, run / FP32_NAME, spec)
+    fp32_path = export_onnx(model, run / FP32_NAME, spec, features=True)
     heatmap = heatmap_output(fp32_path)
+    features = features_output(model, spec)
     head = run_head(read_split(run))
     p_torch = head.positive(predict_torch(model, val_x))
     with file_scorer(fp32_path, spec, head, threads) as scorer:
@@ -533,6 +561,7 @@ def run_fp32_export(
             "temperature": calibration["temperature"] if calibration else 1.0,
             "sizes_bytes": {"fp32": fp32_path.stat().st_size},
             "heatmap": heatmap,
+            "features": features,
             "val_n": int(y.size),
             "fp32_vs_torch": compare_predictions(p_torch, p_fp32, 0.5),
             "seconds": {"export": time.monotonic() - t_start},
@@ -552,6 +581,38 @@ def run_fp32_export(
         f"{summary['fp32_vs_torch']['decision_agreement']:.2%} at p>=0.5"
     )
     return summary
+
+
+def compare_features(
+    fp32_path: Path,
+    int8_path: Path,
+    samples: np.ndarray,
+    spec: PreprocessSpec,
+    features: dict[str, Any],
+    threads: int = 2,
+) -> dict[str, Any]:
+    """How far the INT8 file's pooled features are from the FP32 file's, per layer.
+
+    ``relative_error``: ``||f_int8 - f_fp32|| / ||f_fp32||`` over the samples (Frobenius);
+    ``correlation``: Pearson over all values of the layer. Both through the edge's backend.
+    """
+    width = sum(features["dims"])
+    _, f32 = features_of_file(fp32_path, samples, spec, width, threads)
+    _, f8 = features_of_file(int8_path, samples, spec, width, threads)
+    errors: list[float] = []
+    correlations: list[float] = []
+    start = 0
+    for dim in features["dims"]:
+        a, b = f32[:, start : start + dim].astype(np.float64), f8[:, start : start + dim].astype(np.float64)
+        errors.append(float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-12)))
+        correlations.append(float(np.corrcoef(a.ravel(), b.ravel())[0, 1]))
+        start += dim
+    return {
+        "layers": list(features["layers"]),
+        "images": len(samples),
+        "relative_error": errors,
+        "correlation": correlations,
+    }
 
 
 def run_quantize(
@@ -597,15 +658,30 @@ def run_quantize(
         p_int8 = scorer(val_x)
     np.savez(predictions, y=y, torch=p_torch, fp32=p_fp32, int8=p_int8)
     previous = json.loads((run / EXPORT_SUMMARY).read_text(encoding="utf-8"))
+    features_agreement = (
+        compare_features(fp32_path, int8_path, val_x, spec, previous["features"], threads)
+        if previous.get("features")
+        else None
+    )
     cross_cpu: dict[str, Any] | None = None
     if emulate_images > 0 and emulator() is not None:
         subset = val_x[:emulate_images]
         t0 = time.monotonic()
-        p_emulated = head.positive(predict_emulated(int8_path, subset))
+        if previous.get("features"):
+            # Probabilities and features from one emulated run; the features this CPU computes
+            # come from the edge's backend, as in the agreement check above.
+            emulated = outputs_emulated(int8_path, subset, [OUTPUT_NAME, FEATURES_NAME])
+            p_emulated = head.positive(emulated[OUTPUT_NAME])
+            _, here = features_of_file(int8_path, subset, spec, sum(previous["features"]["dims"]), threads)
+            features_drift: float | None = float(np.abs(emulated[FEATURES_NAME] - here).max())
+        else:
+            p_emulated = head.positive(predict_emulated(int8_path, subset))
+            features_drift = None
         cross_cpu = {
             "cpu": AVX2_ONLY_CPU,
             "images": len(subset),
             **compare_predictions(p_int8[: len(subset)], p_emulated, 0.5),
+            "features_max_abs_diff": features_drift,
             "seconds": time.monotonic() - t0,
         }
     summary = _update_summary(
@@ -620,6 +696,7 @@ def run_quantize(
             "sizes_bytes": {**previous.get("sizes_bytes", {}), "int8": int8_path.stat().st_size},
             "int8_vs_fp32": compare_predictions(p_fp32, p_int8, 0.5),
             "int8_vs_torch": compare_predictions(p_torch, p_int8, 0.5),
+            "features_int8_vs_fp32": features_agreement,
             "seconds": {
                 **previous.get("seconds", {}),
                 "quantize": t_quant,
@@ -638,11 +715,26 @@ def run_quantize(
         )
         + f" [recipe {recipe}; CPU {', '.join(summary['cpu']['int8_features']) or 'no SIMD int8'}]"
     )
+    if features_agreement is not None:
+        tqdm.write(
+            "quantize: features INT8 vs FP32 on validation, relative error per layer "
+            + ", ".join(
+                f"{name} {err:.3f}"
+                for name, err in zip(
+                    features_agreement["layers"], features_agreement["relative_error"], strict=True
+                )
+            )
+        )
     if cross_cpu is not None:
         tqdm.write(
             f"quantize: same INT8 model on an emulated AVX2-only CPU ({AVX2_ONLY_CPU}), "
             f"{cross_cpu['images']} validation images: max |dp| {cross_cpu['max_abs_diff']:.2e}, "
             f"decision agreement {cross_cpu['decision_agreement']:.2%}"
+            + (
+                f", features max |d| {cross_cpu['features_max_abs_diff']:.2e}"
+                if cross_cpu["features_max_abs_diff"] is not None
+                else ""
+            )
         )
     return summary
 

@@ -89,6 +89,7 @@ from ..model.models import (
     build_model,
     predict_torch,
     read_temperature,
+    stage_taps,
     supports_cam,
 )
 from ..run_files import EVALUATION_NAME, SPLIT_NAME, SUMMARY_NAME, TFLITE_EXPORT_SUMMARY
@@ -103,6 +104,7 @@ __all__ = [
     "load_samples",
     "main",
     "predict_tflite",
+    "predict_tflite_features",
     "predict_tflite_outputs",
     "quantize_int8",
     "run_export",
@@ -130,7 +132,9 @@ def load_model(checkpoint: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     return model.eval(), ckpt
 
 
-def convert_float(model: nn.Module, spec: PreprocessSpec, path: str | Path, heatmap: bool = True) -> Path:
+def convert_float(
+    model: nn.Module, spec: PreprocessSpec, path: str | Path, heatmap: bool = True, features: bool = False
+) -> Path:
     """Convert ``model`` (logits, NCHW) to a float ``.tflite`` with NHWC input, probabilities out.
 
     The batch size is fixed at 1 (the edge's LiteRT backend runs a fixed-batch
@@ -138,16 +142,20 @@ def convert_float(model: nn.Module, spec: PreprocessSpec, path: str | Path, heat
     allows it) the model has a second output, the class-activation map of
     :class:`~training.model.models.ClassActivationModel`, channel-last
     (``[1, h, w, classes]``; the edge's LiteRT backend hands it on as
-    ``[1, classes, h, w]``, like ONNX Runtime's).
+    ``[1, classes, h, w]``, like ONNX Runtime's). With ``features`` a last output
+    ``[1, sum(dims)]``, the pooled stage ends (:func:`~training.model.models.stage_taps`), as
+    in the ONNX export; the backend tells it from the scores by its width.
     """
     import litert_torch
 
     if spec.layout != "NCHW":
         raise ValueError(f"the PyTorch model takes NCHW; the spec's layout is {spec.layout}.")
     if heatmap and supports_cam(model):
-        wrapped = litert_torch.to_channel_last_io(ClassActivationModel(model).eval(), args=[0], outputs=[1])
+        wrapped = litert_torch.to_channel_last_io(
+            ClassActivationModel(model, features=features).eval(), args=[0], outputs=[1]
+        )
     else:
-        wrapped = litert_torch.to_channel_last_io(ProbabilityModel(model).eval(), args=[0])
+        wrapped = litert_torch.to_channel_last_io(ProbabilityModel(model, features).eval(), args=[0])
     sample = torch.zeros((1, spec.height, spec.width, spec.channels), dtype=torch.float32)
     path = Path(path)
     # The converter reports progress on stdout, which carries the CLI's JSON summary.
@@ -282,6 +290,14 @@ def quantize_int8(
                 operation_name=qtyping.TFLOperationName.CONV_2D,
                 algorithm_key=recipe.AlgorithmName.NO_QUANTIZE,
             )
+        # The features' concatenation stays float, as in the ONNX export: each pooled stage
+        # keeps its own scale (an INT8 concatenation would put all of them on one).
+        for tensor in _features_tensors(float_path):
+            quant.update_quantization_recipe(
+                regex=re.escape(tensor),
+                operation_name=qtyping.TFLOperationName.CONCATENATION,
+                algorithm_key=recipe.AlgorithmName.NO_QUANTIZE,
+            )
     input_name = _input_name(float_path)
     samples = [{input_name: calibration[i : i + 1]} for i in range(len(calibration))]
     result = quant.calibrate({_SIGNATURE: samples}, num_threads=threads)
@@ -331,6 +347,16 @@ def _heatmap_tensors(model_path: str | Path) -> list[str]:
     return [_name(subgraph.tensors[i]) for i in subgraph.outputs if len(subgraph.tensors[i].shape) == 4]
 
 
+def _features_tensors(model_path: str | Path) -> list[str]:
+    """Names of the rank-2 graph outputs wider than the narrowest one (the scores): the features."""
+    (_, subgraph), _ = _ops(Path(model_path))
+    pairs = [subgraph.tensors[i] for i in subgraph.outputs if len(subgraph.tensors[i].shape) == 2]
+    if len(pairs) < 2:
+        return []
+    narrowest = min(int(t.shape[1]) for t in pairs)
+    return [_name(t) for t in pairs if int(t.shape[1]) > narrowest]
+
+
 def _input_tensor_name(model_path: str | Path) -> str:
     (_, subgraph), _ = _ops(Path(model_path))
     return _name(subgraph.tensors[subgraph.inputs[0]])
@@ -361,7 +387,8 @@ def predict_tflite_outputs(
     interpreter.allocate_tensors()
     inp = interpreter.get_input_details()[0]
     details = interpreter.get_output_details()
-    out = next(d for d in details if len(d["shape"]) == 2)
+    # The scores are the narrowest rank-2 output (the features, where present, are wider).
+    out = min((d for d in details if len(d["shape"]) == 2), key=lambda d: int(d["shape"][1]))
     maps = [d for d in details if len(d["shape"]) == 4]
     rows, heat_rows = [], []
     for i in range(len(samples)):
@@ -377,6 +404,65 @@ def predict_tflite_outputs(
         if maps:
             heat_rows.append(_dequantized(interpreter, maps[0]).transpose(0, 3, 1, 2))
     return np.concatenate(rows), (np.concatenate(heat_rows) if heat_rows else None)
+
+
+def predict_tflite_features(
+    model_path: str | Path, samples: np.ndarray, threads: int = 2
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(N, classes)`` scores and ``(N, width)`` features of a .tflite on NHWC float samples."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(model_path), num_threads=threads)
+    interpreter.allocate_tensors()
+    inp = interpreter.get_input_details()[0]
+    pairs = sorted(
+        (d for d in interpreter.get_output_details() if len(d["shape"]) == 2),
+        key=lambda d: int(d["shape"][1]),
+    )
+    if len(pairs) < 2:
+        raise ValueError(f"{model_path} has no features output")
+    scores, features = [], []
+    for i in range(len(samples)):
+        x = samples[i : i + 1]
+        if np.issubdtype(inp["dtype"], np.integer):
+            scale, zero = inp["quantization"]
+            info = np.iinfo(inp["dtype"])
+            x = np.clip(np.rint(x / scale + zero), info.min, info.max).astype(inp["dtype"])
+        interpreter.set_tensor(inp["index"], np.ascontiguousarray(x))
+        interpreter.invoke()
+        scores.append(_dequantized(interpreter, pairs[0]).reshape(1, -1))
+        features.append(_dequantized(interpreter, pairs[-1]).reshape(1, -1))
+    return np.concatenate(scores), np.concatenate(features)
+
+
+def _features_check(
+    model: nn.Module, spec: PreprocessSpec, val: np.ndarray, features_int8: np.ndarray
+) -> dict[str, Any]:
+    """The INT8 model's features against PyTorch's (FP32), per stage: relative error, correlation."""
+    from ..model.models import _pooled_concat
+
+    taps = stage_taps(model, tuple(spec.sample_shape))  # type: ignore[arg-type]
+    with torch.no_grad():
+        reference = np.concatenate(
+            [
+                _pooled_concat(taps.run(torch.from_numpy(val[i : i + 64]))[1]).numpy()
+                for i in range(0, len(val), 64)
+            ]
+        )
+    errors, correlations = [], []
+    start = 0
+    for dim in taps.dims:
+        a = reference[:, start : start + dim].astype(np.float64)
+        b = features_int8[:, start : start + dim].astype(np.float64)
+        errors.append(float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-12)))
+        correlations.append(float(np.corrcoef(a.ravel(), b.ravel())[0, 1]))
+        start += dim
+    return {
+        "name": "features",
+        "layers": list(taps.layers),
+        "dims": list(taps.dims),
+        "int8_vs_torch": {"relative_error": errors, "correlation": correlations},
+    }
 
 
 def _dequantized(interpreter: Any, detail: dict[str, Any]) -> np.ndarray:
@@ -527,7 +613,7 @@ def run_export(
     log(f"model {ckpt['model']} from {checkpoint} (temperature {temperature:.4f}); split: {split_source}")
 
     t0 = time.monotonic()
-    convert_float(model, spec, float_path)
+    convert_float(model, spec, float_path, features=True)
     t_convert = time.monotonic() - t0
     log(f"converted to float TFLite in {t_convert:.1f} s ({float_path.stat().st_size / 1e6:.2f} MB)")
 
@@ -556,6 +642,8 @@ def run_export(
     p_int8 = scores_int8[:, positive]
     t_int8 = time.monotonic() - t1
     heatmap = _heatmap_check(model, val, cam_int8, positive) if cam_int8 is not None else None
+    _, features_int8 = predict_tflite_features(out, _nhwc(val, spec), threads)
+    features = _features_check(model, spec, val, features_int8)
     t_check = time.monotonic() - t0
     if not keep_float:
         float_path.unlink(missing_ok=True)
@@ -579,6 +667,7 @@ def run_export(
         "int8_vs_torch_at_0.5": compare_predictions(p_torch, p_int8, 0.5),
         "float_tflite_vs_torch": compare_predictions(p_torch, p_float, threshold),
         "heatmap": heatmap,
+        "features": features,
         "seconds": {
             "convert": t_convert,
             "quantize": t_quant,

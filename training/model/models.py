@@ -35,6 +35,7 @@ from .architectures import ARCHITECTURES, Architecture, StagedNet
 __all__ = [
     "CALIBRATION_NAME",
     "CAM_NAME",
+    "FEATURES_NAME",
     "BlockStages",
     "ClassActivationModel",
     "EfficientNetStages",
@@ -50,6 +51,7 @@ __all__ = [
     "predict_torch",
     "read_temperature",
     "register_model",
+    "stage_taps",
     "staged_view",
     "supports_cam",
 ]
@@ -429,14 +431,162 @@ register_model(
 
 class ProbabilityModel(nn.Module):
     """Wraps a logits model so an exported graph (ONNX or TFLite) ends in a softmax over classes,
-    and the edge needs no knowledge of logits."""
+    and the edge needs no knowledge of logits.
 
-    def __init__(self, model: nn.Module) -> None:
+    With ``features=True`` it returns ``(probabilities, features)``: the pooled stage-end
+    activations of :func:`stage_taps` (for the families without a class-activation map).
+    """
+
+    def __init__(self, model: nn.Module, features: bool = False) -> None:
         super().__init__()
         self.model = model
+        self._taps = stage_taps(model) if features else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.model(x), dim=1)
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if self._taps is None:
+            return torch.softmax(self.model(x), dim=1)
+        final, maps = self._taps.run(x)
+        features = _pooled_concat(maps)
+        probabilities = torch.softmax(self._taps.head(final), dim=1)
+        return probabilities, features
+
+
+#: The exported graph's third output: pooled activations at the end of each stage (the
+#: out-of-distribution check's input, ``manifest.output.features``).
+FEATURES_NAME = "features"
+
+
+@dataclass(frozen=True)
+class StageTaps:
+    """A network run that also hands out the feature maps its out-of-distribution check reads.
+
+    ``run(x)`` returns ``(final, maps)``: ``final`` is the last convolutional feature map (what
+    the network global-average-pools; ``head(final) == model(x)``, the logits, computed with the
+    network's own operators) and ``maps`` the outputs of the blocks named in ``layers``, whose
+    pooled widths are ``dims``.
+    """
+
+    run: Callable[[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]]
+    head: Callable[[torch.Tensor], torch.Tensor]
+    layers: tuple[str, ...]
+    dims: tuple[int, ...]
+
+
+def _pooled_concat(maps: list[torch.Tensor]) -> torch.Tensor:
+    """``[batch, sum(channels)]``: each map's global average, concatenated in order."""
+    return torch.cat([torch.flatten(torch.nn.functional.adaptive_avg_pool2d(m, 1), 1) for m in maps], dim=1)
+
+
+def _stage_ends(shapes: list[tuple[int, ...]]) -> list[int]:
+    """Indices of the last block of each run of two or more blocks with the same output shape.
+
+    A *stage* is a run of blocks that keep their output shape (channels and grid); its last
+    block's output is what the next stage reads. Single-block stages are left out (the first
+    block of a stage changes the shape, so it is a transition, not a settled representation).
+    EfficientNet-Lite0: blocks 2, 4, 7, 10 and 14 (widths 24, 40, 80, 112, 192).
+    """
+    ends: list[int] = []
+    start = 0
+    for i in range(1, len(shapes) + 1):
+        if i == len(shapes) or shapes[i] != shapes[start]:
+            if i - start >= 2:
+                ends.append(i - 1)
+            start = i
+    return ends
+
+
+def stage_taps(model: nn.Module, sample_shape: tuple[int, int, int] = (3, 96, 96)) -> StageTaps:
+    """Where the features output taps ``model`` (see :class:`StageTaps` and :func:`_stage_ends`).
+
+    EfficientNet-Lite and the :class:`~training.model.architectures.StagedNet` families tap
+    the end of each multi-block stage; a family whose blocks never repeat a shape (VGG's
+    stages, DenseNet's growing dense layers) taps only its final pooled features
+    (``layers == ("head",)``), recorded as such in the manifest. ``sample_shape`` is only
+    the probe that finds the stages.
+    """
+    trunk: Callable[[torch.Tensor, frozenset[int]], tuple[torch.Tensor, list[torch.Tensor]]]
+    if hasattr(model, "extract_features") and hasattr(model, "_fc"):  # EfficientNet-Lite
+        split = _feature_split(model)
+        assert split is not None
+        blocks = list(model._blocks)
+        rate = model._global_params.drop_connect_rate
+
+        def efficientnet_trunk(
+            x: torch.Tensor, taps: frozenset[int]
+        ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+            # extract_features, step for step (the same drop-connect schedule).
+            h = model._swish(model._bn0(model._conv_stem(x)))
+            maps: list[torch.Tensor] = []
+            for idx, block in enumerate(blocks):
+                block_rate = rate * float(idx) / len(blocks) if rate else rate
+                h = block(h, drop_connect_rate=block_rate)
+                if idx in taps:
+                    maps.append(h)
+            return model._swish(model._bn1(model._conv_head(h))), maps
+
+        trunk, head, prefix = efficientnet_trunk, split[1], "_blocks"
+    elif isinstance(model, StagedNet):
+        staged = model
+        blocks = list(staged.blocks())
+        split = _feature_split(staged)
+        last_conv = _staged_last_conv(staged) if split is not None else nn.Identity()
+
+        def staged_trunk(x: torch.Tensor, taps: frozenset[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+            h = staged.stem(x)
+            maps: list[torch.Tensor] = []
+            for idx, block in enumerate(blocks):
+                h = block(h)
+                if idx in taps:
+                    maps.append(h)
+            return last_conv(h), maps
+
+        def staged_head(f: torch.Tensor) -> torch.Tensor:
+            # no single linear head after pooling (VGG, MobileNetV3): the network's own parts
+            return staged.classify(staged.embed(f))
+
+        trunk, head, prefix = staged_trunk, (split[1] if split is not None else staged_head), "blocks"
+    else:
+        raise ValueError(f"{type(model).__name__}: no known stage structure to take features from")
+
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        probe = torch.zeros((1, *sample_shape))
+        final, every = trunk(probe, frozenset(range(len(blocks))))
+        shapes = [tuple(int(d) for d in m.shape[1:]) for m in every]
+        pooled_width = int(final.shape[1])
+    model.train(was_training)
+    ends = frozenset(_stage_ends(shapes))
+    if ends:
+
+        def run(x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+            return trunk(x, ends)
+
+        layers = tuple(f"{prefix}.{i}" for i in sorted(ends))
+        dims = tuple(shapes[i][0] for i in sorted(ends))
+        return StageTaps(run, head, layers, dims)
+
+    def run_final(x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        # Fallback: the final convolutional map (pooled: the classifier's input where it is linear).
+        final, _ = trunk(x, frozenset())
+        return final, [final]
+
+    return StageTaps(run_final, head, ("head",), (pooled_width,))
+
+
+def _staged_last_conv(model: StagedNet) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The step from a StagedNet's last block output to the map it pools (see _feature_split)."""
+    name = type(model).__name__
+    if name == "DenseNet":
+
+        def last_conv(h: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.relu(model.features.norm5(h))
+
+        return last_conv
+    if name == "MobileNetV2":
+        conv: Callable[[torch.Tensor], torch.Tensor] = model.features[-1]
+        return conv
+    return nn.Identity()
 
 
 #: The exported graph's second output: per-class logit maps of the last convolutional features.
@@ -508,10 +658,11 @@ class ClassActivationModel(nn.Module):
     linear, ``mean_ij cam[n, k] == logits[n, k]``, the logits the softmax reads
     (with the temperature folded into ``(W, b)``, they are the calibrated
     logits, i.e. raw logits / T). Probabilities come from the network's own
-    pooling and classifier on the same ``F``, unchanged.
+    pooling and classifier on the same ``F``, unchanged. With ``features=True`` a third output,
+    the pooled stage ends of :func:`stage_taps` (``[batch, sum(dims)]``), comes from the same pass.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, features: bool = False) -> None:
         super().__init__()
         split = _feature_split(model)
         if split is None:
@@ -521,14 +672,22 @@ class ClassActivationModel(nn.Module):
             )
         self.model = model
         self._features, self._head, self._linear = split
+        self._taps = stage_taps(model) if features else None
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        f = self._features(x)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self._taps is None:
+            f = self._features(x)
+        else:
+            f, maps = self._taps.run(x)
+            # The pooled stage ends (the out-of-distribution check's input), from the same pass.
+            pooled = _pooled_concat(maps)
         # The map first, so the exported graph still ends in the softmax (as without the map).
         weight = self._linear.weight[:, :, None, None]
         cam = torch.nn.functional.conv2d(f, weight, self._linear.bias)
         probabilities = torch.softmax(self._head(f), dim=1)
-        return probabilities, cam
+        if self._taps is None:
+            return probabilities, cam
+        return probabilities, cam, pooled
 
 
 def apply_temperature(model: nn.Module, temperature: float) -> nn.Module:
