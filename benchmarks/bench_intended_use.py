@@ -213,7 +213,7 @@ def cost(bundle_dir: Path, samples: np.ndarray, rounds: int = 5) -> dict[str, An
             for x in samples:
                 session.run(None, {"input": x[None]})
             times[name].append((time.perf_counter() - start) * 1000 / len(samples))
-    scope = ScopeCheck.from_bundle(bundle)
+    scope = ScopeCheck.from_bundle(bundle, "onnxruntime")
     rows = with_branch.run([features.name], {"input": samples[:1]})[0]
     assert scope.ood is not None
     start = time.perf_counter()

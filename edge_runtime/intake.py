@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 
 from .bundle import ModelBundle
+from .conformance import ood_for_backend
 from .errors import BackendError, OutsideIntendedUse
 from .ood import OodModel
-from .ood import load as load_ood
 from .results import IntendedUseVerdict
 
 __all__ = ["IntakePolicy", "ScopeCheck"]
@@ -109,19 +109,17 @@ class ScopeCheck:
     model_name: str = "the model"
 
     @classmethod
-    def from_bundle(cls, bundle: ModelBundle, *, out_of_scope: str = "report") -> ScopeCheck:
-        """The check the bundle's manifest declares (its OOD statistics loaded and checked)."""
-        use = bundle.manifest.intended_use
-        ood = None
-        threshold = None
-        features = bundle.manifest.output.features
-        if use.ood is not None and features is not None:
-            ood = load_ood(bundle.path / use.ood.file, features.dims)
-            threshold = use.ood.threshold
+    def from_bundle(cls, bundle: ModelBundle, backend: str, *, out_of_scope: str = "report") -> ScopeCheck:
+        """The check the bundle's manifest declares for ``backend``'s model file (statistics loaded).
+
+        Each backend quantizes with its own scales, so each has its own statistics and threshold
+        (:func:`~edge_runtime.conformance.ood_for_backend`).
+        """
+        fitted = ood_for_backend(bundle, backend)
         return cls(
-            age_years=use.age_years,
-            ood=ood,
-            ood_threshold=threshold,
+            age_years=bundle.manifest.intended_use.age_years,
+            ood=None if fitted is None else fitted[0],
+            ood_threshold=None if fitted is None else fitted[1],
             quarantine=out_of_scope == "quarantine",
             model_name=f"model {bundle.name} {bundle.version}",
         )

@@ -30,6 +30,7 @@ __all__ = [
     "IntendedUse",
     "Manifest",
     "Monitoring",
+    "OodFit",
     "OodSpec",
     "OperatingPoint",
     "OutputSpec",
@@ -132,6 +133,13 @@ class OperatingPoint(_Described):
     method: str | None = None
 
 
+class OodFit(_Described):
+    """One backend's out-of-distribution statistics (a bundle file) and threshold."""
+
+    file: str = Field(min_length=1)
+    threshold: float
+
+
 class OodSpec(_Described):
     """How the bundle tells an image like its training data from one that is not.
 
@@ -145,6 +153,17 @@ class OodSpec(_Described):
     method: Literal["stage-mahalanobis"] = "stage-mahalanobis"
     file: str = Field(min_length=1)
     threshold: float
+    #: A backend whose file quantizes with its own scales has its own statistics, fitted the
+    #: same way on its own features (``file`` and ``threshold`` above are ONNX Runtime's).
+    by_backend: dict[str, OodFit] = Field(default_factory=dict)
+
+    def for_backend(self, backend: str) -> OodFit:
+        """The statistics file and threshold that apply to ``backend``'s features."""
+        return self.by_backend.get(backend) or OodFit(file=self.file, threshold=self.threshold)
+
+    @property
+    def files(self) -> list[str]:
+        return [self.file, *(fit.file for fit in self.by_backend.values())]
 
 
 class IntendedUse(_Described):
@@ -274,8 +293,8 @@ class Manifest(_Strict):
             if self.conformance is not None and self.conformance.file not in self.files:
                 raise ValueError("'conformance' must name a reference-set file listed in 'files'")
             ood = self.intended_use.ood
-            if ood is not None and ood.file not in self.files:
-                raise ValueError("'intended_use.ood' must name a statistics file listed in 'files'")
+            if ood is not None and any(file not in self.files for file in ood.files):
+                raise ValueError("'intended_use.ood' must name statistics files listed in 'files'")
         if self.output.heatmap is None and any(a.heatmap for a in self.artifacts):
             raise ValueError("an artifact says it has a heat-map, but 'output.heatmap' names none")
         if self.output.features is None and any(a.features for a in self.artifacts):

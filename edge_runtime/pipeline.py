@@ -102,7 +102,7 @@ class ScanAnalyzer:
         self.bundle = bundle
         self.policy = policy
         #: The intended-use verdict after inference (age range, OOD score); the bundle's by default.
-        self.scope = scope or ScopeCheck.from_bundle(bundle)
+        self.scope = scope or ScopeCheck.from_bundle(bundle, backend.name)
         self.isolate = isolate
         self.decode_timeout_s = decode_timeout_s
         self.decode_memory_mb = decode_memory_mb
@@ -183,7 +183,7 @@ class ScanAnalyzer:
             limits=limits,
             threshold=threshold,
             policy=policy,
-            scope=ScopeCheck.from_bundle(bundle, out_of_scope=out_of_scope),
+            scope=ScopeCheck.from_bundle(bundle, backend.name, out_of_scope=out_of_scope),
             isolate=isolate,
             decode_timeout_s=decode_timeout_s,
             decode_memory_mb=decode_memory_mb,
@@ -312,7 +312,7 @@ class ScanAnalyzer:
             if outputs.heatmap is None
             else positive_heat(outputs.heatmap[0], self.bundle.labels, self.bundle.positive_label)
         )
-        features = getattr(outputs, "features", None)
+        features = outputs.features
         verdict = self.scope.verdict(prepared.kind, meta, None if features is None else features[:1])
         timings["total"] = timings.get("queue", 0.0) + (time.perf_counter() - t0) * 1000
         event(

@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 
 from .bundle import ModelBundle
+from .conformance import ood_for_backend
 from .errors import InputError
 
 __all__ = ["Sample", "write_chest_cr", "write_samples"]
@@ -40,22 +41,33 @@ class Sample:
 
 
 def write_samples(bundle: ModelBundle, dest: Path) -> list[Sample]:
-    """Write the reference set's clearest positive (DICOM) and clearest negative (PNG) to ``dest``."""
+    """Write the reference set's clearest positive (DICOM) and clearest negative (PNG) to ``dest``.
+
+    Clearest among the images within the model's intended use (its OOD check on the default
+    backend): a sample outside it would get no answer, which is not what a first run should show.
+    """
     spec = bundle.manifest.conformance
     if spec is None:
         raise InputError(
             f"model {bundle.manifest.name} {bundle.manifest.version} carries no reference images "
             "(no 'conformance' in its manifest), so it has no sample scans"
         )
+    backend = bundle.backends[0]
     with np.load(bundle.path / spec.file) as refs:
         images, labels = refs["images"], refs["labels"]
         reference = refs["reference"]
         # What the bundle's first engine (the default) answered on the build machine.
-        key = f"expected_{bundle.backends[0]}"
+        key = f"expected_{backend}"
         expected = refs[key] if key in refs.files else reference
+        features = refs.get(f"features_expected_{backend}")
+    # A sample must get an answer: only reference images within the model's intended use qualify.
+    within = np.ones(len(images), dtype=bool)
+    fitted = ood_for_backend(bundle, backend)
+    if fitted is not None and features is not None:
+        within = fitted[0].score(features) <= fitted[1]
     positive = bundle.manifest.labels.index(bundle.manifest.positive_label)
-    pos = np.flatnonzero(labels == positive)
-    neg = np.flatnonzero(labels != positive)
+    pos = np.flatnonzero((labels == positive) & within)
+    neg = np.flatnonzero((labels != positive) & within)
     if len(pos) == 0 or len(neg) == 0:
         raise InputError("the model's reference images do not hold both classes")
     clearest_pos = int(pos[np.argmax(reference[pos])])

@@ -125,7 +125,9 @@ def test_bundled_model_returns_its_heatmap_from_the_scoring_run(
         for path in _kermany(shared_data, "PNEUMONIA") + _kermany(shared_data, "NORMAL"):
             outcome = analyzer.analyze(path)
             assert outcome.heatmap is not None and outcome.image is not None
-            assert outcome.heatmap.shape == (3, 3) and outcome.heatmap.dtype == np.float32
+            # The last feature map's grid: the input side over EfficientNet's total stride of 32.
+            side = bundle.preprocessing.height // 32
+            assert outcome.heatmap.shape == (side, side) and outcome.heatmap.dtype == np.float32
             assert outcome.heatmap.min() >= 0.0 and outcome.heatmap.max() <= 1.0
             assert outcome.image.ndim == 2
         assert counting.runs == 2  # one engine run per scan: the map costs no second inference
@@ -203,7 +205,8 @@ def test_backend_parity_onnx_vs_litert_on_the_heatmap(default_bundle: Path) -> N
         pytest.skip("the bundled LiteRT file has no heat-map")
     onnx_maps, litert_maps = _maps(default_bundle, "onnxruntime"), _maps(default_bundle, "litert")
     assert onnx_maps is not None and litert_maps is not None
-    assert onnx_maps.shape == litert_maps.shape == (len(onnx_maps), 2, 3, 3)  # NCHW from both
+    side = bundle.preprocessing.height // 32  # EfficientNet's total stride
+    assert onnx_maps.shape == litert_maps.shape == (len(onnx_maps), 2, side, side)  # NCHW from both
     positive = bundle.labels.index(bundle.positive_label)
     between = [heat_difference(a, b, positive) for a, b in zip(litert_maps, onnx_maps, strict=True)]
     section = bundle.manifest.conformance
