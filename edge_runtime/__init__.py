@@ -16,5 +16,5 @@ The package reads as the pipeline it runs:
 This package never imports torch.
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 __all__ = ["__version__"]

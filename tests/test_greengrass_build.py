@@ -291,11 +291,11 @@ def test_runtime_recipe_dependency_and_least_privilege(build_dir: Path) -> None:
     recipe = read_recipe(build_dir / "recipes" / RUNTIME_RECIPE)
     dependency = recipe["ComponentDependencies"][MODEL]
     assert dependency["DependencyType"] == "HARD"
-    # This runtime reads 0.1.x, 0.2.x (conformance set) and 0.3.x bundles (heat-map output), not 0.4.
-    assert validate.satisfies("0.1.0", dependency["VersionRequirement"])
-    assert validate.satisfies("0.2.0", dependency["VersionRequirement"])
-    assert validate.satisfies("0.3.0", dependency["VersionRequirement"])
-    assert not validate.satisfies("0.4.0", dependency["VersionRequirement"])
+    # This runtime reads 0.1.x, 0.2.x (conformance set), 0.3.x (heat-map output) and 0.4.x bundles
+    # (features output, OOD check, age range, drift reference), not 0.5.
+    for version in ("0.1.0", "0.2.0", "0.3.0", "0.4.0"):
+        assert validate.satisfies(version, dependency["VersionRequirement"])
+    assert not validate.satisfies("0.5.0", dependency["VersionRequirement"])
     access = recipe["ComponentConfiguration"]["DefaultConfiguration"]["accessControl"]
     grants = {
         (service, op, res)
@@ -442,7 +442,7 @@ BREAKAGES: dict[str, tuple[Callable[[Path], None], str, str, list[str]]] = {
         ["pneumonia-cxr.zip", f"artifacts/{MODEL}/0.1.0/pneumonia-cxr.zip"],
     ),
     "unsatisfiable-dependency": (
-        lambda b: _edit(_runtime(b), '">=0.1.0 <0.4.0"', '"^0.2.0"'),
+        lambda b: _edit(_runtime(b), '">=0.1.0 <0.5.0"', '"^0.2.0"'),
         RUNTIME_RECIPE,
         "dependency",
         [MODEL, "'^0.2.0'", "this build has", "0.1.0"],
