@@ -293,8 +293,9 @@ class Manifest(_Strict):
             if self.conformance is not None and self.conformance.file not in self.files:
                 raise ValueError("'conformance' must name a reference-set file listed in 'files'")
             ood = self.intended_use.ood
-            if ood is not None and any(file not in self.files for file in ood.files):
-                raise ValueError("'intended_use.ood' must name statistics files listed in 'files'")
+            unlisted = [file for file in (ood.files if ood is not None else []) if file not in self.files]
+            if unlisted:
+                raise ValueError(f"'intended_use.ood' names {', '.join(unlisted)}; 'files' does not list it")
         if self.output.heatmap is None and any(a.heatmap for a in self.artifacts):
             raise ValueError("an artifact says it has a heat-map, but 'output.heatmap' names none")
         if self.output.features is None and any(a.features for a in self.artifacts):

@@ -143,6 +143,10 @@ def write_chest_cr(grey: np.ndarray, path: Path, *, patient_age: str = "003Y") -
     ds.Manufacturer = "HealthDiag sample (model reference set)"
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
+    # The whole 8-bit range as the display window (LINEAR: y = x / 255), so the image decodes to
+    # exactly the grey levels the PNG sample and the reference set hold; without a window the
+    # decoder would stretch the image's own min-max, which a reference image need not span.
+    ds.WindowCenter, ds.WindowWidth = 128, 256
     ds.Rows, ds.Columns = (int(n) for n in pixels.shape)
     ds.BitsAllocated = ds.BitsStored = 8
     ds.HighBit = 7

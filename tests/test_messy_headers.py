@@ -11,8 +11,10 @@ the IoT Core payload, nor in the log. The SR alone carries the patient's own
 name and IDs, as every DICOM object about the patient does (it goes to the
 hospital's PACS only, see :mod:`edge_runtime.reports.sr`).
 
-The source is a real chest CR from ``../shared/data`` (SIIM, through the
-bundled model); the service runs for real, with a real Mosquitto.
+The headers come from a real chest CR from ``../shared/data`` (SIIM); the image analysed is a
+paediatric chest radiograph (Kermany, as the CR a modality sends), within the bundled model's
+intended use, so every report, heat-map included, is built. The service runs for real, with
+a real Mosquitto.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import jsonschema
 import numpy as np
 import pydicom
 import pytest
-from helpers import TEST_TRUSTED_KEYS, dcmtk, make_analysis
+from helpers import PNEUMONIA_JPEG, TEST_TRUSTED_KEYS, chest_dicom_from_jpeg, dcmtk, make_analysis
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
@@ -268,22 +270,28 @@ def test_cloud_payload_rewrites_report_errors_from_their_code() -> None:
 
 
 @pytest.fixture(scope="module")
-def analysed(shared_data: Path, default_bundle: Path) -> Any:
+def child_cr(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A child's chest CR (the SIIM film is an adult's: outside the model's intended use)."""
+    return chest_dicom_from_jpeg(shared_data / PNEUMONIA_JPEG, tmp_path_factory.mktemp("child") / "child.dcm")
+
+
+@pytest.fixture(scope="module")
+def analysed(child_cr: Path, default_bundle: Path) -> Any:
     from edge_runtime.pipeline import ScanAnalyzer
 
     analyzer = ScanAnalyzer.from_bundle_path(default_bundle, "onnxruntime")
     try:
-        return analyzer.analyze(shared_data / SIIM, preview_side=256)
+        return analyzer.analyze(child_cr, preview_side=256)
     finally:
         analyzer.close()
 
 
 @pytest.mark.parametrize("case", list(QUIRKS))
 def test_each_quirky_header_still_gets_sr_fhir_and_heatmap_that_pass_the_tools(
-    case: str, shared_data: Path, analysed: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    case: str, child_cr: Path, analysed: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     values = QUIRKS[case]
-    path = messy_dicom(shared_data / SIIM, tmp_path / f"{case}.dcm", dict(values))
+    path = messy_dicom(child_cr, tmp_path / f"{case}.dcm", dict(values))
     result = analysed.result()
     writer = ReportWriter(ReportsConfig(), tmp_path / "reports")
     with caplog.at_level(logging.DEBUG):
@@ -318,7 +326,7 @@ def test_each_quirky_header_still_gets_sr_fhir_and_heatmap_that_pass_the_tools(
 
 
 def test_a_report_failure_publishes_a_code_and_fixed_text_and_logs_scrubbed_detail(
-    shared_data: Path, analysed: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch
+    child_cr: Path, analysed: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch
 ) -> None:
     """The defect itself: a library's exception quoting a header value went on the wire verbatim."""
     from edge_runtime.reports import sr as sr_module
@@ -327,7 +335,7 @@ def test_a_report_failure_publishes_a_code_and_fixed_text_and_logs_scrubbed_deta
         raise ValueError(f"Unable to convert {str(header.PatientName)!r} to 'DA' object")
 
     monkeypatch.setattr(sr_module, "build_sr", refuse)
-    path = messy_dicom(shared_data / SIIM, tmp_path / "in.dcm", dict(PLANTED))
+    path = messy_dicom(child_cr, tmp_path / "in.dcm", dict(PLANTED))
     result = analysed.result()
     with caplog.at_level(logging.DEBUG):
         outcome = ReportWriter(ReportsConfig(), tmp_path / "reports").build(
@@ -356,7 +364,7 @@ def test_a_report_failure_publishes_a_code_and_fixed_text_and_logs_scrubbed_deta
 
 
 def test_no_planted_name_or_exception_text_on_any_channel(
-    shared_data: Path,
+    child_cr: Path,
     default_bundle: Path,
     mosquitto,
     subscriber_factory,
@@ -394,7 +402,7 @@ def test_no_planted_name_or_exception_text_on_any_channel(
     }
     staged = tmp_path / "staged"
     staged.mkdir()
-    files = {name: messy_dicom(shared_data / SIIM, staged / name, values) for name, values in inputs.items()}
+    files = {name: messy_dicom(child_cr, staged / name, values) for name, values in inputs.items()}
     sources = {name: pydicom.dcmread(p, stop_before_pixels=True) for name, p in files.items()}
     sub = subscriber_factory(f"{config.mqtt.topic_prefix}/#")
     caplog.set_level(logging.INFO)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from helpers import TEST_TRUSTED_KEYS
+from helpers import PNEUMONIA_JPEG, TEST_TRUSTED_KEYS, chest_dicom_from_jpeg
 
 from edge_runtime.config import RuntimeConfig
 from edge_runtime.files import read_scan
@@ -68,7 +68,8 @@ def test_a_scan_replaced_after_decoding_does_not_lend_its_header_to_the_reports(
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     first, other = inbox / "scan.dcm", tmp_path / "other.dcm"
-    ds = pydicom.dcmread(shared_data / CHEST)
+    # A child's CR (within the model's intended use: its reports include the heat-map).
+    ds = pydicom.dcmread(chest_dicom_from_jpeg(shared_data / PNEUMONIA_JPEG, tmp_path / "child.dcm"))
     ds.PatientName, ds.PatientID = "First^Patient", "FIRST-1"
     ds.save_as(first, enforce_file_format=True)
     ds.PatientName, ds.PatientID = "Second^Patient", "SECOND-2"

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pydicom
-from helpers import PNEUMONIA_JPEG, StoreScp, chest_dicom_from_jpeg, free_port
+from helpers import NORMAL_JPEG, PNEUMONIA_JPEG, StoreScp, chest_dicom_from_jpeg, free_port
 from helpers import reports_service_config as make_config
 
 from edge_runtime.config import RuntimeConfig
@@ -29,7 +29,6 @@ from edge_runtime.sinks.mqtt import MqttSink
 from edge_runtime.workers import intake_blocked
 
 #: The real chest CR (PA) the bundled model admits; copies get new UIDs, as new studies would.
-CHEST_DICOM = "dicom/siim_torchxrayvision/1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
 
 
 def _result(message_id: str) -> tuple[str, str]:
@@ -185,7 +184,9 @@ def test_pacs_outage_pauses_only_the_pacs(
         Journal={"MaxOutboxMessagesPerSink": cap, "MaxOutboxMessages": 3},
         Health={"HeartbeatSeconds": 1, "File": str(tmp_path / "health.json")},
     )
-    studies = [_new_study(shared_data / CHEST_DICOM, tmp_path / f"study{i}.dcm") for i in range(4)]
+    # A child's CR under new UIDs each time (the SIIM film is an adult's: outside the intended use).
+    child = chest_dicom_from_jpeg(shared_data / NORMAL_JPEG, tmp_path / "child.dcm")
+    studies = [_new_study(child, tmp_path / f"study{i}.dcm") for i in range(4)]
     studies.insert(2, chest_dicom_from_jpeg(shared_data / PNEUMONIA_JPEG, tmp_path / "pneumonia.dcm"))
     sop_uids = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in studies]
     sub = subscriber_factory(f"{config.mqtt.topic_prefix}/#")
