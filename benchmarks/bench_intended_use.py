@@ -79,6 +79,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--backends", nargs="+", default=["onnxruntime", "litert"], help="engines to measure")
     parser.add_argument("--limit", type=int, default=0, help="at most this many images per set (0: all)")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+    parser.add_argument("--cost-only", action="store_true", help="only the features branch's cost")
     return parser.parse_args()
 
 
@@ -190,7 +191,7 @@ def _without_features(model_path: Path, output: str) -> bytes:
     return bytes(model.SerializeToString())
 
 
-def cost(bundle_dir: Path, samples: np.ndarray, rounds: int = 5) -> dict[str, Any]:
+def cost(bundle_dir: Path, samples: np.ndarray, rounds: int = 9) -> dict[str, Any]:
     """Inference with and without the features branch (ONNX, 1 thread, A B A B) and the score alone."""
     import onnxruntime as ort
 
@@ -241,11 +242,15 @@ def main() -> None:
     print(f"CPU: {cpu.get('model')} | INT8 dot: {cpu.get('int8_dot')} | flags: {cpu.get('int8_features')}")
     print(f"model: {bundle.name} {bundle.version} ({args.bundle})")
     use = bundle.manifest.intended_use
-    print(f"intended use: ages {use.age_years}, OOD {use.ood.model_dump() if use.ood else None}")
+    if use.ood is not None:
+        fits = {name: use.ood.for_backend(name).threshold for name in bundle.backends}
+        print(f"intended use: ages {use.age_years}; OOD {use.ood.method}, thresholds {fits}")
+    else:
+        print(f"intended use: ages {use.age_years}; no OOD check")
     report: dict[str, Any] = {"cpu": cpu, "model": f"{bundle.name} {bundle.version}", "backends": {}}
     with tempfile.TemporaryDirectory(prefix="bench-intended-use-") as tmp:
         sets, labels = build_sets(args.data, Path(tmp), args.limit)
-        for backend in args.backends:
+        for backend in [] if args.cost_only else args.backends:
             if backend not in bundle.backends:
                 print(f"\n{backend}: the bundle has no model file for it; skipped")
                 continue

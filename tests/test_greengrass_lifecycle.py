@@ -542,9 +542,13 @@ def test_build_install_run_update_stop_like_the_nucleus(
         siim = _mqtt_result(subscriber, shared_data / SIIM, next(iter(first)), key_file)
         assert siim["input"]["kind"] == "dicom" and siim["input"]["sop_instance_uid"].startswith("1.2.276")
         # Greengrass.IotCoreTopic is "" by default: no result goes to AWS IoT Core, only the box's
-        # retained health report on <StatusTopic>/<thing name>.
+        # retained health report on <StatusTopic>/<thing name> and its drift report on
+        # <Drift.IotCoreTopic>/<thing name> (no scan identifier in either).
         to_cloud = {call["topicName"] for call in nucleus.calls_for("PublishToIoTCore")}
-        assert to_cloud <= {f"healthdiag/edge/status/{nucleus.thing_name}"}, to_cloud
+        assert to_cloud <= {
+            f"healthdiag/edge/status/{nucleus.thing_name}",
+            f"healthdiag/edge/drift/{nucleus.thing_name}",
+        }, to_cloud
 
         # 6. A config-only deployment: threshold 0.0, applied live by the same process.
         pid, connects = proc.pid, len(nucleus.connect_messages)
