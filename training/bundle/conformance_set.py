@@ -66,8 +66,7 @@ __all__ = [
     "heat_build_diffs",
     "heat_tolerances",
     "measure_backends",
-    "measure_features",
-    "measure_heatmaps",
+    "measure_outputs",
     "ood_tolerances",
     "tolerance_for",
 ]
@@ -167,28 +166,6 @@ def heat_tolerances(heat_diffs: dict[str, float]) -> dict[str, float]:
     }
 
 
-def measure_heatmaps(bundle: ModelBundle, refs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Each shipped backend's heat-maps of the reference images, here (backends with one only)."""
-    from edge_runtime.preprocess import preprocess as edge_preprocess
-
-    maps: dict[str, np.ndarray] = {}
-    spec = bundle.preprocessing
-    for name in bundle.backends:
-        if bundle.manifest.heatmap_output(name) is None:
-            continue
-        engine = open_engine(bundle, name, threads=2)
-        batch = np.empty((1, *spec.sample_shape), dtype=np.float32)
-        rows = []
-        for image in refs["images"]:
-            edge_preprocess(image.astype(np.float32) / np.float32(255.0), spec, out=batch[0])
-            heat = engine.infer_outputs(batch).heatmap
-            assert heat is not None  # the manifest says this file has one
-            rows.append(heat[0])
-        engine.close()
-        maps[name] = np.stack(rows).astype(np.float32)
-    return maps
-
-
 #: The out-of-distribution score's allowed drift and verdict margin, as a share of the validation
 #: scores' interdecile range (q90 - q10): the same INT8 integers give the same score on every
 #: CPU (u8s8-rr; drift 0 measured), so this only leaves room for float rounding in the pooling.
@@ -202,24 +179,40 @@ def ood_tolerances(validation_scores: np.ndarray) -> dict[str, float]:
     return {"ood_max_drift": tolerance, "ood_decision_margin": tolerance}
 
 
-def measure_features(bundle: ModelBundle, refs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Each shipped backend's pooled features of the reference images, here (backends with them)."""
+def measure_outputs(
+    bundle: ModelBundle, refs: dict[str, np.ndarray], *, heatmaps: bool = True, features: bool = True
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Each shipped backend's heat-maps and pooled features of the reference images, here.
+
+    One engine run per image gives both (as on the device); a backend whose file lacks one of
+    them is left out of that mapping.
+    """
     maps: dict[str, np.ndarray] = {}
+    pooled: dict[str, np.ndarray] = {}
     spec = bundle.preprocessing
     for name in bundle.backends:
-        if bundle.manifest.features_output(name) is None:
+        want_map = heatmaps and bundle.manifest.heatmap_output(name) is not None
+        want_features = features and bundle.manifest.features_output(name) is not None
+        if not (want_map or want_features):
             continue
         engine = open_engine(bundle, name, threads=2)
         batch = np.empty((1, *spec.sample_shape), dtype=np.float32)
-        rows = []
+        map_rows, feature_rows = [], []
         for image in refs["images"]:
             preprocess(image.astype(np.float32) / np.float32(255.0), spec, out=batch[0])
-            features = engine.infer_outputs(batch).features
-            assert features is not None  # the manifest says this file has them
-            rows.append(features[0])
+            out = engine.infer_outputs(batch)
+            if want_map:
+                assert out.heatmap is not None  # the manifest says this file has one
+                map_rows.append(out.heatmap[0])
+            if want_features:
+                assert out.features is not None  # the manifest says this file has them
+                feature_rows.append(out.features[0])
         engine.close()
-        maps[name] = np.stack(rows).astype(np.float32)
-    return maps
+        if want_map:
+            maps[name] = np.stack(map_rows).astype(np.float32)
+        if want_features:
+            pooled[name] = np.stack(feature_rows).astype(np.float32)
+    return maps, pooled
 
 
 def heat_build_diffs(

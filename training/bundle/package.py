@@ -48,8 +48,7 @@ from .conformance_set import (
     heat_build_diffs,
     heat_tolerances,
     measure_backends,
-    measure_features,
-    measure_heatmaps,
+    measure_outputs,
     ood_tolerances,
 )
 from .manifest import (
@@ -179,8 +178,9 @@ def package_bundle(
         sign_manifest(bundle, private_key)
     provisional = load_bundle(bundle, trust=trust)
     outputs = measure_backends(provisional)
-    maps = measure_heatmaps(provisional, refs) if "cam_reference" in refs else {}
-    features = measure_features(provisional, refs) if ood is not None else {}
+    maps, features = measure_outputs(
+        provisional, refs, heatmaps="cam_reference" in refs, features=ood is not None
+    )
     np.savez_compressed(
         bundle / CONFORMANCE_NAME,
         **refs,
