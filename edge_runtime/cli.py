@@ -276,15 +276,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from .azure_edge import EdgeHubModule, running_under_iot_edge
     from .greengrass import GreengrassIpc, running_under_greengrass
+    from .hosts import Host
     from .service import EdgeService
 
-    ipc = None
-    if args.config is None and running_under_greengrass():
+    host: Host | None = None
+    if args.config is None and running_under_iot_edge():
+        # Started by Azure IoT Edge: the module twin's desired properties are the source of truth
+        # (the same keys as the Greengrass component's configuration), read and watched via edgeHub.
+        module = EdgeHubModule()
+        module.connect()
+        host = module
+        config = module.load_config()
+    elif args.config is None and running_under_greengrass():
         # Started by the Greengrass nucleus: the component configuration is the source
         # of truth, read (and later updated) over IPC.
-        ipc = GreengrassIpc()
-        config = ipc.load_config()
+        greengrass = GreengrassIpc()
+        host = greengrass
+        config = greengrass.load_config()
         if config.model.bundle_path is None:
             raise ConfigError(
                 "Model.BundlePath is empty in the Greengrass configuration, so the runtime would "
@@ -297,8 +307,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     configure_logging(
         config.logging.level, config.logging.format, redact_names=not config.privacy.log_file_names
     )
-    if ipc is not None:
-        logging.getLogger("edge_runtime").info("configuration read from the Greengrass nucleus over IPC")
+    if host is not None:
+        logging.getLogger("edge_runtime").info("configuration read from %s", host.name)
     from .journal import InstanceLock, Journal
     from .preflight import require_machine
 
@@ -313,7 +323,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except BaseException:
         lock.release()
         raise
-    service = EdgeService(config, ipc=ipc, journal=journal)
+    service = EdgeService(config, host=host, journal=journal)
     service.run_forever()
     return 0
 

@@ -48,6 +48,7 @@ from .errors import ConfigError
 
 __all__ = [
     "ENV_PREFIX",
+    "AzureConfig",
     "DecodeConfig",
     "DicomConfig",
     "DicomNodeConfig",
@@ -387,6 +388,48 @@ class GreengrassConfig(_Section):
     )
 
 
+def _output_name(value: str) -> str:
+    """An edgeHub output name, as routes name it (``FROM /messages/modules/<m>/outputs/<name>``)."""
+    if value and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", value):
+        raise ValueError(
+            f"{value!r} is not an edgeHub output name: use letters, digits, '-' and '_' (at most 64), "
+            "the name the deployment manifest's routes use"
+        )
+    return value
+
+
+#: An edgeHub output we send to (empty: off).
+OutputName = Annotated[str, AfterValidator(_output_name)]
+
+
+class AzureConfig(_Section):
+    """Result outputs and reporting through Azure IoT Edge's edgeHub (used only when IoT Edge started us)."""
+
+    results_output: OutputName = Field(
+        "results",
+        description="edgeHub output for every result, de-identified as for AWS IoT Core (the "
+        "deployment manifest routes it to IoT Hub, $upstream); empty = off. With Mqtt.Enabled false it "
+        "is the results channel, whose backlog holds new scans.",
+    )
+    urgent_output: OutputName = Field(
+        "urgent",
+        description="edgeHub output on which urgent results are sent again, de-identified; empty = off.",
+    )
+    fhir_output: OutputName = Field(
+        "fhir",
+        description="edgeHub output for each result's FHIR report (the transaction Bundle; it names the "
+        "study by its Study Instance UID, so route it only to a module on this box, never to "
+        "$upstream); empty = off.",
+    )
+    status_every_seconds: float = Field(
+        600.0,
+        ge=0.0,
+        le=86400.0,
+        description="The module twin's reported properties (runtime, model, conformance, health) are "
+        "updated when what they say changes and at least this often; 0 = every heartbeat.",
+    )
+
+
 class DriftConfig(_Section):
     """Per-site drift monitoring: are recent scans still like the model's validation images?"""
 
@@ -645,6 +688,7 @@ class RuntimeConfig(_Section):
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
     journal: JournalConfig = Field(default_factory=JournalConfig)
     greengrass: GreengrassConfig = Field(default_factory=GreengrassConfig)
+    azure: AzureConfig = Field(default_factory=AzureConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)
     drift: DriftConfig = Field(default_factory=DriftConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)

@@ -28,7 +28,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from .config import RuntimeConfig
-from .errors import ConfigError, EdgeRuntimeError, PublishError
+from .errors import EdgeRuntimeError, PublishError
+from .hosts import ConfigOutcome, MethodCall, config_update_handler
 
 __all__ = [
     "GreengrassIpc",
@@ -69,7 +70,9 @@ def resolve_recipe_variables(config: dict[str, Any], environ: Any) -> dict[str, 
 
 
 class GreengrassIpc:
-    """A thin, typed wrapper around ``GreengrassCoreIPCClientV2``."""
+    """A thin, typed wrapper around ``GreengrassCoreIPCClientV2`` (a :class:`~.hosts.Host`)."""
+
+    name = "AWS IoT Greengrass"
 
     def __init__(self, client: Any = None) -> None:
         if client is None:
@@ -121,6 +124,15 @@ class GreengrassIpc:
 
     def report_running(self) -> None:
         self.client.update_state(state="RUNNING")
+
+    def config_outcome(self, outcome: ConfigOutcome) -> None:
+        """Nothing to tell the nucleus: a refused update shows in the status and the log."""
+
+    def serve_methods(self, call: MethodCall) -> None:
+        """Greengrass has no remote calls into a component: the CLI on the box answers them."""
+
+    def report_status(self, snapshot: dict[str, Any]) -> None:
+        """The health report to AWS IoT Core is sent by :class:`~.health.Health` (report_to_cloud)."""
 
     def report_errored(self) -> None:
         self.client.update_state(state="ERRORED")
@@ -179,22 +191,3 @@ def _translate_ipc_errors(operation: str, topic: str) -> Iterator[None]:
         raise PublishError(
             f"Greengrass {operation} to {topic!r} failed: {kind}: {exc}", action=action
         ) from exc
-
-
-def config_update_handler(
-    ipc: GreengrassIpc, apply: Callable[[RuntimeConfig], None], reject: Callable[[str], None]
-) -> Callable[[], None]:
-    """Build the callback for configuration updates: re-read, validate, apply or reject."""
-
-    def handle() -> None:
-        try:
-            new_config = ipc.load_config()
-        except ConfigError as exc:
-            reject(exc.message)
-            return
-        except Exception as exc:
-            reject(f"could not read the updated configuration: {exc}")
-            return
-        apply(new_config)
-
-    return handle

@@ -26,6 +26,7 @@ from . import __version__
 from .config import RuntimeConfig
 from .drift_watch import SiteDrift
 from .errors import public_text
+from .hosts import Host
 from .results import build_status, utc_now
 
 __all__ = ["COUNTERS", "DISK_FULL_BYTES", "Health", "disk_full_reason", "error_line"]
@@ -59,6 +60,7 @@ class Health:
         stalled: Callable[[], str | None] = lambda: None,
         mqtt: Any = None,
         ipc: Any = None,
+        host: Host | None = None,
         journal_lost: Callable[[], str | None] = lambda: None,
         sinks_behind: Callable[[], list[str]] = list,
         dicom: Callable[[], dict[str, Any] | None] = lambda: None,
@@ -88,6 +90,8 @@ class Health:
         #: The MQTT sink (retained status topic), when MQTT is on.
         self.mqtt = mqtt
         self.ipc = ipc
+        #: What started the service (Greengrass, Azure IoT Edge): told each heartbeat's snapshot.
+        self.host = host
         self.counters = dict.fromkeys(COUNTERS, 0)
         self._lock = threading.Lock()
         #: The latest error an admin should see: a scan reference and an error code, never a name.
@@ -279,6 +283,8 @@ class Health:
                     self.write_file(snapshot)
                     self.publish_status(snapshot)
                     self.report_to_cloud(snapshot)
+                    if self.host is not None:
+                        self.host.report_status(snapshot)
                     if self.drift is not None:
                         self.drift.save()
                 except Exception:

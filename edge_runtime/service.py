@@ -4,7 +4,8 @@ Nothing here handles a scan: :mod:`.workers` hands each one to :mod:`.flow`,
 which takes it through the stages and has :mod:`.outcomes` record how it ended;
 :mod:`.sinks` drain the outbox; :mod:`.health` reports. This module builds
 them from the configuration, starts and stops them in order, and applies
-configuration updates from the Greengrass nucleus while scans keep flowing.
+configuration updates from its host (the Greengrass nucleus, Azure IoT Edge:
+:mod:`.hosts`) while scans keep flowing.
 """
 
 from __future__ import annotations
@@ -22,13 +23,15 @@ from .config import RuntimeConfig
 from .drift_watch import SiteDrift
 from .errors import ConfigError, EdgeRuntimeError, public_code
 from .flow import ScanFlow
-from .greengrass import GreengrassIpc, config_update_handler
+from .greengrass import GreengrassIpc
 from .health import Health, error_line
+from .hosts import ConfigOutcome, Host, config_update_handler
 from .journal import Journal
 from .live_config import diff_config
 from .manifest import DriftReference
 from .outcomes import OutcomeRecorder
 from .pipeline import ScanAnalyzer
+from .remote_methods import RemoteMethods
 from .reports.processes import ReportProcesses
 from .reports.retention import ReportRetention
 from .sinks import BoxState, OutboxDrainer, SinkBacklogs, create_sinks
@@ -62,25 +65,26 @@ class EdgeService:
     """Wires the stages together. ``start()``, then ``stop()`` (or ``run_forever()``)."""
 
     def __init__(
-        self, config: RuntimeConfig, ipc: GreengrassIpc | None = None, *, journal: Journal | None = None
+        self, config: RuntimeConfig, host: Host | None = None, *, journal: Journal | None = None
     ) -> None:
         self.config = config
-        self.ipc = ipc
+        #: What started us and keeps our configuration (None: a configuration file does).
+        self.host = host
         # The journal first: a second instance (its lock) or a lost journal is refused before
         # anything else is created (the reference key, the model's processes).
         self.journal = journal or Journal(config.journal.path)
         try:
-            self._build(config, ipc)
+            self._build(config, host)
         except BaseException:
             self.journal.close()  # frees the instance lock too
             raise
 
-    def _build(self, config: RuntimeConfig, ipc: GreengrassIpc | None) -> None:
+    def _build(self, config: RuntimeConfig, host: Host | None) -> None:
         self.analyzer = ScanAnalyzer.from_config(config)  # loads and verifies the model bundle
         # The sinks read the running model (it may be switched) and the outbox; nothing is set on
         # them after this.
         box = BoxState(model=lambda: self.analyzer.status_model(), pending=self.journal.outbox_pending)
-        self.sinks = create_sinks(config, ipc, box)
+        self.sinks = create_sinks(config, host, box)
         self.mqtt = next((s for s in self.sinks if isinstance(s, MqttSink)), None)
         self.sources = create_sources(config)
         self.drift = (
@@ -95,7 +99,8 @@ class EdgeService:
             model=lambda: self.analyzer.status_model(),
             stalled=lambda: self.workers.stalled(watchdog_limit(self.config)),
             mqtt=self.mqtt,
-            ipc=ipc,
+            ipc=host if isinstance(host, GreengrassIpc) else None,
+            host=host,
             journal_lost=self._journal_problem,
             sinks_behind=lambda: self.backlogs.behind(),
             dicom=self._dicom_state,
@@ -279,12 +284,20 @@ class EdgeService:
         self.health.start()
         self.reports.start()
         self.retention.start()
-        if self.ipc is not None:
-            self.ipc.subscribe_to_config_updates(
-                config_update_handler(self.ipc, self.apply_config, self._reject_config)
+        if self.host is not None:
+            self.host.subscribe_to_config_updates(
+                config_update_handler(self.host, self.apply_config, self._reject_config)
             )
-            self.ipc.report_running()
-            log.info("reported RUNNING to the Greengrass nucleus")
+            self.host.serve_methods(
+                RemoteMethods(
+                    health=self.health.snapshot,
+                    analyzer=lambda: self.analyzer,
+                    journal_path=lambda: self.journal.path,
+                    threads=lambda: self.config.model.threads,
+                ).call
+            )
+            self.host.report_running()
+            log.info("reported running to %s", self.host.name)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Finish scans in progress, leave queued ones at their source, say offline."""
@@ -299,8 +312,8 @@ class EdgeService:
         self.workers.stop(deadline)
         for drainer in self.drainers:
             drainer.stop(timeout_s=max(1.0, deadline - time.monotonic()))
-        if self.ipc is not None:
-            self.ipc.close()
+        if self.host is not None:
+            self.host.close()
         self.retention.stop()
         self.reports.close()
         self.health.stop()
@@ -353,6 +366,8 @@ class EdgeService:
         with self._config_lock:
             old = self.config
             if new == old:
+                if self.host is not None:
+                    self.host.config_outcome(ConfigOutcome(applied=True))
                 return
             change = diff_config(old, new)
             if change.reload_model:
@@ -386,6 +401,10 @@ class EdgeService:
             if change.needs_restart:
                 log.warning("these settings take effect after a restart: %s", ", ".join(change.needs_restart))
             self.health.publish_status()
+            if self.host is not None:
+                self.host.config_outcome(
+                    ConfigOutcome(True, tuple(change.changed), tuple(change.needs_restart))
+                )
 
     def _reject_config(self, reason: str, code: str = ConfigError.code) -> None:
         """A configuration update (or its model bundle) refused: the running one stays.
@@ -396,3 +415,5 @@ class EdgeService:
         self.health.last_error = error_line("configuration update rejected", code)
         log.error("configuration update rejected (%s), keeping the running configuration: %s", code, reason)
         self.health.publish_status()
+        if self.host is not None:
+            self.host.config_outcome(ConfigOutcome(False, error=f"{code}: {reason}"))

@@ -65,7 +65,7 @@ def nucleus_service(tmp_path: Path, monkeypatch):
     for key, value in nucleus.env().items():
         monkeypatch.setenv(key, value)
     ipc = GreengrassIpc()
-    service = EdgeService(ipc.load_config(), ipc=ipc)
+    service = EdgeService(ipc.load_config(), host=ipc)
     service.start()
     yield nucleus, service
     service.stop()

@@ -185,6 +185,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "edge_runtime.privacy",
             "edge_runtime.logs",
             "edge_runtime.greengrass",
+            "edge_runtime.hosts",
+            "edge_runtime.azure_edge",
         ),
     ),
     (
@@ -227,6 +229,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "edge_runtime.flow",
             "edge_runtime.workers",
             "edge_runtime.sinks.base",
+            "edge_runtime.remote_methods",
         ),
     ),
     (

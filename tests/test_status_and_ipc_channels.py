@@ -221,7 +221,7 @@ def nucleus_service(tmp_path: Path, monkeypatch) -> Iterator[tuple[FakeNucleus, 
     for key, value in nucleus.env().items():
         monkeypatch.setenv(key, value)
     ipc = GreengrassIpc()
-    service = EdgeService(ipc.load_config(), ipc=ipc)
+    service = EdgeService(ipc.load_config(), host=ipc)
     service.start()
     try:
         yield nucleus, service

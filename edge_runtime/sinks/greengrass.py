@@ -19,15 +19,12 @@ with back-off by the drainer.
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
 from ..config import RuntimeConfig
-from ..errors import ReportError, public_text
 from ..greengrass import GreengrassIpc
 from ..journal import Delivery, OutboxMessage
 from ..results import ScanResult
 from .base import Acknowledge, BoxState
+from .cloud import CLOUD_INPUT_FIELDS, CLOUD_REPORT_FIELDS, cloud_json, cloud_payload
 from .mqtt import fhir_document
 
 __all__ = [
@@ -42,45 +39,6 @@ __all__ = [
     "iot_core_from_config",
     "local_from_config",
 ]
-
-#: Input fields that may leave the hospital: none identifies the patient or the study.
-CLOUD_INPUT_FIELDS = (
-    "kind",
-    "decoder",
-    "modality",
-    "body_part_examined",
-    "view_position",
-    "rows",
-    "columns",
-    "bits_stored",
-    "photometric_interpretation",
-)
-
-
-#: Report links that may leave the hospital: our own file names and UIDs (derived from message_id).
-CLOUD_REPORT_FIELDS = ("folder", "sr", "heatmap_png", "heatmap_dicom", "fhir")
-
-
-def cloud_payload(result: ScanResult) -> dict[str, Any]:
-    """The result without patient or study identifiers, file names or content hashes.
-
-    The ``message_id`` stays: it is a one-way hash that lets the cloud drop
-    repeats, and lets the hospital (which has the full message) join the two.
-    ``reports`` keeps which reports exist and, when they failed, the error's
-    code with its fixed text, written here from the code
-    (:func:`~edge_runtime.errors.public_text`), so no other text reaches the cloud.
-    """
-    redacted = result.message()
-    redacted["input"] = {k: v for k, v in redacted["input"].items() if k in CLOUD_INPUT_FIELDS}
-    redacted["runtime"] = {"version": result.runtime.version}
-    reports = redacted.get("reports")
-    if isinstance(reports, dict):
-        kept = {k: v for k, v in reports.items() if k in CLOUD_REPORT_FIELDS}
-        if "error" in reports:
-            code = str(reports.get("error_code") or ReportError.code)
-            kept.update(error_code=code, error=public_text(code))
-        redacted["reports"] = kept
-    return redacted
 
 
 class _IpcSink:
@@ -156,11 +114,6 @@ class LocalFhirSink(LocalPubSubSink):
         return None if bundle is None else Delivery(self.name, topic, bundle, 1)
 
 
-def _cloud_json(result: ScanResult) -> str:
-    """What IoT Core gets for a result: :func:`cloud_payload` as compact JSON."""
-    return json.dumps(cloud_payload(result), separators=(",", ":"), sort_keys=True)
-
-
 class IotCoreSink(_IpcSink):
     """AWS IoT Core through the nucleus (``PublishToIoTCore``, QoS 1), identifiers removed."""
 
@@ -171,7 +124,7 @@ class IotCoreSink(_IpcSink):
 
     def body(self, result: ScanResult) -> str:
         """The de-identified result (:func:`cloud_payload`)."""
-        return _cloud_json(result)
+        return cloud_json(result)
 
     def send(self, message: OutboxMessage) -> None:
         self.ipc.publish_iot_core(message.topic, message.payload, message.qos)
@@ -187,20 +140,20 @@ class IotCoreUrgentSink(IotCoreSink):
 
 
 def local_from_config(
-    config: RuntimeConfig, ipc: GreengrassIpc | None, state: BoxState | None = None
+    config: RuntimeConfig, ipc: object = None, state: BoxState | None = None
 ) -> list[_IpcSink]:
     """Results, urgent results and FHIR reports on local pub/sub (under the nucleus only).
 
     With MQTT off, results and urgent results are the results channel (never dropped).
     """
-    if ipc is None:
+    if not isinstance(ipc, GreengrassIpc):
         return []
     primary = not config.mqtt.enabled
     return [LocalPubSubSink(ipc, primary=primary), LocalUrgentSink(ipc, primary=primary), LocalFhirSink(ipc)]
 
 
 def iot_core_from_config(
-    config: RuntimeConfig, ipc: GreengrassIpc | None, state: BoxState | None = None
+    config: RuntimeConfig, ipc: object = None, state: BoxState | None = None
 ) -> list[_IpcSink]:
     """Results and urgent results, de-identified, to AWS IoT Core (under the nucleus only)."""
-    return [] if ipc is None else [IotCoreSink(ipc), IotCoreUrgentSink(ipc)]
+    return [IotCoreSink(ipc), IotCoreUrgentSink(ipc)] if isinstance(ipc, GreengrassIpc) else []
