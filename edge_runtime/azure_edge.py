@@ -144,6 +144,9 @@ class EdgeHubModule:
 
     def __init__(self, client: Any = None, *, environ: Mapping[str, str] | None = None) -> None:
         env = os.environ if environ is None else environ
+        # The SDK logs every publish and twin request at INFO: one line per result and per heartbeat
+        # would bury what happened to each scan. Its warnings and errors still show.
+        logging.getLogger("azure.iot.device").setLevel(logging.WARNING)
         if client is None:
             client = _create_client(env)
         self.client = client
@@ -160,6 +163,8 @@ class EdgeHubModule:
         #: What the last status report said (its meaningful part) and when it was sent.
         self._status_sent: tuple[str, float] | None = None
         self._connection_listeners: list[Callable[[], None]] = []
+        #: When the connection to edgeHub was lost (None: connected, or never connected yet).
+        self._down_since: float | None = None
         self.client.on_connection_state_change = self._connection_changed
 
     # -- connection --------------------------------------------------------------------
@@ -188,12 +193,21 @@ class EdgeHubModule:
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
+    def problem(self) -> str | None:
+        if self.connected:
+            return None
+        since = self._down_since
+        when = "" if since is None else f" since {time.strftime('%H:%M:%S', time.gmtime(since))} UTC"
+        return f"edgeHub not reachable{when}"
+
     def add_connection_listener(self, listener: Callable[[], None]) -> None:
         """Call ``listener()`` whenever the connection to edgeHub comes up or goes down."""
         self._connection_listeners.append(listener)
 
     def _connection_changed(self) -> None:
-        log.info("edgeHub connection %s", "up" if self.connected else "down")
+        up = self.connected
+        self._down_since = None if up else (self._down_since or time.time())
+        log.log(logging.INFO if up else logging.WARNING, "edgeHub connection %s", "up" if up else "down")
         for listener in list(self._connection_listeners):
             try:
                 listener()

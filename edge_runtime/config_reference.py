@@ -32,7 +32,8 @@ _HEADER = """# Configuration reference
 Generated from the typed configuration (`edge_runtime/config.py`) by `edge-runtime config
 reference`; do not edit by hand (a test compares this file with the command's output).
 
-Keys are PascalCase, as in a YAML or JSON file and the Greengrass component configuration. Any
+Keys are PascalCase, as in a YAML or JSON file, the Greengrass component configuration and the
+Azure IoT Edge module twin's desired properties (the same keys, nested the same way). Any
 key can be set from the environment as `{env}<SECTION>__<KEY>=value` (for example
 `{env}MQTT__HOST=broker.hospital.lan`). An empty string means "unset" for the settings whose
 type says "or unset". `edge-runtime config check` prints the effective value of every key.

@@ -131,6 +131,10 @@ class GreengrassIpc:
     def serve_methods(self, call: MethodCall) -> None:
         """Greengrass has no remote calls into a component: the CLI on the box answers them."""
 
+    def problem(self) -> str | None:
+        """The nucleus is local: a failed call says itself (PublishError), there is no connection state."""
+        return None
+
     def report_status(self, snapshot: dict[str, Any]) -> None:
         """The health report to AWS IoT Core is sent by :class:`~.health.Health` (report_to_cloud)."""
 

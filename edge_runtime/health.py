@@ -147,6 +147,8 @@ class Health:
             state, reason = "degraded", f"{self.mqtt.problem}; results kept in the journal"
         elif self.mqtt is not None and not mqtt_connected:
             state, reason = "degraded", "MQTT broker not reachable; results kept in the journal"
+        elif self.host is not None and (host_problem := self.host.problem()):
+            state, reason = "degraded", f"{host_problem}; results kept in the journal"
         elif self.last_error and self.last_error.startswith("configuration update rejected"):
             state, reason = "degraded", self.last_error
         behind = self._sinks_behind()

@@ -57,6 +57,9 @@ class Host(Protocol):
     def report_status(self, snapshot: dict[str, Any]) -> None:
         """One heartbeat's health snapshot, for a host that shows it (best effort, never raises)."""
 
+    def problem(self) -> str | None:
+        """Why the host cannot be reached now (the status' reason), or None."""
+
     def report_running(self) -> None:
         """The service is up and taking scans."""
 
