@@ -242,11 +242,19 @@ class EdgeHubModule:
             version = patch.get("$version")
             with self._lock:
                 current = self._desired_version
-                if isinstance(version, int) and current is not None and version <= current:
-                    log.info("desired properties version %s already applied (have %s)", version, current)
-                    return
-                merge_patch(self._desired, patch)
-                self._desired_version = version if isinstance(version, int) else current
+            if isinstance(version, int) and current is not None and version <= current:
+                log.info("desired properties version %s already applied (have %s)", version, current)
+                return
+            if isinstance(version, int) and current is not None and version > current + 1:
+                # Versions went by unseen (the SDK hands over the whole desired document as a
+                # "patch" after a reconnect): merging would keep keys deleted meanwhile, so the
+                # twin is read again whole.
+                log.info("desired properties %s -> %s: reading the whole twin", current, version)
+                self.read_twin()
+            else:
+                with self._lock:
+                    merge_patch(self._desired, patch)
+                    self._desired_version = version if isinstance(version, int) else current
             keys = ", ".join(sorted(k for k in patch if not k.startswith("$"))) or "none"
             log.info("module twin desired properties patch, version %s (sections %s)", version, keys)
             on_update()

@@ -119,6 +119,42 @@ def test_twin_patches_merge_as_iot_hub_merges_them() -> None:
     assert twin_safe({"a.b": {"$c d": (1, 2)}}) == {"a_b": {"_c_d": [1, 2]}}
 
 
+class _TwinClient:
+    """Just enough of the SDK client for the twin logic: a twin to read, handlers to hold."""
+
+    connected = True
+    on_connection_state_change = None
+    on_twin_desired_properties_patch_received: Any = None
+
+    def __init__(self, desired: dict[str, Any]) -> None:
+        self.desired = desired
+        self.reads = 0
+
+    def get_twin(self) -> dict[str, Any]:
+        self.reads += 1
+        return {"desired": json.loads(json.dumps(self.desired)), "reported": {"$version": 1}}
+
+
+def test_a_patch_after_unseen_versions_reads_the_whole_twin() -> None:
+    """After a reconnect the SDK hands the whole desired document over as a patch: keys deleted
+    meanwhile must go, so a version gap means reading the twin, not merging."""
+    client = _TwinClient({"$version": 3, "Workers": 2, "Model": {"Threshold": 0.7}})
+    module = EdgeHubModule(client, environ={"IOTEDGE_DEVICEID": "box-9"})
+    module.read_twin()
+    updates: list[int] = []
+    module.subscribe_to_config_updates(lambda: updates.append(1))
+    handler = client.on_twin_desired_properties_patch_received
+    handler({"$version": 4, "Model": {"Threshold": 0.8}})  # the next one: merged
+    assert module.load_config().model.threshold == 0.8 and module.load_config().workers == 2
+    handler({"$version": 4, "Model": {"Threshold": 0.1}})  # seen already: ignored
+    assert module.load_config().model.threshold == 0.8 and len(updates) == 1
+    client.desired = {"$version": 7, "Model": {"Threshold": 0.6}}  # Workers deleted at version 5
+    handler({"$version": 7, "Model": {"Threshold": 0.6}})
+    config = module.load_config()
+    assert client.reads == 2 and config.workers == 0 and config.model.threshold == 0.6
+    assert len(updates) == 2
+
+
 def test_only_the_host_that_started_us_gets_sinks(tmp_path: Path) -> None:
     from edge_runtime.config import RuntimeConfig
 
