@@ -264,7 +264,7 @@ class EdgeHubModule:
     def config_outcome(self, outcome: ConfigOutcome) -> None:
         with self._lock:
             version = self._loaded_version if outcome.applied else self._desired_version
-        status = "rejected"
+        status = "waiting" if outcome.waiting else "rejected"
         if outcome.applied:
             status = "applied; restart needed for some settings" if outcome.needs_restart else "applied"
         self._patch_reported(
@@ -277,6 +277,7 @@ class EdgeHubModule:
                     # The check's explanation names settings and the values the operator wrote in
                     # the desired properties, which IoT Hub holds already: nothing from a scan.
                     "error": outcome.error[:4000],
+                    "waiting": outcome.waiting,
                     "at": _utc_now(),
                 }
             }

@@ -34,6 +34,8 @@ class ConfigOutcome:
     needs_restart: tuple[str, ...] = ()
     #: Why it was refused (the configuration check's explanation), when not applied.
     error: str = ""
+    #: What it waits for (its model folder, not there yet), when neither applied nor refused.
+    waiting: str = ""
 
 
 class Host(Protocol):

@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 STOP_TIMEOUT_S = 4.0
 #: How long a replaced model stays open for workers that still hold it.
 _OLD_MODEL_GRACE_S = 30.0
+#: How often an update that names a model folder not there yet is tried again.
+BUNDLE_RETRY_S = 10.0
 
 
 def watchdog_limit(config: RuntimeConfig) -> float:
@@ -152,6 +154,10 @@ class EdgeService:
         )
         self.retention = ReportRetention(lambda: self.config, self.journal)
         self._config_lock = threading.Lock()
+        #: An update waiting for its model folder to appear (see _wait_for_bundle), and since when.
+        self._waiting_config: RuntimeConfig | None = None
+        self._announced_wait: RuntimeConfig | None = None
+        self._waiting_since: float | None = None
         self._stopping = threading.Event()
         self._stopped = threading.Event()
 
@@ -364,12 +370,18 @@ class EdgeService:
         (inbox/journal paths, workers, broker connection) are reported as such.
         """
         with self._config_lock:
+            # Any update supersedes one that waits for its model folder.
+            self._waiting_config = None
             old = self.config
             if new == old:
                 if self.host is not None:
                     self.host.config_outcome(ConfigOutcome(applied=True))
                 return
             change = diff_config(old, new)
+            folder = new.model.bundle_path
+            if change.reload_model and folder is not None and not folder.exists():
+                self._wait_for_bundle(new, folder)
+                return
             if change.reload_model:
                 try:
                     analyzer = ScanAnalyzer.from_config(new)
@@ -405,6 +417,41 @@ class EdgeService:
                 self.host.config_outcome(
                     ConfigOutcome(True, tuple(change.changed), tuple(change.needs_restart))
                 )
+
+    def _wait_for_bundle(self, new: RuntimeConfig, folder: Path) -> None:
+        """An update names a model folder that is not there yet: keep the running one, try again.
+
+        A rollout that ships the model separately (the Azure IoT Edge model module copies
+        its bundle into a shared volume; a Greengrass model component unpacks its artifact)
+        may deliver the configuration first. Refusing it for good would leave the box on the
+        old model until someone noticed; it is tried every :data:`BUNDLE_RETRY_S` until the
+        folder appears or a newer update replaces it.
+        """
+        first = self._announced_wait != new
+        self._announced_wait = new
+        if first:
+            self._waiting_since = time.monotonic()
+        self._waiting_config = new
+        waited = time.monotonic() - (self._waiting_since or time.monotonic())
+        text = (
+            f"model bundle folder {folder} does not exist yet (a model module or component may "
+            f"still be copying it): keeping model {self.analyzer.bundle.name} "
+            f"{self.analyzer.bundle.version} and trying again every {BUNDLE_RETRY_S:.0f} s"
+        )
+        if first:
+            log.warning("configuration update waits: %s", text)
+        else:
+            log.debug("still waiting %.0f s: %s", waited, text)
+        if first and self.host is not None:
+            self.host.config_outcome(ConfigOutcome(False, waiting=text))
+        timer = threading.Timer(BUNDLE_RETRY_S, self._retry_waiting, args=(new,))
+        timer.daemon = True
+        timer.start()
+
+    def _retry_waiting(self, new: RuntimeConfig) -> None:
+        if self._stopping.is_set() or self._waiting_config is not new:
+            return  # stopped, or a newer update came meanwhile
+        self.apply_config(new)
 
     def _reject_config(self, reason: str, code: str = ConfigError.code) -> None:
         """A configuration update (or its model bundle) refused: the running one stays.

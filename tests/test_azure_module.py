@@ -242,6 +242,30 @@ def test_twin_patches_apply_live_and_an_invalid_one_is_refused_and_reported(
     assert json.loads(hub.outputs_on("results")[0].body)["findings"][0]["threshold"] == 0.9
 
 
+def test_a_model_folder_not_there_yet_is_waited_for_not_refused(
+    module_service: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A layered rollout may change Model.BundlePath before the model module has copied the bundle."""
+    import edge_runtime.service
+
+    monkeypatch.setattr(edge_runtime.service, "BUNDLE_RETRY_S", 0.3)
+    hub, service = module_service
+    folder = tmp_path / "models" / "pneumonia-cxr-0.0.2"
+    version = hub.patch_desired({"Model": {"BundlePath": str(folder)}})
+    hub.wait_for(
+        lambda: hub.reported.get("configuration", {}).get("desiredVersion") == version,
+        what="the wait reported",
+    )
+    assert hub.reported["configuration"]["status"] == "waiting"
+    assert "does not exist yet" in hub.reported["configuration"]["waiting"]
+    assert service.analyzer.bundle.version == "0.0.1"
+    # The model module copies to a temporary name, then renames: the folder appears whole.
+    make_tiny_bundle(tmp_path / "models" / ".copying", version="0.0.2")
+    (tmp_path / "models" / ".copying").rename(folder)
+    hub.wait_for(lambda: service.analyzer.bundle.version == "0.0.2", what="the new model taken")
+    hub.wait_for(lambda: hub.reported["configuration"]["status"] == "applied", what="applied reported")
+
+
 def test_direct_methods_answer_read_only(module_service: Any) -> None:
     hub, _service = module_service
     status, health = hub.call_method("health")

@@ -36,12 +36,17 @@ README = REPO_ROOT / "README.md"
 #: The manuals the commands are shown in (the README links them).
 GREENGRASS_MANUAL = REPO_ROOT / "docs" / "greengrass.md"
 CLOUD_MANUAL = REPO_ROOT / "docs" / "cloud.md"
+AZURE_MANUAL = REPO_ROOT / "docs" / "azure-iot-edge.md"
 
 #: command -> (manual and section that give its install line, the modules it runs).
 COMMANDS = {
     "python -m components.build": (
         (GREENGRASS_MANUAL, "## Build and deploy the components"),
         ["components/build.py", "components/validate.py"],
+    ),
+    "python -m components.azure": (
+        (AZURE_MANUAL, "## Build and push the images"),
+        ["components/azure/__main__.py"],
     ),
     "python -m cdk.release": ((CLOUD_MANUAL, "## Stacks and the release command"), ["cdk/release.py"]),
     "npx cdk synth": ((CLOUD_MANUAL, "## Stacks and the release command"), ["cdk/app.py"]),

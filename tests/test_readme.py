@@ -224,5 +224,13 @@ def test_the_configuration_reference_is_the_code_s() -> None:
 def test_the_readme_is_short_and_links_its_manuals() -> None:
     """A newcomer's page: what it is, the two commands, what a result looks like, where to read on."""
     assert len(README.splitlines()) <= 200
-    for manual in ("operating", "configuration", "greengrass", "models", "cloud", "deploying-to-aws"):
+    for manual in (
+        "operating",
+        "configuration",
+        "greengrass",
+        "azure-iot-edge",
+        "models",
+        "cloud",
+        "deploying-to-aws",
+    ):
         assert f"(docs/{manual}.md)" in README, manual
