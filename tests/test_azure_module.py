@@ -205,6 +205,10 @@ def test_starts_from_the_edge_environment_reports_and_sends_deidentified_results
     assert json.loads(fhir.body)["resourceType"] == "Bundle"
     assert fhir.properties["$.mid"] == body["message_id"]
     hub.wait_for(lambda: service.journal.counts()["outbox_pending"] == 0, what="outbox drained")
+    # Urgent results again on their own output (as on the MQTT priority topic), and only those.
+    urgent = [json.loads(m.body)["message_id"] for m in hub.outputs_on("urgent")]
+    assert body["priority"] == "urgent"  # the tiny model finds pneumonia in this bright image
+    assert urgent == [body["message_id"]]
 
 
 def test_twin_patches_apply_live_and_an_invalid_one_is_refused_and_reported(
