@@ -37,7 +37,7 @@ from typing import Any
 
 from . import __version__
 from .config import RuntimeConfig
-from .errors import ConfigError, EdgeRuntimeError, PublishError
+from .errors import ConfigError, EdgeRuntimeError, PublishError, code_in_line
 from .hosts import ConfigOutcome, MethodCall
 
 __all__ = [
@@ -165,6 +165,19 @@ class EdgeHubModule:
         self._connection_listeners: list[Callable[[], None]] = []
         #: When the connection to edgeHub was lost (None: connected, or never connected yet).
         self._down_since: float | None = None
+        self._gateway = env.get("IOTEDGE_GATEWAYHOSTNAME", "?")
+        self._closing = threading.Event()
+        #: Set by the SDK's patch handler: the twin changed, read it again (on the twin thread).
+        self._twin_changed = threading.Event()
+        self._twin_thread: threading.Thread | None = None
+        #: Reported properties waiting for the reporter thread (top-level keys; the latest wins).
+        self._reports: dict[str, Any] = {}
+        self._reports_ready = threading.Event()
+        self._reporting = False
+        # Twin requests block while edgeHub is away (the SDK waits for the reconnect): they are
+        # made on a thread of their own, never on the heartbeat or under the configuration lock.
+        self._reporter = threading.Thread(target=self._report_loop, name="twin-reported", daemon=True)
+        self._reporter.start()
         self.client.on_connection_state_change = self._connection_changed
 
     # -- connection --------------------------------------------------------------------
@@ -184,7 +197,7 @@ class EdgeHubModule:
             except Exception as exc:
                 if time.monotonic() + delay > deadline:
                     raise EdgeRuntimeError(
-                        f"Could not reach edgeHub at {os.environ.get('IOTEDGE_GATEWAYHOSTNAME', '?')}:8883 "
+                        f"Could not reach edgeHub at {self._gateway}:8883 "
                         f"within {timeout_s:.0f} s ({type(exc).__name__}: {exc}).",
                         action="Check 'iotedge list' (edgeHub must be running) and 'iotedge check'; "
                         "edgeAgent restarts this module, and results made before the stop are kept.",
@@ -238,28 +251,49 @@ class EdgeHubModule:
         return config
 
     def subscribe_to_config_updates(self, on_update: Callable[[], None]) -> None:
+        """Re-read the whole twin after every desired-property patch, on one thread, then ``on_update()``.
+
+        The SDK calls its handlers on a pool of threads, so two patches close together
+        could be merged and applied out of order; and after a reconnect it hands over the
+        whole desired document as if it were a patch, which merging cannot tell from one
+        (a key deleted meanwhile would stay). Reading the twin whole, in order, on one
+        thread, is right in every case; patches are rare, so the extra request is cheap.
+        One read right after subscribing catches a patch made since the first read.
+        """
+
         def on_patch(patch: dict[str, Any]) -> None:
-            version = patch.get("$version")
-            with self._lock:
-                current = self._desired_version
-            if isinstance(version, int) and current is not None and version <= current:
-                log.info("desired properties version %s already applied (have %s)", version, current)
-                return
-            if isinstance(version, int) and current is not None and version > current + 1:
-                # Versions went by unseen (the SDK hands over the whole desired document as a
-                # "patch" after a reconnect): merging would keep keys deleted meanwhile, so the
-                # twin is read again whole.
-                log.info("desired properties %s -> %s: reading the whole twin", current, version)
-                self.read_twin()
-            else:
-                with self._lock:
-                    merge_patch(self._desired, patch)
-                    self._desired_version = version if isinstance(version, int) else current
-            keys = ", ".join(sorted(k for k in patch if not k.startswith("$"))) or "none"
-            log.info("module twin desired properties patch, version %s (sections %s)", version, keys)
-            on_update()
+            log.info("module twin desired properties patch, version %s", patch.get("$version"))
+            self._twin_changed.set()
 
         self.client.on_twin_desired_properties_patch_received = on_patch
+        self._twin_thread = threading.Thread(
+            target=self._twin_loop, args=(on_update,), name="twin-desired", daemon=True
+        )
+        self._twin_thread.start()
+        self._twin_changed.set()
+
+    def _twin_loop(self, on_update: Callable[[], None]) -> None:
+        backoff = 1.0
+        while not self._closing.is_set():
+            self._twin_changed.wait()
+            if self._closing.is_set():
+                return
+            self._twin_changed.clear()
+            before = self._desired_version
+            try:
+                self.read_twin()
+            except Exception as exc:
+                log.warning("could not read the module twin (%s); trying again in %.0f s", exc, backoff)
+                self._closing.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
+                self._twin_changed.set()
+                continue
+            backoff = 1.0
+            if self._desired_version != before:
+                try:
+                    on_update()
+                except Exception:
+                    log.exception("applying desired properties version %s failed", self._desired_version)
 
     def config_outcome(self, outcome: ConfigOutcome) -> None:
         with self._lock:
@@ -327,7 +361,8 @@ class EdgeHubModule:
             "reason": snapshot.get("reason") or "",
             "model": twin_safe(snapshot.get("model") or {}),
             "drift": {"state": drift.get("state", "off"), "reasons": "; ".join(drift.get("reasons") or [])},
-            "lastError": snapshot.get("last_error") or "",
+            # The code only: the last error's subject is a scan reference or a message id.
+            "lastErrorCode": code_in_line(snapshot.get("last_error")) or "",
         }
         meaning = json.dumps(status, sort_keys=True, default=str)
         now = time.monotonic()
@@ -346,15 +381,48 @@ class EdgeHubModule:
                 self._status_sent = (meaning, now)
 
     def _patch_reported(self, patch: dict[str, Any]) -> bool:
-        """Best effort: a twin that cannot be written now is written at the next heartbeat."""
-        if not self.connected:
-            return False
-        try:
-            self.client.patch_twin_reported_properties(twin_safe(patch))
-        except Exception as exc:
-            log.warning("could not update the module twin's reported properties: %s", exc)
-            return False
+        """Queue a reported-properties patch for the reporter thread (never blocks)."""
+        with self._lock:
+            self._reports.update(patch)
+        self._reports_ready.set()
         return True
+
+    def _report_loop(self) -> None:
+        """Send queued reported properties while connected; what fails is sent with the next ones."""
+        while True:
+            self._reports_ready.wait()
+            self._reports_ready.clear()
+            with self._lock:
+                patch, self._reports = self._reports, {}
+                self._reporting = bool(patch)
+            if self._closing.is_set():
+                return
+            if not patch:
+                continue
+            sent = False
+            if self.connected:
+                try:
+                    self.client.patch_twin_reported_properties(twin_safe(patch))
+                    sent = True
+                except Exception as exc:
+                    log.warning("could not update the module twin's reported properties: %s", exc)
+            with self._lock:
+                if not sent:  # newer values queued meanwhile win
+                    self._reports = {**patch, **self._reports}
+                self._reporting = False
+            if not sent:
+                self._closing.wait(2.0)
+                self._reports_ready.set()
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until the queued reported properties are sent (True) or ``timeout_s`` passed."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._reports and not self._reporting:
+                    return True
+            time.sleep(0.05)
+        return False
 
     # -- outputs -----------------------------------------------------------------------
     def send_output(self, output: str, payload: str, message_id: str) -> None:
@@ -384,11 +452,24 @@ class EdgeHubModule:
                 "in the journal and are sent again.",
             ) from exc
 
-    def close(self) -> None:
-        try:
-            self.client.shutdown()
-        except Exception:
-            log.debug("closing the IoT Edge module client failed", exc_info=True)
+    def close(self, timeout_s: float = 3.0) -> None:
+        """Disconnect; bounded, because the SDK's shutdown waits for handlers still running."""
+        self.flush(min(1.0, timeout_s))
+        self._closing.set()
+        self._twin_changed.set()
+        self._reports_ready.set()
+
+        def shutdown() -> None:
+            try:
+                self.client.shutdown()
+            except Exception:
+                log.debug("closing the IoT Edge module client failed", exc_info=True)
+
+        closer = threading.Thread(target=shutdown, name="edgehub-shutdown", daemon=True)
+        closer.start()
+        closer.join(timeout_s)
+        if closer.is_alive():
+            log.warning("the IoT Edge module client did not shut down within %.0f s; leaving it", timeout_s)
 
 
 def _create_client(environ: Mapping[str, str]) -> Any:

@@ -278,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_run(args: argparse.Namespace) -> int:
     from .azure_edge import EdgeHubModule, running_under_iot_edge
     from .greengrass import GreengrassIpc, running_under_greengrass
-    from .hosts import Host
+    from .hosts import ConfigOutcome, Host
     from .service import EdgeService
 
     host: Host | None = None
@@ -286,9 +286,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
         # Started by Azure IoT Edge: the module twin's desired properties are the source of truth
         # (the same keys as the Greengrass component's configuration), read and watched via edgeHub.
         module = EdgeHubModule()
-        module.connect()
+        try:
+            module.connect()
+            config = module.load_config()
+        except ConfigError as exc:
+            # Said where whoever wrote the twin looks, before edgeAgent restarts us.
+            module.config_outcome(ConfigOutcome(False, error=f"{exc.code}: {exc.message}"))
+            module.flush(5.0)
+            module.close()
+            raise
+        except BaseException:
+            module.close()
+            raise
         host = module
-        config = module.load_config()
     elif args.config is None and running_under_greengrass():
         # Started by the Greengrass nucleus: the component configuration is the source
         # of truth, read (and later updated) over IPC.
@@ -314,16 +324,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     # One service per journal, checked first: a second one is refused naming the first's PID,
     # before it could trip over the first's port or broker session.
-    lock = InstanceLock(config.journal.path)
     try:
-        # The same checks as 'config check', creating missing folders as the sources do.
-        require_machine(config, create=True)
-        # --new-journal: a refused journal is moved aside and a new one created (logged).
-        journal = Journal(config.journal.path, start_new=args.new_journal, lock=lock)
+        lock = InstanceLock(config.journal.path)
+        try:
+            # The same checks as 'config check', creating missing folders as the sources do.
+            require_machine(config, create=True)
+            # --new-journal: a refused journal is moved aside and a new one created (logged).
+            journal = Journal(config.journal.path, start_new=args.new_journal, lock=lock)
+        except BaseException:
+            lock.release()
+            raise
+        service = EdgeService(config, host=host, journal=journal)
     except BaseException:
-        lock.release()
+        # The host's client has threads of its own: closed, so that the process exits and says why.
+        if host is not None:
+            host.close()
         raise
-    service = EdgeService(config, host=host, journal=journal)
     service.run_forever()
     return 0
 

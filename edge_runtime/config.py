@@ -416,11 +416,26 @@ class AzureConfig(_Section):
         description="edgeHub output on which urgent results are sent again, de-identified; empty = off.",
     )
     fhir_output: OutputName = Field(
-        "fhir",
-        description="edgeHub output for each result's FHIR report (the transaction Bundle; it names the "
-        "study by its Study Instance UID, so route it only to a module on this box, never to "
-        "$upstream); empty = off.",
+        "",
+        description="edgeHub output for each result's FHIR report (the transaction Bundle), e.g. "
+        "'fhir'; empty = off (the default). The Bundle names the study by its Study Instance UID: "
+        "route this output only to a module on this box, never to $upstream (the generated "
+        "manifest sets it only with --local-consumer and refuses such a route). Off by default "
+        "because routes live outside this process: a twin written by hand with a catch-all route "
+        "would otherwise send it to IoT Hub.",
     )
+
+    @model_validator(mode="after")
+    def _distinct_outputs(self) -> AzureConfig:
+        outputs = [o for o in (self.results_output, self.urgent_output, self.fhir_output) if o]
+        if len(outputs) != len(set(outputs)):
+            raise ValueError(
+                "ResultsOutput, UrgentOutput and FhirOutput must be different outputs (or empty): "
+                "routes tell outputs apart by name, so a shared one would send FHIR reports, which name "
+                "the study, wherever the de-identified results go"
+            )
+        return self
+
     status_every_seconds: float = Field(
         600.0,
         ge=0.0,

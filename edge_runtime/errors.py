@@ -57,6 +57,8 @@ a fixed, reviewed sentence from :data:`PUBLIC_TEXTS`, with no value in it.
 
 from __future__ import annotations
 
+import re
+
 __all__ = [
     "MQTT_AUTH_FAILED",
     "MQTT_CLIENT_ID_CONFLICT",
@@ -99,6 +101,7 @@ __all__ = [
     "UnreadableFile",
     "UnsupportedImage",
     "UnsupportedTransferSyntax",
+    "code_in_line",
     "public_code",
     "public_text",
 ]
@@ -510,6 +513,15 @@ def _class_of(code: str) -> type[EdgeRuntimeError] | None:
             return cls
         pending.extend(cls.__subclasses__())
     return None
+
+
+def code_in_line(line: object) -> str | None:
+    """The code in a status line ``<subject>: <code>: <fixed text>`` (its last error), or None.
+
+    For what leaves the box without the subject, which is a scan reference or a message id.
+    """
+    match = re.match(r"[^:]*: ([a-z0-9_]+): ", str(line or ""))
+    return match.group(1) if match else None
 
 
 def public_text(code: str) -> str:

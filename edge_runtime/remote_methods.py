@@ -14,16 +14,18 @@ know gets 404 with the list of those it does.
 from __future__ import annotations
 
 import logging
+import re
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .conformance import verify_backend
-from .errors import EdgeRuntimeError
+from .errors import EdgeRuntimeError, code_in_line
 from .journal_integrity import check_journal
 from .pipeline import ScanAnalyzer
 
-__all__ = ["METHODS", "RemoteMethods"]
+__all__ = ["METHODS", "RemoteMethods", "public_health"]
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,17 @@ METHODS = {
 }
 #: Names an operator might try that would change state: refused with why (405), not "unknown".
 _STATE_CHANGING = ("restart", "reset", "retry", "discard", "switch", "set", "delete", "purge")
+
+
+def public_health(snapshot: dict[str, Any]) -> dict[str, Any]:
+    """The status snapshot as it may leave the box: the last error by its code only.
+
+    ``last_error`` starts with a scan reference or a message id (``<subject>: <code>:
+    <fixed text>``), which stays on the box, as in the Greengrass health report.
+    """
+    public = dict(snapshot)
+    public["last_error_code"] = code_in_line(public.pop("last_error", None))
+    return public
 
 
 class RemoteMethods:
@@ -53,16 +66,19 @@ class RemoteMethods:
         self._analyzer = analyzer
         self._journal_path = journal_path
         self._threads = threads
+        #: One conformance run at a time: it runs the model on every reference image, and a
+        #: second one on a small box would only slow scans and the first run down.
+        self._verifying = threading.Lock()
 
     def call(self, name: str, payload: Any) -> tuple[int, Any]:
         """(status, answer) for one call; never raises for a caller's mistake (4xx) or a failed check."""
         if name == "health":
-            return 200, self._health()
+            return 200, public_health(self._health())
         if name == "model.verify":
             return self._model_verify(payload)
         if name == "journal.check":
             return self._journal_check()
-        if any(word in name.lower() for word in _STATE_CHANGING):
+        if set(re.split(r"[^a-z]+", name.lower())) & set(_STATE_CHANGING):
             return 405, {
                 "error": f"{name!r} would change the box's state; direct methods here are read-only. "
                 "Change the box through a deployment (the module twin's desired properties).",
@@ -77,10 +93,14 @@ class RemoteMethods:
             backend = str(payload["backend"])
         elif payload not in (None, {}, ""):
             return 400, {"error": 'payload must be empty or {"backend": NAME}'}
+        if not self._verifying.acquire(blocking=False):
+            return 409, {"error": "model.verify is already running on this box; call again when it ends"}
         try:
             report = verify_backend(analyzer.bundle, backend, threads=self._threads())
         except EdgeRuntimeError as exc:
             return 400, {"error": exc.message, "action": exc.action, "code": exc.code}
+        finally:
+            self._verifying.release()
         if report is None:
             return 200, {
                 "passed": None,

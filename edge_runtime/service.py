@@ -311,6 +311,9 @@ class EdgeService:
             self._stopped.wait(timeout_s)
             return
         self._stopping.set()
+        # A configuration update under way (a model being loaded) finishes first; none starts after.
+        with self._config_lock:
+            pass
         log.info("stopping: finishing scans in progress (up to %.0f s)", timeout_s)
         deadline = time.monotonic() + timeout_s
         for source in self.sources.values():
@@ -370,6 +373,8 @@ class EdgeService:
         (inbox/journal paths, workers, broker connection) are reported as such.
         """
         with self._config_lock:
+            if self._stopping.is_set():
+                return  # an update that arrives while stopping is read again at the next start
             # Any update supersedes one that waits for its model folder.
             self._waiting_config = None
             old = self.config
@@ -382,6 +387,7 @@ class EdgeService:
             if change.reload_model and folder is not None and not folder.exists():
                 self._wait_for_bundle(new, folder)
                 return
+            self._announced_wait = None
             if change.reload_model:
                 try:
                     analyzer = ScanAnalyzer.from_config(new)
@@ -457,8 +463,13 @@ class EdgeService:
         """A configuration update (or its model bundle) refused: the running one stays.
 
         ``reason`` (which names settings, values, paths and what the bundle check found)
-        goes to the log only; the status' ``last_error`` says ``code`` and its fixed text.
+        goes to the log and to the host that sent the update (the module twin's reported
+        ``configuration``: it quotes only what the operator wrote there); the status'
+        ``last_error`` says ``code`` and its fixed text. A newer update refused also
+        cancels one still waiting for its model folder.
         """
+        self._waiting_config = None
+        self._announced_wait = None
         self.health.last_error = error_line("configuration update rejected", code)
         log.error("configuration update rejected (%s), keeping the running configuration: %s", code, reason)
         self.health.publish_status()

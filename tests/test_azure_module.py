@@ -58,7 +58,7 @@ def twin_desired(tmp_path: Path, bundle: Path) -> dict[str, Any]:
         "Journal": {"Path": str(tmp_path / "state" / "journal.sqlite3")},
         "Health": {"HeartbeatSeconds": 1, "File": str(tmp_path / "state" / "health.json")},
         "Reports": {"Path": str(tmp_path / "reports")},
-        "Azure": {"StatusEverySeconds": 0},
+        "Azure": {"StatusEverySeconds": 0, "FhirOutput": "fhir"},
         "Workers": 1,
     }
 
@@ -134,25 +134,33 @@ class _TwinClient:
         self.reads += 1
         return {"desired": json.loads(json.dumps(self.desired)), "reported": {"$version": 1}}
 
+    def shutdown(self) -> None:
+        pass
 
-def test_a_patch_after_unseen_versions_reads_the_whole_twin() -> None:
-    """After a reconnect the SDK hands the whole desired document over as a patch: keys deleted
-    meanwhile must go, so a version gap means reading the twin, not merging."""
+
+def test_every_desired_patch_reads_the_whole_twin_in_order() -> None:
+    """After a reconnect the SDK hands the whole desired document over as if it were a patch, and it
+    calls handlers on a pool of threads: merging patches could keep a key deleted meanwhile, or apply
+    two out of order. The module reads the twin whole, on one thread, after each patch."""
     client = _TwinClient({"$version": 3, "Workers": 2, "Model": {"Threshold": 0.7}})
     module = EdgeHubModule(client, environ={"IOTEDGE_DEVICEID": "box-9"})
     module.read_twin()
-    updates: list[int] = []
-    module.subscribe_to_config_updates(lambda: updates.append(1))
+    applied: list[float | None] = []
+    module.subscribe_to_config_updates(lambda: applied.append(module.load_config().model.threshold))
     handler = client.on_twin_desired_properties_patch_received
-    handler({"$version": 4, "Model": {"Threshold": 0.8}})  # the next one: merged
-    assert module.load_config().model.threshold == 0.8 and module.load_config().workers == 2
-    handler({"$version": 4, "Model": {"Threshold": 0.1}})  # seen already: ignored
-    assert module.load_config().model.threshold == 0.8 and len(updates) == 1
-    client.desired = {"$version": 7, "Model": {"Threshold": 0.6}}  # Workers deleted at version 5
-    handler({"$version": 7, "Model": {"Threshold": 0.6}})
-    config = module.load_config()
-    assert client.reads == 2 and config.workers == 0 and config.model.threshold == 0.6
-    assert len(updates) == 2
+    try:
+        deadline = time.monotonic() + 5
+        while client.reads < 2 and time.monotonic() < deadline:  # the read right after subscribing
+            time.sleep(0.01)
+        assert applied == []  # same version: nothing to apply
+        client.desired = {"$version": 7, "Model": {"Threshold": 0.6}}  # Workers deleted at version 5
+        handler({"$version": 7, "Model": {"Threshold": 0.6}})
+        while not applied and time.monotonic() < deadline:
+            time.sleep(0.01)
+        config = module.load_config()
+        assert config.workers == 0 and config.model.threshold == 0.6 and applied == [0.6]
+    finally:
+        module.close()
 
 
 def test_only_the_host_that_started_us_gets_sinks(tmp_path: Path) -> None:
@@ -163,7 +171,7 @@ def test_only_the_host_that_started_us_gets_sinks(tmp_path: Path) -> None:
         on_connection_state_change = None
 
     module = EdgeHubModule(FakeClient(), environ={})
-    config = RuntimeConfig.from_mapping({"Mqtt": {"Enabled": False}})
+    config = RuntimeConfig.from_mapping({"Mqtt": {"Enabled": False}, "Azure": {"FhirOutput": "fhir"}})
     names = [s.name for s in create_sinks(config, module)]
     assert names == ["edgehub", "edgehub-urgent", "edgehub-fhir"]
     assert not [s for s in create_sinks(config, None) if s.name.startswith(("edgehub", "ipc-"))]
@@ -246,6 +254,35 @@ def test_twin_patches_apply_live_and_an_invalid_one_is_refused_and_reported(
     assert json.loads(hub.outputs_on("results")[0].body)["findings"][0]["threshold"] == 0.9
 
 
+def test_patches_in_quick_succession_end_on_the_latest(module_service: Any) -> None:
+    hub, service = module_service
+    versions = [hub.patch_desired({"Model": {"Threshold": t}}) for t in (0.1, 0.2, 0.3, 0.4, 0.5)]
+    hub.wait_for(
+        lambda: hub.reported.get("configuration", {}).get("desiredVersion") == versions[-1],
+        what="the last version reported",
+    )
+    assert service.config.model.threshold == 0.5
+    assert hub.reported["configuration"]["status"] == "applied"
+
+
+def test_an_invalid_twin_at_start_is_reported_and_the_module_exits(hub: FakeEdgeHub, tmp_path: Path) -> None:
+    version = hub.patch_desired({"Mqtt": {"Qos": 7}})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_RUNTIME__")}
+    env.update(hub.environ())
+    done = subprocess.run(
+        [sys.executable, "-m", "edge_runtime.cli", "run"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0 and "Mqtt.Qos" in done.stderr
+    configuration = hub.reported["configuration"]
+    assert configuration["status"] == "rejected" and configuration["desiredVersion"] == version
+    assert "Mqtt.Qos" in configuration["error"]
+
+
 def test_a_model_folder_not_there_yet_is_waited_for_not_refused(
     module_service: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -273,8 +310,9 @@ def test_a_model_folder_not_there_yet_is_waited_for_not_refused(
 def test_direct_methods_answer_read_only(module_service: Any) -> None:
     hub, _service = module_service
     status, health = hub.call_method("health")
-    assert status == 200 and health["state"] in ("online", "degraded")
+    assert status == 200 and health["state"] == "online", health["reason"]
     assert health["model"]["version"] == "0.0.1"
+    assert "last_error" not in health and "last_error_code" in health  # no scan reference
     status, verify = hub.call_method("model.verify", {})
     assert status == 200 and verify["passed"] is True and "report" in verify
     status, journal = hub.call_method("journal.check")

@@ -164,8 +164,8 @@ def desired_properties(options: ManifestOptions, bundle_name: str, model_version
     desired.pop(validate.ACCESS_CONTROL, None)
     desired.pop("Greengrass", None)
     desired["Azure"] = RuntimeConfig().to_pascal_dict()["Azure"]
-    if not options.local_consumer:
-        desired["Azure"]["FhirOutput"] = ""
+    # Off by default in the runtime too; on only where a module on the box is routed to receive it.
+    desired["Azure"]["FhirOutput"] = "fhir" if options.local_consumer else ""
     desired["Model"]["BundlePath"] = bundle_path(bundle_name, model_version)
     desired["Mqtt"]["Enabled"] = bool(options.mqtt_host)
     if options.mqtt_host:

@@ -20,6 +20,11 @@ case "$name" in
 esac
 target="$models/$name"
 
+# A clean exit on SIGTERM ("docker stop") from the start: a stop during the copy leaves only the
+# hidden partial folder, which the next start removes.
+sleeper=""
+trap 'if [ -n "$sleeper" ]; then kill "$sleeper" 2>/dev/null || :; fi; exit 0' TERM INT
+
 if [ -d "$target" ]; then
     echo "model-entry: $target is already in place"
 else
@@ -34,8 +39,6 @@ fi
 
 # Sleep in the background and wait for it: the shell runs its trap (a clean exit on SIGTERM from
 # "docker stop") only between commands, and a foreground sleep would hold it off.
-sleeper=""
-trap 'if [ -n "$sleeper" ]; then kill "$sleeper" 2>/dev/null || :; fi; exit 0' TERM INT
 while :; do
     sleep 300 &
     sleeper=$!
