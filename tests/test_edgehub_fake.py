@@ -150,6 +150,9 @@ def test_input_reaches_the_handler(hub: FakeEdgeHub, make_client: ClientFactory)
     assert message.custom_properties == {"reason": "a/b c"}
 
 
+# The fixture's own outage and renewal behaviour (10 s and 5 s of waiting each) runs in the slow suite;
+# the runtime's outage and renewal paths are in tests/test_azure_module.py, in the default one.
+@pytest.mark.slow
 def test_sas_token_renewal_signs_again_and_reconnects(hub: FakeEdgeHub, make_client: ClientFactory) -> None:
     client = make_client(sastoken_ttl=125)
     # The first token is signed when the client is created, before any connect.
@@ -171,6 +174,7 @@ def test_sas_token_renewal_signs_again_and_reconnects(hub: FakeEdgeHub, make_cli
     hub.wait_for(lambda: len(hub.outputs_on("results")) == 1, what="an output after the renewal")
 
 
+@pytest.mark.slow
 def test_outage_client_reconnects_and_sessions_survive(hub: FakeEdgeHub, make_client: ClientFactory) -> None:
     client = make_client()
     client.connect()
@@ -199,6 +203,7 @@ def test_outage_client_reconnects_and_sessions_survive(hub: FakeEdgeHub, make_cl
     assert [m.body for m in hub.outputs_on("results")] == [b"before", b"after"]
 
 
+@pytest.mark.slow
 def test_outage_that_loses_sessions_cuts_the_client_off(hub: FakeEdgeHub, make_client: ClientFactory) -> None:
     """The control for the test above: it is the hub's session store, not the SDK, that resubscribes."""
     client = make_client()
