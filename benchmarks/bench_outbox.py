@@ -49,7 +49,7 @@ def journal_rate(folder: Path, n: int, durable: bool) -> float:
         record = journal.admit(sha, folder / f"scan{i}.dcm", 1000).record
         payload = json.dumps(fake_result(i))
         (message,) = journal.record_result(
-            record.id, fake_result(i), [Delivery("mqtt", "bench/results", payload, 1)]
+            record.id, fake_result(i)["message_id"], payload, [Delivery("mqtt", "bench/results", payload, 1)]
         )
         journal.mark_delivered(message.seq)
     elapsed = time.perf_counter() - t0
@@ -80,7 +80,10 @@ def drain_time(folder: Path, backlog: int) -> tuple[float, float]:
         sha = hashlib.sha256(f"drain-{i}".encode()).hexdigest()
         record = journal.admit(sha, folder / f"d{i}.dcm", 1000).record
         result = fake_result(10**6 + i)
-        journal.record_result(record.id, result, [Delivery("mqtt", "bench/results", json.dumps(result), 1)])
+        payload = json.dumps(result)
+        journal.record_result(
+            record.id, result["message_id"], payload, [Delivery("mqtt", "bench/results", payload, 1)]
+        )
     sink = MqttSink(MqttConfig(host="127.0.0.1", port=port, client_id="bench-drain"))
     publisher = OutboxDrainer(journal, sink)
     publisher.start()  # broker is down: everything waits in the outbox
