@@ -18,11 +18,12 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from edgehub import AZURE_SDK_WARNING_FILTERS, FakeEdgeHub, edgehub_or_skip
+from edgehub import AZURE_SDK_WARNING_FILTERS, FakeEdgeHub, collect_sdk_garbage, edgehub_or_skip
 from helpers import TEST_PUBLIC_KEY, chest_dicom_from_jpeg, make_tiny_bundle
 
 from edge_runtime.azure_edge import EdgeHubModule, merge_patch, resolve_device_id, twin_safe
@@ -35,6 +36,15 @@ from edge_runtime.sinks.cloud import CLOUD_INPUT_FIELDS
 REPO = Path(__file__).resolve().parents[1]
 #: The client warns on every reconnect (paho's old callback API, a socket paho leaves open).
 pytestmark = [pytest.mark.filterwarnings(f) for f in AZURE_SDK_WARNING_FILTERS]
+
+
+@pytest.fixture(autouse=True)
+def _sdk_garbage_collected_here() -> Iterator[None]:
+    """The SDK's leftover sockets are collected after each test here, not during a later one."""
+    yield
+    collect_sdk_garbage()
+
+
 NORMAL = "cxr/kermany_pneumonia_224/test/NORMAL"
 
 

@@ -16,9 +16,17 @@ import pytest
 import requests_unixsocket
 from azure.iot.device import IoTHubModuleClient, Message, MethodRequest, MethodResponse
 from azure.iot.device.exceptions import ConnectionFailedError
-from edgehub import AZURE_SDK_WARNING_FILTERS, FakeEdgeHub, edgehub_or_skip
+from edgehub import AZURE_SDK_WARNING_FILTERS, FakeEdgeHub, collect_sdk_garbage, edgehub_or_skip
 
 pytestmark = [pytest.mark.filterwarnings(f) for f in AZURE_SDK_WARNING_FILTERS]
+
+
+@pytest.fixture(autouse=True)
+def _sdk_garbage_collected_here() -> Iterator[None]:
+    """The SDK's leftover sockets are collected after each test here, not during a later one."""
+    yield
+    collect_sdk_garbage()
+
 
 DESIRED = {"threshold": 0.5, "labels": {"effusion": True, "nodule": True}}
 ClientFactory = Callable[..., IoTHubModuleClient]
