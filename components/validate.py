@@ -182,11 +182,20 @@ def load_schemas(schema_dir: Path) -> dict[str, dict[str, Any]]:
     Raises:
         FileNotFoundError: naming the schema file that is missing.
     """
+    return read_schema_files(schema_dir, SCHEMA_FILES, "recipe schema")
+
+
+def read_schema_files(schema_dir: Path, files: Mapping[str, str], what: str) -> dict[str, dict[str, Any]]:
+    """JSON schemas by label from ``schema_dir`` (the Greengrass recipe and IoT Edge manifest checks).
+
+    Raises:
+        FileNotFoundError: naming the schema file that is missing.
+    """
     schemas = {}
-    for label, name in SCHEMA_FILES.items():
+    for label, name in files.items():
         path = schema_dir / name
         if not path.is_file():
-            raise FileNotFoundError(f"recipe schema {name} not found in {schema_dir}")
+            raise FileNotFoundError(f"{what} {name} not found in {schema_dir}")
         schemas[label] = json.loads(path.read_text(encoding="utf-8"))
     return schemas
 

@@ -115,6 +115,38 @@ WORKLOAD_API_VERSION = "2019-01-30"
 # client with the deprecated callback API 1; and each reconnect (SAS renewal, outage) restarts
 # paho's loop after the SDK has cut its thread loose, so loop_start() drops the old wake-up
 # socket pair unclosed.
+#: IoT Hub's limits that Mosquitto does not know (Azure IoT Hub quotas and the twin's rules).
+TWIN_SIZE_LIMIT = 32 * 1024
+TWIN_DEPTH_LIMIT = 10
+TWIN_STRING_LIMIT = 4 * 1024
+METHOD_PAYLOAD_LIMIT = 128 * 1024
+
+
+def twin_problems(value: Any, path: str = "", depth: int = 1) -> list[str]:
+    """Why IoT Hub would refuse this twin patch: property names, nesting depth, string length."""
+    problems: list[str] = []
+    if isinstance(value, dict):
+        if depth > TWIN_DEPTH_LIMIT:
+            return [f"{path or '/'} nests deeper than {TWIN_DEPTH_LIMIT} levels"]
+        for key, item in value.items():
+            if any(char in key for char in ".$ ") and not (depth == 1 and key == "$version"):
+                problems.append(f"property name {path}/{key!r} holds '.', '$' or a space")
+            problems += twin_problems(item, f"{path}/{key}", depth + 1)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            problems += twin_problems(item, f"{path}[{i}]", depth + 1)
+    elif isinstance(value, str) and len(value.encode()) > TWIN_STRING_LIMIT:
+        problems.append(f"{path} is a string of {len(value.encode())} bytes (at most 4 KB)")
+    return problems
+
+
+def twin_size_problems(document: dict[str, Any]) -> list[str]:
+    size = len(json.dumps(document, separators=(",", ":")).encode())
+    if size <= TWIN_SIZE_LIMIT:
+        return []
+    return [f"the reported properties would be {size} bytes (at most 32 KB)"]
+
+
 def collect_sdk_garbage() -> None:
     """Collect what the SDK's paho leaves behind (a wake-up socket pair per connection), here.
 
@@ -429,6 +461,8 @@ class FakeEdgeHub:
         self.reported: dict[str, Any] = {}
         self.reported_version = 1
         self.reported_patches: list[dict[str, Any]] = []
+        #: What IoT Hub would have refused (twin rules, size limits): the tests assert it stays empty.
+        self.refusals: list[str] = []
         self.outputs: list[OutputMessage] = []
         self.sign_requests: list[SignRequest] = []
         self.ca_pem = ""
@@ -700,6 +734,13 @@ class FakeEdgeHub:
                 self._publish(f"$iothub/twin/res/400/?$rid={rid}", b"")
                 return
             with self._lock:
+                merged = copy.deepcopy(self.reported)
+                json_merge(merged, patch)
+                problems = twin_problems(patch) + twin_size_problems(merged)
+                if problems:  # what IoT Hub refuses (400), recorded for the tests to assert on
+                    self.refusals.append(f"reported patch: {'; '.join(problems)}")
+                    self._publish(f"$iothub/twin/res/400/?$rid={rid}", b"")
+                    return
                 self.reported_patches.append(patch)
                 json_merge(self.reported, patch)
                 self.reported_version += 1
@@ -714,6 +755,8 @@ class FakeEdgeHub:
                 payload = msg.payload
             with self._lock:
                 pending = self._pending_methods.get(rid)
+                if len(msg.payload) > METHOD_PAYLOAD_LIMIT:
+                    self.refusals.append(f"method response of {len(msg.payload)} bytes (IoT Hub: 128 KB)")
             if pending is not None:
                 pending.status, pending.payload = status, payload
                 pending.done.set()

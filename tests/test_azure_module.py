@@ -96,10 +96,12 @@ def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     monkeypatch.setenv("EDGE_RUNTIME_EDGEHUB_RETRY_SECONDS", "1")
     yield hub
     hub.stop()
+    # Nothing the module sent would have been refused by IoT Hub (twin rules, payload limits).
+    assert hub.refusals == []
 
 
-@pytest.fixture()
-def module_service(hub: FakeEdgeHub) -> Any:
+def start_module_service() -> EdgeService:
+    """The module as `edge-runtime run` builds it under IoT Edge (environment already set)."""
     module = EdgeHubModule()
     try:
         module.connect(timeout_s=20)
@@ -108,6 +110,12 @@ def module_service(hub: FakeEdgeHub) -> Any:
         module.close()
         raise
     service.start()
+    return service
+
+
+@pytest.fixture()
+def module_service(hub: FakeEdgeHub) -> Any:
+    service = start_module_service()
     yield hub, service
     service.stop()
 
@@ -364,14 +372,9 @@ def test_sas_token_is_renewed_before_it_expires(
 ) -> None:
     # The SDK renews 120 s before expiry: a 125 s token is renewed after about 5 s.
     monkeypatch.setenv("EDGE_RUNTIME_SAS_TOKEN_TTL_SECONDS", str(ttl))
-    module = EdgeHubModule()
-    try:
-        module.connect(timeout_s=20)
-        service = EdgeService(module.load_config(), host=module)
-    except BaseException:
-        module.close()
-        raise
-    service.start()
+    service = start_module_service()
+    module = service.host
+    assert isinstance(module, EdgeHubModule)
     try:
         first = hub.sign_requests[0]
         assert first.expiry - first.at <= ttl + 2

@@ -248,3 +248,18 @@ def test_workload_api_refuses_another_generation(hub: FakeEdgeHub, monkeypatch: 
         bundle = session.get(f"{url}/trust-bundle?api-version=2019-01-30")
         assert bundle.json() == {"certificate": hub.ca_pem}
     assert [r.module_id for r in hub.sign_requests] == ["HealthDiagEdgeInference", "SomeoneElse"]
+
+
+def test_the_fake_refuses_reported_properties_iot_hub_refuses(
+    hub: FakeEdgeHub, make_client: ClientFactory
+) -> None:
+    """Mosquitto takes anything; IoT Hub refuses '.', '$' or spaces in names and strings over 4 KB."""
+    client = make_client()
+    client.connect()
+    for bad in ({"a.b": 1}, {"note": "x" * 5000}):
+        with pytest.raises(Exception):  # noqa: B017 - the SDK's error for a 400 answer
+            client.patch_twin_reported_properties(bad)
+    assert len(hub.refusals) == 2 and "a.b" in hub.refusals[0] and "4 KB" in hub.refusals[1]
+    client.patch_twin_reported_properties({"ok": {"nested": "fine"}})
+    assert hub.reported["ok"] == {"nested": "fine"}
+    hub.refusals.clear()

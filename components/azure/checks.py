@@ -23,7 +23,6 @@ placeholders, createOptions as objects), which this project does not write.
 from __future__ import annotations
 
 import copy
-import json
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path, PurePosixPath
@@ -31,6 +30,7 @@ from typing import Any
 
 from jsonschema import Draft4Validator
 
+from components import validate
 from components.azure.limits import create_options_problems, image_problems, twin_problems
 from components.azure.manifest import (
     DATA_MOUNT,
@@ -89,13 +89,7 @@ def load_schemas(schema_dir: Path) -> dict[str, dict[str, Any]]:
     Raises:
         FileNotFoundError: naming the schema file that is missing.
     """
-    schemas = {}
-    for label, name in SCHEMA_FILES.items():
-        path = schema_dir / name
-        if not path.is_file():
-            raise FileNotFoundError(f"IoT Edge schema {name} not found in {schema_dir}")
-        schemas[label] = json.loads(path.read_text(encoding="utf-8"))
-    return schemas
+    return validate.read_schema_files(schema_dir, SCHEMA_FILES, "IoT Edge schema")
 
 
 def _schema_problems(instance: Any, schema: Mapping[str, Any], manifest: str, label: str) -> list[Problem]:
