@@ -48,6 +48,7 @@ from .errors import ConfigError
 
 __all__ = [
     "ENV_PREFIX",
+    "AdminConfig",
     "AzureConfig",
     "DecodeConfig",
     "DicomConfig",
@@ -502,6 +503,50 @@ class LoggingConfig(_Section):
     format: Literal["json", "text"] = "json"
 
 
+def is_loopback(address: str) -> bool:
+    """Whether ``address`` (an IP address or ``localhost``) is reachable only from this machine."""
+    if address.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+class AdminConfig(_Section):
+    """The admin page and the monitoring endpoints (/health/live, /health/ready, /api/status, /metrics)."""
+
+    enabled: bool = Field(True, description="Serve the admin page and the monitoring endpoints.")
+    bind: str = Field(
+        "127.0.0.1",
+        min_length=1,
+        description="Address the page listens on. Loopback (the default) is reachable only from this "
+        "box; any other address needs Admin.TokenFile, and every page but /health/live then asks for it.",
+    )
+    port: int = Field(8380, ge=0, le=65535, description="Port of the page; 0 = any free port (logged).")
+    token_file: Annotated[Path | None, EMPTY_IS_NONE] = Field(
+        None,
+        description="File whose first line is the admin token (at least 16 characters): asked for on "
+        "every page and endpoint but /health/live (browsers sign in once; scrapers send "
+        "'Authorization: Bearer <token>'). Required when Admin.Bind is not loopback.",
+    )
+    read_only: bool = Field(
+        False, description="Show everything, change nothing: no quarantine retry or discard from the page."
+    )
+    recent_scans: int = Field(50, ge=1, le=1000, description="Scans listed on the Recent scans page.")
+    log_lines: int = Field(300, ge=10, le=10000, description="Log lines the Logs page keeps (in memory).")
+
+    @model_validator(mode="after")
+    def _token_off_loopback(self) -> AdminConfig:
+        if self.enabled and not is_loopback(self.bind) and self.token_file is None:
+            raise ValueError(
+                f"Admin.Bind is {self.bind}, which other machines can reach, but Admin.TokenFile is "
+                "not set: set Admin.TokenFile to a file holding a token of at least 16 characters, or "
+                "bind the page to 127.0.0.1 (and reach it through an SSH tunnel)"
+            )
+        return self
+
+
 class PrivacyConfig(_Section):
     """What may name a scan outside the process (file names carry patient names)."""
 
@@ -710,6 +755,7 @@ class RuntimeConfig(_Section):
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     dicom: DicomConfig = Field(default_factory=DicomConfig)
     reports: ReportsConfig = Field(default_factory=ReportsConfig)
+    admin: AdminConfig = Field(default_factory=AdminConfig)
     workers: int = Field(0, ge=0, le=64, description="Scan workers; 0 = one per CPU core.")
 
     @model_validator(mode="after")

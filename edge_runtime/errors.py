@@ -67,6 +67,7 @@ __all__ = [
     "MQTT_TLS_VERIFY_FAILED",
     "PUBLIC_TEXTS",
     "UNEXPECTED_ERROR",
+    "AdminActionRefused",
     "BackendError",
     "ConfigError",
     "ConformanceError",
@@ -437,6 +438,13 @@ class JournalInUse(JournalError):
     )
 
 
+class AdminActionRefused(EdgeRuntimeError):
+    """An admin page action that cannot be done as asked (the file was retried or discarded meanwhile)."""
+
+    code = "admin_action_refused"
+    action = "Reload the page: the file may have been retried or discarded meanwhile."
+
+
 #: Codes of errors that are not exceptions of this tree (a dict written by the workers) or not ours.
 UNEXPECTED_ERROR = "unexpected_error"
 
@@ -454,6 +462,7 @@ PUBLIC_TEXTS: dict[str, str] = {
     "edge_runtime_error": "the edge runtime could not complete a step",
     UNEXPECTED_ERROR: "an unexpected error occurred (a fault of the runtime)",
     "config_invalid": "the configuration is invalid",
+    "admin_action_refused": "an admin page action could not be done",
     "input_invalid": "the scan cannot be processed; it was quarantined",
     "input_incomplete": "the scan was still being written or was removed while it was read; "
     "it was quarantined",

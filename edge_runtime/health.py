@@ -27,6 +27,7 @@ from .config import RuntimeConfig
 from .drift_watch import SiteDrift
 from .errors import public_text
 from .hosts import Host
+from .metrics import ScanMetrics
 from .results import build_status, utc_now
 
 __all__ = ["COUNTERS", "DISK_FULL_BYTES", "Health", "disk_full_reason", "error_line"]
@@ -93,6 +94,10 @@ class Health:
         #: What started the service (Greengrass, Azure IoT Edge): told each heartbeat's snapshot.
         self.host = host
         self.counters = dict.fromkeys(COUNTERS, 0)
+        #: Latency histograms and intended-use counts (the admin page's /metrics).
+        self.metrics = ScanMetrics()
+        #: When the heartbeat started (the service's uptime), as time.time(); None before.
+        self.started_at: float | None = None
         self._lock = threading.Lock()
         #: The latest error an admin should see: a scan reference and an error code, never a name.
         self.last_error: str | None = None
@@ -272,6 +277,7 @@ class Health:
 
     # -- heartbeat ---------------------------------------------------------------------
     def start(self) -> None:
+        self.started_at = time.time()
         self._thread = threading.Thread(target=self._loop, name="heartbeat", daemon=True)
         self._thread.start()
 

@@ -127,6 +127,7 @@ from .privacy import path_token, scan_ref, scrub_name
 from .results import utc_now
 
 __all__ = [
+    "AdminAction",
     "Admission",
     "Delivery",
     "InputRecord",
@@ -137,6 +138,7 @@ __all__ = [
     "OutboxMessage",
     "Receipt",
     "ReceiptLog",
+    "ScanRow",
     "SinkBacklog",
     "backup_journal",
     "check_journal",
@@ -199,6 +201,15 @@ CREATE INDEX IF NOT EXISTS outbox_undelivered ON outbox(seq) WHERE delivered_utc
 CREATE INDEX IF NOT EXISTS inputs_sop_instance
     ON inputs(json_extract(result_json, '$.input.sop_instance_uid')) WHERE result_json IS NOT NULL;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+-- What an admin did from the admin page (quarantine retry and discard): who asked is not known,
+-- what was done to which scan (by reference) and when is.
+CREATE TABLE IF NOT EXISTS admin_actions (
+    id            INTEGER PRIMARY KEY,
+    at_utc        TEXT NOT NULL,
+    action        TEXT NOT NULL,
+    ref           TEXT NOT NULL,
+    detail        TEXT NOT NULL
+);
 -- Rows a sink fell too far behind on, dropped oldest first (its row cap or its reports' disk
 -- budget): what that sink never got, kept for an admin who wants to send it by hand.
 CREATE TABLE IF NOT EXISTS outbox_dropped (
@@ -305,6 +316,28 @@ class SinkBacklog:
 
     pending: int
     oldest_utc: str
+
+
+@dataclass(frozen=True)
+class ScanRow:
+    """One input as the admin page lists it: its reference, state, and result or error."""
+
+    ref: str
+    sha256: str
+    state: str
+    received_utc: str
+    updated_utc: str
+    message_id: str | None
+    result: dict[str, Any] | None
+    error: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class AdminAction:
+    at_utc: str
+    action: str
+    ref: str
+    detail: str
 
 
 @dataclass(frozen=True)
@@ -980,6 +1013,100 @@ class Journal:
         else:
             (n,) = self._query("SELECT COUNT(*) FROM outbox_dropped WHERE sink = ?", (sink,))[0]
         return int(n)
+
+    # -- the admin page ----------------------------------------------------------------
+    _SCAN_COLUMNS = "file_name, sha256, state, received_utc, updated_utc, message_id, result_json, error_json"
+
+    @staticmethod
+    def _scan_row(row: tuple[Any, ...]) -> ScanRow:
+        return ScanRow(
+            ref=str(row[0]),
+            sha256=str(row[1]),
+            state=str(row[2]),
+            received_utc=str(row[3]),
+            updated_utc=str(row[4]),
+            message_id=row[5],
+            result=json.loads(row[6]) if row[6] else None,
+            error=json.loads(row[7]) if row[7] else None,
+        )
+
+    def recent_scans(self, limit: int = 50) -> list[ScanRow]:
+        """The inputs changed most recently, newest first (each named by its reference)."""
+        rows = self._query(
+            f"SELECT {self._SCAN_COLUMNS} FROM inputs ORDER BY updated_utc DESC, id DESC LIMIT ?",  # noqa: S608
+            (limit,),
+        )
+        return [self._scan_row(row) for row in rows]
+
+    def scan_by_ref(self, ref: str) -> ScanRow | None:
+        """The input a reference names (the newest one, should two share a reference)."""
+        rows = self._query(
+            f"SELECT {self._SCAN_COLUMNS} FROM inputs WHERE file_name = ? ORDER BY id DESC LIMIT 1",  # noqa: S608
+            (ref,),
+        )
+        return self._scan_row(rows[0]) if rows else None
+
+    def deliveries(self, message_ids: Collection[str]) -> dict[str, dict[str, str | None]]:
+        """For each message id: each sink's row and when it was confirmed (None: not yet).
+
+        A row a sink fell too far behind on (dropped) reads ``dropped``.
+        """
+        found: dict[str, dict[str, str | None]] = {}
+        ids = sorted(message_ids)
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for message_id, sink, delivered in self._query(
+                f"SELECT message_id, sink, delivered_utc FROM outbox WHERE message_id IN ({marks})",  # noqa: S608
+                tuple(chunk),
+            ):
+                found.setdefault(str(message_id), {})[str(sink)] = delivered
+            for message_id, sink in self._query(
+                f"SELECT message_id, sink FROM outbox_dropped WHERE message_id IN ({marks})",  # noqa: S608
+                tuple(chunk),
+            ):
+                found.setdefault(str(message_id), {})[str(sink)] = "dropped"
+        return found
+
+    def retry_quarantined(self, sha256: str, ref: str, path: Path) -> bool:
+        """An admin sends a quarantined input back: it is queued again as if new, at ``path``.
+
+        Journaled in ``admin_actions`` in the same transaction. Returns False when
+        ``sha256`` is not quarantined (already retried, or never was): nothing changes.
+        The caller moves the file into the inbox only after this committed, so a
+        crash in between leaves a queued record and the file still in quarantine
+        (retried again from the page), never a file processed without its record.
+        """
+        now = utc_now()
+        where = path_token(str(path), key=self.reference_key)
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE inputs SET state='queued', attempts=0, failures=0, error_json=NULL, path=?, "
+                "updated_utc=? WHERE sha256=? AND state='quarantined'",
+                (where, now, sha256),
+            )
+            if not cur.rowcount:
+                return False
+            db.execute(
+                "INSERT INTO admin_actions(at_utc, action, ref, detail) VALUES (?, 'retry', ?, ?)",
+                (now, ref, "sent back to the inbox from the admin page"),
+            )
+        return True
+
+    def record_admin_action(self, action: str, ref: str, detail: str) -> None:
+        """Journal what an admin did (e.g. a discard: the file moved aside, its record kept)."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO admin_actions(at_utc, action, ref, detail) VALUES (?, ?, ?, ?)",
+                (utc_now(), action, ref, detail),
+            )
+
+    def admin_actions(self, limit: int = 50) -> list[AdminAction]:
+        """What admins did from the page, newest first."""
+        rows = self._query(
+            "SELECT at_utc, action, ref, detail FROM admin_actions ORDER BY id DESC LIMIT ?", (limit,)
+        )
+        return [AdminAction(*map(str, row)) for row in rows]
 
     # -- outbox ------------------------------------------------------------------------
     def pending_messages(

@@ -96,6 +96,9 @@ class OutcomeRecorder:
                 message_id=result.message_id,
             )
         self.health.count("processed")
+        self.health.metrics.observe(
+            result.timings_ms.model_dump(), within_intended_use=result.intended_use.within
+        )
         # The file goes first: once a subscriber has the result, its inbox file is gone.
         self._dispose(item)
         self._notify_sinks()

@@ -129,6 +129,8 @@ class ScanAnalyzer:
         self.reference_key: bytes | None = None
         #: Results name the file itself (Privacy.PublishFileNames) instead of its reference.
         self.publish_file_names = False
+        #: Why this engine runs the model (named in the configuration, or chosen by timing).
+        self.backend_reason = f"given ({backend.name})"
 
     @classmethod
     def from_bundle_path(
@@ -154,9 +156,17 @@ class ScanAnalyzer:
         """
         bundle = load_bundle(path, trust=trust)
         if backend_name == AUTO_BACKEND:
-            backend, conformance, _ = choose_backend(bundle, threads=threads, threshold=threshold)
+            backend, conformance, timings = choose_backend(bundle, threads=threads, threshold=threshold)
+            candidates = ", ".join(
+                f"{t.name} {t.p50_ms:.2f} ms" if t.p50_ms is not None else f"{t.name} not usable here"
+                for t in timings
+            )
+            reason = (
+                f"Model.Backend auto: the fastest engine that passed the conformance check ({candidates})"
+            )
         else:
             backend, conformance = open_checked(bundle, backend_name, threads=threads, threshold=threshold)
+            reason = f"named in Model.Backend ({backend_name})"
         if conformance is None:
             log.warning(
                 "model %s %s has no conformance reference set (bundles before 0.2.0): its "
@@ -189,6 +199,7 @@ class ScanAnalyzer:
             decode_memory_mb=decode_memory_mb,
         )
         analyzer.conformance = conformance
+        analyzer.backend_reason = reason
         return analyzer
 
     @classmethod

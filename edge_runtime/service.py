@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .admin import AdminServer, BoxFacts, RecentLogs
 from .config import RuntimeConfig
 from .drift_watch import SiteDrift
 from .errors import ConfigError, EdgeRuntimeError, public_code
@@ -153,6 +154,18 @@ class EdgeService:
             primary_sinks=self.backlogs.primary,
         )
         self.retention = ReportRetention(lambda: self.config, self.journal)
+        #: The last log lines, for the admin page (attached to the package's logger while running).
+        self.logs = RecentLogs(config.admin.log_lines)
+        facts = BoxFacts(
+            config=lambda: self.config,
+            health=self.health,
+            journal=self.journal,
+            analyzer=lambda: self.analyzer,
+            drainers=lambda: self.drainers,
+            logs=self.logs,
+        )
+        #: The admin page and monitoring endpoints (None: Admin.Enabled is false).
+        self.admin = AdminServer(config.admin, facts) if config.admin.enabled else None
         self._config_lock = threading.Lock()
         #: An update waiting for its model folder to appear (see _wait_for_bundle), and since when.
         self._waiting_config: RuntimeConfig | None = None
@@ -260,6 +273,10 @@ class EdgeService:
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
+        logging.getLogger("edge_runtime").addHandler(self.logs)
+        if self.admin is not None:
+            # First: a port in use refuses the start before any scan is taken.
+            self.admin.start()
         requeued = self.journal.requeue_unfinished()
         counts = self.journal.counts()
         bundle = self.analyzer.bundle
@@ -326,6 +343,9 @@ class EdgeService:
         self.retention.stop()
         self.reports.close()
         self.health.stop()
+        if self.admin is not None:
+            self.admin.stop()
+        logging.getLogger("edge_runtime").removeHandler(self.logs)
         self.analyzer.close()
         if self._rescued is not None:
             # Delivery marks made since it was saved: results sent meanwhile are not sent again.

@@ -37,6 +37,9 @@ def pytest_configure(config: pytest.Config) -> None:
 # and the service subprocesses believe tiny bundles while unsigned and tampered ones are still
 # refused. Tests about signing pass their own BundleTrust.
 os.environ["EDGE_RUNTIME__MODEL__TRUSTED_KEYS"] = json.dumps(TEST_TRUSTED_KEYS)
+# Services the tests start (in this process or as subprocesses) serve their admin page on any free
+# port, so two of them, or one a developer runs beside the suite, never fight over 8380.
+os.environ["EDGE_RUNTIME__ADMIN__PORT"] = "0"
 
 
 @pytest.fixture(scope="session", autouse=True)

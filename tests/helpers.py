@@ -424,6 +424,8 @@ def _service_mapping(root: Path, broker, bundle: Path, workers: int, **inbox) ->
             "TopicPrefix": f"test/{root.name}",
         },
         "Journal": {"Path": str(root / "state" / "journal.sqlite3")},
+        # Any free port: services of several tests (and one a developer runs) never collide.
+        "Admin": {"Port": 0},
         "Workers": workers,
     }
 

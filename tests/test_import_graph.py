@@ -169,6 +169,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "edge_runtime.durable",
             "edge_runtime.heat",
             "edge_runtime.plugins",
+            "edge_runtime.metrics",
             "edge_runtime.decode.base",
             "edge_runtime.sources.base",
             "edge_runtime.reports.preview",
@@ -236,6 +237,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "sources and sinks",
         ("edge_runtime.sources", "edge_runtime.sinks", "edge_runtime.reports.retention"),
     ),
+    ("admin", ("edge_runtime.admin",)),
     ("service", ("edge_runtime.service",)),
     ("cli", ("edge_runtime.cli",)),
 )

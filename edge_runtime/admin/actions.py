@@ -1,0 +1,149 @@
+"""What the admin page may do: send a quarantined file back, move one aside, C-ECHO a destination.
+
+Retry and discard change the box, so each is journaled (``admin_actions``)
+before or as it is done, and neither ever deletes a file: a discarded file
+moves to ``quarantine/discarded/`` with its error file, where the admin can
+still fetch it. C-ECHO only asks the destination whether it answers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from ..config import DicomConfig, DicomNodeConfig
+from ..errors import AdminActionRefused as ActionRefused
+from ..files import unique_target
+from ..journal import Journal
+from ..logs import event
+from ..results import utc_now
+from .facts import QuarantinedFile
+
+__all__ = ["ActionRefused", "EchoResult", "Echoes", "discard", "retry"]
+
+log = logging.getLogger(__name__)
+
+#: Discarded files go here, inside the quarantine folder (never deleted from the page).
+DISCARDED = "discarded"
+
+
+def retry(journal: Journal, item: QuarantinedFile, inbox: Path) -> Path:
+    """Send a quarantined file back to the inbox, to be processed as if new.
+
+    The journal first (the record queued again, the action journaled), then the
+    file renamed into the inbox under its own name (a hidden temporary name
+    first when the inbox is on another disk, so it is never picked up half
+    copied), then its error file removed. A file whose content was fixed in
+    quarantine has a new hash and is simply a new scan.
+    """
+    if not item.path.is_file():
+        raise ActionRefused(f"quarantined scan {item.ref} has no file left in the quarantine folder")
+    inbox.mkdir(parents=True, exist_ok=True)
+    target = unique_target(inbox, item.path.name)
+    if not journal.retry_quarantined(item.key, item.ref, target):
+        # Fixed in place (new content) or refused unread: still journaled, as a new input later.
+        journal.record_admin_action("retry", item.ref, "sent back to the inbox from the admin page")
+    _move_into(item.path, target)
+    with contextlib.suppress(FileNotFoundError):
+        item.error_file.unlink()
+    event(log, "admin_retry", "%s sent back to the inbox from the admin page", item.ref, file=item.ref)
+    return target
+
+
+def discard(journal: Journal, item: QuarantinedFile, quarantine: Path) -> Path:
+    """Move a quarantined file and its error file aside (``quarantine/discarded/``); never delete."""
+    if not item.error_file.is_file():
+        raise ActionRefused(f"quarantined scan {item.ref} is no longer in the quarantine folder")
+    folder = quarantine / DISCARDED
+    folder.mkdir(parents=True, exist_ok=True)
+    journal.record_admin_action("discard", item.ref, f"moved to {folder} from the admin page")
+    target = unique_target(folder, item.path.name)
+    if item.path.exists():
+        os.rename(item.path, target)
+    os.rename(item.error_file, target.with_name(target.name + ".error.json"))
+    event(log, "admin_discard", "%s discarded from the admin page (moved aside)", item.ref, file=item.ref)
+    return target
+
+
+def _move_into(path: Path, target: Path) -> None:
+    try:
+        os.rename(path, target)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        hidden = target.with_name(f".{target.name}.retry")
+        shutil.copy2(path, hidden)
+        os.rename(hidden, target)
+        path.unlink()
+
+
+@dataclass(frozen=True)
+class EchoResult:
+    at_utc: str
+    ok: bool
+    text: str
+    milliseconds: float
+
+
+class Echoes:
+    """C-ECHO to each configured DICOM destination, and the last answer of each."""
+
+    def __init__(self, calling_ae: str = "HEALTHDIAG") -> None:
+        self.calling_ae = calling_ae
+        self._last: dict[str, EchoResult] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def destinations(dicom: DicomConfig) -> dict[str, DicomNodeConfig]:
+        """The destinations reports are sent to, by the name the page uses."""
+        return {"pacs": dicom.store} if dicom.store.host else {}
+
+    def last(self, name: str) -> EchoResult | None:
+        with self._lock:
+            return self._last.get(name)
+
+    def echo(self, name: str, node: DicomNodeConfig, calling_ae: str) -> EchoResult:
+        """One C-ECHO (Verification SOP class) to ``node``; what it answered, in words."""
+        ae = AE(ae_title=calling_ae)
+        ae.add_requested_context(Verification)
+        timeout = min(node.timeout_seconds, 10.0)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+        ae.connection_timeout = timeout
+        t0 = time.perf_counter()
+        try:
+            assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)
+            if assoc.is_established:
+                status = assoc.send_c_echo()
+                assoc.release()
+                code = getattr(status, "Status", None)
+                ok = code == 0x0000
+                text = "answered: success" if ok else f"answered with status 0x{int(code or 0xFFFF):04X}"
+            elif assoc.is_rejected:
+                ok, text = (
+                    False,
+                    "association rejected (check our AE title in the destination's allowed list)",
+                )
+            else:
+                ok, text = (
+                    False,
+                    f"no answer from {node.host}:{node.port} (host down, port closed or blocked)",
+                )
+        except (OSError, RuntimeError, ValueError) as exc:
+            ok, text = False, f"cannot connect: {exc}"
+        finally:
+            ae.shutdown()
+        result = EchoResult(utc_now(), ok, text, round((time.perf_counter() - t0) * 1000, 1))
+        with self._lock:
+            self._last[name] = result
+        log.info("C-ECHO to %s (%s:%s %s): %s", name, node.host, node.port, node.ae_title, text)
+        return result
