@@ -503,14 +503,9 @@ class LoggingConfig(_Section):
     format: Literal["json", "text"] = "json"
 
 
-def is_loopback(address: str) -> bool:
-    """Whether ``address`` (an IP address or ``localhost``) is reachable only from this machine."""
-    if address.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False
+#: Where the admin page needs no token: this machine's own loopback address, nothing else. Other
+#: 127.x addresses count as elsewhere: a container runtime or a port forward may publish them.
+ADMIN_LOCAL_ADDRESSES = ("127.0.0.1", "::1", "localhost")
 
 
 class AdminConfig(_Section):
@@ -520,8 +515,9 @@ class AdminConfig(_Section):
     bind: str = Field(
         "127.0.0.1",
         min_length=1,
-        description="Address the page listens on. Loopback (the default) is reachable only from this "
-        "box; any other address needs Admin.TokenFile, and every page but /health/live then asks for it.",
+        description="Address the page listens on. 127.0.0.1 (the default) or ::1 is reachable only from "
+        "this box; any other address needs Admin.TokenFile, and every page but /health/live then asks "
+        "for it.",
     )
     port: int = Field(8380, ge=0, le=65535, description="Port of the page; 0 = any free port (logged).")
     token_file: Annotated[Path | None, EMPTY_IS_NONE] = Field(
@@ -538,7 +534,7 @@ class AdminConfig(_Section):
 
     @model_validator(mode="after")
     def _token_off_loopback(self) -> AdminConfig:
-        if self.enabled and not is_loopback(self.bind) and self.token_file is None:
+        if self.enabled and self.bind.lower() not in ADMIN_LOCAL_ADDRESSES and self.token_file is None:
             raise ValueError(
                 f"Admin.Bind is {self.bind}, which other machines can reach, but Admin.TokenFile is "
                 "not set: set Admin.TokenFile to a file holding a token of at least 16 characters, or "

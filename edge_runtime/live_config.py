@@ -31,6 +31,8 @@ _RESTART_MQTT_KEYS = (
     "Tls",
     "KeepaliveSeconds",
 )
+#: Admin keys bound when the page starts (its socket, its token, its log buffer); the rest apply live.
+_RESTART_ADMIN_KEYS = ("Enabled", "Bind", "Port", "TokenFile", "LogLines")
 #: Keys whose change means loading (and verifying) the model anew.
 _RELOAD_MODEL = (
     "Model.BundlePath",
@@ -63,6 +65,7 @@ def diff_config(old: RuntimeConfig, new: RuntimeConfig) -> ConfigChange:
         if k.split(".")[0] in _RESTART_SECTIONS
         or k in _RESTART_KEYS
         or (k.startswith("Mqtt.") and k.split(".")[1] in _RESTART_MQTT_KEYS)
+        or (k.startswith("Admin.") and k.split(".")[1] in _RESTART_ADMIN_KEYS)
         # The DICOM receiver's port, titles and allow-lists are bound when it starts listening.
         or (k.startswith("Dicom.") and not k.startswith("Dicom.Store."))
     ]
@@ -76,6 +79,9 @@ def diff_config(old: RuntimeConfig, new: RuntimeConfig) -> ConfigChange:
             ),
             "reports": new.reports.model_copy(update={"fhir_endpoint": old.reports.fhir_endpoint}),
             "mqtt": old.mqtt.model_copy(update={"topic_prefix": new.mqtt.topic_prefix, "qos": new.mqtt.qos}),
+            "admin": old.admin.model_copy(
+                update={"read_only": new.admin.read_only, "recent_scans": new.admin.recent_scans}
+            ),
         }
     )
     return ConfigChange(

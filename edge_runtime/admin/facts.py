@@ -160,31 +160,28 @@ class BoxFacts:
 
     def _disk(self, config: RuntimeConfig) -> list[dict[str, Any]]:
         """Free space where the journal and the inbox live, against Journal.MinFreeDiskMb."""
-        seen: set[int] = set()
-        disks = []
+        by_device: dict[int, dict[str, Any]] = {}
         for what, folder in (("journal", config.journal.path.parent), ("inbox", config.inbox.path)):
             try:
                 device = os.stat(folder).st_dev
                 usage = shutil.disk_usage(folder)
             except OSError:
                 continue
-            if device in seen:
+            if device in by_device:
+                by_device[device]["for"] += f" and {what}"
                 continue
-            seen.add(device)
             free_mb = usage.free / (1024 * 1024)
-            disks.append(
-                {
-                    "for": what,
-                    "free_mb": round(free_mb),
-                    "total_mb": round(usage.total / (1024 * 1024)),
-                    "used_percent": round(100 * (usage.total - usage.free) / usage.total, 1)
-                    if usage.total
-                    else 0.0,
-                    "min_free_mb": config.journal.min_free_disk_mb,
-                    "below_watermark": free_mb < config.journal.min_free_disk_mb,
-                }
-            )
-        return disks
+            by_device[device] = {
+                "for": what,
+                "free_mb": round(free_mb),
+                "total_mb": round(usage.total / (1024 * 1024)),
+                "used_percent": round(100 * (usage.total - usage.free) / usage.total, 1)
+                if usage.total
+                else 0.0,
+                "min_free_mb": config.journal.min_free_disk_mb,
+                "below_watermark": free_mb < config.journal.min_free_disk_mb,
+            }
+        return list(by_device.values())
 
     def _sinks(self) -> list[dict[str, Any]]:
         backlog = self.journal.backlog_by_sink()
