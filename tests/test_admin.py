@@ -155,7 +155,7 @@ def test_every_response_carries_the_security_headers(start_service) -> None:
 
 def test_a_page_off_this_machine_needs_a_token(tmp_path: Path, mosquitto, default_bundle: Path) -> None:
     base = make_config(tmp_path, mosquitto, default_bundle)
-    with pytest.raises(ConfigError, match="Admin.TokenFile"):
+    with pytest.raises(ConfigError, match=r"Admin\.TokenFile"):
         config_with(base, Bind="127.0.0.2")
 
 
@@ -198,7 +198,7 @@ def test_short_token_and_busy_port_refuse_the_start(tmp_path: Path, mosquitto, d
     short = tmp_path / "short.token"
     short.write_text("too-short\n")
     base = make_config(tmp_path, mosquitto, default_bundle)
-    with pytest.raises(ConfigError, match="at least 16"):
+    with pytest.raises(ConfigError, match=r"at least 16"):
         EdgeService(config_with(base, Bind="127.0.0.2", TokenFile=str(short)))
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -231,12 +231,7 @@ def test_retry_and_discard_are_confirmed_posts_journaled_and_never_delete(
     junk_ref = json.loads(wait_quarantined(config, "junk.jpeg").read_text())["ref"]
     with httpx.Client(base_url=service.admin.url, timeout=10) as client:
         listing = client.get("/quarantine", headers={"accept": "text/html"}).text
-        assert (
-            fix_ref in listing
-            and junk_ref in listing
-            and "corrupt_image" in listing
-            or "not_an_image" in listing
-        )
+        assert fix_ref in listing and junk_ref in listing and "corrupt_image" in listing
         assert "fixme.jpeg" not in listing  # names only under Privacy.PublishFileNames
         csrf = csrf_of(client, f"/quarantine/{fix_ref}/retry")
         # Without the form's token, or from another site: refused, nothing moves.
