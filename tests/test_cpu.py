@@ -15,6 +15,7 @@ import platform
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -163,29 +164,58 @@ def _env() -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="module")
-def intel_host_cpuinfo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """This machine's /proc/cpuinfo with every VNNI/AMX flag added: what an Intel host shows QEMU."""
+#: The flags an INT8 kernel choice turns on; the lying /proc/cpuinfo below flips each of them.
+INT8_FLAGS = frozenset(
+    {"avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8", "asimddp", "i8mm"}
+)
+
+
+def _flags_of(text: str) -> set[str]:
+    line = next(line for line in text.splitlines() if line.startswith(("flags", "Features")))
+    return set(line.partition(":")[2].split())
+
+
+def _private_cpuinfo(tmp_path_factory: pytest.TempPathFactory, flags: Callable[[set[str]], set[str]]) -> Path:
+    """This machine's /proc/cpuinfo with its flags rewritten by ``flags``, to mount over the real one."""
     if os.geteuid() != 0 or shutil.which("unshare") is None:
         pytest.skip("needs root and unshare(1) to mount a private /proc/cpuinfo (CI runs as root)")
     probe = subprocess.run(["unshare", "-m", "true"], capture_output=True, text=True, timeout=30, check=False)
     if probe.returncode != 0:
         pytest.skip(f"unshare -m is not allowed here: {probe.stderr.strip()}")
-    text = Path("/proc/cpuinfo").read_text(encoding="utf-8")
-    extra = " avx512f avx512bw avx512_vnni avx_vnni amx_tile amx_int8 asimddp i8mm"
-    lines = [line + extra if line.startswith(("flags", "Features")) else line for line in text.splitlines()]
+    lines = []
+    for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+        if line.startswith(("flags", "Features")):
+            key, _, have = line.partition(":")
+            line = f"{key}: " + " ".join(sorted(flags(set(have.split()))))
+        lines.append(line)
     path = tmp_path_factory.mktemp("cpuinfo") / "cpuinfo"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
 
-def test_the_native_probe_ignores_a_proc_cpuinfo_that_claims_more(intel_host_cpuinfo: Path) -> None:
+@pytest.fixture(scope="module")
+def lying_cpuinfo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every INT8 flag flipped: what this CPU has is gone, what it lacks is claimed.
+
+    On an AVX2-only host this is what an Intel host with VNNI and AMX shows QEMU; on a host with
+    VNNI it claims less than the CPU has. Either way the probe must answer as for the real CPU.
+    """
+    return _private_cpuinfo(tmp_path_factory, lambda have: (have - INT8_FLAGS) | (INT8_FLAGS - have))
+
+
+@pytest.fixture(scope="module")
+def intel_host_cpuinfo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every INT8 flag claimed: what an Intel host with VNNI and AMX shows a program under QEMU."""
+    return _private_cpuinfo(tmp_path_factory, lambda have: have | INT8_FLAGS)
+
+
+def test_the_native_probe_ignores_a_proc_cpuinfo_that_claims_otherwise(lying_cpuinfo: Path) -> None:
     honest = _run_child([])
-    lied_to = _run_child([], intel_host_cpuinfo)
+    lied_to = _run_child([], lying_cpuinfo)
     assert lied_to["summary"] == honest["summary"]
-    assert (
-        "avx_vnni" in intel_host_cpuinfo.read_text() and "avx_vnni" not in Path("/proc/cpuinfo").read_text()
-    )
+    # The lie is a real one here: every INT8 flag of the fake differs from this CPU's.
+    real, fake = _flags_of(Path("/proc/cpuinfo").read_text()), _flags_of(lying_cpuinfo.read_text())
+    assert (real & INT8_FLAGS).isdisjoint(fake) and INT8_FLAGS - real <= fake
 
 
 #: QEMU CPU model -> (brand string QEMU gives it, INT8 features that CPU model can never have).
