@@ -17,11 +17,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import pydicom
 import pytest
@@ -126,13 +127,13 @@ def page(browser: Browser) -> Iterator[Page]:
 
 
 def shoot(page: Page, tmp_path: Path, name: str, *, docs: bool = False) -> Path:
-    """A full-page screenshot in ``tmp_path``; the docs' one (the viewport) too when asked for."""
+    """A full-page screenshot in ``tmp_path``, copied into $EDGE_RUNTIME_SCREENSHOTS for the docs' ones."""
     path = tmp_path / "screenshots" / f"{name}.png"
     page.screenshot(path=path, full_page=True)
     folder = os.environ.get(SCREENSHOTS)
     if docs and folder:
         Path(folder).mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=Path(folder) / f"{name}.png", full_page=False)
+        shutil.copyfile(path, Path(folder) / f"{name}.png")
     return path
 
 
@@ -172,7 +173,7 @@ def wait_for_file(path: Path, timeout_s: float = 60.0) -> Path:
 
 def counter(page: Page, name: str) -> Any:
     """The overview's counter ``name`` (its <dd>)."""
-    dt = page.locator("dl.counters dt", has_text=re.compile(f"^{name}$", re.IGNORECASE))
+    dt = page.locator("dt", has_text=re.compile(f"^{name}$", re.IGNORECASE))
     return page.locator("dl.counters div", has=dt).locator("dd")
 
 
@@ -220,20 +221,29 @@ def test_playwright_drives_debian_chromium(
     context = browser.new_context(viewport=VIEWPORT)
     try:
         page = context.new_page()
+        errors: list[str] = []
+        page.on("console", lambda m: m.type == "error" and errors.append(f"{m.text} ({m.location['url']})"))
+        page.on("pageerror", lambda e: errors.append(f"pageerror: {e}"))
         response = page.goto(url(service))
         assert response is not None and response.ok
         assert page.title() == "Overview · edge-runtime"
-        # Driven, not only loaded: a click follows a link, and the page's own script runs.
+        # Driven, not only loaded: a click follows a link, scripts run in the page, and its own
+        # script and stylesheet load under its CSP (a blocked one is a console error).
         page.get_by_role("link", name="Recent scans").click()
         expect(page).to_have_title("Recent scans · edge-runtime", timeout=FAST_MS)
-        assert page.evaluate("() => document.querySelectorAll('[data-live][id]').length") == 1
+        loaded = page.evaluate("() => performance.getEntriesByType('resource').map(e => e.name)")
+        assert url(service, "/static/live.js") in loaded, loaded
+        expect(page.locator("header.top")).to_have_css("background-color", "rgb(15, 42, 68)")
+        assert "script-src 'self'" in (response.headers.get("content-security-policy") or "")
         shoot(page, tmp_path, "smoke-scans")
+        unexpected = [e for e in errors if "/favicon.ico" not in e]  # the app serves none: a 404
+        assert not unexpected, unexpected
     finally:
         context.close()
 
 
 def test_scans_appear_on_the_page_as_they_arrive(
-    browser: Browser, page: Page, start_service, shared_data, default_bundle, mosquitto, tmp_path
+    page: Page, start_service, shared_data, default_bundle, mosquitto, tmp_path
 ) -> None:
     config = service_config(tmp_path, mosquitto, default_bundle)
     service = start_service(config)
@@ -332,6 +342,29 @@ def test_quarantined_file_is_retried_after_fixing(
     assert not list(config.inbox.quarantine_path.glob("*.error.json"))
     assert [a.action for a in service.journal.admin_actions()] == ["retry"]
     shoot(page, tmp_path, "quarantine-after-retry")
+
+
+def test_retrying_a_fixed_file_leaves_no_scan_queued_for_good(
+    page: Page, start_service, shared_data, default_bundle, mosquitto, tmp_path
+) -> None:
+    config = service_config(tmp_path, mosquitto, default_bundle)
+    service = start_service(config)
+    drop(broken_file(tmp_path), config.inbox.path, "broken.jpeg")
+    error_file = wait_for_file(config.inbox.quarantine_path / "broken.jpeg.error.json")
+    ref = json.loads(error_file.read_text(encoding="utf-8"))["ref"]
+    fixed = shared_data / NORMAL_JPEG
+    (config.inbox.quarantine_path / "broken.jpeg").write_bytes(fixed.read_bytes())
+    page.goto(url(service, f"/quarantine/{ref}/retry"))
+    page.get_by_role("button", name="Yes, retry").click()
+    page.goto(url(service, "/scans"))
+    new_ref = published_name(fixed, "broken.jpeg", config=config)
+    done = page.locator("#live-scans tbody tr.state-done", has=page.get_by_role("link", name=new_ref))
+    expect(done).to_have_count(1, timeout=SLOW_MS)
+    shoot(page, tmp_path, "scans-after-retry")
+    # Nothing is left to process: no scan may read "queued" any more.
+    stuck = [(row.ref, row.state) for row in service.journal.recent_scans() if row.state == "queued"]
+    assert not stuck, f"queued for good after the retry: {stuck}"
+    expect(page.locator("#live-scans tbody tr.state-queued")).to_have_count(0)
 
 
 @pytest.fixture()
@@ -436,6 +469,7 @@ def test_no_patient_identifier_is_rendered(
         rendered[path] = response.text()
     # The pages do show the scan (by its reference), so finding no identifier means something.
     assert ref in rendered["/scans"] and ref in rendered[f"/scans/{ref}"]
-    assert "quarantined" in rendered["/scans"] and "Scan" in rendered["/quarantine"]
+    assert "quarantined" in rendered["/scans"]
+    assert re.search(r"scan-[0-9a-f]{16}\.jpeg", rendered["/quarantine"]), "the broken file is not listed"
     leaks = [f"{path}: {word!r}" for path, text in rendered.items() for word in identifiers if word in text]
     assert not leaks, "patient identifiers rendered:\n" + "\n".join(leaks)

@@ -15,6 +15,7 @@ import os
 import shutil
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from ..errors import AdminActionRefused as ActionRefused
 from ..files import unique_target
 from ..journal import Journal
 from ..logs import event
+from ..pipeline import file_sha256
 from ..results import utc_now
 from .facts import QuarantinedFile
 
@@ -50,9 +52,13 @@ def retry(journal: Journal, item: QuarantinedFile, inbox: Path) -> Path:
         raise ActionRefused(f"quarantined scan {item.ref} has no file left in the quarantine folder")
     inbox.mkdir(parents=True, exist_ok=True)
     target = unique_target(inbox, item.path.name)
-    if not journal.retry_quarantined(item.key, item.ref, target):
-        # Fixed in place (new content) or refused unread: still journaled, as a new input later.
-        journal.record_admin_action("retry", item.ref, "sent back to the inbox from the admin page")
+    unchanged = item.key == file_sha256(item.path)
+    if not unchanged or not journal.retry_quarantined(item.key, item.ref, target):
+        # Fixed in place: new content, so a new scan; the old record keeps its verdict (that
+        # content was quarantined), and only the action is journaled.
+        journal.record_admin_action(
+            "retry", item.ref, "replaced in quarantine, sent to the inbox as a new scan"
+        )
     _move_into(item.path, target)
     with contextlib.suppress(FileNotFoundError):
         item.error_file.unlink()
@@ -121,7 +127,11 @@ class Echoes:
         ae.connection_timeout = timeout
         t0 = time.perf_counter()
         try:
-            assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)
+            with warnings.catch_warnings():
+                # A refused connection: pynetdicom drops its socket unclosed and CPython closes it
+                # with a ResourceWarning (as for the PACS sink); the answer below says why.
+                warnings.simplefilter("ignore", ResourceWarning)
+                assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)
             if assoc.is_established:
                 status = assoc.send_c_echo()
                 assoc.release()

@@ -15,7 +15,7 @@ import secrets
 from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.applications import Starlette
@@ -355,7 +355,7 @@ class TokenGate:
             return
         response: Response
         if request.method == "GET" and "text/html" in request.headers.get("accept", ""):
-            response = RedirectResponse(f"/login?next={path}", status_code=303)
+            response = RedirectResponse(f"/login?next={quote(path)}", status_code=303)
         else:
             response = JSONResponse(
                 {"error": "unauthorized", "detail": "send 'Authorization: Bearer <token>' (Admin.TokenFile)"},
