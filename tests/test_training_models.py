@@ -16,7 +16,8 @@ needs from it, on real Kermany images:
 
 Images are 64 px (VGG: 224 px, the smallest size whose 7x7 pooling the ONNX
 exporter accepts) and runs use 8 images, so the default suite stays short;
-VGG runs (130 M parameters, ~500 MB files) are marked slow.
+VGG runs (130 M parameters, ~500 MB files) are marked slow, and so are the INT8 runs of DenseNet-121 and
+ResNet-50 (10-20 s each; ``.ci/run`` runs them in its slow suite).
 """
 
 from __future__ import annotations
@@ -101,6 +102,12 @@ FAMILIES = {
 
 def _is_vgg(name: str) -> bool:
     return name.startswith("vgg")
+
+
+def _is_heavy(name: str) -> bool:
+    """The INT8 runs that take 10-20 s each on 2 cores: slow, since their kernels (QLinearConv on the same
+    u8s8 integers) are the ones ResNet-18 and the MobileNets already run in the default suite."""
+    return _is_vgg(name) or name in ("densenet121", "resnet50")
 
 
 def _params(names: list[str], slow: Callable[[str], bool] = _is_vgg) -> list[object]:
@@ -477,7 +484,7 @@ def test_int8_decisions_agree_with_fp32_where_fp32_is_clear(
     assert np.array_equal(p_fp32[clear] >= 0.5, p_int8[clear] >= 0.5), (p_fp32, p_int8)
 
 
-@pytest.mark.parametrize("name", _params(ALL))
+@pytest.mark.parametrize("name", _params(ALL, slow=_is_heavy))
 def test_int8_recipe_cannot_saturate_and_runs(
     name: str,
     tiny_run: Callable[[str], TinyRun],
@@ -505,7 +512,7 @@ needs_emulator = pytest.mark.skipif(
 @needs_emulator
 # VGG runs the same QLinearConv kernels as ResNet; emulating its 134 M parameters at 224 px takes
 # 2-4 minutes, so it is left out.
-@pytest.mark.parametrize("name", [n for n in ALL if not _is_vgg(n)])
+@pytest.mark.parametrize("name", _params([n for n in ALL if not _is_vgg(n)], slow=_is_heavy))
 def test_int8_gives_the_same_answer_on_an_avx2_only_cpu(
     name: str,
     tiny_run: Callable[[str], TinyRun],
