@@ -319,3 +319,23 @@ def test_the_log_page_scrubs_names_even_where_logs_may_name_files() -> None:
         REDACTOR.forget("Doe_Jane_19610523.dcm")
         logger.removeHandler(buffer)
     assert buffer.lines()[-1].text == "decoded scan-0123456789abcdef.dcm\\nforged line"
+
+
+def test_a_quarantined_link_is_never_followed_by_retry(start_service, tmp_path: Path) -> None:
+    service = start_service()
+    config = service.config
+    secret = tmp_path / "outside-the-inbox.txt"
+    secret.write_text("not the service's to read")
+    (config.inbox.path / "link.jpeg").symlink_to(secret)
+    error_file = wait_quarantined(config, "link.jpeg")
+    ref = json.loads(error_file.read_text())["ref"]
+    assert json.loads(error_file.read_text())["code"] == "symlink_refused"
+    with httpx.Client(base_url=service.admin.url, timeout=10) as client:
+        csrf = csrf_of(client, f"/quarantine/{ref}/retry")
+        refused = client.post(f"/quarantine/{ref}/retry", data={"csrf": csrf})
+        assert refused.status_code == 409 and "not a regular file" in refused.json()["detail"]
+        assert (config.inbox.quarantine_path / "link.jpeg").is_symlink()
+        # Discarding it moves the link itself aside.
+        assert client.post(f"/quarantine/{ref}/discard", data={"csrf": csrf}).status_code == 303
+    assert (config.inbox.quarantine_path / "discarded" / "link.jpeg").is_symlink()
+    assert secret.read_text() == "not the service's to read"

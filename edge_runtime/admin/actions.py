@@ -13,6 +13,7 @@ import errno
 import logging
 import os
 import shutil
+import stat
 import threading
 import time
 import warnings
@@ -48,8 +49,18 @@ def retry(journal: Journal, item: QuarantinedFile, inbox: Path) -> Path:
     copied), then its error file removed. A file whose content was fixed in
     quarantine has a new hash and is simply a new scan.
     """
-    if not item.path.is_file():
-        raise ActionRefused(f"quarantined scan {item.ref} has no file left in the quarantine folder")
+    try:
+        mode = os.lstat(item.path).st_mode
+    except FileNotFoundError:
+        raise ActionRefused(
+            f"quarantined scan {item.ref} has no file left in the quarantine folder"
+        ) from None
+    if not stat.S_ISREG(mode):
+        # A link, a pipe or a device (quarantined unread): hashing it would follow or block on it.
+        raise ActionRefused(
+            f"quarantined scan {item.ref} is not a regular file (a link, pipe or device): it cannot be "
+            "retried; discard it, or remove it on the box"
+        )
     inbox.mkdir(parents=True, exist_ok=True)
     target = unique_target(inbox, item.path.name)
     unchanged = item.key == file_sha256(item.path)

@@ -8,6 +8,7 @@ action is a plain form POST behind a confirmation page.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import logging
@@ -52,6 +53,9 @@ SECURITY_HEADERS = {
     "cross-origin-opener-policy": "same-origin",
     "cache-control": "no-store",
 }
+
+#: A wrong token's answer waits this long, so guessing it over the network is slow.
+WRONG_TOKEN_DELAY_S = 1.0
 
 #: Reachable without the token (a liveness probe must not need a secret), and the sign-in itself.
 _OPEN_PATHS = ("/health/live", "/login", "/static/")
@@ -274,6 +278,7 @@ def create_app(
         target = _local_path(str(form.get("next") or "/"))
         if not token.matches(str(form.get("token") or "")):
             log.warning("admin page: a sign-in with a wrong token was refused")
+            await asyncio.sleep(WRONG_TOKEN_DELAY_S)  # guessing costs a second a try
             return page(request, "login.html", 401, next=target, failed=True)
         request.session.clear()
         request.session["auth"] = True
@@ -353,6 +358,8 @@ class TokenGate:
         if request.session.get("auth") or (given is not None and self.token.matches(given)):
             await self.app(scope, receive, send)
             return
+        if given is not None:
+            await asyncio.sleep(WRONG_TOKEN_DELAY_S)  # a wrong bearer token: guessing costs a second a try
         response: Response
         if request.method == "GET" and "text/html" in request.headers.get("accept", ""):
             response = RedirectResponse(f"/login?next={quote(path)}", status_code=303)
