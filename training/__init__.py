@@ -27,6 +27,8 @@ Sub-packages, one per stage, in pipeline order (the CLI runs them in this order)
         evaluation_report/: the Markdown + PNG report (``evaluate-report``).
     bundle/: what the edge loads (``package``).
         manifest / model_card / card_sections / conformance_set / model_id / package.
+    keras/: the TensorFlow/Keras route (issue 29), in its own environment (``keras_env.sh``).
+        port_weights (main environment: .pth -> .npz) / efficientnet_lite (Keras 3 Lite0).
 Beside them: run_files (the names of the files in a run folder, shared by every stage;
 torch-free) and cli (``python -m training <command>``; ``pipeline`` runs them in order).
 
