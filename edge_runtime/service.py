@@ -16,10 +16,9 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from .admin import AdminServer, BoxFacts, RecentLogs
 from .config import RuntimeConfig
 from .drift_watch import SiteDrift
 from .errors import ConfigError, EdgeRuntimeError, public_code
@@ -40,6 +39,9 @@ from .sinks.mqtt import MqttSink
 from .sources import create_sources
 from .sources.dicom_scp import DicomScpSource
 from .workers import WorkerPool
+
+if TYPE_CHECKING:
+    from .admin import AdminServer
 
 __all__ = ["EdgeService"]
 
@@ -154,18 +156,24 @@ class EdgeService:
             primary_sinks=self.backlogs.primary,
         )
         self.retention = ReportRetention(lambda: self.config, self.journal)
-        #: The last log lines, for the admin page (attached to the package's logger while running).
-        self.logs = RecentLogs(config.admin.log_lines)
-        facts = BoxFacts(
-            config=lambda: self.config,
-            health=self.health,
-            journal=self.journal,
-            analyzer=lambda: self.analyzer,
-            drainers=lambda: self.drainers,
-            logs=self.logs,
-        )
-        #: The admin page and monitoring endpoints (None: Admin.Enabled is false).
-        self.admin = AdminServer(config.admin, facts) if config.admin.enabled else None
+        #: The admin page and monitoring endpoints (None: Admin.Enabled is false), and the last log
+        #: lines it shows (attached to the package's logger while running).
+        self.admin: AdminServer | None = None
+        self.logs: logging.Handler | None = None
+        if config.admin.enabled:
+            # Imported only when on: its web stack (Starlette, uvicorn, Jinja2) is ~10 MB of a box's memory.
+            from .admin import AdminServer, BoxFacts, RecentLogs
+
+            self.logs = RecentLogs(config.admin.log_lines)
+            facts = BoxFacts(
+                config=lambda: self.config,
+                health=self.health,
+                journal=self.journal,
+                analyzer=lambda: self.analyzer,
+                drainers=lambda: self.drainers,
+                logs=self.logs,
+            )
+            self.admin = AdminServer(config.admin, facts)
         self._config_lock = threading.Lock()
         #: An update waiting for its model folder to appear (see _wait_for_bundle), and since when.
         self._waiting_config: RuntimeConfig | None = None
@@ -273,7 +281,8 @@ class EdgeService:
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
-        logging.getLogger("edge_runtime").addHandler(self.logs)
+        if self.logs is not None:
+            logging.getLogger("edge_runtime").addHandler(self.logs)
         if self.admin is not None:
             # First: a port in use refuses the start before any scan is taken.
             self.admin.start()
@@ -345,7 +354,8 @@ class EdgeService:
         self.health.stop()
         if self.admin is not None:
             self.admin.stop()
-        logging.getLogger("edge_runtime").removeHandler(self.logs)
+        if self.logs is not None:
+            logging.getLogger("edge_runtime").removeHandler(self.logs)
         self.analyzer.close()
         if self._rescued is not None:
             # Delivery marks made since it was saved: results sent meanwhile are not sent again.

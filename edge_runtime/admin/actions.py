@@ -20,9 +20,6 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from pynetdicom import AE
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-
 from ..config import DicomConfig, DicomNodeConfig
 from ..errors import AdminActionRefused as ActionRefused
 from ..files import unique_target
@@ -131,6 +128,10 @@ class Echoes:
 
     def echo(self, name: str, node: DicomNodeConfig, calling_ae: str) -> EchoResult:
         """One C-ECHO (Verification SOP class) to ``node``; what it answered, in words."""
+        # Imported when first asked: pynetdicom is ~35 MB of memory a box without DICOM never loads.
+        from pynetdicom import AE
+        from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
         ae = AE(ae_title=calling_ae)
         ae.add_requested_context(Verification)
         timeout = min(node.timeout_seconds, 10.0)

@@ -54,7 +54,9 @@ class AdminServer:
 
     def start(self) -> None:
         family = socket.AF_INET6 if ":" in self.config.bind else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say TCP (the accepted ones
+        # inherit it); without it a keep-alive client waits 40 ms for each answer (Nagle + delayed ACK).
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((self.config.bind, self.config.port))
