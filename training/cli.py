@@ -238,10 +238,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="operating point: highest threshold with at least this validation sensitivity",
     )
 
-    p = sub.add_parser("train", help="two-stage transfer learning -> checkpoint.pt")
+    p = sub.add_parser(
+        "train",
+        help="two-stage transfer learning -> checkpoint.pt (or, --framework keras, model.keras)",
+        description="Two-stage transfer learning (frozen front, stage 1 head, stage 2 last blocks, early "
+        "stopping on validation AUC). --framework torch (default) trains in this environment and writes "
+        "checkpoint.pt for export/quantize/package. --framework keras trains the same EfficientNet-Lite0 "
+        "with TensorFlow/Keras, in TWO environments that never share a process: here (the main one) the "
+        "split.json, the edge-preprocessed inputs (keras-inputs.npz) and the ported ImageNet weights are "
+        "written; then .venv-keras (create it once with: bash training/keras_env.sh setup) trains, "
+        "calibrates and writes model.keras + keras_train_summary.json. See training/README.md, "
+        "'The Keras route'.",
+    )
     _add_data(p)
     _add_run(p)
     _add_train(p)
+    p.add_argument(
+        "--framework",
+        choices=("torch", "keras"),
+        default="torch",
+        help="torch (default): PyTorch in this environment; keras: TensorFlow/Keras in .venv-keras "
+        "(EfficientNet-Lite0 only; no --resume, and no --device: TensorFlow uses its own)",
+    )
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="keras only: cap on optimizer steps per epoch in both stages (smoke tests)",
+    )
 
     p = sub.add_parser(
         "prepare",
@@ -346,6 +370,11 @@ def _augmentation(args: argparse.Namespace) -> Any:
 
 
 def _train(args: argparse.Namespace) -> None:
+    if getattr(args, "framework", "torch") == "keras":
+        _train_keras(args)
+        return
+    if getattr(args, "max_steps", None) is not None:
+        raise SystemExit("error: --max-steps applies to --framework keras only")
     from .model.train import TrainConfig, train
 
     weights = _weights_for(args)
@@ -381,6 +410,100 @@ def _train(args: argparse.Namespace) -> None:
         size=args.size,
     )
     train(cfg)
+
+
+def _keras_python() -> Path:
+    """``.venv-keras``'s interpreter (``KERAS_VENV`` as in training/keras_env.sh)."""
+    import os
+
+    repo = Path(__file__).resolve().parents[1]
+    return Path(os.environ.get("KERAS_VENV", repo / ".venv-keras")) / "bin" / "python"
+
+
+def _train_keras(args: argparse.Namespace) -> None:
+    """``train --framework keras``: inputs, split and weights here; training in ``.venv-keras``."""
+    import os
+    import subprocess
+
+    from .run_files import KERAS_WEIGHTS_NAME
+
+    repo = Path(__file__).resolve().parents[1]
+    if args.model != "efficientnet-lite0":
+        raise SystemExit(f"error: --framework keras trains efficientnet-lite0 only, not {args.model}")
+    if args.resume or args.device not in ("auto", "cpu"):
+        raise SystemExit("error: --framework keras has no --resume and trains on TensorFlow's own device")
+    if args.size < 32 or args.size % 32:
+        raise SystemExit(f"error: --framework keras needs --size a multiple of 32, got {args.size}")
+    if not _keras_python().is_file():
+        raise SystemExit(
+            f"error: no Keras environment at {_keras_python().parents[1]}; create it with: "
+            "bash training/keras_env.sh setup"
+        )
+    weights = _weights_for(args)
+    if weights is not None and not weights.is_file():
+        raise SystemExit(f"error: weights file {weights} not found (pass --weights none for random)")
+    data = args.data if args.data is not None else Path(_DEFAULT_DATA)
+    if not data.exists():
+        raise SystemExit(f"error: dataset {data} not found; pass --data")
+    from .keras.dataset import write_keras_inputs
+    from .keras.port_weights import port_state_dict
+
+    out = args.out.resolve()
+    write_keras_inputs(
+        data,
+        out,
+        size=args.size,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        aug_views=args.aug_views,
+        augmentation=_augmentation(args),
+        limit_per_class=args.limit_per_class,
+    )
+    command = [
+        "bash",
+        str(repo / "training" / "keras_env.sh"),
+        "python",
+        "-m",
+        "training.keras.train",
+        "--run",
+        str(out),
+        "--cut",
+        str(8 if args.cut is None else args.cut),
+        "--head-epochs",
+        str(args.head_epochs),
+        "--epochs",
+        str(args.epochs),
+        "--patience",
+        str(args.patience),
+        "--batch-size",
+        str(args.batch_size),
+        "--lr",
+        str(args.lr),
+        "--label-smoothing",
+        str(args.label_smoothing),
+        "--seed",
+        str(args.seed),
+        "--threads",
+        str(args.threads),
+        "--time-budget-min",
+        str(args.time_budget_min),
+    ]
+    if weights is not None:
+        npz = out / KERAS_WEIGHTS_NAME
+        count = port_state_dict(weights, npz)
+        print(f"weights: {count} arrays of {weights} ported to {npz}")
+        command += ["--weights-npz", str(npz)]
+    if args.train_bn:
+        command.append("--train-bn")
+    if args.max_steps is not None:
+        command += ["--max-steps", str(args.max_steps)]
+    print("training in .venv-keras: " + " ".join(command), flush=True)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
+    done = subprocess.run(command, cwd=repo, env=env, check=False)
+    if done.returncode != 0:
+        raise SystemExit(
+            f"error: Keras training failed (exit status {done.returncode}); see its output above"
+        )
 
 
 def _prepare(args: argparse.Namespace) -> None:

@@ -15,6 +15,10 @@ __all__ = [
     "EXPORT_SUMMARY",
     "FP32_NAME",
     "INT8_NAME",
+    "KERAS_INPUTS_NAME",
+    "KERAS_MODEL_NAME",
+    "KERAS_SUMMARY_NAME",
+    "KERAS_WEIGHTS_NAME",
     "RESUME_NAME",
     "SPLIT_NAME",
     "SUMMARY_NAME",
@@ -41,3 +45,9 @@ TEST_PREDICTIONS = "test_predictions.npz"
 #: ``training/tflite_env.sh export --out RUN/model.int8.tflite``; shipped when present.
 TFLITE_NAME = "model.int8.tflite"
 TFLITE_EXPORT_SUMMARY = "tflite_export_summary.json"
+#: ``train --framework keras`` (training/keras/): the inputs handed from the main environment to
+#: ``.venv-keras``, the ported ImageNet weights, the trained (calibrated) Keras model and its summary.
+KERAS_INPUTS_NAME = "keras-inputs.npz"
+KERAS_WEIGHTS_NAME = "imagenet-lite0.npz"
+KERAS_MODEL_NAME = "model.keras"
+KERAS_SUMMARY_NAME = "keras_train_summary.json"

@@ -407,6 +407,16 @@ class ImageCache:
         return int(self.labels.shape[0])
 
     @property
+    def levels(self) -> np.ndarray | None:
+        """``(views, N, H, W)`` uint8 grey levels (``spec.quantize_8bit``), else None. Read-only use."""
+        return self._levels
+
+    @property
+    def lut(self) -> np.ndarray | None:
+        """``(channels, 256)`` float32: channel ``c`` of a sample is ``lut[c][level]``; None unquantized."""
+        return self._lut
+
+    @property
     def nbytes(self) -> int:
         store = self._levels if self._levels is not None else self._full
         assert store is not None

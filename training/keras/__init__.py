@@ -5,6 +5,12 @@ Two environments, like the TFLite export:
         (the shared EfficientNet-Lite0 ImageNet weights, or a checkpoint) -> a plain ``.npz``.
     efficientnet_lite: runs ONLY in ``.venv-keras`` (``training/keras_env.sh``): EfficientNet-Lite0
         in Keras 3, layer for layer ``efficientnet_lite_pytorch``'s, loading that ``.npz``.
+    dataset: MAIN environment: the run's ``split.json`` and ``keras-inputs.npz`` (the training and
+        validation inputs exactly as the edge preprocesses them), with the PyTorch route's code.
+    train: ONLY ``.venv-keras``: two-stage training, temperature scaling, ``model.keras`` and
+        ``keras_train_summary.json``. ``python -m training train --framework keras`` runs all three steps.
+    inputs, scores: numpy only, imported in both: the ``keras-inputs.npz`` reader, and AUC/log-loss/
+        temperature without scikit-learn (which ``.venv-keras`` lacks).
 
 This ``__init__`` imports nothing, so importing one module never drags in the other's framework.
 """
