@@ -530,6 +530,12 @@ class AdminConfig(_Section):
         False, description="Show everything, change nothing: no quarantine retry or discard from the page."
     )
     recent_scans: int = Field(50, ge=1, le=1000, description="Scans listed on the Recent scans page.")
+    show_images: bool = Field(
+        True,
+        description="Show each scan's heat map (the image itself, overlaid) on the page. Text burned into "
+        "an image (names on some CR/DX films and screen exports) shows with it: set false where that "
+        "is a concern.",
+    )
     log_lines: int = Field(300, ge=10, le=10000, description="Log lines the Logs page keeps (in memory).")
 
     @model_validator(mode="after")

@@ -183,6 +183,9 @@ CREATE TABLE IF NOT EXISTS inputs (
     updated_utc   TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS inputs_state ON inputs(state);
+-- The admin page: the latest scans, and one scan by its reference.
+CREATE INDEX IF NOT EXISTS inputs_updated ON inputs(updated_utc, id);
+CREATE INDEX IF NOT EXISTS inputs_file_name ON inputs(file_name);
 CREATE TABLE IF NOT EXISTS outbox (
     seq           INTEGER PRIMARY KEY AUTOINCREMENT,
     message_id    TEXT NOT NULL,
@@ -1068,30 +1071,25 @@ class Journal:
                 found.setdefault(str(message_id), {})[str(sink)] = "dropped"
         return found
 
-    def retry_quarantined(self, sha256: str, ref: str, path: Path) -> bool:
+    def retry_quarantined(self, sha256: str, path: Path) -> bool:
         """An admin sends a quarantined input back: it is queued again as if new, at ``path``.
 
-        Journaled in ``admin_actions`` in the same transaction. Returns False when
-        ``sha256`` is not quarantined (already retried, or never was): nothing changes.
-        The caller moves the file into the inbox only after this committed, so a
-        crash in between leaves a queued record and the file still in quarantine
-        (retried again from the page), never a file processed without its record.
+        ``path`` is where the file will be in the inbox, as the inbox names it (resolved),
+        so that :meth:`admit` finds this very record there. Returns False when ``sha256``
+        has no quarantined record (never had, or has a result): nothing changes. A record
+        still queued by an earlier retry that did not finish (a crash before the move) is
+        queued again. The caller moves the file only after this committed, so a crash in
+        between leaves a queued record and the file still in quarantine, retried again
+        from the page, never a file processed without its record.
         """
-        now = utc_now()
         where = path_token(str(path), key=self.reference_key)
         with self._tx() as db:
             cur = db.execute(
                 "UPDATE inputs SET state='queued', attempts=0, failures=0, error_json=NULL, path=?, "
-                "updated_utc=? WHERE sha256=? AND state='quarantined'",
-                (where, now, sha256),
+                "updated_utc=? WHERE sha256=? AND state IN ('quarantined', 'queued')",
+                (where, utc_now(), sha256),
             )
-            if not cur.rowcount:
-                return False
-            db.execute(
-                "INSERT INTO admin_actions(at_utc, action, ref, detail) VALUES (?, 'retry', ?, ?)",
-                (now, ref, "sent back to the inbox from the admin page"),
-            )
-        return True
+        return bool(cur.rowcount)
 
     def record_admin_action(self, action: str, ref: str, detail: str) -> None:
         """Journal what an admin did (e.g. a discard: the file moved aside, its record kept)."""

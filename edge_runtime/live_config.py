@@ -80,7 +80,11 @@ def diff_config(old: RuntimeConfig, new: RuntimeConfig) -> ConfigChange:
             "reports": new.reports.model_copy(update={"fhir_endpoint": old.reports.fhir_endpoint}),
             "mqtt": old.mqtt.model_copy(update={"topic_prefix": new.mqtt.topic_prefix, "qos": new.mqtt.qos}),
             "admin": old.admin.model_copy(
-                update={"read_only": new.admin.read_only, "recent_scans": new.admin.recent_scans}
+                update={
+                    "read_only": new.admin.read_only,
+                    "recent_scans": new.admin.recent_scans,
+                    "show_images": new.admin.show_images,
+                }
             ),
         }
     )

@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 import stat
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,9 +40,13 @@ from .privacy import log_name, loggable_uid, scan_ref, scrub_name
 from .results import ScanResult, utc_now
 from .sources.base import ScanItem
 
-__all__ = ["OutcomeRecorder"]
+__all__ = ["QUARANTINE_LOCK", "OutcomeRecorder"]
 
 log = logging.getLogger(__name__)
+
+#: Held while a file and its error file enter the quarantine folder, and by the admin page's retry and
+#: discard (edge_runtime/admin/actions.py): an admin never acts on a file half moved in.
+QUARANTINE_LOCK = threading.Lock()
 
 
 class OutcomeRecorder:
@@ -199,13 +204,16 @@ class OutcomeRecorder:
         sha256 = error.get("sha256")
         key = sha256 or error.get("file_key")
         # A short printable name: the original may be too long for ".error.json" or not UTF-8.
-        target = unique_target(self.quarantine_dir, safe_file_name(path.name), lambda f: _same_input(f, key))
-        error_file = target.with_name(target.name + ".error.json")
-        tmp = error_file.with_name(error_file.name + ".tmp")
-        tmp.write_text(json.dumps(error, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, error_file)
-        with contextlib.suppress(FileNotFoundError):
-            _move(path, target)
+        with QUARANTINE_LOCK:
+            target = unique_target(
+                self.quarantine_dir, safe_file_name(path.name), lambda f: _same_input(f, key)
+            )
+            error_file = target.with_name(target.name + ".error.json")
+            tmp = error_file.with_name(error_file.name + ".tmp")
+            tmp.write_text(json.dumps(error, indent=2) + "\n", encoding="utf-8")
+            os.replace(tmp, error_file)
+            with contextlib.suppress(FileNotFoundError):
+                _move(path, target)
         self.health.count("quarantined")
         ref = str(error.get("ref") or self.ref(str(key or ""), path.name))
         named = log_name(path.name, ref)

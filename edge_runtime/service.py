@@ -172,6 +172,7 @@ class EdgeService:
                 analyzer=lambda: self.analyzer,
                 drainers=lambda: self.drainers,
                 logs=self.logs,
+                lifecycle=self._not_serving,
             )
             self.admin = AdminServer(config.admin, facts)
         self._config_lock = threading.Lock()
@@ -181,6 +182,16 @@ class EdgeService:
         self._waiting_since: float | None = None
         self._stopping = threading.Event()
         self._stopped = threading.Event()
+        #: Set once start() has every part running (for /health/ready).
+        self._serving = False
+
+    def _not_serving(self) -> str | None:
+        """For /health/ready: why scans are not taken now (starting, stopping), or None."""
+        if self._stopping.is_set():
+            return "the service is stopping"
+        if not self._serving:
+            return "the service is starting (its sources are not taking scans yet)"
+        return None
 
     # -- what tests and the CLI read ---------------------------------------------------
     @property
@@ -330,6 +341,7 @@ class EdgeService:
             )
             self.host.report_running()
             log.info("reported running to %s", self.host.name)
+        self._serving = True
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Finish scans in progress, leave queued ones at their source, say offline."""

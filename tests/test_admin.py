@@ -103,7 +103,7 @@ def test_machines_read_health_status_and_metrics(start_service, shared_data: Pat
         assert ready.status_code == 200, ready.text
         assert ready.json() == {
             "ready": True,
-            "checks": {"model": None, "conformance": None, "journal": None},
+            "checks": {"service": None, "model": None, "conformance": None, "journal": None},
         }
 
         status = client.get("/api/status").json()
@@ -127,7 +127,40 @@ def test_machines_read_health_status_and_metrics(start_service, shared_data: Pat
     assert metrics[("edge_runtime_ready", ())] == 1
     assert metrics[("edge_runtime_conformance_passed", ())] == 1
     assert ("edge_runtime_outbox_pending", (("sink", "mqtt"),)) in metrics
+    assert metrics[("edge_runtime_outbox_dropped_total", (("sink", "mqtt"),))] == 0
     assert metrics[("edge_runtime_outside_intended_use_share", ())] == 0.0
+    assert metrics[("edge_runtime_status_errors", ())] == 0
+
+
+def test_a_part_that_cannot_be_read_leaves_the_rest_of_the_status(start_service, monkeypatch) -> None:
+    service = start_service()
+
+    def broken() -> dict:
+        raise OSError("disk I/O error")
+
+    monkeypatch.setattr(service.journal, "backlog_by_sink", broken)
+    with httpx.Client(base_url=service.admin.url, timeout=10) as client:
+        status = client.get("/api/status")
+        assert status.status_code == 200
+        # The health snapshot reads the backlog too: both say so, the model and the rest still answer.
+        assert status.json()["errors"] == {
+            "health": "OSError reading health",
+            "sinks": "OSError reading sinks",
+        }
+        assert status.json()["model"]["name"] == "pneumonia-cxr"
+        metrics = metrics_of(client.get("/metrics").text)
+        assert metrics[("edge_runtime_status_errors", ())] == 2
+        assert "Could not read sinks" in client.get("/", headers={"accept": "text/html"}).text
+
+
+def test_a_page_bound_to_loopback_refuses_other_host_names(start_service) -> None:
+    """DNS rebinding: a web page whose domain now resolves to 127.0.0.1 must not reach the page."""
+    service = start_service()
+    with httpx.Client(base_url=service.admin.url, timeout=10) as client:
+        assert client.get("/api/status", headers={"host": "evil.example:8380"}).status_code == 400
+        assert client.get("/metrics", headers={"host": "evil.example"}).status_code == 400
+        for host in ("localhost", f"127.0.0.1:{service.admin.port}", f"localhost:{service.admin.port}"):
+            assert client.get("/health/live", headers={"host": host}).status_code == 200, host
 
 
 def test_every_response_carries_the_security_headers(start_service) -> None:
@@ -339,3 +372,41 @@ def test_a_quarantined_link_is_never_followed_by_retry(start_service, tmp_path: 
         assert client.post(f"/quarantine/{ref}/discard", data={"csrf": csrf}).status_code == 303
     assert (config.inbox.quarantine_path / "discarded" / "link.jpeg").is_symlink()
     assert secret.read_text() == "not the service's to read"
+
+
+@pytest.mark.parametrize("layout", ["relative", "symlinked"])
+def test_retry_works_with_an_inbox_path_written_as_the_admin_wrote_it(
+    tmp_path: Path, mosquitto, default_bundle: Path, shared_data: Path, monkeypatch, layout: str
+) -> None:
+    """The inbox names files by their resolved path; a retried file must not look like a copy of itself."""
+    base = make_config(tmp_path, mosquitto, default_bundle)
+    data = base.to_pascal_dict()
+    real = tmp_path / "data-disk"
+    real.mkdir()
+    if layout == "relative":
+        monkeypatch.chdir(real)
+        inbox = "inbox"
+    else:
+        (tmp_path / "var-lib").symlink_to(real)
+        inbox = str(tmp_path / "var-lib" / "inbox")
+    data["Inbox"] = {**data["Inbox"], "Path": inbox}
+    service = EdgeService(RuntimeConfig.from_mapping(data))
+    service.start()
+    try:
+        config = service.config
+        config.inbox.path.mkdir(parents=True, exist_ok=True)
+        (config.inbox.path / "bad.jpeg").write_bytes(b"not an image, retried unchanged")
+        ref = json.loads(wait_quarantined(config, "bad.jpeg").read_text())["ref"]
+        with httpx.Client(base_url=service.admin.url, timeout=10) as client:
+            csrf = csrf_of(client, f"/quarantine/{ref}/retry")
+            assert client.post(f"/quarantine/{ref}/retry", data={"csrf": csrf}).status_code == 303
+            # A second click finds nothing left to do, and says so without naming the file.
+            again = client.post(f"/quarantine/{ref}/retry", data={"csrf": csrf})
+            assert again.status_code == 404 or "retried or discarded" in again.text
+            assert "bad.jpeg" not in again.text
+        # Processed again (quarantined again), not thrown away as a duplicate of itself.
+        wait_for(lambda: service.counters["quarantined"] >= 2, what="the second quarantine")
+        assert service.counters["duplicates"] == 0
+        assert [row.state for row in service.journal.recent_scans()] == ["quarantined"]
+    finally:
+        service.stop()

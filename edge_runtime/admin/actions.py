@@ -25,6 +25,7 @@ from ..errors import AdminActionRefused as ActionRefused
 from ..files import unique_target
 from ..journal import Journal
 from ..logs import event
+from ..outcomes import QUARANTINE_LOCK
 from ..pipeline import file_sha256
 from ..results import utc_now
 from .facts import QuarantinedFile
@@ -40,53 +41,73 @@ DISCARDED = "discarded"
 def retry(journal: Journal, item: QuarantinedFile, inbox: Path) -> Path:
     """Send a quarantined file back to the inbox, to be processed as if new.
 
-    The journal first (the record queued again, the action journaled), then the
-    file renamed into the inbox under its own name (a hidden temporary name
-    first when the inbox is on another disk, so it is never picked up half
-    copied), then its error file removed. A file whose content was fixed in
-    quarantine has a new hash and is simply a new scan.
+    Under :data:`~edge_runtime.outcomes.QUARANTINE_LOCK` (no worker is moving a file
+    in meanwhile, and a second click waits, then finds nothing left to do): the
+    journal first (an unchanged file's record queued again, at the path the inbox
+    will report), then the file renamed into the inbox under its own name (a hidden
+    temporary name first when the inbox is on another disk, so it is never picked up
+    half copied), then its error file removed, then the action journaled. A file
+    whose content was fixed in quarantine has a new hash: simply a new scan, and the
+    old record keeps its verdict.
     """
-    try:
-        mode = os.lstat(item.path).st_mode
-    except FileNotFoundError:
-        raise ActionRefused(
-            f"quarantined scan {item.ref} has no file left in the quarantine folder"
-        ) from None
-    if not stat.S_ISREG(mode):
-        # A link, a pipe or a device (quarantined unread): hashing it would follow or block on it.
-        raise ActionRefused(
-            f"quarantined scan {item.ref} is not a regular file (a link, pipe or device): it cannot be "
-            "retried; discard it, or remove it on the box"
-        )
-    inbox.mkdir(parents=True, exist_ok=True)
-    target = unique_target(inbox, item.path.name)
-    unchanged = item.key == file_sha256(item.path)
-    if not unchanged or not journal.retry_quarantined(item.key, item.ref, target):
-        # Fixed in place: new content, so a new scan; the old record keeps its verdict (that
-        # content was quarantined), and only the action is journaled.
-        journal.record_admin_action(
-            "retry", item.ref, "replaced in quarantine, sent to the inbox as a new scan"
-        )
-    _move_into(item.path, target)
-    with contextlib.suppress(FileNotFoundError):
-        item.error_file.unlink()
+    with QUARANTINE_LOCK:
+        try:
+            mode = os.lstat(item.path).st_mode
+        except FileNotFoundError:
+            gone = f"quarantined scan {item.ref} has no file left in the quarantine folder"
+            raise ActionRefused(gone) from None
+        if not stat.S_ISREG(mode):
+            # A link, a pipe or a device (quarantined unread): hashing it would follow or block on it.
+            raise ActionRefused(
+                f"quarantined scan {item.ref} is not a regular file (a link, pipe or device): it cannot be "
+                "retried; discard it, or remove it on the box"
+            )
+        if not item.error_file.exists():
+            raise ActionRefused(f"quarantined scan {item.ref} was retried or discarded meanwhile")
+        inbox.mkdir(parents=True, exist_ok=True)
+        # Resolved, as the inbox names what it finds: the journal must know the file by that path, or
+        # the inbox would take it for a copy of itself (a relative Inbox.Path, a symlinked data disk).
+        target = unique_target(inbox.resolve(), item.path.name)
+        changed = item.key != file_sha256(item.path)
+        if not changed:
+            journal.retry_quarantined(item.key, target)
+        try:
+            _move_into(item.path, target)
+        except OSError as exc:
+            raise _not_moved(journal, "retry", item, exc) from None
+        with contextlib.suppress(FileNotFoundError):
+            item.error_file.unlink()
+        how = "as a new scan (its file was replaced in quarantine)" if changed else "to be processed again"
+        journal.record_admin_action("retry", item.ref, f"sent back to the inbox {how}")
     event(log, "admin_retry", "%s sent back to the inbox from the admin page", item.ref, file=item.ref)
     return target
 
 
 def discard(journal: Journal, item: QuarantinedFile, quarantine: Path) -> Path:
     """Move a quarantined file and its error file aside (``quarantine/discarded/``); never delete."""
-    if not item.error_file.is_file():
-        raise ActionRefused(f"quarantined scan {item.ref} is no longer in the quarantine folder")
-    folder = quarantine / DISCARDED
-    folder.mkdir(parents=True, exist_ok=True)
-    journal.record_admin_action("discard", item.ref, f"moved to {folder} from the admin page")
-    target = unique_target(folder, item.path.name)
-    if item.path.exists():
-        os.rename(item.path, target)
-    os.rename(item.error_file, target.with_name(target.name + ".error.json"))
+    with QUARANTINE_LOCK:
+        if not item.error_file.is_file():
+            raise ActionRefused(f"quarantined scan {item.ref} was retried or discarded meanwhile")
+        folder = quarantine / DISCARDED
+        folder.mkdir(parents=True, exist_ok=True)
+        target = unique_target(folder, item.path.name)
+        try:
+            if os.path.lexists(item.path):
+                os.rename(item.path, target)
+            os.rename(item.error_file, target.with_name(target.name + ".error.json"))
+        except OSError as exc:
+            raise _not_moved(journal, "discard", item, exc) from None
+        journal.record_admin_action("discard", item.ref, f"moved aside into {folder}")
     event(log, "admin_discard", "%s discarded from the admin page (moved aside)", item.ref, file=item.ref)
     return target
+
+
+def _not_moved(journal: Journal, action: str, item: QuarantinedFile, exc: OSError) -> ActionRefused:
+    """A move that failed: journaled and logged by its error number, never by its text (it names the file)."""
+    reason = errno.errorcode.get(exc.errno or 0, "OSError")
+    journal.record_admin_action(f"{action}-failed", item.ref, f"the file could not be moved ({reason})")
+    log.error("admin page: %s of %s failed: the file could not be moved (%s)", action, item.ref, reason)
+    return ActionRefused(f"quarantined scan {item.ref} could not be moved ({reason}); nothing changed")
 
 
 def _move_into(path: Path, target: Path) -> None:

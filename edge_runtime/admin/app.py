@@ -23,6 +23,7 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.middleware.sessions import SessionMiddleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
@@ -54,8 +55,23 @@ SECURITY_HEADERS = {
     "cache-control": "no-store",
 }
 
-#: A wrong token's answer waits this long, so guessing it over the network is slow.
+#: A wrong token's answer waits this long, one at a time over all connections: one guess a second.
 WRONG_TOKEN_DELAY_S = 1.0
+#: The names a browser on this box uses for a page bound to loopback. Any other Host header is refused
+#: there: a web page whose domain was made to resolve to 127.0.0.1 (DNS rebinding) must not reach it.
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
+
+
+class Throttle:
+    """Serialises the waits after wrong tokens, so parallel guesses wait in line."""
+
+    def __init__(self) -> None:
+        self._lock = asyncio.Lock()
+
+    async def wrong_token(self) -> None:
+        async with self._lock:
+            await asyncio.sleep(WRONG_TOKEN_DELAY_S)
+
 
 #: Reachable without the token (a liveness probe must not need a secret), and the sign-in itself.
 _OPEN_PATHS = ("/health/live", "/login", "/static/")
@@ -140,11 +156,13 @@ def create_app(
     """The admin app over ``facts`` (``token``: who may see it; ``read_only``: Admin.ReadOnly, live)."""
     templates = _templates()
     echoes = echoes or actions.Echoes()
+    throttle = Throttle()
 
     def page(request: Request, name: str, status_code: int = 200, **context: Any) -> Response:
         context.update(
             csrf=csrf_token(request.session),
             read_only=read_only(),
+            show_images=facts.config().admin.show_images,
             signed_in=bool(request.session.get("auth")),
             token_required=token.required,
             path=request.url.path,
@@ -278,7 +296,7 @@ def create_app(
         target = _local_path(str(form.get("next") or "/"))
         if not token.matches(str(form.get("token") or "")):
             log.warning("admin page: a sign-in with a wrong token was refused")
-            await asyncio.sleep(WRONG_TOKEN_DELAY_S)  # guessing costs a second a try
+            await throttle.wrong_token()
             return page(request, "login.html", 401, next=target, failed=True)
         request.session.clear()
         request.session["auth"] = True
@@ -312,10 +330,14 @@ def create_app(
         Route("/logout", logout, methods=["POST"]),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
+    # Without a token (bound to loopback), the Host header is the only thing a rebound domain cannot
+    # fake; with one, a rebound page has no session cookie and no token.
+    hosts = [] if token.required else [Middleware(TrustedHostMiddleware, allowed_hosts=list(LOOPBACK_HOSTS))]
     app = Starlette(
         routes=routes,
         middleware=[
             Middleware(SecurityHeaders),
+            *hosts,
             Middleware(
                 SessionMiddleware,
                 secret_key=session_secret or secrets.token_urlsafe(32),
@@ -324,7 +346,7 @@ def create_app(
                 same_site="strict",
                 https_only=False,
             ),
-            Middleware(TokenGate, token=token),
+            Middleware(TokenGate, token=token, throttle=throttle),
         ],
     )
     return app
@@ -340,9 +362,10 @@ def _local_path(value: str | None) -> str:
 class TokenGate:
     """Every path but :data:`_OPEN_PATHS` needs the token (a signed-in session or a bearer token)."""
 
-    def __init__(self, app: ASGIApp, token: TokenCheck) -> None:
+    def __init__(self, app: ASGIApp, token: TokenCheck, throttle: Throttle) -> None:
         self.app = app
         self.token = token
+        self.throttle = throttle
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not self.token.required:
@@ -359,7 +382,7 @@ class TokenGate:
             await self.app(scope, receive, send)
             return
         if given is not None:
-            await asyncio.sleep(WRONG_TOKEN_DELAY_S)  # a wrong bearer token: guessing costs a second a try
+            await self.throttle.wrong_token()
         response: Response
         if request.method == "GET" and "text/html" in request.headers.get("accept", ""):
             response = RedirectResponse(f"/login?next={quote(path)}", status_code=303)

@@ -10,11 +10,12 @@ errors their codes, fixed texts and actions.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,8 @@ from ..sinks.drainer import OutboxDrainer
 from .logbuffer import RecentLogs
 
 __all__ = ["BoxFacts", "QuarantinedFile", "ScanView"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,16 @@ class ScanView:
         return self.row.error or {}
 
 
+def _int(value: object) -> int:
+    """An error file's number as written, 0 when it is not one (a hand-edited or older file)."""
+    if isinstance(value, int):
+        return value
+    try:
+        return int(str(value))
+    except ValueError:
+        return 0
+
+
 class BoxFacts:
     """Reads the running service for the admin app (every call answers from the live state)."""
 
@@ -105,7 +118,10 @@ class BoxFacts:
         analyzer: Callable[[], ScanAnalyzer],
         drainers: Callable[[], Sequence[OutboxDrainer]],
         logs: RecentLogs,
+        lifecycle: Callable[[], str | None] = lambda: None,
     ) -> None:
+        #: Why the service is not serving scans now (starting, stopping), or None.
+        self.lifecycle = lifecycle
         self.config = config
         self.health = health
         self.journal = journal
@@ -119,7 +135,12 @@ class BoxFacts:
 
         Returns the verdict and each check's problem (None: passed).
         """
-        checks: dict[str, str | None] = {"model": None, "conformance": None, "journal": None}
+        checks: dict[str, str | None] = {
+            "service": self.lifecycle(),
+            "model": None,
+            "conformance": None,
+            "journal": None,
+        }
         try:
             analyzer = self.analyzer()
             report = analyzer.conformance
@@ -134,27 +155,46 @@ class BoxFacts:
 
     # -- the overview and /api/status --------------------------------------------------
     def status(self) -> dict[str, Any]:
-        """Everything the overview shows, as JSON-ready values (``/api/status`` sends this)."""
+        """Everything the overview shows, as JSON-ready values (``/api/status`` sends this).
+
+        Each section is read on its own: one that fails (a journal read error on a box that
+        is already unwell) is None with its error in ``errors``, and the rest still answers,
+        so a scraper sees ``ready 0`` and the reason rather than a failed scrape.
+        """
         config = self.config()
-        snapshot = self.health.snapshot()
+        errors: dict[str, str] = {}
+
+        def section(name: str, read: Callable[[], Any], default: Any = None) -> Any:
+            try:
+                return read()
+            except Exception as exc:  # reported in the answer; the other sections still answer
+                errors[name] = f"{type(exc).__name__} reading {name}"
+                log.warning("admin page: cannot read %s: %s", name, type(exc).__name__)
+                return default
+
+        snapshot = section("health", self.health.snapshot, {})
         started = self.health.started_at
         ready, checks = self.readiness()
+        quarantined = section("quarantine", self.quarantined, [])
         status: dict[str, Any] = {
-            "state": snapshot["state"],
-            "reason": snapshot["reason"],
+            "state": snapshot.get("state", "unknown"),
+            "reason": snapshot.get("reason"),
             "ready": ready,
             "readiness": checks,
             "runtime_version": __version__,
             "uptime_seconds": None if started is None else round(time.time() - started, 1),
-            "counters": snapshot["counters"],
-            "last_error": snapshot["last_error"],
-            "disk": self._disk(config),
-            "sinks": self._sinks(),
-            "quarantine": {"files": len(self.quarantined()), "folder_on_box": True},
-            "dicom_receiver": self._receiver(config, snapshot.get("dicom")),
-            "model": self._model(),
+            "counters": snapshot.get("counters", {}),
+            "last_error": snapshot.get("last_error"),
+            "disk": section("disk", lambda: self._disk(config), []),
+            "sinks": section("sinks", self._sinks, []),
+            "quarantine": {"files": len(quarantined)},
+            "dicom_receiver": section(
+                "dicom_receiver", lambda: self._receiver(config, snapshot.get("dicom"))
+            ),
+            "model": section("model", self._model),
             "intended_use": self._intended_use(),
             "drift": snapshot.get("drift"),
+            "errors": errors,
         }
         return status
 
@@ -253,7 +293,7 @@ class BoxFacts:
 
     # -- scans -------------------------------------------------------------------------
     def recent_scans(self) -> list[ScanView]:
-        rows = self.journal.recent_scans(self.config().admin.recent_scans)
+        rows = [self._named(row) for row in self.journal.recent_scans(self.config().admin.recent_scans)]
         deliveries = self.journal.deliveries([r.message_id for r in rows if r.message_id])
         return [ScanView(row, deliveries.get(row.message_id or "", {})) for row in rows]
 
@@ -261,11 +301,25 @@ class BoxFacts:
         row = self.journal.scan_by_ref(ref)
         if row is None:
             return None
+        row = self._named(row)
         deliveries = self.journal.deliveries([row.message_id]) if row.message_id else {}
         return ScanView(row, deliveries.get(row.message_id or "", {}))
 
+    def _named(self, row: ScanRow) -> ScanRow:
+        """The row as the page may show it: a result made under Privacy.PublishFileNames names its file;
+        unless that setting is on now, the page shows the scan's reference there instead."""
+        if row.result is None or self.config().privacy.publish_file_names:
+            return row
+        data = row.result.get("input")
+        if not isinstance(data, dict) or data.get("file_name") in (None, row.ref):
+            return row
+        return replace(row, result={**row.result, "input": {**data, "file_name": row.ref}})
+
     def heatmap_file(self, view: ScanView) -> Path | None:
-        """The scan's heat-map PNG in its report folder, when one was written and is still there."""
+        """The scan's heat-map PNG in its report folder, when one was written, is still there and
+        the page may show images (Admin.ShowImages)."""
+        if not self.config().admin.show_images:
+            return None
         reports = view.result.get("reports") or {}
         name, folder = reports.get("heatmap_png"), reports.get("folder")
         if not name or not folder or "/" in str(name) or "/" in str(folder):
@@ -280,10 +334,12 @@ class BoxFacts:
         folder = config.inbox.quarantine_path
         names = config.privacy.publish_file_names
         found = []
-        try:
-            error_files = sorted(folder.glob("*.error.json"))
-        except OSError:
-            return []
+        # os.scandir, not Path.glob: a folder the service may not read is an error to report, not "empty".
+        listed: list[str] = []
+        if folder.is_dir():
+            with os.scandir(folder) as entries:
+                listed = [e.name for e in entries if e.name.endswith(".error.json")]
+        error_files = sorted(folder / name for name in listed)
         for error_file in error_files:
             try:
                 document = json.loads(error_file.read_text(encoding="utf-8"))
@@ -303,7 +359,7 @@ class BoxFacts:
                     text=public_text(code),
                     action=str(document.get("action") or ""),
                     quarantined_utc=str(document.get("quarantined_utc") or ""),
-                    attempts=int(document.get("attempts") or 0),
+                    attempts=_int(document.get("attempts")),
                     name=path.name if names else None,
                 )
             )

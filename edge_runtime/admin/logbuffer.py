@@ -20,6 +20,10 @@ from ..privacy import REDACTOR
 
 __all__ = ["LogLine", "RecentLogs"]
 
+#: Event fields that may hold a file's name or path (patient names): never on the page, whatever
+#: Privacy.LogFileNames lets the service log say.
+_NAMING_FIELDS = frozenset({"file", "original", "moved_to", "reason", "path", "folder"})
+
 
 @dataclass(frozen=True)
 class LogLine:
@@ -42,7 +46,9 @@ class RecentLogs(logging.Handler):
             text = record.getMessage()
             fields = getattr(record, "fields", None)
             if isinstance(fields, dict):
-                extra = " ".join(f"{k}={v}" for k, v in fields.items() if v is not None and k != "file")
+                extra = " ".join(
+                    f"{k}={v}" for k, v in fields.items() if v is not None and k not in _NAMING_FIELDS
+                )
                 text = f"{text} [{extra}]" if extra else text
             if record.exc_info and record.exc_info[0] is not None:
                 text = f"{text} ({record.exc_info[0].__name__}; traceback in the service log)"

@@ -9,16 +9,20 @@ model's name and version, never a scan.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import get_args
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from ..drift import State
 from .facts import BoxFacts
 
 __all__ = ["BoxCollector", "render_metrics"]
 
 _STATES = ("online", "degraded")
+#: Every drift state, each exported as 0 or 1, so a state left has its series go to 0 (not stale).
+DRIFT_STATES: tuple[str, ...] = get_args(State)
 
 
 class BoxCollector(Collector):
@@ -69,13 +73,20 @@ class BoxCollector(Collector):
         failing = GaugeMetricFamily(
             "edge_runtime_sink_failing", "1 while a sink's deliveries fail (retrying).", labels=["sink"]
         )
+        dropped = CounterMetricFamily(
+            "edge_runtime_outbox_dropped",
+            "Results a sink fell too far behind on and will never get (all time; kept in the journal).",
+            labels=["sink"],
+        )
         for sink in status["sinks"]:
             pending.add_metric([sink["name"]], sink["outbox_pending"])
             delivered.add_metric([sink["name"]], sink["delivered_since_start"])
             failing.add_metric([sink["name"]], 1.0 if sink["last_error"] else 0.0)
+            dropped.add_metric([sink["name"]], sink["dropped_all_time"])
         yield pending
         yield delivered
         yield failing
+        yield dropped
         yield GaugeMetricFamily(
             "edge_runtime_quarantine_files",
             "Files in the quarantine folder waiting for an admin.",
@@ -96,15 +107,16 @@ class BoxCollector(Collector):
                 "Share of results since start outside the model's intended use.",
                 value=use["outside_share"],
             )
-        model = status["model"]
-        info = GaugeMetricFamily(
-            "edge_runtime_model_info",
-            "The running model (value 1).",
-            labels=["name", "version", "backend", "sha256"],
-        )
-        info.add_metric([model["name"], model["version"], model["backend"], model["sha256"]], 1.0)
-        yield info
-        conformance = model["conformance"].get("verdict")
+        model = status["model"] or {}
+        if model:
+            info = GaugeMetricFamily(
+                "edge_runtime_model_info",
+                "The running model (value 1).",
+                labels=["name", "version", "backend", "sha256"],
+            )
+            info.add_metric([model["name"], model["version"], model["backend"], model["sha256"]], 1.0)
+            yield info
+        conformance = (model.get("conformance") or {}).get("verdict")
         yield GaugeMetricFamily(
             "edge_runtime_conformance_passed",
             "1 when the model's conformance check passed on this CPU (0 failed or not checked).",
@@ -128,8 +140,14 @@ class BoxCollector(Collector):
             drifting = GaugeMetricFamily(
                 "edge_runtime_drift_state", "1 for the drift monitor's current state.", labels=["state"]
             )
-            drifting.add_metric([str(drift["state"])], 1.0)
+            for name in DRIFT_STATES:
+                drifting.add_metric([name], 1.0 if drift["state"] == name else 0.0)
             yield drifting
+        yield GaugeMetricFamily(
+            "edge_runtime_status_errors",
+            "Parts of the status that could not be read on this scrape (see /api/status 'errors').",
+            value=len(status["errors"]),
+        )
         yield from self.facts.health.metrics.registry.collect()
 
 

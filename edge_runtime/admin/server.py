@@ -82,6 +82,8 @@ class AdminServer:
             lifespan="off",
             server_header=False,
             timeout_graceful_shutdown=2,
+            # uvicorn's own loggers go through the service's handlers (its format, names scrubbed).
+            log_config=None,
         )
         server = uvicorn.Server(config)
         self._server = server
@@ -92,6 +94,13 @@ class AdminServer:
         deadline = time.monotonic() + 10
         while not server.started and self._thread.is_alive() and time.monotonic() < deadline:
             time.sleep(0.02)
+        if not server.started:
+            self.stop()
+            raise ConfigError(
+                f"The admin page on {self.url} did not start (see the errors above).",
+                action="Set Admin.Enabled to false to run without it, and send the service log to "
+                "HealthDiag support.",
+            )
         log.info(
             "admin page on %s (%s)",
             self.url,
