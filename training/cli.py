@@ -294,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "export",
-        help="checkpoint -> FP32 ONNX (dynamic batch), checked against PyTorch on validation",
+        help="checkpoint -> FP32 ONNX (dynamic batch), checked against PyTorch on validation "
+        "(--framework keras: model.keras -> INT8 LiteRT)",
         description="Export the run's checkpoint to model.fp32.onnx (opset 17, dynamic batch axis, "
         "softmax inside) and report max |dp| and decision agreement against PyTorch on the "
         "validation split. A temperature fitted on validation is folded into the graph first "
@@ -302,6 +303,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_run(p)
     _add_calibrate(p)
+    p.add_argument(
+        "--framework",
+        choices=("torch", "keras"),
+        default="torch",
+        help="torch (default): checkpoint.pt -> ONNX, as above; keras: the run's model.keras -> "
+        "model.int8.keras.tflite (INT8 LiteRT with probabilities, CAM heat-map and features outputs, "
+        "TensorFlow's converter in .venv-keras, calibrated on training inputs), then checked here through "
+        "the edge's LiteRT backend; writes keras_tflite_export_summary.json (training/README.md, "
+        "'The Keras route')",
+    )
+    p.add_argument(
+        "--calibration-images",
+        type=int,
+        default=None,
+        help="keras only: training inputs the INT8 calibration reads (default 200)",
+    )
 
     p = sub.add_parser(
         "quantize",
@@ -506,6 +523,63 @@ def _train_keras(args: argparse.Namespace) -> None:
         )
 
 
+def _export_keras(args: argparse.Namespace) -> None:
+    """``export --framework keras``: the INT8 LiteRT file in ``.venv-keras``, then the edge's check."""
+    import json
+    import os
+    import subprocess
+
+    from .run_files import KERAS_MODEL_NAME, KERAS_TFLITE_SUMMARY
+
+    repo = Path(__file__).resolve().parents[1]
+    out = args.out.resolve()
+    if not args.calibrate:
+        raise SystemExit(
+            "error: --framework keras has no --no-calibrate: the temperature is folded in by training"
+        )
+    if not (out / KERAS_MODEL_NAME).is_file():
+        raise SystemExit(f"error: {out / KERAS_MODEL_NAME} not found; run train --framework keras first")
+    if not _keras_python().is_file():
+        raise SystemExit(
+            f"error: no Keras environment at {_keras_python().parents[1]}; create it with: "
+            "bash training/keras_env.sh setup"
+        )
+    calibration = 200 if args.calibration_images is None else args.calibration_images
+    if calibration < 1:
+        raise SystemExit("error: --calibration-images must be at least 1")
+    command = [
+        "bash",
+        str(repo / "training" / "keras_env.sh"),
+        "python",
+        "-m",
+        "training.keras.export_tflite",
+        "--run",
+        str(out),
+        "--calibration-images",
+        str(calibration),
+        "--threads",
+        str(args.threads),
+    ]
+    print("converting in .venv-keras: " + " ".join(command), flush=True)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
+    done = subprocess.run(command, cwd=repo, env=env, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"error: Keras LiteRT export failed (exit status {done.returncode}); see above")
+    from .keras.check_litert import check_litert
+
+    check = check_litert(out, threads=1)
+    summary_path = out / KERAS_TFLITE_SUMMARY
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    summary["edge_litert_backend"] = check
+    summary_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    print(
+        f"edge LiteRT backend on {check['images']} validation images: probabilities vs the .venv-keras "
+        f"interpreter max |d| {check['probabilities_vs_keras_venv_interpreter_max_abs']:.2g}, P(positive) "
+        f"vs Keras FP32 max |dp| {check['p_positive_vs_keras_fp32']['max_abs_diff']:.4f}; heat-map "
+        f"{check['heatmap_shape']}, features {check['features_shape']}; summary in {summary_path}"
+    )
+
+
 def _prepare(args: argparse.Namespace) -> None:
     """Open the dataset, write the run's split.json and print the per-split table."""
     from .data.datasets import (
@@ -541,6 +615,11 @@ def _prepare(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
+    if getattr(args, "framework", "torch") == "keras":
+        _export_keras(args)
+        return
+    if getattr(args, "calibration_images", None) is not None and args.command == "export":
+        raise SystemExit("error: export --calibration-images applies to --framework keras only")
     from .export.onnx_export import run_fp32_export
 
     run_fp32_export(args.out, threads=args.threads, calibrate=args.calibrate)

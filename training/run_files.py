@@ -18,6 +18,9 @@ __all__ = [
     "KERAS_INPUTS_NAME",
     "KERAS_MODEL_NAME",
     "KERAS_SUMMARY_NAME",
+    "KERAS_TFLITE_NAME",
+    "KERAS_TFLITE_SUMMARY",
+    "KERAS_TFLITE_VAL",
     "KERAS_WEIGHTS_NAME",
     "RESUME_NAME",
     "SPLIT_NAME",
@@ -51,3 +54,9 @@ KERAS_INPUTS_NAME = "keras-inputs.npz"
 KERAS_WEIGHTS_NAME = "imagenet-lite0.npz"
 KERAS_MODEL_NAME = "model.keras"
 KERAS_SUMMARY_NAME = "keras_train_summary.json"
+#: ``export --framework keras`` (training/keras/export_tflite.py): the INT8 LiteRT file converted by
+#: TensorFlow's converter from ``model.keras``, its summary (with the main environment's check through
+#: the edge's LiteRT backend) and the validation outputs both environments compare.
+KERAS_TFLITE_NAME = "model.int8.keras.tflite"
+KERAS_TFLITE_SUMMARY = "keras_tflite_export_summary.json"
+KERAS_TFLITE_VAL = "keras_tflite_val.npz"

@@ -9,6 +9,9 @@ Two environments, like the TFLite export:
         validation inputs exactly as the edge preprocesses them), with the PyTorch route's code.
     train: ONLY ``.venv-keras``: two-stage training, temperature scaling, ``model.keras`` and
         ``keras_train_summary.json``. ``python -m training train --framework keras`` runs all three steps.
+    export_tflite: ONLY ``.venv-keras``: ``model.keras`` -> INT8 ``model.int8.keras.tflite`` (probabilities,
+        CAM heat-map, pooled features) with TensorFlow's converter; ``export --framework keras``.
+    check_litert: MAIN environment: that file through the edge's ``LiteRtBackend`` on the run's images.
     inputs, scores: numpy only, imported in both: the ``keras-inputs.npz`` reader, and AUC/log-loss/
         temperature without scikit-learn (which ``.venv-keras`` lacks).
 
