@@ -410,3 +410,19 @@ def test_retry_works_with_an_inbox_path_written_as_the_admin_wrote_it(
         assert [row.state for row in service.journal.recent_scans()] == ["quarantined"]
     finally:
         service.stop()
+
+
+def test_a_fault_of_the_page_is_a_plain_500_with_the_headers(start_service, monkeypatch) -> None:
+    service = start_service()
+
+    def broken() -> dict:
+        raise RuntimeError("cannot read /srv/inbox/Doe_Jane_19610523.dcm")
+
+    monkeypatch.setattr(service.admin.facts, "status", broken)
+    with httpx.Client(base_url=service.admin.url, timeout=10) as client:
+        for path in ("/api/status", "/"):
+            response = client.get(path, headers={"accept": "text/html"})
+            assert response.status_code == 500, path
+            assert response.headers["content-security-policy"] == SECURITY_HEADERS["content-security-policy"]
+            assert "Doe_Jane" not in response.text and "RuntimeError" not in response.text
+        assert client.get("/health/live").status_code == 200  # the page still serves

@@ -258,6 +258,8 @@ def test_scans_appear_on_the_page_as_they_arrive(
 
     # live.js brings both in, each once the model has its result.
     expect(page.locator("#live-scans tbody tr.state-done")).to_have_count(2, timeout=SLOW_MS)
+    # The page says when it was last brought up to date (live.js), in words an admin reads.
+    expect(page.locator("#live-status")).to_contain_text("Updated at", timeout=FAST_MS)
     assert page.evaluate("() => window.notReloaded === true"), "the page was reloaded"
     for ref in refs.values():
         expect(page.get_by_role("link", name=ref, exact=True)).to_be_visible()

@@ -83,7 +83,12 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 class SecurityHeaders:
-    """Adds :data:`SECURITY_HEADERS` to every HTTP response (pure ASGI: no buffering)."""
+    """Adds :data:`SECURITY_HEADERS` to every HTTP response (pure ASGI: no buffering).
+
+    Outermost of the app's own layers, it also answers a fault of the page itself (an exception
+    no route handled): a fixed 500 with the same headers, the exception logged by its type only
+    (its text may quote a file's name), instead of Starlette's bare error page.
+    """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -92,9 +97,12 @@ class SecurityHeaders:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        started = False
 
         async def with_headers(message: MutableMapping[str, Any]) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 headers = list(message.get("headers", []))
                 present = {name.lower() for name, _ in headers}
                 for name, value in SECURITY_HEADERS.items():
@@ -103,7 +111,17 @@ class SecurityHeaders:
                 message["headers"] = headers
             await send(message)
 
-        await self.app(scope, receive, with_headers)
+        try:
+            await self.app(scope, receive, with_headers)
+        except Exception as exc:
+            log.error("admin page: %s failed (%s)", scope.get("path"), type(exc).__name__)
+            if started:
+                raise
+            fault = JSONResponse(
+                {"error": "internal error", "detail": "the admin page failed; see the service log"},
+                status_code=500,
+            )
+            await fault(scope, receive, with_headers)
 
 
 def _ago(value: str | None) -> str:
