@@ -6,8 +6,9 @@ with the standard library of the field; what scikit-learn has no equivalent
 for (the threshold rule, bootstrap and Wilson intervals, sensitivity at a
 specificity, reliability bins with counts, ECE, temperature scaling) stays
 here, in numpy. No torch: the benchmarks that run beside the edge code
-import this module. Convention everywhere:
-``y`` is 1 for the positive class (PNEUMONIA), ``p`` is the model's
+import this module; scikit-learn is imported by the functions that use it, so the numpy ones
+(temperature scaling, log-loss) also serve the Keras route's environment, which has none.
+Convention everywhere: ``y`` is 1 for the positive class (PNEUMONIA), ``p`` is the model's
 probability of the positive class, and a case is called positive when
 ``p >= threshold``.
 """
@@ -18,7 +19,6 @@ import math
 from typing import Any
 
 import numpy as np
-from sklearn import metrics as _sk
 
 __all__ = [
     "average_precision",
@@ -39,6 +39,13 @@ __all__ = [
     "subgroup_metrics",
     "wilson_interval",
 ]
+
+
+def _sklearn() -> Any:
+    """``sklearn.metrics``, imported when a curve or an area is first asked for."""
+    from sklearn import metrics
+
+    return metrics
 
 
 def _as_arrays(y: Any, p: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -62,7 +69,7 @@ def roc_auc(y: Any, p: Any) -> float:
     n_neg = int(y_arr.size - n_pos)
     if n_pos == 0 or n_neg == 0:
         raise ValueError("AUC needs both classes; got only one.")
-    return float(_sk.roc_auc_score(y_arr, p_arr))
+    return float(_sklearn().roc_auc_score(y_arr, p_arr))
 
 
 def confusion(y: Any, p: Any, threshold: float) -> dict[str, int]:
@@ -211,7 +218,7 @@ def roc_curve(y: Any, p: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         raise ValueError("A ROC curve needs both classes; got only one.")
     # drop_intermediate=False keeps one point per distinct score (the default drops collinear
     # ones), so every threshold the model can be run at is on the curve.
-    fpr, tpr, thresholds = _sk.roc_curve(y_arr, p_arr, drop_intermediate=False)
+    fpr, tpr, thresholds = _sklearn().roc_curve(y_arr, p_arr, drop_intermediate=False)
     return fpr.astype(np.float64), tpr.astype(np.float64), thresholds.astype(np.float64)
 
 
@@ -244,7 +251,7 @@ def precision_recall_curve(y: Any, p: Any) -> tuple[np.ndarray, np.ndarray, np.n
     y_arr, p_arr = _as_arrays(y, p)
     if not y_arr.any():
         raise ValueError("A precision-recall curve needs at least one positive case.")
-    precision, recall, thresholds = _sk.precision_recall_curve(y_arr, p_arr)
+    precision, recall, thresholds = _sklearn().precision_recall_curve(y_arr, p_arr)
     # scikit-learn orders by rising threshold and appends (precision 1, recall 0) with no
     # threshold; drop that point and reverse, so index k is the k-th highest threshold.
     return precision[:-1][::-1].copy(), recall[:-1][::-1].copy(), thresholds[::-1].copy()
@@ -262,7 +269,7 @@ def average_precision(y: Any, p: Any) -> float:
     y_arr, p_arr = _as_arrays(y, p)
     if not y_arr.any():
         raise ValueError("Average precision needs at least one positive case.")
-    return float(_sk.average_precision_score(y_arr, p_arr))
+    return float(_sklearn().average_precision_score(y_arr, p_arr))
 
 
 def reliability_bins(y: Any, p: Any, n_bins: int = 15) -> dict[str, np.ndarray]:
