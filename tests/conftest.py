@@ -15,7 +15,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import SHARED_DATA, TEST_TRUSTED_KEYS, Broker, Subscriber, is_dicom_file, make_tiny_bundle
+from helpers import (
+    SHARED_DATA,
+    TEST_TRUSTED_KEYS,
+    Broker,
+    Subscriber,
+    is_dicom_file,
+    make_tiny_bundle,
+    need_keras_route,
+    train_tiny_keras,
+)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -113,3 +122,18 @@ def default_bundle() -> Path:
     if not (path / "manifest.json").is_file():
         pytest.skip(f"bundled default model not present at {path}")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_keras_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """One tiny Keras training run for the session (its folder and the command's output).
+
+    test_keras_training.py reads it; test_keras_export.py exports from a copy of it. Trained once:
+    the run takes most of both files' time.
+    """
+    need_keras_route()
+    pytest.importorskip("torch", reason="torch (training extra) not installed")
+    folder = tmp_path_factory.mktemp("keras-tiny") / "run"
+    done = train_tiny_keras(folder)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return folder, done.stdout

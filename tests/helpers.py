@@ -749,3 +749,51 @@ def make_analysis(
         timings_ms={"decode": 1.0, "preprocess": 2.0, "infer": 3.0},
         intended_use=intended_use,
     )
+
+
+# -- the Keras training route (.venv-keras) ---------------------------------------------------
+
+KERAS_PYTHON = REPO_ROOT / ".venv-keras" / "bin" / "python"
+IMAGENET_LITE0 = SHARED_DATA / "weights" / "efficientnet-lite0-57934424.pth"
+KERMANY_ROOT = SHARED_DATA / "cxr" / "kermany_pneumonia_224"
+#: Set by .ci/run once it built .venv-keras: the Keras tests then fail instead of skipping.
+REQUIRE_KERAS = "EDGE_RUNTIME_TESTS_REQUIRE_KERAS"
+#: The tiny run both test_keras_training.py and test_keras_export.py look at: 12 images per class, a
+#: third to validation (16 training and 8 validation images, patient-disjoint), at 64 px.
+TINY_KERAS_SIZE, TINY_KERAS_LIMIT, TINY_KERAS_VAL_FRACTION, TINY_KERAS_SEED = 64, 12, 0.34, 2018
+
+
+def need_keras_route(*data: Path) -> None:
+    """Skip (or fail under EDGE_RUNTIME_TESTS_REQUIRE_KERAS=1) without .venv-keras or the shared files."""
+    missing = None
+    if not KERAS_PYTHON.is_file():
+        venv = KERAS_PYTHON.parent.parent
+        missing = f"no Keras environment at {venv} (create it with: training/keras_env.sh setup)"
+    for needed in data or (IMAGENET_LITE0, KERMANY_ROOT):
+        if missing is None and not needed.exists():
+            missing = (
+                f"{needed} is missing (the shared data folder, ../shared/data, is not beside the checkout)"
+            )
+    if missing is not None:
+        if os.environ.get(REQUIRE_KERAS) == "1":
+            pytest.fail(f"{missing} ({REQUIRE_KERAS}=1)")
+        pytest.skip(missing)
+
+
+def training_cli(*argv: str, timeout_s: float = 900) -> subprocess.CompletedProcess[str]:
+    """``python -m training ARGV`` from the repository root, as a user runs it."""
+    command = [sys.executable, "-m", "training", *argv]
+    return subprocess.run(
+        command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout_s, check=False
+    )
+
+
+def train_tiny_keras(folder: Path) -> subprocess.CompletedProcess[str]:
+    """The tiny Keras run through the real command: 1 head epoch, 2 stage-2 epochs of 2 steps."""
+    return training_cli(
+        *("train", "--framework", "keras", "--data", str(KERMANY_ROOT), "--out", str(folder)),
+        *("--size", str(TINY_KERAS_SIZE), "--limit-per-class", str(TINY_KERAS_LIMIT)),
+        *("--val-fraction", str(TINY_KERAS_VAL_FRACTION), "--seed", str(TINY_KERAS_SEED)),
+        *("--weights", str(IMAGENET_LITE0), "--aug-views", "1", "--head-epochs", "1"),
+        *("--epochs", "2", "--max-steps", "2", "--batch-size", "8"),
+    )

@@ -17,23 +17,17 @@ from __future__ import annotations
 
 import collections
 import json
-import os
-import subprocess
-import sys
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import sign_bundle
+from helpers import KERMANY_ROOT, TINY_KERAS_SIZE, sign_bundle, training_cli
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-KERAS_PYTHON = REPO_ROOT / ".venv-keras" / "bin" / "python"
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
-IMAGENET_WEIGHTS = SHARED_DATA / "weights" / "efficientnet-lite0-57934424.pth"
-KERMANY = SHARED_DATA / "cxr" / "kermany_pneumonia_224"
+KERMANY = KERMANY_ROOT
 SHIPPED_TFLITE = REPO_ROOT / "edge_runtime" / "models" / "pneumonia-cxr" / "model.int8.tflite"
-REQUIRE = "EDGE_RUNTIME_TESTS_REQUIRE_KERAS"
-SIZE, LIMIT, VAL_FRACTION, SEED = 64, 12, 0.34, 2018
+SIZE = TINY_KERAS_SIZE
 
 #: The edge backend (ai-edge-litert) against ``.venv-keras``'s tf.lite interpreter on the SAME file.
 #: Measured: heat-map and features identical (0.0); probabilities 4.8e-4 on this 64 px run (0.0 on a
@@ -47,62 +41,13 @@ SAME_FILE_ATOL = 5e-3
 MAX_DP, MEAN_DP = 0.1, 0.03
 
 
-def _missing() -> str | None:
-    if not KERAS_PYTHON.is_file():
-        venv = KERAS_PYTHON.parent.parent
-        return f"no Keras environment at {venv} (create it with: training/keras_env.sh setup)"
-    for needed in (IMAGENET_WEIGHTS, KERMANY):
-        if not needed.exists():
-            return f"{needed} is missing (the shared data folder, ../shared/data, is not beside the checkout)"
-    return None
-
-
-def _cli(*argv: str) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "training", *argv]
-    return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900, check=False)
-
-
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    missing = _missing()
-    if missing is not None:
-        if os.environ.get(REQUIRE) == "1":
-            pytest.fail(f"{missing} ({REQUIRE}=1)")
-        pytest.skip(missing)
-    pytest.importorskip("torch", reason="torch (training extra) not installed")
+def exported(tiny_keras_run: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory) -> dict:
     pytest.importorskip("ai_edge_litert", reason="ai-edge-litert not installed")
+    # A copy of the session's tiny run: the export writes into its run folder.
     folder = tmp_path_factory.mktemp("keras-export") / "run"
-    train = _cli(
-        "train",
-        "--framework",
-        "keras",
-        "--data",
-        str(KERMANY),
-        "--out",
-        str(folder),
-        "--size",
-        str(SIZE),
-        "--limit-per-class",
-        str(LIMIT),
-        "--val-fraction",
-        str(VAL_FRACTION),
-        "--seed",
-        str(SEED),
-        "--weights",
-        str(IMAGENET_WEIGHTS),
-        "--aug-views",
-        "1",
-        "--head-epochs",
-        "1",
-        "--epochs",
-        "2",
-        "--max-steps",
-        "2",
-        "--batch-size",
-        "8",
-    )
-    assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
-    export = _cli("export", "--framework", "keras", "--out", str(folder))
+    shutil.copytree(tiny_keras_run[0], folder)
+    export = training_cli("export", "--framework", "keras", "--out", str(folder))
     assert export.returncode == 0, export.stdout[-3000:] + export.stderr[-3000:]
     return {
         "folder": folder,

@@ -20,12 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import IMAGENET_LITE0, KERAS_PYTHON, SHARED_DATA, need_keras_route
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-KERAS_PYTHON = REPO_ROOT / ".venv-keras" / "bin" / "python"
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
-IMAGENET_WEIGHTS = SHARED_DATA / "weights" / "efficientnet-lite0-57934424.pth"
+IMAGENET_WEIGHTS = IMAGENET_LITE0
 KERMANY_TEST = SHARED_DATA / "cxr" / "kermany_pneumonia_224" / "test"
 PHOTOS = SHARED_DATA / "weights" / "tflite_coral"
 #: ImageNet classes of the two photographs (PROVENANCE.md: checked with this model and LiteRT).
@@ -33,7 +32,6 @@ PHOTO_CLASSES = {"cat.bmp": 285, "grace_hopper.bmp": 652}
 PER_CLASS = 3
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
-REQUIRE = "EDGE_RUNTIME_TESTS_REQUIRE_KERAS"
 
 #: Largest |Keras - PyTorch| logit accepted. Measured 9.8e-6 on this 2-core x86-64 CPU (8 images,
 #: logits from -4.5 to 10.1): FP32 rounding only, the two frameworks' convolution kernels
@@ -76,16 +74,6 @@ print(json.dumps({
 """
 
 
-def _missing() -> str | None:
-    if not KERAS_PYTHON.is_file():
-        venv = KERAS_PYTHON.parent.parent
-        return f"no Keras environment at {venv} (create it with: training/keras_env.sh setup)"
-    for needed in (IMAGENET_WEIGHTS, KERMANY_TEST, PHOTOS):
-        if not needed.exists():
-            return f"{needed} is missing (the shared data folder, ../shared/data, is not beside the checkout)"
-    return None
-
-
 def _images() -> list[Path]:
     kermany = [
         path
@@ -107,11 +95,7 @@ def _batch(paths: list[Path]) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def logits(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    missing = _missing()
-    if missing is not None:
-        if os.environ.get(REQUIRE) == "1":
-            pytest.fail(f"{missing} ({REQUIRE}=1)")
-        pytest.skip(missing)
+    need_keras_route(IMAGENET_WEIGHTS, KERMANY_TEST, PHOTOS)
     torch = pytest.importorskip("torch", reason="torch (training extra) not installed")
     pytest.importorskip("efficientnet_lite_pytorch", reason="training extra not installed")
     from training.keras.port_weights import port_state_dict

@@ -14,20 +14,22 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import (
+    KERAS_PYTHON,
+    KERMANY_ROOT,
+    TINY_KERAS_LIMIT,
+    TINY_KERAS_SEED,
+    TINY_KERAS_SIZE,
+    TINY_KERAS_VAL_FRACTION,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-KERAS_PYTHON = REPO_ROOT / ".venv-keras" / "bin" / "python"
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
-IMAGENET_WEIGHTS = SHARED_DATA / "weights" / "efficientnet-lite0-57934424.pth"
-KERMANY = SHARED_DATA / "cxr" / "kermany_pneumonia_224"
-REQUIRE = "EDGE_RUNTIME_TESTS_REQUIRE_KERAS"
-#: 12 per class, a third to validation: 16 training and 8 validation images (patient-disjoint).
-SIZE, LIMIT, VAL_FRACTION, SEED = 64, 12, 0.34, 2018
+KERMANY = KERMANY_ROOT
+SIZE, LIMIT, VAL_FRACTION, SEED = TINY_KERAS_SIZE, TINY_KERAS_LIMIT, TINY_KERAS_VAL_FRACTION, TINY_KERAS_SEED
 
 _CHILD = """
 import json, sys
@@ -64,59 +66,9 @@ print(json.dumps({
 """
 
 
-def _missing() -> str | None:
-    if not KERAS_PYTHON.is_file():
-        venv = KERAS_PYTHON.parent.parent
-        return f"no Keras environment at {venv} (create it with: training/keras_env.sh setup)"
-    for needed in (IMAGENET_WEIGHTS, KERMANY):
-        if not needed.exists():
-            return f"{needed} is missing (the shared data folder, ../shared/data, is not beside the checkout)"
-    return None
-
-
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    missing = _missing()
-    if missing is not None:
-        if os.environ.get(REQUIRE) == "1":
-            pytest.fail(f"{missing} ({REQUIRE}=1)")
-        pytest.skip(missing)
-    pytest.importorskip("torch", reason="torch (training extra) not installed")
-    folder = tmp_path_factory.mktemp("keras-train") / "run"
-    command = [
-        sys.executable,
-        "-m",
-        "training",
-        "train",
-        "--framework",
-        "keras",
-        "--data",
-        str(KERMANY),
-        "--out",
-        str(folder),
-        "--size",
-        str(SIZE),
-        "--limit-per-class",
-        str(LIMIT),
-        "--val-fraction",
-        str(VAL_FRACTION),
-        "--seed",
-        str(SEED),
-        "--weights",
-        str(IMAGENET_WEIGHTS),
-        "--aug-views",
-        "1",
-        "--head-epochs",
-        "1",
-        "--epochs",
-        "2",
-        "--max-steps",
-        "2",
-        "--batch-size",
-        "8",
-    ]
-    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900, check=False)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+def run(tiny_keras_run: tuple[Path, str]) -> dict:
+    folder, output = tiny_keras_run
     child = subprocess.run(
         [str(KERAS_PYTHON), "-c", _CHILD, str(folder)],
         cwd=REPO_ROOT,
@@ -129,7 +81,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     assert child.returncode == 0, child.stderr[-3000:]
     return {
         "folder": folder,
-        "output": done.stdout,
+        "output": output,
         "child": json.loads(child.stdout.strip().splitlines()[-1]),
         "summary": json.loads((folder / "keras_train_summary.json").read_text(encoding="utf-8")),
     }
