@@ -93,6 +93,8 @@ from ..model.models import (
     supports_cam,
 )
 from ..run_files import EVALUATION_NAME, SPLIT_NAME, SUMMARY_NAME, TFLITE_EXPORT_SUMMARY
+from .tflite_io import dequantized as _dequantized
+from .tflite_io import quantized_input
 
 __all__ = [
     "QUANTIZATION",
@@ -393,11 +395,7 @@ def predict_tflite_outputs(
     rows, heat_rows = [], []
     for i in range(len(samples)):
         x = samples[i : i + 1]
-        if np.issubdtype(inp["dtype"], np.integer):
-            scale, zero = inp["quantization"]
-            info = np.iinfo(inp["dtype"])
-            x = np.clip(np.rint(x / scale + zero), info.min, info.max).astype(inp["dtype"])
-        interpreter.set_tensor(inp["index"], np.ascontiguousarray(x))
+        interpreter.set_tensor(inp["index"], quantized_input(x, inp))
         interpreter.invoke()
         y = _dequantized(interpreter, out)
         rows.append(y.reshape(1, -1))
@@ -424,11 +422,7 @@ def predict_tflite_features(
     scores, features = [], []
     for i in range(len(samples)):
         x = samples[i : i + 1]
-        if np.issubdtype(inp["dtype"], np.integer):
-            scale, zero = inp["quantization"]
-            info = np.iinfo(inp["dtype"])
-            x = np.clip(np.rint(x / scale + zero), info.min, info.max).astype(inp["dtype"])
-        interpreter.set_tensor(inp["index"], np.ascontiguousarray(x))
+        interpreter.set_tensor(inp["index"], quantized_input(x, inp))
         interpreter.invoke()
         scores.append(_dequantized(interpreter, pairs[0]).reshape(1, -1))
         features.append(_dequantized(interpreter, pairs[-1]).reshape(1, -1))
@@ -463,14 +457,6 @@ def _features_check(
         "dims": list(taps.dims),
         "int8_vs_torch": {"relative_error": errors, "correlation": correlations},
     }
-
-
-def _dequantized(interpreter: Any, detail: dict[str, Any]) -> np.ndarray:
-    y = interpreter.get_tensor(detail["index"]).copy()
-    if np.issubdtype(y.dtype, np.integer):
-        scale, zero = detail["quantization"]
-        y = (y.astype(np.float32) - zero) * scale
-    return np.asarray(y, dtype=np.float32)
 
 
 def _run_spec(checkpoint: str | Path) -> PreprocessSpec | None:

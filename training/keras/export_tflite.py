@@ -70,6 +70,8 @@ from tensorflow.lite.python import convert as tfl_convert
 from tensorflow.lite.python import schema_py_generated as schema
 from tensorflow.lite.python import util as tfl_util
 
+from ..export.tflite_io import dequantized as _dequantized
+from ..export.tflite_io import quantized_input
 from ..run_files import (
     KERAS_INPUTS_NAME,
     KERAS_MODEL_NAME,
@@ -341,14 +343,6 @@ def _interpreter(model: bytes | str | Path, threads: int) -> Any:
     return interpreter
 
 
-def _dequantized(interpreter: Any, detail: dict[str, Any]) -> np.ndarray:
-    y = interpreter.get_tensor(detail["index"]).copy()
-    if np.issubdtype(y.dtype, np.integer):
-        scale, zero = detail["quantization"]
-        y = (y.astype(np.float32) - zero) * scale
-    return np.asarray(y, dtype=np.float32)
-
-
 def predict_tflite(model: bytes | str | Path, samples: np.ndarray, threads: int = 2) -> dict[str, np.ndarray]:
     """The named outputs of the file for NHWC float32 ``samples``, one image per run (batch 1)."""
     interpreter = _interpreter(model, threads)
@@ -357,11 +351,7 @@ def predict_tflite(model: bytes | str | Path, samples: np.ndarray, threads: int 
     rows: dict[str, list[np.ndarray]] = {name: [] for name in outputs}
     for i in range(len(samples)):
         x = samples[i : i + 1]
-        if np.issubdtype(inp["dtype"], np.integer):
-            scale, zero = inp["quantization"]
-            info = np.iinfo(inp["dtype"])
-            x = np.clip(np.rint(x / scale + zero), info.min, info.max).astype(inp["dtype"])
-        interpreter.set_tensor(inp["index"], np.ascontiguousarray(x))
+        interpreter.set_tensor(inp["index"], quantized_input(x, inp))
         interpreter.invoke()
         for name, detail in outputs.items():
             rows[name].append(_dequantized(interpreter, detail))
