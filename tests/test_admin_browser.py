@@ -336,6 +336,10 @@ def test_quarantined_file_is_retried_after_fixing(
     done = page.locator("#live-scans tbody tr.state-done", has=page.get_by_role("link", name=new_ref))
     expect(done).to_have_count(1, timeout=SLOW_MS)
     expect(done.locator("td").nth(4)).to_contain_text(re.compile(r"^\s*\d\.\d{3} "))
+    # Nothing is left to process: the old record keeps its verdict, no scan reads "queued" for good.
+    stuck = [(row.ref, row.state) for row in service.journal.recent_scans() if row.state == "queued"]
+    assert not stuck, f"queued for good after the retry: {stuck}"
+    expect(page.locator("#live-scans tbody tr.state-queued")).to_have_count(0)
     shoot(page, tmp_path, "scans-after-retry")
 
     page.goto(url(service, "/quarantine"))
@@ -344,29 +348,6 @@ def test_quarantined_file_is_retried_after_fixing(
     assert not list(config.inbox.quarantine_path.glob("*.error.json"))
     assert [a.action for a in service.journal.admin_actions()] == ["retry"]
     shoot(page, tmp_path, "quarantine-after-retry")
-
-
-def test_retrying_a_fixed_file_leaves_no_scan_queued_for_good(
-    page: Page, start_service, shared_data, default_bundle, mosquitto, tmp_path
-) -> None:
-    config = service_config(tmp_path, mosquitto, default_bundle)
-    service = start_service(config)
-    drop(broken_file(tmp_path), config.inbox.path, "broken.jpeg")
-    error_file = wait_for_file(config.inbox.quarantine_path / "broken.jpeg.error.json")
-    ref = json.loads(error_file.read_text(encoding="utf-8"))["ref"]
-    fixed = shared_data / NORMAL_JPEG
-    (config.inbox.quarantine_path / "broken.jpeg").write_bytes(fixed.read_bytes())
-    page.goto(url(service, f"/quarantine/{ref}/retry"))
-    page.get_by_role("button", name="Yes, retry").click()
-    page.goto(url(service, "/scans"))
-    new_ref = published_name(fixed, "broken.jpeg", config=config)
-    done = page.locator("#live-scans tbody tr.state-done", has=page.get_by_role("link", name=new_ref))
-    expect(done).to_have_count(1, timeout=SLOW_MS)
-    shoot(page, tmp_path, "scans-after-retry")
-    # Nothing is left to process: no scan may read "queued" any more.
-    stuck = [(row.ref, row.state) for row in service.journal.recent_scans() if row.state == "queued"]
-    assert not stuck, f"queued for good after the retry: {stuck}"
-    expect(page.locator("#live-scans tbody tr.state-queued")).to_have_count(0)
 
 
 @pytest.fixture()
