@@ -175,7 +175,7 @@ class BoxFacts:
         snapshot = section("health", self.health.snapshot, {})
         started = self.health.started_at
         ready, checks = self.readiness()
-        quarantined = section("quarantine", self.quarantined, [])
+        quarantined = section("quarantine", self._error_files, [])
         status: dict[str, Any] = {
             "state": snapshot.get("state", "unknown"),
             "reason": snapshot.get("reason"),
@@ -328,19 +328,20 @@ class BoxFacts:
         return path if path.is_file() else None
 
     # -- quarantine --------------------------------------------------------------------
+    def _error_files(self) -> list[Path]:
+        """The quarantine's error files (the overview counts them without reading each one)."""
+        folder = self.config().inbox.quarantine_path
+        # os.scandir, not Path.glob: a folder the service may not read is an error to report, not "empty".
+        if not folder.is_dir():
+            return []
+        with os.scandir(folder) as entries:
+            return sorted(folder / e.name for e in entries if e.name.endswith(".error.json"))
+
     def quarantined(self) -> list[QuarantinedFile]:
         """Each quarantined file that has an error file beside it, newest first."""
-        config = self.config()
-        folder = config.inbox.quarantine_path
-        names = config.privacy.publish_file_names
+        names = self.config().privacy.publish_file_names
         found = []
-        # os.scandir, not Path.glob: a folder the service may not read is an error to report, not "empty".
-        listed: list[str] = []
-        if folder.is_dir():
-            with os.scandir(folder) as entries:
-                listed = [e.name for e in entries if e.name.endswith(".error.json")]
-        error_files = sorted(folder / name for name in listed)
-        for error_file in error_files:
+        for error_file in self._error_files():
             try:
                 document = json.loads(error_file.read_text(encoding="utf-8"))
             except (OSError, ValueError):

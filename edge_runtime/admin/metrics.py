@@ -40,12 +40,12 @@ class BoxCollector(Collector):
         for outcome in ("received", "processed", "quarantined", "duplicates"):
             scans.add_metric([outcome], counters.get(outcome, 0))
         yield scans
-        state = GaugeMetricFamily(
-            "edge_runtime_state", "1 for the service's current state (online, degraded).", labels=["state"]
+        yield _one_of(
+            "edge_runtime_state",
+            "1 for the service's current state (online, degraded).",
+            _STATES,
+            status["state"],
         )
-        for name in _STATES:
-            state.add_metric([name], 1.0 if status["state"] == name else 0.0)
-        yield state
         yield GaugeMetricFamily(
             "edge_runtime_ready",
             "1 when a conformant model is loaded and the journal is open (/health/ready).",
@@ -137,18 +137,26 @@ class BoxCollector(Collector):
             )
         drift = status.get("drift")
         if drift is not None:
-            drifting = GaugeMetricFamily(
-                "edge_runtime_drift_state", "1 for the drift monitor's current state.", labels=["state"]
+            yield _one_of(
+                "edge_runtime_drift_state",
+                "1 for the drift monitor's current state.",
+                DRIFT_STATES,
+                drift["state"],
             )
-            for name in DRIFT_STATES:
-                drifting.add_metric([name], 1.0 if drift["state"] == name else 0.0)
-            yield drifting
         yield GaugeMetricFamily(
             "edge_runtime_status_errors",
             "Parts of the status that could not be read on this scrape (see /api/status 'errors').",
             value=len(status["errors"]),
         )
         yield from self.facts.health.metrics.registry.collect()
+
+
+def _one_of(name: str, documentation: str, states: tuple[str, ...], current: object) -> GaugeMetricFamily:
+    """A gauge per state, 1 for ``current`` and 0 for the others (a state left reads 0, not stale)."""
+    family = GaugeMetricFamily(name, documentation, labels=["state"])
+    for state in states:
+        family.add_metric([state], 1.0 if current == state else 0.0)
+    return family
 
 
 def render_metrics(facts: BoxFacts) -> bytes:
