@@ -24,6 +24,7 @@ from helpers import (
     make_tiny_bundle,
     need_keras_route,
     train_tiny_keras,
+    training_cli,
 )
 
 
@@ -125,6 +126,23 @@ def default_bundle() -> Path:
 
 
 @pytest.fixture(scope="session")
+def keras_bundle(default_bundle: Path) -> Path:
+    """The bundle the Keras route trained (issue 29), committed beside the default one."""
+    path = default_bundle.parent / "pneumonia-cxr-keras"
+    if not (path / "manifest.json").is_file():
+        pytest.fail(f"the Keras-route bundle is missing from {path}")
+    return path
+
+
+@pytest.fixture(params=["pneumonia-cxr", "pneumonia-cxr-keras"])
+def shipped_bundle(request: pytest.FixtureRequest, default_bundle: Path) -> Path:
+    """Each bundle shipped in edge_runtime/models/: the PyTorch route's default and the Keras route's."""
+    if request.param == "pneumonia-cxr":
+        return default_bundle
+    return Path(request.getfixturevalue("keras_bundle"))
+
+
+@pytest.fixture(scope="session")
 def tiny_keras_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """One tiny Keras training run for the session (its folder and the command's output).
 
@@ -135,5 +153,23 @@ def tiny_keras_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]
     pytest.importorskip("torch", reason="torch (training extra) not installed")
     folder = tmp_path_factory.mktemp("keras-tiny") / "run"
     done = train_tiny_keras(folder)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return folder, done.stdout
+
+
+@pytest.fixture(scope="session")
+def tiny_keras_export(
+    tiny_keras_run: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, str]:
+    """A copy of the tiny Keras run after ``export --framework keras`` (its folder and the output).
+
+    test_keras_export.py checks the export; test_keras_bundle.py packages a copy of it.
+    """
+    import shutil
+
+    pytest.importorskip("ai_edge_litert", reason="ai-edge-litert not installed")
+    folder = tmp_path_factory.mktemp("keras-export") / "run"
+    shutil.copytree(tiny_keras_run[0], folder)
+    done = training_cli("export", "--framework", "keras", "--out", str(folder))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return folder, done.stdout

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import collections
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import KERMANY_ROOT, TINY_KERAS_SIZE, sign_bundle, training_cli
+from helpers import KERMANY_ROOT, TINY_KERAS_SIZE, sign_bundle
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 KERMANY = KERMANY_ROOT
@@ -42,16 +41,11 @@ MAX_DP, MEAN_DP = 0.1, 0.03
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_keras_run: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory) -> dict:
-    pytest.importorskip("ai_edge_litert", reason="ai-edge-litert not installed")
-    # A copy of the session's tiny run: the export writes into its run folder.
-    folder = tmp_path_factory.mktemp("keras-export") / "run"
-    shutil.copytree(tiny_keras_run[0], folder)
-    export = training_cli("export", "--framework", "keras", "--out", str(folder))
-    assert export.returncode == 0, export.stdout[-3000:] + export.stderr[-3000:]
+def exported(tiny_keras_export: tuple[Path, str]) -> dict:
+    folder, output = tiny_keras_export  # the session's tiny run, exported (conftest.py)
     return {
         "folder": folder,
-        "output": export.stdout,
+        "output": output,
         "file": folder / "model.int8.keras.tflite",
         "summary": json.loads((folder / "keras_tflite_export_summary.json").read_text(encoding="utf-8")),
     }

@@ -150,6 +150,28 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_framework(p: argparse.ArgumentParser, command: str) -> None:
+    what = (
+        "; the export then writes the INT8 LiteRT file and the FP32 ONNX graph in .venv-keras, and "
+        "quantize, ood, evaluate and package run here as for PyTorch"
+        if command == "pipeline"
+        else ""
+    )
+    p.add_argument(
+        "--framework",
+        choices=("torch", "keras"),
+        default="torch",
+        help="torch (default): PyTorch in this environment; keras: TensorFlow/Keras in .venv-keras "
+        f"(EfficientNet-Lite0 only; no --resume, and no --device: TensorFlow uses its own){what}",
+    )
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="keras only: cap on optimizer steps per epoch in both stages (smoke tests)",
+    )
+
+
 def _add_recipe(p: argparse.ArgumentParser) -> None:
     recipes = (
         "u8s8-rr",
@@ -227,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(p)
     _add_run(p)
     _add_train(p)
+    _add_framework(p, "pipeline")
     _add_bundle(p)
     p.add_argument("--calibration-images", type=int, default=200, help="INT8 calibration images")
     _add_recipe(p)
@@ -253,19 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(p)
     _add_run(p)
     _add_train(p)
-    p.add_argument(
-        "--framework",
-        choices=("torch", "keras"),
-        default="torch",
-        help="torch (default): PyTorch in this environment; keras: TensorFlow/Keras in .venv-keras "
-        "(EfficientNet-Lite0 only; no --resume, and no --device: TensorFlow uses its own)",
-    )
-    p.add_argument(
-        "--max-steps",
-        type=int,
-        default=None,
-        help="keras only: cap on optimizer steps per epoch in both stages (smoke tests)",
-    )
+    _add_framework(p, "train")
 
     p = sub.add_parser(
         "prepare",
@@ -309,9 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="torch",
         help="torch (default): checkpoint.pt -> ONNX, as above; keras: the run's model.keras -> "
         "model.int8.keras.tflite (INT8 LiteRT with probabilities, CAM heat-map and features outputs, "
-        "TensorFlow's converter in .venv-keras, calibrated on training inputs), then checked here through "
-        "the edge's LiteRT backend; writes keras_tflite_export_summary.json (training/README.md, "
-        "'The Keras route')",
+        "TensorFlow's converter in .venv-keras, calibrated on training inputs) and model.fp32.onnx "
+        "(tf2onnx, the same contract as the PyTorch export's), then checked here through the edge's "
+        "backends; writes keras_tflite_export_summary.json and, as the PyTorch export does, "
+        "calibration.json, val_predictions.npz and export_summary.json, so quantize, ood, evaluate "
+        "and package follow unchanged (training/README.md, 'The Keras route')",
     )
     p.add_argument(
         "--calibration-images",
@@ -521,6 +534,33 @@ def _train_keras(args: argparse.Namespace) -> None:
         raise SystemExit(
             f"error: Keras training failed (exit status {done.returncode}); see its output above"
         )
+    from .keras.handoff import write_train_summary
+
+    augmentation = _augmentation(args)
+    config = {
+        "data_root": str(data),
+        "out_dir": str(args.out),
+        "weights": None if weights is None else str(weights),
+        "model": args.model,
+        "val_fraction": args.val_fraction,
+        "seed": args.seed,
+        "cut": 8 if args.cut is None else args.cut,
+        "aug_views": args.aug_views,
+        "batch_size": args.batch_size,
+        "head_epochs": args.head_epochs,
+        "epochs": args.epochs,
+        "patience": args.patience,
+        "lr": args.lr,
+        "freeze_bn": not args.train_bn,
+        "label_smoothing": args.label_smoothing,
+        "augmentation": augmentation.to_dict(),
+        "threads": args.threads,
+        "time_budget_s": args.time_budget_min * 60.0,
+        "limit_per_class": args.limit_per_class,
+        "size": args.size,
+        "max_steps": args.max_steps,
+    }
+    write_train_summary(out, config)
 
 
 def _export_keras(args: argparse.Namespace) -> None:
@@ -578,6 +618,12 @@ def _export_keras(args: argparse.Namespace) -> None:
         f"vs Keras FP32 max |dp| {check['p_positive_vs_keras_fp32']['max_abs_diff']:.4f}; heat-map "
         f"{check['heatmap_shape']}, features {check['features_shape']}; summary in {summary_path}"
     )
+    from .keras.handoff import write_export_files
+
+    try:
+        write_export_files(out, threads=args.threads)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 def _prepare(args: argparse.Namespace) -> None:

@@ -44,11 +44,12 @@ setup() {
     printf '%s\n' "${CONSTRAINTS[@]}" >"$VENV/constraints.txt"
     # 1. TensorFlow and Keras 3 (they bring numpy, h5py, protobuf etc. in the ranges they accept).
     pip_install "${CONSTRAINTS[@]}"
-    # 2. What training/keras/ reads besides them: numpy arrays (.npz/.npy) and images (Pillow).
-    pip_install numpy pillow
+    # 2. What training/keras/ reads besides them: numpy arrays (.npz/.npy) and images (Pillow); and
+    #    tf2onnx + onnx, which write the FP32 ONNX graph of the export (training/keras/export_onnx.py).
+    pip_install numpy pillow "tf2onnx==1.17.0" onnx
     "$VENV/bin/python" - <<'EOF'
 import importlib.metadata as md
-for name in ("tensorflow-cpu", "keras", "numpy", "pillow"):
+for name in ("tensorflow-cpu", "keras", "numpy", "pillow", "tf2onnx", "onnx"):
     print(f"  {name:28s} {md.version(name)}")
 EOF
     echo "keras venv ready in $VENV ($((SECONDS - t0)) s)"

@@ -166,7 +166,7 @@ def files_section(manifest: dict[str, Any], tflite: dict[str, Any] | None) -> st
     text = ""
     if tflite is not None:
         rows.append(
-            f"| `{TFLITE_NAME}` | `litert` | ai-edge-quantizer `{tflite['quantization']}` (INT8 weights and "
+            f"| `{TFLITE_NAME}` | `litert` | {tflite['tool']} (INT8 weights and "
             f"activations, calibrated on {tflite['calibration_images']} training images); classifier + "
             "softmax kept float"
             + (
@@ -176,14 +176,12 @@ def files_section(manifest: dict[str, Any], tflite: dict[str, Any] | None) -> st
             )
             + " |"
         )
-        agree = tflite["int8_vs_torch"]
+        agree = tflite["agreement"]
         same = _pct(agree["decision_agreement"])
         text = (
-            f"\nBoth come from the same checkpoint. On the {tflite['validation_images']} validation images "
-            f"the LiteRT model takes PyTorch's decision at the threshold on {same} of images "
-            f"(max |delta p| {agree['max_abs_diff']:.3f}). Export: `training/tflite_env.sh` (its own "
-            "virtual environment: litert-torch and ai-edge-quantizer pin versions that conflict with the "
-            "main one).\n"
+            f"\nBoth come from the same trained model. On the {tflite['validation_images']} validation "
+            f"images the LiteRT model takes {tflite['reference']}'s decision at the threshold on {same} of "
+            f"images (max |delta p| {agree['max_abs_diff']:.3f}). Export: {tflite['how']}.\n"
         )
     table = "\n".join(rows)
     return f"""

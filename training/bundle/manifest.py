@@ -173,10 +173,18 @@ def _pretrained(weights: str | None) -> str:
     return f"ImageNet-1k ({name})" if name in _IMAGENET_FILES else f"weights file {name}"
 
 
-def _bundle_name(card: DataCard, dataset_name: str) -> str:
+def _framework(train_summary: dict[str, Any]) -> str:
+    """``pytorch`` or ``keras``: which route trained the model (``train_summary.json``)."""
+    return "keras" if train_summary.get("framework") == "keras" else "pytorch"
+
+
+def _bundle_name(card: DataCard, dataset_name: str, framework: str = "pytorch") -> str:
+    """The model's name; a Keras-trained model's ends in ``-keras``, so results say which route made it."""
     if card.key == "kermany":
-        return BUNDLE_NAME
-    return re.sub(r"[^a-z0-9]+", "-", dataset_name.lower()).strip("-") + "-cxr"
+        base = BUNDLE_NAME
+    else:
+        base = re.sub(r"[^a-z0-9]+", "-", dataset_name.lower()).strip("-") + "-cxr"
+    return base if framework == "pytorch" else f"{base}-{framework}"
 
 
 def _pick(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -265,7 +273,7 @@ def build_manifest(
         method = str((split or {}).get("val_method", "patient-disjoint, stratified by label"))
         test_split = f"{(split or {}).get('test_method', 'test split')} ({test['n']} images)"
     manifest = {
-        "name": _bundle_name(card, str((split or {}).get("name", ""))),
+        "name": _bundle_name(card, str((split or {}).get("name", "")), _framework(train_summary)),
         "version": version,
         "description": description,
         "labels": classes,
@@ -321,9 +329,14 @@ def build_manifest(
                 "stage2_run": train_summary["stage2"]["epochs_run"],
                 "stage2_best": train_summary["stage2"]["best_epoch"],
             },
+            "framework": _framework(train_summary),
             "wall_clock_s": round(train_summary["seconds"]["total"], 1),
             "hardware": f"{train_summary['environment']['threads']} CPU threads, "
-            f"torch {train_summary['environment']['torch']}",
+            + (
+                train_summary["environment"]["framework"]
+                if "framework" in train_summary["environment"]
+                else f"torch {train_summary['environment']['torch']}"
+            ),
             "calibration_images": export_summary["calibration_images"],
         },
         "metrics": {

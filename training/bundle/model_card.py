@@ -52,8 +52,13 @@ def _architecture(manifest: dict[str, Any]) -> str:
     else:
         start = f"initialised from {pretrained.removeprefix('weights file ')}"
     head = "the 1280x2 classifier" if tr["architecture"] == "efficientnet-lite0" else "the classifier"
+    if tr.get("framework") == "keras":
+        start += " (PyTorch weights ported layer by layer to Keras)"
+        exported = "Trained in TensorFlow/Keras, exported to ONNX opset 17 by tf2onnx"
+    else:
+        exported = "Exported to ONNX opset 17"
     return f"""- **Architecture:** {_family(tr["architecture"])}, {start}; {tr["trainable"]} fine-tuned.
-  Exported to ONNX opset 17 with the softmax inside the graph, then INT8 static
+  {exported} with the softmax inside the graph, then INT8 static
   quantization of every convolution ({manifest["artifacts"][0]["quantization"]}, calibrated on
   {tr["calibration_images"]} training images); {head} and the softmax stay FP32 so
   the probabilities keep full resolution."""
@@ -75,7 +80,10 @@ def _reproduce(config: dict[str, Any] | None, spec: dict[str, Any], bundle_dir: 
     parts.append(
         f"--out {f'runs/{Path(out).name}' if out else 'runs/<run>'} --bundle {bundle_dir or '<bundle>'}"
     )
-    return "python -m training pipeline " + " \\\n    ".join(parts)
+    command = "python -m training pipeline "
+    if config.get("framework") == "keras":
+        command += "--framework keras "
+    return command + " \\\n    ".join(parts)
 
 
 _THRESHOLD_NOTE = """The threshold was chosen on
@@ -131,17 +139,36 @@ def _training_text(
     if smoothing:
         aug_text += f"; label smoothing {smoothing}"
     threads = tr["hardware"].split(" CPU")[0]
-    return f"""Two-stage transfer learning on {threads} CPU threads (`python -m training pipeline`):
+    if tr.get("framework") == "keras":
+        where = f"{threads} CPU threads, {tr['hardware'].split(', ', 1)[1]}"
+        plan = (
+            f"Stage 2 could run up to {ep['stage2_planned']} epoch(s), ran {ep['stage2_run']}, and kept "
+            f"epoch {ep['stage2_best']}"
+        )
+        budget = (
+            "Reproduce with the command below (TensorFlow in `.venv-keras`: `bash training/keras_env.sh "
+            "setup` once). The time budget only stops before an epoch that would not fit, so on a slower "
+            "machine raise `--time-budget-min` to run the same epochs:"
+        )
+    else:
+        where = f"{threads} CPU threads"
+        plan = (
+            f"Stage 2 was planned for\n{ep['stage2_planned']} epoch(s) from a timing probe{replanned}, ran "
+            f"{ep['stage2_run']}, and kept\nepoch {ep['stage2_best']}"
+        )
+        budget = (
+            "Reproduce with the command below. The stage-2 epoch count comes from a time\n"
+            "budget measured on the machine, so on a slower or busier one add\n"
+            f"`--epochs {ep['stage2_final_plan']} --time-budget-min 120` to plan the same schedule:"
+        )
+    return f"""Two-stage transfer learning on {where} (`python -m training pipeline`):
 classifier on frozen embeddings, then the last blocks + head on cached
 activations with a class-weighted loss, cosine schedule and early stopping
 on validation AUC (near-ties by validation log-loss); {tr["augmented_views_per_train_image"]} augmented
-view(s) per training image ({aug_text}). Seed {tr["seed"]}. Stage 2 was planned for
-{ep["stage2_planned"]} epoch(s) from a timing probe{replanned}, ran {ep["stage2_run"]}, and kept
-epoch {ep["stage2_best"]}. Training took {tr["wall_clock_s"] / 60:.1f} min.
+view(s) per training image ({aug_text}). Seed {tr["seed"]}. {plan}. Training took
+{tr["wall_clock_s"] / 60:.1f} min.
 
-Reproduce with the command below. The stage-2 epoch count comes from a time
-budget measured on the machine, so on a slower or busier one add
-`--epochs {ep["stage2_final_plan"]} --time-budget-min 120` to plan the same schedule:
+{budget}
 
 ```
 {_reproduce(config, spec, bundle_dir)}
@@ -421,11 +448,7 @@ def _kermany_card(
 
 - **Task:** probability that a frontal chest radiograph of a young child shows
   pneumonia (`labels` = `NORMAL`, `PNEUMONIA`).
-- **Architecture:** EfficientNet-Lite0, ImageNet-pretrained; {tr["trainable"]} fine-tuned.
-  Exported to ONNX opset 17 with the softmax inside the graph, then INT8 static
-  quantization of every convolution ({manifest["artifacts"][0]["quantization"]}, calibrated on
-  {tr["calibration_images"]} training images); the 1280x2 classifier and the softmax stay FP32 so
-  the probabilities keep full resolution.
+{_architecture(manifest)}
 - **Input:** `input`, float32 `[batch, 3, {spec["height"]}, {spec["width"]}]` NCHW, built by
   `edge_runtime.preprocess.preprocess` with the spec in `manifest.json`
   (stretch to {spec["height"]}x{spec["width"]} with area interpolation, 8-bit rounding,

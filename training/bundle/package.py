@@ -30,11 +30,15 @@ from edge_runtime.results import positive_index
 from edge_runtime.signing import SIGNATURE_NAME, load_private_key, sign_manifest
 
 from ..data.datasets import SPLIT_FILE, read_split, run_spec
+from ..evaluate.metrics import compare_predictions
 from ..evaluate.ood import OOD_NAME, OOD_VALIDATION, fit_backend_ood
 from ..run_files import (
     EVALUATION_NAME,
     EXPORT_SUMMARY,
     INT8_NAME,
+    KERAS_TFLITE_NAME,
+    KERAS_TFLITE_SUMMARY,
+    KERAS_TFLITE_VAL,
     SUMMARY_NAME,
     TEST_PREDICTIONS,
     TFLITE_EXPORT_SUMMARY,
@@ -85,6 +89,48 @@ BUNDLE_FILES = (
     OOD_NAME,
     "ood.litert.npz",
 )
+
+
+def _litert_file(run: Path, threshold: float, positive: int) -> tuple[Path, dict[str, Any]] | None:
+    """The run's INT8 LiteRT file, if any, and what the card and manifest say about it.
+
+    The PyTorch route's comes from ``training/tflite_env.sh`` (``model.int8.tflite``), the Keras
+    route's from TensorFlow's converter (``model.int8.keras.tflite``); both ship as
+    ``model.int8.tflite``. ``agreement``: its decisions at the operating point against the
+    framework's own FP32 model on validation.
+    """
+    if (run / TFLITE_NAME).is_file():
+        summary = _read(run, TFLITE_EXPORT_SUMMARY)
+        return run / TFLITE_NAME, {
+            "quantization": summary["quantization"],
+            "heatmap": bool(summary.get("heatmap")),
+            "features": bool(summary.get("features")),
+            "calibration_images": summary["calibration_images"],
+            "validation_images": summary["validation_images"],
+            "agreement": summary["int8_vs_torch"],
+            "reference": "PyTorch",
+            "tool": f"ai-edge-quantizer `{summary['quantization']}`",
+            "how": "`training/tflite_env.sh` (its own virtual environment: litert-torch and "
+            "ai-edge-quantizer pin versions that conflict with the main one)",
+        }
+    if (run / KERAS_TFLITE_NAME).is_file():
+        summary = _read(run, KERAS_TFLITE_SUMMARY)
+        with np.load(run / KERAS_TFLITE_VAL) as saved:
+            p_keras = saved["fp32_probabilities"][:, positive]
+            p_int8 = saved["int8_probabilities"][:, positive]
+        outputs = summary["output"]
+        return run / KERAS_TFLITE_NAME, {
+            "quantization": summary["quantization"],
+            "heatmap": bool(outputs.get("heatmap")),
+            "features": bool(outputs.get("features")),
+            "calibration_images": summary["calibration_images"],
+            "validation_images": summary["validation_images"],
+            "agreement": compare_predictions(p_keras, p_int8, threshold),
+            "reference": "the Keras FP32 model",
+            "tool": f"TensorFlow's converter, `{summary['quantization']}`",
+            "how": "`python -m training export --framework keras` (TensorFlow in `.venv-keras`)",
+        }
+    return None
 
 
 def _read(run: Path, name: str) -> dict[str, Any]:
@@ -139,9 +185,15 @@ def package_bundle(
     calibration = calibration_section(run)
     if calibration:
         manifest["calibration"] = calibration
-    tflite = _read(run, TFLITE_EXPORT_SUMMARY) if (run / TFLITE_NAME).is_file() else None
-    if tflite is not None:
-        shutil.copyfile(run / TFLITE_NAME, bundle / TFLITE_NAME)
+    litert = _litert_file(
+        run,
+        float(evaluation["threshold"]),
+        positive_index(manifest["labels"], manifest["positive_label"]),
+    )
+    tflite = None
+    if litert is not None:
+        source, tflite = litert
+        shutil.copyfile(source, bundle / TFLITE_NAME)
         entry = {"file": TFLITE_NAME, "backend": "litert", "quantization": tflite["quantization"]}
         if tflite.get("heatmap") and manifest["output"].get("heatmap"):
             entry["heatmap"] = True

@@ -26,7 +26,14 @@ from edge_runtime.preprocess import PreprocessSpec
 
 from ..data.datasets import Dataset, items_from_split, read_split, run_spec
 from ..data.images import CXRDataset, Item, label_counts
-from ..run_files import EVALUATION_NAME, FP32_NAME, INT8_NAME, TEST_PREDICTIONS, VAL_PREDICTIONS
+from ..run_files import (
+    EVALUATION_NAME,
+    FP32_NAME,
+    INT8_NAME,
+    TEST_PREDICTIONS,
+    VAL_PREDICTIONS,
+    framework_column,
+)
 from .metrics import binary_metrics, bootstrap_auc_ci, choose_threshold, compare_predictions
 from .scoring import OutputHead, file_scorer, run_head
 
@@ -114,12 +121,13 @@ def run_evaluation(
     val = np.load(run / VAL_PREDICTIONS)
     y_val = val["y"]
     threshold = choose_threshold(y_val, val["int8"], min_sensitivity)
+    source = framework_column(val.files)  # the training framework's own FP32 model: torch or keras
     validation = {
-        name: _rounded(binary_metrics(y_val, val[name], threshold)) for name in ("int8", "fp32", "torch")
+        name: _rounded(binary_metrics(y_val, val[name], threshold)) for name in ("int8", "fp32", source)
     }
     agreement = {
         "int8_vs_fp32": compare_predictions(val["fp32"], val["int8"], threshold),
-        "int8_vs_torch": compare_predictions(val["torch"], val["int8"], threshold),
+        f"int8_vs_{source}": compare_predictions(val[source], val["int8"], threshold),
     }
 
     test_items = list(dataset.test)

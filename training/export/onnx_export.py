@@ -66,7 +66,15 @@ from ..model.models import (
     supports_cam,
 )
 from ..model.train import load_checkpoint
-from ..run_files import EXPORT_SUMMARY, FP32_NAME, INT8_NAME, SPLIT_NAME, VAL_PREDICTIONS
+from ..run_files import (
+    EXPORT_SUMMARY,
+    FP32_NAME,
+    FP32_RAW_NAME,
+    INT8_NAME,
+    SPLIT_NAME,
+    VAL_PREDICTIONS,
+    framework_column,
+)
 from .emulation import AVX2_ONLY_CPU, emulator, outputs_emulated, predict_emulated
 
 __all__ = [
@@ -136,7 +144,7 @@ def export_onnx(
     if features:
         outputs.append(FEATURES_NAME)
     dummy = torch.zeros((2, *spec.sample_shape), dtype=torch.float32)
-    raw = path.with_suffix(".raw.onnx")
+    raw = path.with_name(FP32_RAW_NAME) if path.name == FP32_NAME else path.with_suffix(".raw.onnx")
     with warnings.catch_warnings():
         # The legacy exporter announces its deprecation and notes un-foldable Slice steps;
         # both are expected here and the next step folds the graph anyway.
@@ -153,8 +161,20 @@ def export_onnx(
             dynamic_axes={INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in outputs}},
             do_constant_folding=True,
         )
+    return finish_fp32_graph(raw, path)
+
+
+def finish_fp32_graph(raw: str | Path, path: str | Path) -> Path:
+    """An exporter's raw graph -> the FP32 file the ``quantize`` stage reads; ``raw`` is removed.
+
+    ``quant_pre_process`` (ONNX Runtime's hardware-independent optimizations and shape inference)
+    folds constant arithmetic and, for tf2onnx's graphs (the Keras route), the depthwise
+    convolutions' BatchNorm ``Mul``/``Add`` into the convolutions and ``MatMul`` + ``Add`` into one
+    ``Gemm``: the same Conv/Clip/Add graph with a ``Gemm`` head from either exporter.
+    """
+    path = Path(path)
     quant_pre_process(str(raw), str(path))
-    raw.unlink()
+    Path(raw).unlink()
     graph = onnx.load(str(path))
     nodes = list(graph.graph.node)
     last = next(n for n in nodes if OUTPUT_NAME in n.output)
@@ -624,7 +644,7 @@ def run_quantize(
     recipe: str = DEFAULT_RECIPE,
     emulate_images: int = 32,
 ) -> dict[str, Any]:
-    """``quantize`` stage: ``model.fp32.onnx`` -> ``model.int8.onnx``, checked against FP32 and PyTorch.
+    """``quantize`` stage: ``model.fp32.onnx`` -> ``model.int8.onnx``, checked against FP32 and the framework.
 
     Calibrates on a seeded, class-stratified sample of *training* images (no
     augmentation), then scores INT8 on the validation split and adds it to
@@ -650,13 +670,14 @@ def run_quantize(
 
     y, val_x = val_tensors(run, spec)
     with np.load(predictions) as saved:
-        p_torch, p_fp32 = saved["torch"], saved["fp32"]
+        source = framework_column(saved.files)  # torch, or keras for a Keras run (training/keras/handoff.py)
+        p_source, p_fp32 = saved[source], saved["fp32"]
         if not np.array_equal(saved["y"], y):
             raise ValueError(f"{predictions} does not belong to this run's validation split; re-run export.")
     head = run_head(read_split(run))
     with file_scorer(int8_path, spec, head, threads) as scorer:
         p_int8 = scorer(val_x)
-    np.savez(predictions, y=y, torch=p_torch, fp32=p_fp32, int8=p_int8)
+    np.savez(predictions, y=y, **{source: p_source}, fp32=p_fp32, int8=p_int8)
     previous = json.loads((run / EXPORT_SUMMARY).read_text(encoding="utf-8"))
     features_agreement = (
         compare_features(fp32_path, int8_path, val_x, spec, previous["features"], threads)
@@ -695,7 +716,7 @@ def run_quantize(
             "int8_vs_int8_emulated_avx2": cross_cpu,
             "sizes_bytes": {**previous.get("sizes_bytes", {}), "int8": int8_path.stat().st_size},
             "int8_vs_fp32": compare_predictions(p_fp32, p_int8, 0.5),
-            "int8_vs_torch": compare_predictions(p_torch, p_int8, 0.5),
+            f"int8_vs_{source}": compare_predictions(p_source, p_int8, 0.5),
             "features_int8_vs_fp32": features_agreement,
             "seconds": {
                 **previous.get("seconds", {}),

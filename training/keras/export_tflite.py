@@ -1,4 +1,4 @@
-"""The Keras route's LiteRT export (runs ONLY in ``.venv-keras``): ``model.keras`` -> INT8 ``.tflite``.
+"""The Keras route's export (runs ONLY in ``.venv-keras``): ``model.keras`` -> INT8 ``.tflite`` + FP32 ONNX.
 
     training/keras_env.sh python -m training.keras.export_tflite --run runs/keras
 
@@ -41,6 +41,10 @@ and dtype profile is the PyTorch route's (33 INT8 ``CONV_2D`` + 1 float, 16 INT8
 ``CONCATENATION``). Any int32 bias at the int32 limits (a near-dead channel's overflow, see the
 PyTorch route's docstring) fails the export.
 
+The same export model is also written as ``model.fp32.raw.onnx`` (:mod:`training.keras.export_onnx`),
+which the main environment finishes into ``model.fp32.onnx``, the FP32 graph the shared ``quantize``
+stage turns into the ONNX Runtime INT8 file (:mod:`training.keras.handoff`).
+
 Checked on the run's validation inputs against the Keras FP32 export model: per output max
 |INT8 - FP32|, validation AUC of both, and the INT8 outputs are saved (``keras_tflite_val.npz``)
 for the main environment's check.
@@ -73,6 +77,7 @@ from tensorflow.lite.python import util as tfl_util
 from ..export.tflite_io import dequantized as _dequantized
 from ..export.tflite_io import quantized_input
 from ..run_files import (
+    FP32_RAW_NAME,
     KERAS_INPUTS_NAME,
     KERAS_MODEL_NAME,
     KERAS_TFLITE_NAME,
@@ -80,6 +85,7 @@ from ..run_files import (
     KERAS_TFLITE_VAL,
 )
 from .efficientnet_lite import LITE0_STAGES
+from .export_onnx import convert_fp32_onnx
 from .inputs import KerasInputs, read_inputs
 from .scores import roc_auc
 
@@ -445,6 +451,13 @@ def run_export(
     t_convert = time.monotonic() - t0
     out = run / KERAS_TFLITE_NAME
     out.write_bytes(tflite)
+    onnx_info = convert_fp32_onnx(  # finished into model.fp32.onnx by the main environment (handoff)
+        export,
+        run / FP32_RAW_NAME,
+        input_name=INPUT_NAME,
+        outputs=[PROBABILITIES_NAME, CAM_NAME, FEATURES_NAME],
+        maps={CAM_NAME},
+    )
 
     val = data.samples("val", 0)
     t0 = time.monotonic()
@@ -482,16 +495,21 @@ def run_export(
             "features": {"name": FEATURES_NAME, "layers": features_layers, "dims": features_dims},
         },
         "classes": data.classes,
+        "fp32_onnx": onnx_info,
         "validation_images": len(data.val_labels),
         "int8_vs_keras_fp32": _compare(fp32, int8, data),
         "seconds": {
             "convert": t_convert,
+            "fp32_onnx": onnx_info["seconds"],
             "check": t_check,
             "int8_per_image": t_int8 / max(len(val), 1),
             "total": time.monotonic() - t_start,
         },
         "environment": {
-            **{name: importlib.metadata.version(name) for name in ("tensorflow-cpu", "keras", "numpy")},
+            **{
+                name: importlib.metadata.version(name)
+                for name in ("tensorflow-cpu", "keras", "numpy", "tf2onnx", "onnx")
+            },
             "threads": threads,
         },
     }
@@ -520,8 +538,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="training/keras_env.sh python -m training.keras.export_tflite",
         description="Convert a Keras run's model.keras to an INT8 LiteRT file (probabilities, CAM heat-map, "
-        "pooled features) with TensorFlow's converter, calibrated on training inputs of keras-inputs.npz; "
-        f"writes {KERAS_TFLITE_NAME}, {KERAS_TFLITE_VAL} and {KERAS_TFLITE_SUMMARY} in the run folder.",
+        "pooled features) with TensorFlow's converter, calibrated on training inputs of keras-inputs.npz, "
+        f"and to the FP32 ONNX graph the quantize stage reads (tf2onnx); writes {KERAS_TFLITE_NAME}, "
+        f"{FP32_RAW_NAME}, {KERAS_TFLITE_VAL} and {KERAS_TFLITE_SUMMARY} in the run folder.",
     )
     p.add_argument("--run", type=Path, required=True, help="run folder of train --framework keras")
     p.add_argument("--calibration-images", type=int, default=200, help="training inputs (default 200)")
