@@ -31,6 +31,21 @@ def test_the_bundled_model_passes_alone_and_against_itself(manifest: dict[str, A
     assert verdict.passed and len(verdict.checks) == 7
 
 
+def test_the_keras_bundle_passes_against_the_pytorch_one(
+    manifest: dict[str, Any], keras_bundle: Path
+) -> None:
+    """Issue 29: the Keras route's bundle passes the release gate against production, same policy."""
+    keras = json.loads((keras_bundle / "manifest.json").read_text(encoding="utf-8"))
+    verdict = evaluate_gate(keras, THRESHOLDS, production=manifest)
+    assert verdict.passed, [(c.name, c.detail) for c in verdict.failed]
+    assert len(verdict.checks) == 7  # non-inferiority included: the same official test split
+    assert (
+        keras["training"]["framework"] == "keras"
+        and manifest["training"].get("framework", "pytorch") == "pytorch"
+    )
+    assert keras["metrics"]["test"]["split"] == manifest["metrics"]["test"]["split"]
+
+
 @pytest.mark.parametrize(
     ("edit", "failing"),
     [
