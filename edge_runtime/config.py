@@ -161,6 +161,13 @@ class DecodeConfig(_Section):
     memory_limit_mb: int = Field(
         2048, ge=0, description="Address-space cap of the decoder process (0 = no cap)."
     )
+    processes: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="Decoder child processes shared by the workers (each holds a full-resolution "
+        "image while it decodes); 0 = one per worker.",
+    )
 
 
 class IntakeConfig(_Section):

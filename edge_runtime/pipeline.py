@@ -106,7 +106,11 @@ class ScanAnalyzer:
         self.isolate = isolate
         self.decode_timeout_s = decode_timeout_s
         self.decode_memory_mb = decode_memory_mb
+        #: Decoder children shared by the worker threads (``Decode.Processes``); 0: one per worker.
+        self.decode_processes = 0
         self._sandboxes: list[DecodeSandbox] = []
+        self._idle_sandboxes: list[DecodeSandbox] = []
+        self._sandbox_ready = threading.Condition()
         self.backend = backend
         self.limits = limits or DecodeLimits()
         self.threshold = bundle.threshold if threshold is None else threshold
@@ -226,21 +230,48 @@ class ScanAnalyzer:
         if create_reference_key or config.reference_key_path.is_file():
             analyzer.reference_key = load_or_create_key(config.reference_key_path)
         analyzer.publish_file_names = config.privacy.publish_file_names
+        analyzer.decode_processes = config.decode.processes
         analyzer.preview_side = config.reports.heatmap_max_side if config.reports.heatmap else 0
         return analyzer
 
-    def _sandbox(self) -> DecodeSandbox:
-        sandbox = getattr(self._local, "sandbox", None)
-        if sandbox is None:
+    def _checkout(self) -> DecodeSandbox:
+        """A decoder child for this thread's next file: its own, or a free one of the shared few.
+
+        With ``decode_processes`` set, at most that many children exist and a worker waits for a
+        free one (each child decodes one file at a time); otherwise every worker thread has its own.
+        """
+        if self.decode_processes <= 0:
+            sandbox: DecodeSandbox | None = getattr(self._local, "sandbox", None)
+            if sandbox is None:
+                sandbox = DecodeSandbox(self.decode_timeout_s, self.decode_memory_mb)
+                self._local.sandbox = sandbox
+                with self._sandbox_ready:
+                    self._sandboxes.append(sandbox)
+            return sandbox
+        with self._sandbox_ready:
+            while not self._idle_sandboxes and len(self._sandboxes) >= self.decode_processes:
+                self._sandbox_ready.wait()
+            if self._idle_sandboxes:
+                return self._idle_sandboxes.pop()
             sandbox = DecodeSandbox(self.decode_timeout_s, self.decode_memory_mb)
-            self._local.sandbox = sandbox
             self._sandboxes.append(sandbox)
-        return sandbox
+            return sandbox
+
+    def _checkin(self, sandbox: DecodeSandbox) -> None:
+        if self.decode_processes <= 0:
+            return
+        with self._sandbox_ready:
+            self._idle_sandboxes.append(sandbox)
+            self._sandbox_ready.notify()
 
     def warm_up(self) -> None:
-        """Start this thread's decoder process before the first scan arrives."""
+        """Start this thread's (or a shared) decoder process before the first scan arrives."""
         if self.isolate:
-            self._sandbox().warm_up()
+            sandbox = self._checkout()
+            try:
+                sandbox.warm_up()
+            finally:
+                self._checkin(sandbox)
 
     def _prepare(self, path: Path, preview_side: int, scan: ScanFile | None, name: str) -> PreparedScan:
         options = PrepareOptions(
@@ -248,7 +279,11 @@ class ScanAnalyzer:
         )
         if not self.isolate:
             return prepare_file(path, options, scan=scan, name=name)
-        return self._sandbox().prepare(path, options, scan=scan, name=name)
+        sandbox = self._checkout()
+        try:
+            return sandbox.prepare(path, options, scan=scan, name=name)
+        finally:
+            self._checkin(sandbox)
 
     def analyze(
         self,
@@ -405,7 +440,8 @@ class ScanAnalyzer:
         return model
 
     def close(self) -> None:
-        for sandbox in self._sandboxes:
+        with self._sandbox_ready:
+            sandboxes, self._sandboxes, self._idle_sandboxes = self._sandboxes, [], []
+        for sandbox in sandboxes:
             sandbox.close()
-        self._sandboxes.clear()
         self.backend.close()

@@ -47,6 +47,7 @@ from . import decode as decode_stage
 from .errors import CorruptImage, DecodeCrashed, DecoderFault, DecodeTimeout, InputChanged, InputError
 from .files import ScanFile
 from .prepare import PreparedScan, PrepareOptions, prepare_file
+from .procname import DECODER, name_process
 
 __all__ = ["DecodeSandbox"]
 
@@ -95,6 +96,7 @@ IDLE_TRIM_S = 1.0
 
 
 def _child_main(conn: Connection, registry: dict[str, str], memory_bytes: int) -> None:
+    name_process(DECODER)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
     if memory_bytes > 0:
         resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))

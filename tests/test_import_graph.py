@@ -166,6 +166,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "edge_runtime.keyfiles",
             "edge_runtime.backend_registry",
             "edge_runtime.cpu",
+            "edge_runtime.procname",
             "edge_runtime.durable",
             "edge_runtime.heat",
             "edge_runtime.plugins",

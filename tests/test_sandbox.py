@@ -169,3 +169,57 @@ def test_the_heap_is_kept_through_a_burst_and_returned_when_idle(shared_data: Pa
         assert busy - idle >= 15, f"the idle child kept {idle:.0f} MB (busy: {busy:.0f} MB)"
     finally:
         sandbox.close()
+
+
+def _decoder_children() -> list[int]:
+    """Processes named ``edge-decoder`` (edge_runtime.procname) that are children of a forkserver of ours."""
+    import os
+
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                if Path(entry.path, "comm").read_text().strip() == "edge-decoder":
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def test_decode_processes_shares_few_decoder_children_between_workers(tmp_path: Path) -> None:
+    """``Decode.Processes`` 1: four threads decode at once through ONE child (each waits for it free).
+
+    The child names itself ``edge-decoder``, so ``ps`` and benchmarks/bench_memory.py can tell it from
+    the report child and the forkserver; with the default (0), each thread has a child of its own.
+    """
+    import threading
+
+    import cv2
+
+    from edge_runtime.pipeline import ScanAnalyzer
+
+    scans = []
+    for i in range(4):
+        path = tmp_path / f"scan-{i}.png"
+        grey = (np.add.outer(np.arange(256), np.arange(256)) // 2 + i).astype(np.uint8)
+        assert cv2.imwrite(str(path), grey)
+        scans.append(path)
+    before = set(_decoder_children())
+    for processes, expected in ((1, 1), (0, 4)):
+        analyzer = ScanAnalyzer.from_bundle_path(default_bundle_path(), "onnxruntime", isolate=True)
+        analyzer.decode_processes = processes
+        outcomes: list[object] = []
+        try:
+            run = analyzer.analyze
+            threads = [threading.Thread(target=lambda p=p, r=run, o=outcomes: o.append(r(p))) for p in scans]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            assert len(outcomes) == 4
+            assert len(analyzer._sandboxes) == expected
+            assert len(set(_decoder_children()) - before) == expected  # each child is named edge-decoder
+        finally:
+            analyzer.close()
+        time.sleep(0.5)  # the closed children are gone before the next count
+        before = set(_decoder_children())

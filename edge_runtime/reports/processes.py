@@ -48,6 +48,7 @@ import numpy as np
 from ..config import ReportsConfig, RuntimeConfig
 from ..errors import ReportDiskFull, ReportError, ReportProcessCrashed, ReportTimeout
 from ..logs import event
+from ..procname import REPORTS, name_process
 from ..results import Reports, ScanResult
 from .writer import ReportOutcome, ReportWriter, failed_outcome, log_outcome
 
@@ -107,12 +108,14 @@ def _build(
 
 
 def _follow_the_service(service_pid: int) -> None:
-    """In the child: exit when the service is gone (killed with SIGKILL, or by the OOM killer).
+    """In the child: take its name (``edge-reports``); exit when the service is gone (SIGKILL, OOM killer).
 
     A pool's children wait on a queue whose other end they hold themselves, so
     they would not notice; an orphan would hold memory and the service's log
     stream for ever.
     """
+
+    name_process(REPORTS)
 
     def watch() -> None:
         while True:
