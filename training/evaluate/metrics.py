@@ -24,6 +24,7 @@ __all__ = [
     "average_precision",
     "binary_metrics",
     "bootstrap_auc_ci",
+    "calibration_effect",
     "choose_threshold",
     "compare_predictions",
     "confusion",
@@ -436,3 +437,24 @@ def log_loss(y: Any, p: Any, eps: float = 1e-7) -> float:
     y_arr, p_arr = _as_arrays(y, p)
     q = np.clip(p_arr, eps, 1 - eps)
     return float(-np.mean(y_arr * np.log(q) + (1 - y_arr) * np.log(1 - q)))
+
+
+def calibration_effect(y: Any, before: Any, after: Any) -> dict[str, Any]:
+    """What temperature scaling did on ``y``'s split: log-loss, ECE (15 bins) and saturated outputs.
+
+    ``calibration.json``'s ``validation`` record, written alike by both training routes' exports.
+    """
+    y, before = _as_arrays(y, before)
+    after = np.asarray(after, dtype=np.float64)
+    return {
+        "n": int(y.size),
+        "log_loss": {"before": log_loss(y, before), "after": log_loss(y, after)},
+        "ece_15_bins": {
+            "before": expected_calibration_error(y, before),
+            "after": expected_calibration_error(y, after),
+        },
+        "outputs_at_least_0.999999": {
+            "before": int((before >= 0.999999).sum()),
+            "after": int((after >= 0.999999).sum()),
+        },
+    }

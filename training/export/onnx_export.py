@@ -51,7 +51,7 @@ from edge_runtime.preprocess import PreprocessSpec
 
 from ..data.datasets import items_from_split, read_split, run_spec
 from ..data.images import CXRDataset, Item
-from ..evaluate.metrics import compare_predictions, expected_calibration_error, fit_temperature, log_loss
+from ..evaluate.metrics import calibration_effect, compare_predictions, fit_temperature
 from ..evaluate.scoring import INPUT_NAME, OUTPUT_NAME, features_of_file, file_scorer, run_head
 from ..model.models import (
     CALIBRATION_NAME,
@@ -525,18 +525,7 @@ def calibrate_temperature(model: nn.Module, run: Path, y: np.ndarray, val_x: np.
         "temperature": temperature,
         "method": "temperature scaling fitted by log-loss on the validation split, folded into the "
         "last linear layer (softmax((Wx+b)/T))",
-        "validation": {
-            "n": int(y.size),
-            "log_loss": {"before": log_loss(y, before), "after": log_loss(y, after)},
-            "ece_15_bins": {
-                "before": expected_calibration_error(y, before),
-                "after": expected_calibration_error(y, after),
-            },
-            "outputs_at_least_0.999999": {
-                "before": int((before >= 0.999999).sum()),
-                "after": int((after >= 0.999999).sum()),
-            },
-        },
+        "validation": calibration_effect(y, before, after),
     }
     (run / CALIBRATION_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     apply_temperature(model, temperature)

@@ -34,7 +34,7 @@ import onnxruntime as ort
 
 from ..data.datasets import items_from_split, read_split, run_spec
 from ..data.images import CXRDataset, label_counts
-from ..evaluate.metrics import compare_predictions, expected_calibration_error, log_loss
+from ..evaluate.metrics import calibration_effect, compare_predictions
 from ..evaluate.scoring import file_scorer, run_head
 from ..run_files import (
     CALIBRATION_NAME,
@@ -189,18 +189,7 @@ def write_export_files(run: str | Path, threads: int = 2) -> dict[str, Any]:
         "temperature": temperature,
         "method": calibration["method"],
         "framework": FRAMEWORK,
-        "validation": {
-            "n": int(y.size),
-            "log_loss": {"before": log_loss(y, before), "after": log_loss(y, p_keras)},
-            "ece_15_bins": {
-                "before": expected_calibration_error(y, before),
-                "after": expected_calibration_error(y, p_keras),
-            },
-            "outputs_at_least_0.999999": {
-                "before": int((before >= 0.999999).sum()),
-                "after": int((p_keras >= 0.999999).sum()),
-            },
-        },
+        "validation": calibration_effect(y, before, p_keras),
     }
     (run / CALIBRATION_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     onnx_info = export["fp32_onnx"]
