@@ -49,6 +49,13 @@ def parse_args() -> argparse.Namespace:
         default=[0, 1],
         help="Decode.Processes values, measured one after the other in this run (0: one per worker)",
     )
+    parser.add_argument(
+        "--report-idle-s",
+        type=float,
+        default=0.0,
+        help="Reports.ChildIdleSeconds for every run (0: the report child stays; below --idle-s it is "
+        "gone at 'idle')",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     return parser.parse_args()
 
@@ -129,6 +136,7 @@ class Sampler:
 def measure(args: argparse.Namespace, processes: int) -> dict[str, Any]:
     """One service run with ``Decode.Processes`` = ``processes``: its snapshots and the burst's time."""
     os.environ["EDGE_RUNTIME__DECODE__PROCESSES"] = str(processes)
+    os.environ["EDGE_RUNTIME__REPORTS__CHILD_IDLE_SECONDS"] = str(args.report_idle_s)
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
         work = Path(tmp)
         sources = prepare_sources(args.data, work / "sources", ["uncompressed", "jpeg"])
@@ -180,10 +188,11 @@ def print_run(args: argparse.Namespace, run: dict[str, Any]) -> None:
     phases = [run["started"], run["peak"], run["idle"]]
     roles = sorted({r for snap in phases for r in snap}, key=lambda r: -run["peak"].get(r, {}).get("pss", 0))
     label = run["decode_processes"] or "one per worker"
+    rate = run["results"] / run["seconds"]
     print(
-        f"\nDecode.Processes {label}: {args.dicoms} DICOM RG1_UNCR + {args.jpegs} JPEG, {run['results']} "
-        f"results in {run['seconds']:.1f} s ({run['results'] / run['seconds']:.1f}/s), {args.workers} "
-        "workers, reports on\n"
+        f"\nDecode.Processes {label}, Reports.ChildIdleSeconds {args.report_idle_s:g}: "
+        f"{args.dicoms} DICOM RG1_UNCR + {args.jpegs} JPEG, {run['results']} results in "
+        f"{run['seconds']:.1f} s ({rate:.1f}/s), {args.workers} workers, reports on\n"
     )
     print("| process | started PSS / RSS MB | peak PSS / RSS MB | idle PSS / RSS MB |")
     print("|---|---|---|---|")

@@ -692,6 +692,14 @@ class ReportsConfig(_Section):
     heatmap: bool = Field(
         True, description="Write the class-activation heat-map (PNG and DICOM Secondary Capture)."
     )
+    child_idle_seconds: float = Field(
+        0.0,
+        ge=0,
+        le=86400,
+        description="Let the report child exit after this long without a DICOM report and start it "
+        "when the next is due (about 150 MB less between bursts; that report then waits about a "
+        "second); 0 = it runs all the time.",
+    )
     heatmap_max_side: int = Field(
         512,
         ge=64,

@@ -325,7 +325,7 @@ class EdgeService:
         for drainer in self.drainers:
             drainer.start()
         self.health.start()
-        self.reports.start()
+        self.reports.start(self.config.reports.child_idle_seconds)
         self.retention.start()
         if self.host is not None:
             self.host.subscribe_to_config_updates(

@@ -115,3 +115,52 @@ def _alive(pid: int) -> bool:
             return stat.read().split(")")[-1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_with_child_idle_seconds_the_report_child_starts_when_due_and_exits_when_idle(
+    shared_data, default_bundle, tmp_path
+):
+    """Reports.ChildIdleSeconds: no child before the first DICOM report, none again after the pause.
+
+    The memory between bursts (about 150 MB, docs/performance.md) is given back; the next report
+    starts a new child and is written as before.
+    """
+    config = RuntimeConfig.from_mapping(
+        {
+            "Journal": {"Path": str(tmp_path / "state" / "journal.sqlite3")},
+            "Model": {"TrustedKeys": TEST_TRUSTED_KEYS},
+            "Reports": {"ChildIdleSeconds": 1.0},
+        }
+    )
+    analyzer = ScanAnalyzer.from_bundle_path(default_bundle)
+    outcome = analyzer.analyze(chest_dicom_from_jpeg(shared_data / PNEUMONIA_JPEG, tmp_path / "child.dcm"))
+    analyzer.close()
+    reports = ReportProcesses(1)
+    try:
+        reports.start(config.reports.child_idle_seconds)
+        assert reports._executor is None  # nothing started before a report is due
+
+        def write() -> dict:
+            links = reports.write(
+                config, outcome.result(), outcome.header, image=outcome.image, heatmap=outcome.heatmap
+            )
+            assert links is not None
+            return links.model_dump(exclude_none=True)
+
+        assert "error" not in write()
+        executor = reports._executor
+        assert executor is not None
+        pids = list(executor._processes)
+        assert pids
+        deadline = time.monotonic() + 10
+        while reports._executor is not None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert reports._executor is None, "the idle report child did not exit"
+        for pid in pids:  # gone, not left as a zombie or an orphan
+            assert (
+                not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+            )
+        again = write()
+        assert "error" not in again and {"sr", "fhir", "heatmap_png", "heatmap_dicom"} <= set(again)
+    finally:
+        reports.close()

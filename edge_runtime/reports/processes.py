@@ -144,23 +144,72 @@ class ReportProcesses:
         self._executor: ProcessPoolExecutor | None = None
         #: The reports folder whose file system was full: reports are paused while it is set.
         self._paused: Path | None = None
+        #: Builds running in the children now, when the last one ended, and the idle exit's timer.
+        self._in_flight = 0
+        self._last_used = time.monotonic()
+        self._idle_timer: threading.Timer | None = None
+
+    def _pool_locked(self) -> ProcessPoolExecutor:
+        if self._executor is None:
+            self._executor = ProcessPoolExecutor(
+                self._processes,
+                mp_context=_CTX,
+                initializer=_follow_the_service,
+                initargs=(os.getpid(),),
+            )
+            for _ in range(self._processes):
+                self._executor.submit(_warm_up)
+        return self._executor
 
     def _pool(self) -> ProcessPoolExecutor:
         with self._lock:
-            if self._executor is None:
-                self._executor = ProcessPoolExecutor(
-                    self._processes,
-                    mp_context=_CTX,
-                    initializer=_follow_the_service,
-                    initargs=(os.getpid(),),
-                )
-                for _ in range(self._processes):
-                    self._executor.submit(_warm_up)
-            return self._executor
+            return self._pool_locked()
 
-    def start(self) -> None:
-        """Start the children and let them import the report libraries (not waited for)."""
-        self._pool()
+    def start(self, idle_exit_s: float = 0.0) -> None:
+        """Start the children and let them import the report libraries (not waited for).
+
+        With ``idle_exit_s`` (``Reports.ChildIdleSeconds``) the children start when the first report
+        is due instead, and exit after that long without one (:meth:`_exit_if_idle`).
+        """
+        if idle_exit_s <= 0:
+            self._pool()
+
+    def _acquire(self) -> ProcessPoolExecutor:
+        """The pool, started if needed, with one more build counted in flight (never shut under it)."""
+        with self._lock:
+            self._in_flight += 1
+            return self._pool_locked()
+
+    def _release(self, idle_exit_s: float) -> None:
+        with self._lock:
+            self._in_flight -= 1
+            self._last_used = time.monotonic()
+            if idle_exit_s <= 0 or self._idle_timer is not None:
+                return
+            self._idle_timer = threading.Timer(idle_exit_s, self._exit_if_idle, (idle_exit_s,))
+            self._idle_timer.daemon = True
+            self._idle_timer.start()
+
+    def _exit_if_idle(self, idle_exit_s: float) -> None:
+        """Let the children exit once no report has been built for ``idle_exit_s``; else look again later.
+
+        What that saves: the report child's memory between bursts (about 150 MB, most of it
+        highdicom's table of the DICOM standard, docs/performance.md); what it costs: the next
+        DICOM's reports wait for a new child (its imports and that table, about a second).
+        """
+        with self._lock:
+            self._idle_timer = None
+            if self._executor is None:
+                return
+            wait = self._last_used + idle_exit_s - time.monotonic()
+            if self._in_flight or wait > 0:
+                self._idle_timer = threading.Timer(max(wait, 0.1), self._exit_if_idle, (idle_exit_s,))
+                self._idle_timer.daemon = True
+                self._idle_timer.start()
+                return
+            executor, self._executor = self._executor, None
+        log.debug("no report for %.0f s: the report child exits until the next one is due", idle_exit_s)
+        executor.shutdown(wait=True)
 
     def _replace(self, broken: ProcessPoolExecutor) -> None:
         with self._lock:
@@ -244,7 +293,7 @@ class ReportProcesses:
             return log_outcome(result, outcome)
         if not reports.heatmap:
             image = None  # nothing to draw: not worth pickling
-        pool = self._pool()
+        pool = self._acquire()
         try:
             future: Future[ReportOutcome] = pool.submit(
                 _build, reports, config.reports_path, result, header, image, heatmap
@@ -260,11 +309,16 @@ class ReportProcesses:
             outcome = failed_outcome(result.message_id, error)
         except Exception as exc:  # build() returns its own failures; this is whatever it did not foresee
             outcome = failed_outcome(result.message_id, exc)
+        finally:
+            self._release(reports.child_idle_seconds)
         self._note(path, outcome)
         return log_outcome(result, outcome)
 
     def close(self) -> None:
         with self._lock:
             executor, self._executor = self._executor, None
+            timer, self._idle_timer = self._idle_timer, None
+        if timer is not None:
+            timer.cancel()
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)
