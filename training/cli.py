@@ -399,23 +399,22 @@ def _augmentation(args: argparse.Namespace) -> Any:
     return dataclasses.replace(base, hflip=args.hflip)
 
 
-def _train(args: argparse.Namespace) -> None:
-    if getattr(args, "framework", "torch") == "keras":
-        _train_keras(args)
-        return
-    if getattr(args, "max_steps", None) is not None:
-        raise SystemExit("error: --max-steps applies to --framework keras only")
-    from .model.train import TrainConfig, train
-
+def _train_inputs(args: argparse.Namespace) -> tuple[Path | None, Path]:
+    """The weights file (None: random) and the dataset the training options name, both checked."""
     weights = _weights_for(args)
     if weights is not None and not weights.is_file():
         raise SystemExit(f"error: weights file {weights} not found (pass --weights none for random)")
     data = args.data if args.data is not None else Path(_DEFAULT_DATA)
     if not data.exists():
         raise SystemExit(f"error: dataset {data} not found; pass --data")
-    if args.size < 1:
-        raise SystemExit(f"error: --size must be a positive number of pixels, got {args.size}")
-    cfg = TrainConfig(
+    return weights, data
+
+
+def _train_config(args: argparse.Namespace, weights: Path | None, data: Path) -> Any:
+    """The training options as :class:`training.model.train.TrainConfig` (both routes record it)."""
+    from .model.train import TrainConfig
+
+    return TrainConfig(
         data_root=data,
         out_dir=args.out,
         weights=weights,
@@ -439,6 +438,20 @@ def _train(args: argparse.Namespace) -> None:
         limit_per_class=args.limit_per_class,
         size=args.size,
     )
+
+
+def _train(args: argparse.Namespace) -> None:
+    if getattr(args, "framework", "torch") == "keras":
+        _train_keras(args)
+        return
+    if getattr(args, "max_steps", None) is not None:
+        raise SystemExit("error: --max-steps applies to --framework keras only")
+    from .model.train import train
+
+    weights, data = _train_inputs(args)
+    if args.size < 1:
+        raise SystemExit(f"error: --size must be a positive number of pixels, got {args.size}")
+    cfg = _train_config(args, weights, data)
     train(cfg)
 
 
@@ -450,31 +463,41 @@ def _keras_python() -> Path:
     return Path(os.environ.get("KERAS_VENV", repo / ".venv-keras")) / "bin" / "python"
 
 
-def _train_keras(args: argparse.Namespace) -> None:
-    """``train --framework keras``: inputs, split and weights here; training in ``.venv-keras``."""
+def _need_keras_env() -> None:
+    if not _keras_python().is_file():
+        raise SystemExit(
+            f"error: no Keras environment at {_keras_python().parents[1]}; create it with: "
+            "bash training/keras_env.sh setup"
+        )
+
+
+def _run_in_keras_env(module: str, argv: list[str], doing: str, failed: str) -> None:
+    """``python -m MODULE ARGV`` in ``.venv-keras`` (training/keras_env.sh), its output passed through."""
     import os
     import subprocess
 
+    repo = Path(__file__).resolve().parents[1]
+    command = ["bash", str(repo / "training" / "keras_env.sh"), "python", "-m", module, *argv]
+    print(f"{doing} in .venv-keras: " + " ".join(command), flush=True)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
+    done = subprocess.run(command, cwd=repo, env=env, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"error: {failed} (exit status {done.returncode}); see its output above")
+
+
+def _train_keras(args: argparse.Namespace) -> None:
+    """``train --framework keras``: inputs, split and weights here; training in ``.venv-keras``."""
     from .run_files import KERAS_WEIGHTS_NAME
 
-    repo = Path(__file__).resolve().parents[1]
     if args.model != "efficientnet-lite0":
         raise SystemExit(f"error: --framework keras trains efficientnet-lite0 only, not {args.model}")
     if args.resume or args.device not in ("auto", "cpu"):
         raise SystemExit("error: --framework keras has no --resume and trains on TensorFlow's own device")
     if args.size < 32 or args.size % 32:
         raise SystemExit(f"error: --framework keras needs --size a multiple of 32, got {args.size}")
-    if not _keras_python().is_file():
-        raise SystemExit(
-            f"error: no Keras environment at {_keras_python().parents[1]}; create it with: "
-            "bash training/keras_env.sh setup"
-        )
-    weights = _weights_for(args)
-    if weights is not None and not weights.is_file():
-        raise SystemExit(f"error: weights file {weights} not found (pass --weights none for random)")
-    data = args.data if args.data is not None else Path(_DEFAULT_DATA)
-    if not data.exists():
-        raise SystemExit(f"error: dataset {data} not found; pass --data")
+    _need_keras_env()
+    weights, data = _train_inputs(args)
+    cut = 8 if args.cut is None else args.cut
     from .keras.dataset import write_keras_inputs
     from .keras.port_weights import port_state_dict
 
@@ -489,16 +512,11 @@ def _train_keras(args: argparse.Namespace) -> None:
         augmentation=_augmentation(args),
         limit_per_class=args.limit_per_class,
     )
-    command = [
-        "bash",
-        str(repo / "training" / "keras_env.sh"),
-        "python",
-        "-m",
-        "training.keras.train",
+    argv = [
         "--run",
         str(out),
         "--cut",
-        str(8 if args.cut is None else args.cut),
+        str(cut),
         "--head-epochs",
         str(args.head_epochs),
         "--epochs",
@@ -522,56 +540,24 @@ def _train_keras(args: argparse.Namespace) -> None:
         npz = out / KERAS_WEIGHTS_NAME
         count = port_state_dict(weights, npz)
         print(f"weights: {count} arrays of {weights} ported to {npz}")
-        command += ["--weights-npz", str(npz)]
+        argv += ["--weights-npz", str(npz)]
     if args.train_bn:
-        command.append("--train-bn")
+        argv.append("--train-bn")
     if args.max_steps is not None:
-        command += ["--max-steps", str(args.max_steps)]
-    print("training in .venv-keras: " + " ".join(command), flush=True)
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
-    done = subprocess.run(command, cwd=repo, env=env, check=False)
-    if done.returncode != 0:
-        raise SystemExit(
-            f"error: Keras training failed (exit status {done.returncode}); see its output above"
-        )
+        argv += ["--max-steps", str(args.max_steps)]
+    _run_in_keras_env("training.keras.train", argv, "training", "Keras training failed")
     from .keras.handoff import write_train_summary
 
-    augmentation = _augmentation(args)
-    config = {
-        "data_root": str(data),
-        "out_dir": str(args.out),
-        "weights": None if weights is None else str(weights),
-        "model": args.model,
-        "val_fraction": args.val_fraction,
-        "seed": args.seed,
-        "cut": 8 if args.cut is None else args.cut,
-        "aug_views": args.aug_views,
-        "batch_size": args.batch_size,
-        "head_epochs": args.head_epochs,
-        "epochs": args.epochs,
-        "patience": args.patience,
-        "lr": args.lr,
-        "freeze_bn": not args.train_bn,
-        "label_smoothing": args.label_smoothing,
-        "augmentation": augmentation.to_dict(),
-        "threads": args.threads,
-        "time_budget_s": args.time_budget_min * 60.0,
-        "limit_per_class": args.limit_per_class,
-        "size": args.size,
-        "max_steps": args.max_steps,
-    }
+    config = {**_train_config(args, weights, data).to_json(), "cut": cut, "max_steps": args.max_steps}
     write_train_summary(out, config)
 
 
 def _export_keras(args: argparse.Namespace) -> None:
     """``export --framework keras``: the INT8 LiteRT file in ``.venv-keras``, then the edge's check."""
     import json
-    import os
-    import subprocess
 
     from .run_files import KERAS_MODEL_NAME, KERAS_TFLITE_SUMMARY
 
-    repo = Path(__file__).resolve().parents[1]
     out = args.out.resolve()
     if not args.calibrate:
         raise SystemExit(
@@ -579,32 +565,12 @@ def _export_keras(args: argparse.Namespace) -> None:
         )
     if not (out / KERAS_MODEL_NAME).is_file():
         raise SystemExit(f"error: {out / KERAS_MODEL_NAME} not found; run train --framework keras first")
-    if not _keras_python().is_file():
-        raise SystemExit(
-            f"error: no Keras environment at {_keras_python().parents[1]}; create it with: "
-            "bash training/keras_env.sh setup"
-        )
+    _need_keras_env()
     calibration = 200 if args.calibration_images is None else args.calibration_images
     if calibration < 1:
         raise SystemExit("error: --calibration-images must be at least 1")
-    command = [
-        "bash",
-        str(repo / "training" / "keras_env.sh"),
-        "python",
-        "-m",
-        "training.keras.export_tflite",
-        "--run",
-        str(out),
-        "--calibration-images",
-        str(calibration),
-        "--threads",
-        str(args.threads),
-    ]
-    print("converting in .venv-keras: " + " ".join(command), flush=True)
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
-    done = subprocess.run(command, cwd=repo, env=env, check=False)
-    if done.returncode != 0:
-        raise SystemExit(f"error: Keras LiteRT export failed (exit status {done.returncode}); see above")
+    argv = ["--run", str(out), "--calibration-images", str(calibration), "--threads", str(args.threads)]
+    _run_in_keras_env("training.keras.export_tflite", argv, "converting", "Keras LiteRT export failed")
     from .keras.check_litert import check_litert
 
     check = check_litert(out, threads=1)

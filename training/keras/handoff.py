@@ -85,7 +85,7 @@ def write_train_summary(run: str | Path, config: dict[str, Any]) -> dict[str, An
     env = keras_summary["environment"]
     summary = {
         "framework": FRAMEWORK,
-        "config": {**config, "framework": FRAMEWORK},
+        "config": {**config, "framework": FRAMEWORK, "spec": run_spec(run).to_dict()},
         "model": keras_summary["model"],
         "cut": keras_summary["cut"],
         "trainable_blocks": f"blocks {keras_summary['cut']}-15 of 16 + head conv + classifier",
