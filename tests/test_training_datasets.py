@@ -369,7 +369,8 @@ def test_tiny_training_run_reaches_a_checkpoint(
 ) -> None:
     torch = pytest.importorskip("torch")
     from training.export.onnx_export import load_split
-    from training.model.train import CHECKPOINT_NAME, SPLIT_NAME, load_checkpoint
+    from training.model.train import CHECKPOINT_NAME, load_checkpoint
+    from training.run_files import SPLIT_NAME
 
     run, summary = tiny_run(which)
     assert (run / CHECKPOINT_NAME).is_file()

@@ -32,16 +32,9 @@ import numpy as np
 
 from edge_runtime.preprocess import PreprocessSpec
 
-from ..data.datasets import (
-    items_from_split,
-    open_dataset,
-    read_split,
-    spec_for_size,
-    split_matches,
-    write_split,
-)
-from ..data.images import Augmentation, CXRDataset, ImageCache, label_counts
-from ..run_files import KERAS_INPUTS_NAME, SPLIT_NAME
+from ..data.datasets import open_run_split
+from ..data.images import Augmentation, CXRDataset, ImageCache
+from ..run_files import KERAS_INPUTS_NAME
 from .inputs import INPUTS_FORMAT
 
 __all__ = ["write_keras_inputs"]
@@ -65,30 +58,17 @@ def write_keras_inputs(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    root = Path(data_root).resolve()
-    spec = spec or PreprocessSpec()
-    dataset = None
-    if (out / SPLIT_NAME).is_file():
-        recorded = read_split(out / SPLIT_NAME)
-        if split_matches(
-            recorded, root, seed=seed, val_fraction=val_fraction, limit_per_class=limit_per_class
-        ):
-            dataset = items_from_split(recorded)
-            print(f"data: reusing the split in {out / SPLIT_NAME}")
-    if dataset is None:
-        dataset = open_dataset(root, val_fraction=val_fraction, seed=seed, limit_per_class=limit_per_class)
-    if size is not None:
-        spec = spec_for_size(spec, size, dataset.image_shape())
-    train_items, val_items = list(dataset.train), list(dataset.val)
-    if not train_items or not val_items:
-        raise ValueError(f"{dataset.name}: empty training or validation split; check {root}.")
-    classes = dataset.classes
-    print(
-        f"data: {dataset.name} ({dataset.kind}): train {len(train_items)} "
-        f"{label_counts(train_items, classes)}, val {len(val_items)} {label_counts(val_items, classes)}; "
-        f"validation: {dataset.val_method}"
+    dataset, spec = open_run_split(
+        out,
+        data_root,
+        spec or PreprocessSpec(),
+        size=size,
+        seed=seed,
+        val_fraction=val_fraction,
+        limit_per_class=limit_per_class,
     )
-    write_split(out / SPLIT_NAME, dataset, spec)
+    train_items, val_items = list(dataset.train), list(dataset.val)
+    classes = dataset.classes
 
     t0 = time.monotonic()
     train_ds = CXRDataset(train_items, spec, augment=True, seed=seed, augmentation=augmentation)

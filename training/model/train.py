@@ -48,14 +48,7 @@ from tqdm import tqdm
 
 from edge_runtime.preprocess import PreprocessSpec
 
-from ..data.datasets import (
-    items_from_split,
-    open_dataset,
-    read_split,
-    spec_for_size,
-    split_matches,
-    write_split,
-)
+from ..data.datasets import open_run_split
 from ..data.images import (
     LABELS,
     Augmentation,
@@ -64,7 +57,7 @@ from ..data.images import (
     label_counts,
 )
 from ..evaluate.metrics import roc_auc
-from ..run_files import CHECKPOINT_NAME, RESUME_NAME, SPLIT_NAME, SUMMARY_NAME
+from ..run_files import CHECKPOINT_NAME, RESUME_NAME, SUMMARY_NAME
 from .models import StagedModel, build_model, default_cut, staged_view
 
 __all__ = ["TrainConfig", "load_checkpoint", "seed_everything", "train"]
@@ -547,33 +540,20 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     seed_everything(cfg.seed)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    root = Path(cfg.data_root).resolve()
-
     # An existing split.json for the same data, seed and fractions (e.g. from `prepare`) is reused.
-    dataset = None
-    if (out / SPLIT_NAME).is_file():
-        recorded = read_split(out / SPLIT_NAME)
-        if split_matches(
-            recorded, root, seed=cfg.seed, val_fraction=cfg.val_fraction, limit_per_class=cfg.limit_per_class
-        ):
-            dataset = items_from_split(recorded)
-            tqdm.write(f"data: reusing the split in {out / SPLIT_NAME}")
-    if dataset is None:
-        dataset = open_dataset(
-            root, val_fraction=cfg.val_fraction, seed=cfg.seed, limit_per_class=cfg.limit_per_class
-        )
-    if cfg.size is not None:
-        cfg = replace(cfg, spec=spec_for_size(cfg.spec, cfg.size, dataset.image_shape()))
+    dataset, spec = open_run_split(
+        out,
+        cfg.data_root,
+        cfg.spec,
+        size=cfg.size,
+        seed=cfg.seed,
+        val_fraction=cfg.val_fraction,
+        limit_per_class=cfg.limit_per_class,
+        say=tqdm.write,
+    )
+    cfg = replace(cfg, spec=spec)
     classes = dataset.classes
     train_items, val_items = list(dataset.train), list(dataset.val)
-    if not train_items or not val_items:
-        raise ValueError(f"{dataset.name}: empty training or validation split; check {root}.")
-    tqdm.write(
-        f"data: {dataset.name} ({dataset.kind}): train {len(train_items)} "
-        f"{label_counts(train_items, classes)}, val {len(val_items)} {label_counts(val_items, classes)}; "
-        f"validation: {dataset.val_method}"
-    )
-    write_split(out / SPLIT_NAME, dataset, cfg.spec)
 
     # 1. decode + preprocess once.
     t0 = time.monotonic()
@@ -662,7 +642,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             f"blocks {cut}-{staged.num_blocks - 1} of {staged.num_blocks} + head conv + classifier"
         ),
         "data": {
-            "root": str(root),
+            "root": str(Path(cfg.data_root).resolve()),
             "train": {
                 "images": len(train_items),
                 "patients": len({i.patient for i in train_items}),

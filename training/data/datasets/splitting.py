@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -366,3 +366,48 @@ def describe(dataset: Dataset) -> str:
         verdict = "OK" if not any(overlap.values()) else "PATIENTS SHARED BETWEEN SPLITS"
         lines.append(f"patients in two splits: {shared} -> {verdict}")
     return "\n".join(lines)
+
+
+def open_run_split(
+    out: str | Path,
+    data_root: str | Path,
+    spec: PreprocessSpec,
+    *,
+    size: int | None,
+    seed: int,
+    val_fraction: float,
+    limit_per_class: int | None,
+    say: Callable[[str], None] = print,
+) -> tuple[Dataset, PreprocessSpec]:
+    """The training step's data, as both training routes open it: ``(dataset, spec)``.
+
+    An existing ``split.json`` in ``out`` for the same data, seed and fractions (e.g. from
+    ``prepare``) is reused, else the data are opened and split; ``size`` sets the spec's input size
+    (:func:`spec_for_size`). Empty training or validation splits are refused; the per-split counts
+    are said, and ``split.json`` is (re)written with the spec.
+    """
+    out = Path(out)
+    root = Path(data_root).resolve()
+    dataset = None
+    if (out / SPLIT_FILE).is_file():
+        recorded = read_split(out / SPLIT_FILE)
+        if split_matches(
+            recorded, root, seed=seed, val_fraction=val_fraction, limit_per_class=limit_per_class
+        ):
+            dataset = items_from_split(recorded)
+            say(f"data: reusing the split in {out / SPLIT_FILE}")
+    if dataset is None:
+        dataset = open_dataset(root, val_fraction=val_fraction, seed=seed, limit_per_class=limit_per_class)
+    if size is not None:
+        spec = spec_for_size(spec, size, dataset.image_shape())
+    train_items, val_items = list(dataset.train), list(dataset.val)
+    if not train_items or not val_items:
+        raise ValueError(f"{dataset.name}: empty training or validation split; check {root}.")
+    classes = dataset.classes
+    say(
+        f"data: {dataset.name} ({dataset.kind}): train {len(train_items)} "
+        f"{label_counts(train_items, classes)}, val {len(val_items)} {label_counts(val_items, classes)}; "
+        f"validation: {dataset.val_method}"
+    )
+    write_split(out / SPLIT_FILE, dataset, spec)
+    return dataset, spec
